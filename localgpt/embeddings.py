@@ -144,3 +144,33 @@ def get_embedder(spec: str) -> Embedder:
                     )
                 _EMBEDDERS[key] = SentenceTransformerEmbedder(path)
         return _EMBEDDERS[key]
+
+
+_COUNTERS: dict[str, object] = {}
+
+
+def token_counter(spec: str):
+    """A function counting the embedder's tokens in a text, cheap to build in a parser process:
+    it loads the tokenizer alone, not the network (no torch import for sentence-transformers models)."""
+    key = embedder_name(spec)
+    if key in _COUNTERS:
+        return _COUNTERS[key]
+    if key == E5Embedder.name:
+        counter = E5Embedder().count_tokens
+    else:
+        folder = minilm_path() if key == "sentence-transformers/all-MiniLM-L6-v2" else Path(spec).expanduser()
+        tokenizer_file = folder / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            counter = get_embedder(spec).count_tokens
+        else:
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(str(tokenizer_file))
+            tok.no_truncation()
+            tok.no_padding()
+
+            def counter(text: str, _tok=tok) -> int:
+                return len(_tok.encode(text, add_special_tokens=False).ids)
+
+    _COUNTERS[key] = counter
+    return counter

@@ -1,0 +1,274 @@
+"""The ingestion pipeline: discover → (hash, load, split in parser processes) → embed → commit.
+
+Incremental: a file whose size and mtime match the manifest costs one stat; one whose
+mtime moved costs a hash; content already stored under another name is linked, not
+re-embedded. Crash-safe: see ``localgpt.store`` (nothing is visible before its commit).
+Bad files are reported and skipped; the run goes on and stored data is never lost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import signal
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from localgpt.config import Settings
+from localgpt.documents import Chunk
+from localgpt.embeddings import embedder_name, get_embedder, token_counter
+from localgpt.errors import BadFile, LocalGPTError, UnsupportedFile
+from localgpt.store import Store
+
+from ingest.discover import Found, Skipped, discover
+from ingest.report import FileProblem, IngestReport
+from ingest.split import split_document
+
+HASH_BLOCK = 1 << 20
+
+
+class Progress:
+    """Receives progress events; the CLI and UI subclass it. All methods are optional."""
+
+    def start(self, total_files: int) -> None: ...
+    def file_done(self, path: str, status: str, chunks: int = 0, nbytes: int = 0) -> None: ...
+    def chunks_embedded(self, n: int) -> None: ...
+
+
+@dataclass
+class _Job:
+    path: str
+    size: int
+    mtime_ns: int
+    sha256: str
+    status: str  # "new" or "changed"
+
+
+@dataclass
+class _Parsed:
+    job: _Job
+    chunks: list[Chunk]
+    pages: int | None
+    notes: list[str]
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(HASH_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def ingest_folder(
+    folder: Path | str,
+    settings: Settings,
+    *,
+    progress: Progress | None = None,
+    store: Store | None = None,
+) -> IngestReport:
+    """Bring a collection up to date with a folder (or a single file). Returns what happened."""
+    from ingest.load import SUPPORTED_FORMATS  # the loaders import their libraries lazily
+
+    progress = progress or Progress()
+    started = time.perf_counter()
+    folder = Path(folder)
+    if not folder.exists():
+        raise LocalGPTError(f"{folder} does not exist")
+    own_store = store is None
+    store = store or Store.open(settings)
+    report = IngestReport(collection=store.name, folder=str(folder))
+    try:
+        embedder = get_embedder(settings.embedder)
+        store.check_embedder(embedder.name, embedder.dim)
+        _check_chunking(store, settings)
+
+        # 1. Discover, and sort out what is unchanged without reading it.
+        found: list[Found] = []
+        seen_paths: set[str] = set()
+        for item in discover(folder):
+            if isinstance(item, Skipped):
+                report.skipped.append(FileProblem(item.path, item.reason))
+                continue
+            seen_paths.add(item.path)
+            if Path(item.path).suffix.lower() not in SUPPORTED_FORMATS:
+                report.skipped.append(FileProblem(item.path, f"unsupported file type '{Path(item.path).suffix or '(none)'}'"))
+                continue
+            found.append(item)
+        progress.start(len(found))
+
+        jobs: list[_Job] = []
+        for item in found:
+            record = store.file(item.path)
+            if record and record.size == item.size and record.mtime_ns == item.mtime_ns:
+                report.unchanged += 1
+                progress.file_done(item.path, "unchanged")
+                continue
+            if item.size > settings.max_file_mb * 1024 * 1024:
+                report.skipped.append(
+                    FileProblem(item.path, f"too large ({item.size / 1e6:.0f} MB > max_file_mb={settings.max_file_mb:g})")
+                )
+                progress.file_done(item.path, "skipped")
+                continue
+            try:
+                sha = file_sha256(item.path)
+            except OSError as exc:
+                report.skipped.append(FileProblem(item.path, f"cannot read: {exc.strerror or exc}"))
+                progress.file_done(item.path, "skipped")
+                continue
+            if record and record.sha256 == sha:
+                store.touch_file(item.path, item.size, item.mtime_ns)  # touched, not changed
+                report.unchanged += 1
+                progress.file_done(item.path, "unchanged")
+                continue
+            if store.has_content(sha):
+                old = store.link_file(item.path, item.size, item.mtime_ns, sha)
+                report.renamed_or_copied += 1
+                report.chunks_removed += store.drop_content_if_unused(old)
+                progress.file_done(item.path, "linked")
+                continue
+            jobs.append(_Job(item.path, item.size, item.mtime_ns, sha, "changed" if record else "new"))
+
+        # 2. Parse in processes, embed and commit here, one file at a time visible.
+        if jobs:
+            _run_jobs(jobs, settings, store, embedder, report, progress)
+
+        # 3. Files gone from the folder lose their chunks (unless the run was cut short).
+        if not report.interrupted and folder.is_dir():
+            root = os.path.abspath(folder)
+            for record in store.files(under=root):
+                if record.path not in seen_paths and not os.path.lexists(record.path):
+                    report.chunks_removed += _removed_chunks(store, record.path)
+                    report.removed += 1
+        if store.meta("embedder") is None:
+            store.set_meta(
+                embedder=embedder.name, dim=embedder.dim, chunk_size=settings.chunk_size,
+                chunk_overlap=settings.chunk_overlap, schema="1",
+            )
+    except KeyboardInterrupt:
+        report.interrupted = True
+    finally:
+        report.seconds = time.perf_counter() - started
+        if own_store:
+            store.close()
+    return report
+
+
+def _removed_chunks(store: Store, path: str) -> int:
+    sha = store.file(path).sha256
+    before = store.count_chunks()
+    store.remove_file(path)
+    return before - store.count_chunks() if sha else 0
+
+
+def _check_chunking(store: Store, settings: Settings) -> None:
+    size, overlap = store.meta("chunk_size"), store.meta("chunk_overlap")
+    if size is not None and (int(size), int(overlap or 0)) != (settings.chunk_size, settings.chunk_overlap):
+        raise LocalGPTError(
+            f"collection '{store.name}' was split with chunk_size={size}, chunk_overlap={overlap}; "
+            f"re-ingest with --rebuild to use chunk_size={settings.chunk_size}, chunk_overlap={settings.chunk_overlap}"
+        )
+
+
+def _run_jobs(jobs, settings: Settings, store: Store, embedder, report: IngestReport, progress: Progress) -> None:
+    workers = min(settings.parser_workers, len(jobs))
+    args = (settings.embedder, settings.chunk_size, settings.chunk_overlap, settings.ocr)
+    in_flight: dict[Future, _Job] = {}
+    queue = list(reversed(jobs))
+    ready: list[_Parsed] = []
+    # forkserver: the parent may hold threads (tokenizers, OpenMP) that fork would copy half-locked.
+    ctx = multiprocessing.get_context("forkserver")
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init)
+    try:
+        while queue or in_flight or ready:
+            # Keep the pool busy but bounded: memory stays flat however large the corpus.
+            while queue and len(in_flight) < workers * 2:
+                job = queue.pop()
+                in_flight[pool.submit(_parse, job, *args)] = job
+            if in_flight:
+                done, _ = wait(in_flight, timeout=None if not ready else 0, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    job = in_flight.pop(fut)
+                    try:
+                        parsed = fut.result()
+                    except (BadFile, UnsupportedFile) as exc:
+                        report.skipped.append(FileProblem(job.path, str(exc)))
+                        progress.file_done(job.path, "skipped")
+                        continue
+                    except Exception as exc:  # a loader bug must not stop the run
+                        report.skipped.append(FileProblem(job.path, f"could not be parsed: {type(exc).__name__}: {exc}"))
+                        progress.file_done(job.path, "skipped")
+                        continue
+                    for note in parsed.notes:
+                        report.notes.append(FileProblem(job.path, note))
+                    ready.append(parsed)
+            pending_chunks = sum(len(p.chunks) for p in ready)
+            if ready and (pending_chunks >= settings.embed_batch_size or not in_flight or not queue):
+                _embed_and_commit(ready, store, embedder, report, progress)
+                ready = []
+    except BaseException:
+        # Ctrl-C or a crash here: stop the parsers now rather than wait for their files.
+        for proc in list(getattr(pool, "_processes", {}).values()):
+            proc.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _embed_and_commit(batch: list[_Parsed], store: Store, embedder, report: IngestReport, progress: Progress) -> None:
+    for parsed in batch:
+        job = parsed.job
+        if store.has_content(job.sha256):  # two new files with identical content in one run
+            old = store.link_file(job.path, job.size, job.mtime_ns, job.sha256)
+            report.renamed_or_copied += 1
+            report.chunks_removed += store.drop_content_if_unused(old)
+            progress.file_done(job.path, "linked")
+            continue
+        if not parsed.chunks:
+            report.skipped.append(FileProblem(job.path, "no text found"))
+            progress.file_done(job.path, "skipped")
+            continue
+        store.begin_content(job.sha256, [c.id for c in parsed.chunks])
+        try:
+            vectors = embedder.embed([c.text for c in parsed.chunks])
+            progress.chunks_embedded(len(parsed.chunks))
+            store.write_vectors(parsed.chunks, vectors, Path(job.path).suffix.lower())
+            old = store.commit_content(
+                job.path, job.size, job.mtime_ns, job.sha256, parsed.chunks, parsed.pages, Path(job.path).suffix.lower()
+            )
+        except BaseException:
+            store.abandon_content(job.sha256)
+            raise
+        if old and old != job.sha256:
+            report.chunks_removed += store.drop_content_if_unused(old)
+        report.chunks_added += len(parsed.chunks)
+        report.bytes_parsed += job.size
+        if job.status == "new":
+            report.new += 1
+        else:
+            report.changed += 1
+        progress.file_done(job.path, job.status, len(parsed.chunks), job.size)
+
+
+def _worker_init() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what Ctrl-C means
+
+
+def _parse(job: _Job, embedder_spec: str, chunk_size: int, chunk_overlap: int, ocr: bool) -> _Parsed:
+    """Runs in a parser process: load, check the file did not change meanwhile, split."""
+    from ingest.load import load_file
+
+    before = os.stat(job.path)
+    doc = load_file(Path(job.path), ocr=ocr)
+    after = os.stat(job.path)
+    if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns) or (
+        (after.st_size, after.st_mtime_ns) != (job.size, job.mtime_ns) and file_sha256(job.path) != job.sha256
+    ):
+        raise BadFile("the file changed while it was being read; it will be ingested on the next run")
+    count = token_counter(embedder_spec)
+    chunks = split_document(doc, job.sha256, count, chunk_size, chunk_overlap)
+    return _Parsed(job, chunks, doc.pages, list(doc.notes))

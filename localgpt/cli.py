@@ -1,0 +1,314 @@
+"""The ``localgpt`` command line: parses flags, calls the library, prints. No logic of its own.
+
+Every error a person can cause ends as one red line naming the file or setting, exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from localgpt.config import Settings, load_settings
+from localgpt.errors import LocalGPTError
+
+app = typer.Typer(
+    name="localgpt",
+    help="Private, fully offline question answering over your own documents.\n\n"
+    "Typical use: `localgpt ingest` (reads ./source_documents), then `localgpt ask \"your question\"`.\n"
+    "Settings: defaults < localgpt.toml < LOCALGPT_* environment < flags.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+sources_app = typer.Typer(help="What a collection holds, and removing files from it.", invoke_without_command=True)
+collections_app = typer.Typer(help="List and drop collections.", invoke_without_command=True)
+app.add_typer(sources_app, name="sources")
+app.add_typer(collections_app, name="collections")
+
+console = Console()
+err_console = Console(stderr=True)
+
+# Shared flag definitions (one place, every command uses them the same way).
+CollectionOpt = typer.Option(None, "--collection", "-c", help="Collection name (default: 'default').")
+DataDirOpt = typer.Option(None, "--data-dir", help="Folder holding the store (default: ./local_data).")
+ChromaUrlOpt = typer.Option(None, "--chroma-url", help="Use a Chroma server (chroma run) at this URL.")
+EmbedderOpt = typer.Option(None, "--embedder", help="e5-small (default, multilingual), minilm, or a model folder.")
+JsonOpt = typer.Option(False, "--json", help="Print one JSON object instead of tables.")
+
+
+def _settings(**flags) -> Settings:
+    return load_settings(**flags)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _display(path: str) -> str:
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return path
+    return path if rel.startswith("..") else rel
+
+
+def run_safely(fn):
+    """Turn typed errors into one line; Ctrl-C into exit 130 without a traceback."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LocalGPTError as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]")
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+# --------------------------------------------------------------------------------- ingest
+class _RichProgress:
+    """Files bar with chunk count and throughput."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self.task = None
+        self.chunks = 0
+
+    def start(self, total_files: int) -> None:
+        self.task = self.progress.add_task("ingesting", total=total_files, chunks=0)
+
+    def file_done(self, path: str, status: str, chunks: int = 0, nbytes: int = 0) -> None:
+        if self.task is not None:
+            self.progress.update(self.task, advance=1, description=f"{status:>9} {_short(_display(path))}")
+
+    def chunks_embedded(self, n: int) -> None:
+        self.chunks += n
+        if self.task is not None:
+            self.progress.update(self.task, chunks=self.chunks)
+
+
+def _short(text: str, width: int = 40) -> str:
+    return text if len(text) <= width else "…" + text[-(width - 1):]
+
+
+class _ThroughputColumn(TextColumn):
+    def __init__(self):
+        super().__init__("")
+
+    def render(self, task):
+        elapsed = task.elapsed or 0.0
+        chunks = task.fields.get("chunks", 0)
+        files_rate = task.completed / elapsed if elapsed > 0 else 0.0
+        chunk_rate = chunks / elapsed if elapsed > 0 else 0.0
+        from rich.text import Text
+
+        return Text(f"{chunks} chunks · {files_rate:.1f} files/s · {chunk_rate:.0f} chunks/s", style="cyan")
+
+
+@app.command()
+@run_safely
+def ingest(
+    folder: Optional[Path] = typer.Argument(None, help="Folder (or file) to ingest; default ./source_documents."),
+    collection: Optional[str] = CollectionOpt,
+    data_dir: Optional[Path] = DataDirOpt,
+    chroma_url: Optional[str] = ChromaUrlOpt,
+    embedder: Optional[str] = EmbedderOpt,
+    chunk_size: Optional[int] = typer.Option(None, help="Chunk size in embedding-model tokens (default 200)."),
+    chunk_overlap: Optional[int] = typer.Option(None, help="Overlap between chunks in tokens (default 32)."),
+    workers: Optional[int] = typer.Option(None, help="Parser processes (default: CPU cores, at most 4)."),
+    ocr: Optional[bool] = typer.Option(None, "--ocr/--no-ocr", help="OCR scanned PDF pages with tesseract."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Drop the collection first and ingest from scratch."),
+    strict: bool = typer.Option(False, "--strict", help="Exit non-zero when any file was skipped."),
+    json_out: bool = JsonOpt,
+):
+    """Split and embed the documents of a folder into a collection, incrementally.
+
+    Unchanged files cost a stat; changed files replace their chunks; deleted files lose
+    theirs; a renamed or copied file is linked, not embedded again. Bad files are listed
+    with the reason at the end and never stop the run.
+    """
+    from ingest.pipeline import ingest_folder
+    from localgpt.store import Store
+
+    settings = _settings(
+        collection=collection, data_dir=data_dir, chroma_url=chroma_url, embedder=embedder,
+        chunk_size=chunk_size, chunk_overlap=chunk_overlap, workers=workers, ocr=ocr,
+    )
+    folder = folder or settings.source_dir
+    if not folder.exists():
+        _fail(f"{folder} does not exist: give a folder of documents, e.g. `localgpt ingest ~/Documents/papers`")
+    if rebuild:
+        Store.open(settings).drop()
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        _ThroughputColumn(), TimeElapsedColumn(), console=err_console, disable=json_out, transient=False,
+    ) as bar:
+        report = ingest_folder(folder, settings, progress=_RichProgress(bar))
+    if json_out:
+        print(json.dumps(report.as_dict(), ensure_ascii=False, indent=2))
+    else:
+        _print_ingest_summary(report)
+    if report.interrupted:
+        raise typer.Exit(130)
+    if strict and report.skipped:
+        raise typer.Exit(1)
+
+
+def _print_ingest_summary(report) -> None:
+    table = Table(title=f"ingested {_display(report.folder)} into '{report.collection}'", show_header=True)
+    for col in ("new", "changed", "unchanged", "linked", "removed", "skipped", "chunks +", "chunks -", "time"):
+        table.add_column(col, justify="right")
+    table.add_row(
+        str(report.new), str(report.changed), str(report.unchanged), str(report.renamed_or_copied),
+        str(report.removed), str(len(report.skipped)), str(report.chunks_added), str(report.chunks_removed),
+        f"{report.seconds:.1f}s",
+    )
+    console.print(table)
+    if report.skipped:
+        skipped = Table(title="skipped files", show_header=True, title_style="yellow")
+        skipped.add_column("file")
+        skipped.add_column("reason")
+        for p in report.skipped:
+            skipped.add_row(_display(p.path), p.reason)
+        console.print(skipped)
+    for note in report.notes:
+        console.print(f"[dim]note:[/] {_display(note.path)}: {note.reason}")
+    if report.interrupted:
+        console.print("[yellow]interrupted: files not finished were left out; run ingest again to continue.[/]")
+
+
+# --------------------------------------------------------------------------------- formats
+@app.command()
+def formats():
+    """List the file types ingest reads."""
+    from ingest.load import SUPPORTED_FORMATS
+
+    table = Table(show_header=True)
+    table.add_column("extension")
+    table.add_column("how it is read")
+    for ext, desc in sorted(SUPPORTED_FORMATS.items()):
+        table.add_row(ext, desc)
+    console.print(table)
+
+
+# --------------------------------------------------------------------------------- sources
+@sources_app.callback()
+@run_safely
+def sources(
+    ctx: typer.Context,
+    collection: Optional[str] = CollectionOpt,
+    data_dir: Optional[Path] = DataDirOpt,
+    chroma_url: Optional[str] = ChromaUrlOpt,
+    json_out: bool = JsonOpt,
+):
+    """List the files a collection holds: chunks, pages and when each was ingested."""
+    ctx.obj = dict(collection=collection, data_dir=data_dir, chroma_url=chroma_url)
+    if ctx.invoked_subcommand is not None:
+        return
+    from datetime import datetime
+
+    from localgpt.store import Store
+
+    settings = _settings(**ctx.obj)
+    with Store.open(settings, create=False) as store:
+        files = store.files()
+    if json_out:
+        print(json.dumps([f.__dict__ for f in files], ensure_ascii=False, indent=2))
+        return
+    table = Table(title=f"collection '{settings.collection}': {len(files)} files", show_header=True)
+    for col in ("file", "chunks", "pages", "ingested at"):
+        table.add_column(col, justify="left" if col == "file" else "right")
+    for f in files:
+        table.add_row(
+            _display(f.path), str(f.chunks), "" if f.pages is None else str(f.pages),
+            datetime.fromtimestamp(f.ingested_at).strftime("%Y-%m-%d %H:%M"),
+        )
+    console.print(table)
+
+
+@sources_app.command("remove")
+@run_safely
+def sources_remove(ctx: typer.Context, path: Path = typer.Argument(..., help="File to remove from the collection.")):
+    """Remove one file (or every file under a folder) and its chunks from the collection."""
+    from localgpt.store import Store
+
+    settings = _settings(**(ctx.obj or {}))
+    target = os.path.abspath(path)
+    with Store.open(settings, create=False) as store:
+        records = store.files(under=target)
+        if not records:
+            _fail(f"{path} is not in collection '{settings.collection}' (see `localgpt sources`)")
+        for record in records:
+            store.remove_file(record.path)
+            console.print(f"removed {_display(record.path)}")
+
+
+# --------------------------------------------------------------------------------- collections
+@collections_app.callback()
+@run_safely
+def collections(
+    ctx: typer.Context,
+    data_dir: Optional[Path] = DataDirOpt,
+    chroma_url: Optional[str] = ChromaUrlOpt,
+    json_out: bool = JsonOpt,
+):
+    """List collections with their file and chunk counts."""
+    ctx.obj = dict(data_dir=data_dir, chroma_url=chroma_url)
+    if ctx.invoked_subcommand is not None:
+        return
+    from localgpt.store import Store, collection_names
+
+    settings = _settings(**ctx.obj)
+    rows = []
+    for name in collection_names(settings):
+        with Store.open(settings, name, create=False) as store:
+            rows.append(dict(name=name, files=len(store.files()), chunks=store.count_chunks(), embedder=store.meta("embedder")))
+    if json_out:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(show_header=True)
+    for col in ("collection", "files", "chunks", "embedder"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], str(r["files"]), str(r["chunks"]), r["embedder"] or "")
+    console.print(table)
+
+
+@collections_app.command("drop")
+@run_safely
+def collections_drop(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="Collection to delete."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+):
+    """Delete a collection: its vectors, manifest and keyword index (your files are not touched)."""
+    from localgpt.store import Store, collection_names
+
+    settings = _settings(**(ctx.obj or {}), collection=name)
+    if name not in collection_names(settings):
+        _fail(f"no collection named '{name}' (see `localgpt collections`)")
+    if not yes and not typer.confirm(f"Delete collection '{name}'?", default=False):
+        raise typer.Exit(1)
+    Store.open(settings, name, create=False).drop()
+    console.print(f"dropped collection '{name}'")
+
+
+def main() -> None:  # pragma: no cover - console script entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())
