@@ -306,6 +306,197 @@ def collections_drop(
     console.print(f"dropped collection '{name}'")
 
 
+# --------------------------------------------------------------------------------- ask / chat
+ModelOpt = typer.Option(None, "--model", "-m", help="Model folder, GGUF file or HF cache id (default: embedded SmolLM2).")
+FamilyOpt = typer.Option(None, "--family", help="llama2, falcon, falcon-mamba, mamba or smollm2 (guessed when unset).")
+QuantOpt = typer.Option(None, "--quantization", "-q", help="none, 8bit or 4bit (bitsandbytes, CUDA).")
+DeviceOpt = typer.Option(None, "--device", help="auto, cuda, cpu or mps.")
+BackendOpt = typer.Option(None, "--backend", help="auto, transformers, gguf, llamacpp, openai or extractive.")
+EngineOpt = typer.Option(None, "--engine", help="hf, or fast (the GPU decode engine).")
+OpenAIOpt = typer.Option(None, "--openai-url", help="Base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1.")
+KOpt = typer.Option(None, "--k", "-k", help="Chunks given to the model (default 4).")
+ModeOpt = typer.Option(None, "--mode", help="Retrieval: hybrid (default), dense, keyword or mmr.")
+ExtractiveOpt = typer.Option(False, "--extractive", help="Answer with the supporting sentences alone, no generator.")
+
+
+def _qa_settings(**flags) -> Settings:
+    flags["retrieval_mode"] = flags.pop("mode", None)
+    if flags.pop("extractive", False):
+        flags["backend"] = "extractive"
+    return _settings(**flags)
+
+
+def _print_sources(answer, limit: int = 240) -> None:
+    if answer.abstained and not answer.citations:
+        return
+    console.print("\n[bold]Sources[/]")
+    for c in answer.citations:
+        ref = c.ref
+        where = _display(ref.source) + (f", page {ref.page}" if ref.page is not None else "")
+        also = f" (also {', '.join(_display(p) for p in ref.sources[1:])})" if len(ref.sources) > 1 else ""
+        mark = "*" if c.cited else " "
+        snippet = " ".join(ref.text.split())
+        snippet = snippet if len(snippet) <= limit else snippet[: limit - 1] + "…"
+        console.print(f"{mark}[{c.number}] [cyan]{where}[/]{also}  [dim]similarity {ref.similarity:.2f}[/]", highlight=False)
+        console.print(f"     [dim]{snippet}[/]", highlight=False)
+    if answer.support:
+        console.print("\n[bold]Supporting sentences[/]")
+        for s in answer.support:
+            console.print(f"  “{s.sentence}” [{s.number}]", highlight=False)
+
+
+def _print_stats(answer) -> None:
+    table = Table(title="generation stats", show_header=True)
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    stats = dict(answer.generator_stats)
+    for key in ("backend", "model", "device", "load_s", "prompt_tokens", "new_tokens", "ttft_s",
+                "decode_tokens_per_s", "total_s", "peak_gpu_mib", "rss_mib"):
+        value = stats.get(key)
+        if value is None or value == "":
+            continue
+        table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
+    for key, value in answer.timings.items():
+        table.add_row(f"time {key}", f"{value:.3f}s")
+    console.print(table)
+
+
+def _stream_answer(chain, question: str, history, *, json_out: bool = False):
+    answer = None
+    for event in chain.stream(question, history):
+        if event.kind == "token" and not json_out:
+            console.out(event.text, end="", highlight=False)
+        elif event.kind == "done":
+            answer = event.answer
+    if not json_out:
+        console.out("")
+    return answer
+
+
+@app.command()
+@run_safely
+def ask(
+    question: str = typer.Argument(..., help="Your question, in any language."),
+    collection: Optional[str] = CollectionOpt,
+    data_dir: Optional[Path] = DataDirOpt,
+    chroma_url: Optional[str] = ChromaUrlOpt,
+    embedder: Optional[str] = EmbedderOpt,
+    model: Optional[str] = ModelOpt,
+    family: Optional[str] = FamilyOpt,
+    quantization: Optional[str] = QuantOpt,
+    device: Optional[str] = DeviceOpt,
+    backend: Optional[str] = BackendOpt,
+    engine: Optional[str] = EngineOpt,
+    openai_url: Optional[str] = OpenAIOpt,
+    k: Optional[int] = KOpt,
+    mode: Optional[str] = ModeOpt,
+    max_new_tokens: Optional[int] = typer.Option(None, help="Most tokens in the answer (default 256)."),
+    temperature: Optional[float] = typer.Option(None, help="0 = greedy (default)."),
+    file: Optional[str] = typer.Option(None, "--file", help="Only search this file."),
+    folder: Optional[str] = typer.Option(None, "--folder", help="Only search files under this folder."),
+    type_: Optional[str] = typer.Option(None, "--type", help="Only search this file type, e.g. pdf."),
+    extractive: bool = ExtractiveOpt,
+    json_out: bool = JsonOpt,
+    stats: bool = typer.Option(False, "--stats", help="Print load time, time to first token, tokens/s and memory."),
+):
+    """Answer a question from your documents, streaming, with numbered sources and the supporting sentences."""
+    from localgpt.chain import QAChain
+    from localgpt.retrieval import Filters
+
+    settings = _qa_settings(
+        collection=collection, data_dir=data_dir, chroma_url=chroma_url, embedder=embedder, model=model,
+        family=family, quantization=quantization, device=device, backend=backend, engine=engine,
+        openai_url=openai_url, k=k, mode=mode, max_new_tokens=max_new_tokens, temperature=temperature,
+        extractive=extractive,
+    )
+    chain = QAChain(settings)
+    filters = Filters(file=file, folder=folder, ext=type_)
+    if filters.active():
+        answer = None
+        for event in chain.stream(question, filters=filters):
+            if event.kind == "token" and not json_out:
+                console.out(event.text, end="", highlight=False)
+            if event.kind == "done":
+                answer = event.answer
+        if not json_out:
+            console.out("")
+    else:
+        answer = _stream_answer(chain, question, [], json_out=json_out)
+    if json_out:
+        print(json.dumps(answer.as_dict(), ensure_ascii=False, indent=2))
+        return
+    _print_sources(answer)
+    if stats:
+        _print_stats(answer)
+
+
+@app.command()
+@run_safely
+def chat(
+    collection: Optional[str] = CollectionOpt,
+    data_dir: Optional[Path] = DataDirOpt,
+    chroma_url: Optional[str] = ChromaUrlOpt,
+    embedder: Optional[str] = EmbedderOpt,
+    model: Optional[str] = ModelOpt,
+    family: Optional[str] = FamilyOpt,
+    quantization: Optional[str] = QuantOpt,
+    device: Optional[str] = DeviceOpt,
+    backend: Optional[str] = BackendOpt,
+    engine: Optional[str] = EngineOpt,
+    openai_url: Optional[str] = OpenAIOpt,
+    k: Optional[int] = KOpt,
+    mode: Optional[str] = ModeOpt,
+    extractive: bool = ExtractiveOpt,
+    save_qa: Optional[Path] = typer.Option(None, "--save-qa", help="Append each question, answer and sources to this JSONL file."),
+):
+    """Talk with your documents: follow-up questions use the history.
+
+    Commands: /sources (sources of the last answer), /reset (forget the history), /exit.
+    Ctrl-C stops the current answer; Ctrl-D or /exit leaves.
+    """
+    from localgpt.chain import QAChain
+
+    settings = _qa_settings(
+        collection=collection, data_dir=data_dir, chroma_url=chroma_url, embedder=embedder, model=model,
+        family=family, quantization=quantization, device=device, backend=backend, engine=engine,
+        openai_url=openai_url, k=k, mode=mode, extractive=extractive,
+    )
+    chain = QAChain(settings)
+    history: list[tuple[str, str]] = []
+    last = None
+    console.print("[dim]Ask about your documents. /sources, /reset, /exit. Ctrl-C stops an answer.[/]")
+    while True:
+        try:
+            question = console.input("[bold green]you>[/] ").strip()
+        except (EOFError, KeyboardInterrupt):
+            console.print()
+            break
+        if not question:
+            continue
+        if question in ("/exit", "/quit"):
+            break
+        if question == "/reset":
+            history, last = [], None
+            console.print("[dim]history cleared[/]")
+            continue
+        if question == "/sources":
+            if last is None:
+                console.print("[dim]no answer yet[/]")
+            else:
+                _print_sources(last)
+            continue
+        console.print("[bold blue]localgpt>[/] ", end="")
+        try:
+            last = _stream_answer(chain, question, history)
+        except KeyboardInterrupt:
+            console.print("\n[yellow](answer stopped)[/]")
+            continue
+        history.append((question, last.text))
+        if save_qa:
+            with open(save_qa, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(last.as_dict(), ensure_ascii=False) + "\n")
+
+
 def main() -> None:  # pragma: no cover - console script entry
     app()
 

@@ -80,8 +80,10 @@ class Settings(BaseSettings):
     # --- retrieval -----------------------------------------------------------------------
     retrieval_mode: RetrievalMode = Field("hybrid", description="dense, keyword, hybrid (RRF) or mmr.")
     k: int = Field(4, ge=1, le=100, description="Chunks given to the generator.")
-    score_threshold: float = Field(
-        0.0, description="Minimum relevance (0-1) of the best chunk; below it the chain abstains."
+    score_threshold: float | None = Field(
+        None,
+        description="Cosine similarity of the best chunk under which the chain abstains; "
+        "unset means the embedder's calibrated default.",
     )
     reranker: str | None = Field(None, description="Local cross-encoder folder used to rerank, if any.")
 

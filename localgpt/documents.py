@@ -62,6 +62,7 @@ class SourceRef:
     score: float
     content_hash: str = ""
     chunk_index: int = 0
+    similarity: float = 0.0  # cosine similarity to the question under the collection's embedder
 
     @property
     def source(self) -> str:

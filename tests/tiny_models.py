@@ -1,0 +1,148 @@
+"""Tiny random-weight models of every family localgpt runs, built here and saved like real ones.
+
+Each ``build_tiny_*`` writes a folder (config.json, safetensors, tokenizer files) of a few hundred KB
+that ``AutoModelForCausalLM.from_pretrained`` and localgpt's own loaders open exactly as they open a
+downloaded model. The tokenizers are real (a WordLevel vocabulary learnt from a few sentences with the
+``tokenizers`` library); only FalconMamba's carries a chat template, so the others exercise the
+registry's prompt formats. Initialisation scales are raised above the checkpoint defaults so that
+greedy decoding of random weights wanders through the vocabulary instead of repeating one token,
+which makes "streamed text equals model.generate" a real comparison. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Question: what does the report say about revenue in 2023? Answer: it grew by ten percent.",
+    "Context: the invoice was paid on March 3 by the finance team.",
+    "You are a helpful assistant. Answer from the context and cite the source file and page.",
+    "User: hello there Assistant: hi, how can I help you today?",
+    "[INST] <<SYS>> system prompt <</SYS>> instruction [/INST]",
+    "# Instruction # Query: # Answer: ``` below is a list of conversations between a human and an AI",
+    "Mamba and Falcon and Llama models read documents, pages, tables and notes.",
+]
+
+# What each family's tokenizer calls its special tokens, as the real checkpoints do.
+_SPECIALS: dict[str, dict[str, str]] = {
+    "llama2": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
+    "falcon": {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<unk>"},
+    "falcon-mamba": {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "unk_token": "<unk>"},
+    "mamba": {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<unk>"},
+}
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_tiny_tokenizer(family: str, chat_template: str | None = None):
+    """A real fast tokenizer (WordLevel, whitespace/punctuation split) with the family's special tokens.
+
+    WordLevel keeps decoding stable token by token, so a streamed answer and a one-shot decode of the
+    same ids are the same text even when random weights pick odd tokens.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = _SPECIALS[family]
+    extra = ["<|im_start|>", "<|im_end|>"] if chat_template else []
+    special_tokens = list(dict.fromkeys([specials["unk_token"], specials["bos_token"], specials["eos_token"], "<pad>", *extra]))
+    tokenizer = Tokenizer(models.WordLevel(unk_token=specials["unk_token"]))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator(CORPUS, trainers.WordLevelTrainer(special_tokens=special_tokens))
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        additional_special_tokens=extra or None,
+        **specials,
+    )
+    if chat_template:
+        fast.chat_template = chat_template
+    return fast
+
+
+def _save(model, tokenizer, directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _ids(tokenizer) -> dict[str, Any]:
+    return {
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def build_tiny_llama(directory: Path, seed: int = 0, **config: Any) -> Path:
+    """A 2-layer Llama (grouped-query attention) with a template-less tokenizer: the llama2 registry format applies."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tiny_tokenizer("llama2")
+    settings = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
+                    initializer_range=0.2)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**(_ids(tokenizer) | settings | config)))
+    return _save(model, tokenizer, Path(directory))
+
+
+def build_tiny_falcon(directory: Path, seed: int = 0, **config: Any) -> Path:
+    """A 2-layer Falcon-7B-shaped model (multi-query, parallel attention, rotary)."""
+    import torch
+    from transformers import FalconConfig, FalconForCausalLM
+
+    tokenizer = build_tiny_tokenizer("falcon")
+    settings = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, multi_query=True,
+                    parallel_attn=True, new_decoder_architecture=False, alibi=False, bias=False,
+                    max_position_embeddings=1024, initializer_range=1.0)
+    torch.manual_seed(seed)
+    model = FalconForCausalLM(FalconConfig(**(_ids(tokenizer) | settings | config)))
+    return _save(model, tokenizer, Path(directory))
+
+
+def build_tiny_falcon_mamba(directory: Path, seed: int = 0, **config: Any) -> Path:
+    """A 2-layer FalconMamba whose tokenizer carries a ChatML chat template, like FalconMamba-7B-instruct."""
+    import torch
+    from transformers import FalconMambaConfig, FalconMambaForCausalLM
+
+    tokenizer = build_tiny_tokenizer("falcon-mamba", chat_template=CHATML_TEMPLATE)
+    settings = dict(hidden_size=32, num_hidden_layers=2, state_size=8, expand=2, conv_kernel=4, time_step_rank=4,
+                    initializer_range=1.0)
+    torch.manual_seed(seed)
+    model = FalconMambaForCausalLM(FalconMambaConfig(**(_ids(tokenizer) | settings | config)))
+    return _save(model, tokenizer, Path(directory))
+
+
+def build_tiny_mamba(directory: Path, seed: int = 0, **config: Any) -> Path:
+    """A 2-layer Mamba base model (no chat template: the URIAL few-shot prompt applies)."""
+    import torch
+    from transformers import MambaConfig, MambaForCausalLM
+
+    tokenizer = build_tiny_tokenizer("mamba")
+    settings = dict(hidden_size=32, num_hidden_layers=2, state_size=8, expand=2, conv_kernel=4, time_step_rank=4,
+                    initializer_range=1.0)
+    torch.manual_seed(seed)
+    model = MambaForCausalLM(MambaConfig(**(_ids(tokenizer) | settings | config)))
+    return _save(model, tokenizer, Path(directory))
+
+
+TINY_BUILDERS: dict[str, Callable[..., Path]] = {
+    "llama2": build_tiny_llama,
+    "falcon": build_tiny_falcon,
+    "falcon-mamba": build_tiny_falcon_mamba,
+    "mamba": build_tiny_mamba,
+}
+
+
+def build_tiny_model(family: str, directory: Path, seed: int = 0, **config: Any) -> Path:
+    """The tiny model of ``family`` ("llama2", "falcon", "falcon-mamba", "mamba") saved under ``directory``."""
+    return TINY_BUILDERS[family](Path(directory), seed=seed, **config)
