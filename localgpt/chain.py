@@ -177,8 +177,8 @@ class QAChain:
     def _pack(self, inputs: dict) -> list[SourceRef]:
         """Chunks in rank order while they fit the model's window, leaving room for the answer."""
         hits = inputs["search"].hits
-        if self.extractive or self.generator is None:
-            return hits
+        if inputs["search"].best_similarity < self.threshold or self.extractive or self.generator is None:
+            return hits  # abstaining or extractive: no model window to fit
         gen = self.generator
         budget = (
             gen.context_window

@@ -1,0 +1,82 @@
+"""A faithful stand-in for localGPT's ingest.py, the baseline of bench/ingest.py.
+
+What localGPT does: load every document into memory (LangChain loaders per extension, in a
+process pool), split all of them with RecursiveCharacterTextSplitter(1000, 200 characters),
+embed everything and write it with Chroma.from_documents, with no manifest (every run starts
+over). The embedding model is the same as localgpt's so that only the pipeline differs.
+Usage: python bench/baseline_localgpt.py CORPUS DATA_DIR [--embedder e5-small]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+# localGPT's DOCUMENT_MAP, by the loaders of its current version.
+LOADERS = {
+    ".txt": "TextLoader", ".md": "UnstructuredMarkdownLoader", ".py": "TextLoader", ".pdf": "PDFMinerLoader",
+    ".csv": "CSVLoader", ".xls": "UnstructuredExcelLoader", ".xlsx": "UnstructuredExcelLoader",
+    ".docx": "Docx2txtLoader", ".doc": "Docx2txtLoader", ".html": "UnstructuredHTMLLoader",
+    ".htm": "UnstructuredHTMLLoader", ".pptx": "UnstructuredPowerPointLoader", ".epub": "UnstructuredEPubLoader",
+    ".odt": "UnstructuredODTLoader", ".eml": "UnstructuredEmailLoader", ".rst": "UnstructuredRSTLoader",
+    ".json": "TextLoader", ".xml": "UnstructuredXMLLoader",
+}
+
+
+def load_one(path: str):
+    import langchain_community.document_loaders as loaders
+
+    cls = getattr(loaders, LOADERS[Path(path).suffix.lower()])
+    try:
+        return cls(path).load()
+    except Exception as exc:  # localGPT logs and skips
+        print(f"baseline: {path}: {type(exc).__name__}", file=sys.stderr)
+        return []
+
+
+def load_batch(paths: list[str]):
+    docs = []
+    for p in paths:
+        docs.extend(load_one(p))
+    return docs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("corpus", type=Path)
+    ap.add_argument("data_dir", type=Path)
+    ap.add_argument("--embedder", default="e5-small")
+    a = ap.parse_args()
+    from localgpt.offline import enforce_offline
+
+    enforce_offline()
+    paths = sorted(str(p) for p in a.corpus.rglob("*") if p.is_file() and p.suffix.lower() in LOADERS)
+    workers = os.cpu_count() or 1
+    size = max(1, round(len(paths) / workers))
+    batches = [paths[i : i + size] for i in range(0, len(paths), size)]
+    documents = []
+    with ProcessPoolExecutor(workers) as pool:  # localGPT: one process per chunk of files
+        for docs in pool.map(load_batch, batches):
+            documents.extend(docs)
+    from langchain_text_splitters import RecursiveCharacterTextSplitter
+
+    texts = RecursiveCharacterTextSplitter(chunk_size=1000, chunk_overlap=200).split_documents(documents)
+    import chromadb
+    from chromadb.config import Settings as ChromaSettings
+    from langchain_chroma import Chroma
+
+    from localgpt.embeddings import get_embedder
+
+    client = chromadb.PersistentClient(path=str(a.data_dir), settings=ChromaSettings(anonymized_telemetry=False))
+    embedder = get_embedder(a.embedder)
+    for doc in texts:  # Chroma accepts scalar metadata only
+        doc.metadata = {k: v for k, v in doc.metadata.items() if isinstance(v, (str, int, float, bool))}
+    Chroma.from_documents(texts, embedder, client=client, collection_name="baseline")
+    print(f"baseline: {len(paths)} files, {len(documents)} documents, {len(texts)} chunks")
+
+
+if __name__ == "__main__":
+    main()

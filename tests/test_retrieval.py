@@ -1,0 +1,123 @@
+"""Retrieval and the answering chain over a real store, in English, Chinese and Japanese."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ingest.pipeline import ingest_folder
+from localgpt.chain import QAChain, question_language
+from localgpt.config import Settings
+from localgpt.retrieval import Filters, Retriever, reciprocal_rank_fusion
+from localgpt.documents import SourceRef
+
+DOCS = {
+    "reactor.md": "# Reactor\n\nThe alpha reactor in Oslo runs at 42 degrees Celsius. It was commissioned in 1999 after a long review.\n",
+    "bridge.txt": "The Bergen bridge spans the fjord. It opened to traffic in 2004 and carries 30,000 cars a day.\n",
+    "garden/roses.txt": "Roses need six hours of sun every day. Prune them in early spring, before new growth starts.\n",
+    "garden/tomatoes.md": "# Tomatoes\n\nWater tomatoes deeply twice a week. Stake the plants when they reach 30 centimetres.\n",
+    "privacy_zh.txt": "隐私说明\n\n本系统把所有文档和向量都保存在本机的数据库里，任何内容都不会上传到互联网。删除文件后，它的数据也会从数据库中移除。\n",
+    "setup_ja.txt": "設定ガイド\n\nモデルのファイルはローカルのフォルダーから読み込まれます。インターネットからのダウンロードは一切行いません。\n",
+    "reactor_copy_dupe.txt": "The alpha reactor in Oslo runs at 42 degrees Celsius. It was commissioned in 1999 after a long review.\n",
+}
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory) -> Settings:
+    base = tmp_path_factory.mktemp("retrieval")
+    folder = base / "docs"
+    for name, text in DOCS.items():
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    s = Settings(data_dir=base / "data", collection="retrieval", workers=1)
+    report = ingest_folder(folder, s)
+    assert not report.skipped
+    return s
+
+
+@pytest.fixture(scope="module")
+def retriever(settings) -> Retriever:
+    return Retriever.from_settings(settings)
+
+
+def names(hits) -> list[str]:
+    return [Path(h.source).name for h in hits]
+
+
+@pytest.mark.parametrize("mode", ["dense", "keyword", "hybrid", "mmr"])
+def test_every_mode_finds_the_file_that_answers(retriever, mode):
+    hits = retriever.search("When did the bridge open to traffic?", mode=mode, k=3).hits
+    assert names(hits)[0] == "bridge.txt"
+
+
+def test_chinese_question_finds_the_chinese_document_by_keyword(retriever):
+    hits = retriever.search("数据会上传到互联网吗", mode="keyword", k=2).hits
+    assert names(hits)[0] == "privacy_zh.txt"
+
+
+def test_japanese_question_finds_the_japanese_document(retriever):
+    hits = retriever.search("モデルはどこから読み込まれますか", mode="hybrid", k=2).hits
+    assert names(hits)[0] == "setup_ja.txt"
+
+
+def test_cross_language_question_finds_a_document_in_another_language(retriever):
+    hits = retriever.search("Are my documents uploaded to the internet?", mode="dense", k=3).hits
+    assert "privacy_zh.txt" in names(hits) or "setup_ja.txt" in names(hits)
+    hits = retriever.search("玫瑰每天需要多少小时的阳光？", mode="dense", k=2).hits
+    assert names(hits)[0] == "roses.txt"
+
+
+def test_filters_restrict_to_a_folder_a_file_or_a_type(retriever):
+    hits = retriever.search("How much sun and water do plants need?", filters=Filters(folder="garden"), k=4).hits
+    assert set(names(hits)) <= {"roses.txt", "tomatoes.md"} and hits
+    hits = retriever.search("reactor temperature", filters=Filters(ext="md"), k=4).hits
+    assert set(names(hits)) <= {"reactor.md", "tomatoes.md"}
+    hits = retriever.search("anything at all", filters=Filters(file="bridge.txt"), k=4).hits
+    assert names(hits) == ["bridge.txt"]
+
+
+def test_identical_chunks_reach_the_prompt_once(retriever):
+    hits = retriever.search("What temperature does the alpha reactor run at?", mode="hybrid", k=4).hits
+    texts = [" ".join(h.text.split()) for h in hits]
+    assert len(texts) == len(set(texts))
+    reactor = [h for h in hits if "42 degrees" in h.text]
+    assert len(reactor) == 1
+
+
+def test_rrf_ranks_a_chunk_found_by_both_lists_first():
+    a = [SourceRef(c, c, ["f"], None, None, 0.0) for c in ("x", "y", "z")]
+    b = [SourceRef(c, c, ["f"], None, None, 0.0) for c in ("y", "w")]
+    assert [r.chunk_id for r in reciprocal_rank_fusion([a, b])][0] == "y"
+
+
+def test_extractive_answer_quotes_the_supporting_sentence_with_its_citation(settings):
+    chain = QAChain(settings, extractive=True)
+    answer = chain.ask("How often should I water tomatoes?")
+    assert not answer.abstained
+    assert "twice a week" in answer.text
+    top = answer.support[0]
+    assert "twice a week" in top.sentence
+    cited = answer.citations[top.number - 1]
+    assert cited.cited and Path(cited.ref.source).name == "tomatoes.md"
+
+
+def test_off_topic_question_abstains_without_calling_a_model(settings):
+    class Exploding:
+        context_window = 2048
+
+        def stream(self, *a, **k):
+            raise AssertionError("the model must not be called")
+
+    chain = QAChain(settings, generator=Exploding())
+    answer = chain.ask("What is the airspeed velocity of an unladen swallow in the Andes?")
+    assert answer.abstained and "don't know" in answer.text
+    answer_zh = chain.ask("量子色动力学的渐近自由是谁发现的？")
+    assert answer_zh.abstained and "不知道" in answer_zh.text
+
+
+def test_question_language_detection():
+    assert question_language("What is this?") == "en"
+    assert question_language("这是什么？") == "zh"
+    assert question_language("これは何ですか") == "ja"
