@@ -497,6 +497,26 @@ def chat(
                 fh.write(json.dumps(last.as_dict(), ensure_ascii=False) + "\n")
 
 
+@app.command()
+@run_safely
+def ui(
+    host: str = typer.Option("127.0.0.1", help="Address to bind; the default keeps the page on this machine."),
+    port: int = typer.Option(8501, help="Port of the web page."),
+    collection: Optional[str] = CollectionOpt,
+    data_dir: Optional[Path] = DataDirOpt,
+    chroma_url: Optional[str] = ChromaUrlOpt,
+    embedder: Optional[str] = EmbedderOpt,
+    model: Optional[str] = ModelOpt,
+    backend: Optional[str] = BackendOpt,
+):
+    """Open the web page: upload documents, watch them ingest, chat with cited sources."""
+    from ui.launch import launch
+
+    settings = _settings(collection=collection, data_dir=data_dir, chroma_url=chroma_url, embedder=embedder,
+                         model=model, backend=backend)
+    raise typer.Exit(launch(settings, host=host, port=port))
+
+
 def main() -> None:  # pragma: no cover - console script entry
     app()
 

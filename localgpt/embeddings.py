@@ -117,7 +117,8 @@ class SentenceTransformerEmbedder(Embedder):
 
         self._model = SentenceTransformer(str(path), device=device, local_files_only=True)
         self.name = name or f"st:{path.resolve()}"
-        self.dim = int(self._model.get_sentence_embedding_dimension())
+        dim_of = getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
+        self.dim = int(dim_of())
         self.max_tokens = int(self._model.max_seq_length or 256)
         self._tokenizer = self._model.tokenizer
 

@@ -83,9 +83,11 @@ def _chatml(default_system: str | None) -> Callable[[Sequence[Message]], str]:
     return build
 
 
-URIAL_SYSTEM = (
+URIAL_HEADER = (
     "Below is a list of conversations between a human and an AI assistant (you).\n"
     'Users place their queries under "# Query:", and your responses are under "# Answer:".\n'
+)
+URIAL_SYSTEM = (
     "You are a helpful, respectful, and honest assistant. You answer from the context you are "
     "given, say so when it does not hold the answer, and keep answers short."
 )
@@ -100,7 +102,8 @@ def _urial(messages: Sequence[Message]) -> str:
     # Base models have no chat format; URIAL (Lin et al., 2023) shows that a short instruction plus
     # one in-context example in a markdown-like layout makes them answer and then stop at "# Query:".
     system, turns = _split_system(messages)
-    out = [f"# Instruction\n\n{(system or URIAL_SYSTEM).strip()}\n\n\n"]
+    # The header explains the layout to the model; a system message replaces only the persona.
+    out = [f"# Instruction\n\n{URIAL_HEADER}{(system or URIAL_SYSTEM).strip()}\n\n\n"]
     example = [{"role": "user", "content": _URIAL_EXAMPLE[0]}, {"role": "assistant", "content": _URIAL_EXAMPLE[1]}]
     for message in [*example, *turns]:
         header = "# Query:" if message["role"] == "user" else "# Answer:"
@@ -249,17 +252,29 @@ def _short_name(name: str) -> str:
     return name if re.fullmatch(r"[\w.-]+/[\w.-]+", name) else Path(name).name
 
 
+def _match_names(name: str) -> str | None:
+    for family in FAMILIES.values():
+        if any(re.search(pattern, name) for pattern in family.name_patterns):
+            return family.name
+    return None
+
+
 def detect_family(source: Any) -> str | None:
     """The registry family of a model: a folder, a GGUF file, a repo id, a config dict or a PretrainedConfig.
 
     Names win over architectures (SmolLM2 and Llama-2 share the llama architecture); returns None when
     nothing matches, and the caller picks a default.
     """
+    if isinstance(source, (str, Path)) and str(source).endswith(".gguf"):
+        # The file name usually says it all; reading GGUF metadata parses the whole vocabulary (~2 s).
+        by_name = _match_names(Path(source).stem.lower())
+        if by_name:
+            return by_name
     config, name = _config_dict(source)
     name = " ".join(_short_name(n) for n in (name, str(config.get("_name_or_path", "")))).lower()
-    for family in FAMILIES.values():
-        if any(re.search(pattern, name) for pattern in family.name_patterns):
-            return family.name
+    by_name = _match_names(name)
+    if by_name:
+        return by_name
     model_type = config.get("model_type")
     architectures = config.get("architectures") or []
     for family in FAMILIES.values():

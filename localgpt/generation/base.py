@@ -10,7 +10,7 @@ import os
 import resource
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Protocol
+from typing import Iterator, Protocol, Sequence
 
 
 @dataclass
@@ -47,7 +47,10 @@ class Generator(Protocol):
     context_window: int
     stats: GenerationStats
 
-    def stream(self, prompt: str, *, max_new_tokens: int | None = None, stop: list[str] | None = None) -> Iterator[str]:
+    def stream(
+        self, prompt: str | Sequence[dict], *, max_new_tokens: int | None = None, stop: list[str] | None = None
+    ) -> Iterator[str]:
+        """A finished prompt string (raw completion) or chat messages the backend formats."""
         ...
 
     def count_tokens(self, text: str) -> int:
