@@ -15,23 +15,31 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-# localGPT's DOCUMENT_MAP, by the loaders of its current version.
+# localGPT's DOCUMENT_MAP, with offline-capable LangChain loaders where localGPT's own
+# Unstructured* loaders would fetch a spaCy model at run time (seen: partition_html tried to
+# download en_core_web_sm). Formats localGPT has no loader for are read with localgpt's own
+# loaders, so that both pipelines ingest the same text.
 LOADERS = {
-    ".txt": "TextLoader", ".md": "UnstructuredMarkdownLoader", ".py": "TextLoader", ".pdf": "PDFMinerLoader",
-    ".csv": "CSVLoader", ".xls": "UnstructuredExcelLoader", ".xlsx": "UnstructuredExcelLoader",
-    ".docx": "Docx2txtLoader", ".doc": "Docx2txtLoader", ".html": "UnstructuredHTMLLoader",
-    ".htm": "UnstructuredHTMLLoader", ".pptx": "UnstructuredPowerPointLoader", ".epub": "UnstructuredEPubLoader",
-    ".odt": "UnstructuredODTLoader", ".eml": "UnstructuredEmailLoader", ".rst": "UnstructuredRSTLoader",
-    ".json": "TextLoader", ".xml": "UnstructuredXMLLoader",
+    ".txt": "TextLoader", ".md": "TextLoader", ".py": "TextLoader", ".pdf": "PDFMinerLoader",
+    ".csv": "CSVLoader", ".docx": "Docx2txtLoader", ".html": "BSHTMLLoader", ".htm": "BSHTMLLoader",
 }
+OTHERS = {".pptx", ".xlsx", ".epub", ".odt", ".eml", ".rst", ".json", ".xml"}
 
 
 def load_one(path: str):
-    import langchain_community.document_loaders as loaders
+    from langchain_core.documents import Document
 
-    cls = getattr(loaders, LOADERS[Path(path).suffix.lower()])
+    ext = Path(path).suffix.lower()
     try:
-        return cls(path).load()
+        if ext in LOADERS:
+            import langchain_community.document_loaders as loaders
+
+            cls = getattr(loaders, LOADERS[ext])
+            return cls(path, encoding="utf-8").load() if cls.__name__ == "TextLoader" else cls(path).load()
+        from ingest.load import load_file
+
+        doc = load_file(Path(path))
+        return [Document(page_content="\n\n".join(e.text for e in doc.elements), metadata={"source": path})]
     except Exception as exc:  # localGPT logs and skips
         print(f"baseline: {path}: {type(exc).__name__}", file=sys.stderr)
         return []
@@ -53,7 +61,7 @@ def main() -> None:
     from localgpt.offline import enforce_offline
 
     enforce_offline()
-    paths = sorted(str(p) for p in a.corpus.rglob("*") if p.is_file() and p.suffix.lower() in LOADERS)
+    paths = sorted(str(p) for p in a.corpus.rglob("*") if p.is_file() and p.suffix.lower() in LOADERS.keys() | OTHERS)
     workers = os.cpu_count() or 1
     size = max(1, round(len(paths) / workers))
     batches = [paths[i : i + size] for i in range(0, len(paths), size)]

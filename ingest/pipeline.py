@@ -182,7 +182,8 @@ def _run_jobs(jobs, settings: Settings, store: Store, embedder, report: IngestRe
     ready: list[_Parsed] = []
     # forkserver: the parent may hold threads (tokenizers, OpenMP) that fork would copy half-locked.
     ctx = multiprocessing.get_context("forkserver")
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init)
+    alive_r, alive_w = ctx.Pipe(duplex=False)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(alive_r,))
     try:
         while queue or in_flight or ready:
             # Keep the pool busy but bounded: memory stays flat however large the corpus.
@@ -216,7 +217,11 @@ def _run_jobs(jobs, settings: Settings, store: Store, embedder, report: IngestRe
             proc.terminate()
         pool.shutdown(wait=False, cancel_futures=True)
         raise
-    pool.shutdown(wait=True)
+    else:
+        pool.shutdown(wait=True)
+    finally:
+        alive_w.close()
+        alive_r.close()
 
 
 def _embed_and_commit(batch: list[_Parsed], store: Store, embedder, report: IngestReport, progress: Progress) -> None:
@@ -254,8 +259,21 @@ def _embed_and_commit(batch: list[_Parsed], store: Store, embedder, report: Inge
         progress.file_done(job.path, job.status, len(parsed.chunks), job.size)
 
 
-def _worker_init() -> None:
+def _worker_init(parent_alive) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what Ctrl-C means
+    # A parser whose parent was killed (kill -9, OOM) would wait on its task queue forever.
+    # The parent holds the only writing end of this pipe: when it dies, however it dies, the
+    # read below ends (a pid check would not do: a killed parent stays a zombie until reaped).
+    import threading
+
+    def watch() -> None:
+        try:
+            parent_alive.recv()
+        except (EOFError, OSError):
+            pass
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
 def _parse(job: _Job, embedder_spec: str, chunk_size: int, chunk_overlap: int, ocr: bool) -> _Parsed:

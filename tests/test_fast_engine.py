@@ -1,0 +1,234 @@
+"""The fast decode engine (engine = "fast"): tiny random models of every family it runs, on the CPU.
+
+What a user relies on: the engine answers with exactly the tokens transformers' greedy ``generate``
+picks; its text stream, stop strings and stats behave like the transformers backend's; Mamba's
+chunked prompt pass equals the one-shot pass; int8/int4 weights stay close to the originals and
+come back identical from the on-disk cache. GPU tests are marked ``gpu`` and skip without CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from localgpt.config import Settings
+from localgpt.errors import ConfigError
+from localgpt.generation import clear_generator_cache, get_generator
+from localgpt.generation.fast import load_fast_generator
+from localgpt.generation.fast.engine import sample
+from localgpt.generation.fast.mamba import scan_reference
+from localgpt.generation.fast.quantize import Int4Linear, Int8Linear, int4_layout, quantize_model
+from localgpt.generation.fast.transformer import Linear
+from tiny_models import build_tiny_model
+
+FAMILIES = ["llama2", "falcon", "falcon-mamba", "mamba"]
+PROMPT = "Context: the invoice was paid on March 3 by the finance team. Question: what does the report say?"
+NEW = 24
+
+
+def settings(**values) -> Settings:
+    base = dict(backend="transformers", engine="fast", model=None, family=None, quantization="none", device="cpu",
+                max_new_tokens=NEW, temperature=0.0, top_p=0.95, context_window=None, openai_url=None)
+    return Settings.model_construct(**(Settings.model_construct().model_dump() | base | values))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-fast")
+    return {family: build_tiny_model(family, root / family) for family in FAMILIES}
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # quantized weights land here, not in ~
+    yield
+    clear_generator_cache()
+
+
+def hf_greedy(model_dir, ids: list[int], n: int, dtype=torch.float32, device="cpu") -> list[int]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=dtype).to(device)
+    prompt = torch.tensor([ids], device=device)
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                         do_sample=False, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_engine_greedy_tokens_equal_transformers_generate(tiny_dir, family):
+    generator = load_fast_generator(settings(model=str(tiny_dir[family])))
+    ids = generator._encode(PROMPT, NEW)[0].tolist()
+    assert list(generator.engine.generate(ids, NEW)) == hf_greedy(tiny_dir[family], ids, NEW)
+
+
+@pytest.mark.parametrize("family", ["llama2", "falcon-mamba"])
+def test_fast_engine_streams_the_same_text_as_the_hf_engine(tiny_dir, family):
+    question = [{"role": "user", "content": "what does the report say about revenue?"}]
+    fast = get_generator(settings(model=str(tiny_dir[family])))
+    hf = get_generator(settings(model=str(tiny_dir[family]), engine="hf"))
+    assert fast.stats.backend == "fast" and hf.stats.backend == "transformers"
+    assert "".join(fast.stream(question)) == "".join(hf.stream(question))
+    stats = fast.stats
+    assert stats.new_tokens > 0 and stats.prompt_tokens > 0 and stats.ttft_s is not None
+    assert stats.peak_gpu_mib is None and stats.extra["engine_mode"] == "eager"
+
+
+def test_stop_string_and_closing_the_stream(tiny_dir):
+    generator = load_fast_generator(settings(model=str(tiny_dir["llama2"])))
+    full = "".join(generator.stream(PROMPT, stop=[]))
+    words = full.split()
+    assert len(words) > 3
+    cut = "".join(generator.stream(PROMPT, stop=[words[2]]))
+    assert words[2] not in cut and full.startswith(cut)
+    stream = generator.stream(PROMPT, stop=[])
+    next(stream)
+    stream.close()  # the lock is free again: the next answer does not hang
+    assert "".join(generator.stream(PROMPT, stop=[])) == full
+
+
+def test_sampling_follows_the_seed_and_top_p_keeps_the_most_likely_tokens():
+    logits = torch.tensor([[4.0, 3.5, 0.0, -1.0, -2.0]])
+    temperature, top_p = torch.tensor(1.0), torch.tensor(0.5)
+    picks = {int(sample(logits, temperature, top_p)) for _ in range(200)}
+    assert picks == {0}  # token 0 alone holds > 50% of the mass
+    torch.manual_seed(3)
+    a = [int(sample(logits, temperature, torch.tensor(0.99))) for _ in range(50)]
+    torch.manual_seed(3)
+    b = [int(sample(logits, temperature, torch.tensor(0.99))) for _ in range(50)]
+    assert a == b and len(set(a)) > 1
+
+
+def test_sampled_generation_runs_and_stays_in_the_vocabulary(tiny_dir):
+    generator = load_fast_generator(settings(model=str(tiny_dir["falcon"]), temperature=0.8, top_p=0.9))
+    ids = generator._encode(PROMPT, NEW)[0].tolist()
+    out = list(generator.engine.generate(ids, NEW, temperature=0.8, top_p=0.9))
+    assert len(out) == NEW and all(0 <= t < len(generator.tokenizer) for t in out)
+
+
+@pytest.mark.parametrize("family", ["falcon-mamba", "mamba"])
+@pytest.mark.parametrize("chunk", [1, 5, 16])
+def test_mamba_prompt_in_sequential_chunks_equals_one_pass(tiny_dir, family, chunk):
+    generator = load_fast_generator(settings(model=str(tiny_dir[family])))
+    engine = generator.engine
+    ids = generator._encode(PROMPT, NEW)[0].tolist()
+    whole = list(engine.generate(ids, 8))
+    engine.prefill_chunk = chunk
+    assert list(engine.generate(ids, 8)) == whole
+
+
+def test_scan_reference_carries_state_across_chunks():
+    torch.manual_seed(0)
+    t, inner, state = 9, 6, 4
+    x, z = torch.randn(t, inner), torch.randn(t, inner)
+    dt = torch.nn.functional.softplus(torch.randn(t, inner))
+    B, C = torch.randn(t, state), torch.randn(t, state)
+    A, D = -torch.rand(inner, state) * 2, torch.randn(inner)
+    h1 = torch.zeros(inner, state)
+    whole = scan_reference(x, dt, A, B, C, D, z, h1)
+    h2 = torch.zeros(inner, state)
+    parts = [scan_reference(x[i:i + 4], dt[i:i + 4], A, B[i:i + 4], C[i:i + 4], D, z[i:i + 4], h2) for i in (0, 4, 8)]
+    assert torch.allclose(torch.cat(parts), whole, atol=1e-6) and torch.allclose(h1, h2, atol=1e-6)
+
+
+def test_int8_and_int4_weights_stay_close_to_the_originals():
+    torch.manual_seed(0)
+    layer = Linear(torch.randn(64, 256) * 0.02)
+    x = torch.randn(3, 256)
+    ref = layer(x)
+    int8 = Int8Linear.quantize(layer)
+    assert ((int8(x) - ref).norm() / ref.norm()) < 0.01
+    assert int4_layout(256, 64) == (128, 8)
+    int4 = Int4Linear.quantize(layer, 128, 8)
+    step = (layer.weight.reshape(64, 2, 128).amax(-1) - layer.weight.reshape(64, 2, 128).amin(-1)) / 15
+    assert ((int4.dequantize() - layer.weight).abs().reshape(64, 2, 128).amax(-1) <= step * 0.51 + 1e-3).all()
+    assert ((int4(x) - ref).norm() / ref.norm()) < 0.1
+
+
+@pytest.mark.parametrize("quantization", ["8bit", "4bit"])
+def test_quantized_engine_is_cached_on_disk_and_reloads_identically(tiny_dir, quantization, tmp_path):
+    first = load_fast_generator(settings(model=str(tiny_dir["llama2"]), quantization=quantization), cache_dir=tmp_path)
+    assert first.stats.extra["weights"].startswith("quantized, saved")
+    second = load_fast_generator(settings(model=str(tiny_dir["llama2"]), quantization=quantization), cache_dir=tmp_path)
+    assert second.stats.extra["weights"].startswith("loaded")
+    ids = first._encode(PROMPT, NEW)[0].tolist()
+    assert list(first.engine.generate(ids, NEW)) == list(second.engine.generate(ids, NEW))
+
+
+def test_quantize_model_swaps_every_linear(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    from localgpt.generation.fast.generator import build_network
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_dir["llama2"], local_files_only=True)
+    with torch.inference_mode():
+        net = build_network(hf)
+        quantize_model(net, "int8")
+    assert not any(isinstance(m, Linear) for m in net.modules())
+
+
+def test_models_the_engine_does_not_run_are_config_errors(tiny_dir, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
+    import shutil
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_dir["llama2"] / name).exists():
+            shutil.copy(tiny_dir["llama2"] / name, tmp_path / "gpt2" / name)
+    with pytest.raises(ConfigError, match="engine 'fast' runs"):
+        load_fast_generator(settings(model=str(tmp_path / "gpt2")))
+
+
+# --- on a GPU --------------------------------------------------------------------------------------------
+
+
+def _needs_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["compile", "graph"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gpu_engine_matches_its_eager_self_and_transformers(tiny_dir, family, mode):
+    _needs_cuda()
+    generator = load_fast_generator(settings(model=str(tiny_dir[family]), device="cuda"), mode=mode)
+    ids = generator._encode(PROMPT, NEW)[0].tolist()
+    fast = list(generator.engine.generate(ids, NEW))
+    generator.engine.mode = "eager"
+    generator.engine._steps.clear()
+    assert list(generator.engine.generate(ids, NEW)) == fast
+    # bf16 rounding may flip a near tie late in the answer; the first tokens must agree.
+    reference = hf_greedy(tiny_dir[family], ids, NEW, dtype=torch.bfloat16, device="cuda")
+    assert fast[:4] == reference[:4]
+
+
+@pytest.mark.gpu
+def test_gpu_triton_scan_equals_the_reference():
+    _needs_cuda()
+    pytest.importorskip("triton")
+    from localgpt.generation.fast.scan_triton import selective_scan
+
+    torch.manual_seed(0)
+    t, inner, state = 300, 200, 16
+    dev = "cuda"
+    x, z = torch.randn(t, inner, device=dev, dtype=torch.bfloat16), torch.randn(t, inner, device=dev, dtype=torch.bfloat16)
+    dt = torch.nn.functional.softplus(torch.randn(t, inner, device=dev))
+    B, C = torch.randn(t, state, device=dev, dtype=torch.bfloat16), torch.randn(t, state, device=dev, dtype=torch.bfloat16)
+    A, D = -torch.rand(inner, state, device=dev) * 4, torch.randn(inner, device=dev)
+    h0 = torch.randn(inner, state, device=dev)
+    h1, h2 = h0.clone(), h0.clone()
+    ref = scan_reference(x, dt, A, B, C, D, z, h1).float()
+    got = selective_scan(x, dt, A, B, C, D, z, h2).float()
+    assert ((got - ref).norm() / ref.norm()) < 1e-2 and torch.allclose(h1, h2, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantization", ["8bit", "4bit"])
+def test_gpu_quantized_engine_streams(tiny_dir, quantization, tmp_path):
+    _needs_cuda()
+    generator = load_fast_generator(settings(model=str(tiny_dir["llama2"]), device="cuda", quantization=quantization),
+                                    cache_dir=tmp_path)
+    text = "".join(generator.stream(PROMPT, stop=[]))
+    assert isinstance(text, str) and generator.stats.new_tokens > 0 and generator.stats.peak_gpu_mib > 0
