@@ -264,12 +264,21 @@ class QAChain:
         return msgs
 
     def supporting_sentences(self, qvec: np.ndarray, context: list[SourceRef], top: int = 2) -> list[Support]:
-        """The sentences of the context closest to the question under the embedder."""
+        """The statements of the context closest to the question under the embedder.
+
+        Lines are split too (headings and list items are not sentences), and questions are
+        left out: a passage that asks the reader's question back does not support an answer.
+        """
         sentences: list[tuple[str, int]] = []
+        seen: set[str] = set()
         for i, ref in enumerate(context, 1):
             for s in split_sentences(ref.text):
-                if len(s.strip()) >= 8:
-                    sentences.append((s.strip(), i))
+                for line in s.splitlines():
+                    line = line.strip()
+                    if len(line) < 8 or line.rstrip("\"'”」』)）").endswith(("?", "？")) or line in seen:
+                        continue
+                    seen.add(line)
+                    sentences.append((line, i))
         if not sentences:
             return []
         vecs = self.retriever.embedder.embed([s for s, _ in sentences])
