@@ -517,6 +517,77 @@ def ui(
     raise typer.Exit(launch(settings, host=host, port=port))
 
 
+@app.command("eval")
+@run_safely
+def eval_(
+    questions: Path = typer.Argument(..., help="Question file (JSONL: question, answer, aliases, source, page) or a BEIR folder."),
+    corpus: Optional[Path] = typer.Option(None, "--corpus", help="Ingest this folder into the collection first."),
+    collection: Optional[str] = CollectionOpt,
+    data_dir: Optional[Path] = DataDirOpt,
+    embedder: Optional[str] = EmbedderOpt,
+    k: Optional[int] = KOpt,
+    mode: Optional[str] = ModeOpt,
+    model: Optional[str] = ModelOpt,
+    backend: Optional[str] = BackendOpt,
+    extractive: bool = ExtractiveOpt,
+    retrieval_only: bool = typer.Option(False, "--retrieval-only", help="Score retrieval (and abstention) only: fast, for tuning."),
+    compare: Optional[list[Path]] = typer.Option(None, "--compare", help="Two TOML configurations to run side by side (give twice)."),
+    per_question: bool = typer.Option(False, "--per-question", help="Also print a row per question."),
+    json_out: bool = JsonOpt,
+):
+    """Measure retrieval and answer quality on a question set, or nDCG@10/recall@100 on a BEIR folder.
+
+    Retrieval: hit@k, recall@k and MRR against the expected file (and page), answer-in-top-k.
+    Answers: exact match, token F1, contains-answer, citation correctness, abstention on
+    unanswerable and false abstention on answerable questions, latency per stage.
+    """
+    from localgpt import evaluation
+    from localgpt.eval_runner import ensure_collection, load_config, run_beir, run_qa
+
+    base = _qa_settings(collection=collection, data_dir=data_dir, embedder=embedder, k=k, mode=mode, model=model,
+                        backend=backend, extractive=extractive)
+    quiet = json_out
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=err_console, disable=quiet, transient=True)
+    if questions.is_dir():
+        dataset = evaluation.load_beir(questions)
+        modes = [base.retrieval_mode] if mode else ["dense", "keyword", "hybrid"]
+        with progress:
+            task = progress.add_task("BEIR", total=len(dataset.qrels) * len(modes))
+            scores = run_beir(questions, base, modes, tick=lambda: progress.advance(task))
+        if json_out:
+            print(json.dumps([s.to_dict() for s in scores], ensure_ascii=False, indent=2))
+        else:
+            evaluation.render_beir(scores, console, dataset=str(questions))
+        return
+    cases = evaluation.load_qa(questions)
+    configs: list[tuple[str, Settings]] = []
+    if compare:
+        if len(compare) != 2:
+            _fail("--compare takes exactly two configuration files (give --compare A.toml --compare B.toml)")
+        for path in compare:
+            values = load_config(path)
+            name = values.pop("name", path.stem)
+            values.setdefault("collection", f"eval-{path.stem}")
+            configs.append((name, base.with_overrides(**values)))
+    else:
+        configs.append((questions.stem, base))
+    reports = []
+    for name, settings in configs:
+        ensure_collection(corpus, settings)
+        with progress:
+            task = progress.add_task(f"eval {name}", total=len(cases))
+            reports.append(run_qa(cases, settings, retrieval_only=retrieval_only, name=name,
+                                  tick=lambda: progress.advance(task)))
+    if json_out:
+        out = [r.to_dict() for r in reports]
+        print(json.dumps(out[0] if len(out) == 1 else out, ensure_ascii=False, indent=2))
+    elif len(reports) == 2:
+        evaluation.render_comparison(reports[0], reports[1], console)
+    else:
+        evaluation.render_report(reports[0], console, per_question=per_question)
+
+
 def main() -> None:  # pragma: no cover - console script entry
     app()
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from localgpt.errors import LocalGPTError
-from localgpt.text import _CJK, normalize
+from localgpt.text import CJK_RANGES as _CJK, normalize
 
 DEFAULT_KS = (1, 3, 5, 10)
 

@@ -12,7 +12,7 @@ import re
 import unicodedata
 
 # Han, Hiragana, Katakana, Hangul, CJK punctuation-free ranges.
-_CJK = (
+CJK_RANGES = _CJK = (
     "\u3040-\u309f"  # Hiragana
     "\u30a0-\u30ff"  # Katakana
     "\u31f0-\u31ff"
