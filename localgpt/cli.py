@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -168,13 +169,14 @@ def ingest(
 
 
 def _print_ingest_summary(report) -> None:
-    table = Table(title=f"ingested {_display(report.folder)} into '{report.collection}'", show_header=True)
-    for col in ("new", "changed", "unchanged", "linked", "removed", "skipped", "chunks +", "chunks -", "time"):
-        table.add_column(col, justify="right")
+    table = Table(title=f"ingested {_display(report.folder)} into '{report.collection}' in {report.seconds:.1f}s",
+                  show_header=True,
+                  box=box.SIMPLE_HEAD, padding=(0, 1))
+    for col in ("new", "changed", "unchanged", "linked", "removed", "skipped", "chunks+", "chunks-"):
+        table.add_column(col, justify="right", min_width=len(col), no_wrap=True)
     table.add_row(
         str(report.new), str(report.changed), str(report.unchanged), str(report.renamed_or_copied),
         str(report.removed), str(len(report.skipped)), str(report.chunks_added), str(report.chunks_removed),
-        f"{report.seconds:.1f}s",
     )
     console.print(table)
     if report.skipped:

@@ -1,0 +1,73 @@
+"""The README's main job, as a newcomer runs it: ingest the bundled samples, ask, get cited pages."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A copy of the samples ingested through the CLI, as `localgpt ingest` does with no arguments."""
+    work = tmp_path_factory.mktemp("readme")
+    shutil.copytree(ROOT / "source_documents", work / "source_documents")
+    return work
+
+
+def cli(workspace: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "localgpt.cli", *args], cwd=workspace, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_ingest_then_ask_answers_with_the_cited_page(workspace, subprocess_env):
+    ingest = cli(workspace, subprocess_env, "ingest")
+    assert ingest.returncode == 0, ingest.stderr
+    assert "skipped" in ingest.stdout and (workspace / "local_data").is_dir()
+
+    done = cli(workspace, subprocess_env, "ask", "Where does localgpt keep the database it builds?", "--json")
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["answer"].strip() and not answer["abstained"]
+    assert answer["stats"]["backend"] == "llama.cpp" and answer["stats"]["new_tokens"] > 0
+    guide = [s for s in answer["sources"] if s["source"].endswith("localgpt-guide.pdf")]
+    assert guide and guide[0]["page"] == 2 and "local_data" in guide[0]["text"]
+    assert any("local_data" in s["sentence"] for s in answer["support"])
+
+    streamed = cli(workspace, subprocess_env, "ask", "Where does localgpt keep the database it builds?", "--stats")
+    assert streamed.returncode == 0, streamed.stderr
+    assert "Sources" in streamed.stdout and "localgpt-guide.pdf, page 2" in streamed.stdout
+    assert "ttft_s" in streamed.stdout
+    assert not Path(subprocess_env["LOCALGPT_NETGUARD_LOG"]).exists()
+
+
+def test_off_topic_question_abstains_and_chinese_question_finds_the_chinese_faq(workspace, subprocess_env):
+    if not (workspace / "local_data").exists():
+        assert cli(workspace, subprocess_env, "ingest").returncode == 0
+    off = json.loads(cli(workspace, subprocess_env, "ask", "What is the melting point of tungsten?", "--json").stdout)
+    assert off["abstained"] and off["sources"] == [] and "don't know" in off["answer"]
+    zh = cli(workspace, subprocess_env, "ask", "默认的嵌入模型是什么？", "--extractive", "--json")
+    data = json.loads(zh.stdout)
+    assert not data["abstained"] and "multilingual-e5-small" in data["answer"]
+    assert data["sources"][0]["source"].endswith("faq-zh.md")
+
+
+def test_chat_keeps_history_and_answers_follow_ups(workspace, subprocess_env, tmp_path):
+    if not (workspace / "local_data").exists():
+        assert cli(workspace, subprocess_env, "ingest").returncode == 0
+    log = tmp_path / "qa.jsonl"
+    session = subprocess.run(
+        [sys.executable, "-m", "localgpt.cli", "chat", "--extractive", "--save-qa", str(log)],
+        cwd=workspace, env=subprocess_env, input="Which embedding model is the default?\n/sources\n/reset\n/exit\n",
+        capture_output=True, text=True, timeout=300,
+    )
+    assert session.returncode == 0, session.stderr
+    assert "e5" in session.stdout and "Sources" in session.stdout and "history cleared" in session.stdout
+    saved = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(saved) == 1 and saved[0]["sources"]
