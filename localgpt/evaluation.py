@@ -441,9 +441,10 @@ def evaluate(
     overall["contains_answer"] = _mean(s.contains for s in gen_answerable)
     overall["citation_correct"] = _mean(s.citation_correct for s in gen_answerable)
     overall["citation_source_correct"] = _mean(s.citation_source_correct for s in gen_answerable)
-    gen_unanswerable = [s for r, s in generated if not s.answerable]
-    overall["abstention_rate"] = _mean(float(s.abstained) for s in gen_unanswerable)
-    overall["false_abstention_rate"] = _mean(float(s.abstained) for s in gen_answerable)
+    # Abstention is decided before generation too (the relevance threshold), so a retrieval-only
+    # run measures it as well.
+    overall["abstention_rate"] = _mean(float(s.abstained) for s in unanswerable)
+    overall["false_abstention_rate"] = _mean(float(s.abstained) for s in answerable)
     counts = {
         "questions": len(scores), "answerable": len(answerable), "unanswerable": len(unanswerable),
         "with_source": len(with_source), "with_page": len(with_page), "generated": len(generated),
