@@ -95,7 +95,7 @@ class Store:
         try:
             manifest.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(str(manifest), timeout=30, check_same_thread=False, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
+            _enable_wal(db)
             db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
@@ -453,6 +453,20 @@ def _chroma_client(settings: Settings):
             raise StoreError(f"cannot reach the Chroma store at {where}: {exc}") from exc
         _CLIENTS[key] = client
         return client
+
+
+def _enable_wal(db: sqlite3.Connection) -> None:
+    """Switch to WAL (readers never block the writer). Two processes opening a new manifest at
+    the same moment can both try; SQLite answers 'locked' at once rather than waiting, so retry."""
+    for _ in range(200):
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc):
+                raise
+            time.sleep(0.05)
+    db.execute("PRAGMA journal_mode=WAL")
 
 
 def _chroma_name(collection: str) -> str:
