@@ -207,8 +207,8 @@ def _run_jobs(jobs, settings: Settings, store: Store, embedder, report: IngestRe
                     for note in parsed.notes:
                         report.notes.append(FileProblem(job.path, note))
                     ready.append(parsed)
-            pending_chunks = sum(len(p.chunks) for p in ready)
-            if ready and (pending_chunks >= settings.embed_batch_size or not in_flight or not queue):
+            # Embed what has arrived; the wait above blocks when nothing has, so this never spins.
+            if ready:
                 _embed_and_commit(ready, store, embedder, report, progress)
                 ready = []
     except BaseException:

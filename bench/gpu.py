@@ -1,0 +1,409 @@
+"""GPU decode benchmark: transformers ``generate`` against localgpt's fast engine, same run, same GPU.
+
+Random-weight models at the real shapes (Llama-2-7B, Falcon-7B, FalconMamba-7B) are built from their
+configs straight on the GPU in bf16; no checkpoint is read. For each: time to first token at 512 /
+2,048 / 8,192 prompt tokens, decode tokens/s (512-token prompt, 128 new tokens), peak GPU memory, and
+the fraction of the memory-bandwidth limit reached (bytes a decode step must read / a measured
+device copy rate). Checks the engine against transformers at the real shapes first (logits).
+Prints a table; with --results, appends it to bench/RESULTS.md.
+
+    python bench/gpu.py --models llama,falcon,falcon-mamba --variants bf16,int8,int4 \
+        --results bench/RESULTS.md --commit $(git rev-parse --short HEAD)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from localgpt.generation.fast.engine import Engine  # noqa: E402
+from localgpt.generation.fast.generator import build_network  # noqa: E402
+from localgpt.generation.fast.quantize import quantize_model  # noqa: E402
+
+PROMPTS = (512, 2048, 8192)
+DECODE_PROMPT, DECODE_NEW = 512, 128
+
+
+def configs(tiny: bool = False):
+    from transformers import FalconConfig, FalconMambaConfig, LlamaConfig
+
+    if tiny:  # a dry run of this script's logic (CPU is fine)
+        return {
+            "llama": ("tiny-llama", LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                num_attention_heads=4, num_key_value_heads=2, vocab_size=512)),
+            "falcon": ("tiny-falcon", FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                   multi_query=True, parallel_attn=True, bias=False, alibi=False,
+                                                   new_decoder_architecture=False, vocab_size=512)),
+            "falcon-mamba": ("tiny-falcon-mamba", FalconMambaConfig(hidden_size=64, num_hidden_layers=2, state_size=8,
+                                                                    vocab_size=512, use_mambapy=False)),
+        }
+    return {
+        "llama": ("Llama-2-7B", LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                            num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                                            max_position_embeddings=4096, rms_norm_eps=1e-5)),
+        "falcon": ("Falcon-7B", FalconConfig(hidden_size=4544, num_hidden_layers=32, num_attention_heads=71,
+                                             multi_query=True, parallel_attn=True, new_decoder_architecture=False,
+                                             alibi=False, bias=False, vocab_size=65024, max_position_embeddings=2048)),
+        "falcon-mamba": ("FalconMamba-7B", FalconMambaConfig(hidden_size=4096, num_hidden_layers=64, state_size=16,
+                                                             expand=2, conv_kernel=4, time_step_rank=256,
+                                                             vocab_size=65024, use_mambapy=False)),
+    }
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: only for --tiny dry runs of this script
+CUDA = DEVICE == "cuda"
+
+
+def sync_time() -> float:
+    if CUDA:
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if CUDA else 0.0
+
+
+def reset_peak() -> None:
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+
+
+def free_cache() -> None:
+    gc.collect()
+    if CUDA:
+        torch.cuda.empty_cache()
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy rate in bytes/s (read + write), the practical ceiling for decode."""
+    a = torch.empty(2 * 2**30, dtype=torch.uint8, device=DEVICE)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    times = []
+    for _ in range(10):
+        t0 = sync_time()
+        b.copy_(a)
+        times.append(sync_time() - t0)
+    del a, b
+    return 2 * 2 * 2**30 / statistics.median(times)
+
+
+def decode_bytes(network, max_seq: int) -> int:
+    """Bytes one decode step reads: every weight except the embedding table (one row), plus the KV cache."""
+    total = 0
+    for name, t in list(network.named_parameters()) + list(network.named_buffers()):
+        if name in ("embed", "cos", "sin") or name.endswith(("k_cache", "v_cache", "conv_state", "ssm_state")):
+            continue
+        total += t.numel() * t.element_size()
+    if getattr(network, "kind", "") == "transformer":
+        s = network.shape
+        total += 2 * s.n_layers * s.n_kv_heads * max_seq * s.head_dim * network.dtype.itemsize
+    return total
+
+
+def random_ids(n: int, vocab: int, seed: int = 0) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, vocab - 100, (n,), generator=g).tolist()
+
+
+# --- transformers generate ---------------------------------------------------------------------------
+
+
+def bench_hf(model, vocab: int, prompts, decode_new: int, log) -> dict:
+    out: dict = {"ttft_ms": {}}
+
+    def gen(n_prompt, n_new):
+        ids = torch.tensor([random_ids(n_prompt, vocab)], device=DEVICE)
+        t0 = sync_time()
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, min_new_tokens=n_new,
+                       do_sample=False, pad_token_id=0)
+        return sync_time() - t0
+
+    gen(512, 2)  # warm-up
+    for n in prompts:
+        out["ttft_ms"][n] = 1000 * gen(n, 1)
+        log(f"  hf ttft {n}: {out['ttft_ms'][n]:.0f} ms")
+    reset_peak()
+    total = gen(DECODE_PROMPT, decode_new)
+    first = out["ttft_ms"].get(DECODE_PROMPT, 0) / 1000 or gen(DECODE_PROMPT, 1)
+    out["tok_s"] = (decode_new - 1) / (total - first)
+    out["peak_gib"] = peak_gib()
+    log(f"  hf decode: {out['tok_s']:.1f} tok/s, peak {out['peak_gib']:.1f} GiB")
+    return out
+
+
+# --- the engine ------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def check_against_hf(hf, network, vocab: int, log) -> dict:
+    """Prefill and one decode step of the engine (eager) against transformers' forward, same weights."""
+    ids = torch.tensor([random_ids(64, vocab, seed=1)], device=DEVICE)
+    ref = hf(ids).logits[0, -2:].float()
+    network.setup_cache(128)
+    eng = Engine(network, mode="eager", max_seq=128)
+    got_prefill = network.prefill(ids[:, :-1])[0]
+    got_step = network.step(ids[:, -1:], torch.tensor([63], device=DEVICE))[0]
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    res = {"prefill_rel_err": rel(got_prefill, ref[0]), "step_rel_err": rel(got_step, ref[1]),
+           "prefill_argmax_equal": bool(got_prefill.argmax() == ref[0].argmax()),
+           "step_argmax_equal": bool(got_step.argmax() == ref[1].argmax())}
+    del eng
+    log(f"  logits vs transformers: {res}")
+    return res
+
+
+def bench_engine(network, vocab: int, prompts, mode: str, log, *, decode_contexts=(DECODE_PROMPT,),
+                 sampled: bool = True) -> dict:
+    out: dict = {"ttft_ms": {}, "decode": {}}
+    # TTFT: prefill (eager, flash attention / chunked scan) + the first token on the host.
+    network.setup_cache(max(prompts) + 64)
+    eng = Engine(network, mode="eager", max_seq=max(prompts) + 64)
+    with torch.inference_mode():
+        for _ in range(2):
+            next(eng.generate(random_ids(min(256, max(prompts)), vocab), 1))
+        for n in prompts:
+            times = []
+            for rep in range(3 if n <= 2048 else 2):
+                ids = random_ids(n, vocab, seed=rep)
+                t0 = sync_time()
+                next(eng.generate(ids, 1))
+                times.append(time.perf_counter() - t0)
+            out["ttft_ms"][n] = 1000 * statistics.median(times)
+            log(f"  engine ttft {n}: {out['ttft_ms'][n]:.1f} ms")
+    del eng
+    # Decode: a cache sized to the longest context measured, the compiled step, 128 new tokens.
+    cache = max(decode_contexts) + DECODE_NEW + 64
+    network.setup_cache(cache)
+    free_cache()
+    eng = Engine(network, mode=mode, max_seq=cache)
+    t0 = time.perf_counter()
+    eng.warm_up(steps=4)
+    out["compile_s"] = time.perf_counter() - t0
+    log(f"  engine warm-up ({mode}): {out['compile_s']:.1f} s")
+    reset_peak()
+    for ctx in decode_contexts:
+        per_token = []
+        for rep in range(2):
+            ids = random_ids(ctx, vocab, seed=10 + rep)
+            t0 = sync_time()
+            stamps = []
+            for _ in eng.generate(ids, DECODE_NEW, sampled=False):
+                stamps.append(time.perf_counter())
+            per_token.append((stamps[-1] - stamps[0]) / (len(stamps) - 1))
+        out["decode"][ctx] = 1 / min(per_token)
+        log(f"  engine decode after {ctx} tokens: {out['decode'][ctx]:.1f} tok/s")
+    out["tok_s"] = out["decode"][decode_contexts[0]]
+    if sampled:  # temperature + top-p on the device: a second compiled step, measured once per model
+        eng.warm_up(sampled=True, steps=4)
+        stamps = [time.perf_counter() for _ in eng.generate(random_ids(DECODE_PROMPT, vocab), DECODE_NEW,
+                                                                 temperature=0.8, top_p=0.95)]
+        out["tok_s_sampled"] = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    out["peak_gib"] = peak_gib()
+    out["bytes_per_token"] = decode_bytes(network, cache)
+    log(f"  engine sampled: {out.get('tok_s_sampled', 0):.1f} tok/s; peak {out['peak_gib']:.2f} GiB")
+    del eng
+    return out
+
+
+def to_bitsandbytes_nf4(model) -> None:
+    """Swap the transformers model's linears (not lm_head) for bitsandbytes NF4 ones, as load_in_4bit would."""
+    import bitsandbytes as bnb
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear and name != "lm_head":
+                new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                        compute_dtype=torch.bfloat16, quant_type="nf4", device="cpu")
+                new.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4",
+                                               compress_statistics=True)
+                if child.bias is not None:
+                    new.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+                setattr(parent, name, new.to(DEVICE))
+                del child
+    free_cache()
+
+
+def build_hf(cfg):
+    from transformers import AutoModelForCausalLM
+
+    if cfg.model_type != "falcon_mamba":
+        cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    return model.eval()
+
+
+def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
+    label, cfg = configs(args.tiny)[key]
+    vocab = cfg.vocab_size
+    entry = results.setdefault(key, {"label": label})
+    t0 = time.perf_counter()
+    hf = build_hf(cfg)
+    log(f"{label}: built in {time.perf_counter() - t0:.1f} s")
+    hf_prompts = [p for p in PROMPTS if p <= args.hf_max_prompt[key]]
+    if not args.skip_hf:
+        try:
+            entry["hf"] = bench_hf(hf, vocab, hf_prompts, args.hf_new, log)
+        except Exception as exc:  # noqa: BLE001 - keep the rest of the run
+            entry["hf"] = {"error": repr(exc)}
+            log(traceback.format_exc())
+        dump(results, args)
+    contexts = (1024, 16384) if key == "falcon-mamba" else (DECODE_PROMPT,)
+    if args.tiny:
+        contexts = (DECODE_PROMPT, 4 * DECODE_PROMPT) if key == "falcon-mamba" else (DECODE_PROMPT,)
+    for i, variant in enumerate(variants):
+        try:
+            # Each variant is built from the transformers model's weights; the model itself waits in host
+            # memory, so the GPU holds one variant at a time and its peak memory is its own.
+            if i > 0:
+                hf.to(DEVICE)
+            mode = args.mode
+            if variant == "nf4":  # the last variant: the transformers model itself becomes NF4
+                to_bitsandbytes_nf4(hf)
+                reset_peak()
+                entry["hf-nf4"] = bench_hf(hf, vocab, [p for p in hf_prompts if p <= 2048], min(args.hf_new, 24), log)
+                mode = "graph"
+            with torch.inference_mode():
+                net = build_network(hf)
+                if i == 0:
+                    try:
+                        entry["check"] = check_against_hf(hf, net, vocab, log)
+                    except Exception as exc:  # noqa: BLE001
+                        entry["check"] = {"error": repr(exc)}
+                        log(traceback.format_exc())
+            if variant != "nf4":
+                hf.to("cpu")
+            free_cache()
+            if variant in ("int8", "int4"):
+                with torch.inference_mode():
+                    quantize_model(net, variant)
+                free_cache()
+            log(f"{label} {variant}: {torch.cuda.memory_allocated() / 2**30 if CUDA else 0:.2f} GiB on the GPU")
+            entry[variant] = bench_engine(net, vocab, PROMPTS, mode, log, decode_contexts=contexts,
+                                          sampled=variant == "bf16" and key == "llama")
+        except Exception as exc:  # noqa: BLE001 - keep the rest of the run
+            entry[variant] = {"error": repr(exc)}
+            log(traceback.format_exc())
+        net = None
+        torch._dynamo.reset()
+        free_cache()
+        dump(results, args)
+    del hf
+    free_cache()
+
+
+def dump(results: dict, args) -> None:
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "gpu_results.json").write_text(json.dumps(results, indent=1, default=str))
+
+
+def table(results: dict) -> str:
+    bw = results.get("copy_bandwidth_tb_s", 0.0)
+    rows = ["| model | engine | TTFT 512 | TTFT 2k | TTFT 8k | decode tok/s | sampled tok/s | peak GiB | "
+            "bandwidth limit tok/s | fraction | logits check |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    ms = lambda d, n: f"{d['ttft_ms'][n]:.0f} ms" if n in d.get("ttft_ms", {}) else "–"  # noqa: E731
+    for key, entry in results.items():
+        if not isinstance(entry, dict) or "label" not in entry:
+            continue
+        for hf_key, what in (("hf", "bf16"), ("hf-nf4", "bnb NF4")):
+            hf = entry.get(hf_key)
+            if hf and "error" not in hf:
+                rows.append(f"| {entry['label']} | HF generate {what} | {ms(hf, 512)} | {ms(hf, 2048)} | {ms(hf, 8192)} | "
+                            f"{hf['tok_s']:.1f} | – | {hf['peak_gib']:.1f} | | | |")
+            elif hf:
+                rows.append(f"| {entry['label']} | HF generate {what} | error: {hf['error'][:80]} |")
+        check = entry.get("check", {})
+        note = (f"prefill {check['prefill_rel_err']:.1e}, step {check['step_rel_err']:.1e}"
+                if "prefill_rel_err" in check else "")
+        for variant in ("bf16", "int8", "int4", "nf4", "bnb-int8"):
+            e = entry.get(variant)
+            if not e:
+                continue
+            if "error" in e:
+                rows.append(f"| {entry['label']} | fast {variant} | error: {e['error'][:80]} |")
+                continue
+            limit = bw * 1e12 / e["bytes_per_token"] if bw else 0
+            decode = " / ".join(f"{v:.0f} @{k}" for k, v in e["decode"].items()) if len(e["decode"]) > 1 \
+                else f"{e['tok_s']:.1f}"
+            rows.append(f"| {entry['label']} | fast {variant} | {ms(e, 512)} | {ms(e, 2048)} | {ms(e, 8192)} | "
+                        f"{decode} | {e.get('tok_s_sampled', 0):.1f} | {e['peak_gib']:.2f} | {limit:.0f} | "
+                        f"{e['tok_s'] / limit if limit else 0:.2f} | {note if variant == 'bf16' else ''} |"
+                        + (" (CUDA graph, bitsandbytes kernels)" if variant == "nf4" else ""))
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="llama,falcon,falcon-mamba")
+    parser.add_argument("--variants", default="bf16,int8,int4")
+    parser.add_argument("--mode", default="compile", choices=["compile", "graph"])
+    parser.add_argument("--hf-new", type=int, default=32, help="new tokens for HF generate's decode rate")
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help="tiny configs and prompts: check the script, not speed")
+    parser.add_argument("--out", default=os.environ.get("OUT"))
+    parser.add_argument("--results", type=Path, help="append the table to this markdown file")
+    parser.add_argument("--commit", default=os.environ.get("LOCALGPT_COMMIT", "unknown"))
+    args = parser.parse_args()
+    # HF's FalconMamba has no fused kernels here: its prompt loop is too slow for an 8k prompt in one call.
+    args.hf_max_prompt = {"llama": 8192, "falcon": 8192, "falcon-mamba": 2048}
+
+    import transformers
+
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    logf = open(Path(args.out) / "gpu_log.txt", "a") if args.out else None
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+        if logf:
+            logf.write(msg + "\n")
+            logf.flush()
+
+    global PROMPTS, DECODE_PROMPT, DECODE_NEW
+    if args.tiny:
+        PROMPTS, DECODE_PROMPT, DECODE_NEW = (32, 64, 128), 32, 16
+        args.hf_max_prompt = dict.fromkeys(args.hf_max_prompt, 128)
+    results: dict = {"device": torch.cuda.get_device_name() if CUDA else "cpu", "torch": torch.__version__,
+                     "transformers": transformers.__version__, "commit": args.commit,
+                     "date": datetime.date.today().isoformat(), "mode": args.mode}
+    results["copy_bandwidth_tb_s"] = copy_bandwidth() / 1e12 if CUDA else 0.0
+    log(f"{results['device']}, torch {results['torch']}, copy bandwidth {results['copy_bandwidth_tb_s']:.2f} TB/s")
+    variants = args.variants.split(",")
+    for key in args.models.split(","):
+        run_model(key, variants if key == "llama" else [v for v in variants if v == "bf16"] or variants, args, log,
+                  results)
+    text = (f"\n### GPU decode engine vs transformers generate — {results['device']}, torch {results['torch']}, "
+            f"transformers {results['transformers']}, {results['date']}, commit {results['commit']}\n\n"
+            f"Batch 1, random weights at the real shapes, bf16 activations; decode = {DECODE_NEW} new tokens after a "
+            f"{DECODE_PROMPT}-token prompt (FalconMamba: after 1k / 16k tokens); TTFT = prompt to first token on the "
+            f"host. Bandwidth limit = measured copy rate {results['copy_bandwidth_tb_s']:.2f} TB/s / bytes a decode "
+            f"step reads. Engine step mode: {args.mode}.\n"
+            f"Command: `python bench/gpu.py --models {args.models} --variants {args.variants}`\n\n" + table(results))
+    log(text)
+    dump(results, args)
+    if args.results:
+        with open(args.results, "a", encoding="utf-8") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

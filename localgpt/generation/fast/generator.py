@@ -1,0 +1,224 @@
+"""The fast engine behind localgpt's ``Generator`` interface: load, quantise, warm up, stream text.
+
+Loads the checkpoint with transformers from local files only, moves its weights into the compact
+networks (``transformer``, ``mamba``), optionally quantises them (int8 / int4, cached on disk), and
+compiles the decode step before the first question. Prompt formats, stop strings and prompt
+truncation are the transformers backend's (this class extends it), so both engines answer alike.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import importlib.util
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from localgpt.errors import ConfigError, ModelNotFound
+from localgpt.generation.base import StreamTimer
+from localgpt.generation.fast.engine import Engine
+from localgpt.generation.transformers_backend import (
+    FALLBACK_FAMILY, StopScanner, TransformersGenerator, _check_complete, _first_line, _quantization_config,
+    pick_device,
+)
+from localgpt.models import FAMILIES, detect_family, locate_model, missing_model_advice
+
+QUANTIZATION_MODES = {"none": None, "8bit": "int8", "4bit": "int4"}
+
+
+class FastGenerator(TransformersGenerator):
+    """Streams text from an ``Engine``; one answer at a time per loaded model."""
+
+    def __init__(self, engine: Engine, tokenizer: Any, *, generation_config: Any = None, **kwargs: Any):
+        self.engine = engine
+        self.generation_config = generation_config
+        self.lock = threading.Lock()
+        super().__init__(engine.model, tokenizer, backend="fast", **kwargs)
+
+    def stream(self, prompt: str | Sequence[dict], *, max_new_tokens: int | None = None,
+               stop: list[str] | None = None) -> Iterator[str]:
+        import torch
+
+        text = prompt if isinstance(prompt, str) else self.format(prompt)
+        stops = list(self.family.stop if stop is None else stop)
+        max_new = min(max_new_tokens or self.max_new_tokens, self.engine.max_seq - 1)
+        ids = self._encode(text, max_new)[0].tolist()[-(self.engine.max_seq - max_new):]
+        eos = set(self._eos_ids())
+        scanner = StopScanner(stops)
+        with self.lock:
+            timer = StreamTimer(self.stats, prompt_tokens=len(ids))
+            if self.device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            tokens = self.engine.generate(ids, max_new, stop_ids=eos, temperature=self.temperature, top_p=self.top_p)
+            answer: list[int] = []
+            shown = ""
+            reached = False
+            try:
+                for tid in tokens:
+                    timer.token()
+                    if tid in eos:
+                        break
+                    answer.append(tid)
+                    now = self.tokenizer.decode(answer, skip_special_tokens=True)
+                    if now.endswith("\ufffd") or not now.startswith(shown):
+                        continue  # half a multi-byte character: wait for the rest
+                    out, reached = scanner.feed(now[len(shown):])
+                    shown = now
+                    if out:
+                        yield out
+                    if reached:
+                        break
+                if not reached:
+                    now = self.tokenizer.decode(answer, skip_special_tokens=True)
+                    out, _ = scanner.feed(now[len(shown):]) if now.startswith(shown) else ("", False)
+                    tail = out + scanner.flush()
+                    if tail:
+                        yield tail
+            finally:
+                tokens.close()
+                timer.finish()
+                if self.device == "cuda":
+                    self.stats.peak_gpu_mib = torch.cuda.max_memory_allocated() / 2**20
+
+    def _eos_ids(self) -> list[int]:
+        eos = getattr(self.generation_config, "eos_token_id", None)
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        ids = [eos] if isinstance(eos, int) else list(eos or [])
+        return sorted(set(ids) | set(self._stop_token_ids))
+
+
+def build_network(hf_model: Any):
+    """The compact network for a loaded transformers model (its weights moved, not copied, where possible)."""
+    from localgpt.generation.fast.mamba import from_mamba
+    from localgpt.generation.fast.transformer import from_falcon, from_llama
+
+    builders = {"llama": from_llama, "falcon": from_falcon, "mamba": from_mamba, "falcon_mamba": from_mamba}
+    model_type = hf_model.config.model_type
+    if model_type not in builders:
+        raise ConfigError(f"engine 'fast' runs {', '.join(sorted(builders))} models, not {model_type!r}; "
+                          "use engine='hf'")
+    return builders[model_type](hf_model)
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "localgpt" / "fast"
+
+
+def _fingerprint(path: Path) -> str:
+    """Names the checkpoint's exact weight files (path, size, mtime): a changed checkpoint misses the cache."""
+    parts = [str(path.resolve())]
+    for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")) + [path / "config.json"]:
+        if f.is_file():
+            st = f.stat()
+            parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
+
+
+def quantize_network(network: Any, mode: str, *, source: str | None = None, cache_dir: Path | None = None) -> str:
+    """Quantise ``network`` in place; with ``source``, reuse or write the on-disk cache. Says which happened."""
+    from localgpt.generation.fast.quantize import load_quantized, quantize_model, save_quantized
+
+    if source is None or cache_dir is None:
+        quantize_model(network, mode)
+        return "quantized"
+    path = Path(cache_dir) / f"{source}-{mode}.pt"
+    saved = load_quantized(path, mode=mode, source=source)
+    if saved is not None:
+        quantize_model(network, mode, saved=saved)
+        return f"loaded {path}"
+    states = quantize_model(network, mode, keep=True)
+    try:
+        save_quantized(states, path, mode=mode, source=source)
+    except OSError:
+        return "quantized (cache not writable)"
+    return f"quantized, saved {path}"
+
+
+def load_fast_generator(settings: Any, *, mode: str | None = None, max_seq: int | None = None,
+                        kernels: str = "torch", cache_dir: Path | None = None, warm_up: bool | None = None) -> FastGenerator:
+    """The fast engine for ``settings.model`` (a local Llama, Falcon, Mamba or FalconMamba checkpoint).
+
+    ``settings.quantization``: "none" (bf16 on CUDA, fp32 on CPU), "8bit" (int8 weight-only) or "4bit"
+    (int4, groups of 128), quantised at load and cached under ``cache_dir`` (default
+    ``~/.cache/localgpt/fast``). ``kernels="bitsandbytes"`` keeps bitsandbytes NF4/int8 layers instead.
+    ``mode``: "compile" (default on CUDA), "graph" or "eager" (CPU). ``max_seq``: KV-cache positions
+    (default: the model's context window). Raises ``ModelNotFound`` / ``ConfigError``; never downloads.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = str(settings.model or "")
+    if not name:
+        raise ConfigError("engine 'fast' needs a model: set model to a folder that holds config.json")
+    path = locate_model(name)
+    if path.is_file():
+        raise ConfigError(f"engine 'fast' loads transformers checkpoints, not {path.name}; use engine='hf' for GGUF")
+    _check_complete(path, name)
+    device = pick_device(settings.device)
+    if device not in ("cuda", "cpu"):
+        raise ConfigError(f"engine 'fast' runs on cuda or cpu, not {device}; use engine='hf'")
+    if settings.quantization not in QUANTIZATION_MODES:
+        raise ConfigError(f"quantization must be none, 8bit or 4bit, not {settings.quantization!r}")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+
+    started = time.perf_counter()
+    load_kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True}
+    if kernels == "bitsandbytes":
+        bnb = _quantization_config(settings.quantization, device)
+        if bnb is None:
+            raise ConfigError("kernels='bitsandbytes' needs quantization '8bit' or '4bit'")
+        load_kwargs["quantization_config"] = bnb
+    elif kernels != "torch":
+        raise ConfigError(f"kernels must be 'torch' or 'bitsandbytes', not {kernels!r}")
+    if device == "cuda" and importlib.util.find_spec("accelerate"):
+        load_kwargs["device_map"] = {"": torch.cuda.current_device()}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        hf = AutoModelForCausalLM.from_pretrained(path, **load_kwargs)
+    except OSError as exc:
+        raise ModelNotFound(f"{missing_model_advice(name)} ({_first_line(exc)})") from exc
+    except ValueError as exc:
+        raise ConfigError(f"transformers cannot load {name}: {_first_line(exc)}") from exc
+    if "device_map" not in load_kwargs:
+        hf = hf.to(device)
+    hf.eval()
+    config, generation_config = hf.config, hf.generation_config
+    with torch.inference_mode():
+        network = build_network(hf)
+    del hf
+    gc.collect()
+    quant_note = "none"
+    weight_mode = QUANTIZATION_MODES[settings.quantization] if kernels == "torch" else None
+    if weight_mode:
+        with torch.inference_mode():
+            quant_note = quantize_network(network, weight_mode, source=_fingerprint(path),
+                                          cache_dir=cache_dir or default_cache_dir())
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+    family_name = settings.family or detect_family(path) or FALLBACK_FAMILY
+    family = FAMILIES.get(family_name)
+    if family is None:
+        raise ConfigError(f"unknown model family {family_name!r}; choose one of: {', '.join(FAMILIES)}")
+    context_window = int(settings.context_window or getattr(config, "max_position_embeddings", None)
+                         or family.context_window)
+    engine_mode = mode or ("compile" if device == "cuda" and kernels == "torch" else "graph" if device == "cuda" else "eager")
+    engine = Engine(network, mode=engine_mode, max_seq=max_seq or context_window)
+    warm_s = 0.0
+    if warm_up if warm_up is not None else device == "cuda":
+        warm_s = engine.warm_up(sampled=settings.temperature > 0)
+    load_s = time.perf_counter() - started
+
+    generator = FastGenerator(
+        engine, tokenizer, generation_config=generation_config, family=family, device=device,
+        context_window=min(context_window, engine.max_seq), name=path.name, load_s=load_s,
+        max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p)
+    generator.stats.extra.update(dtype=str(dtype).removeprefix("torch."), quantization=settings.quantization,
+                                 kernels=kernels, engine_mode=engine.mode, weights=quant_note,
+                                 warm_up_s=round(warm_s, 2), max_seq=engine.max_seq)
+    return generator

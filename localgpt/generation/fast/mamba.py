@@ -1,0 +1,186 @@
+"""Mamba / FalconMamba as a recurrent network: constant memory and constant time per generated token.
+
+The conv and SSM states live in static buffers (one slot per layer), so a decode step is the same
+graph at every position and can be compiled and replayed. A prompt runs in parallel, chunk by chunk:
+each chunk's projections are batched matmuls, its convolution starts from the carried conv state and
+its selective scan from the carried SSM state (a Triton kernel on CUDA, a plain loop elsewhere), so a
+prompt longer than memory allows still runs, in sequential chunks. Never loads files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from localgpt.generation.fast.transformer import Linear, RMSNorm, _linear
+
+
+@dataclass
+class MambaShape:
+    n_layers: int
+    dim: int
+    inner: int
+    state: int
+    conv: int
+    dt_rank: int
+    vocab_size: int
+    norm_eps: float
+    bcdt_norm_eps: float | None  # FalconMamba: weightless RMS norms on B, C and dt; None for Mamba
+    residual_fp32: bool
+
+
+def _weightless_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    h = x.float()
+    return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def scan_reference(x, dt, A, B, C, D, z, h):
+    """The selective scan, one position at a time (CPU, tests, and the check for the kernel).
+
+    x, dt, z: [t, inner]; B, C: [t, state]; A: [inner, state] fp32; D: [inner]; h: [inner, state] fp32,
+    updated in place. ``dt`` is already biased and softplus-ed (fp32). Returns y [t, inner] in x's dtype.
+    """
+    ys = []
+    for i in range(x.shape[0]):
+        xi = x[i].float()
+        h.mul_(torch.exp(dt[i, :, None] * A)).add_((dt[i] * xi)[:, None] * B[i].float()[None, :])
+        ys.append(h.to(x.dtype) @ C[i].to(x.dtype))
+    y = torch.stack(ys).float() + x.float() * D.float()
+    return (y * F.silu(z.float())).to(x.dtype)
+
+
+def scan(x, dt, A, B, C, D, z, h):
+    if x.is_cuda:
+        from localgpt.generation.fast.scan_triton import selective_scan
+
+        return selective_scan(x.contiguous(), dt, A, B, C, D, z, h)
+    return scan_reference(x, dt, A, B, C, D, z, h)
+
+
+class MambaLayer(nn.Module):
+    def __init__(self, shape: MambaShape, *, norm: RMSNorm, in_proj: nn.Module, conv_w: torch.Tensor,
+                 conv_b: torch.Tensor | None, x_proj: nn.Module, dt_w: torch.Tensor, dt_b: torch.Tensor,
+                 A_log: torch.Tensor, D: torch.Tensor, out_proj: nn.Module):
+        super().__init__()
+        self.shape = shape
+        self.norm, self.in_proj, self.x_proj, self.out_proj = norm, in_proj, x_proj, out_proj
+        self.conv_w = nn.Parameter(conv_w, requires_grad=False)  # [inner, conv]
+        self.conv_b = nn.Parameter(conv_b if conv_b is not None else torch.zeros_like(conv_w[:, 0]), requires_grad=False)
+        self.dt_proj = Linear(dt_w)  # low rank -> inner; its bias is added in fp32 before the softplus
+        self.dt_b = nn.Parameter(dt_b.float(), requires_grad=False)
+        self.A = nn.Parameter(-torch.exp(A_log.float()), requires_grad=False)
+        self.D = nn.Parameter(D.data, requires_grad=False)
+        self.register_buffer("conv_state", torch.empty(0), persistent=False)  # last conv-1 inputs [inner, conv-1]
+        self.register_buffer("ssm_state", torch.empty(0), persistent=False)  # [inner, state], fp32
+
+    def reset(self) -> None:
+        s = self.shape
+        dev, dtype = self.conv_w.device, self.conv_w.dtype
+        if self.conv_state.numel() == 0:
+            self.conv_state = torch.zeros(s.inner, s.conv - 1, dtype=dtype, device=dev)
+            self.ssm_state = torch.zeros(s.inner, s.state, dtype=torch.float32, device=dev)
+        else:
+            self.conv_state.zero_()
+            self.ssm_state.zero_()
+
+    def _ssm_inputs(self, x: torch.Tensor):
+        s = self.shape
+        dt, B, C = self.x_proj(x).split([s.dt_rank, s.state, s.state], dim=-1)
+        if s.bcdt_norm_eps is not None:
+            dt, B, C = (_weightless_rms(v, s.bcdt_norm_eps) for v in (dt, B, C))
+        dt = F.softplus(self.dt_proj(dt).float() + self.dt_b)
+        return dt, B, C
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [t, dim] -> [t, dim]; t = 1 is a decode step, t > 1 a prompt chunk."""
+        s = self.shape
+        residual = hidden.float() if s.residual_fp32 else hidden
+        x, z = self.in_proj(self.norm(hidden.to(self.norm.weight.dtype))).chunk(2, dim=-1)  # [t, inner] each
+        t = x.shape[0]
+        window = torch.cat([self.conv_state, x.t()], dim=1)  # [inner, conv-1+t]
+        self.conv_state.copy_(window[:, -(s.conv - 1):])
+        if t == 1:
+            x = (window * self.conv_w).sum(-1, keepdim=True).t() + self.conv_b
+        else:
+            x = F.conv1d(window[None], self.conv_w[:, None], self.conv_b, groups=s.inner)[0].t()
+        x = F.silu(x)
+        dt, B, C = self._ssm_inputs(x)
+        if t == 1:
+            h = self.ssm_state
+            h.mul_(torch.exp(dt.t() * self.A)).add_((dt[0] * x[0].float())[:, None] * B.float())
+            y = (h.to(x.dtype) @ C[0].to(x.dtype)).float() + x[0].float() * self.D.float()
+            y = (y * F.silu(z[0].float())).to(x.dtype)[None]
+        else:
+            y = scan(x, dt, self.A, B, C, self.D, z, self.ssm_state)
+        return residual + self.out_proj(y)
+
+
+class Mamba(nn.Module):
+    """``prefill(ids, chunk) -> logits of the last position``; ``step(token, pos) -> logits``."""
+
+    kind = "mamba"
+
+    def __init__(self, shape: MambaShape, embed: torch.Tensor, layers: list[MambaLayer], norm: RMSNorm,
+                 lm_head: nn.Module, prefill_chunk: int = 4096):
+        super().__init__()
+        self.shape = shape
+        self.embed = nn.Parameter(embed, requires_grad=False)
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+        self.lm_head = lm_head
+        self.prefill_chunk = prefill_chunk  # tokens per parallel pass; longer prompts run in sequential chunks
+        self.max_seq = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    def setup_cache(self, max_seq: int) -> None:
+        self.max_seq = max_seq  # recorded only: the state does not grow with the context
+        for layer in self.layers:
+            if layer.conv_state.numel() == 0:
+                layer.reset()
+
+    def _run(self, ids: torch.Tensor) -> torch.Tensor:
+        x = F.embedding(ids, self.embed)
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+    def prefill(self, ids: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+        for layer in self.layers:
+            layer.reset()
+        ids = ids[0]
+        chunk = chunk or self.prefill_chunk
+        for start in range(0, ids.shape[0], chunk):
+            x = self._run(ids[start:start + chunk])
+        return self.lm_head(self.norm(x[-1:]).to(self.dtype)).float()
+
+    def step(self, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        x = self._run(token[0])
+        return self.lm_head(self.norm(x).to(self.dtype)).float()
+
+
+def from_mamba(hf: nn.Module) -> Mamba:
+    cfg, body = hf.config, hf.backbone
+    falcon = cfg.model_type == "falcon_mamba"
+    shape = MambaShape(cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.state_size, cfg.conv_kernel,
+                       int(cfg.time_step_rank), cfg.vocab_size, cfg.layer_norm_epsilon,
+                       cfg.mixer_rms_eps if falcon else None, bool(cfg.residual_in_fp32))
+    layers = []
+    for block in body.layers:
+        m = block.mixer
+        layers.append(MambaLayer(
+            shape, norm=RMSNorm(block.norm.weight.data, block.norm.variance_epsilon), in_proj=_linear(m.in_proj),
+            conv_w=m.conv1d.weight.data[:, 0], conv_b=None if m.conv1d.bias is None else m.conv1d.bias.data,
+            x_proj=_linear(m.x_proj), dt_w=m.dt_proj.weight.data, dt_b=m.dt_proj.bias.data, A_log=m.A_log.data,
+            D=m.D.data, out_proj=_linear(m.out_proj)))
+    return Mamba(shape, body.embeddings.weight.data, layers, RMSNorm(body.norm_f.weight.data, cfg.layer_norm_epsilon),
+                 _linear(hf.lm_head))

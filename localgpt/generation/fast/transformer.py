@@ -1,0 +1,291 @@
+"""A compact Llama / Falcon decoder with a static KV cache, built from a loaded transformers model.
+
+The weights are the checkpoint's own (q/k/v and gate/up fused into one matrix each, so batch-1
+decode reads every weight once per token in few launches); the forward pass is plain PyTorch that
+``torch.compile`` can capture whole. Never loads files or touches the network: it is handed a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from localgpt.errors import ConfigError
+
+
+@dataclass
+class TransformerShape:
+    n_layers: int
+    dim: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    norm: str  # "rms" (Llama) or "layer" (Falcon)
+    norm_eps: float
+    parallel: bool  # Falcon: attention and MLP read the same normed input and add to one residual
+    two_norms: bool  # Falcon-40B style ln_attn + ln_mlp in a parallel block
+    mlp: str  # "swiglu" (Llama) or "gelu" (Falcon)
+
+
+class Linear(nn.Module):
+    """``x @ weight.T (+ bias)``; quantize.py swaps these for int8 / int4 / bitsandbytes versions."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class Fused(nn.Module):
+    """Several linears of one input whose outputs are concatenated (used when weights cannot be fused)."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Same order of operations as LlamaRMSNorm: fp32 statistics, scale after casting back.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def _layer_norm(module: nn.Module) -> nn.LayerNorm:
+    norm = nn.LayerNorm(module.weight.shape[0], eps=module.eps, device=module.weight.device, dtype=module.weight.dtype)
+    norm.weight = nn.Parameter(module.weight.data, requires_grad=False)
+    norm.bias = nn.Parameter(module.bias.data, requires_grad=False)
+    return norm
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Block(nn.Module):
+    def __init__(self, shape: TransformerShape, *, wqkv: nn.Module, wo: nn.Module, w_in: nn.Module, w_out: nn.Module,
+                 norm1: nn.Module, norm2: nn.Module | None):
+        super().__init__()
+        self.shape = shape
+        self.wqkv, self.wo, self.w_in, self.w_out = wqkv, wo, w_in, w_out
+        self.norm1, self.norm2 = norm1, norm2
+        self.register_buffer("k_cache", torch.empty(0), persistent=False)
+        self.register_buffer("v_cache", torch.empty(0), persistent=False)
+
+    def setup_cache(self, max_seq: int, dtype: torch.dtype, device: torch.device) -> None:
+        s = self.shape
+        size = (1, s.n_kv_heads, max_seq, s.head_dim)
+        self.k_cache = torch.zeros(size, dtype=dtype, device=device)
+        self.v_cache = torch.zeros(size, dtype=dtype, device=device)
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.w_in(x)
+        if self.shape.mlp == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h)
+        return self.w_out(h)
+
+    def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor | None) -> torch.Tensor:
+        s = self.shape
+        t = x.shape[1]
+        q, k, v = self.wqkv(x).split([s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.n_kv_heads * s.head_dim], -1)
+        q = q.view(1, t, s.n_heads, s.head_dim).transpose(1, 2)
+        k = k.view(1, t, s.n_kv_heads, s.head_dim).transpose(1, 2)
+        v = v.view(1, t, s.n_kv_heads, s.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        rep = s.n_heads // s.n_kv_heads
+        if input_pos is None:
+            # Prefill of a fresh prompt at positions 0..t-1: causal attention over the prompt alone
+            # (flash / memory-efficient SDPA), and the cache filled for the decode steps.
+            self.k_cache[:, :, :t] = k
+            self.v_cache[:, :, :t] = v
+            if rep > 1:
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1)
+        else:
+            # One decode step: the query heads of a kv group become that group's "query rows", so
+            # grouped and multi-query attention read the cache once, without repeating it.
+            self.k_cache.index_copy_(2, input_pos, k)
+            self.v_cache.index_copy_(2, input_pos, v)
+            visible = torch.arange(self.k_cache.shape[2], device=x.device) <= input_pos
+            qg = q.reshape(1, s.n_kv_heads, rep, s.head_dim)
+            out = F.scaled_dot_product_attention(qg, self.k_cache, self.v_cache, attn_mask=visible.view(1, 1, 1, -1))
+        out = out.reshape(1, s.n_heads, t, s.head_dim).transpose(1, 2).reshape(1, t, s.n_heads * s.head_dim)
+        return self.wo(out)
+
+    def forward(self, x, cos, sin, input_pos):
+        h1 = self.norm1(x)
+        if self.shape.parallel:
+            h2 = self.norm2(x) if self.shape.two_norms else h1
+            return x + (self.mlp(h2) + self.attention(h1, cos, sin, input_pos))
+        x = x + self.attention(h1, cos, sin, input_pos)
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    """``prefill(ids) -> logits of the last position``; ``step(token, pos) -> logits``; cache set by ``setup_cache``."""
+
+    kind = "transformer"
+
+    def __init__(self, shape: TransformerShape, embed: torch.Tensor, blocks: list[Block], norm: nn.Module,
+                 lm_head: nn.Module, rope: nn.Module):
+        super().__init__()
+        self.shape = shape
+        self.embed = nn.Parameter(embed, requires_grad=False)
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = norm
+        self.lm_head = lm_head
+        self.rope = rope  # the checkpoint's own rotary module: its scaling rules, its frequencies
+        self.max_seq = 0
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    def setup_cache(self, max_seq: int) -> None:
+        if max_seq == self.max_seq:
+            return
+        self.max_seq = max_seq
+        for block in self.blocks:
+            block.setup_cache(max_seq, self.dtype, self.device)
+        positions = torch.arange(max_seq, device=self.device)[None]
+        cos, sin = self.rope(torch.empty(0, dtype=self.dtype, device=self.device), positions)
+        self.cos, self.sin = cos[0].to(self.dtype), sin[0].to(self.dtype)  # [max_seq, head_dim]
+
+    def _run(self, ids: torch.Tensor, cos, sin, input_pos) -> torch.Tensor:
+        x = F.embedding(ids, self.embed)
+        for block in self.blocks:
+            x = block(x, cos, sin, input_pos)
+        return self.lm_head(self.norm(x[:, -1:]))[:, -1].float()
+
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits [1, vocab] after the prompt ``ids`` [1, t], written at positions 0..t-1."""
+        t = ids.shape[1]
+        return self._run(ids, self.cos[:t], self.sin[:t], None)
+
+    def step(self, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """Logits [1, vocab] after one token [1, 1] at position ``input_pos`` [1]."""
+        return self._run(token, self.cos[input_pos], self.sin[input_pos], input_pos)
+
+
+# --- building from a transformers model ------------------------------------------------------------
+
+
+def _linear(module: nn.Module) -> nn.Module:
+    if type(module).__name__ in ("Linear", "FalconLinear") and module.weight.dtype.is_floating_point:
+        return Linear(module.weight.data, None if module.bias is None else module.bias.data)
+    return module  # a bitsandbytes (or other) layer: used as it is
+
+
+def _fuse(modules: list[nn.Module]) -> nn.Module:
+    parts = [_linear(m) for m in modules]
+    if all(isinstance(p, Linear) for p in parts):
+        biases = [p.bias for p in parts]
+        bias = None if all(b is None for b in biases) else torch.cat([
+            b.data if b is not None else torch.zeros(p.weight.shape[0], dtype=p.weight.dtype, device=p.weight.device)
+            for p, b in zip(parts, biases)])
+        return Linear(torch.cat([p.weight.data for p in parts]), bias)
+    return Fused(parts)
+
+
+def _reorder_rows(layer: nn.Module, order: torch.Tensor) -> nn.Module:
+    if not isinstance(layer, Linear):
+        raise ConfigError("this Falcon layout needs its fused query_key_value weights reordered, "
+                          "which is not possible for a quantized checkpoint; load it in bf16")
+    return Linear(layer.weight.data[order], None if layer.bias is None else layer.bias.data[order])
+
+
+def from_llama(hf: nn.Module) -> Transformer:
+    cfg, body = hf.config, hf.model
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    shape = TransformerShape(cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
+                             cfg.num_key_value_heads or cfg.num_attention_heads, head_dim, cfg.vocab_size, "rms",
+                             cfg.rms_norm_eps, parallel=False, two_norms=False, mlp="swiglu")
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        raise ConfigError(f"the fast engine supports Llama models with silu, not {cfg.hidden_act!r}")
+    blocks = []
+    for layer in body.layers:
+        a, m = layer.self_attn, layer.mlp
+        blocks.append(Block(shape, wqkv=_fuse([a.q_proj, a.k_proj, a.v_proj]), wo=_linear(a.o_proj),
+                            w_in=_fuse([m.gate_proj, m.up_proj]), w_out=_linear(m.down_proj),
+                            norm1=RMSNorm(layer.input_layernorm.weight.data, shape.norm_eps),
+                            norm2=RMSNorm(layer.post_attention_layernorm.weight.data, shape.norm_eps)))
+    return Transformer(shape, body.embed_tokens.weight.data, blocks, RMSNorm(body.norm.weight.data, shape.norm_eps),
+                       _linear(hf.lm_head), body.rotary_emb)
+
+
+def from_falcon(hf: nn.Module) -> Transformer:
+    cfg, body = hf.config, hf.transformer
+    if cfg.alibi:
+        raise ConfigError("the fast engine supports rotary Falcon models (7B, 40B, 180B), not ALiBi ones")
+    n_heads = cfg.num_attention_heads
+    head_dim = cfg.hidden_size // n_heads
+    if cfg.new_decoder_architecture:
+        n_kv, layout = cfg.num_kv_heads, "grouped"
+    elif cfg.multi_query:
+        n_kv, layout = 1, "contiguous"
+    else:
+        n_kv, layout = n_heads, "per-head"
+    two_norms = bool(cfg.new_decoder_architecture and cfg.parallel_attn and (cfg.num_ln_in_parallel_attn or 2) == 2)
+    shape = TransformerShape(cfg.num_hidden_layers, cfg.hidden_size, n_heads, n_kv, head_dim, cfg.vocab_size, "layer",
+                             cfg.layer_norm_epsilon, parallel=bool(cfg.parallel_attn or cfg.new_decoder_architecture),
+                             two_norms=two_norms, mlp="gelu")
+    if getattr(cfg, "activation", "gelu") != "gelu":
+        raise ConfigError(f"the fast engine supports Falcon models with gelu, not {cfg.activation!r}")
+
+    # Our blocks expect query_key_value rows as [all q heads | all k heads | all v heads].
+    order = None
+    if layout != "contiguous":
+        rows = torch.arange(head_dim)
+        if layout == "grouped":  # per kv group: rep query heads, then its k, then its v
+            rep = n_heads // n_kv
+            slot = lambda g, j: (g * (rep + 2) + j) * head_dim + rows  # noqa: E731
+            q = [slot(g, j) for g in range(n_kv) for j in range(rep)]
+            k = [slot(g, rep) for g in range(n_kv)]
+            v = [slot(g, rep + 1) for g in range(n_kv)]
+        else:  # per head: q, k, v
+            slot = lambda h, j: (h * 3 + j) * head_dim + rows  # noqa: E731
+            q, k, v = ([slot(h, j) for h in range(n_heads)] for j in range(3))
+        order = torch.cat(q + k + v)
+
+    blocks = []
+    for layer in body.h:
+        a, m = layer.self_attention, layer.mlp
+        wqkv = _linear(a.query_key_value)
+        if order is not None:
+            wqkv = _reorder_rows(wqkv, order.to(a.query_key_value.weight.device))
+        if shape.parallel:
+            norm1 = _layer_norm(layer.ln_attn if two_norms else layer.input_layernorm)
+            norm2 = _layer_norm(layer.ln_mlp) if two_norms else None
+        else:
+            norm1, norm2 = _layer_norm(layer.input_layernorm), _layer_norm(layer.post_attention_layernorm)
+        blocks.append(Block(shape, wqkv=wqkv, wo=_linear(a.dense), w_in=_linear(m.dense_h_to_4h),
+                            w_out=_linear(m.dense_4h_to_h), norm1=norm1, norm2=norm2))
+    return Transformer(shape, body.word_embeddings.weight.data, blocks, _layer_norm(body.ln_f), _linear(hf.lm_head),
+                       body.rotary_emb)
