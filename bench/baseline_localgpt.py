@@ -15,6 +15,10 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+# Running as a script puts bench/ first on sys.path, where bench/ingest.py would shadow the
+# ingest package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 # localGPT's DOCUMENT_MAP, with offline-capable LangChain loaders where localGPT's own
 # Unstructured* loaders would fetch a spaCy model at run time (seen: partition_html tried to
 # download en_core_web_sm). Formats localGPT has no loader for are read with localgpt's own

@@ -14,6 +14,7 @@ import os
 import signal
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -179,41 +180,77 @@ def _run_jobs(jobs, settings: Settings, store: Store, embedder, report: IngestRe
     args = (settings.embedder, settings.chunk_size, settings.chunk_overlap, settings.ocr)
     in_flight: dict[Future, _Job] = {}
     queue = list(reversed(jobs))
+    suspects: list[_Job] = []  # in flight when a parser process died: retried one at a time
+    alone: set[str] = set()  # suspects now running by themselves
     ready: list[_Parsed] = []
     # forkserver: the parent may hold threads (tokenizers, OpenMP) that fork would copy half-locked.
     ctx = multiprocessing.get_context("forkserver")
     alive_r, alive_w = ctx.Pipe(duplex=False)
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(alive_r,))
+
+    def new_pool() -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(alive_r,))
+
+    def skip(job: _Job, reason: str) -> None:
+        report.skipped.append(FileProblem(job.path, reason))
+        progress.file_done(job.path, "skipped")
+
+    pool = new_pool()
     try:
-        while queue or in_flight or ready:
+        while queue or in_flight or ready or suspects:
             # Keep the pool busy but bounded: memory stays flat however large the corpus.
-            while queue and len(in_flight) < workers * 2:
-                job = queue.pop()
-                in_flight[pool.submit(_parse, job, *args)] = job
+            # After a parser crash, the files that were in flight run alone until the culprit is known.
+            while (suspects or queue) and len(in_flight) < (1 if suspects or alone else workers * 2):
+                from_suspects = bool(suspects)
+                job = suspects.pop() if from_suspects else queue.pop()
+                try:
+                    fut = pool.submit(_parse, job, *args)
+                except BrokenProcessPool:  # a parser died since the last look: its futures tell which
+                    (suspects if from_suspects else queue).append(job)
+                    if not in_flight:  # nothing running to learn from: start afresh
+                        pool.shutdown(wait=False, cancel_futures=True)
+                        pool = new_pool()
+                    break
+                if from_suspects:
+                    alone.add(job.path)
+                in_flight[fut] = job
             if in_flight:
                 done, _ = wait(in_flight, timeout=None if not ready else 0, return_when=FIRST_COMPLETED)
+                broken = False
                 for fut in done:
                     job = in_flight.pop(fut)
+                    ran_alone = job.path in alone
+                    alone.discard(job.path)
                     try:
                         parsed = fut.result()
+                    except BrokenProcessPool:
+                        # A parser died (a segfault in a PDF library, the OOM killer): the pool is gone.
+                        if ran_alone:
+                            skip(job, "the parser crashed on this file (it may be malformed)")
+                        else:
+                            suspects.append(job)
+                        broken = True
+                        continue
                     except (BadFile, UnsupportedFile) as exc:
-                        report.skipped.append(FileProblem(job.path, str(exc)))
-                        progress.file_done(job.path, "skipped")
+                        skip(job, str(exc))
                         continue
                     except Exception as exc:  # a loader bug must not stop the run
-                        report.skipped.append(FileProblem(job.path, f"could not be parsed: {type(exc).__name__}: {exc}"))
-                        progress.file_done(job.path, "skipped")
+                        skip(job, f"could not be parsed: {type(exc).__name__}: {exc}")
                         continue
                     for note in parsed.notes:
                         report.notes.append(FileProblem(job.path, note))
                     ready.append(parsed)
+                if broken:
+                    suspects.extend(in_flight.values())
+                    in_flight.clear()
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    pool = new_pool()
             # Embed what has arrived; the wait above blocks when nothing has, so this never spins.
             if ready:
                 _embed_and_commit(ready, store, embedder, report, progress)
                 ready = []
     except BaseException:
         # Ctrl-C or a crash here: stop the parsers now rather than wait for their files.
-        for proc in list(getattr(pool, "_processes", {}).values()):
+        for proc in list((getattr(pool, "_processes", None) or {}).values()):
             proc.terminate()
         pool.shutdown(wait=False, cancel_futures=True)
         raise

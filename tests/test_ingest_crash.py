@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sqlite3
 import subprocess
@@ -147,3 +148,50 @@ def test_ctrl_c_stops_cleanly_and_the_next_run_finishes(tmp_path, clean, subproc
     rerun = subprocess.run(ingest_cmd(folder), env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     assert snapshot(data) == expected
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find the parser processes")
+def test_a_parser_process_killed_mid_run_does_not_stop_the_run(tmp_path, subprocess_env):
+    """As when the OOM killer takes a parser: its files are retried one at a time and the run ends well."""
+    import json
+
+    folder = make_corpus(tmp_path / "docs", files=10)
+    data = tmp_path / "data"
+    env = {**subprocess_env, "LOCALGPT_DATA_DIR": str(data)}
+    proc = subprocess.Popen(ingest_cmd(folder) + ["--json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed = 0
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and not killed:
+        if manifest_state(data)[0] >= 2:
+            for pid in _descendants(proc.pid):
+                try:
+                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+                except OSError:
+                    continue
+                # the parser: a forkserver child with no children of its own
+                if b"forkserver" in cmd and not _descendants(pid) and _descendants(proc.pid).index(pid) > 0:
+                    os.kill(pid, signal.SIGKILL)
+                    killed += 1
+        time.sleep(0.02)
+    out, err = proc.communicate(timeout=300)
+    assert killed, "no parser process was found to kill"
+    assert proc.returncode == 0, err[-3000:]
+    report = json.loads(out)
+    assert report["new"] == 10 and report["skipped"] == []
