@@ -363,9 +363,9 @@ def _print_stats(answer) -> None:
     console.print(table)
 
 
-def _stream_answer(chain, question: str, history, *, json_out: bool = False):
+def _stream_answer(chain, question: str, history, *, json_out: bool = False, filters=None):
     answer = None
-    for event in chain.stream(question, history):
+    for event in chain.stream(question, history, filters=filters):
         if event.kind == "token" and not json_out:
             console.out(event.text, end="", highlight=False)
         elif event.kind == "done":
@@ -413,17 +413,7 @@ def ask(
     )
     chain = QAChain(settings)
     filters = Filters(file=file, folder=folder, ext=type_)
-    if filters.active():
-        answer = None
-        for event in chain.stream(question, filters=filters):
-            if event.kind == "token" and not json_out:
-                console.out(event.text, end="", highlight=False)
-            if event.kind == "done":
-                answer = event.answer
-        if not json_out:
-            console.out("")
-    else:
-        answer = _stream_answer(chain, question, [], json_out=json_out)
+    answer = _stream_answer(chain, question, [], json_out=json_out, filters=filters if filters.active() else None)
     if json_out:
         print(json.dumps(answer.as_dict(), ensure_ascii=False, indent=2))
         return
