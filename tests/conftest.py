@@ -88,6 +88,14 @@ def _no_network_violations():
 
 
 @pytest.fixture
+def network_probe():
+    """For the test that proves the guard works: yields the violation list and forgives its entries."""
+    before = len(_violations)
+    yield _violations
+    del _violations[before:]
+
+
+@pytest.fixture
 def subprocess_env(tmp_path):
     """Environment for child processes (CLI runs, servers): offline, and the same socket guard
     installed through sitecustomize so that children cannot reach the network either."""
