@@ -126,13 +126,11 @@ def ingest_folder(
                 report.unchanged += 1
                 progress.file_done(item.path, "unchanged")
                 continue
+            job = _Job(item.path, item.size, item.mtime_ns, sha, "changed" if record else "new")
             if store.has_content(sha):
-                old = store.link_file(item.path, item.size, item.mtime_ns, sha)
-                report.renamed_or_copied += 1
-                report.chunks_removed += store.drop_content_if_unused(old)
-                progress.file_done(item.path, "linked")
+                _link(store, job, report, progress)
                 continue
-            jobs.append(_Job(item.path, item.size, item.mtime_ns, sha, "changed" if record else "new"))
+            jobs.append(job)
 
         # 2. Parse in processes, embed and commit here, one file at a time visible.
         if jobs:
@@ -213,8 +211,11 @@ def _run_jobs(jobs, settings: Settings, store: Store, embedder, report: IngestRe
                 if from_suspects:
                     alone.add(job.path)
                 in_flight[fut] = job
+            done: set[Future] = set()
             if in_flight:
-                done, _ = wait(in_flight, timeout=None if not ready else 0, return_when=FIRST_COMPLETED)
+                # With files parsed and waiting, wait briefly for more so one embedding call serves
+                # several files; with none, block until a parser finishes. Never a busy loop.
+                done, _ = wait(in_flight, timeout=None if not ready else 0.05, return_when=FIRST_COMPLETED)
                 broken = False
                 for fut in done:
                     job = in_flight.pop(fut)
@@ -244,8 +245,7 @@ def _run_jobs(jobs, settings: Settings, store: Store, embedder, report: IngestRe
                     in_flight.clear()
                     pool.shutdown(wait=False, cancel_futures=True)
                     pool = new_pool()
-            # Embed what has arrived; the wait above blocks when nothing has, so this never spins.
-            if ready:
+            if ready and (not done or not in_flight or sum(len(p.chunks) for p in ready) >= settings.embed_batch_size):
                 _embed_and_commit(ready, store, embedder, report, progress)
                 ready = []
     except BaseException:
@@ -261,39 +261,56 @@ def _run_jobs(jobs, settings: Settings, store: Store, embedder, report: IngestRe
         alive_r.close()
 
 
+def _link(store: Store, job: _Job, report: IngestReport, progress: Progress) -> None:
+    """The content is stored already (a copy, a rename, or a revert): point the path at it."""
+    old = store.link_file(job.path, job.size, job.mtime_ns, job.sha256)
+    report.renamed_or_copied += 1
+    report.chunks_removed += store.drop_content_if_unused(old)
+    progress.file_done(job.path, "linked")
+
+
 def _embed_and_commit(batch: list[_Parsed], store: Store, embedder, report: IngestReport, progress: Progress) -> None:
+    """Embed the chunks of several files in one call (every engine busy), then commit file by file."""
+    to_embed: list[_Parsed] = []
+    copies: list[_Parsed] = []  # same content as another file of this batch: linked once that one commits
     for parsed in batch:
         job = parsed.job
-        if store.has_content(job.sha256):  # two new files with identical content in one run
-            old = store.link_file(job.path, job.size, job.mtime_ns, job.sha256)
-            report.renamed_or_copied += 1
-            report.chunks_removed += store.drop_content_if_unused(old)
-            progress.file_done(job.path, "linked")
-            continue
-        if not parsed.chunks:
+        if store.has_content(job.sha256):
+            _link(store, job, report, progress)
+        elif any(p.job.sha256 == job.sha256 for p in to_embed):
+            copies.append(parsed)
+        elif not parsed.chunks:
             report.skipped.append(FileProblem(job.path, "no text found"))
             progress.file_done(job.path, "skipped")
-            continue
-        store.begin_content(job.sha256, [c.id for c in parsed.chunks])
-        try:
-            vectors = embedder.embed([c.text for c in parsed.chunks])
-            progress.chunks_embedded(len(parsed.chunks))
-            store.write_vectors(parsed.chunks, vectors, Path(job.path).suffix.lower())
-            old = store.commit_content(
-                job.path, job.size, job.mtime_ns, job.sha256, parsed.chunks, parsed.pages, Path(job.path).suffix.lower()
-            )
-        except BaseException:
-            store.abandon_content(job.sha256)
-            raise
-        if old and old != job.sha256:
-            report.chunks_removed += store.drop_content_if_unused(old)
-        report.chunks_added += len(parsed.chunks)
-        report.bytes_parsed += job.size
-        if job.status == "new":
-            report.new += 1
         else:
-            report.changed += 1
-        progress.file_done(job.path, job.status, len(parsed.chunks), job.size)
+            to_embed.append(parsed)
+    if to_embed:
+        for parsed in to_embed:  # the intent log first: a crash from here on is undone next run
+            store.begin_content(parsed.job.sha256, [c.id for c in parsed.chunks])
+        try:
+            vectors = embedder.embed([c.text for p in to_embed for c in p.chunks])
+            progress.chunks_embedded(len(vectors))
+            offset = 0
+            for parsed in to_embed:
+                job, n, ext = parsed.job, len(parsed.chunks), Path(parsed.job.path).suffix.lower()
+                store.write_vectors(parsed.chunks, vectors[offset : offset + n], ext)
+                offset += n
+                old = store.commit_content(job.path, job.size, job.mtime_ns, job.sha256, parsed.chunks, parsed.pages, ext)
+                if old and old != job.sha256:
+                    report.chunks_removed += store.drop_content_if_unused(old)
+                report.chunks_added += n
+                report.bytes_parsed += job.size
+                if job.status == "new":
+                    report.new += 1
+                else:
+                    report.changed += 1
+                progress.file_done(job.path, job.status, n, job.size)
+        except BaseException:
+            for parsed in to_embed:
+                store.abandon_content(parsed.job.sha256)  # a no-op for those already committed
+            raise
+    for parsed in copies:
+        _link(store, parsed.job, report, progress)
 
 
 def _worker_init(parent_alive) -> None:
