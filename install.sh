@@ -7,7 +7,7 @@
 # pip compiles llama.cpp once (about 4 minutes on 2 cores) and caches the wheel for next time.
 set -euo pipefail
 cd "$(dirname "$0")"
-extras="ui${1:+,$1}"
+extras="ui${1:+,$1}"  # e.g. ./install.sh dev  or  ./install.sh dev,bench
 python=${PYTHON:-python3}
 find_links=()
 [ -d /opt/wheels ] && find_links=(--find-links /opt/wheels)
