@@ -71,3 +71,37 @@ def test_chat_keeps_history_and_answers_follow_ups(workspace, subprocess_env, tm
     assert "e5" in session.stdout and "Sources" in session.stdout and "history cleared" in session.stdout
     saved = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(saved) == 1 and saved[0]["sources"]
+
+
+def test_ctrl_c_in_chat_stops_the_answer_but_not_the_chat(workspace, subprocess_env):
+    import os
+    import select
+    import signal
+    import time
+
+    if not (workspace / "local_data").exists():
+        assert cli(workspace, subprocess_env, "ingest").returncode == 0
+    env = {**subprocess_env, "LOCALGPT_MAX_NEW_TOKENS": "4000", "LOCALGPT_TEMPERATURE": "1.0"}
+    proc = subprocess.Popen([sys.executable, "-m", "localgpt.cli", "chat"], cwd=workspace, env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out = b""
+    try:
+        proc.stdin.write(b"Write a very long essay about every command of localgpt.\n")
+        proc.stdin.flush()
+        deadline = time.monotonic() + 120
+        while b"localgpt>" not in out and time.monotonic() < deadline:
+            if select.select([proc.stdout], [], [], 0.5)[0]:
+                out += os.read(proc.stdout.fileno(), 4096)
+        assert b"localgpt>" in out, out
+        time.sleep(1.0)  # a few tokens in
+        proc.send_signal(signal.SIGINT)
+        proc.stdin.write(b"/exit\n")
+        proc.stdin.flush()
+        rest, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out += rest
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert b"answer stopped" in out
+    assert b"Traceback" not in err
