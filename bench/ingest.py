@@ -23,6 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from make_corpus import make_corpus  # noqa: E402
+from record import commit, publish  # noqa: E402
 
 
 def run_measured(cmd: list[str]) -> tuple[float, float, str]:
@@ -45,13 +46,6 @@ def localgpt_ingest(corpus: Path, data: Path) -> tuple[float, float, dict]:
     cmd = [sys.executable, "-m", "localgpt.cli", "ingest", str(corpus), "--data-dir", str(data), "--json"]
     wall, rss, out = run_measured(cmd)
     return wall, rss, json.loads(out)
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def main() -> None:
@@ -122,11 +116,7 @@ def main() -> None:
     if base:
         lines.append(f"- cold ingest speed-up over the baseline: {base[0] / cold:.2f}× (target ≥ 2×)")
     lines.append(f"- skipped by localgpt (reported with reasons): {len(rep['skipped'])}")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if not a.no_record:
-        with open(HERE / "RESULTS.md", "a", encoding="utf-8") as fh:
-            fh.write("\n" + table)
+    publish(lines, record=not a.no_record)
 
 
 if __name__ == "__main__":

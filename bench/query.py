@@ -14,7 +14,6 @@ import datetime
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +30,9 @@ from localgpt.documents import Chunk  # noqa: E402
 from localgpt.embeddings import get_embedder  # noqa: E402
 from localgpt.retrieval import Retriever  # noqa: E402
 from localgpt.store import Store  # noqa: E402
+
+sys.path.insert(0, str(HERE))
+from record import commit, publish  # noqa: E402
 
 
 def vocabulary(rng: np.random.Generator, n: int = 20000) -> list[str]:
@@ -127,9 +129,8 @@ def main() -> None:
             retriever.store.close()
         e2e_row = None if a.skip_e2e else e2e(tmp)
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     lines = [
-        f"### Query benchmark — {datetime.date.today()} — commit {commit} — {platform.machine()}, {os.cpu_count()} cores",
+        f"### Query benchmark — {datetime.date.today()} — commit {commit()} — {platform.machine()}, {os.cpu_count()} cores",
         "",
         f"Retrieval latency per question (query embedding included), {a.queries} questions, k=4; "
         f"command: `python bench/query.py`.",
@@ -147,11 +148,7 @@ def main() -> None:
             f"{e2e_row['total_s']:.2f} s (target ≤ 5 s), first token after {e2e_row['ttft_s']:.2f} s, "
             f"{e2e_row['tok_s']:.0f} tokens/s decode, {e2e_row['new_tokens']:.0f} tokens; model load {e2e_row['load_s']:.2f} s once per process"
         )
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if not a.no_record:
-        with open(HERE / "RESULTS.md", "a", encoding="utf-8") as fh:
-            fh.write("\n" + table)
+    publish(lines, record=not a.no_record)
 
 
 if __name__ == "__main__":

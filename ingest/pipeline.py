@@ -141,7 +141,7 @@ def ingest_folder(
             root = os.path.abspath(folder)
             for record in store.files(under=root):
                 if record.path not in seen_paths and not os.path.lexists(record.path):
-                    report.chunks_removed += _removed_chunks(store, record.path)
+                    report.chunks_removed += store.remove_file(record.path)
                     report.removed += 1
         if store.meta("embedder") is None:
             store.set_meta(
@@ -155,13 +155,6 @@ def ingest_folder(
         if own_store:
             store.close()
     return report
-
-
-def _removed_chunks(store: Store, path: str) -> int:
-    sha = store.file(path).sha256
-    before = store.count_chunks()
-    store.remove_file(path)
-    return before - store.count_chunks() if sha else 0
 
 
 def _check_chunking(store: Store, settings: Settings) -> None:

@@ -364,13 +364,12 @@ class Store:
         with self._tx() as db:
             db.execute("DELETE FROM pending WHERE sha256=?", (sha256,))
 
-    def remove_file(self, path: str) -> str | None:
+    def remove_file(self, path: str) -> int:
+        """Forget a file; its chunks go once no other file has the same content. Returns the chunks removed."""
         with self._tx() as db:
             row = db.execute("SELECT sha256 FROM files WHERE path=?", (path,)).fetchone()
             db.execute("DELETE FROM files WHERE path=?", (path,))
-        if row:
-            self.drop_content_if_unused(row[0])
-        return row[0] if row else None
+        return self.drop_content_if_unused(row[0]) if row else 0
 
     def drop_content_if_unused(self, sha256: str | None) -> int:
         """Remove a content's chunks once no file points at it. Returns the chunks removed."""
