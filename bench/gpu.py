@@ -49,6 +49,9 @@ def configs(tiny: bool = False):
                                                    new_decoder_architecture=False, vocab_size=512)),
             "falcon-mamba": ("tiny-falcon-mamba", FalconMambaConfig(hidden_size=64, num_hidden_layers=2, state_size=8,
                                                                     vocab_size=512, use_mambapy=False)),
+            "falcon-40b": ("tiny-falcon-40b", FalconConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=8,
+                                                           num_kv_heads=2, new_decoder_architecture=True,
+                                                           parallel_attn=True, bias=False, alibi=False, vocab_size=512)),
         }
     return {
         "llama": ("Llama-2-7B", LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -60,6 +63,11 @@ def configs(tiny: bool = False):
         "falcon-mamba": ("FalconMamba-7B", FalconMambaConfig(hidden_size=4096, num_hidden_layers=64, state_size=16,
                                                              expand=2, conv_kernel=4, time_step_rank=256,
                                                              vocab_size=65024, use_mambapy=False)),
+        # 41.8B parameters: 84 GB in bf16, so it needs an H200 (141 GB) for the bf16 reference and HF's bf16 run.
+        "falcon-40b": ("Falcon-40B", FalconConfig(hidden_size=8192, num_hidden_layers=60, num_attention_heads=128,
+                                                  num_kv_heads=8, new_decoder_architecture=True, parallel_attn=True,
+                                                  alibi=False, bias=False, vocab_size=65024,
+                                                  max_position_embeddings=2048)),
     }
 
 
@@ -174,6 +182,7 @@ def bench_engine(network, vocab: int, prompts, mode: str, log, *, decode_context
     # TTFT: prefill (eager, flash attention / chunked scan) + the first token on the host.
     network.setup_cache(max(prompts) + 64)
     eng = Engine(network, mode="eager", max_seq=max(prompts) + 64)
+    reset_peak()
     with torch.inference_mode():
         for _ in range(2):
             next(eng.generate(random_ids(min(256, max(prompts)), vocab), 1))
@@ -186,6 +195,8 @@ def bench_engine(network, vocab: int, prompts, mode: str, log, *, decode_context
                 times.append(time.perf_counter() - t0)
             out["ttft_ms"][n] = 1000 * statistics.median(times)
             log(f"  engine ttft {n}: {out['ttft_ms'][n]:.1f} ms")
+    out["prompt_peak_gib"] = peak_gib()  # with a KV cache of max(prompts) + 64 positions
+    log(f"  engine peak over the prompts: {out['prompt_peak_gib']:.2f} GiB (cache {max(prompts) + 64} positions)")
     del eng
     # Decode: a cache sized to the longest context measured, the compiled step, 128 new tokens.
     cache = max(decode_contexts) + DECODE_NEW + 64
@@ -219,6 +230,49 @@ def bench_engine(network, vocab: int, prompts, mode: str, log, *, decode_context
     log(f"  engine sampled: {out.get('tok_s_sampled', 0):.1f} tok/s; peak {out['peak_gib']:.2f} GiB")
     del eng
     return out
+
+
+def time_ms(fn, reps: int = 20) -> float:
+    """Median milliseconds of ``fn()`` on the GPU (events around each call, after warm-up)."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def bench_int4_rows(log, out_features: int = 22016, in_features: int = 4096) -> dict:
+    """One int4 layer (Llama-2-7B's fused gate/up): tinygemm against dequantise + cuBLAS, by rows."""
+    from localgpt.generation.fast.quantize import Int4Linear, int4_state
+    from localgpt.generation.fast.transformer import Linear
+
+    layer = Linear(torch.randn(out_features, in_features, device=DEVICE, dtype=torch.bfloat16) * 0.02)
+    int4 = Int4Linear.from_state(int4_state(layer, 128, 8), DEVICE)
+    dense = layer.weight.data
+    res: dict = {"shape": [out_features, in_features]}
+    deq_ms = time_ms(int4.dequantize_packed)
+    res["dequant_ms"] = deq_ms
+    res["dequant_tb_s"] = (out_features * in_features * 2.5) / deq_ms / 1e9
+    log(f"  int4 dequant {out_features}x{in_features}: {deq_ms:.3f} ms "
+        f"({res['dequant_tb_s']:.2f} TB/s counting 0.5 B read + 2 B written per weight)")
+    res["rows"] = {}
+    for m in (1, 16, 32, 64, 128, 512, 2048):
+        x = torch.randn(m, in_features, device=DEVICE, dtype=torch.bfloat16)
+        tiny = time_ms(lambda: torch.ops.aten._weight_int4pack_mm(x, int4.packed, 128, int4.scales_and_zeros))
+        deq = time_ms(lambda: torch.nn.functional.linear(x, int4.dequantize_packed()))
+        bf16 = time_ms(lambda: torch.nn.functional.linear(x, dense))
+        res["rows"][m] = {"tinygemm_ms": tiny, "dequant_cublas_ms": deq, "bf16_cublas_ms": bf16}
+        log(f"  int4 rows {m:5d}: tinygemm {tiny:.3f} ms, dequant+cuBLAS {deq:.3f} ms, bf16 cuBLAS {bf16:.3f} ms")
+    del layer, int4, dense
+    free_cache()
+    return res
 
 
 def to_bitsandbytes_nf4(model) -> None:
@@ -295,6 +349,10 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                 with torch.inference_mode():
                     quantize_model(net, variant)
                 free_cache()
+                if variant == "int4":
+                    on = [m.prompt_dequant for m in net.modules() if hasattr(m, "prompt_dequant")]
+                    entry["int4_prompt_path"] = ("dequant+cuBLAS" if all(on) else "tinygemm") if on else "cpu"
+                    log(f"  int4 prompts run as: {entry['int4_prompt_path']} ({len(on)} layers)")
             log(f"{label} {variant}: {torch.cuda.memory_allocated() / 2**30 if CUDA else 0:.2f} GiB on the GPU")
             entry[variant] = bench_engine(net, vocab, PROMPTS, mode, log, decode_contexts=contexts,
                                           sampled=variant == "bf16" and key == "llama")
@@ -364,7 +422,7 @@ def main() -> None:
     parser.add_argument("--commit", default=os.environ.get("LOCALGPT_COMMIT", "unknown"))
     args = parser.parse_args()
     # HF's FalconMamba has no fused kernels here: its prompt loop is too slow for an 8k prompt in one call.
-    args.hf_max_prompt = {"llama": 8192, "falcon": 8192, "falcon-mamba": 2048}
+    args.hf_max_prompt = {"llama": 8192, "falcon": 8192, "falcon-mamba": 2048, "falcon-40b": 8192}
 
     import transformers
 
@@ -388,8 +446,15 @@ def main() -> None:
     results["copy_bandwidth_tb_s"] = copy_bandwidth() / 1e12 if CUDA else 0.0
     log(f"{results['device']}, torch {results['torch']}, copy bandwidth {results['copy_bandwidth_tb_s']:.2f} TB/s")
     variants = args.variants.split(",")
+    if CUDA and "int4" in variants and "llama" in args.models.split(","):
+        try:
+            results["int4_rows"] = bench_int4_rows(log)
+        except Exception as exc:  # noqa: BLE001 - keep the rest of the run
+            results["int4_rows"] = {"error": repr(exc)}
+            log(traceback.format_exc())
     for key in args.models.split(","):
-        run_model(key, variants if key == "llama" else [v for v in variants if v == "bf16"] or variants, args, log,
+        all_variants = key in ("llama", "falcon-40b")
+        run_model(key, variants if all_variants else [v for v in variants if v == "bf16"] or variants, args, log,
                   results)
     text = (f"\n### GPU decode engine vs transformers generate — {results['device']}, torch {results['torch']}, "
             f"transformers {results['transformers']}, {results['date']}, commit {results['commit']}\n\n"

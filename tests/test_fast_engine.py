@@ -17,7 +17,10 @@ from localgpt.generation import clear_generator_cache, get_generator
 from localgpt.generation.fast import load_fast_generator
 from localgpt.generation.fast.engine import sample
 from localgpt.generation.fast.mamba import scan_reference
-from localgpt.generation.fast.quantize import Int4Linear, Int8Linear, int4_layout, quantize_model
+from localgpt.generation.fast.quantize import (
+    Int4Linear, Int8Linear, dequantize_int4, int4_layout, int4_state, pack_int4_reference, quantize_model,
+    unpack_int4_reference,
+)
 from localgpt.generation.fast.transformer import Linear
 from tiny_models import build_tiny_model
 
@@ -145,6 +148,48 @@ def test_int8_and_int4_weights_stay_close_to_the_originals():
     assert ((int4(x) - ref).norm() / ref.norm()) < 0.1
 
 
+def _aten_int4_word(nibbles: torch.Tensor, nt: int, kt: int, lane: int, pair: int, tiles: int) -> int:
+    """One int32 of aten's CUDA matrix_to_m16n8k16_Bint4_layout, transcribed from its source, as unsigned."""
+    n0 = nt * 8 + lane // 4
+    base = (kt * tiles + 2 * pair) * 16 // 2
+    v = [int(nibbles[n0, b]) for b in (base + lane % 4, base + lane % 4 + 4, base + 8 + lane % 4, base + 12 + lane % 4)]
+    return ((v[3] & 0xF) << 28 | (v[2] & 0xF) << 24 | (v[1] & 0xF) << 20 | (v[0] & 0xF) << 16
+            | (v[3] & 0xF0) << 8 | (v[2] & 0xF0) << 4 | (v[1] & 0xF0) | (v[0] & 0xF0) >> 4)
+
+
+@pytest.mark.parametrize("n, k, tiles", [(16, 256, 8), (24, 128, 4), (8, 64, 2)])
+def test_int4_prompt_path_reads_tinygemms_packed_layout(n, k, tiles):
+    # The prompt path dequantises tinygemm's packed tensor itself; this pins the layout it assumes
+    # to aten's packing kernel, word by word, and checks that unpacking gives the nibbles back.
+    torch.manual_seed(n)
+    nibbles = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8)
+    packed = pack_int4_reference(nibbles, tiles)
+    assert packed.shape == (n // 8, k // (tiles * 16), 32, tiles // 2) and packed.dtype == torch.int32
+    for nt in range(n // 8):
+        for kt in range(k // (tiles * 16)):
+            for lane in range(32):
+                for pair in range(tiles // 2):
+                    assert int(packed[nt, kt, lane, pair]) & 0xFFFFFFFF == _aten_int4_word(nibbles, nt, kt, lane, pair, tiles)
+    assert torch.equal(unpack_int4_reference(packed, n), nibbles)
+
+
+def test_int4_prompt_kernel_in_the_triton_interpreter(monkeypatch):
+    pytest.importorskip("numpy")
+    pytest.importorskip("triton")
+    import importlib
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # runs the kernel on the CPU (slow, so a small layer)
+    import localgpt.generation.fast.int4_triton as kernel
+
+    kernel = importlib.reload(kernel)
+    torch.manual_seed(0)
+    state = int4_state(Linear(torch.randn(40, 384)), 64, 4)
+    got = kernel.dequantize_int4pack(pack_int4_reference(state["nibbles"], 4), state["scales_and_zeros"], 64,
+                                     torch.empty(40, 384, dtype=torch.bfloat16))
+    want = dequantize_int4(state["nibbles"], state["scales_and_zeros"], 64)
+    assert ((got.float() - want).abs() <= want.abs() * 2**-7 + 1e-6).all()
+
+
 @pytest.mark.parametrize("quantization", ["8bit", "4bit"])
 def test_quantized_engine_is_cached_on_disk_and_reloads_identically(tiny_dir, quantization, tmp_path):
     first = load_fast_generator(settings(model=str(tiny_dir["llama2"]), quantization=quantization), cache_dir=tmp_path)
@@ -232,3 +277,67 @@ def test_gpu_quantized_engine_streams(tiny_dir, quantization, tmp_path):
                                     cache_dir=tmp_path)
     text = "".join(generator.stream(PROMPT, stop=[]))
     assert isinstance(text, str) and generator.stats.new_tokens > 0 and generator.stats.peak_gpu_mib > 0
+
+
+@pytest.mark.gpu
+def test_gpu_int4_prompt_path_matches_tinygemm_and_keeps_no_bf16_copy():
+    _needs_cuda()
+    pytest.importorskip("triton")
+    from localgpt.generation.fast.quantize import PROMPT_ROWS
+
+    torch.manual_seed(0)
+    layer = Linear(torch.randn(1024, 4096, device="cuda", dtype=torch.bfloat16) * 0.02)
+    state = int4_state(layer, 128, 8)
+    assert torch.equal(torch.ops.aten._convert_weight_to_int4pack(state["nibbles"], 8).cpu(),
+                       pack_int4_reference(state["nibbles"].cpu(), 8))
+    net = torch.nn.Sequential(layer)
+    quantize_model(net, "int4")
+    int4 = net[0]
+    assert isinstance(int4, Int4Linear) and int4.prompt_dequant  # the layout check passed on this GPU
+    want = dequantize_int4(state["nibbles"], state["scales_and_zeros"], 128)
+    got = int4.dequantize_packed().float()
+    assert ((got - want).abs() <= want.abs() * 2**-7 + 1e-6).all()
+    x = torch.randn(1, 4 * PROMPT_ROWS, 4096, device="cuda", dtype=torch.bfloat16)
+    prompt = int4(x).float()
+    int4.prompt_dequant = False
+    tiny = int4(x).float()
+    assert ((prompt - tiny).norm() / tiny.norm()) < 1e-2
+    # No bf16 weight stays behind: the module holds only its packed int4 and (scale, zero) pairs.
+    held = sum(t.numel() * t.element_size() for t in list(int4.buffers()) + list(int4.parameters()))
+    assert held < 1024 * 4096 * 0.6
+
+
+@pytest.mark.gpu
+def test_gpu_ask_streams_through_the_fast_engine_end_to_end(tmp_path, subprocess_env):
+    # The user's path: ingest the bundled samples, then `localgpt ask --engine fast` with a Llama checkpoint
+    # on disk (random weights, 8 layers of Llama-2's shape at a quarter of its width, int4 weights).
+    _needs_cuda()
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    model = build_tiny_model("llama2", tmp_path / "llama", hidden_size=1024, intermediate_size=2752, num_hidden_layers=8,
+                             num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=4096,
+                             initializer_range=0.05)
+    shutil.copytree(root / "source_documents", tmp_path / "source_documents")
+    env = subprocess_env | {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+
+    def cli(*args):
+        done = subprocess.run([sys.executable, "-m", "localgpt.cli", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+        return done.stdout
+
+    cli("ingest")
+    out = cli("ask", "Where does localgpt keep the database it builds?", "--engine", "fast", "--backend",
+              "transformers", "--model", str(model), "--family", "llama2", "--device", "cuda", "--quantization", "4bit",
+              "--max-new-tokens", "48", "--stats")
+    print(out)
+    assert "Sources" in out and "generation stats" in out
+    stats = dict(line.strip("│ ").split("│")[:2] for line in out.splitlines() if line.count("│") >= 3)
+    stats = {k.strip(): v.strip() for k, v in stats.items()}
+    assert stats["backend"] == "fast" and stats["device"] == "cuda" and int(stats["new_tokens"]) > 0
+    assert float(stats["peak_gpu_mib"]) > 0 and float(stats["decode_tokens_per_s"]) > 0
+    assert not Path(subprocess_env["LOCALGPT_NETGUARD_LOG"]).exists()

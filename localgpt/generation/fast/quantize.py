@@ -2,8 +2,10 @@
 
 int8: one scale per output channel; the compiled decode step fuses the dequantisation into the
 matrix-vector product, so each weight byte is read once. int4: asymmetric groups along the input
-dimension, run by PyTorch's tinygemm kernel (``_weight_int4pack_mm``) on CUDA and by a plain
-dequantise-and-multiply elsewhere. Quantised tensors are saved in a device-neutral layout
+dimension, run by PyTorch's tinygemm kernel (``_weight_int4pack_mm``) for decode on CUDA; a prompt
+(more than ``PROMPT_ROWS`` rows) instead has each layer dequantised to bf16 by a Triton kernel into a
+short-lived buffer and multiplied by cuBLAS (tinygemm is a small-M kernel); elsewhere a plain
+dequantise-and-multiply. Quantised tensors are saved in a device-neutral layout
 (``save_quantized`` / ``load_quantized``) so the second load skips the work. Never downloads.
 """
 
@@ -16,6 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from localgpt.generation.fast.transformer import Linear
+
+# Rows (prompt tokens) above which an int4 layer is dequantised for cuBLAS instead of run by tinygemm.
+PROMPT_ROWS = 32
 
 
 class Int8Linear(nn.Module):
@@ -74,6 +79,7 @@ class Int4Linear(nn.Module):
         self.groupsize, self.inner_k_tiles = groupsize, inner_k_tiles
         self.register_buffer("scales_and_zeros", scales_and_zeros)  # [in/group, out, 2], bf16
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.prompt_dequant = False  # set by quantize_model once the Triton kernel is checked on this GPU
         if nibbles.is_cuda:
             # tinygemm's tiled layout; built from the portable [out, in/2] uint8 on the device it runs on.
             self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack(nibbles.contiguous(), inner_k_tiles))
@@ -87,16 +93,26 @@ class Int4Linear(nn.Module):
         return cls.from_state(int4_state(layer, groupsize, inner_k_tiles), layer.weight.device)
 
     def dequantize(self) -> torch.Tensor:
-        q = torch.stack([self.nibbles >> 4, self.nibbles & 15], dim=-1).reshape(self.out_features, -1).float()
-        scales, zeros = self.scales_and_zeros.float().transpose(0, 1).unbind(-1)  # [out, groups]
-        q = q.reshape(self.out_features, -1, self.groupsize)
-        return ((q - 8) * scales[..., None] + zeros[..., None]).reshape(self.out_features, self.in_features)
+        nibbles = self.nibbles if self.nibbles is not None else unpack_int4_reference(self.packed, self.out_features)
+        return dequantize_int4(nibbles, self.scales_and_zeros, self.groupsize)
+
+    def dequantize_packed(self) -> torch.Tensor:
+        """The bf16 weight [out, in] from tinygemm's packed tensor, by the Triton kernel (CUDA only)."""
+        from localgpt.generation.fast.int4_triton import dequantize_int4pack
+
+        out = torch.empty(self.out_features, self.in_features, dtype=torch.bfloat16, device=self.packed.device)
+        return dequantize_int4pack(self.packed, self.scales_and_zeros, self.groupsize, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             lead = x.shape[:-1]
-            out = torch.ops.aten._weight_int4pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16), self.packed,
-                                                     self.groupsize, self.scales_and_zeros)
+            rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+            if self.prompt_dequant and rows.shape[0] > PROMPT_ROWS:
+                # A prompt: this layer's bf16 weight lives only until the matmul is queued; the caching
+                # allocator hands the same block to the next layer, so at most one layer is ever in bf16.
+                out = F.linear(rows, self.dequantize_packed())
+            else:
+                out = torch.ops.aten._weight_int4pack_mm(rows, self.packed, self.groupsize, self.scales_and_zeros)
             out = out.reshape(*lead, self.out_features).to(x.dtype)
         else:
             out = F.linear(x, self.dequantize().to(x.dtype))
@@ -126,6 +142,61 @@ def int4_state(layer: Linear, groupsize: int, inner_k_tiles: int) -> dict:
             "inner_k_tiles": inner_k_tiles}
 
 
+def dequantize_int4(nibbles: torch.Tensor, scales_and_zeros: torch.Tensor, groupsize: int) -> torch.Tensor:
+    """fp32 weight [out, in] from nibbles [out, in/2] (high nibble first) and (scale, zero) [in/group, out, 2]."""
+    out_f = nibbles.shape[0]
+    q = torch.stack([nibbles >> 4, nibbles & 15], dim=-1).reshape(out_f, -1).float()
+    scales, zeros = scales_and_zeros.float().transpose(0, 1).unbind(-1)  # [out, groups]
+    q = q.reshape(out_f, -1, groupsize)
+    return ((q - 8) * scales[..., None] + zeros[..., None]).reshape(out_f, -1)
+
+
+# tinygemm's packed int4 layout (aten's matrix_to_m16n8k16_Bint4_layout, CUDA): an int32 tensor
+# [N/8, K/(tiles*16), 32, tiles/2]. Word [nt, kt, lane, i] holds rows n = nt*8 + lane//4 and the 32
+# columns from k0 = (kt*tiles + 2i)*16: with q = lane % 4, bits 4j..4j+3 hold column k0 + 2q + c_j and
+# bits 16+4j.. hold k0 + 2q + c_j + 1, for c = (0, 8, 16, 24). Written out as axes of one permute:
+# word axes [nt, kt, nr, q, i] and bit slot [odd, half, hi8] ->  n = (nt, nr), k = (kt, i, half, hi8, q, odd).
+
+
+def pack_int4_reference(nibbles: torch.Tensor, inner_k_tiles: int) -> torch.Tensor:
+    """What ``torch.ops.aten._convert_weight_to_int4pack`` writes on CUDA, in plain PyTorch (any device)."""
+    n, half_k = nibbles.shape
+    k, tiles = half_k * 2, inner_k_tiles
+    q = torch.stack([nibbles >> 4, nibbles & 15], dim=-1).reshape(n, k).to(torch.int32)
+    q = q.reshape(n // 8, 8, k // (tiles * 16), tiles // 2, 2, 2, 4, 2)  # nt nr kt i half hi8 q odd
+    q = q.permute(0, 2, 1, 6, 3, 7, 4, 5).reshape(n // 8, k // (tiles * 16), 32, tiles // 2, 8)
+    shifts = torch.arange(8, dtype=torch.int32, device=nibbles.device) * 4
+    return _sum_bits(q << shifts)
+
+
+def _sum_bits(parts: torch.Tensor) -> torch.Tensor:
+    # Disjoint bit fields: OR them (int64 sum, then wrap to int32 as the kernel's two's complement does).
+    total = parts.to(torch.int64).sum(-1)
+    return torch.where(total >= 2**31, total - 2**32, total).to(torch.int32)
+
+
+def unpack_int4_reference(packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The nibbles [out, in/2] (high nibble first) behind a tinygemm-packed tensor, in plain PyTorch."""
+    nt, kt, _, pairs = packed.shape
+    tiles = pairs * 2
+    shifts = torch.arange(8, dtype=torch.int32, device=packed.device) * 4
+    q = (packed[..., None] >> shifts) & 15  # [nt, kt, 32, tiles/2, slot]
+    q = q.reshape(nt, kt, 8, 4, tiles // 2, 2, 2, 2)  # nt kt nr q i odd half hi8
+    q = q.permute(0, 2, 1, 4, 6, 7, 3, 5).reshape(nt * 8, kt * tiles * 16)[:out_features].to(torch.uint8)
+    return (q[:, ::2] << 4) | q[:, 1::2]
+
+
+def check_prompt_kernel(layer: "Int4Linear", nibbles: torch.Tensor) -> bool:
+    """Whether the Triton dequantisation of ``layer.packed`` gives exactly the weight its nibbles mean here."""
+    try:
+        got = layer.dequantize_packed()
+    except Exception:  # noqa: BLE001 - no Triton, or it cannot compile here: prompts stay on tinygemm
+        return False
+    want = dequantize_int4(nibbles.to(layer.packed.device), layer.scales_and_zeros, layer.groupsize)
+    # Equal up to bf16 rounding (the kernel may fuse multiply and add); a misread nibble is off by a whole step.
+    return bool(((got.float() - want).abs() <= want.abs() * 2**-7 + 1e-6).all())
+
+
 def _linears(model: nn.Module):
     for name, module in model.named_modules():
         for child_name, child in module.named_children():
@@ -149,6 +220,7 @@ def quantize_model(model: nn.Module, mode: str, *, groupsize: int = 128, saved: 
     if mode not in kinds:
         raise ValueError(f"unknown weight-only mode {mode!r}")
     states: dict = {}
+    prompt_dequant: bool | None = None  # checked on the first int4 layer on CUDA
     for parent, attr, name in list(_linears(model)):
         layer = getattr(parent, attr)
         device = layer.weight.device
@@ -165,8 +237,13 @@ def quantize_model(model: nn.Module, mode: str, *, groupsize: int = 128, saved: 
             state = int4_state(layer, *layout)
         if keep:
             states[name] = _host(state)
-        setattr(parent, attr, kinds[mode].from_state(state, device))
-        del layer, state
+        new = kinds[mode].from_state(state, device)
+        setattr(parent, attr, new)
+        if mode == "int4" and new.packed is not None:
+            if prompt_dequant is None:
+                prompt_dequant = check_prompt_kernel(new, state["nibbles"])
+            new.prompt_dequant = prompt_dequant
+        del layer, state, new
     return states
 
 
