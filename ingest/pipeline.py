@@ -281,7 +281,7 @@ def _embed_and_commit(batch: list[_Parsed], store: Store, embedder, report: Inge
         for parsed in to_embed:  # the intent log first: a crash from here on is undone next run
             store.begin_content(parsed.job.sha256, [c.id for c in parsed.chunks])
         try:
-            vectors = embedder.embed([c.text for p in to_embed for c in p.chunks])
+            vectors = embedder.embed([c.text for p in to_embed for c in p.chunks], bulk=True)
             progress.chunks_embedded(len(vectors))
             offset = 0
             for parsed in to_embed:

