@@ -256,12 +256,17 @@ def bench_int4_rows(log, out_features: int = 22016, in_features: int = 4096) -> 
     layer = Linear(torch.randn(out_features, in_features, device=DEVICE, dtype=torch.bfloat16) * 0.02)
     int4 = Int4Linear.from_state(int4_state(layer, 128, 8), DEVICE)
     dense = layer.weight.data
-    res: dict = {"shape": [out_features, in_features]}
-    deq_ms = time_ms(int4.dequantize_packed)
-    res["dequant_ms"] = deq_ms
-    res["dequant_tb_s"] = (out_features * in_features * 2.5) / deq_ms / 1e9
-    log(f"  int4 dequant {out_features}x{in_features}: {deq_ms:.3f} ms "
-        f"({res['dequant_tb_s']:.2f} TB/s counting 0.5 B read + 2 B written per weight)")
+    res: dict = {"shape": [out_features, in_features], "dequant": {}}
+    for kernel in ("gather", "tile"):
+        try:
+            ms = time_ms(lambda: int4.dequantize_packed(kernel))
+        except Exception as exc:  # noqa: BLE001
+            res["dequant"][kernel] = {"error": repr(exc)}
+            log(f"  int4 dequant kernel {kernel}: {exc!r}")
+            continue
+        res["dequant"][kernel] = {"ms": ms, "tb_s": out_features * in_features * 2.5 / ms / 1e9}
+        log(f"  int4 dequant ({kernel}) {out_features}x{in_features}: {ms:.3f} ms "
+            f"({res['dequant'][kernel]['tb_s']:.2f} TB/s counting 0.5 B read + 2 B written per weight)")
     res["rows"] = {}
     for m in (1, 16, 32, 64, 128, 512, 2048):
         x = torch.randn(m, in_features, device=DEVICE, dtype=torch.bfloat16)
@@ -350,9 +355,10 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                     quantize_model(net, variant)
                 free_cache()
                 if variant == "int4":
-                    on = [m.prompt_dequant for m in net.modules() if hasattr(m, "prompt_dequant")]
-                    entry["int4_prompt_path"] = ("dequant+cuBLAS" if all(on) else "tinygemm") if on else "cpu"
-                    log(f"  int4 prompts run as: {entry['int4_prompt_path']} ({len(on)} layers)")
+                    kernels = {m.prompt_kernel for m in net.modules() if getattr(m, "packed", None) is not None}
+                    entry["int4_prompt_path"] = ", ".join(sorted(f"dequant ({k}) + cuBLAS" if k else "tinygemm"
+                                                                 for k in kernels)) or "cpu"
+                    log(f"  int4 prompts run as: {entry['int4_prompt_path']}")
             log(f"{label} {variant}: {torch.cuda.memory_allocated() / 2**30 if CUDA else 0:.2f} GiB on the GPU")
             entry[variant] = bench_engine(net, vocab, PROMPTS, mode, log, decode_contexts=contexts,
                                           sampled=variant == "bf16" and key == "llama")

@@ -183,11 +183,14 @@ def test_int4_prompt_kernel_in_the_triton_interpreter(monkeypatch):
 
     kernel = importlib.reload(kernel)
     torch.manual_seed(0)
-    state = int4_state(Linear(torch.randn(40, 384)), 64, 4)
-    got = kernel.dequantize_int4pack(pack_int4_reference(state["nibbles"], 4), state["scales_and_zeros"], 64,
-                                     torch.empty(40, 384, dtype=torch.bfloat16))
-    want = dequantize_int4(state["nibbles"], state["scales_and_zeros"], 64)
-    assert ((got.float() - want).abs() <= want.abs() * 2**-7 + 1e-6).all()
+    for n, k, group, tiles in [(40, 384, 64, 4), (48, 256, 32, 8), (16, 256, 128, 2)]:
+        state = int4_state(Linear(torch.randn(n, k)), group, tiles)
+        want = dequantize_int4(state["nibbles"], state["scales_and_zeros"], group)
+        for name in ("tile", "gather"):
+            out = torch.full((n, k), float("nan"), dtype=torch.bfloat16)  # every weight must be written
+            got = kernel.dequantize_int4pack(pack_int4_reference(state["nibbles"], tiles), state["scales_and_zeros"],
+                                             group, out, kernel=name)
+            assert ((got.float() - want).abs() <= want.abs() * 2**-7 + 1e-6).all(), (n, k, group, tiles, name)
 
 
 @pytest.mark.parametrize("quantization", ["8bit", "4bit"])
@@ -305,13 +308,14 @@ def test_gpu_int4_prompt_path_matches_tinygemm_and_keeps_no_bf16_copy():
     net = torch.nn.Sequential(layer)
     quantize_model(net, "int4")
     int4 = net[0]
-    assert isinstance(int4, Int4Linear) and int4.prompt_dequant  # the layout check passed on this GPU
+    assert isinstance(int4, Int4Linear) and int4.prompt_kernel == "tile"  # the layout check passed on this GPU
     want = dequantize_int4(state["nibbles"], state["scales_and_zeros"], 128)
-    got = int4.dequantize_packed().float()
-    assert ((got - want).abs() <= want.abs() * 2**-7 + 1e-6).all()
+    for kernel in ("tile", "gather"):
+        got = int4.dequantize_packed(kernel).float()
+        assert ((got - want).abs() <= want.abs() * 2**-7 + 1e-6).all(), kernel
     x = torch.randn(1, 4 * PROMPT_ROWS, 4096, device="cuda", dtype=torch.bfloat16)
     prompt = int4(x).float()
-    int4.prompt_dequant = False
+    int4.prompt_kernel = None
     tiny = int4(x).float()
     assert ((prompt - tiny).norm() / tiny.norm()) < 1e-2
     # No bf16 weight stays behind: the module holds only its packed int4 and (scale, zero) pairs.

@@ -35,13 +35,52 @@ def _dequant_kernel(packed_ptr, sz_ptr, out_ptr, N, K, GROUP: tl.constexpr, TILE
     tl.store(out_ptr + n * K + k, w.to(out_ptr.dtype.element_ty), mask=live)
 
 
+@triton.jit
+def _dequant_tile_kernel(packed_ptr, sz_ptr, out_ptr, N, K, GROUP: tl.constexpr, PAIRS: tl.constexpr,
+                         WIDTH: tl.constexpr, NG: tl.constexpr, GW: tl.constexpr, BLOCK_NT: tl.constexpr):
+    # One program: BLOCK_NT n-tiles (8 rows each) x one k super-tile (TILES*16 columns). Its words are
+    # BLOCK_NT contiguous runs of 32*PAIRS int32 (wide loads, each word read once); the nibbles are put
+    # in row-major order by one reshape + permute in registers, so the bf16 stores are contiguous too.
+    # PAIRS = TILES / 2 words per lane; the super-tile's WIDTH = 32 * PAIRS columns are NG groups of GW.
+    nt = tl.program_id(0) * BLOCK_NT + tl.arange(0, BLOCK_NT)
+    kt = tl.program_id(1)
+    n_kt = K // WIDTH
+    word = ((nt * n_kt + kt) * (32 * PAIRS))[:, None] + tl.arange(0, 32 * PAIRS)[None, :]
+    words = tl.load(packed_ptr + word, mask=(nt < N // 8)[:, None], other=0)
+    q = (words[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 15  # [nt, lane*pair, slot]
+    q = tl.reshape(q, (BLOCK_NT, 8, 4, PAIRS, 2, 2, 2))  # nt, nr, q, pair, odd, half, hi8
+    q = tl.permute(q, (0, 1, 3, 5, 6, 2, 4))  # nt, nr, pair, half, hi8, q, odd  ->  row n, column k
+    q = tl.reshape(q, (BLOCK_NT * 8, NG, GW))
+    n = tl.program_id(0) * BLOCK_NT * 8 + tl.arange(0, BLOCK_NT * 8)
+    g = (kt * WIDTH) // GROUP + tl.arange(0, NG)
+    sz = (g[None, :] * N + n[:, None]) * 2
+    live = n < N
+    scale = tl.load(sz_ptr + sz, mask=live[:, None], other=0.0).to(tl.float32)
+    zero = tl.load(sz_ptr + sz + 1, mask=live[:, None], other=0.0).to(tl.float32)
+    w = (q.to(tl.float32) - 8.0) * scale[:, :, None] + zero[:, :, None]
+    w = tl.reshape(w, (BLOCK_NT * 8, WIDTH))
+    col = kt * WIDTH + tl.arange(0, WIDTH)
+    tl.store(out_ptr + n[:, None] * K + col[None, :], w.to(out_ptr.dtype.element_ty), mask=live[:, None])
+
+
 def dequantize_int4pack(packed: torch.Tensor, scales_and_zeros: torch.Tensor, groupsize: int,
-                        out: torch.Tensor) -> torch.Tensor:
-    """Write the bf16 weight [N, K] of a tinygemm-packed int4 layer into ``out`` and return it."""
+                        out: torch.Tensor, kernel: str = "tile") -> torch.Tensor:
+    """Write the bf16 weight [N, K] of a tinygemm-packed int4 layer into ``out`` and return it.
+
+    kernel: "tile" (each word loaded once, nibbles reordered in registers) or "gather" (each weight
+    loads its own word: simpler, the first version; kept to compare).
+    """
     n, k = out.shape
     tiles = packed.shape[-1] * 2
     assert packed.dtype == torch.int32 and packed.is_contiguous() and scales_and_zeros.is_contiguous()
     assert packed.numel() * 8 == n * k and k % (tiles * 16) == 0 and out.is_contiguous()
+    if kernel == "tile":
+        block_nt, width = 4, tiles * 16
+        groups = max(width // groupsize, 1)
+        grid = (triton.cdiv(n // 8, block_nt), k // width)
+        _dequant_tile_kernel[grid](packed, scales_and_zeros, out, n, k, GROUP=groupsize, PAIRS=tiles // 2,
+                                   WIDTH=width, NG=groups, GW=width // groups, BLOCK_NT=block_nt, num_warps=4)
+        return out
     block_n, block_k = 32, 128
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
     _dequant_kernel[grid](packed, scales_and_zeros, out, n, k, GROUP=groupsize, TILES=tiles,

@@ -80,7 +80,9 @@ class Int4Linear(nn.Module):
         self.groupsize, self.inner_k_tiles = groupsize, inner_k_tiles
         self.register_buffer("scales_and_zeros", scales_and_zeros)  # [in/group, out, 2], bf16
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.prompt_dequant = False  # set by quantize_model once the Triton kernel is checked on this GPU
+        # The Triton kernel that dequantises this layer for prompts ("tile" / "gather"), set by quantize_model
+        # once checked on this GPU; None: prompts also run on tinygemm.
+        self.prompt_kernel: str | None = None
         if nibbles.is_cuda:
             # tinygemm's tiled layout; built from the portable [out, in/2] uint8 on the device it runs on.
             self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack(nibbles.contiguous(), inner_k_tiles))
@@ -97,18 +99,19 @@ class Int4Linear(nn.Module):
         nibbles = self.nibbles if self.nibbles is not None else unpack_int4_reference(self.packed, self.out_features)
         return dequantize_int4(nibbles, self.scales_and_zeros, self.groupsize)
 
-    def dequantize_packed(self) -> torch.Tensor:
-        """The bf16 weight [out, in] from tinygemm's packed tensor, by the Triton kernel (CUDA only)."""
+    def dequantize_packed(self, kernel: str | None = None) -> torch.Tensor:
+        """The bf16 weight [out, in] from tinygemm's packed tensor, by a Triton kernel (CUDA only)."""
         from localgpt.generation.fast.int4_triton import dequantize_int4pack
 
         out = torch.empty(self.out_features, self.in_features, dtype=torch.bfloat16, device=self.packed.device)
-        return dequantize_int4pack(self.packed, self.scales_and_zeros, self.groupsize, out)
+        return dequantize_int4pack(self.packed, self.scales_and_zeros, self.groupsize, out,
+                                   kernel=kernel or self.prompt_kernel or "tile")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             lead = x.shape[:-1]
             rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-            if self.prompt_dequant and rows.shape[0] > PROMPT_ROWS:
+            if self.prompt_kernel and rows.shape[0] > PROMPT_ROWS:
                 # A prompt: this layer's bf16 weight lives only until the matmul is queued; the caching
                 # allocator hands the same block to the next layer, so at most one layer is ever in bf16.
                 out = F.linear(rows, self.dequantize_packed())
@@ -187,15 +190,22 @@ def unpack_int4_reference(packed: torch.Tensor, out_features: int) -> torch.Tens
     return (q[:, ::2] << 4) | q[:, 1::2]
 
 
-def check_prompt_kernel(layer: "Int4Linear", nibbles: torch.Tensor) -> bool:
-    """Whether the Triton dequantisation of ``layer.packed`` gives exactly the weight its nibbles mean here."""
-    try:
-        got = layer.dequantize_packed()
-    except Exception:  # noqa: BLE001 - no Triton, or it cannot compile here: prompts stay on tinygemm
-        return False
+def check_prompt_kernel(layer: "Int4Linear", nibbles: torch.Tensor) -> str | None:
+    """The first Triton kernel that turns ``layer.packed`` into exactly the weight its nibbles mean, here.
+
+    Guards against a torch whose packing differs from the layout above, or a Triton that cannot build a
+    kernel: then None, and prompts stay on tinygemm (slow, but right).
+    """
     want = dequantize_int4(nibbles.to(layer.packed.device), layer.scales_and_zeros, layer.groupsize)
-    # Equal up to bf16 rounding (the kernel may fuse multiply and add); a misread nibble is off by a whole step.
-    return bool(((got.float() - want).abs() <= want.abs() * 2**-7 + 1e-6).all())
+    for kernel in ("tile", "gather"):
+        try:
+            got = layer.dequantize_packed(kernel)
+        except Exception:  # noqa: BLE001 - no Triton, or this kernel does not compile here
+            continue
+        # Equal up to bf16 rounding (the kernel may fuse multiply and add); a misread nibble is off by a whole step.
+        if bool(((got.float() - want).abs() <= want.abs() * 2**-7 + 1e-6).all()):
+            return kernel
+    return None
 
 
 def _linears(model: nn.Module):
@@ -221,7 +231,7 @@ def quantize_model(model: nn.Module, mode: str, *, groupsize: int = 128, saved: 
     if mode not in kinds:
         raise ValueError(f"unknown weight-only mode {mode!r}")
     states: dict = {}
-    prompt_dequant: bool | None = None  # checked on the first int4 layer on CUDA
+    prompt_kernel: str | None | bool = False  # checked on the first int4 layer on CUDA
     for parent, attr, name in list(_linears(model)):
         layer = getattr(parent, attr)
         device = layer.weight.device
@@ -241,9 +251,9 @@ def quantize_model(model: nn.Module, mode: str, *, groupsize: int = 128, saved: 
         new = kinds[mode].from_state(state, device)
         setattr(parent, attr, new)
         if mode == "int4" and new.packed is not None:
-            if prompt_dequant is None:
-                prompt_dequant = check_prompt_kernel(new, state["nibbles"])
-            new.prompt_dequant = prompt_dequant
+            if prompt_kernel is False:
+                prompt_kernel = check_prompt_kernel(new, state["nibbles"])
+            new.prompt_kernel = prompt_kernel
         del layer, state, new
     return states
 
