@@ -20,8 +20,9 @@ from torch import nn
 from localgpt.generation.fast.transformer import Linear
 
 # Rows (prompt tokens) above which an int4 layer is dequantised for cuBLAS instead of run by tinygemm: on an
-# H100, Llama-2-7B's gate/up layer costs the same both ways at about 60 rows (tinygemm grows ~6.5 us a row).
-PROMPT_ROWS = 64
+# H100, Llama-2-7B's gate/up layer costs the same both ways at about 30 rows (tinygemm grows ~6.5 us a row,
+# dequantise + cuBLAS stays ~0.19 ms up to 128 rows).
+PROMPT_ROWS = 32
 
 
 class Int8Linear(nn.Module):
