@@ -55,6 +55,13 @@ def main() -> None:
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--no-record", action="store_true", help="Do not append to bench/RESULTS.md.")
     a = ap.parse_args()
+    if not a.skip_baseline:  # fail now, not after ten minutes of measuring
+        import importlib.util
+
+        missing = [m for m in ("langchain_chroma", "langchain_community", "langchain_text_splitters", "pdfminer", "docx2txt")
+                   if importlib.util.find_spec(m) is None]
+        if missing:
+            raise SystemExit(f"the baseline needs {', '.join(missing)}: run ./install.sh bench (or pass --skip-baseline)")
 
     work = a.work
     corpus = work / f"corpus_{a.files}"
