@@ -1,10 +1,11 @@
-"""int4 weights back to bf16 for a prompt pass: one Triton kernel that reads tinygemm's packed layout.
+"""int4 weights back to bf16 for a prompt pass: Triton kernels that read tinygemm's packed layout.
 
-tinygemm (``_weight_int4pack_mm``) is a small-M kernel: right for one decode token, ~14x slower than
-cuBLAS for a 2,048-token prompt. For prompts ``Int4Linear`` writes the layer's bf16 weight into a
-short-lived buffer with this kernel (0.5 byte read, 2 bytes written per weight) and runs cuBLAS on it,
-so no bf16 copy of the model is ever kept. The layout it reads is documented in
-``quantize.pack_int4_reference``; imported only on CUDA.
+tinygemm (``_weight_int4pack_mm``) is a small-M kernel: right for one decode token, ~20x slower than
+cuBLAS bf16 for a 2,048-token prompt. For prompts ``Int4Linear`` writes the layer's bf16 weight into a
+short-lived buffer with one of these kernels (0.5 byte read, 2 bytes written per weight) and runs cuBLAS
+on it, so no bf16 copy of the model is ever kept. The layout they read is written out above
+``quantize.pack_int4_reference``. "tile" is the one used; "gather", the first version, is kept as the
+simple reference and the fallback. Imported only on CUDA (or under ``TRITON_INTERPRET=1`` in tests).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _dequant_kernel(packed_ptr, sz_ptr, out_ptr, N, K, GROUP: tl.constexpr, TILES: tl.constexpr,
+def _dequant_gather_kernel(packed_ptr, sz_ptr, out_ptr, N, K, GROUP: tl.constexpr, TILES: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
     k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
@@ -83,6 +84,6 @@ def dequantize_int4pack(packed: torch.Tensor, scales_and_zeros: torch.Tensor, gr
         return out
     block_n, block_k = 32, 128
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
-    _dequant_kernel[grid](packed, scales_and_zeros, out, n, k, GROUP=groupsize, TILES=tiles,
+    _dequant_gather_kernel[grid](packed, scales_and_zeros, out, n, k, GROUP=groupsize, TILES=tiles,
                           BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
     return out
