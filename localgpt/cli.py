@@ -523,7 +523,12 @@ def eval_(
     backend: Optional[str] = BackendOpt,
     extractive: bool = ExtractiveOpt,
     retrieval_only: bool = typer.Option(False, "--retrieval-only", help="Score retrieval (and abstention) only: fast, for tuning."),
-    compare: Optional[list[Path]] = typer.Option(None, "--compare", help="Two TOML configurations to run side by side (give twice)."),
+    compare: Optional[list[str]] = typer.Option(
+        None, "--compare",
+        help="Two configurations to run side by side (give twice): TOML files, or the built-in "
+        "'localgpt-baseline' (localGPT's 1000/200-character splitter, dense, k=4, no abstention) and 'defaults'.",
+    ),
+    split: str = typer.Option("all", "--split", help="Which questions: all, dev (for tuning) or test (held out, for reporting)."),
     per_question: bool = typer.Option(False, "--per-question", help="Also print a row per question."),
     json_out: bool = JsonOpt,
 ):
@@ -552,25 +557,30 @@ def eval_(
         else:
             evaluation.render_beir(scores, console, dataset=str(questions))
         return
-    cases = evaluation.load_qa(questions)
-    configs: list[tuple[str, Settings]] = []
+    cases = evaluation.split_cases(evaluation.load_qa(questions), split)
+    configs: list[tuple[str, Settings, str]] = []
     if compare:
         if len(compare) != 2:
-            _fail("--compare takes exactly two configuration files (give --compare A.toml --compare B.toml)")
-        for path in compare:
-            values = load_config(path)
-            name = values.pop("name", path.stem)
-            values.setdefault("collection", f"eval-{path.stem}")
-            configs.append((name, base.with_overrides(**values)))
+            _fail("--compare takes exactly two configurations (give --compare A --compare B)")
+        for spec in compare:
+            values = load_config(spec)
+            suffix = values.pop("collection_suffix")
+            name = values.pop("name", suffix)
+            splitter = values.pop("splitter", "tokens")
+            if spec != "defaults":  # its own collection: its chunks may differ from the defaults'
+                values.setdefault("collection", f"eval-{suffix}")
+            configs.append((name, base.with_overrides(**values), splitter))
     else:
-        configs.append((questions.stem, base))
+        configs.append((questions.stem, base, "tokens"))
     reports = []
-    for name, settings in configs:
-        ensure_collection(corpus, settings)
+    for name, settings, splitter in configs:
+        ensure_collection(corpus, settings, splitter)
         with progress:
             task = progress.add_task(f"eval {name}", total=len(cases))
             reports.append(run_qa(cases, settings, retrieval_only=retrieval_only, name=name,
                                   tick=lambda: progress.advance(task)))
+    for report in reports:
+        report.config["split"] = split
     if json_out:
         out = [r.to_dict() for r in reports]
         print(json.dumps(out[0] if len(out) == 1 else out, ensure_ascii=False, indent=2))

@@ -1,5 +1,10 @@
 """Running an evaluation: question sets through the real retriever and chain, BEIR folders
 through every retrieval mode. ``localgpt.evaluation`` scores and renders what this collects.
+
+A configuration for ``--compare`` is a TOML file of settings (plus ``name``, and ``splitter``
+for the baseline) or the name of a built-in one: ``defaults`` (localgpt as installed) or
+``localgpt-baseline`` (what localGPT does: RecursiveCharacterTextSplitter 1000/200 characters,
+dense similarity, k=4, no abstention, no sentence evidence).
 """
 
 from __future__ import annotations
@@ -17,13 +22,69 @@ from localgpt.evaluation import (
 Tick = Callable[[], None]
 
 
-def ensure_collection(corpus: Path | None, settings: Settings) -> None:
+BUILTIN_CONFIGS: dict[str, dict] = {
+    "defaults": {"name": "localgpt defaults"},
+    "localgpt-baseline": {
+        "name": "localGPT-like baseline", "splitter": "characters", "chunk_size": 1000, "chunk_overlap": 200,
+        "retrieval_mode": "dense", "k": 4, "abstain": False, "sentence_rerank": 0,
+    },
+}
+SPLITTERS = ("tokens", "characters")
+
+
+def ensure_collection(corpus: Path | None, settings: Settings, splitter: str = "tokens") -> None:
     """Ingest the corpus into the collection when one is given (incremental: cheap when done)."""
     if corpus is None:
+        return
+    if splitter == "characters":
+        ingest_characters(corpus, settings)
         return
     from ingest.pipeline import ingest_folder
 
     ingest_folder(corpus, settings)
+
+
+def ingest_characters(corpus: Path, settings: Settings) -> int:
+    """The baseline's ingest: every file's text split by ``split_characters`` (chunk_size and
+    chunk_overlap in characters), embedded and committed through the same store. Files already
+    in the collection with the same size and mtime are skipped. Returns the chunks added."""
+    from ingest.discover import Found, discover
+    from ingest.load import SUPPORTED_FORMATS, load_file
+    from ingest.pipeline import file_sha256
+    from ingest.split import split_characters
+    from localgpt.embeddings import get_embedder
+    from localgpt.errors import LocalGPTError
+    from localgpt.store import Store
+
+    embedder = get_embedder(settings.embedder)
+    added = 0
+    with Store.open(settings) as store:
+        store.check_embedder(embedder.name, embedder.dim)
+        if store.meta("splitter") not in (None, "characters"):
+            raise LocalGPTError(f"collection '{store.name}' was not split by characters: use another collection")
+        for item in discover(corpus):
+            if not isinstance(item, Found) or Path(item.path).suffix.lower() not in SUPPORTED_FORMATS:
+                continue
+            record = store.file(item.path)
+            if record and (record.size, record.mtime_ns) == (item.size, item.mtime_ns):
+                continue
+            try:
+                doc = load_file(Path(item.path), ocr=settings.ocr)
+            except LocalGPTError:
+                continue  # the baseline skips what it cannot read, as localGPT does
+            sha = file_sha256(item.path)
+            chunks = split_characters(doc, sha, settings.chunk_size, settings.chunk_overlap)
+            if not chunks or store.has_content(sha):
+                continue
+            ext = Path(item.path).suffix.lower()
+            store.begin_content(sha, [c.id for c in chunks])
+            store.write_vectors(chunks, embedder.embed([c.text for c in chunks]), ext)
+            store.commit_content(item.path, item.size, item.mtime_ns, sha, chunks, doc.pages, ext)
+            added += len(chunks)
+        if store.meta("embedder") is None:
+            store.set_meta(embedder=embedder.name, dim=embedder.dim, chunk_size=settings.chunk_size,
+                           chunk_overlap=settings.chunk_overlap, splitter="characters", schema="1")
+    return added
 
 
 def run_qa(
@@ -42,7 +103,7 @@ def run_qa(
         timings = {"retrieve": time.perf_counter() - t0}
         result = QuestionResult(case, [RetrievedChunk.from_source_ref(h) for h in search.hits], timings=timings)
         if retrieval_only:
-            result.abstained = not search.hits or search.best_similarity < chain.threshold
+            result.abstained = chain.should_abstain(case.question, search)[0]
         else:
             try:
                 answer = chain.ask(case.question)
@@ -63,7 +124,7 @@ def run_qa(
 
 
 _CONFIG_KEYS = ("collection", "embedder", "chunk_size", "chunk_overlap", "retrieval_mode", "k", "score_threshold",
-                "backend", "model", "reranker")
+                "sentence_rerank", "abstain", "answerability_threshold", "backend", "model", "reranker")
 
 
 def run_beir(folder: Path, settings: Settings, modes: list[str], *, tick: Tick | None = None) -> list[BeirScores]:
@@ -100,9 +161,26 @@ def _safe(doc_id: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in doc_id)[:120] or "doc"
 
 
-def load_config(path: Path) -> dict:
-    """A --compare configuration: TOML with Settings fields, and an optional ``name``."""
+def load_config(spec: str | Path) -> dict:
+    """A --compare configuration: a built-in name, or a TOML file with Settings fields, an
+    optional ``name`` and an optional ``splitter`` ("tokens", the default, or "characters")."""
     import tomllib
 
-    return tomllib.loads(path.read_text(encoding="utf-8"))
+    from localgpt.errors import ConfigError
+
+    if str(spec) in BUILTIN_CONFIGS:
+        values = dict(BUILTIN_CONFIGS[str(spec)])
+        values.setdefault("collection_suffix", str(spec))
+        return values
+    path = Path(spec)
+    if not path.is_file():
+        raise ConfigError(f"--compare {spec}: not a file, nor a built-in configuration ({', '.join(BUILTIN_CONFIGS)})")
+    try:
+        values = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read configuration {path}: {exc}") from exc
+    if values.get("splitter", "tokens") not in SPLITTERS:
+        raise ConfigError(f"{path}: splitter must be one of {', '.join(SPLITTERS)}")
+    values.setdefault("collection_suffix", path.stem)
+    return values
 

@@ -208,6 +208,32 @@ def read_qa(lines: Iterable[str], name: str = "<qa>") -> list[EvalCase]:
     return cases
 
 
+SPLITS = ("all", "dev", "test")
+
+
+def split_cases(cases: Sequence[EvalCase], part: str) -> list[EvalCase]:
+    """The ``dev`` or ``test`` half of a question set (``all``: every question).
+
+    Tuning reads only ``dev``; results are reported on ``test``. The split depends on the
+    question ids alone (sha256 order, alternating inside each group of question language ×
+    answerable × cross-language), so each half has the same mix of languages and kinds.
+    """
+    if part == "all":
+        return list(cases)
+    if part not in SPLITS:
+        raise QAFileError(f"unknown split {part!r}: use {', '.join(SPLITS)}")
+    import hashlib
+
+    groups: dict[tuple, list[EvalCase]] = {}
+    for case in cases:
+        groups.setdefault((case.lang, case.answerable, case.cross_language), []).append(case)
+    chosen: set[str] = set()
+    for members in groups.values():
+        ordered = sorted(members, key=lambda c: hashlib.sha256(c.id.encode("utf-8")).hexdigest())
+        chosen.update(c.id for i, c in enumerate(ordered) if (i % 2 == 0) == (part == "dev"))
+    return [c for c in cases if c.id in chosen]
+
+
 def load_qa(path: str | Path) -> list[EvalCase]:
     """Read and validate a QA file: JSON lines with question, answer, aliases, source, page."""
     path = Path(path)

@@ -1,14 +1,22 @@
 """Finding the chunks that answer a question: dense, keyword (BM25), hybrid (RRF) or MMR,
-with metadata filters, near-duplicate removal and an optional local cross-encoder.
+with metadata filters, near-duplicate removal, sentence-level evidence and an optional local
+cross-encoder.
 
 Every returned chunk carries ``score`` (the mode's own ranking score) and ``similarity``
 (cosine similarity of the question and the chunk under the collection's embedder), so
-abstention can use one calibrated number whatever the mode. Never touches the network.
+abstention can use one calibrated number whatever the mode. With ``sentence_rerank`` the top
+candidates are split into sentences and embedded too: a chunk whose best sentence is close to
+the question moves up (one precise sentence in a long chunk is diluted in the chunk's vector),
+and the chain reuses those sentences for the supporting evidence and the answerability score.
+Never touches the network.
 """
 
 from __future__ import annotations
 
+import math
+import re
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,9 +30,26 @@ from localgpt.documents import SourceRef
 from localgpt.embeddings import Embedder, get_embedder
 from localgpt.errors import ModelNotFound
 from localgpt.store import Store
+from localgpt.text import has_cjk, keyword_terms, split_sentences
 
 RRF_K = 60
 DUPLICATE_COSINE = 0.97
+SENTENCE_CACHE = 4096  # chunks whose sentence vectors a Retriever keeps
+DF_CAP = 50
+# A sentence's evidence score = cosine similarity + LEXICAL_WEIGHT × the IDF-weighted share of
+# the question's terms it holds: e5 alone rates a sentence that merely shares the topic ("localgpt
+# was built for …") close to one that answers ("… stores their embeddings under local_data/").
+# Chosen on the dev half of bench/eval/qa.jsonl.
+LEXICAL_WEIGHT = 0.1
+# Words that make a question a question, not what it asks about (as keyword terms: CJK bigrams).
+QUESTION_WORDS = frozenset(keyword_terms(
+    "什么 哪个 哪些 哪里 怎么 怎样 如何 为什么 多少 是否 可以 能否 需要 ですか ますか でしょうか どの どう どこ どれ"
+    " いつ 誰 何 なぜ 教えて ください please tell much many long often",
+    stopwords=False,
+))
+# Latin-script words inside a Chinese or Japanese question (command names, paths, product
+# names): searched on their own too, so they are not drowned by the question's CJK bigrams.
+_LATIN_TERM = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/+:-]*[A-Za-z0-9]|[A-Za-z]")
 
 
 @dataclass
@@ -40,14 +65,74 @@ class Filters:
 
 
 @dataclass
+class Evidence:
+    """The statements of one chunk: their cosine similarity to the question, and their evidence
+    score (similarity plus a little for holding the question's rare terms)."""
+
+    sentences: list[str]
+    similarities: np.ndarray
+    scores: np.ndarray
+
+    @property
+    def best(self) -> float:
+        """The best sentence's cosine similarity."""
+        return float(self.similarities.max()) if len(self.similarities) else 0.0
+
+    @property
+    def best_score(self) -> float:
+        return float(self.scores.max()) if len(self.scores) else 0.0
+
+
+def stem(term: str) -> str:
+    """A light English suffix strip, so 'opened' covers 'open' and 'profiles' covers 'profile'."""
+    if not term.isascii() or not term.isalpha():
+        return term
+    for suffix in ("ing", "ed", "s"):
+        if term.endswith(suffix) and len(term) - len(suffix) >= 3 and not term.endswith("ss"):
+            return term[: -len(suffix)]
+    return term
+
+
+def coverage(weights: dict[str, float], text: str) -> float:
+    """The weighted share of the terms (stemmed keys of ``weights``) that ``text`` holds."""
+    total = sum(weights.values())
+    if total <= 0:
+        return 1.0
+    held = {stem(t) for t in keyword_terms(text)}
+    return sum(w for t, w in weights.items() if t in held) / total
+
+
+@dataclass
 class SearchResult:
     hits: list[SourceRef]
     query_vector: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
+    evidence: dict[str, Evidence] = field(default_factory=dict)  # chunk id -> its sentences, scored
 
     @property
     def best_similarity(self) -> float:
         return max((h.similarity for h in self.hits), default=0.0)
+
+
+def evidence_sentences(text: str) -> list[str]:
+    """The statements of a chunk: sentences, and lines within them (headings and list items are
+    not sentences); very short lines and questions are left out (a passage that asks the
+    reader's question back does not support an answer)."""
+    out: list[str] = []
+    for s in split_sentences(text):
+        for line in s.splitlines():
+            line = line.strip()
+            if len(line) < 8 or line.rstrip("\"'”」』)）").endswith(("?", "？")):
+                continue
+            out.append(line)
+    return out
+
+
+def latin_terms(query: str) -> str:
+    """The Latin-script words of a question that also has Chinese or Japanese in it ('' if none)."""
+    if not has_cjk(query):
+        return ""
+    return " ".join(_LATIN_TERM.findall(query))
 
 
 class Retriever:
@@ -59,6 +144,9 @@ class Retriever:
         self.settings = settings
         store.check_embedder(embedder.name, embedder.dim)
         self._reranker = None
+        # (chunk id, hash of its text) -> its statements and their vectors
+        self._sentences: OrderedDict[tuple[str, int], tuple[list[str], np.ndarray]] = OrderedDict()
+        self._df: dict[str, int] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Retriever":
@@ -71,7 +159,7 @@ class Retriever:
     ) -> SearchResult:
         k = k or self.settings.k
         mode = mode or self.settings.retrieval_mode
-        fetch = max(fetch or 4 * k, 20)
+        fetch = fetch or max(2 * k, 20)  # the same candidates for k=4 (ask) and k=10 (eval)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         qvec = self.embedder.embed([query], query=True)[0]
@@ -86,9 +174,11 @@ class Retriever:
         elif mode == "keyword":
             candidates = self.store.keyword_search(query, fetch, allowed)
         elif mode == "hybrid":
-            dense = self.store.dense_search(qvec, fetch, allowed)
-            keyword = self.store.keyword_search(query, fetch, allowed)
-            candidates = reciprocal_rank_fusion([dense, keyword])
+            rankings = [self.store.dense_search(qvec, fetch, allowed), self.store.keyword_search(query, fetch, allowed)]
+            latin = latin_terms(query)
+            if latin:
+                rankings.append(self.store.keyword_search(latin, fetch, allowed))
+            candidates = reciprocal_rank_fusion(rankings)
         elif mode == "mmr":
             candidates = self.store.dense_search(qvec, fetch, allowed)
         else:
@@ -106,7 +196,57 @@ class Retriever:
         if self.settings.reranker:
             candidates = self._rerank(query, candidates)
         timings["postprocess"] = time.perf_counter() - t0
-        return SearchResult(candidates[:k], qvec, timings)
+        evidence: dict[str, Evidence] = {}
+        depth = self.settings.sentence_rerank
+        if depth and candidates:
+            t0 = time.perf_counter()
+            top = candidates[:depth]
+            evidence = self.evidence(query, qvec, top)
+            if not self.settings.reranker:  # a cross-encoder's order stands; evidence still scores answers
+                by_sentence = sorted(top, key=lambda c: evidence[c.chunk_id].best, reverse=True)
+                candidates = reciprocal_rank_fusion([top, by_sentence]) + candidates[depth:]
+            timings["sentences"] = time.perf_counter() - t0
+        return SearchResult(candidates[:k], qvec, timings, evidence)
+
+    def document_frequency(self, term: str, cap: int = DF_CAP) -> int:
+        """In how many chunks a keyword term occurs (counted up to ``cap``: beyond it a term is
+        common, and how common no longer matters to its weight)."""
+        if term not in self._df:
+            self._df[term] = len(self.store.keyword_search(term, cap)) if term.strip() else cap
+        return self._df[term]
+
+    def term_weights(self, question: str) -> dict[str, float]:
+        """The question's content terms (stemmed; CJK bigrams) weighted by IDF in this collection."""
+        n = max(self.store.count_chunks(), 1)
+        terms = [t for t in dict.fromkeys(keyword_terms(question)) if t not in QUESTION_WORDS]
+        weights: dict[str, float] = {}
+        for t in terms:
+            weights[stem(t)] = max(weights.get(stem(t), 0.0), math.log((n + 1) / (self.document_frequency(t) + 0.5)))
+        return weights
+
+    def evidence(self, question: str, qvec: np.ndarray, refs: list[SourceRef]) -> dict[str, Evidence]:
+        """Each chunk's statements scored against the question; sentence vectors are cached."""
+        keys = {r.chunk_id: (r.chunk_id, hash(r.text)) for r in refs}
+        missing = [r for r in refs if keys[r.chunk_id] not in self._sentences]
+        if missing:
+            texts = [evidence_sentences(r.text) or [r.text.strip()] for r in missing]
+            flat = [t for ts in texts for t in ts]
+            vecs = self.embedder.embed(flat) if flat else np.zeros((0, 1), dtype=np.float32)
+            offset = 0
+            for ref, ts in zip(missing, texts):
+                self._sentences[keys[ref.chunk_id]] = (ts, vecs[offset : offset + len(ts)])
+                offset += len(ts)
+        weights = self.term_weights(question)
+        out = {}
+        for ref in refs:
+            sentences, vecs = self._sentences[keys[ref.chunk_id]]
+            self._sentences.move_to_end(keys[ref.chunk_id])
+            sims = vecs @ qvec if len(sentences) else np.zeros(0)
+            lexical = np.array([coverage(weights, s) for s in sentences]) if weights else np.zeros(len(sentences))
+            out[ref.chunk_id] = Evidence(sentences, sims, sims + LEXICAL_WEIGHT * lexical)
+        while len(self._sentences) > SENTENCE_CACHE:
+            self._sentences.popitem(last=False)
+        return out
 
     def _rerank(self, query: str, candidates: list[SourceRef]) -> list[SourceRef]:
         if self._reranker is None:

@@ -1,0 +1,76 @@
+"""Fit the answerability calibration (localgpt.chain.ANSWERABILITY) on the dev half of the
+evaluation set, and never on the test half that bench/RESULTS.md reports.
+
+For every dev question the real retriever runs (default settings), the chain computes the two
+answerability features (best sentence similarity, IDF-weighted coverage of the question's terms
+in the top chunks), a logistic regression is fitted (numpy, Newton's method, a little L2), and
+the threshold is the highest answerability under which at most ``--max-false`` of the dev
+answerable questions fall. Prints the Calibration line to paste into localgpt/chain.py.
+
+    python bench/eval_calibrate.py --collection evalset          # after building the corpus and ingesting it
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, steps: int = 50) -> np.ndarray:
+    """Weights (features..., bias) maximising the L2-penalised log-likelihood."""
+    X = np.hstack([x, np.ones((len(x), 1))])
+    w = np.zeros(X.shape[1])
+    for _ in range(steps):
+        p = 1 / (1 + np.exp(-X @ w))
+        grad = X.T @ (p - y) + l2 * np.r_[w[:-1], 0]
+        hess = (X * (p * (1 - p))[:, None]).T @ X + l2 * np.diag(np.r_[np.ones(len(w) - 1), 0])
+        w -= np.linalg.solve(hess, grad)
+    return w
+
+
+def main(argv: list[str] | None = None) -> int:
+    from localgpt.chain import QAChain
+    from localgpt.config import load_settings
+    from localgpt.evaluation import load_qa, split_cases
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--qa", type=Path, default=ROOT / "bench" / "eval" / "qa.jsonl")
+    ap.add_argument("--collection", default="evalset")
+    ap.add_argument("--data-dir", type=Path)
+    ap.add_argument("--split", default="dev", choices=["dev"], help="only dev: the test half stays unseen")
+    ap.add_argument("--max-false", type=float, default=0.05, help="false abstention allowed on dev (margin under the 0.10 target)")
+    args = ap.parse_args(argv)
+
+    overrides = {"collection": args.collection, "data_dir": args.data_dir}
+    chain = QAChain(load_settings(**overrides), extractive=True)
+    rows, labels = [], []
+    for case in split_cases(load_qa(args.qa), args.split):
+        search = chain.retriever.search(case.question)
+        features = chain.answerability_features(case.question, search)
+        if features is None:
+            continue
+        rows.append(features)
+        labels.append(float(case.answerable))
+    x, y = np.array(rows), np.array(labels)
+    w = fit_logistic(x, y)
+    p = 1 / (1 + np.exp(-(x @ w[:-1] + w[-1])))
+    answerable = p[y == 1]
+    candidates = sorted(set(np.round(p, 3)))
+    threshold = max((t for t in candidates if np.mean(answerable < t) <= args.max_false), default=0.0)
+    print(f"dev: {int(y.sum())} answerable, {int((1 - y).sum())} unanswerable")
+    print(f"dev at threshold {threshold:.3f}: abstention {np.mean(p[y == 0] < threshold):.3f}, "
+          f"false abstention {np.mean(answerable < threshold):.3f}")
+    print(f'    "{chain.retriever.embedder.name}": Calibration(sentence={w[0]:.2f}, coverage={w[1]:.2f}, '
+          f"bias={w[2]:.2f}, threshold={threshold:.3f}),")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
