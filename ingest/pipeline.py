@@ -283,11 +283,15 @@ def _embed_and_commit(batch: list[_Parsed], store: Store, embedder, report: Inge
         try:
             vectors = embedder.embed([c.text for p in to_embed for c in p.chunks], bulk=True)
             progress.chunks_embedded(len(vectors))
-            offset = 0
+            # One upsert for the whole batch (Chroma costs ~50 ms a call whatever its size); the
+            # intent log above covers every file in it until its own commit below.
+            store.write_vectors(
+                [c for p in to_embed for c in p.chunks],
+                vectors,
+                [Path(p.job.path).suffix.lower() for p in to_embed for _ in p.chunks],
+            )
             for parsed in to_embed:
                 job, n, ext = parsed.job, len(parsed.chunks), Path(parsed.job.path).suffix.lower()
-                store.write_vectors(parsed.chunks, vectors[offset : offset + n], ext)
-                offset += n
                 old = store.commit_content(job.path, job.size, job.mtime_ns, job.sha256, parsed.chunks, parsed.pages, ext)
                 if old and old != job.sha256:
                     report.chunks_removed += store.drop_content_if_unused(old)
@@ -308,6 +312,13 @@ def _embed_and_commit(batch: list[_Parsed], store: Store, embedder, report: Inge
 
 def _worker_init(parent_alive) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what Ctrl-C means
+    # Embedding (in the parent, on every core) is most of the work, and its threads wait for
+    # one another: a parser taking a core from one of them stalls them all. At a lower
+    # priority the parsers fill the gaps instead (and run at full speed when the parent waits).
+    try:
+        os.nice(10)
+    except OSError:
+        pass
     # A parser whose parent was killed (kill -9, OOM) would wait on its task queue forever.
     # The parent holds the only writing end of this pipe: when it dies, however it dies, the
     # read below ends (a pid check would not do: a killed parent stays a zombie until reaped).

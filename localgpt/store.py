@@ -325,14 +325,17 @@ class Store:
                 (sha256, json.dumps(list(chunk_ids)), time.time()),
             )
 
-    def write_vectors(self, chunks: Sequence[Chunk], vectors: np.ndarray, ext: str = "") -> None:
+    def write_vectors(self, chunks: Sequence[Chunk], vectors: np.ndarray, ext: str | Sequence[str] = "") -> None:
+        """Upsert vectors (invisible to queries until ``commit_content``). ``ext``: one file type
+        for all chunks, or one per chunk when the chunks of several files go in one call."""
+        exts = [ext] * len(chunks) if isinstance(ext, str) else list(ext)
         for start in range(0, len(chunks), CHROMA_BATCH):
             part = chunks[start : start + CHROMA_BATCH]
             self.collection.upsert(
                 ids=[c.id for c in part],
                 embeddings=np.asarray(vectors[start : start + CHROMA_BATCH], dtype=np.float32),
                 documents=[c.text for c in part],
-                metadatas=[_chroma_metadata(c, ext) for c in part],
+                metadatas=[_chroma_metadata(c, e) for c, e in zip(part, exts[start : start + CHROMA_BATCH])],
             )
 
     def commit_content(

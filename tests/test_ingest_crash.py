@@ -113,7 +113,9 @@ def test_sigkill_at_any_moment_then_rerun_gives_the_clean_store(tmp_path, clean,
     folder, base = clean
     expected = _clean_snapshot(folder, base, subprocess_env)
     data = tmp_path / "data"
-    env = {**subprocess_env, "LOCALGPT_DATA_DIR": str(data)}
+    # Small embedding batches (about a file each), so that "some files committed, one in flight"
+    # lasts long enough to be caught; the store must come out the same whatever the batch size.
+    env = {**subprocess_env, "LOCALGPT_DATA_DIR": str(data), "LOCALGPT_EMBED_BATCH_SIZE": "8"}
     conditions = {
         "mid_file_first": lambda: manifest_state(data)[1] > 0,
         "mid_file_later": lambda: manifest_state(data)[0] >= 3 and manifest_state(data)[1] > 0,
