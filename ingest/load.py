@@ -56,7 +56,7 @@ def load_file(path: Path, *, ocr: bool = True, max_bytes: int | None = None) -> 
     except (BadFile, UnsupportedFile):
         raise
     except MemoryError:
-        raise BadFile("too large to load into memory") from None
+        raise BadFile("too large to load into memory", transient=True) from None
     except RecursionError:
         raise BadFile(f"{ext[1:].upper()} nested too deeply to read") from None
     except Exception as exc:  # a library's own error type: never show its traceback to a user
@@ -77,16 +77,16 @@ def _read_bytes(path: Path, max_bytes: int | None) -> bytes:
         if not stat.S_ISREG(st.st_mode):
             raise BadFile("not a regular file")
         if max_bytes is not None and st.st_size > max_bytes:
-            raise BadFile(f"too large: {_size(st.st_size)} is over the {_size(max_bytes)} limit")
+            raise BadFile(f"too large: {_size(st.st_size)} is over the {_size(max_bytes)} limit", transient=True)
         with open(path, "rb") as fh:
             data = fh.read() if max_bytes is None else fh.read(max_bytes + 1)
     except BadFile:
         raise
     except OSError as exc:
         if exc.errno in (errno.EACCES, errno.EPERM):
-            raise BadFile("permission denied") from None
+            raise BadFile("permission denied", transient=True) from None
         if exc.errno == errno.ENOENT:
-            raise BadFile("file not found") from None
+            raise BadFile("file not found", transient=True) from None
         if exc.errno == errno.EISDIR:
             raise BadFile("is a directory, not a file") from None
         raise BadFile(f"cannot read: {exc.strerror or exc}") from None

@@ -103,6 +103,7 @@ def ingest_folder(
         progress.start(len(found))
 
         jobs: list[_Job] = []
+        reader = _reader_id(settings)
         for item in found:
             record = store.file(item.path)
             if record and record.size == item.size and record.mtime_ns == item.mtime_ns:
@@ -126,6 +127,11 @@ def ingest_folder(
                 report.unchanged += 1
                 progress.file_done(item.path, "unchanged")
                 continue
+            reason = store.unreadable_reason(sha, reader)
+            if reason is not None:
+                report.skipped.append(FileProblem(item.path, reason))
+                progress.file_done(item.path, "skipped")
+                continue
             job = _Job(item.path, item.size, item.mtime_ns, sha, "changed" if record else "new")
             if store.has_content(sha):
                 _link(store, job, report, progress)
@@ -134,7 +140,7 @@ def ingest_folder(
 
         # 2. Parse in processes, embed and commit here, one file at a time visible.
         if jobs:
-            _run_jobs(jobs, settings, store, embedder, report, progress)
+            _run_jobs(jobs, settings, store, embedder, report, progress, reader)
 
         # 3. Files gone from the folder lose their chunks (unless the run was cut short).
         if not report.interrupted and folder.is_dir():
@@ -157,6 +163,15 @@ def ingest_folder(
     return report
 
 
+def _reader_id(settings: Settings) -> str:
+    """What decides whether a file can be read: the loaders' version and whether OCR can run."""
+    import shutil
+
+    import localgpt
+
+    return f"localgpt {localgpt.__version__}; ocr={'on' if settings.ocr and shutil.which('tesseract') else 'off'}"
+
+
 def _check_chunking(store: Store, settings: Settings) -> None:
     size, overlap = store.meta("chunk_size"), store.meta("chunk_overlap")
     if size is not None and (int(size), int(overlap or 0)) != (settings.chunk_size, settings.chunk_overlap):
@@ -166,7 +181,7 @@ def _check_chunking(store: Store, settings: Settings) -> None:
         )
 
 
-def _run_jobs(jobs, settings: Settings, store: Store, embedder, report: IngestReport, progress: Progress) -> None:
+def _run_jobs(jobs, settings: Settings, store: Store, embedder, report: IngestReport, progress: Progress, reader: str) -> None:
     workers = min(settings.parser_workers, len(jobs))
     args = (settings.embedder, settings.chunk_size, settings.chunk_overlap, settings.ocr)
     in_flight: dict[Future, _Job] = {}
@@ -181,9 +196,11 @@ def _run_jobs(jobs, settings: Settings, store: Store, embedder, report: IngestRe
     def new_pool() -> ProcessPoolExecutor:
         return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(alive_r,))
 
-    def skip(job: _Job, reason: str) -> None:
+    def skip(job: _Job, reason: str, remember: bool = False) -> None:
         report.skipped.append(FileProblem(job.path, reason))
         progress.file_done(job.path, "skipped")
+        if remember:  # the same bytes will fail the same way: do not parse them again
+            store.remember_unreadable(job.sha256, reader, reason)
 
     pool = new_pool()
     try:
@@ -225,7 +242,7 @@ def _run_jobs(jobs, settings: Settings, store: Store, embedder, report: IngestRe
                         broken = True
                         continue
                     except (BadFile, UnsupportedFile) as exc:
-                        skip(job, str(exc))
+                        skip(job, str(exc), remember=not getattr(exc, "transient", False))
                         continue
                     except Exception as exc:  # a loader bug must not stop the run
                         skip(job, f"could not be parsed: {type(exc).__name__}: {exc}")
@@ -239,7 +256,7 @@ def _run_jobs(jobs, settings: Settings, store: Store, embedder, report: IngestRe
                     pool.shutdown(wait=False, cancel_futures=True)
                     pool = new_pool()
             if ready and (not done or not in_flight or sum(len(p.chunks) for p in ready) >= settings.embed_batch_size):
-                _embed_and_commit(ready, store, embedder, report, progress)
+                _embed_and_commit(ready, store, embedder, report, progress, reader)
                 ready = []
     except BaseException:
         # Ctrl-C or a crash here: stop the parsers now rather than wait for their files.
@@ -262,7 +279,9 @@ def _link(store: Store, job: _Job, report: IngestReport, progress: Progress) -> 
     progress.file_done(job.path, "linked")
 
 
-def _embed_and_commit(batch: list[_Parsed], store: Store, embedder, report: IngestReport, progress: Progress) -> None:
+def _embed_and_commit(
+    batch: list[_Parsed], store: Store, embedder, report: IngestReport, progress: Progress, reader: str
+) -> None:
     """Embed the chunks of several files in one call (every engine busy), then commit file by file."""
     to_embed: list[_Parsed] = []
     copies: list[_Parsed] = []  # same content as another file of this batch: linked once that one commits
@@ -275,6 +294,7 @@ def _embed_and_commit(batch: list[_Parsed], store: Store, embedder, report: Inge
         elif not parsed.chunks:
             report.skipped.append(FileProblem(job.path, "no text found"))
             progress.file_done(job.path, "skipped")
+            store.remember_unreadable(job.sha256, reader, "no text found")
         else:
             to_embed.append(parsed)
     if to_embed:
@@ -344,7 +364,7 @@ def _parse(job: _Job, embedder_spec: str, chunk_size: int, chunk_overlap: int, o
     if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns) or (
         (after.st_size, after.st_mtime_ns) != (job.size, job.mtime_ns) and file_sha256(job.path) != job.sha256
     ):
-        raise BadFile("the file changed while it was being read; it will be ingested on the next run")
+        raise BadFile("the file changed while it was being read; it will be ingested on the next run", transient=True)
     count = token_counter(embedder_spec)
     chunks = split_document(doc, job.sha256, count, chunk_size, chunk_overlap)
     return _Parsed(job, chunks, doc.pages, list(doc.notes))

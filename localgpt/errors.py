@@ -16,7 +16,16 @@ class UnsupportedFile(LocalGPTError):
 
 
 class BadFile(LocalGPTError):
-    """The file has a supported type but cannot be read (corrupt, encrypted, empty...)."""
+    """The file has a supported type but cannot be read (corrupt, encrypted, empty...).
+
+    ``transient``: the cause may pass without the file changing (memory, a concurrent write),
+    so the file is tried again next run rather than remembered as unreadable."""
+
+    def __init__(self, message: str, *, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
+
+
 
 
 class ModelNotFound(LocalGPTError):

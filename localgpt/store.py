@@ -47,6 +47,8 @@ CREATE TABLE IF NOT EXISTS chunks (
 CREATE INDEX IF NOT EXISTS chunks_sha ON chunks(sha256);
 CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(terms, tokenize = 'unicode61 remove_diacritics 2');
 CREATE TABLE IF NOT EXISTS pending (sha256 TEXT PRIMARY KEY, chunk_ids TEXT NOT NULL, started REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS unreadable (
+    sha256 TEXT NOT NULL, reader TEXT NOT NULL, reason TEXT NOT NULL, PRIMARY KEY (sha256, reader));
 """
 
 
@@ -100,7 +102,9 @@ class Store:
             db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the manifest {manifest}: {exc}") from exc
-        client = _chroma_client(settings)
+        # A local Chroma opens on first use (importing and opening it is most of a
+        # nothing-changed re-ingest); a server is contacted now, so a wrong URL fails early.
+        client = _chroma_client(settings) if settings.chroma_url else None
         store = cls(settings, name, db, client, create)
         store._recover()
         return store
@@ -116,10 +120,16 @@ class Store:
         self.close()
 
     @property
+    def client(self):
+        if self._client is None:
+            self._client = _chroma_client(self.settings)
+        return self._client
+
+    @property
     def collection(self):
         if self._collection is None:
             try:
-                self._collection = self._client.get_or_create_collection(
+                self._collection = self.client.get_or_create_collection(
                     _chroma_name(self.name),
                     embedding_function=None,
                     configuration={"hnsw": {"space": "cosine"}},
@@ -317,6 +327,18 @@ class Store:
         with self._tx() as db:
             db.execute("UPDATE files SET size=?, mtime_ns=? WHERE path=?", (size, mtime_ns, path))
 
+    # ------------------------------------------------------------------ unreadable contents
+    # A content the loaders rejected (corrupt, encrypted, no text) is remembered by its hash and
+    # by the reader that tried (localgpt version, OCR on or off): the next run reports it again
+    # without parsing it, until the bytes or the reader change.
+    def unreadable_reason(self, sha256: str, reader: str) -> str | None:
+        row = self._db.execute("SELECT reason FROM unreadable WHERE sha256=? AND reader=?", (sha256, reader)).fetchone()
+        return row[0] if row else None
+
+    def remember_unreadable(self, sha256: str, reader: str, reason: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO unreadable(sha256, reader, reason) VALUES(?,?,?)", (sha256, reader, reason))
+
     def begin_content(self, sha256: str, chunk_ids: Sequence[str]) -> None:
         """Log the intent to write these vectors, before writing any (crash recovery reads it)."""
         with self._tx() as db:
@@ -409,7 +431,7 @@ class Store:
     def drop(self) -> None:
         """Delete the whole collection: vectors, manifest and keyword index."""
         try:
-            self._client.delete_collection(_chroma_name(self.name))
+            self.client.delete_collection(_chroma_name(self.name))
         except Exception:
             pass  # never created in Chroma (an empty collection)
         self._collection = None

@@ -170,6 +170,33 @@ def test_bad_files_are_reported_and_the_rest_is_ingested(tmp_path, settings):
     assert any("Zürich" in t for t in search_text(settings, "Grüße"))
 
 
+
+def test_an_unreadable_file_is_reported_again_without_parsing_until_it_changes(tmp_path, settings, monkeypatch):
+    folder = make_corpus(tmp_path / "docs")
+    bad = folder / "broken.pdf"
+    bad.write_bytes(b"%PDF-1.4\n this is not really a pdf \x00\x01")
+    first = ingest_folder(folder, settings)
+    reason = {Path(p.path).name: p.reason for p in first.skipped}["broken.pdf"]
+
+    import ingest.pipeline as pipeline
+
+    def no_parsing(*args, **kwargs):
+        raise AssertionError("nothing should be parsed: the good files are unchanged, the bad one is known")
+
+    monkeypatch.setattr(pipeline, "_run_jobs", no_parsing)
+    again = ingest_folder(folder, settings)
+    assert [(Path(p.path).name, p.reason) for p in again.skipped] == [("broken.pdf", reason)]  # --strict still fails
+    monkeypatch.undo()
+
+    # Replaced by a readable file (new bytes): read again and ingested.
+    bad.unlink()
+    good = folder / "broken.md"
+    good.write_text("# Fixed\n\nThe repaired manual mentions the turbine.\n", encoding="utf-8")
+    fixed = ingest_folder(folder, settings)
+    assert fixed.skipped == [] and fixed.new == 1
+    assert any("turbine" in t for t in search_text(settings, "turbine"))
+
+
 def test_a_file_that_turns_bad_keeps_its_stored_chunks(tmp_path, settings):
     folder = make_corpus(tmp_path / "docs")
     ingest_folder(folder, settings)
