@@ -78,7 +78,7 @@ def ingest_characters(corpus: Path, settings: Settings) -> int:
                 continue
             ext = Path(item.path).suffix.lower()
             store.begin_content(sha, [c.id for c in chunks])
-            store.write_vectors(chunks, embedder.embed([c.text for c in chunks]), ext)
+            store.write_vectors(chunks, embedder.embed([c.text for c in chunks], bulk=True), ext)
             store.commit_content(item.path, item.size, item.mtime_ns, sha, chunks, doc.pages, ext)
             added += len(chunks)
         if store.meta("embedder") is None:

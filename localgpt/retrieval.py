@@ -146,7 +146,8 @@ class Retriever:
         self._reranker = None
         # (chunk id, hash of its text) -> its statements and their vectors
         self._sentences: OrderedDict[tuple[str, int], tuple[list[str], np.ndarray]] = OrderedDict()
-        self._df: dict[str, int] = {}
+        self._df: dict[str, int] = {}  # keyword term -> chunks holding it (up to DF_CAP)
+        self._df_chunks = 0  # the collection's size when _df was filled
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Retriever":
@@ -218,6 +219,9 @@ class Retriever:
     def term_weights(self, question: str) -> dict[str, float]:
         """The question's content terms (stemmed; CJK bigrams) weighted by IDF in this collection."""
         n = max(self.store.count_chunks(), 1)
+        if n != self._df_chunks:  # the collection changed (an ingest meanwhile): counts are stale
+            self._df.clear()
+            self._df_chunks = n
         terms = [t for t in dict.fromkeys(keyword_terms(question)) if t not in QUESTION_WORDS]
         weights: dict[str, float] = {}
         for t in terms:

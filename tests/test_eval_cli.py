@@ -56,3 +56,45 @@ def test_eval_reads_a_beir_folder_and_reports_ndcg(tmp_path, subprocess_env):
     # Dense search ranks the whole small corpus; BM25 only finds documents that share a word.
     assert scores["dense"]["recall@100"] == 1.0 and scores["hybrid"]["recall@100"] == 1.0
     assert scores["keyword"]["recall@100"] < 1.0
+
+
+def test_compare_runs_the_localgpt_baseline_beside_the_defaults(tmp_path, subprocess_env):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "bridge.txt").write_text("The Bergen bridge spans the fjord. It opened to traffic in 2004.", encoding="utf-8")
+    (corpus / "roses.txt").write_text("Roses need six hours of sun every day. Prune them in early spring.", encoding="utf-8")
+    qa = tmp_path / "qa.jsonl"
+    questions = QA + [{"question": "What colour is the Bergen bridge painted?", "answer": ""}]
+    qa.write_text("\n".join(json.dumps(q, ensure_ascii=False) for q in questions), encoding="utf-8")
+    env = {**subprocess_env, "LOCALGPT_DATA_DIR": str(tmp_path / "data")}
+    done = run(["eval", str(qa), "--corpus", str(corpus), "--extractive", "--compare", "localgpt-baseline",
+                "--compare", "defaults", "--json"], env)
+    assert done.returncode == 0, done.stderr
+    baseline, defaults = json.loads(done.stdout)
+    assert baseline["name"] == "localGPT-like baseline" and defaults["name"] == "localgpt defaults"
+    assert baseline["config"]["retrieval_mode"] == "dense" and baseline["config"]["k"] == 4
+    assert baseline["config"]["chunk_size"] == 1000 and baseline["config"]["abstain"] is False
+    assert baseline["config"]["collection"] != defaults["config"]["collection"]  # its own chunks
+    # The baseline never abstains; the defaults abstain on both unanswerable questions.
+    assert baseline["overall"]["abstention_rate"] == 0.0
+    assert defaults["overall"]["abstention_rate"] == 1.0 and defaults["overall"]["false_abstention_rate"] == 0.0
+    assert baseline["overall"]["file_hit@1"] == 1.0
+    for report in (baseline, defaults):
+        assert {"retrieve", "total"} <= set(report["latency"])
+
+    table = run(["eval", str(qa), "--compare", "localgpt-baseline", "--compare", "nope.toml"], env)
+    assert table.returncode != 0 and "built-in" in (table.stdout + table.stderr)
+
+
+def test_split_characters_is_localgpts_1000_200_character_splitter():
+    from ingest.split import split_characters
+    from localgpt.documents import Element, LoadedDocument
+
+    words = [f"word{i:04d}" for i in range(400)]  # 3,600 characters on two pages
+    doc = LoadedDocument(Path("long.pdf"), [Element(" ".join(words[:200]), page=1), Element(" ".join(words[200:]), page=2)])
+    chunks = split_characters(doc, "ab" * 32, 1000, 200)
+    assert len(chunks) >= 4 and all(len(c.text) <= 1000 for c in chunks)
+    assert chunks[0].page == 1 and chunks[-1].page == 2
+    first, second = chunks[0].text.split(), chunks[1].text.split()
+    assert set(first[-10:]) <= set(second)  # neighbours overlap (up to 200 characters)
+    assert [c.chunk_index for c in chunks] == list(range(len(chunks)))

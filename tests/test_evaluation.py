@@ -328,3 +328,19 @@ def test_tables_render_report_and_comparison():
     text = out.getvalue()
     assert "file hit@1" in text and "abstains when unanswerable" in text and "latency" in text
     assert "baseline" in text and "defaults" in text and "+1.000" in text  # abstention 0 -> 1
+
+
+def test_dev_and_test_halves_split_every_group_and_never_overlap():
+    from localgpt.evaluation import split_cases
+
+    cases = load_qa(QA_SET)
+    dev, test = split_cases(cases, "dev"), split_cases(cases, "test")
+    assert {c.id for c in dev}.isdisjoint(c.id for c in test)
+    assert len(dev) + len(test) == len(cases) and split_cases(cases, "all") == cases
+    assert split_cases(cases, "dev") == dev  # fixed by the ids, not by chance
+    for half in (dev, test):
+        assert sum(not c.answerable for c in half) >= 10
+        assert {c.lang for c in half} == {"en", "zh", "ja"}
+        assert any(c.cross_language for c in half)
+    with pytest.raises(QAFileError, match="split"):
+        split_cases(cases, "train")

@@ -121,3 +121,46 @@ def test_question_language_detection():
     assert question_language("What is this?") == "en"
     assert question_language("这是什么？") == "zh"
     assert question_language("これは何ですか") == "ja"
+
+
+def test_answerability_abstains_on_an_on_topic_question_the_documents_do_not_answer(settings):
+    chain = QAChain(settings, extractive=True)
+    answered = chain.ask("When did the Bergen bridge open?")
+    assert not answered.abstained and "2004" in answered.text
+    assert answered.answerability is not None and answered.answerability > 0.5
+    # Same bridge, same file, but nothing about its colour: the best chunk is on topic
+    # (a similarity threshold lets it through), the answerability score does not.
+    question = "What colour is the Bergen bridge painted?"
+    search = chain.retriever.search(question)
+    assert Path(search.hits[0].source).name == "bridge.txt" and search.best_similarity >= chain.threshold
+    unanswered = chain.ask(question)
+    assert unanswered.abstained and unanswered.citations == []
+    assert unanswered.answerability is not None and unanswered.answerability < answered.answerability
+
+
+def test_a_chinese_question_over_an_english_document_is_not_abstained_for_lack_of_shared_words(settings):
+    answer = QAChain(settings, extractive=True).ask("玫瑰每天需要多少小时的阳光？")
+    assert not answer.abstained
+    assert any(Path(c.ref.source).name == "roses.txt" for c in answer.citations)
+
+
+def test_abstain_false_answers_whatever_was_found(settings):
+    chain = QAChain(settings.with_overrides(abstain=False), extractive=True)
+    assert not chain.ask("What colour is the Bergen bridge painted?").abstained
+
+
+def test_sentence_evidence_scores_every_returned_chunk_and_feeds_the_support(retriever, settings):
+    search = retriever.search("How often should tomatoes be watered?", k=3)
+    assert {h.chunk_id for h in search.hits} <= set(search.evidence)
+    best = search.evidence[search.hits[0].chunk_id]
+    assert "twice a week" in best.sentences[int(best.similarities.argmax())]
+    off = Retriever.from_settings(settings.with_overrides(sentence_rerank=0)).search("How often should tomatoes be watered?")
+    assert off.evidence == {}
+
+
+def test_latin_words_of_a_cjk_question_are_searched_on_their_own():
+    from localgpt.retrieval import latin_terms
+
+    assert latin_terms("修改 squidGuard 配置以后需要运行什么命令？") == "squidGuard"
+    assert latin_terms("anacron をインストールすると cron.daily は？") == "anacron cron.daily"
+    assert latin_terms("What does anacron do?") == ""  # no CJK: the normal keyword search has it all
