@@ -170,17 +170,19 @@ class E5Torch:
                 )
             )
         self._lock = threading.Lock()
+        _return_freed_memory()
 
     def _embed_rows(self, ids: np.ndarray):
         rows = self._word[ids.reshape(-1)]  # [T, nb] blocks, only the rows needed
         return self.torch.from_numpy(_dequant(rows, rows.shape[0], self.dim)).to(self.dtype)
 
-    def _forward(self, windows: list[list[int]]):
-        """Mean-pooled (not yet normalised) vectors for token windows of one batch, with <s> </s>."""
+    def _forward(self, windows: list[list[int]], length: int = 0):
+        """Mean-pooled (not yet normalised) vectors for token windows of one batch, with <s> </s>,
+        padded to ``length`` tokens (at least the longest)."""
         torch, F = self.torch, self.torch.nn.functional
         f = self.file
         lens = [len(w) + 2 for w in windows]
-        L = max(lens)
+        L = max(max(lens), min(length, f.MAXP))
         ids = np.full((len(windows), L), f.pad, dtype=np.int64)
         for i, w in enumerate(windows):
             ids[i, : lens[i]] = [f.bos, *w, f.eos]
@@ -217,11 +219,16 @@ class E5Torch:
             try:
                 start = 0
                 while start < len(order):
-                    longest = len(windows[order[start]][1]) + 2
-                    size = max(1, batch_tokens // longest)
+                    # Few distinct shapes: padded lengths in steps of 16 and batch sizes that are
+                    # powers of two (a remainder goes in smaller power-of-two batches, not padded).
+                    # Every new shape costs oneDNN kernels and scratch memory that stay allocated;
+                    # with free shapes a long ingest grew by hundreds of MB.
+                    length = -(-(len(windows[order[start]][1]) + 2) // 16) * 16
+                    size = min(1 << (max(1, batch_tokens // length).bit_length() - 1), len(order) - start)
+                    size = 1 << (size.bit_length() - 1)
                     batch = order[start : start + size]
                     start += size
-                    pooled = self._forward([windows[j][1] for j in batch]).numpy()
+                    pooled = self._forward([windows[j][1] for j in batch], length).numpy()
                     for row, j in zip(pooled, batch):
                         i, w = windows[j]
                         n = max(1, len(w))
@@ -235,6 +242,25 @@ class E5Torch:
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.ids([text])[0])
+
+
+def _return_freed_memory() -> None:
+    """Serve allocations of 64 KiB and more by mmap, so freed activations go back to the system.
+
+    glibc's default (a heap whose threshold grows with the largest freed block) fragmented
+    under batches of varying shapes: a 300-file ingest grew from 0.6 to 1.45 GB. With this it
+    stays flat (measured: +30 MB over 40 batches instead of +500 MB), at no measurable speed
+    cost. Process-wide, and only where glibc is the C library.
+    """
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def cpu_has(*flags: str) -> bool:
