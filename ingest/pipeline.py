@@ -140,6 +140,7 @@ def ingest_folder(
 
         # 2. Parse in processes, embed and commit here, one file at a time visible.
         if jobs:
+            store.warm_up()  # overlaps Chroma's start-up with parsing
             _run_jobs(jobs, settings, store, embedder, report, progress, reader)
 
         # 3. Files gone from the folder lose their chunks (unless the run was cut short).

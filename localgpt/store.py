@@ -127,6 +127,24 @@ class Store:
 
     @property
     def collection(self):
+        with self._lock:  # may be opened ahead by a warming thread (see warm_up)
+            return self._open_collection()
+
+    def warm_up(self) -> threading.Thread:
+        """Open Chroma in the background (its import and open take about a second), so that a
+        small re-ingest has it ready by the time the first vectors are. Errors surface on use."""
+
+        def run() -> None:
+            try:
+                self.collection
+            except Exception:
+                pass
+
+        thread = threading.Thread(target=run, name="chroma-warm-up", daemon=True)
+        thread.start()
+        return thread
+
+    def _open_collection(self):
         if self._collection is None:
             try:
                 self._collection = self.client.get_or_create_collection(
