@@ -21,12 +21,17 @@ def run(args, env):
     return subprocess.run([sys.executable, "-m", "localgpt.cli", *args], env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_eval_scores_retrieval_answers_and_abstention(tmp_path, subprocess_env):
+def two_file_corpus(tmp_path):
+    """A folder with two short documents, and where the question file goes."""
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "bridge.txt").write_text("The Bergen bridge spans the fjord. It opened to traffic in 2004.", encoding="utf-8")
     (corpus / "roses.txt").write_text("Roses need six hours of sun every day. Prune them in early spring.", encoding="utf-8")
-    qa = tmp_path / "qa.jsonl"
+    return corpus, tmp_path / "qa.jsonl"
+
+
+def test_eval_scores_retrieval_answers_and_abstention(tmp_path, subprocess_env):
+    corpus, qa = two_file_corpus(tmp_path)
     qa.write_text("\n".join(json.dumps(q, ensure_ascii=False) for q in QA), encoding="utf-8")
     env = {**subprocess_env, "LOCALGPT_DATA_DIR": str(tmp_path / "data")}
     done = run(["eval", str(qa), "--corpus", str(corpus), "--extractive", "--json"], env)
@@ -59,11 +64,7 @@ def test_eval_reads_a_beir_folder_and_reports_ndcg(tmp_path, subprocess_env):
 
 
 def test_compare_runs_the_localgpt_baseline_beside_the_defaults(tmp_path, subprocess_env):
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    (corpus / "bridge.txt").write_text("The Bergen bridge spans the fjord. It opened to traffic in 2004.", encoding="utf-8")
-    (corpus / "roses.txt").write_text("Roses need six hours of sun every day. Prune them in early spring.", encoding="utf-8")
-    qa = tmp_path / "qa.jsonl"
+    corpus, qa = two_file_corpus(tmp_path)
     questions = QA + [{"question": "What colour is the Bergen bridge painted?", "answer": ""}]
     qa.write_text("\n".join(json.dumps(q, ensure_ascii=False) for q in questions), encoding="utf-8")
     env = {**subprocess_env, "LOCALGPT_DATA_DIR": str(tmp_path / "data")}
