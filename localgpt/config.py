@@ -94,6 +94,11 @@ class Settings(BaseSettings):
 
     # --- answers -------------------------------------------------------------------------
     abstain: bool = Field(True, description="Say 'I don't know' instead of answering when the documents do not seem to hold the answer.")
+    evidence_checks: bool = Field(
+        True,
+        description="Also abstain when no passage found mentions a name the question is about (SELinux, ext4) "
+        "or the best sentences lack the kind of answer asked for (a number for 'how many', a date for 'when').",
+    )
     answerability_threshold: float | None = Field(
         None, ge=0.0, le=1.0,
         description="Answerability (0-1) under which the chain abstains; unset means the embedder's calibrated default.",

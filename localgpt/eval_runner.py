@@ -124,7 +124,7 @@ def run_qa(
 
 
 _CONFIG_KEYS = ("collection", "embedder", "chunk_size", "chunk_overlap", "retrieval_mode", "k", "score_threshold",
-                "sentence_rerank", "abstain", "answerability_threshold", "backend", "model", "reranker")
+                "sentence_rerank", "abstain", "evidence_checks", "answerability_threshold", "backend", "model", "reranker")
 
 
 def run_beir(folder: Path, settings: Settings, modes: list[str], *, tick: Tick | None = None) -> list[BeirScores]:

@@ -130,6 +130,7 @@ class ModelFamily:
 
 
 SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
 # Order matters for detection: a name match wins over a model_type match, and the more specific
 # names come first ("falcon-mamba" before "falcon" and "mamba", "smollm" before llama).
@@ -143,6 +144,16 @@ FAMILIES: dict[str, ModelFamily] = {
             context_window=8192,
             name_patterns=(r"smollm",),
             description="SmolLM2 instruct (ChatML with its default system prompt); the embedded CPU default.",
+        ),
+        ModelFamily(
+            name="qwen2",
+            build_prompt=_chatml(QWEN_SYSTEM),
+            stop=("<|im_end|>", "<|im_start|>", "<|endoftext|>"),
+            context_window=8192,  # Qwen2.5 reads 32k; 8k keeps llama.cpp's KV cache small on a laptop
+            model_types=("qwen2",),
+            architectures=("Qwen2ForCausalLM",),
+            name_patterns=(r"qwen[-_ ]?2",),
+            description="Qwen2 / Qwen2.5 instruct, also as GGUF (ChatML with Qwen's default system prompt).",
         ),
         ModelFamily(
             name="falcon-mamba",

@@ -74,6 +74,14 @@ def test_smollm2_prompt_is_chatml_with_its_default_system_prompt():
     )
 
 
+def test_qwen2_prompt_is_chatml_with_qwens_default_system_prompt():
+    assert format_prompt(NO_SYSTEM, "qwen2").startswith(
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+    )
+    assert detect_family("Qwen/Qwen2.5-1.5B-Instruct") == "qwen2"
+    assert detect_family("qwen2.5-coder-1.5b-instruct-q4_k_m.gguf") == "qwen2"
+
+
 def test_mamba_base_prompt_is_urial_few_shot_ending_in_an_open_answer():
     prompt = format_prompt(MULTI_TURN, "mamba")
     assert prompt.startswith(
@@ -151,6 +159,7 @@ def test_adding_a_family_is_one_entry(monkeypatch, tmp_path):
         ({"model_type": "falcon_mamba"}, "falcon-mamba"),
         ({"model_type": "mamba"}, "mamba"),
         ({"model_type": "llama", "_name_or_path": "HuggingFaceTB/SmolLM2-360M-Instruct"}, "smollm2"),
+        ({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}, "qwen2"),
         ({"model_type": "gpt_neox"}, None),
     ],
 )

@@ -138,6 +138,29 @@ def test_answerability_abstains_on_an_on_topic_question_the_documents_do_not_ans
     assert unanswered.answerability is not None and unanswered.answerability < answered.answerability
 
 
+def test_the_chain_says_why_it_does_not_know_when_a_name_or_the_kind_of_answer_is_missing(settings):
+    chain = QAChain(settings, extractive=True)
+    # On topic (the reactor file is found), but no passage mentions SELinux.
+    named = chain.ask("Does the alpha reactor in Oslo run SELinux?")
+    assert named.abstained and named.citations == []
+    assert named.text == "I don't know: none of the passages found mention SELinux."
+    assert named.abstain_reason == "none of the passages found mention SELinux"
+    # "When" asks for a date; the rose file has none.
+    dated = chain.ask("When were the roses first pruned?")
+    assert dated.abstained and "no date" in dated.text
+    # The same checks in the question's language.
+    zh = chain.ask("玫瑰需要 Roundup 除草剂吗？")
+    assert zh.abstained and zh.text == "我不知道：找到的段落都没有提到 Roundup。"
+    # A question whose answer is there is not touched by them.
+    assert not chain.ask("How many cars a day does the Bergen bridge carry?").abstained
+
+
+def test_evidence_checks_can_be_turned_off(settings):
+    chain = QAChain(settings.with_overrides(evidence_checks=False), extractive=True)
+    question = "Does the alpha reactor in Oslo run SELinux?"
+    assert chain.should_abstain(question, chain.retriever.search(question)).gap is None
+
+
 def test_a_chinese_question_over_an_english_document_is_not_abstained_for_lack_of_shared_words(settings):
     answer = QAChain(settings, extractive=True).ask("玫瑰每天需要多少小时的阳光？")
     assert not answer.abstained

@@ -3,7 +3,7 @@
 Each ``build_tiny_*`` writes a folder (config.json, safetensors, tokenizer files) of a few hundred KB
 that ``AutoModelForCausalLM.from_pretrained`` and localgpt's own loaders open exactly as they open a
 downloaded model. The tokenizers are real (a WordLevel vocabulary learnt from a few sentences with the
-``tokenizers`` library); only FalconMamba's carries a chat template, so the others exercise the
+``tokenizers`` library); only FalconMamba's and Qwen2's carry a chat template, so the others exercise the
 registry's prompt formats. Initialisation scales are raised above the checkpoint defaults so that
 greedy decoding of random weights wanders through the vocabulary instead of repeating one token,
 which makes "streamed text equals model.generate" a real comparison. Nothing is downloaded.
@@ -11,6 +11,7 @@ which makes "streamed text equals model.generate" a real comparison. Nothing is 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -135,11 +136,43 @@ def build_tiny_mamba(directory: Path, seed: int = 0, **config: Any) -> Path:
     return _save(model, tokenizer, Path(directory))
 
 
+def build_tiny_qwen2_tokenizer():
+    """A byte-level BPE learnt from the corpus, in Qwen2's tokenizer class with a ChatML template
+    (transformers opens a qwen2 model's tokenizer as Qwen2Tokenizer, which needs BPE vocab and merges)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import Qwen2Tokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(CORPUS, vocab_size=400, min_frequency=1,
+                            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    tokenizer = Qwen2Tokenizer(vocab=model["vocab"], merges=merges, unk_token=None, eos_token="<|im_end|>",
+                               pad_token="<|endoftext|>")
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_qwen2(directory: Path, seed: int = 0, **config: Any) -> Path:
+    """A 2-layer Qwen2 (biased q/k/v projections, grouped-query attention) with a ChatML template, as Qwen ship."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = build_tiny_qwen2_tokenizer()
+    settings = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+                    initializer_range=0.2)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(Qwen2Config(**(_ids(tokenizer) | settings | config)))
+    return _save(model, tokenizer, Path(directory))
+
+
 TINY_BUILDERS: dict[str, Callable[..., Path]] = {
     "llama2": build_tiny_llama,
     "falcon": build_tiny_falcon,
     "falcon-mamba": build_tiny_falcon_mamba,
     "mamba": build_tiny_mamba,
+    "qwen2": build_tiny_qwen2,
 }
 
 

@@ -1,0 +1,145 @@
+"""Two checks that the passages found *can* answer a question, run before the generator is asked.
+
+A question that is on topic but not answered by the documents ("Which TCP port does the proxy
+listen on?" when the handbook never gives one) retrieves passages that look relevant: similarity
+scores cannot tell it from an answerable one. Two cheap facts often can:
+
+* **Expected answer type.** "How many / how long / 多少 / 何秒" asks for a number, "when / 哪一天 /
+  いつ" for a date, "which version / 版本号" for a version, "where on disk / 哪个目录" for a path. If
+  none of the best sentences holds one (numbers the question itself contains do not count), the
+  passages do not hold the answer.
+* **Names the question is about.** Acronyms and mixed-case names (SELinux, TCP, DHCPv6), names with
+  digits (ext4, S3), package- and file-like tokens (apt-cacher-ng, ip_network, cron.daily) and
+  capitalised words inside a sentence (Squid, Amazon): if no passage found mentions one of them,
+  the passages are about something else.
+
+Both were designed on the dev half of ``bench/eval/qa.jsonl`` and are reported on its test half
+(bench/RESULTS.md). They only ever make the chain abstain, and say why, so a user can rephrase.
+Pure functions, no models.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from localgpt.text import has_cjk
+
+# Checked in this order: "how many years" is a number, "when … how long" a date.
+ANSWER_TYPES: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("date", re.compile(
+        r"^\s*when\b|\bwhen (?:did|was|were|will|is|does)\b|\b(?:what|which) (?:date|year|day)\b"
+        r"|哪一天|哪天|哪一年|哪年|什么时候|何年に|何月|いつ", re.I)),
+    ("number", re.compile(
+        r"\bhow (?:many|much|long|often|big|large|old)\b|\b(?:which|what) (?:tcp |udp )?port\b"
+        r"|\bwhat (?:size|percentage|number)\b|多少|几[个天年次分秒小位]"
+        r"|何(?:秒|日|個|人|回|分|時間|バイト|ヶ月|か月|年)|いくら|どのくらい|どれくらい", re.I)),
+    ("version", re.compile(r"\b(?:which|what) version\b|版本号|哪个.{0,6}版本|バージョン", re.I)),
+    ("path", re.compile(
+        r"\bwhere on disk\b|\b(?:which|what) (?:directory|folder|path)\b(?! names?\b)"
+        r"|\bwhere\b.*\b(?:stored|kept|saved|installed|mounted|located)\b"
+        r"|哪个目录|什么目录|哪个路径|どのディレクトリ|どこに(?:保存|置か|インストール)", re.I)),
+)
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+# Numbers written out count too ("six hours", "twice a week", "五年"): lenient on purpose.
+_NUMBER_WORD = re.compile(
+    r"\b(?:one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|fifteen|twenty|thirty|forty|fifty"
+    r"|hundred|thousand|million|once|twice|dozen|single|double)\b|[一二两三四五六七八九十百千万億亿]", re.I)
+_DATE = re.compile(
+    r"\b(?:1[89]\d\d|20\d\d)\b|\d+\s*[年月日]|\b(?:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*\.?\s+\d", re.I)
+_PATH = re.compile(r"(?:^|[\s(\"'`“「（])(?:~?/[\w.+-]+)+")
+_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+/-]*[A-Za-z0-9]|[A-Za-z0-9]")
+_NOT_NAMES = frozenset({"e.g", "i.e", "etc", "vs"})
+
+TYPE_WORDS = {
+    "en": {"number": "number", "date": "date", "version": "version", "path": "path"},
+    "zh": {"number": "数字", "date": "日期", "version": "版本号", "path": "路径"},
+    "ja": {"number": "数値", "date": "日付", "version": "バージョン", "path": "パス"},
+}
+
+
+@dataclass(frozen=True)
+class EvidenceGap:
+    """Why the passages cannot answer: the answer type they lack, or the names they never mention."""
+
+    kind: str  # "answer_type" or "names"
+    detail: tuple[str, ...]
+
+    def explain(self, lang: str = "en") -> str:
+        if self.kind == "answer_type":
+            what = TYPE_WORDS.get(lang, TYPE_WORDS["en"])[self.detail[0]]
+            return {
+                "en": f"the passages found give no {what} for this",
+                "zh": f"找到的段落里没有相关的{what}",
+                "ja": f"見つかった文書に該当する{what}がありません",
+            }.get(lang, "")
+        names = ", ".join(self.detail)
+        return {
+            "en": f"none of the passages found mention {names}",
+            "zh": f"找到的段落都没有提到 {names}",
+            "ja": f"見つかった文書は {names} に触れていません",
+        }.get(lang, "")
+
+
+def expected_answer_type(question: str) -> str | None:
+    """'number', 'date', 'version' or 'path' when the question's wording asks for one."""
+    for kind, pattern in ANSWER_TYPES:
+        if pattern.search(question):
+            return kind
+    return None
+
+
+def holds_answer_type(kind: str, sentences: Iterable[str], question: str = "") -> bool:
+    """Whether any sentence holds a value of ``kind`` (numbers that the question has don't count)."""
+    own = set(_NUMBER.findall(question))
+    for s in sentences:
+        if kind in ("number", "version"):
+            if any(n not in own for n in _NUMBER.findall(s)) or (kind == "number" and _NUMBER_WORD.search(s)):
+                return True
+        elif kind == "date":
+            if _DATE.search(s):
+                return True
+        elif kind == "path":
+            if _PATH.search(s):
+                return True
+    return False
+
+
+def question_names(question: str) -> list[str]:
+    """The Latin-script names a question is about (see the module docstring)."""
+    names: list[str] = []
+    for m in _WORD.finditer(question):
+        tok = m.group(0)
+        if tok.isdigit() or tok.casefold() in _NOT_NAMES:
+            continue
+        starts_sentence = not question[: m.start()].strip() or question[: m.start()].rstrip()[-1] in ".!?:;。！？"
+        has_digit = any(c.isdigit() for c in tok) and any(c.isalpha() for c in tok)
+        mixed_case = len(tok) >= 2 and any(c.isupper() for c in tok[1:])
+        code_like = any(c in tok for c in "._+/") or tok.count("-") >= 2 or ("-" in tok and has_digit)
+        capitalised = len(tok) >= 3 and tok[0].isupper() and not starts_sentence
+        if has_digit or mixed_case or code_like or capitalised or (has_cjk(question) and tok[0].isupper()):
+            names.append(tok)
+    return list(dict.fromkeys(names))
+
+
+def _mentions(name: str, text: str) -> bool:
+    needle = re.sub(r"['’]s$", "", name.casefold())
+    return needle in text
+
+
+def missing_names(question: str, texts: Iterable[str]) -> list[str]:
+    """The question's names that none of ``texts`` mention (case-insensitive)."""
+    haystack = "\n".join(texts).casefold()
+    return [n for n in question_names(question) if not _mentions(n, haystack)]
+
+
+def evidence_gap(question: str, best_sentences: Sequence[str], passages: Sequence[str]) -> EvidenceGap | None:
+    """Why ``passages`` (and their ``best_sentences``, best first) cannot answer, or None."""
+    missing = missing_names(question, passages)
+    if missing:
+        return EvidenceGap("names", tuple(missing))
+    kind = expected_answer_type(question)
+    if kind and not holds_answer_type(kind, best_sentences, question):
+        return EvidenceGap("answer_type", (kind,))
+    return None
