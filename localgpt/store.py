@@ -31,6 +31,9 @@ from localgpt.text import keyword_terms
 
 SCHEMA_VERSION = "1"
 CHROMA_BATCH = 1000
+# Collections up to this many chunks are searched exactly in memory (20k x 384 floats = 30 MB);
+# larger ones through Chroma's approximate HNSW index. See Store.dense_search.
+EXACT_SEARCH_MAX = 20_000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -82,6 +85,8 @@ class Store:
         self._collection = None
         self._lock = threading.RLock()
         self._create = create
+        self._writes = 0  # commits through this connection (PRAGMA data_version counts the others')
+        self._exact: tuple[tuple[int, int], list[str], np.ndarray] | None = None  # (stamp, ids, vectors)
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -248,10 +253,19 @@ class Store:
 
     # ------------------------------------------------------------------ searching
     def dense_search(self, query_vector: np.ndarray, k: int, allowed: set[str] | None = None) -> list[SourceRef]:
-        """Nearest chunks by cosine similarity; score = 1 - cosine distance."""
+        """Nearest chunks by cosine similarity; score = 1 - cosine distance.
+
+        Collections of up to EXACT_SEARCH_MAX chunks are searched exactly, over their committed
+        vectors held in memory: Chroma's HNSW graph is approximate and is rebuilt differently by
+        each process, so near the k-th hit it can miss true neighbours and return different
+        chunks for the same question from one run to the next (measured: recall@20 0.995, and
+        4 of 53 evaluation questions changed between two runs). Larger collections use HNSW.
+        """
         total = self.count_chunks()
         if total == 0:
             return []
+        if allowed is None and total <= EXACT_SEARCH_MAX:
+            return self._exact_search(np.asarray(query_vector, dtype=np.float32), k)
         where = None
         if allowed is not None:
             if not allowed:
@@ -278,11 +292,39 @@ class Store:
                 return hits[:k]
             n = min(n * 2 + 10, total * 4 + 10)
 
-    def vectors(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
+    def _exact_search(self, query_vector: np.ndarray, k: int) -> list[SourceRef]:
+        ids, matrix = self._exact_vectors()
         if not ids:
-            return {}
-        res = self.collection.get(ids=list(ids), include=["embeddings"])
-        return {cid: np.asarray(vec, dtype=np.float32) for cid, vec in zip(res["ids"], res["embeddings"])}
+            return []
+        sims = matrix @ query_vector
+        top = np.argsort(-sims, kind="stable")[: max(k, 0)]
+        refs = self.chunks_by_id([ids[i] for i in top])
+        hits = []
+        for i in top:
+            ref = refs.get(ids[i])
+            if ref is not None:
+                ref.score = float(sims[i])
+                hits.append(ref)
+        return hits
+
+    def _exact_vectors(self) -> tuple[list[str], np.ndarray]:
+        """The committed chunks' ids (sorted) and unit vectors, reloaded after any commit."""
+        with self._lock:
+            stamp = (self._db.execute("PRAGMA data_version").fetchone()[0], self._writes)
+            if self._exact is None or self._exact[0] != stamp:
+                ids = self.chunk_ids()
+                found = self.vectors(ids)
+                ids = [cid for cid in ids if cid in found]
+                matrix = np.stack([found[cid] for cid in ids]) if ids else np.zeros((0, 1), dtype=np.float32)
+                self._exact = (stamp, ids, matrix)
+            return self._exact[1], self._exact[2]
+
+    def vectors(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for part in _batched(list(ids), 5000):
+            res = self.collection.get(ids=part, include=["embeddings"])
+            out.update((cid, np.asarray(vec, dtype=np.float32)) for cid, vec in zip(res["ids"], res["embeddings"]))
+        return out
 
     def keyword_search(self, query: str, k: int, allowed: set[str] | None = None) -> list[SourceRef]:
         """BM25 over the FTS5 index; score is FTS5's bm25 negated (higher is better)."""
@@ -326,6 +368,7 @@ class Store:
                 raise
             else:
                 self._db.execute("COMMIT")
+                self._writes += 1
 
     def link_file(self, path: str, size: int, mtime_ns: int, sha256: str) -> str | None:
         """Point ``path`` at already-committed content. Returns the content hash it pointed at before."""

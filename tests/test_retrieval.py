@@ -187,3 +187,30 @@ def test_latin_words_of_a_cjk_question_are_searched_on_their_own():
     assert latin_terms("修改 squidGuard 配置以后需要运行什么命令？") == "squidGuard"
     assert latin_terms("anacron をインストールすると cron.daily は？") == "anacron cron.daily"
     assert latin_terms("What does anacron do?") == ""  # no CJK: the normal keyword search has it all
+
+
+def test_dense_search_is_exact_repeatable_and_sees_files_ingested_after_it_opened(tmp_path):
+    import numpy as np
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "bridge.txt").write_text(DOCS["bridge.txt"], encoding="utf-8")
+    (folder / "roses.txt").write_text(DOCS["garden/roses.txt"], encoding="utf-8")
+    s = Settings(data_dir=tmp_path / "data", collection="exact", workers=1)
+    ingest_folder(folder, s)
+    retriever = Retriever.from_settings(s)
+    qvec = retriever.embedder.embed(["How many hours of sun do tomatoes need?"], query=True)[0]
+    # Exact: the order is the true cosine order over every stored vector, the same every time.
+    ids = retriever.store.chunk_ids()
+    vecs = retriever.store.vectors(ids)
+    truth = sorted(ids, key=lambda i: -float(vecs[i] @ qvec))
+    hits = retriever.store.dense_search(qvec, 10)
+    assert [h.chunk_id for h in hits] == truth
+    assert [h.chunk_id for h in retriever.store.dense_search(qvec, 10)] == truth
+    # Another ingest (its own connection, as the CLI or the web page does) is seen at the next search.
+    (folder / "tomatoes.md").write_text(DOCS["garden/tomatoes.md"], encoding="utf-8")
+    ingest_folder(folder, s)
+    found = retriever.store.dense_search(qvec, 10)
+    assert "tomatoes.md" in {Path(h.source).name for h in found} and len(found) == len(truth) + 1
+    assert np.isclose(found[0].score, max(
+        float(v @ qvec) for v in retriever.store.vectors(retriever.store.chunk_ids()).values()), atol=1e-5)
