@@ -5,10 +5,11 @@ numbered citations and the supporting sentences a reader can check.
 The steps before generation are one LangChain runnable (``QAChain.prepare``); generation
 streams through the generator interface (also available to LangChain as ``LocalLLM``).
 The chain abstains by itself, without calling the model, when retrieval finds nothing
-relevant enough (the best chunk's similarity) or when the best evidence does not seem to
-answer the question (``answerability``: the best sentence's similarity and how much of the
-question's rare terms the top chunks hold, calibrated). ``extractive=True`` answers with the
-supporting sentences alone.
+relevant enough (the best chunk's similarity), when the passages lack a name the question is
+about or the kind of answer it asks for (``localgpt.evidence_checks``, with the reason in the
+answer), or when the best evidence does not seem to answer the question (``answerability``: the
+best sentence's similarity and how much of the question's rare terms the top chunks hold,
+calibrated). ``extractive=True`` answers with the supporting sentences alone.
 """
 
 from __future__ import annotations
