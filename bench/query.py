@@ -31,7 +31,7 @@ from localgpt.embeddings import get_embedder  # noqa: E402
 from localgpt.retrieval import Retriever  # noqa: E402
 from localgpt.store import Store  # noqa: E402
 
-sys.path.insert(0, str(HERE))
+sys.path.append(str(HERE))  # after the project root: bench/ingest.py must not shadow the ingest package
 from record import commit, publish  # noqa: E402
 
 
