@@ -4,8 +4,8 @@ A question that is on topic but not answered by the documents ("Which TCP port d
 listen on?" when the handbook never gives one) retrieves passages that look relevant: similarity
 scores cannot tell it from an answerable one. Two cheap facts often can:
 
-* **Expected answer type.** "How many / how long / 多少 / 何秒" asks for a number, "when / 哪一天 /
-  いつ" for a date, "which version / 版本号" for a version, "where on disk / 哪个目录" for a path. If
+* **Expected answer type.** "How many / how long / 多少 / 何秒" asks for a number, "what date / which
+  year / 哪一天 / 何年に" for a date, "which version / 版本号" for a version, "where on disk / 哪个目录" for a path. If
   none of the best sentences holds one (numbers the question itself contains do not count), the
   passages do not hold the answer.
 * **Names the question is about.** Acronyms and mixed-case names (SELinux, TCP, DHCPv6), names with
@@ -28,9 +28,9 @@ from localgpt.text import has_cjk
 
 # Checked in this order: "how many years" is a number, "when … how long" a date.
 ANSWER_TYPES: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("date", re.compile(
-        r"^\s*when\b|\bwhen (?:did|was|were|will|is|does)\b|\b(?:what|which) (?:date|year|day)\b"
-        r"|哪一天|哪天|哪一年|哪年|什么时候|何年に|何月|いつ", re.I)),
+    # Only explicit date words: a bare "when" (いつ, 什么时候) is as often answered by a time of day,
+    # an event or a condition ("at 7:15", "after the upgrade") as by a date.
+    ("date", re.compile(r"\b(?:what|which) (?:date|year|day)\b|哪一天|哪天|哪一年|哪年|何年に|何月|何日に", re.I)),
     ("number", re.compile(
         r"\bhow (?:many|much|long|often|big|large|old)\b|\b(?:which|what) (?:tcp |udp )?port\b"
         r"|\bwhat (?:size|percentage|number)\b|多少|几[个天年次分秒小位]"
@@ -45,9 +45,11 @@ _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 # Numbers written out count too ("six hours", "twice a week", "五年"): lenient on purpose.
 _NUMBER_WORD = re.compile(
     r"\b(?:one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|fifteen|twenty|thirty|forty|fifty"
-    r"|hundred|thousand|million|once|twice|dozen|single|double)\b|[一二两三四五六七八九十百千万億亿]", re.I)
+    r"|hundred|thousand|million|once|twice|dozen|single|double|hourly|daily|nightly|weekly|monthly|yearly"
+    r"|annually|every)\b|[一二两三四五六七八九十百千万億亿]", re.I)
 _DATE = re.compile(
-    r"\b(?:1[89]\d\d|20\d\d)\b|\d+\s*[年月日]|\b(?:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*\.?\s+\d", re.I)
+    r"\b(?:1[89]\d\d|20\d\d)\b|\d+\s*[年月日]|\b(?:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*\.?\s+\d"
+    r"|\b(?:mon|tues|wednes|thurs|fri|satur|sun)day\b|星期[一二三四五六日天]|周[一二三四五六日]|[月火水木金土日]曜", re.I)
 _PATH = re.compile(r"(?:^|[\s(\"'`“「（])(?:~?/[\w.+-]+)+")
 _WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+/-]*[A-Za-z0-9]|[A-Za-z0-9]")
 _NOT_NAMES = frozenset({"e.g", "i.e", "etc", "vs"})

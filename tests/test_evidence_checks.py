@@ -13,7 +13,7 @@ from localgpt.evidence_checks import (
 @pytest.mark.parametrize("question, kind", [
     ("How many mirrors does Debian have?", "number"),
     ("Which TCP port does Squid listen on?", "number"),
-    ("When did Guido announce Python?", "date"),
+    ("In which year did Guido announce Python?", "date"),
     ("On what date was Rich 1.0 released?", "date"),
     ("Which version of the kernel ships with Debian 12?", "version"),
     ("Where on disk are crontabs stored?", "path"),
@@ -22,7 +22,9 @@ from localgpt.evidence_checks import (
     ("一个软件包最少要在不稳定版里放几天？", "number"),
     ("DHCPv6 のデフォルトのリース時間は何秒ですか？", "number"),
     ("商用サポート契約は年間いくらかかりますか？", "number"),
-    # Not typed: "when" as a conjunction, a directory *name*, how-to questions.
+    # Not typed: "when" (a time or an event answers it as often as a date), a directory *name*, how-tos.
+    ("When does the bakery open on Sundays?", None),
+    ("Debian が生まれたのはいつですか？", None),
     ("Where do notes go when debconf runs without interaction?", None),
     ("What directory name is commonly used for a virtual environment?", None),
     ("How do I activate a virtual environment?", None),
@@ -41,6 +43,8 @@ def test_answer_types_are_found_in_sentences_but_not_the_questions_own_numbers()
     assert holds_answer_type("date", ["It opened to traffic in 2004."])
     assert holds_answer_type("date", ["1993 年 8 月に始まりました。"])
     assert not holds_answer_type("date", ["It opened to traffic after a long review."])
+    assert holds_answer_type("date", ["Backups run every Sunday night."])
+    assert holds_answer_type("number", ["Security updates are installed daily."], "How often are updates installed?")
     assert holds_answer_type("path", ["They live in /var/spool/cron/crontabs."])
     assert not holds_answer_type("path", ["They live in the spool directory."])
 

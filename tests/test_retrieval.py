@@ -145,8 +145,8 @@ def test_the_chain_says_why_it_does_not_know_when_a_name_or_the_kind_of_answer_i
     assert named.abstained and named.citations == []
     assert named.text == "I don't know: none of the passages found mention SELinux."
     assert named.abstain_reason == "none of the passages found mention SELinux"
-    # "When" asks for a date; the rose file has none.
-    dated = chain.ask("When were the roses first pruned?")
+    # "In which year" asks for a date; the rose file has none.
+    dated = chain.ask("In which year were the roses first pruned?")
     assert dated.abstained and "no date" in dated.text
     # The same checks in the question's language.
     zh = chain.ask("玫瑰需要 Roundup 除草剂吗？")
