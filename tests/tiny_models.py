@@ -73,6 +73,11 @@ def _save(model, tokenizer, directory: Path) -> Path:
     return directory
 
 
+# The shape of the tiny Llama-style decoders (Llama, Qwen2): 2 layers, grouped-query attention.
+_SMALL_DECODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.2)
+
+
 def _ids(tokenizer) -> dict[str, Any]:
     return {
         "vocab_size": len(tokenizer),
@@ -88,11 +93,8 @@ def build_tiny_llama(directory: Path, seed: int = 0, **config: Any) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_tiny_tokenizer("llama2")
-    settings = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
-                    initializer_range=0.2)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**(_ids(tokenizer) | settings | config)))
+    model = LlamaForCausalLM(LlamaConfig(**(_ids(tokenizer) | _SMALL_DECODER | {"tie_word_embeddings": False} | config)))
     return _save(model, tokenizer, Path(directory))
 
 
@@ -159,11 +161,8 @@ def build_tiny_qwen2(directory: Path, seed: int = 0, **config: Any) -> Path:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = build_tiny_qwen2_tokenizer()
-    settings = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
-                    initializer_range=0.2)
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(Qwen2Config(**(_ids(tokenizer) | settings | config)))
+    model = Qwen2ForCausalLM(Qwen2Config(**(_ids(tokenizer) | _SMALL_DECODER | {"tie_word_embeddings": True} | config)))
     return _save(model, tokenizer, Path(directory))
 
 
