@@ -136,7 +136,9 @@ def test_ctrl_c_stops_cleanly_and_the_next_run_finishes(tmp_path, clean, subproc
     folder, base = clean
     expected = _clean_snapshot(folder, base, subprocess_env)
     data = tmp_path / "data"
-    env = {**subprocess_env, "LOCALGPT_DATA_DIR": str(data)}
+    # Small embedding batches: files then commit a few at a time, so Ctrl-C after the second one
+    # lands while there is work left (with 128-chunk batches the last files commit in one burst).
+    env = {**subprocess_env, "LOCALGPT_DATA_DIR": str(data), "LOCALGPT_EMBED_BATCH_SIZE": "8"}
     code, hit, out, err = run_until(
         ingest_cmd(folder), env, lambda: manifest_state(data)[0] >= 2, signal.SIGINT
     )
