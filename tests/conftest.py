@@ -133,3 +133,12 @@ def _wrap(real):
 socket.socket.connect = _wrap(socket.socket.connect)
 socket.socket.connect_ex = _wrap(socket.socket.connect_ex)
 '''
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` for a child that a test stops with Ctrl-C (SIGINT): a runner started in the
+    background (``cmd &``) ignores SIGINT, children inherit that, and Python then installs no
+    KeyboardInterrupt handler; restore the default so the child behaves as under a terminal."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

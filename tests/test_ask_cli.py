@@ -83,8 +83,11 @@ def test_ctrl_c_in_chat_stops_the_answer_but_not_the_chat(workspace, subprocess_
         assert cli(workspace, subprocess_env, "ingest").returncode == 0
     # About Ctrl-C, not abstention: the answer must stream (an essay request scores low on answerability).
     env = {**subprocess_env, "LOCALGPT_MAX_NEW_TOKENS": "4000", "LOCALGPT_TEMPERATURE": "1.0", "LOCALGPT_ABSTAIN": "false"}
+    from conftest import default_sigint
+
     proc = subprocess.Popen([sys.executable, "-m", "localgpt.cli", "chat"], cwd=workspace, env=env,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=default_sigint)
     out = b""
     try:
         proc.stdin.write(b"Write a very long essay about every command of localgpt.\n")

@@ -76,7 +76,10 @@ def committed_files_are_whole(data_dir: Path) -> bool:
 
 
 def run_until(cmd, env, condition, sig, timeout=180.0):
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    from conftest import default_sigint
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
     deadline = time.monotonic() + timeout
     hit = False
     while time.monotonic() < deadline and proc.poll() is None:
