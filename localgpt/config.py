@@ -97,7 +97,7 @@ class Settings(BaseSettings):
     evidence_checks: bool = Field(
         True,
         description="Also abstain when no passage found mentions a name the question is about (SELinux, ext4) "
-        "or the best sentences lack the kind of answer asked for (a number for 'how many', a date for 'when').",
+        "or the best sentences lack the kind of answer asked for (a number for 'how many', a date for 'which year').",
     )
     answerability_threshold: float | None = Field(
         None, ge=0.0, le=1.0,

@@ -26,7 +26,7 @@ from typing import Iterable, Sequence
 
 from localgpt.text import has_cjk
 
-# Checked in this order: "how many years" is a number, "when … how long" a date.
+# Checked in this order: "which year" asks for a date, "how many years" (no date words) for a number.
 ANSWER_TYPES: tuple[tuple[str, re.Pattern[str]], ...] = (
     # Only explicit date words: a bare "when" (いつ, 什么时候) is as often answered by a time of day,
     # an event or a condition ("at 7:15", "after the upgrade") as by a date.
