@@ -2,8 +2,9 @@
 chunks into the model's context by token budget → family prompt → generate → answer with
 numbered citations and the supporting sentences a reader can check.
 
-The steps before generation are one LangChain runnable (``QAChain.prepare``); generation
-streams through the generator interface (also available to LangChain as ``LocalLLM``).
+The steps before generation (condense, retrieve, judge answerability, pack) are one LangChain
+runnable (``QAChain.prepare``); generation streams through the generator interface (also
+available to LangChain as ``LocalLLM``).
 The chain abstains by itself, without calling the model, when retrieval finds nothing
 relevant enough (the best chunk's similarity), when the passages lack a name the question is
 about or the kind of answer it asks for (``localgpt.evidence_checks``, with the reason in the
@@ -186,6 +187,7 @@ class QAChain:
         self.prepare = (
             RunnablePassthrough.assign(standalone=RunnableLambda(self._condense))
             | RunnablePassthrough.assign(search=RunnableLambda(self._retrieve))
+            | RunnablePassthrough.assign(verdict=RunnableLambda(self._judge))
             | RunnablePassthrough.assign(context=RunnableLambda(self._pack))
         )
 
@@ -289,10 +291,13 @@ class QAChain:
     def _retrieve(self, inputs: dict) -> SearchResult:
         return self.retriever.search(inputs["standalone"], filters=inputs.get("filters"))
 
+    def _judge(self, inputs: dict) -> Verdict:
+        return self.should_abstain(inputs["standalone"], inputs["search"])
+
     def _pack(self, inputs: dict) -> list[SourceRef]:
         """Chunks in rank order while they fit the model's window, leaving room for the answer."""
         hits = inputs["search"].hits
-        if self.extractive or self.generator is None or self.should_abstain(inputs["standalone"], inputs["search"]).abstain:
+        if self.extractive or self.generator is None or inputs["verdict"].abstain:
             return hits  # abstaining or extractive: no model window to fit
         gen = self.generator
         budget = (
@@ -328,7 +333,7 @@ class QAChain:
         lang = question_language(question)
         yield AnswerEvent("sources", answer=answer)
 
-        verdict = self.should_abstain(prepared["standalone"], search)
+        verdict: Verdict = prepared["verdict"]
         answer.answerability = verdict.answerability
         if not context or verdict.abstain:
             answer.abstained = True
