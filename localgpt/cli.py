@@ -358,6 +358,8 @@ def _print_stats(answer) -> None:
         if value is None or value == "":
             continue
         table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
+    if answer.answer_check is not None:
+        table.add_row("answer check P(yes)", f"{answer.answer_check:.3f}")
     for key, value in answer.timings.items():
         table.add_row(f"time {key}", f"{value:.3f}s")
     console.print(table)

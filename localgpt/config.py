@@ -103,6 +103,16 @@ class Settings(BaseSettings):
         None, ge=0.0, le=1.0,
         description="Answerability (0-1) under which the chain abstains; unset means the embedder's calibrated default.",
     )
+    answer_check: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Before answering, ask the generator whether the passages state the answer (one pass over "
+        "the prompt, reused by the answer) and abstain when it says no; auto: on for generators of at least "
+        "1B parameters (smaller ones judge no better than chance), off for the others.",
+    )
+    answer_check_threshold: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="The generator's P(yes) under which the answer check abstains; unset means the calibrated default.",
+    )
 
     # --- generation ----------------------------------------------------------------------
     backend: Literal["auto", "transformers", "gguf", "llamacpp", "openai", "extractive"] = Field(

@@ -115,7 +115,7 @@ def run_qa(
                 result.cited = [RetrievedChunk.from_source_ref(c.ref) for c in answer.citations if c.cited] or [
                     RetrievedChunk.from_source_ref(answer.citations[s.number - 1].ref) for s in answer.support
                 ]
-                result.timings.update({k: v for k, v in answer.timings.items() if k in ("generate", "support", "total")})
+                result.timings.update({k: v for k, v in answer.timings.items() if k in ("answer_check", "generate", "support", "total")})
         results.append(result)
         if tick:
             tick()
@@ -124,7 +124,8 @@ def run_qa(
 
 
 _CONFIG_KEYS = ("collection", "embedder", "chunk_size", "chunk_overlap", "retrieval_mode", "k", "score_threshold",
-                "sentence_rerank", "abstain", "evidence_checks", "answerability_threshold", "backend", "model", "reranker")
+                "sentence_rerank", "abstain", "evidence_checks", "answerability_threshold", "answer_check",
+                "answer_check_threshold", "backend", "model", "reranker")
 
 
 def run_beir(folder: Path, settings: Settings, modes: list[str], *, tick: Tick | None = None) -> list[BeirScores]:

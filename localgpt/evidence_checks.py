@@ -65,10 +65,16 @@ TYPE_WORDS = {
 class EvidenceGap:
     """Why the passages cannot answer: the answer type they lack, or the names they never mention."""
 
-    kind: str  # "answer_type" or "names"
+    kind: str  # "answer_type", "names", or "model_check" (the generator said no: localgpt.chain)
     detail: tuple[str, ...]
 
     def explain(self, lang: str = "en") -> str:
+        if self.kind == "model_check":
+            return {
+                "en": "the model judged that the passages found do not state the answer",
+                "zh": "模型判断找到的段落没有给出答案",
+                "ja": "モデルは見つかった文書に答えが書かれていないと判断しました",
+            }.get(lang, "")
         if self.kind == "answer_type":
             what = TYPE_WORDS.get(lang, TYPE_WORDS["en"])[self.detail[0]]
             return {

@@ -142,3 +142,20 @@ def default_sigint() -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def ingested_collection(base, docs: dict[str, str], collection: str, **settings):
+    """``docs`` (relative path -> text) written under ``base/docs`` and ingested into ``collection``
+    in ``base/data`` with the default embedder: the real store that chain and retrieval tests query."""
+    from ingest.pipeline import ingest_folder
+    from localgpt.config import Settings
+
+    folder = base / "docs"
+    for name, text in docs.items():
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    s = Settings(data_dir=base / "data", collection=collection, workers=1, **settings)
+    report = ingest_folder(folder, s)
+    assert not report.skipped, report.skipped
+    return s

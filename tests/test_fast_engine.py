@@ -77,6 +77,20 @@ def test_fast_engine_streams_the_same_text_as_the_hf_engine(tiny_dir, family):
     assert stats.peak_gpu_mib is None and stats.extra["engine_mode"] == "eager"
 
 
+@pytest.mark.parametrize("family", ["llama2", "mamba"])
+def test_fast_engine_answer_check_matches_the_hf_engine(tiny_dir, family):
+    """The answer check's P(yes) from the engine's prefill equals transformers' own logits, and the
+    engine still answers the same afterwards (its cache is prefilled anew)."""
+    check = [{"role": "user", "content": "Context: pumps. Question: pumps? Reply yes or no."}]
+    question = [{"role": "user", "content": "what does the report say about revenue?"}]
+    fast = get_generator(settings(model=str(tiny_dir[family])))
+    hf = get_generator(settings(model=str(tiny_dir[family]), engine="hf"))
+    before = "".join(fast.stream(question))
+    assert fast.yes_probability(check) == pytest.approx(hf.yes_probability(check), abs=1e-4)
+    assert "".join(fast.stream(question)) == before
+    assert fast.n_params == hf.n_params > 0
+
+
 def test_stop_string_and_closing_the_stream(tiny_dir):
     generator = load_fast_generator(settings(model=str(tiny_dir["llama2"])))
     full = "".join(generator.stream(PROMPT, stop=[]))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ingest.pipeline import ingest_folder
+from conftest import ingested_collection
 from localgpt.chain import QAChain
 from localgpt.config import Settings
 from localgpt.embeddings import minilm_path
@@ -22,14 +22,7 @@ DOCS = {
 
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory) -> Settings:
-    base = tmp_path_factory.mktemp("rerank")
-    folder = base / "docs"
-    folder.mkdir()
-    for name, text in DOCS.items():
-        (folder / name).write_text(text, encoding="utf-8")
-    s = Settings(data_dir=base / "data", collection="rerank", workers=1)
-    ingest_folder(folder, s)
-    return s
+    return ingested_collection(tmp_path_factory.mktemp("rerank"), DOCS, "rerank")
 
 
 @pytest.fixture(scope="module")

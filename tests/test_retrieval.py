@@ -11,6 +11,7 @@ from localgpt.chain import QAChain, question_language
 from localgpt.config import Settings
 from localgpt.retrieval import Filters, Retriever, reciprocal_rank_fusion
 from localgpt.documents import SourceRef
+from conftest import ingested_collection
 
 DOCS = {
     "reactor.md": "# Reactor\n\nThe alpha reactor in Oslo runs at 42 degrees Celsius. It was commissioned in 1999 after a long review.\n",
@@ -25,16 +26,7 @@ DOCS = {
 
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory) -> Settings:
-    base = tmp_path_factory.mktemp("retrieval")
-    folder = base / "docs"
-    for name, text in DOCS.items():
-        path = folder / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-    s = Settings(data_dir=base / "data", collection="retrieval", workers=1)
-    report = ingest_folder(folder, s)
-    assert not report.skipped
-    return s
+    return ingested_collection(tmp_path_factory.mktemp("retrieval"), DOCS, "retrieval")
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ CORPUS = [
     "[INST] <<SYS>> system prompt <</SYS>> instruction [/INST]",
     "# Instruction # Query: # Answer: ``` below is a list of conversations between a human and an AI",
     "Mamba and Falcon and Llama models read documents, pages, tables and notes.",
+    "Do the passages state the answer to the question? Reply yes or no. Yes, they do. No, they do not.",
 ]
 
 # What each family's tokenizer calls its special tokens, as the real checkpoints do.

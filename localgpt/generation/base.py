@@ -57,6 +57,38 @@ class Generator(Protocol):
         ...
 
 
+# What a generator that can be asked "do these passages answer the question?" offers besides
+# ``stream``: ``yes_probability(messages)`` (None where the backend cannot read its logits, e.g. an
+# OpenAI-compatible server) and ``n_params``. The chain uses them for its answer check.
+YES_WORDS = ("yes", "Yes", "YES", " yes", " Yes")
+NO_WORDS = ("no", "No", "NO", " no", " No")
+
+
+def single_token_ids(encode, words: Sequence[str]) -> list[int]:
+    """The ids of those ``words`` that ``encode`` (text -> ids, no special tokens) makes one token."""
+    ids: set[int] = set()
+    for word in words:
+        tokens = list(encode(word))
+        if len(tokens) == 1:
+            ids.add(int(tokens[0]))
+    return sorted(ids)
+
+
+def yes_share(logits, yes_ids: Sequence[int], no_ids: Sequence[int]) -> float | None:
+    """P(yes) / (P(yes) + P(no)) of the next token, from its logits; None if neither word is a token."""
+    import numpy as np
+
+    if not yes_ids or not no_ids:
+        return None
+    row = np.asarray(logits, dtype=np.float64)
+    ids = np.asarray(list(yes_ids) + list(no_ids))
+    picked = row[ids] - row.max()
+    weights = np.exp(picked)
+    yes = float(weights[: len(yes_ids)].sum())
+    total = float(weights.sum())
+    return yes / total if total > 0 else None
+
+
 class StreamTimer:
     """Measures TTFT and decode speed around a token stream; backends share it."""
 

