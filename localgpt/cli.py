@@ -319,6 +319,11 @@ OpenAIOpt = typer.Option(None, "--openai-url", help="Base URL of an OpenAI-compa
 KOpt = typer.Option(None, "--k", "-k", help="Chunks given to the model (default 4).")
 ModeOpt = typer.Option(None, "--mode", help="Retrieval: hybrid (default), dense, keyword or mmr.")
 ExtractiveOpt = typer.Option(False, "--extractive", help="Answer with the supporting sentences alone, no generator.")
+AnswerCheckOpt = typer.Option(
+    None, "--answer-check",
+    help="Ask the generator whether the passages state the answer, and abstain when it says no: "
+    "auto (default: generators of 1B+ parameters), on or off.",
+)
 
 
 def _qa_settings(**flags) -> Settings:
@@ -400,6 +405,7 @@ def ask(
     folder: Optional[str] = typer.Option(None, "--folder", help="Only search files under this folder."),
     type_: Optional[str] = typer.Option(None, "--type", help="Only search this file type, e.g. pdf."),
     extractive: bool = ExtractiveOpt,
+    answer_check: Optional[str] = AnswerCheckOpt,
     json_out: bool = JsonOpt,
     stats: bool = typer.Option(False, "--stats", help="Print load time, time to first token, tokens/s and memory."),
 ):
@@ -411,7 +417,7 @@ def ask(
         collection=collection, data_dir=data_dir, chroma_url=chroma_url, embedder=embedder, model=model,
         family=family, quantization=quantization, device=device, backend=backend, engine=engine,
         openai_url=openai_url, k=k, mode=mode, max_new_tokens=max_new_tokens, temperature=temperature,
-        extractive=extractive,
+        extractive=extractive, answer_check=answer_check,
     )
     chain = QAChain(settings)
     filters = Filters(file=file, folder=folder, ext=type_)
@@ -441,6 +447,7 @@ def chat(
     k: Optional[int] = KOpt,
     mode: Optional[str] = ModeOpt,
     extractive: bool = ExtractiveOpt,
+    answer_check: Optional[str] = AnswerCheckOpt,
     save_qa: Optional[Path] = typer.Option(None, "--save-qa", help="Append each question, answer and sources to this JSONL file."),
 ):
     """Talk with your documents: follow-up questions use the history.
@@ -453,7 +460,7 @@ def chat(
     settings = _qa_settings(
         collection=collection, data_dir=data_dir, chroma_url=chroma_url, embedder=embedder, model=model,
         family=family, quantization=quantization, device=device, backend=backend, engine=engine,
-        openai_url=openai_url, k=k, mode=mode, extractive=extractive,
+        openai_url=openai_url, k=k, mode=mode, extractive=extractive, answer_check=answer_check,
     )
     chain = QAChain(settings)
     history: list[tuple[str, str]] = []
@@ -524,6 +531,7 @@ def eval_(
     model: Optional[str] = ModelOpt,
     backend: Optional[str] = BackendOpt,
     extractive: bool = ExtractiveOpt,
+    answer_check: Optional[str] = AnswerCheckOpt,
     retrieval_only: bool = typer.Option(False, "--retrieval-only", help="Score retrieval (and abstention) only: fast, for tuning."),
     compare: Optional[list[str]] = typer.Option(
         None, "--compare",
@@ -544,7 +552,7 @@ def eval_(
     from localgpt.eval_runner import ensure_collection, load_config, run_beir, run_qa
 
     base = _qa_settings(collection=collection, data_dir=data_dir, embedder=embedder, k=k, mode=mode, model=model,
-                        backend=backend, extractive=extractive)
+                        backend=backend, extractive=extractive, answer_check=answer_check)
     quiet = json_out
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=err_console, disable=quiet, transient=True)

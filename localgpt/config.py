@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from localgpt.errors import ConfigError
@@ -169,5 +169,8 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ConfigError:
         raise
-    except Exception as exc:  # pydantic.ValidationError, with the field named in its text
-        raise ConfigError(str(exc)) from exc
+    except ValidationError as exc:
+        # One line per bad setting, named as in the config file ("answer_check: Input should be ..."),
+        # without pydantic's links.
+        lines = [f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError("invalid settings: " + "; ".join(lines)) from exc

@@ -44,6 +44,12 @@ def test_ingest_then_ask_answers_with_the_cited_page(workspace, subprocess_env):
     assert streamed.returncode == 0, streamed.stderr
     assert "Sources" in streamed.stdout and "localgpt-guide.pdf, page 2" in streamed.stdout
     assert "ttft_s" in streamed.stdout
+
+    checked = cli(workspace, subprocess_env, "ask", "Where does localgpt keep the database it builds?",
+                  "--answer-check", "on", "--json")  # forced on the 135M model, which auto skips
+    assert checked.returncode == 0, checked.stderr
+    assert 0.0 < json.loads(checked.stdout)["answer_check"] < 1.0
+    assert answer["answer_check"] is None
     assert not Path(subprocess_env["LOCALGPT_NETGUARD_LOG"]).exists()
 
 

@@ -33,6 +33,11 @@ def test_bad_settings_name_the_setting(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match="collection"):
         load_settings(collection="../etc")
+    with pytest.raises(ConfigError) as bad:
+        load_settings(answer_check="maybe", k=0)
+    message = str(bad.value)  # one line per bad setting, as the config file names it, no pydantic links
+    assert "answer_check: Input should be 'auto', 'on' or 'off'" in message and "k: " in message
+    assert "pydantic.dev" not in message and "\n" not in message
     monkeypatch.setenv("LOCALGPT_CONFIG", str(tmp_path / "missing.toml"))
     with pytest.raises(ConfigError, match="missing.toml"):
         load_settings()
