@@ -14,7 +14,7 @@ from localgpt.chain import CHECK_SUFFIX, QAChain
 from localgpt.config import Settings
 from localgpt.generation import clear_generator_cache, get_generator
 from localgpt.generation.base import NO_WORDS, YES_WORDS, single_token_ids, yes_share
-from tiny_models import build_tiny_model
+from tiny_models import YES_NO_CORPUS, build_tiny_model
 
 DOCS = {
     "pumps.txt": "The feed pump must be inspected every month. Its seals are replaced every two years.",
@@ -92,7 +92,7 @@ def test_a_yes_lets_the_answer_through_unchanged(settings):
 def test_transformers_models_give_the_same_probability_as_their_logits(tmp_path):
     import torch
 
-    path = build_tiny_model("llama2", tmp_path / "tiny-llama2")
+    path = build_tiny_model("llama2", tmp_path / "tiny-llama2", extra_corpus=YES_NO_CORPUS)
     base = Settings.model_construct().model_dump()
     gen = get_generator(Settings.model_construct(**(base | dict(
         model=str(path), backend="auto", family=None, device="cpu", engine="hf", quantization="none",

@@ -22,7 +22,7 @@ from localgpt.generation.fast.quantize import (
     unpack_int4_reference,
 )
 from localgpt.generation.fast.transformer import Linear
-from tiny_models import build_tiny_model
+from tiny_models import YES_NO_CORPUS, build_tiny_model
 
 FAMILIES = ["llama2", "falcon", "falcon-mamba", "mamba"]
 PROMPT = "Context: the invoice was paid on March 3 by the finance team. Question: what does the report say?"
@@ -39,6 +39,14 @@ def settings(**values) -> Settings:
 def tiny_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-fast")
     return {family: build_tiny_model(family, root / family) for family in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def yes_no_dir(tmp_path_factory):
+    """Tiny models whose vocabulary holds "yes" and "no", for the answer check."""
+    root = tmp_path_factory.mktemp("tiny-yes-no")
+    return {family: build_tiny_model(family, root / family, extra_corpus=YES_NO_CORPUS)
+            for family in ("llama2", "mamba", "falcon-mamba")}
 
 
 @pytest.fixture(autouse=True)
@@ -78,13 +86,13 @@ def test_fast_engine_streams_the_same_text_as_the_hf_engine(tiny_dir, family):
 
 
 @pytest.mark.parametrize("family", ["llama2", "mamba"])
-def test_fast_engine_answer_check_matches_the_hf_engine(tiny_dir, family):
+def test_fast_engine_answer_check_matches_the_hf_engine(yes_no_dir, family):
     """The answer check's P(yes) from the engine's prefill equals transformers' own logits, and the
     engine still answers the same afterwards (its cache is prefilled anew)."""
     check = [{"role": "user", "content": "Context: pumps. Question: pumps? Reply yes or no."}]
     question = [{"role": "user", "content": "what does the report say about revenue?"}]
-    fast = get_generator(settings(model=str(tiny_dir[family])))
-    hf = get_generator(settings(model=str(tiny_dir[family]), engine="hf"))
+    fast = get_generator(settings(model=str(yes_no_dir[family])))
+    hf = get_generator(settings(model=str(yes_no_dir[family]), engine="hf"))
     before = "".join(fast.stream(question))
     assert fast.yes_probability(check) == pytest.approx(hf.yes_probability(check), abs=1e-4)
     assert "".join(fast.stream(question)) == before
@@ -248,6 +256,24 @@ def test_models_the_engine_does_not_run_are_config_errors(tiny_dir, tmp_path):
 def _needs_cuda():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["llama2", "falcon-mamba"])
+def test_gpu_answer_check_matches_the_hf_engine_and_leaves_answers_alone(yes_no_dir, family):
+    """On CUDA (bf16, compiled step) the engine's P(yes) is the transformers model's within bf16 rounding,
+    and the compiled answer after a check is the answer before it."""
+    _needs_cuda()
+    check = [{"role": "user", "content": "Context: pumps. Question: pumps? Reply yes or no."}]
+    question = [{"role": "user", "content": "what does the report say about revenue?"}]
+    fast = get_generator(settings(model=str(yes_no_dir[family]), device="cuda"))
+    hf = get_generator(settings(model=str(yes_no_dir[family]), device="cuda", engine="hf"))
+    assert fast.engine.mode == "compile"
+    before = "".join(fast.stream(question))
+    p_fast, p_hf = fast.yes_probability(check), hf.yes_probability(check)
+    print(f"{family}: P(yes) engine {p_fast:.4f}, transformers {p_hf:.4f}")
+    assert 0.0 < p_fast < 1.0 and p_fast == pytest.approx(p_hf, abs=0.02)
+    assert "".join(fast.stream(question)) == before
 
 
 @pytest.mark.gpu

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -24,8 +24,11 @@ CORPUS = [
     "[INST] <<SYS>> system prompt <</SYS>> instruction [/INST]",
     "# Instruction # Query: # Answer: ``` below is a list of conversations between a human and an AI",
     "Mamba and Falcon and Llama models read documents, pages, tables and notes.",
-    "Do the passages state the answer to the question? Reply yes or no. Yes, they do. No, they do not.",
 ]
+# Words the answer-check tests need as single tokens. Passed as ``extra_corpus`` to the models that
+# need them only: a larger vocabulary changes every random weight, and the GPU tests' tolerances were
+# checked against the models built from CORPUS alone.
+YES_NO_CORPUS = ("Do the passages state the answer to the question? Reply yes or no. Yes, they do. No, they do not.",)
 
 # What each family's tokenizer calls its special tokens, as the real checkpoints do.
 _SPECIALS: dict[str, dict[str, str]] = {
@@ -41,7 +44,7 @@ CHATML_TEMPLATE = (
 )
 
 
-def build_tiny_tokenizer(family: str, chat_template: str | None = None):
+def build_tiny_tokenizer(family: str, chat_template: str | None = None, extra_corpus: Sequence[str] = ()):
     """A real fast tokenizer (WordLevel, whitespace/punctuation split) with the family's special tokens.
 
     WordLevel keeps decoding stable token by token, so a streamed answer and a one-shot decode of the
@@ -55,7 +58,7 @@ def build_tiny_tokenizer(family: str, chat_template: str | None = None):
     special_tokens = list(dict.fromkeys([specials["unk_token"], specials["bos_token"], specials["eos_token"], "<pad>", *extra]))
     tokenizer = Tokenizer(models.WordLevel(unk_token=specials["unk_token"]))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.train_from_iterator(CORPUS, trainers.WordLevelTrainer(special_tokens=special_tokens))
+    tokenizer.train_from_iterator([*CORPUS, *extra_corpus], trainers.WordLevelTrainer(special_tokens=special_tokens))
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         pad_token="<pad>",
@@ -88,23 +91,23 @@ def _ids(tokenizer) -> dict[str, Any]:
     }
 
 
-def build_tiny_llama(directory: Path, seed: int = 0, **config: Any) -> Path:
+def build_tiny_llama(directory: Path, seed: int = 0, extra_corpus: Sequence[str] = (), **config: Any) -> Path:
     """A 2-layer Llama (grouped-query attention) with a template-less tokenizer: the llama2 registry format applies."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = build_tiny_tokenizer("llama2")
+    tokenizer = build_tiny_tokenizer("llama2", extra_corpus=extra_corpus)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**(_ids(tokenizer) | _SMALL_DECODER | {"tie_word_embeddings": False} | config)))
     return _save(model, tokenizer, Path(directory))
 
 
-def build_tiny_falcon(directory: Path, seed: int = 0, **config: Any) -> Path:
+def build_tiny_falcon(directory: Path, seed: int = 0, extra_corpus: Sequence[str] = (), **config: Any) -> Path:
     """A 2-layer Falcon-7B-shaped model (multi-query, parallel attention, rotary)."""
     import torch
     from transformers import FalconConfig, FalconForCausalLM
 
-    tokenizer = build_tiny_tokenizer("falcon")
+    tokenizer = build_tiny_tokenizer("falcon", extra_corpus=extra_corpus)
     settings = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, multi_query=True,
                     parallel_attn=True, new_decoder_architecture=False, alibi=False, bias=False,
                     max_position_embeddings=1024, initializer_range=1.0)
@@ -113,12 +116,12 @@ def build_tiny_falcon(directory: Path, seed: int = 0, **config: Any) -> Path:
     return _save(model, tokenizer, Path(directory))
 
 
-def build_tiny_falcon_mamba(directory: Path, seed: int = 0, **config: Any) -> Path:
+def build_tiny_falcon_mamba(directory: Path, seed: int = 0, extra_corpus: Sequence[str] = (), **config: Any) -> Path:
     """A 2-layer FalconMamba whose tokenizer carries a ChatML chat template, like FalconMamba-7B-instruct."""
     import torch
     from transformers import FalconMambaConfig, FalconMambaForCausalLM
 
-    tokenizer = build_tiny_tokenizer("falcon-mamba", chat_template=CHATML_TEMPLATE)
+    tokenizer = build_tiny_tokenizer("falcon-mamba", chat_template=CHATML_TEMPLATE, extra_corpus=extra_corpus)
     settings = dict(hidden_size=32, num_hidden_layers=2, state_size=8, expand=2, conv_kernel=4, time_step_rank=4,
                     initializer_range=1.0)
     torch.manual_seed(seed)
@@ -126,12 +129,12 @@ def build_tiny_falcon_mamba(directory: Path, seed: int = 0, **config: Any) -> Pa
     return _save(model, tokenizer, Path(directory))
 
 
-def build_tiny_mamba(directory: Path, seed: int = 0, **config: Any) -> Path:
+def build_tiny_mamba(directory: Path, seed: int = 0, extra_corpus: Sequence[str] = (), **config: Any) -> Path:
     """A 2-layer Mamba base model (no chat template: the URIAL few-shot prompt applies)."""
     import torch
     from transformers import MambaConfig, MambaForCausalLM
 
-    tokenizer = build_tiny_tokenizer("mamba")
+    tokenizer = build_tiny_tokenizer("mamba", extra_corpus=extra_corpus)
     settings = dict(hidden_size=32, num_hidden_layers=2, state_size=8, expand=2, conv_kernel=4, time_step_rank=4,
                     initializer_range=1.0)
     torch.manual_seed(seed)
