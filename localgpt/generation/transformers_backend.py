@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from localgpt.errors import ConfigError, LocalGPTError, ModelNotFound
-from localgpt.generation.base import NO_WORDS, YES_WORDS, GenerationStats, StreamTimer, single_token_ids, yes_share
+from localgpt.generation.base import GenerationStats, StreamTimer, reply_yes_share
 from localgpt.models import FAMILIES, ModelFamily, detect_family, format_prompt, locate_model, missing_model_advice
 
 FALLBACK_FAMILY = "llama2"  # the classic localGPT default, used when a model says nothing about itself
@@ -174,11 +174,9 @@ class TransformersGenerator:
 
         text = prompt if isinstance(prompt, str) else self.format(prompt)
         input_ids = self._encode(text, 1)
-        encode = lambda w: self.tokenizer(w, add_special_tokens=False)["input_ids"]  # noqa: E731
         with torch.inference_mode():
             logits = self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits[0, -1]
-        return yes_share(logits.float().cpu().numpy(), single_token_ids(encode, YES_WORDS),
-                         single_token_ids(encode, NO_WORDS))
+        return reply_yes_share(logits.float().cpu().numpy(), self._word_ids)
 
     def stream(self, prompt: str | Sequence[dict], *, max_new_tokens: int | None = None,
                stop: list[str] | None = None) -> Iterator[str]:
@@ -242,6 +240,9 @@ class TransformersGenerator:
                 self.stats.peak_gpu_mib = torch.cuda.max_memory_allocated() / 2**20
 
     # --- helpers ---------------------------------------------------------------------------
+
+    def _word_ids(self, word: str) -> list[int]:
+        return self.tokenizer(word, add_special_tokens=False)["input_ids"]
 
     def _encode(self, text: str, max_new: int):
         bos = self.tokenizer.bos_token

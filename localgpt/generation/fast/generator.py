@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from localgpt.errors import ConfigError, ModelNotFound
-from localgpt.generation.base import NO_WORDS, YES_WORDS, StreamTimer, single_token_ids, yes_share
+from localgpt.generation.base import StreamTimer, reply_yes_share
 from localgpt.generation.fast.engine import Engine
 from localgpt.generation.transformers_backend import (
     FALLBACK_FAMILY, StopScanner, TransformersGenerator, _check_complete, _first_line, _quantization_config,
@@ -47,11 +47,9 @@ class FastGenerator(TransformersGenerator):
         """P(the reply starts with yes) / P(yes or no): the engine's prefill logits over the prompt."""
         text = prompt if isinstance(prompt, str) else self.format(prompt)
         ids = self._encode(text, 1)[0].tolist()[-(self.engine.max_seq - 1):]
-        encode = lambda w: self.tokenizer(w, add_special_tokens=False)["input_ids"]  # noqa: E731
         with self.lock:
             logits = self.engine.next_logits(ids)
-        return yes_share(logits.float().cpu().numpy(), single_token_ids(encode, YES_WORDS),
-                         single_token_ids(encode, NO_WORDS))
+        return reply_yes_share(logits.float().cpu().numpy(), self._word_ids)
 
     def stream(self, prompt: str | Sequence[dict], *, max_new_tokens: int | None = None,
                stop: list[str] | None = None) -> Iterator[str]:
