@@ -80,7 +80,7 @@ def reply_yes_share(logits, encode) -> float | None:
 
 
 def yes_share(logits, yes_ids: Sequence[int], no_ids: Sequence[int]) -> float | None:
-    """P(yes) / (P(yes) + P(no)) of the next token, from its logits; None if neither word is a token."""
+    """P(yes) / (P(yes) + P(no)) of the next token, from its logits; None when either word is no token."""
     import numpy as np
 
     if not yes_ids or not no_ids:
