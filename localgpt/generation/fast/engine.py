@@ -118,25 +118,24 @@ class Engine:
     # --- generating -------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def _prefill(self, ids: list[int], sampled: bool) -> torch.Tensor:
+    def _prompt_logits(self, ids: list[int]) -> torch.Tensor:
+        """One prefill of the cache with ``ids``; the network's logits after the last of them."""
         prompt = torch.tensor([ids], dtype=torch.long, device=self.device)
         if getattr(self.model, "kind", "") == "mamba":
-            logits = self.model.prefill(prompt, self.prefill_chunk)
-        else:
-            logits = self.model.prefill(prompt)
+            return self.model.prefill(prompt, self.prefill_chunk)
+        return self.model.prefill(prompt)
+
+    @torch.inference_mode()
+    def _prefill(self, ids: list[int], sampled: bool) -> torch.Tensor:
+        logits = self._prompt_logits(ids)
         pick = sample if sampled else greedy
         self.token.copy_(pick(logits, self.temperature, self.top_p))
         self.input_pos.fill_(len(ids))
         return self.token
 
-    @torch.inference_mode()
     def next_logits(self, ids: list[int]) -> torch.Tensor:
         """The logits [vocab] after ``ids`` (one prefill; the next ``generate`` prefills anew)."""
-        prompt = torch.tensor([ids], dtype=torch.long, device=self.device)
-        if getattr(self.model, "kind", "") == "mamba":
-            logits = self.model.prefill(prompt, self.prefill_chunk)
-        else:
-            logits = self.model.prefill(prompt)
+        logits = self._prompt_logits(ids)
         return logits.reshape(-1, logits.shape[-1])[-1]
 
     @torch.inference_mode()
