@@ -320,6 +320,8 @@ class QuestionScores:
     contains: float | None = None
     citation_correct: float | None = None  # a cited chunk holds the answer
     citation_source_correct: float | None = None  # a cited chunk comes from an expected file
+    citation_precision: float | None = None  # the share of cited chunks that hold the answer
+    cited_chunks: int | None = None  # how many distinct chunks the answer shows as backing it
     abstained: bool = False
 
     def as_dict(self) -> dict:
@@ -352,7 +354,11 @@ def score_question(result: QuestionResult, ks: Sequence[int] = DEFAULT_KS) -> Qu
         s.f1 = token_f1(text, answers)
         s.contains = float(answer_in_text(answers, text))
         if not result.abstained:
-            s.citation_correct = float(any(answer_in_text(answers, c.text) for c in result.cited))
+            cited = list({(c.chunk_id or c.text): c for c in result.cited}.values())
+            holding = [answer_in_text(answers, c.text) for c in cited]
+            s.citation_correct = float(any(holding))
+            s.cited_chunks = len(cited)
+            s.citation_precision = sum(holding) / len(cited) if cited else 0.0
             s.citation_source_correct = float(
                 any(same_file(f, e) for c in result.cited for f in c.files for e in case.sources)
             )
@@ -467,6 +473,9 @@ def evaluate(
     overall["contains_answer"] = _mean(s.contains for s in gen_answerable)
     overall["citation_correct"] = _mean(s.citation_correct for s in gen_answerable)
     overall["citation_source_correct"] = _mean(s.citation_source_correct for s in gen_answerable)
+    # Citing more chunks makes "a cited chunk holds the answer" easier: these two keep it honest.
+    overall["citation_precision"] = _mean(s.citation_precision for s in gen_answerable)
+    overall["cited_per_answer"] = _mean(s.cited_chunks for s in gen_answerable)
     # Abstention is decided before generation too (the relevance threshold), so a retrieval-only
     # run measures it as well.
     overall["abstention_rate"] = _mean(float(s.abstained) for s in unanswerable)
@@ -624,13 +633,15 @@ def score_beir(
 
 _SECTIONS: list[tuple[str, list[str]]] = [
     ("Retrieval (answerable questions)", ["file_hit@{k}", "file_mrr", "page_hit@{k}", "page_mrr", "answer_in_top{k}", "answer_mrr"]),
-    ("Answers", ["exact_match", "f1", "contains_answer", "citation_correct", "citation_source_correct"]),
+    ("Answers", ["exact_match", "f1", "contains_answer", "citation_correct", "citation_precision", "cited_per_answer",
+                 "citation_source_correct"]),
     ("Abstention", ["abstention_rate", "false_abstention_rate"]),
 ]
 _LABELS = {
     "file_mrr": "file MRR", "page_mrr": "page MRR", "answer_mrr": "answer MRR", "exact_match": "exact match",
     "f1": "token F1", "contains_answer": "contains answer", "citation_correct": "cited chunk holds answer",
-    "citation_source_correct": "cited file is expected", "abstention_rate": "abstains when unanswerable",
+    "citation_source_correct": "cited file is expected",
+    "citation_precision": "cited chunks holding answer (share)", "cited_per_answer": "chunks cited per answer", "abstention_rate": "abstains when unanswerable",
     "false_abstention_rate": "abstains when answerable (lower is better)",
 }
 

@@ -36,6 +36,9 @@ RRF_K = 60
 DUPLICATE_COSINE = 0.97
 SENTENCE_CACHE = 4096  # chunks whose sentence vectors a Retriever keeps
 DF_CAP = 50
+# A Latin-script word of a CJK question in at least this share of the chunks (and DF_CAP of them)
+# is too common to search on its own (Retriever.rare_latin_terms).
+LATIN_COMMON_SHARE = 0.02
 # A sentence's evidence score = cosine similarity + LEXICAL_WEIGHT × the IDF-weighted share of
 # the question's terms it holds: e5 alone rates a sentence that merely shares the topic ("localgpt
 # was built for …") close to one that answers ("… stores their embeddings under local_data/").
@@ -146,7 +149,7 @@ class Retriever:
         self._reranker = None
         # (chunk id, hash of its text) -> its statements and their vectors
         self._sentences: OrderedDict[tuple[str, int], tuple[list[str], np.ndarray]] = OrderedDict()
-        self._df: dict[str, int] = {}  # keyword term -> chunks holding it (up to DF_CAP)
+        self._df: dict[tuple[str, int], int] = {}  # (keyword term, cap) -> chunks holding it, counted up to cap
         self._df_chunks = 0  # the collection's size when _df was filled
 
     @classmethod
@@ -176,7 +179,7 @@ class Retriever:
             candidates = self.store.keyword_search(query, fetch, allowed)
         elif mode == "hybrid":
             rankings = [self.store.dense_search(qvec, fetch, allowed), self.store.keyword_search(query, fetch, allowed)]
-            latin = latin_terms(query)
+            latin = self.rare_latin_terms(query)
             if latin:
                 rankings.append(self.store.keyword_search(latin, fetch, allowed))
             candidates = reciprocal_rank_fusion(rankings)
@@ -209,19 +212,36 @@ class Retriever:
             timings["sentences"] = time.perf_counter() - t0
         return SearchResult(candidates[:k], qvec, timings, evidence)
 
-    def document_frequency(self, term: str, cap: int = DF_CAP) -> int:
-        """In how many chunks a keyword term occurs (counted up to ``cap``: beyond it a term is
-        common, and how common no longer matters to its weight)."""
-        if term not in self._df:
-            self._df[term] = len(self.store.keyword_search(term, cap)) if term.strip() else cap
-        return self._df[term]
+    def rare_latin_terms(self, query: str) -> str:
+        """The Latin-script words of a Chinese or Japanese question that are rare in the collection
+        (names, commands), searched as a ranking of their own. A word in a large share of the
+        chunks ("Debian" in a Debian manual) names no particular passage: its ranking would only
+        push random chunks up, so it is left to the question's own keyword search."""
+        words = latin_terms(query).split()
+        if not words:
+            return ""
+        self._check_df_fresh()
+        cap = max(DF_CAP, math.ceil(LATIN_COMMON_SHARE * self._df_chunks))
+        rare = [w for w in words if min((self.document_frequency(t, cap) for t in keyword_terms(w)), default=cap) < cap]
+        return " ".join(rare)
 
-    def term_weights(self, question: str) -> dict[str, float]:
-        """The question's content terms (stemmed; CJK bigrams) weighted by IDF in this collection."""
+    def _check_df_fresh(self) -> None:
         n = max(self.store.count_chunks(), 1)
         if n != self._df_chunks:  # the collection changed (an ingest meanwhile): counts are stale
             self._df.clear()
             self._df_chunks = n
+
+    def document_frequency(self, term: str, cap: int = DF_CAP) -> int:
+        """In how many chunks a keyword term occurs (counted up to ``cap``: beyond it a term is
+        common, and how common no longer matters to its weight)."""
+        if (term, cap) not in self._df:
+            self._df[term, cap] = len(self.store.keyword_search(term, cap)) if term.strip() else cap
+        return self._df[term, cap]
+
+    def term_weights(self, question: str) -> dict[str, float]:
+        """The question's content terms (stemmed; CJK bigrams) weighted by IDF in this collection."""
+        self._check_df_fresh()
+        n = self._df_chunks
         terms = [t for t in dict.fromkeys(keyword_terms(question)) if t not in QUESTION_WORDS]
         weights: dict[str, float] = {}
         for t in terms:

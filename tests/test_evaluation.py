@@ -165,6 +165,18 @@ def test_answer_citation_and_abstention_counting():
     assert o["abstention_rate"] == pytest.approx(2 / 3)
 
 
+def test_citing_more_chunks_shows_in_precision_not_only_in_correctness():
+    answerable = case("Squid")
+    right = chunk("en/proxy.html", "Falcot selected Squid")
+    others = [chunk("en/a.html", "nothing here"), chunk("en/b.html", "nor here"), chunk("en/c.html", "nor here either")]
+    one = evaluate([QuestionResult(answerable, [right], answer="Squid", cited=[right])]).overall
+    four = evaluate([QuestionResult(answerable, [right], answer="Squid", cited=[right, *others, right])]).overall
+    assert one["citation_correct"] == four["citation_correct"] == 1.0  # any cited chunk with the answer counts
+    assert one["citation_precision"] == 1.0 and one["cited_per_answer"] == 1.0
+    assert four["citation_precision"] == pytest.approx(1 / 4)  # the repeated chunk counts once
+    assert four["cited_per_answer"] == 4.0
+
+
 def test_retrieval_only_run_has_no_answer_metrics():
     report = evaluate([QuestionResult(case(), [chunk("en/proxy.html", "Squid")])])
     assert report.overall["file_hit@1"] == 1.0

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ingest.pipeline import ingest_folder
 from localgpt.chain import QAChain, question_language
 from localgpt.config import Settings
-from localgpt.retrieval import Filters, Retriever, reciprocal_rank_fusion
+from localgpt.retrieval import Evidence, Filters, Retriever, SearchResult, evidence_sentences, reciprocal_rank_fusion
 from localgpt.documents import SourceRef
 from conftest import ingested_collection
 
@@ -93,6 +94,24 @@ def test_extractive_answer_quotes_the_supporting_sentence_with_its_citation(sett
     assert "twice a week" in top.sentence
     cited = answer.citations[top.number - 1]
     assert cited.cited and Path(cited.ref.source).name == "tomatoes.md"
+
+
+def test_quotes_spread_over_the_passages_that_score_close_to_the_best(settings):
+    # Two statements of passage a restate the question best, passage b states the answer a little
+    # lower, passage c is off topic: the quotes take b's statement over a's second best and fill
+    # the third place from a, never from c.
+    chain = QAChain(settings, extractive=True)
+    texts = {"a": "The tunnel is long. The tunnel is in Oslo.", "b": "The tunnel opened in 1990.", "c": "Prune roses in spring."}
+    refs = [SourceRef(cid, text, [f"{cid}.txt"], None, None, 0.0) for cid, text in texts.items()]
+    scores = {"a": [0.90, 0.89], "b": [0.86], "c": [0.60]}
+    evidence = {
+        cid: Evidence(evidence_sentences(texts[cid]), np.array(sc), np.array(sc)) for cid, sc in scores.items()
+    }
+    search = SearchResult(refs, np.zeros(4, dtype=np.float32), {}, evidence)
+    quotes = chain.supporting_sentences("When did the tunnel open?", search.query_vector, refs, search=search)
+    assert [(q.sentence, q.number) for q in quotes] == [
+        ("The tunnel is long.", 1), ("The tunnel is in Oslo.", 1), ("The tunnel opened in 1990.", 2)
+    ]
 
 
 def test_off_topic_question_abstains_without_calling_a_model(settings):
@@ -179,6 +198,17 @@ def test_latin_words_of_a_cjk_question_are_searched_on_their_own():
     assert latin_terms("修改 squidGuard 配置以后需要运行什么命令？") == "squidGuard"
     assert latin_terms("anacron をインストールすると cron.daily は？") == "anacron cron.daily"
     assert latin_terms("What does anacron do?") == ""  # no CJK: the normal keyword search has it all
+
+
+def test_a_latin_word_common_in_the_collection_gets_no_ranking_of_its_own(tmp_path):
+    # "Debian" is in nearly every chunk: searched on its own it would only pull random notes up.
+    docs = {f"notes/{i:02d}.txt": f"Debian note {i}: mirror number {i} syncs every night." for i in range(55)}
+    docs["apparmor.txt"] = "AppArmor profiles can be loaded in enforcing or complaining mode."
+    retriever = Retriever.from_settings(ingested_collection(tmp_path, docs, "latin"))
+    assert retriever.rare_latin_terms("Debian 里 AppArmor 的配置文件可以用哪两种模式加载？") == "AppArmor"
+    assert retriever.rare_latin_terms("Debian 的镜像多久同步一次？") == ""
+    hits = retriever.search("Debian 里 AppArmor 的配置文件可以用哪两种模式加载？", k=3).hits
+    assert names(hits)[0] == "apparmor.txt"
 
 
 def test_dense_search_is_exact_repeatable_and_sees_files_ingested_after_it_opened(tmp_path):
