@@ -11,7 +11,11 @@ scores cannot tell it from an answerable one. Two cheap facts often can:
 * **Names the question is about.** Acronyms and mixed-case names (SELinux, TCP, DHCPv6), names with
   digits (ext4, S3), package- and file-like tokens (apt-cacher-ng, ip_network, cron.daily) and
   capitalised words inside a sentence (Squid, Amazon): if no passage found mentions one of them,
-  the passages are about something else.
+  the passages are about something else. Japanese writes technical loanwords in katakana
+  (フェイルオーバー, ログインシェル): when Japanese passages were found, a katakana term of the question
+  counts as mentioned if at least half of its three-character pieces occur in them (so ディスククォータ
+  is mentioned by クォータ and ディスク; a trailing ー is ignored, ユーザー = ユーザ), and as missing
+  otherwise. English passages are not held to it: a cross-language answer has no katakana.
 
 Both were designed on the dev half of ``bench/eval/qa.jsonl`` and are reported on its test half
 (bench/RESULTS.md). They only ever make the chain abstain, and say why, so a user can rephrase.
@@ -21,6 +25,7 @@ Pure functions, no models.
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -53,6 +58,9 @@ _DATE = re.compile(
 _PATH = re.compile(r"(?:^|[\s(\"'`“「（])(?:~?/[\w.+-]+)+")
 _WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+/-]*[A-Za-z0-9]|[A-Za-z0-9]")
 _NOT_NAMES = frozenset({"e.g", "i.e", "etc", "vs"})
+_KATAKANA_TERM = re.compile(r"[\u30a1-\u30fa\u30fc]{3,}")  # ァ…ヺ and the long-vowel mark ー
+_KANA = re.compile(r"[\u3040-\u30ff]")
+KATAKANA_MENTIONED_SHARE = 0.5
 
 TYPE_WORDS = {
     "en": {"number": "number", "date": "date", "version": "version", "path": "path"},
@@ -136,10 +144,28 @@ def _mentions(name: str, text: str) -> bool:
     return needle in text
 
 
+def katakana_terms(question: str) -> list[str]:
+    """The katakana words of a question (three characters or more, NFKC: half-width kana too)."""
+    text = unicodedata.normalize("NFKC", question)
+    return list(dict.fromkeys(t for t in _KATAKANA_TERM.findall(text) if len(t.rstrip("ー")) >= 3))
+
+
+def _mentions_katakana(term: str, text: str) -> bool:
+    core = term.rstrip("ー")
+    pieces = [core[i : i + 3] for i in range(len(core) - 2)]
+    return sum(p in text for p in pieces) >= KATAKANA_MENTIONED_SHARE * len(pieces)
+
+
 def missing_names(question: str, texts: Iterable[str]) -> list[str]:
-    """The question's names that none of ``texts`` mention (case-insensitive)."""
+    """The question's names that none of ``texts`` mention (case-insensitive), and its katakana
+    terms that the Japanese ones among ``texts`` do not mention (see the module docstring)."""
+    texts = list(texts)
     haystack = "\n".join(texts).casefold()
-    return [n for n in question_names(question) if not _mentions(n, haystack)]
+    missing = [n for n in question_names(question) if not _mentions(n, haystack)]
+    japanese = "\n".join(unicodedata.normalize("NFKC", t) for t in texts if _KANA.search(t))
+    if japanese:
+        missing += [t for t in katakana_terms(question) if not _mentions_katakana(t, japanese)]
+    return missing
 
 
 def evidence_gap(question: str, best_sentences: Sequence[str], passages: Sequence[str]) -> EvidenceGap | None:

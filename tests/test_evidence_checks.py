@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from localgpt.evidence_checks import (
-    EvidenceGap, evidence_gap, expected_answer_type, holds_answer_type, missing_names, question_names,
+    EvidenceGap, evidence_gap, expected_answer_type, holds_answer_type, katakana_terms, missing_names, question_names,
 )
 
 
@@ -64,6 +64,20 @@ def test_question_names_are_acronyms_mixed_case_digits_code_and_capitalised_word
 def test_missing_names_are_matched_without_case_or_possessive():
     assert missing_names("Does Falcot's proxy use Squid?", ["the falcot proxy", "SQUID config"]) == []
     assert missing_names("Does Debian enable SELinux?", ["Debian uses AppArmor."]) == ["SELinux"]
+
+
+def test_katakana_terms_of_a_japanese_question_must_be_in_the_japanese_passages():
+    q = "ISC DHCP サーバのフェイルオーバーはどう設定しますか？"
+    assert katakana_terms(q) == ["サーバ", "フェイルオーバー"]
+    passages = ["ISC DHCP サーバーの設定ファイルは /etc/dhcp/dhcpd.conf です。リース期間も設定できます。"]
+    assert missing_names(q, passages) == ["フェイルオーバー"]  # サーバ = サーバー; failover is never mentioned
+    gap = evidence_gap(q, passages, passages)
+    assert gap == EvidenceGap("names", ("フェイルオーバー",)) and "フェイルオーバー" in gap.explain("ja")
+    # A compound counts as mentioned by its parts; half-width kana are the same words.
+    assert missing_names("ディスククォータを有効にするには？", ["クォータはディスク領域の制限です。"]) == []
+    assert missing_names("ﾃﾞｨｽｸｸｫｰﾀを有効にするには？", ["ディスククォータを設定します。"]) == []
+    # English passages (a cross-language answer) are not held to katakana words.
+    assert missing_names("ディスククォータを有効にするには？", ["Disk quotas limit the space a user may use."]) == []
 
 
 def test_evidence_gap_names_first_then_answer_type():
