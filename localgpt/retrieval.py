@@ -235,7 +235,7 @@ class Retriever:
         """In how many chunks a keyword term occurs (counted up to ``cap``: beyond it a term is
         common, and how common no longer matters to its weight)."""
         if (term, cap) not in self._df:
-            self._df[term, cap] = len(self.store.keyword_search(term, cap)) if term.strip() else cap
+            self._df[term, cap] = self.store.keyword_count(term, cap) if term.strip() else cap
         return self._df[term, cap]
 
     def term_weights(self, question: str) -> dict[str, float]:

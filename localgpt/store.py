@@ -326,12 +326,22 @@ class Store:
             out.update((cid, np.asarray(vec, dtype=np.float32)) for cid, vec in zip(res["ids"], res["embeddings"]))
         return out
 
+    def keyword_count(self, query: str, cap: int) -> int:
+        """How many chunks hold any keyword term of ``query``, counted up to ``cap`` (no ranking)."""
+        match = _fts_match(query)
+        if not match:
+            return 0
+        sql = "SELECT count(*) FROM (SELECT rowid FROM chunks_fts WHERE chunks_fts MATCH ? LIMIT ?)"
+        try:
+            return int(self._db.execute(sql, [match, cap]).fetchone()[0])
+        except sqlite3.OperationalError:
+            return 0
+
     def keyword_search(self, query: str, k: int, allowed: set[str] | None = None) -> list[SourceRef]:
         """BM25 over the FTS5 index; score is FTS5's bm25 negated (higher is better)."""
-        terms = sorted(set(keyword_terms(query)))
-        if not terms:
+        match = _fts_match(query)
+        if not match:
             return []
-        match = " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
         sql = (
             "SELECT c.id, bm25(chunks_fts) AS s FROM chunks_fts JOIN chunks c ON c.rowid = chunks_fts.rowid "
             "WHERE chunks_fts MATCH ?"
@@ -574,3 +584,9 @@ def _like_escape(text: str) -> str:
 def _batched(items: list, size: int) -> Iterator[list]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def _fts_match(query: str) -> str:
+    """An FTS5 query that matches any keyword term of ``query`` ('' when it has none)."""
+    terms = sorted(set(keyword_terms(query)))
+    return " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)

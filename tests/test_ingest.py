@@ -66,6 +66,9 @@ def test_ingest_reads_every_file_and_stores_citable_chunks(tmp_path, settings):
         hits = store.keyword_search("reactor degrees", 3)
         assert hits and hits[0].source.endswith("alpha.md") and "42 degrees" in hits[0].text
         assert hits[0].heading == "Alpha"
+        # Document frequency without ranking: what the search would find, counted up to a cap.
+        assert store.keyword_count("reactor degrees", 10) == len(store.keyword_search("reactor degrees", 10)) >= 1
+        assert store.keyword_count("reactor bridge", 1) == 1 and store.keyword_count("zyxwvut", 10) == 0
         vec = get_embedder(settings.embedder).embed(["Where is the bridge?"], query=True)[0]
         dense = store.dense_search(vec, 1)
         assert dense[0].source.endswith("beta.txt")
