@@ -32,7 +32,7 @@ from localgpt.config import Settings
 from localgpt.documents import SourceRef
 from localgpt.evidence_checks import EvidenceGap, evidence_gap
 from localgpt.retrieval import Filters, Retriever, SearchResult, coverage
-from localgpt.text import has_cjk, split_sentences
+from localgpt.text import has_cjk, has_kana, split_sentences
 
 SYSTEM_PROMPT = (
     "You are a careful assistant that answers questions about the user's documents. "
@@ -89,12 +89,11 @@ TYPE_CHECK_SENTENCES = 3
 # with 0.03 or 0.05). The eval reports how many passages an answer cites and what share hold the answer.
 SUPPORT_SENTENCES = 3
 SUPPORT_SPREAD = 0.1
-_KANA = re.compile(r"[\u3040-\u30ff]")
 _CITE = re.compile(r"\[(\d{1,2})\]")
 
 
 def question_language(text: str) -> str:
-    if _KANA.search(text):
+    if has_kana(text):
         return "ja"
     if has_cjk(text):
         return "zh"

@@ -640,8 +640,8 @@ _SECTIONS: list[tuple[str, list[str]]] = [
 _LABELS = {
     "file_mrr": "file MRR", "page_mrr": "page MRR", "answer_mrr": "answer MRR", "exact_match": "exact match",
     "f1": "token F1", "contains_answer": "contains answer", "citation_correct": "cited chunk holds answer",
-    "citation_source_correct": "cited file is expected",
-    "citation_precision": "cited chunks holding answer (share)", "cited_per_answer": "chunks cited per answer", "abstention_rate": "abstains when unanswerable",
+    "citation_source_correct": "cited file is expected", "citation_precision": "cited chunks holding answer (share)",
+    "cited_per_answer": "chunks cited per answer", "abstention_rate": "abstains when unanswerable",
     "false_abstention_rate": "abstains when answerable (lower is better)",
 }
 

@@ -29,7 +29,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from localgpt.text import has_cjk
+from localgpt.text import has_cjk, has_kana
 
 # Checked in this order: "which year" asks for a date, "how many years" (no date words) for a number.
 ANSWER_TYPES: tuple[tuple[str, re.Pattern[str]], ...] = (
@@ -59,7 +59,6 @@ _PATH = re.compile(r"(?:^|[\s(\"'`“「（])(?:~?/[\w.+-]+)+")
 _WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+/-]*[A-Za-z0-9]|[A-Za-z0-9]")
 _NOT_NAMES = frozenset({"e.g", "i.e", "etc", "vs"})
 _KATAKANA_TERM = re.compile(r"[\u30a1-\u30fa\u30fc]{3,}")  # ァ…ヺ and the long-vowel mark ー
-_KANA = re.compile(r"[\u3040-\u30ff]")
 KATAKANA_MENTIONED_SHARE = 0.5
 
 TYPE_WORDS = {
@@ -162,7 +161,7 @@ def missing_names(question: str, texts: Iterable[str]) -> list[str]:
     texts = list(texts)
     haystack = "\n".join(texts).casefold()
     missing = [n for n in question_names(question) if not _mentions(n, haystack)]
-    japanese = "\n".join(unicodedata.normalize("NFKC", t) for t in texts if _KANA.search(t))
+    japanese = "\n".join(unicodedata.normalize("NFKC", t) for t in texts if has_kana(t))
     if japanese:
         missing += [t for t in katakana_terms(question) if not _mentions_katakana(t, japanese)]
     return missing

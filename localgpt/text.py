@@ -37,6 +37,14 @@ _STOPWORDS = frozenset(
 )
 
 
+_KANA = re.compile(r"[\u3040-\u30ff]")
+
+
+def has_kana(text: str) -> bool:
+    """Whether ``text`` has hiragana or katakana: Japanese rather than Chinese."""
+    return _KANA.search(text) is not None
+
+
 def has_cjk(text: str) -> bool:
     return _CJK_RUN.search(text) is not None
 
