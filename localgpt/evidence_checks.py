@@ -25,11 +25,10 @@ Pure functions, no models.
 from __future__ import annotations
 
 import re
-import unicodedata
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from localgpt.text import has_cjk, has_kana
+from localgpt.text import has_cjk, has_kana, normalize
 
 # Checked in this order: "which year" asks for a date, "how many years" (no date words) for a number.
 ANSWER_TYPES: tuple[tuple[str, re.Pattern[str]], ...] = (
@@ -145,7 +144,7 @@ def _mentions(name: str, text: str) -> bool:
 
 def katakana_terms(question: str) -> list[str]:
     """The katakana words of a question (three characters or more, NFKC: half-width kana too)."""
-    text = unicodedata.normalize("NFKC", question)
+    text = normalize(question)
     return list(dict.fromkeys(t for t in _KATAKANA_TERM.findall(text) if len(t.rstrip("ー")) >= 3))
 
 
@@ -161,7 +160,7 @@ def missing_names(question: str, texts: Iterable[str]) -> list[str]:
     texts = list(texts)
     haystack = "\n".join(texts).casefold()
     missing = [n for n in question_names(question) if not _mentions(n, haystack)]
-    japanese = "\n".join(unicodedata.normalize("NFKC", t) for t in texts if has_kana(t))
+    japanese = "\n".join(normalize(t) for t in texts if has_kana(t))
     if japanese:
         missing += [t for t in katakana_terms(question) if not _mentions_katakana(t, japanese)]
     return missing
