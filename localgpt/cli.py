@@ -600,6 +600,51 @@ def eval_(
         evaluation.render_report(reports[0], console, per_question=per_question)
 
 
+@app.command()
+@run_safely
+def doctor(
+    data_dir: Optional[Path] = DataDirOpt,
+    embedder: Optional[str] = EmbedderOpt,
+    model: Optional[str] = ModelOpt,
+    backend: Optional[str] = BackendOpt,
+    json_out: bool = JsonOpt,
+):
+    """Check what localgpt needs on this machine and say what to fix.
+
+    Python, the torch build, the embedding model, the generator's files, and one generated token
+    from the llama.cpp library, tried in a child process so that a build made for another CPU is
+    reported in words instead of crashing. Exit code 1 when a check fails.
+    """
+    from localgpt.doctor import run_checks
+
+    settings = _settings(data_dir=data_dir, embedder=embedder, model=model, backend=backend)
+    with err_console.status("checking…", spinner="dots") if not json_out else _nullcontext():
+        checks = run_checks(settings)
+    failed = any(c.status == "fail" for c in checks)
+    if json_out:
+        import dataclasses
+
+        print(json.dumps({"ok": not failed, "checks": [dataclasses.asdict(c) for c in checks]}, ensure_ascii=False, indent=2))
+    else:
+        marks = {"ok": "[green]✓[/]", "warn": "[yellow]![/]", "fail": "[bold red]✗[/]"}
+        table = Table(box=box.SIMPLE, show_header=False)
+        table.add_column(width=1)
+        table.add_column(style="bold")
+        table.add_column(overflow="fold")
+        for c in checks:
+            table.add_row(marks[c.status], c.name, c.detail + (f"\n[cyan]fix:[/] {c.fix}" if c.fix else ""))
+        console.print(table)
+        console.print("[bold red]some checks failed[/]" if failed else "[green]localgpt is ready on this machine[/]")
+    if failed:
+        raise typer.Exit(1)
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
 def main() -> None:  # pragma: no cover - console script entry
     app()
 

@@ -26,8 +26,6 @@ class BadFile(LocalGPTError):
         self.transient = transient
 
 
-
-
 class ModelNotFound(LocalGPTError):
     """A model was asked for that is not on this machine; the message says how to provide it."""
 
@@ -42,3 +40,7 @@ class StoreError(LocalGPTError):
 
 class ConfigError(LocalGPTError):
     """A setting has a value localgpt cannot use."""
+
+
+class NativeCrash(LocalGPTError):
+    """A native library (llama.cpp, an embedding engine) crashed or failed when tried in a child process."""

@@ -6,12 +6,16 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import tempfile
 
 import pytest
 
 from localgpt.offline import enforce_offline
 
 enforce_offline()
+# The llama.cpp load guard remembers its checks under $XDG_CACHE_HOME: the suite (and its child
+# processes) use a folder of their own, never the user's ~/.cache.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="localgpt-test-cache-")
 
 
 class NetworkForbidden(AssertionError):

@@ -205,10 +205,12 @@ def _family_name(path: Path, configured: str | None, Llama: Any) -> str:
 
 
 def load_llama_cpp_generator(path: Path, settings: Any) -> LlamaCppGenerator:
-    try:
-        from llama_cpp import Llama
-    except ImportError as exc:
-        raise ConfigError("backend 'llamacpp' needs llama-cpp-python: pip install 'localgpt[llamacpp]'") from exc
+    if not llama_cpp_available():
+        raise ConfigError("backend 'llamacpp' needs llama-cpp-python: run ./install.sh")
+    from localgpt.doctor import guard_llama_cpp
+
+    guard_llama_cpp(path)  # a build that crashes on this CPU raises NativeCrash here, not SIGILL below
+    from llama_cpp import Llama
 
     family = FAMILIES.get(_family_name(path, settings.family, Llama) or "")
     if family is None:
