@@ -357,25 +357,7 @@ class QAChain:
         hits = inputs["search"].hits
         if self.extractive or self.generator is None or inputs["verdict"].abstain:
             return hits  # abstaining or extractive: no model window to fit
-        gen = self.generator
-        budget = (
-            gen.context_window
-            - self.settings.max_new_tokens
-            - gen.count_tokens(SYSTEM_PROMPT + inputs["question"])
-            - 64  # template tokens and numbering
-        )
-        packed: list[SourceRef] = []
-        for ref in hits:
-            cost = gen.count_tokens(ref.text) + 8
-            if cost > budget:
-                if not packed and budget > 32:
-                    ratio = budget / cost
-                    ref = SourceRef(**{**ref.__dict__, "text": ref.text[: max(1, int(len(ref.text) * ratio))]})
-                    packed.append(ref)
-                break
-            packed.append(ref)
-            budget -= cost
-        return packed
+        return pack_context(hits, inputs["question"], self.generator, self.settings.max_new_tokens)
 
     # ---------------------------------------------------------------- public API
     def stream(
@@ -480,6 +462,30 @@ class QAChain:
         picked += [r for r in ranked if r not in picked][: top - len(picked)]
         picked.sort(key=lambda r: r[0], reverse=True)
         return [Support(sentence, number, sim) for _, sentence, number, sim in picked]
+
+
+def pack_context(hits: Sequence[SourceRef], question: str, generator: Any, max_new_tokens: int) -> list[SourceRef]:
+    """The chunks in rank order while they fit ``generator``'s window (its ``context_window`` and
+    ``count_tokens``), leaving room for the answer; a first chunk too long for it is cut to fit.
+    ``localgpt eval`` measures whether the answer is in what this returns."""
+    budget = (
+        generator.context_window
+        - max_new_tokens
+        - generator.count_tokens(SYSTEM_PROMPT + question)
+        - 64  # template tokens and numbering
+    )
+    packed: list[SourceRef] = []
+    for ref in hits:
+        cost = generator.count_tokens(ref.text) + 8
+        if cost > budget:
+            if not packed and budget > 32:
+                ratio = budget / cost
+                ref = SourceRef(**{**ref.__dict__, "text": ref.text[: max(1, int(len(ref.text) * ratio))]})
+                packed.append(ref)
+            break
+        packed.append(ref)
+        budget -= cost
+    return packed
 
 
 def _says_unknown(text: str) -> bool:

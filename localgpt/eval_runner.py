@@ -92,16 +92,20 @@ def run_qa(
     tick: Tick | None = None, retrieve_k: int = 10,
 ) -> EvalReport:
     """Every question through retrieval (top ``retrieve_k`` for the retrieval metrics) and, unless
-    ``retrieval_only``, through the whole chain (answer, citations, abstention)."""
+    ``retrieval_only``, through the whole chain (answer, citations, abstention). The top k are also
+    packed as the chain packs them for the generator (``context_packer``)."""
     from localgpt.chain import QAChain
 
     chain = QAChain(settings)
+    pack, packed_for = context_packer(chain, settings, retrieval_only=retrieval_only)
     results: list[QuestionResult] = []
     for case in cases:
         t0 = time.perf_counter()
         search = chain.retriever.search(case.question, k=max(retrieve_k, settings.k))
         timings = {"retrieve": time.perf_counter() - t0}
         result = QuestionResult(case, [RetrievedChunk.from_source_ref(h) for h in search.hits], timings=timings)
+        if pack is not None:
+            result.context = [RetrievedChunk.from_source_ref(r) for r in pack(case.question, search.hits[: settings.k])]
         if retrieval_only:
             result.abstained = chain.should_abstain(case.question, search)[0]
         else:
@@ -120,7 +124,43 @@ def run_qa(
         if tick:
             tick()
     config = {k: v for k, v in settings.model_dump(mode="json").items() if k in _CONFIG_KEYS}
+    if packed_for:
+        config["context_packed_for"] = packed_for
     return evaluate(results, name=name, config=config)
+
+
+def context_packer(chain, settings: Settings, *, retrieval_only: bool = False):
+    """``(pack, description)``: ``pack(question, top_k_hits)`` gives the chunks the chain would put in
+    the generator's prompt (``localgpt.chain.pack_context``: rank order while they fit the window,
+    leaving ``max_new_tokens``), and which generator's window that is; ``(None, None)`` when it cannot
+    be measured cheaply. A generating run packs for its own generator. Retrieval-only and extractive
+    runs pack for the generator the settings name (the embedded SmolLM2 unless ``--model``): it is
+    loaded to read its window and tokenizer, never run, and only when it is a local GGUF file (a
+    llama.cpp load of well under a second for the embedded model)."""
+    from localgpt.chain import pack_context
+    from localgpt.errors import LocalGPTError
+
+    generator = None
+    if not retrieval_only and not chain.extractive:
+        generator = chain.generator
+    else:
+        from localgpt.generation import get_generator, resolve_backend
+
+        gen_settings = settings if settings.backend != "extractive" else settings.with_overrides(backend="auto")
+        try:
+            if resolve_backend(gen_settings) in ("gguf", "llamacpp"):
+                generator = get_generator(gen_settings)
+        except LocalGPTError:
+            generator = None
+    if generator is None:
+        return None, None
+    max_new = settings.max_new_tokens
+
+    def pack(question: str, hits):
+        return pack_context(hits, question, generator, max_new)
+
+    name = getattr(generator, "name", type(generator).__name__)
+    return pack, f"{name}, window {generator.context_window} tokens, {max_new} kept for the answer"
 
 
 _CONFIG_KEYS = ("collection", "embedder", "chunk_size", "chunk_overlap", "retrieval_mode", "k", "score_threshold",

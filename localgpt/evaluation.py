@@ -115,6 +115,9 @@ class EvalCase:
     doc_lang: str | None = None  # language of the source document, for cross-language counts
     id: str = ""
     line: int = 0
+    kind: str | None = None  # e.g. answerable, adversarial, held-out, cut (bench/eval_public.py)
+    split: str | None = None  # "dev" or "test" when the file says which half a question is in
+    set: str | None = None  # the public set a question comes from
 
     @property
     def answerable(self) -> bool:
@@ -133,7 +136,8 @@ class EvalCase:
         return bool(self.lang and self.doc_lang and self.lang != self.doc_lang)
 
 
-_KNOWN_FIELDS = {"id", "question", "answer", "aliases", "source", "sources", "page", "quote", "lang", "doc_lang", "notes"}
+_KNOWN_FIELDS = {"id", "question", "answer", "aliases", "source", "sources", "page", "quote", "lang", "doc_lang", "notes",
+                 "kind", "split", "set"}
 
 
 def parse_qa_line(record: Any, line: int, name: str = "<qa>") -> EvalCase:
@@ -169,13 +173,16 @@ def parse_qa_line(record: Any, line: int, name: str = "<qa>") -> EvalCase:
     page = record.get("page")
     if page is not None and (isinstance(page, bool) or not isinstance(page, int) or page < 1):
         raise QAFileError(f"{where}: 'page' must be a positive integer (1-based) or absent")
-    for key in ("quote", "lang", "doc_lang", "id"):
+    for key in ("quote", "lang", "doc_lang", "id", "kind", "split", "set"):
         if record.get(key) is not None and not isinstance(record[key], str):
             raise QAFileError(f"{where}: '{key}' must be a string")
+    if record.get("split") not in (None, "dev", "test"):
+        raise QAFileError(f"{where}: 'split' must be 'dev' or 'test'")
     case = EvalCase(
         question=question.strip(), answer=answer.strip(), aliases=[a.strip() for a in aliases if a.strip()],
         sources=sources, page=page, quote=record.get("quote"), lang=record.get("lang"),
         doc_lang=record.get("doc_lang"), id=record.get("id") or f"q{line}", line=line,
+        kind=record.get("kind"), split=record.get("split"), set=record.get("set"),
     )
     if case.answerable and not sources:
         raise QAFileError(f"{where}: an answerable question needs its 'source' file")
@@ -214,14 +221,21 @@ SPLITS = ("all", "dev", "test")
 def split_cases(cases: Sequence[EvalCase], part: str) -> list[EvalCase]:
     """The ``dev`` or ``test`` half of a question set (``all``: every question).
 
-    Tuning reads only ``dev``; results are reported on ``test``. The split depends on the
-    question ids alone (sha256 order, alternating inside each group of question language ×
-    answerable × cross-language), so each half has the same mix of languages and kinds.
+    Tuning reads only ``dev``; results are reported on ``test``. Questions that name their half
+    (a ``split`` field, as bench/eval_public.py writes: split by article) are taken as named.
+    Otherwise the split depends on the question ids alone (sha256 order, alternating inside each
+    group of question language × answerable × cross-language), so each half has the same mix of
+    languages and kinds.
     """
     if part == "all":
         return list(cases)
     if part not in SPLITS:
         raise QAFileError(f"unknown split {part!r}: use {', '.join(SPLITS)}")
+    named = [c for c in cases if c.split]
+    if named:
+        if len(named) != len(cases):
+            raise QAFileError(f"{len(named)} of {len(cases)} questions name their split: give every question one, or none")
+        return [c for c in cases if c.split == part]
     import hashlib
 
     groups: dict[tuple, list[EvalCase]] = {}
@@ -289,6 +303,9 @@ class QuestionResult:
     abstained: bool = False
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     error: str | None = None
+    # The chunks the chain packs into the generator's prompt (its top k while they fit the window);
+    # None when not measured.
+    context: list[RetrievedChunk] | None = None
 
 
 def same_file(found: str, expected: str) -> bool:
@@ -323,6 +340,8 @@ class QuestionScores:
     citation_precision: float | None = None  # the share of cited chunks that hold the answer
     cited_chunks: int | None = None  # how many distinct chunks the answer shows as backing it
     abstained: bool = False
+    answer_in_context: float | None = None  # a chunk of the packed context holds the answer
+    context_chunks: int | None = None  # how many chunks were packed
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -334,6 +353,8 @@ def score_question(result: QuestionResult, ks: Sequence[int] = DEFAULT_KS) -> Qu
     case = result.case
     s = QuestionScores(id=case.id, answerable=case.answerable, abstained=result.abstained)
     chunks = result.retrieved
+    if result.context is not None:
+        s.context_chunks = len(result.context)
     if case.sources:
         s.file_rank = _first_rank(chunks, lambda c: any(same_file(f, e) for f in c.files for e in case.sources))
         for k in ks:
@@ -348,6 +369,8 @@ def score_question(result: QuestionResult, ks: Sequence[int] = DEFAULT_KS) -> Qu
         return s
     answers = case.answers
     s.answer_rank = _first_rank(chunks, lambda c: answer_in_text(answers, c.text))
+    if result.context is not None:
+        s.answer_in_context = float(any(answer_in_text(answers, c.text) for c in result.context))
     if result.answer is not None:
         text = "" if result.abstained else result.answer
         s.exact = exact_match(text, answers)
@@ -408,6 +431,8 @@ class EvalReport:
     latency: dict[str, dict[str, float]]
     ks: tuple[int, ...] = DEFAULT_KS
     config: dict[str, Any] = field(default_factory=dict)
+    # Per group of questions (each language, each kind, each language × kind; see ``breakdown``).
+    breakdown: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self, *, chunk_text: bool = True) -> dict:
         """JSON-ready: overall metrics, counts, latency, and per question its ranked chunks."""
@@ -425,8 +450,12 @@ class EvalReport:
                 "cited": [{"source": c.source, "page": c.page} for c in result.cited],
                 "timings": result.timings, "error": result.error, "scores": score.as_dict(), "retrieved": chunks,
             })
+            questions[-1].update({key: getattr(case, key) for key in ("kind", "split", "set") if getattr(case, key)})
+            if result.context is not None:
+                questions[-1]["context"] = [{"source": c.source, "page": c.page, "chunk_id": c.chunk_id}
+                                            for c in result.context]
         return {"name": self.name, "config": self.config, "ks": list(self.ks), "counts": self.counts,
-                "overall": self.overall, "latency": self.latency, "questions": questions}
+                "overall": self.overall, "breakdown": self.breakdown, "latency": self.latency, "questions": questions}
 
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(**kwargs), ensure_ascii=False, indent=1)
@@ -440,10 +469,20 @@ def evaluate(
 
     Retrieval metrics are over answerable questions with a source (page metrics over those with a
     page too); answer and citation metrics over answerable questions that were generated for;
-    abstention over unanswerable ones and false abstention over answerable ones.
+    abstention over unanswerable ones and false abstention over answerable ones. The same metrics
+    per language and per kind of question come in ``breakdown`` when the set has more than one.
     """
     ks = tuple(sorted(set(ks)))
     scores = [score_question(r, ks) for r in results]
+    overall, counts = _aggregate(results, scores, ks)
+    return EvalReport(name=name, results=list(results), scores=scores, overall=overall, counts=counts,
+                      latency=latency_summary(r.timings for r in results), ks=ks, config=dict(config or {}),
+                      breakdown=breakdown(results, scores, ks))
+
+
+def _aggregate(
+    results: Sequence[QuestionResult], scores: Sequence[QuestionScores], ks: Sequence[int],
+) -> tuple[dict[str, float | None], dict[str, int]]:
     answerable = [s for s in scores if s.answerable]
     unanswerable = [s for s in scores if not s.answerable]
     with_source = [s for r, s in zip(results, scores) if s.answerable and r.case.sources]
@@ -467,6 +506,10 @@ def evaluate(
     overall["file_mrr"] = mrr(s.file_rank for s in with_source)
     overall["page_mrr"] = mrr(s.page_rank for s in with_page)
     overall["answer_mrr"] = mrr(s.answer_rank for s in answerable)
+    # What the generator is given: the top k as packed into its window (chunk size and k compared at
+    # the same context budget), and how many chunks that is.
+    overall["answer_in_context"] = _mean(s.answer_in_context for s in answerable)
+    overall["context_chunks"] = _mean(s.context_chunks for s in scores)
     gen_answerable = [s for r, s in generated if s.answerable]
     overall["exact_match"] = _mean(s.exact for s in gen_answerable)
     overall["f1"] = _mean(s.f1 for s in gen_answerable)
@@ -486,8 +529,51 @@ def evaluate(
         "cross_language": sum(1 for r in results if r.case.answerable and r.case.cross_language),
         "errors": sum(1 for r in results if r.error),
     }
-    return EvalReport(name=name, results=list(results), scores=scores, overall=overall, counts=counts,
-                      latency=latency_summary(r.timings for r in results), ks=ks, config=dict(config or {}))
+    return overall, counts
+
+
+BREAKDOWN_FIELDS = ("lang", "kind")
+KIND_ORDER = ("answerable", "adversarial", "held-out", "cut", "unanswerable")
+
+
+def _group_value(case: EvalCase, key: str) -> str:
+    if key == "kind":  # a set without kinds: answerable or not
+        return case.kind or ("answerable" if case.answerable else "unanswerable")
+    return getattr(case, key) or "–"
+
+
+def breakdown(
+    results: Sequence[QuestionResult], scores: Sequence[QuestionScores], ks: Sequence[int] = DEFAULT_KS,
+    by: Sequence[str] = BREAKDOWN_FIELDS,
+) -> list[dict[str, Any]]:
+    """The metrics per group of questions: each value of each field of ``by`` that the set uses
+    (language; kind when the questions name theirs), then every combination of two fields.
+    A field with a single value makes no groups. Each row: ``group`` ({field: value}), counts,
+    the metrics of ``evaluate`` and ``retrieve_p50`` (seconds)."""
+    used = [key for key in by if (key != "kind" or any(r.case.kind for r in results))
+            and len({_group_value(r.case, key) for r in results}) > 1]
+    if not used:
+        return []
+
+    def order(key: str, value: str):
+        return (KIND_ORDER.index(value) if value in KIND_ORDER else len(KIND_ORDER), value) if key == "kind" else (0, value)
+
+    combos: list[tuple[str, ...]] = [(key,) for key in used]
+    if len(used) == 2:
+        combos.append(tuple(used))
+    rows = []
+    for fields in combos:
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for i, r in enumerate(results):
+            groups.setdefault(tuple(_group_value(r.case, f) for f in fields), []).append(i)
+        for values in sorted(groups, key=lambda v: [order(f, x) for f, x in zip(fields, v)]):
+            members = groups[values]
+            overall, counts = _aggregate([results[i] for i in members], [scores[i] for i in members], ks)
+            retrieve = [results[i].timings["retrieve"] for i in members if "retrieve" in results[i].timings]
+            rows.append({"group": dict(zip(fields, values)), "counts": counts,
+                         **{k: v for k, v in overall.items() if v is not None},
+                         "retrieve_p50": percentile(retrieve, 50) if retrieve else None})
+    return rows
 
 
 def report_from_dict(data: Mapping[str, Any]) -> EvalReport:
@@ -497,18 +583,23 @@ def report_from_dict(data: Mapping[str, Any]) -> EvalReport:
     for q in data.get("questions", []):
         case = EvalCase(question=q["question"], answer=q.get("expected_answer") or "", aliases=q.get("aliases") or [],
                         sources=q.get("expected_sources") or [], page=q.get("expected_page"), lang=q.get("lang"),
-                        id=q["id"])
+                        id=q["id"], kind=q.get("kind"), split=q.get("split"), set=q.get("set"))
         chunks = [RetrievedChunk(source=c["source"], page=c.get("page"), score=c.get("score", 0.0), text=c.get("text", ""),
                                  also_in=tuple(c.get("also_in", ()))) for c in q.get("retrieved", [])]
         cited = [RetrievedChunk(source=c["source"], page=c.get("page"), score=0.0, text="") for c in q.get("cited", [])]
+        context = None if q.get("context") is None else [
+            RetrievedChunk(source=c["source"], page=c.get("page"), score=0.0, text="", chunk_id=c.get("chunk_id", ""))
+            for c in q["context"]]
         results.append(QuestionResult(case=case, retrieved=chunks, answer=q.get("answer"), cited=cited,
-                                      abstained=bool(q.get("abstained")), timings=q.get("timings") or {}, error=q.get("error")))
+                                      abstained=bool(q.get("abstained")), timings=q.get("timings") or {}, error=q.get("error"),
+                                      context=context))
         sd = dict(q.get("scores") or {})
         sd["file_recall"] = {int(k): v for k, v in (sd.get("file_recall") or {}).items()}
         scores.append(QuestionScores(**{k: v for k, v in sd.items() if k in QuestionScores.__dataclass_fields__}))
     return EvalReport(name=data.get("name", "run"), results=results, scores=scores, overall=dict(data["overall"]),
                       counts=dict(data.get("counts", {})), latency=dict(data.get("latency", {})),
-                      ks=tuple(data.get("ks", DEFAULT_KS)), config=dict(data.get("config", {})))
+                      ks=tuple(data.get("ks", DEFAULT_KS)), config=dict(data.get("config", {})),
+                      breakdown=list(data.get("breakdown", [])))
 
 
 # ------------------------------------------------------------------------------------- BEIR
@@ -632,7 +723,8 @@ def score_beir(
 # ---------------------------------------------------------------------------------- rendering
 
 _SECTIONS: list[tuple[str, list[str]]] = [
-    ("Retrieval (answerable questions)", ["file_hit@{k}", "file_mrr", "page_hit@{k}", "page_mrr", "answer_in_top{k}", "answer_mrr"]),
+    ("Retrieval (answerable questions)", ["file_hit@{k}", "file_mrr", "page_hit@{k}", "page_mrr", "answer_in_top{k}", "answer_mrr",
+                                          "answer_in_context", "context_chunks"]),
     ("Answers", ["exact_match", "f1", "contains_answer", "citation_correct", "citation_precision", "cited_per_answer",
                  "citation_source_correct"]),
     ("Abstention", ["abstention_rate", "false_abstention_rate"]),
@@ -643,6 +735,8 @@ _LABELS = {
     "citation_source_correct": "cited file is expected", "citation_precision": "cited chunks holding answer (share)",
     "cited_per_answer": "chunks cited per answer", "abstention_rate": "abstains when unanswerable",
     "false_abstention_rate": "abstains when answerable (lower is better)",
+    "answer_in_context": "answer in packed context (what the generator sees)",
+    "context_chunks": "chunks in packed context (all questions)",
 }
 
 
@@ -692,10 +786,34 @@ def render_report(report: EvalReport, console: Any = None, *, per_question: bool
         else:
             table.add_row(f"  {_label(metric)}", _fmt(report.overall[metric]))
     console.print(table)
+    if report.breakdown:
+        console.print(breakdown_table(report))
     if report.latency:
         console.print(_latency_table(report.latency, f"{report.name} — latency (ms)"))
     if per_question:
         console.print(_question_table(report))
+
+
+def breakdown_table(report: EvalReport):
+    """One row per group of ``report.breakdown``: answer in top-5 and in the packed context, file MRR,
+    abstention on unanswerable and on answerable questions, retrieve p50."""
+    from rich.table import Table
+
+    k = 5 if 5 in report.ks else max(report.ks)
+    columns = [("group", None), ("answerable / unanswerable", None), (f"answer in top-{k}", f"answer_in_top{k}"),
+               ("answer in packed context", "answer_in_context"), ("file MRR", "file_mrr"),
+               ("abstention (unanswerable)", "abstention_rate"), ("false abstention", "false_abstention_rate"),
+               ("retrieve p50 ms", "retrieve_p50")]
+    table = Table(title=f"{report.name} — per group", title_justify="left")
+    for title, _ in columns:
+        table.add_column(title, justify="left" if title == "group" else "right")
+    for row in report.breakdown:
+        cells = [" / ".join(row["group"].values()), f"{row['counts']['answerable']} / {row['counts']['unanswerable']}"]
+        for _, key in columns[2:]:
+            value = row.get(key)
+            cells.append("–" if value is None else f"{value * 1000:.0f}" if key == "retrieve_p50" else f"{value:.3f}")
+        table.add_row(*cells)
+    return table
 
 
 def _latency_table(latency: Mapping[str, Mapping[str, float]], title: str):
@@ -758,6 +876,9 @@ def render_comparison(a: EvalReport, b: EvalReport, console: Any = None) -> None
         ma, mb = a.latency[stage]["p50"] * 1000, b.latency[stage]["p50"] * 1000
         table.add_row(f"  latency {stage} p50 (ms)", f"{ma:.0f}", f"{mb:.0f}", f"{mb - ma:+.0f}")
     console.print(table)
+    for report in (a, b):
+        if report.breakdown:
+            console.print(breakdown_table(report))
 
 
 def render_beir(scores: Sequence[BeirScores], console: Any = None, *, dataset: str = "") -> None:
