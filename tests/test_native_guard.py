@@ -144,3 +144,21 @@ def test_doctor_passes_on_this_install(tmp_path, subprocess_env):
     done = _cli(subprocess_env, tmp_path, "doctor", "--data-dir", str(tmp_path / "data"))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "one token generated" in done.stdout and "ready on this machine" in done.stdout
+
+
+def test_the_web_page_reports_a_crashing_llama_cpp_in_words(tmp_path, crashing_llama_cpp, monkeypatch):
+    pytest.importorskip("streamlit")
+    from streamlit.testing.v1 import AppTest
+
+    from conftest import ingested_collection
+
+    settings = ingested_collection(tmp_path, DOCS, "default")
+    monkeypatch.setenv("LOCALGPT_DATA_DIR", str(settings.data_dir))
+    monkeypatch.setenv("LOCALGPT_BACKEND", "auto")
+    monkeypatch.chdir(tmp_path)
+    at = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "ui" / "app.py"), default_timeout=120)
+    at.run()
+    at.chat_input[0].set_value("At what temperature does the alpha reactor run?").run()
+    assert not at.exception, at.exception
+    message = at.chat_message[1].error[0].value
+    assert "illegal instruction" in message and "Traceback" not in message
