@@ -19,10 +19,17 @@ from localgpt.text import split_sentences
 TokenCounter = Callable[[str], int]
 
 
+# No language averages this many characters per token: a unit longer than chunk_size times this
+# cannot fit a chunk and is cut without being measured whole, and no cut stretch is longer (a
+# tokenizer may count a run it does not know as one token: BERT's [UNK] takes a 100-letter word).
+MAX_CHARS_PER_TOKEN = 16
+
+
 @dataclass
 class _Piece:
     text: str
     tokens: int
+    sentence: bool = True  # False for a stretch cut out of a sentence: overlap repeats whole sentences only
 
 
 def chunk_id(sha256: str, index: int) -> str:
@@ -108,7 +115,7 @@ def _overlap_tail(window: list[_Piece], overlap: int) -> tuple[list[_Piece], int
     tail: list[_Piece] = []
     total = 0
     for piece in reversed(window):
-        if total + piece.tokens > overlap:
+        if not piece.sentence or total + piece.tokens > overlap:
             break
         tail.insert(0, piece)
         total += piece.tokens
@@ -117,14 +124,16 @@ def _overlap_tail(window: list[_Piece], overlap: int) -> tuple[list[_Piece], int
 
 def _element_pieces(el: Element, count: TokenCounter, size: int) -> list[_Piece]:
     text = el.text.strip()
-    sep = "\n" if el.kind in ("title", "list", "table", "code") else " "
-    tokens = count(text)
-    if el.kind in ("title", "list", "table", "code") and tokens <= size:
-        return [_Piece(text + "\n", tokens)]  # keep the element whole
+    whole = el.kind in ("title", "list", "table", "code")
+    sep = "\n" if whole else " "
+    if whole:
+        tokens = _measure(text, count, size)
+        if tokens <= size:
+            return [_Piece(text + "\n", tokens)]  # keep the element whole
     units = text.splitlines(keepends=True) if el.kind in ("table", "code") else split_sentences(text)
     pieces: list[_Piece] = []
     for unit in units:
-        n = count(unit)
+        n = _measure(unit, count, size)
         if n <= size:
             pieces.append(_Piece(unit, n))
         else:
@@ -132,32 +141,42 @@ def _element_pieces(el: Element, count: TokenCounter, size: int) -> list[_Piece]
     if pieces:
         last = pieces[-1]
         if not last.text.endswith(("\n", " ")):
-            pieces[-1] = _Piece(last.text + sep, last.tokens)
+            pieces[-1] = _Piece(last.text + sep, last.tokens, last.sentence)
     return pieces
 
 
+def _measure(text: str, count: TokenCounter, size: int) -> int:
+    """Tokens of ``text``, or ``size + 1`` for a text too long to fit whatever it holds (not
+    tokenized: a 30 MB line is cut by ``_hard_split`` and measured there, one stretch at a time)."""
+    return count(text) if len(text) <= size * MAX_CHARS_PER_TOKEN else size + 1
+
+
 def _hard_split(text: str, count: TokenCounter, size: int) -> list[_Piece]:
-    """A sentence longer than a chunk: cut at spaces when there are any, else between characters
-    (Chinese and Japanese have no spaces), each part as long as fits."""
+    """A unit longer than a chunk (a minified file, a base64 blob, Chinese without punctuation):
+    stretches of about an eighth of a chunk, cut at a space when the stretch's second half has one,
+    else between characters (Chinese and Japanese have no spaces), each tokenized once; ``_pack``
+    then fills chunks with them. Linear in the text's length: measuring ever longer prefixes of
+    the rest, as a binary search for the longest one that fits does, made a 30 MB line quadratic."""
+    target = max(4, size // 8)  # tokens a stretch aims at
+    longest = size * MAX_CHARS_PER_TOKEN
+    per_token = 4.0  # characters per token, learnt from the stretch before
     parts: list[_Piece] = []
-    rest = text
-    while rest:
-        lo, hi = 1, len(rest)
-        # Binary search for the longest prefix that fits.
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if count(rest[:mid]) <= size:
-                lo = mid
-            else:
-                hi = mid - 1
-        cut = lo
-        if cut < len(rest):
-            space = rest.rfind(" ", 0, cut)
-            if space > cut // 2:
-                cut = space + 1
-        part = rest[:cut]
-        parts.append(_Piece(part, count(part)))
-        rest = rest[cut:]
+    start = 0
+    while start < len(text):
+        want = max(1, min(longest, int(target * per_token)))
+        while True:
+            end = min(len(text), start + want)
+            if end < len(text):
+                space = text.rfind(" ", start + want // 2, end)
+                if space >= 0:
+                    end = space + 1
+            tokens = count(text[start:end])
+            if tokens <= size or want == 1:
+                break
+            want = max(1, want * target // tokens)  # denser than the stretch before: shorter
+        parts.append(_Piece(text[start:end], tokens, sentence=False))
+        per_token = (end - start) / max(1, tokens)
+        start = end
     return parts
 
 

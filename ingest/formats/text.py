@@ -101,15 +101,17 @@ def read_text(data: bytes) -> ElementList:
 
 # --- Markdown and reStructuredText -------------------------------------------------------
 
-_ATX = re.compile(r"^ {0,3}(#{1,6})\s+(.*?)(?:\s+#+)?\s*$")
+_ATX = re.compile(r"^ {0,3}(#{1,6})\s+(.*)$")  # the closing #s are cut by _atx_text, not by a lazy .*?
 _FENCE = re.compile(r"^ {0,3}(```+|~~~+)")
 _LIST = re.compile(r"^\s*(?:[-*+•]|\d+[.)]|#\.)\s+")
 _TABLE_RULE = re.compile(r"^\s*\|?\s*:?-{2,}:?\s*(?:\|\s*:?-{2,}:?\s*)*\|?\s*$")
 _RST_ADORN = re.compile(r"^([=\-~^\"'`#*+<>:._])\1{2,}\s*$")
-_LINK = re.compile(r"!?\[([^\]]*)\]\([^)]*\)")
+# Spans are bounded: an unclosed [ or ` must not scan the rest of a megabyte line from every
+# opener (quadratic: 40 KB of "`a " took 43 s); markup longer than this stays as it is.
+_LINK = re.compile(r"!?\[([^\]]{0,500})\]\([^)]{0,2000}\)")
 _RST_ROLE = re.compile(r":[\w-]+:`([^`<]*?)(?:\s*<[^>]*>)?`")
 _RST_LINK = re.compile(r"`([^`<]+?)\s*<[^>]*>`_+")
-_EMPHASIS = re.compile(r"(\*\*|__|\*|`+)(?=\S)(.+?)(?<=\S)\1")
+_EMPHASIS = re.compile(r"(\*\*|__|\*|`+)(?=\S)(.{1,300}?)(?<=\S)\1")
 
 
 def _inline_markup(text: str) -> str:
@@ -161,7 +163,7 @@ def read_markup(data: bytes, *, rst: bool = False) -> ElementList:
         atx = None if rst else _ATX.match(line)
         if atx:
             flush()
-            out.title(_inline_markup(atx.group(2)))
+            out.title(_inline_markup(_atx_text(atx.group(2))))
             i += 1
             continue
         if rst and _RST_ADORN.match(line) and nxt.strip() and i + 2 < len(lines) and _RST_ADORN.match(lines[i + 2]):
@@ -216,6 +218,15 @@ def read_markup(data: bytes, *, rst: bool = False) -> ElementList:
         i += 1
     flush()
     return out
+
+
+def _atx_text(text: str) -> str:
+    """A heading's text without trailing spaces and the optional closing #s ("## Title ##")."""
+    text = text.rstrip()
+    bare = text.rstrip("#")
+    if bare != text and bare[-1:].isspace():
+        text = bare.rstrip()
+    return text
 
 
 def _cells(line: str) -> list[str]:
