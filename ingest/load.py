@@ -13,9 +13,13 @@ import errno
 import os
 import stat
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 from localgpt.documents import LoadedDocument
 from localgpt.errors import BadFile, UnsupportedFile
+
+if TYPE_CHECKING:
+    from ingest.formats.elements import ElementList
 
 SUPPORTED_FORMATS: dict[str, str] = {
     ".pdf": "PDF: text per page, headings by font size; scanned pages OCRed when tesseract is installed",
@@ -39,6 +43,19 @@ SUPPORTED_FORMATS: dict[str, str] = {
     ".jsonl": "JSON Lines: one record per line",
     ".xml": "XML: element text as 'tag: text' lines",
 }
+
+
+_READERS: dict[str, Callable[[bytes], ElementList]] = {}  # readers registered for other extensions
+
+
+def register_reader(ext: str, description: str, read: Callable[[bytes], ElementList]) -> None:
+    """Read files ending in ``ext`` with ``read`` (the file's bytes to an ``ElementList``). To take
+    effect it must run in every process involved: the one that ingests (it decides which files are
+    supported) and the parser processes it starts (e.g. from a ``sitecustomize`` module, as the
+    parse time budget's test registers a reader that never finishes)."""
+    ext = ext.lower()
+    SUPPORTED_FORMATS[ext] = description
+    _READERS[ext] = read
 
 
 def load_file(path: Path, *, ocr: bool = True, max_bytes: int | None = None) -> LoadedDocument:
@@ -104,7 +121,9 @@ def _load(path: Path, ext: str, data: bytes, ocr: bool) -> LoadedDocument:
 
     notes: list[str] = []
     pages: int | None = None
-    if ext == ".pdf":
+    if ext in _READERS:
+        out = _READERS[ext](data)
+    elif ext == ".pdf":
         out, pages, notes = pdf.read_pdf(data, ocr=ocr)
     elif ext == ".docx":
         out = office.read_docx(data)

@@ -30,6 +30,7 @@ from ingest.report import FileProblem, IngestReport
 from ingest.split import split_document
 
 HASH_BLOCK = 1 << 20
+MB = 1024 * 1024  # max_file_mb counts these
 
 
 class Progress:
@@ -110,10 +111,11 @@ def ingest_folder(
                 report.unchanged += 1
                 progress.file_done(item.path, "unchanged")
                 continue
-            if item.size > settings.max_file_mb * 1024 * 1024:
-                report.skipped.append(
-                    FileProblem(item.path, f"too large ({item.size / 1e6:.0f} MB > max_file_mb={settings.max_file_mb:g})")
-                )
+            if item.size > settings.max_file_mb * MB:
+                report.skipped.append(FileProblem(item.path, (
+                    f"too large: {item.size / MB:.1f} MB is over max_file_mb = {settings.max_file_mb:g}; raise it "
+                    f"with --max-file-mb or LOCALGPT_MAX_FILE_MB to ingest this file"
+                )))
                 progress.file_done(item.path, "skipped")
                 continue
             try:
@@ -165,12 +167,14 @@ def ingest_folder(
 
 
 def _reader_id(settings: Settings) -> str:
-    """What decides whether a file can be read: the loaders' version and whether OCR can run."""
+    """What decides whether a file can be read: the loaders' version, whether OCR can run, and the
+    time a parser is given (a file that ran out of it is read again once the budget changes)."""
     import shutil
 
     import localgpt
 
-    return f"localgpt {localgpt.__version__}; ocr={'on' if settings.ocr and shutil.which('tesseract') else 'off'}"
+    ocr = "on" if settings.ocr and shutil.which("tesseract") else "off"
+    return f"localgpt {localgpt.__version__}; ocr={ocr}; parse_timeout={settings.parse_timeout:g}"
 
 
 def _check_chunking(store: Store, settings: Settings) -> None:
@@ -190,12 +194,13 @@ def _run_jobs(jobs, settings: Settings, store: Store, embedder, report: IngestRe
     suspects: list[_Job] = []  # in flight when a parser process died: retried one at a time
     alone: set[str] = set()  # suspects now running by themselves
     ready: list[_Parsed] = []
+    budget = settings.parse_timeout
     # forkserver: the parent may hold threads (tokenizers, OpenMP) that fork would copy half-locked.
     ctx = multiprocessing.get_context("forkserver")
     alive_r, alive_w = ctx.Pipe(duplex=False)
 
-    def new_pool() -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(alive_r,))
+    def new_pool() -> _Parsers:
+        return _Parsers(ctx, workers, alive_r)
 
     def skip(job: _Job, reason: str, remember: bool = False) -> None:
         report.skipped.append(FileProblem(job.path, reason))
@@ -212,11 +217,11 @@ def _run_jobs(jobs, settings: Settings, store: Store, embedder, report: IngestRe
                 from_suspects = bool(suspects)
                 job = suspects.pop() if from_suspects else queue.pop()
                 try:
-                    fut = pool.submit(_parse, job, *args)
+                    fut = pool.executor.submit(_parse, job, *args)
                 except BrokenProcessPool:  # a parser died since the last look: its futures tell which
                     (suspects if from_suspects else queue).append(job)
                     if not in_flight:  # nothing running to learn from: start afresh
-                        pool.shutdown(wait=False, cancel_futures=True)
+                        pool.stop()
                         pool = new_pool()
                     break
                 if from_suspects:
@@ -225,11 +230,13 @@ def _run_jobs(jobs, settings: Settings, store: Store, embedder, report: IngestRe
             done: set[Future] = set()
             if in_flight:
                 # With files parsed and waiting, wait briefly for more so one embedding call serves
-                # several files; with none, block until a parser finishes. Never a busy loop.
-                done, _ = wait(in_flight, timeout=None if not ready else 0.05, return_when=FIRST_COMPLETED)
+                # several files; with none, wait until a parser finishes or a second passes (to
+                # look at the time budget). Never a busy loop.
+                done, _ = wait(in_flight, timeout=min(1.0, budget / 4) if not ready else 0.05, return_when=FIRST_COMPLETED)
                 broken = False
                 for fut in done:
                     job = in_flight.pop(fut)
+                    pool.started.pop(job.path, None)
                     ran_alone = job.path in alone
                     alone.discard(job.path)
                     try:
@@ -254,22 +261,115 @@ def _run_jobs(jobs, settings: Settings, store: Store, embedder, report: IngestRe
                 if broken:
                     suspects.extend(in_flight.values())
                     in_flight.clear()
-                    pool.shutdown(wait=False, cancel_futures=True)
+                    pool.stop()
+                    pool = new_pool()
+                elif overdue := pool.overdue(in_flight, budget):
+                    # Stop the parser with its process (a loop in C ignores anything gentler); that
+                    # breaks the pool, so the files parsed beside it start again in a fresh one.
+                    for fut, job in overdue:
+                        pool.kill(job.path)
+                        in_flight.pop(fut)
+                        alone.discard(job.path)
+                        skip(job, f"parsing took longer than {budget:g} s (parse_timeout); raise it with "
+                             f"--parse-timeout or LOCALGPT_PARSE_TIMEOUT to give this file more time", remember=True)
+                    for job in in_flight.values():
+                        (suspects if job.path in alone else queue).append(job)
+                    in_flight.clear()
+                    alone.clear()
+                    pool.stop()
                     pool = new_pool()
             if ready and (not done or not in_flight or sum(len(p.chunks) for p in ready) >= settings.embed_batch_size):
                 _embed_and_commit(ready, store, embedder, report, progress, reader)
                 ready = []
     except BaseException:
         # Ctrl-C or a crash here: stop the parsers now rather than wait for their files.
-        for proc in list((getattr(pool, "_processes", None) or {}).values()):
-            proc.terminate()
-        pool.shutdown(wait=False, cancel_futures=True)
+        pool.stop()
         raise
     else:
-        pool.shutdown(wait=True)
+        pool.stop(wait=True)
     finally:
         alive_w.close()
         alive_r.close()
+
+
+class _Parsers:
+    """The pool of parser processes, and the time each has spent on the file it is on: a parser
+    says through a pipe of this pool when it begins a file, so that one over the budget can be
+    stopped by killing its process (a loop in C ignores anything gentler).
+
+    The time counted is the parser's own: on Linux, the time it waits for a core (parsers run at a
+    lower priority than the embedder) or for an OCR child (tesseract has its own limit per page)
+    is left out, so a large file parsed beside a busy embedder is not cut short. Elsewhere it is
+    the time since the file began."""
+
+    def __init__(self, ctx, workers: int, parent_alive):
+        self._starts_r, self._starts_w = ctx.Pipe(duplex=False)
+        self.executor = ProcessPoolExecutor(
+            max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(parent_alive, self._starts_w)
+        )
+        self.started: dict[str, _ParseClock] = {}  # path -> the clock of the parser on it
+
+    def overdue(self, in_flight: dict[Future, _Job], budget: float) -> list[tuple[Future, _Job]]:
+        while self._starts_r.poll():  # one small write each: whole messages only, no lock needed
+            path, pid, began = self._starts_r.recv()
+            self.started[path] = _ParseClock(pid, seen=began, waited=_core_wait(pid))
+        now = time.monotonic()
+        late = []
+        for fut, job in in_flight.items():
+            clock = self.started.get(job.path)
+            if clock is not None and not fut.done() and clock.advance(now) > budget:
+                late.append((fut, job))
+        return late
+
+    def kill(self, path: str) -> None:
+        proc = (getattr(self.executor, "_processes", None) or {}).get(self.started[path].pid)
+        if proc is not None:
+            proc.kill()
+
+    def stop(self, wait: bool = False) -> None:
+        if not wait:  # Ctrl-C, a dead or overdue parser: the others' files are given up or re-run
+            for proc in list((getattr(self.executor, "_processes", None) or {}).values()):
+                proc.terminate()
+        self.executor.shutdown(wait=wait, cancel_futures=not wait)
+        self._starts_r.close()
+        self._starts_w.close()
+
+
+@dataclass
+class _ParseClock:
+    pid: int
+    seen: float  # time.monotonic() (one clock for every process) when last advanced; first, the file's start
+    waited: float | None  # the parser's time waiting for a core until then, None where unknown
+    spent: float = 0.0
+
+    def advance(self, now: float) -> float:
+        """Add the time since the last look, less waits for a core or an OCR child; the total."""
+        waited = _core_wait(self.pid)
+        step = now - self.seen
+        if waited is not None and self.waited is not None:
+            step -= waited - self.waited
+        if _has_children(self.pid):
+            step = 0.0
+        self.spent += max(0.0, step)
+        self.seen, self.waited = now, waited
+        return self.spent
+
+
+def _core_wait(pid: int) -> float | None:
+    """Seconds the process has waited for a CPU core (Linux's schedstat), None where unknown."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as fh:
+            return int(fh.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _has_children(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            return bool(fh.read().strip())
+    except OSError:
+        return False
 
 
 def _link(store: Store, job: _Job, report: IngestReport, progress: Progress) -> None:
@@ -331,7 +431,12 @@ def _embed_and_commit(
         _link(store, parsed.job, report, progress)
 
 
-def _worker_init(parent_alive) -> None:
+_STARTS = None  # in a parser process: where it says which file it begins (see _Parsers)
+
+
+def _worker_init(parent_alive, starts=None) -> None:
+    global _STARTS
+    _STARTS = starts
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what Ctrl-C means
     # Embedding (in the parent, on every core) is most of the work, and its threads wait for
     # one another: a parser taking a core from one of them stalls them all. At a lower
@@ -359,6 +464,9 @@ def _parse(job: _Job, embedder_spec: str, chunk_size: int, chunk_overlap: int, o
     """Runs in a parser process: load, check the file did not change meanwhile, split."""
     from ingest.load import load_file
 
+    count = token_counter(embedder_spec)  # once a process, before the file's time starts
+    if _STARTS is not None:
+        _STARTS.send((job.path, os.getpid(), time.monotonic()))
     before = os.stat(job.path)
     doc = load_file(Path(job.path), ocr=ocr)
     after = os.stat(job.path)
@@ -366,6 +474,5 @@ def _parse(job: _Job, embedder_spec: str, chunk_size: int, chunk_overlap: int, o
         (after.st_size, after.st_mtime_ns) != (job.size, job.mtime_ns) and file_sha256(job.path) != job.sha256
     ):
         raise BadFile("the file changed while it was being read; it will be ingested on the next run", transient=True)
-    count = token_counter(embedder_spec)
     chunks = split_document(doc, job.sha256, count, chunk_size, chunk_overlap)
     return _Parsed(job, chunks, doc.pages, list(doc.notes))

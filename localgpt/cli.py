@@ -131,6 +131,14 @@ def ingest(
     chunk_overlap: Optional[int] = typer.Option(None, help="Overlap between chunks in tokens (default 32)."),
     workers: Optional[int] = typer.Option(None, help="Parser processes (default: CPU cores, at most 4)."),
     ocr: Optional[bool] = typer.Option(None, "--ocr/--no-ocr", help="OCR scanned PDF pages with tesseract."),
+    max_file_mb: Optional[float] = typer.Option(
+        None, "--max-file-mb", help="Skip files larger than this many MB, listing them with the reason (default 500)."
+    ),
+    parse_timeout: Optional[float] = typer.Option(
+        None, "--parse-timeout",
+        help="Seconds a parser may spend on one file before it is stopped and the file skipped with the reason "
+        "(default 600; waits for a CPU core or for OCR do not count).",
+    ),
     rebuild: bool = typer.Option(False, "--rebuild", help="Drop the collection first and ingest from scratch."),
     strict: bool = typer.Option(False, "--strict", help="Exit non-zero when any file was skipped."),
     json_out: bool = JsonOpt,
@@ -139,7 +147,8 @@ def ingest(
 
     Unchanged files cost a stat; changed files replace their chunks; deleted files lose
     theirs; a renamed or copied file is linked, not embedded again. Bad files are listed
-    with the reason at the end and never stop the run.
+    with the reason at the end and never stop the run, and so are files over --max-file-mb
+    and files whose parsing takes longer than --parse-timeout.
     """
     from ingest.pipeline import ingest_folder
     from localgpt.store import Store
@@ -147,6 +156,7 @@ def ingest(
     settings = _settings(
         collection=collection, data_dir=data_dir, chroma_url=chroma_url, embedder=embedder,
         chunk_size=chunk_size, chunk_overlap=chunk_overlap, workers=workers, ocr=ocr,
+        max_file_mb=max_file_mb, parse_timeout=parse_timeout,
     )
     folder = folder or settings.source_dir
     if not folder.exists():

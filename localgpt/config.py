@@ -74,7 +74,16 @@ class Settings(BaseSettings):
     chunk_overlap: int = Field(32, ge=0, description="Overlap between neighbouring chunks, in tokens.")
     workers: int = Field(0, ge=0, description="Parser processes; 0 means one per CPU core (at most 4).")
     embed_batch_size: int = Field(128, ge=1, description="Chunks embedded per call (one call serves several files).")
-    max_file_mb: float = Field(200.0, gt=0, description="Files larger than this are skipped.")
+    # Generous: a 200-page scan straight from a scanner or a CSV export can be hundreds of MB; text
+    # splits at about 0.3 MB/s a core (the tokenizer), so 600 s parse 150 MB of plain text here.
+    max_file_mb: float = Field(
+        500.0, gt=0, description="Files larger than this many MB are skipped (and listed with the reason)."
+    )
+    parse_timeout: float = Field(
+        600.0, gt=0,
+        description="Seconds a parser process may spend on one file (not counting waits for a CPU core or "
+        "for OCR); one that takes longer is stopped and the file skipped (and listed with the reason).",
+    )
     ocr: bool = Field(True, description="OCR scanned PDF pages with tesseract when it is installed.")
 
     # --- retrieval -----------------------------------------------------------------------
