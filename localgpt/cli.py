@@ -141,6 +141,10 @@ def ingest(
     ),
     rebuild: bool = typer.Option(False, "--rebuild", help="Drop the collection first and ingest from scratch."),
     strict: bool = typer.Option(False, "--strict", help="Exit non-zero when any file was skipped."),
+    watch: bool = typer.Option(
+        False, "--watch", help="Keep watching the folder after the first run: what changes is ingested within "
+        "seconds, a deleted file loses its chunks (one summary, or one --json line, per run); Ctrl-C stops.",
+    ),
     json_out: bool = JsonOpt,
 ):
     """Split and embed the documents of a folder into a collection, incrementally.
@@ -163,6 +167,9 @@ def ingest(
         _fail(f"{folder} does not exist: give a folder of documents, e.g. `localgpt ingest ~/Documents/papers`")
     if rebuild:
         Store.open(settings).drop()
+    if watch:
+        _watch_ingest(folder, settings, json_out)
+        return
     with Progress(
         SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
         _ThroughputColumn(), TimeElapsedColumn(), console=err_console, disable=json_out, transient=False,
@@ -176,6 +183,31 @@ def ingest(
         raise typer.Exit(130)
     if strict and report.skipped:
         raise typer.Exit(1)
+
+
+def _watch_ingest(folder: Path, settings: Settings, json_out: bool) -> None:
+    from ingest.pipeline import ingest_folder
+    from localgpt.watch import watch_folder
+
+    def run():
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      _ThroughputColumn(), console=err_console, disable=json_out, transient=True) as bar:
+            return ingest_folder(folder, settings, progress=_RichProgress(bar))
+
+    def show(report, changes) -> None:
+        if json_out:
+            print(json.dumps(report.as_dict(), ensure_ascii=False), flush=True)
+        else:
+            _print_ingest_summary(report)
+        if report.interrupted:
+            raise typer.Exit(130)
+        if not json_out:
+            err_console.print(f"[dim]watching {_display(str(folder))} for changes (Ctrl-C stops)[/]")
+
+    try:
+        watch_folder(folder, run, on_report=show)
+    except KeyboardInterrupt:  # between runs: the normal way to stop watching
+        err_console.print("[dim]stopped watching[/]")
 
 
 def _print_ingest_summary(report) -> None:
@@ -255,17 +287,16 @@ def sources(
 @run_safely
 def sources_remove(ctx: typer.Context, path: Path = typer.Argument(..., help="File to remove from the collection.")):
     """Remove one file (or every file under a folder) and its chunks from the collection."""
+    from localgpt.library import remove_sources, upload_folder
     from localgpt.store import Store
 
     settings = _settings(**(ctx.obj or {}))
-    target = os.path.abspath(path)
     with Store.open(settings, create=False) as store:
-        records = store.files(under=target)
-        if not records:
-            _fail(f"{path} is not in collection '{settings.collection}' (see `localgpt sources`)")
-        for record in records:
-            store.remove_file(record.path)
-            console.print(f"removed {_display(record.path)}")
+        removed = remove_sources(store, str(path), upload_folder(settings))
+    if not removed:
+        _fail(f"{path} is not in collection '{settings.collection}' (see `localgpt sources`)")
+    for removed_path in removed:
+        console.print(f"removed {_display(removed_path)}")
 
 
 # --------------------------------------------------------------------------------- collections
@@ -281,13 +312,9 @@ def collections(
     ctx.obj = dict(data_dir=data_dir, chroma_url=chroma_url)
     if ctx.invoked_subcommand is not None:
         return
-    from localgpt.store import Store, collection_names
+    from localgpt.library import collection_summaries
 
-    settings = _settings(**ctx.obj)
-    rows = []
-    for name in collection_names(settings):
-        with Store.open(settings, name, create=False) as store:
-            rows.append(dict(name=name, files=len(store.files()), chunks=store.count_chunks(), embedder=store.meta("embedder")))
+    rows = collection_summaries(_settings(**ctx.obj))
     if json_out:
         print(json.dumps(rows, indent=2))
         return
@@ -306,15 +333,17 @@ def collections_drop(
     name: str = typer.Argument(..., help="Collection to delete."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
 ):
-    """Delete a collection: its vectors, manifest and keyword index (your files are not touched)."""
-    from localgpt.store import Store, collection_names
+    """Delete a collection: its vectors, manifest and keyword index, and the copies uploaded into it
+    through the web page or the API (your own files are not touched)."""
+    from localgpt.library import drop_collection
+    from localgpt.store import collection_names
 
     settings = _settings(**(ctx.obj or {}), collection=name)
     if name not in collection_names(settings):
         _fail(f"no collection named '{name}' (see `localgpt collections`)")
     if not yes and not typer.confirm(f"Delete collection '{name}'?", default=False):
         raise typer.Exit(1)
-    Store.open(settings, name, create=False).drop()
+    drop_collection(settings, name)
     console.print(f"dropped collection '{name}'")
 
 
@@ -526,6 +555,47 @@ def ui(
     settings = _settings(collection=collection, data_dir=data_dir, chroma_url=chroma_url, embedder=embedder,
                          model=model, backend=backend)
     raise typer.Exit(launch(settings, host=host, port=port))
+
+
+@app.command()
+@run_safely
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Address to listen on; any other than loopback needs --api-key."),
+    port: int = typer.Option(8000, help="Port of the API."),
+    api_key: Optional[str] = typer.Option(
+        None, "--api-key", envvar="LOCALGPT_API_KEY", show_envvar=True,
+        help="Clients must send 'Authorization: Bearer KEY' (all but /health).",
+    ),
+    watch: Optional[list[str]] = typer.Option(
+        None, "--watch", help="FOLDER[:COLLECTION] to keep ingested while serving (give several times).",
+    ),
+    max_upload_mb: Optional[float] = typer.Option(
+        None, "--max-upload-mb", help="Most MB one upload request may carry (default: max_file_mb, 500).",
+    ),
+    collection: Optional[str] = CollectionOpt,
+    data_dir: Optional[Path] = DataDirOpt,
+    chroma_url: Optional[str] = ChromaUrlOpt,
+    embedder: Optional[str] = EmbedderOpt,
+    model: Optional[str] = ModelOpt,
+    family: Optional[str] = FamilyOpt,
+    backend: Optional[str] = BackendOpt,
+    openai_url: Optional[str] = OpenAIOpt,
+    extractive: bool = typer.Option(False, "--extractive", help="Answer every request with the supporting sentences alone."),
+):
+    """Serve an OpenAI-compatible HTTP API: chat completions with cited sources, embeddings, and
+    documents in and out (upload, list, remove), shared by many users and apps.
+
+    Models are 'localgpt/COLLECTION'. Generation takes turns in one queue per model, and /health
+    and /metrics answer meanwhile. No docs page, and nothing is sent anywhere.
+    """
+    from localgpt.server import check_bind, parse_watch, serve as run_server
+
+    settings = _qa_settings(collection=collection, data_dir=data_dir, chroma_url=chroma_url, embedder=embedder,
+                            model=model, family=family, backend=backend, openai_url=openai_url, extractive=extractive)
+    check_bind(host, api_key)
+    folders = [parse_watch(spec, settings.collection) for spec in watch or []]
+    err_console.print(f"localgpt API on http://{host}:{port}/v1 (models: localgpt/COLLECTION); Ctrl-C stops")
+    run_server(settings, host=host, port=port, api_key=api_key, max_upload_mb=max_upload_mb, watch=folders)
 
 
 @app.command("eval")

@@ -9,15 +9,11 @@ become one line on the page. Start it with ``localgpt ui`` (``ui.launch``).
 
 from __future__ import annotations
 
-import hashlib
 import html
-import json
 import logging
 import os
 import re
-import shutil
 import threading
-import unicodedata
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -28,6 +24,10 @@ from ingest.pipeline import Progress, ingest_folder
 from ingest.report import IngestReport
 from localgpt.config import Settings, load_settings
 from localgpt.errors import LocalGPTError, StoreError
+from localgpt.generation.queue import GenerationQueue, QueuedGenerator, generator_key
+from localgpt.library import (  # noqa: F401 - the upload helpers are also ui.app's (tests import them here)
+    UploadRefused, clean_upload_name, drop_collection, inside, remove_sources, save_upload, supported_formats, upload_folder,
+)
 from localgpt.store import Store, collection_names
 
 log = logging.getLogger("localgpt.ui")
@@ -36,95 +36,6 @@ BACKENDS = ["auto", "extractive", "gguf", "llamacpp", "transformers", "openai"]
 MODES = ["hybrid", "dense", "keyword", "mmr"]
 QUANTIZATIONS = ["none", "8bit", "4bit"]
 GUESS = "(guess from the model)"
-
-
-# ============================================================================ uploads
-class UploadRefused(LocalGPTError):
-    """An uploaded file that is not saved: a name with a folder in it, a disallowed type, too large."""
-
-
-def upload_folder(settings: Settings, collection: str | None = None) -> Path:
-    """The collection's source folder: where uploads land and what the page ingests."""
-    return Path(settings.data_dir).resolve() / "uploads" / (collection or settings.collection)
-
-
-def clean_upload_name(name: str, allowed: Iterable[str]) -> str:
-    """The name an upload is saved under, or ``UploadRefused`` saying why it cannot be.
-
-    Names with a folder part are refused rather than trimmed: a browser never sends one, so
-    ``../../etc/x.pdf`` is a crafted request, not a user's file.
-    """
-    shown = name if len(name) <= 80 else name[:79] + "…"
-    name = unicodedata.normalize("NFC", name)
-    if not name.strip():
-        raise UploadRefused("a file without a name was refused")
-    if "/" in name or "\\" in name or name in (".", "..") or ".." in Path(name).parts:
-        raise UploadRefused(f"'{shown}' was refused: a file name may not contain a folder or '..'")
-    if any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in name):
-        raise UploadRefused(f"{shown!r} was refused: the name contains control characters")
-    if name.startswith((".", "~$")):
-        raise UploadRefused(f"'{shown}' was refused: hidden and temporary files are not ingested")
-    if len(name.encode("utf-8")) > 200:
-        raise UploadRefused(f"'{shown}' was refused: the name is longer than 200 bytes")
-    ext = Path(name).suffix.lower()
-    allowed = sorted(allowed)
-    if ext not in allowed:
-        raise UploadRefused(
-            f"'{shown}' was refused: {'files of type ' + repr(ext) if ext else 'files without an extension'} "
-            f"are not supported (allowed: {' '.join(allowed)})"
-        )
-    return name
-
-
-def save_upload(folder: Path, name: str, data: bytes, *, allowed: Iterable[str], max_bytes: int) -> tuple[Path, str | None]:
-    """Save one upload into ``folder`` without ever overwriting: returns the path and a note for the user.
-
-    The same content under the same name is left as it is; a different file with a name already
-    taken is saved as ``name (2).ext``. The file appears whole (written aside, then linked in),
-    so an ingest running meanwhile never reads half of it.
-    """
-    name = clean_upload_name(name, allowed)
-    if len(data) > max_bytes:
-        raise UploadRefused(f"'{name}' was refused: {len(data) / 1e6:.1f} MB is over the {max_bytes / 1e6:g} MB limit")
-    folder.mkdir(parents=True, exist_ok=True)
-    root = folder.resolve()
-    digest = hashlib.sha256(data).hexdigest()
-    stem, ext = Path(name).stem, Path(name).suffix
-    tmp = root / f".upload-{uuid.uuid4().hex}.part"  # hidden: ingest never reads it
-    try:
-        with open(tmp, "xb") as fh:
-            fh.write(data)
-        for n in range(1, 1000):
-            target = root / (name if n == 1 else f"{stem} ({n}){ext}")
-            if target.parent != root:  # cannot happen after clean_upload_name; belt and braces
-                raise UploadRefused(f"'{name}' was refused: it would land outside {root}")
-            if os.path.lexists(target):
-                if target.is_file() and not target.is_symlink() and _sha256_file(target) == digest:
-                    return target, f"{target.name} is already in the collection with the same content"
-                continue
-            try:
-                os.link(tmp, target)  # fails if the name was taken meanwhile: no overwrite, no race
-            except FileExistsError:
-                continue
-            note = None if n == 1 else f"another file named {name} is already here, so this one was saved as {target.name}"
-            return target, note
-        raise UploadRefused(f"'{name}' was refused: too many files with that name")
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
-def supported_formats() -> dict[str, str]:
-    from ingest.load import SUPPORTED_FORMATS
-
-    return dict(SUPPORTED_FORMATS)
 
 
 # ============================================================================ ingest jobs
@@ -178,28 +89,6 @@ def run_ingest(job: IngestJob, settings: Settings) -> None:
 
 
 # ============================================================================ answers
-class _OneAtATime:
-    """A shared model seen through one session: generates while holding the model's lock,
-    because one loaded model (a llama.cpp context, a static KV cache) serves one stream at a time."""
-
-    def __init__(self, generator: Any, lock: threading.Lock):
-        self._generator = generator
-        self._lock = lock
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._generator, name)
-
-    def stream(self, prompt, **kwargs):
-        with self._lock:
-            yield from self._generator.stream(prompt, **kwargs)
-
-
-def model_key(settings: Settings) -> str:
-    """What identifies a loaded model: sessions with equal keys share it."""
-    fields = ("backend", "model", "family", "quantization", "device", "engine", "openai_url", "openai_model", "context_window")
-    return json.dumps({f: getattr(settings, f) for f in fields}, sort_keys=True, default=str)
-
-
 def explain(exc: BaseException) -> str:
     """One line for a person: typed errors say what to do; anything else names itself, never a traceback."""
     if isinstance(exc, LocalGPTError):
@@ -368,8 +257,7 @@ def _drop_collection(st, base: Settings, name: str) -> None:
         st.error(f"'{name}' is being ingested right now; drop it when that has finished")
         return
     try:
-        Store.open(base.with_overrides(collection=name), name, create=False).drop()
-        shutil.rmtree(upload_folder(base, name), ignore_errors=True)
+        drop_collection(base, name)
     except Exception as exc:  # noqa: BLE001
         st.error(explain(exc))
         return
@@ -489,9 +377,7 @@ def _library(st, settings: Settings, shared: dict) -> None:
             path = by_name[target]
             try:
                 with Store.open(settings, create=False) as store:
-                    store.remove_file(path)
-                if _inside(path, uploads):
-                    Path(path).unlink(missing_ok=True)  # our own uploaded copy; else the next ingest re-adds it
+                    remove_sources(store, path, uploads)  # an uploaded copy goes too; else the next ingest re-adds it
             except Exception as exc:  # noqa: BLE001
                 st.error(explain(exc))
                 return
@@ -499,16 +385,9 @@ def _library(st, settings: Settings, shared: dict) -> None:
             st.rerun()
 
 
-def _inside(path: str, folder: Path) -> bool:
-    try:
-        return Path(path).resolve().is_relative_to(folder.resolve())
-    except OSError:
-        return False
-
-
 def _shown_path(path: str, uploads: Path) -> str:
     """Uploaded files by their name; others as the CLI shows them (relative to here when inside)."""
-    if _inside(path, uploads):
+    if inside(path, uploads):
         return os.path.relpath(path, uploads)
     rel = os.path.relpath(path)
     return path if rel.startswith("..") else rel
@@ -617,10 +496,10 @@ def _session_chain(st, settings: Settings):
     if settings.backend != "extractive":
         from localgpt.generation import get_generator
 
-        lock = _shared_model(st, settings)
+        lock = _shared_model(st, settings)  # the model's queue: sessions generate in turn
         generator = get_generator(settings)  # this session's view: own sampling settings and stats
         if lock is not None:
-            generator = _OneAtATime(generator, lock)
+            generator = QueuedGenerator(generator, lock)
     chain = QAChain(settings, retriever, generator, extractive=settings.backend == "extractive")
     ss["_chain"] = (key, chain)
     return chain
@@ -637,16 +516,16 @@ def _shared_embedder(st, spec: str):
 
 
 def _shared_model(st, settings: Settings):
-    """Load the generator once per process; return the lock its sessions take to generate (None: no lock)."""
+    """Load the generator once per process; return the queue its sessions take turns in (None: no queue)."""
 
     @st.cache_resource(show_spinner="Loading the model (once for all sessions)…")
     def load(key: str, _settings: Settings):
         from localgpt.generation import get_generator, resolve_backend
 
         get_generator(_settings)
-        return None if resolve_backend(_settings) == "openai" else threading.Lock()  # a server batches by itself
+        return None if resolve_backend(_settings) == "openai" else GenerationQueue(key)  # a server batches by itself
 
-    return load(model_key(settings), settings)
+    return load(generator_key(settings), settings)
 
 
 def _answer(st, settings: Settings, question: str, history: list[dict]) -> dict:

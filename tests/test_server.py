@@ -1,0 +1,362 @@
+"""`localgpt serve`: the real server in a child process on a loopback port, used through the
+official `openai` client, LangChain's ChatOpenAI and plain HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import ingested_collection
+
+KEY = "test-key-0123"
+DOCS = {
+    "bridge.md": "# The Bergen bridge\n\nThe Bergen bridge opened to traffic in 2004. It is 1,200 metres long.\n",
+    "roses.txt": "Roses need six hours of sun every day. Water them at the roots in the morning.\n",
+    "harbour.md": "# Harbour rules\n\nFerries to the island leave the harbour every 40 minutes between 6 and 22.\n",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args: list[str], env: dict, cwd: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "localgpt.cli", "serve", "--port", str(port), *args],
+                                env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the server exited: {log.read_text()}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.terminate()
+    pytest.fail(f"the server did not start: {log.read_text()}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from conftest import _SITECUSTOMIZE
+    from localgpt.store import Store
+
+    base = tmp_path_factory.mktemp("serve")
+    settings = ingested_collection(base, DOCS, "docs")
+    with Store.open(settings, create=False) as store:
+        chunk_id = store.chunk_ids()[0]
+        stored = {"id": chunk_id, "text": store.chunks_by_id([chunk_id])[chunk_id].text,
+                  "vector": store.vectors([chunk_id])[chunk_id]}
+    guard = base / "_netguard"
+    guard.mkdir()
+    (guard / "sitecustomize.py").write_text(_SITECUSTOMIZE)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(guard), os.environ.get("PYTHONPATH", "")])),
+               LOCALGPT_NETGUARD_LOG=str(base / "_netguard.log"), LOCALGPT_API_KEY=KEY)
+    watched = base / "watched"
+    watched.mkdir()
+    proc, url = start_server(
+        ["--data-dir", str(base / "data"), "--collection", "docs", "--max-upload-mb", "0.05",
+         "--watch", f"{watched}:watched"], env, base, base / "server.log")
+    try:
+        yield {"url": url, "base": base, "stored": stored, "watched": watched, "proc": proc}
+    finally:
+        stop_server(proc)
+        log = base / "_netguard.log"
+        assert not log.exists() or not log.read_text(), f"the server reached the network: {log.read_text()}"
+
+
+def api(server) -> httpx.Client:
+    return httpx.Client(base_url=server["url"], headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+
+
+def openai_client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+# ---------------------------------------------------------------------------------- answers
+def test_openai_client_streams_an_answer_that_cites_the_file(server):
+    stream = openai_client(server).chat.completions.create(
+        model="localgpt/docs", stream=True, max_tokens=8, stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": "When did the Bergen bridge open to traffic?"}],
+    )
+    text, extra, usage = "", None, None
+    for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+            extra = (chunk.model_extra or {}).get("localgpt") or extra
+        if chunk.usage:
+            usage = chunk.usage
+    assert text.strip()
+    assert extra is not None and not extra["abstained"]
+    assert extra["sources"][0]["source"].endswith("bridge.md") and extra["sources"][0]["number"] == 1
+    assert any("2004" in s["sentence"] and s["number"] == 1 for s in extra["support"])
+    assert usage.completion_tokens == 8 and usage.prompt_tokens > 0
+
+
+def test_extractive_answer_carries_markers_and_cited_sources(server):
+    reply = openai_client(server).chat.completions.create(
+        model="localgpt/docs", messages=[{"role": "user", "content": "How often do ferries leave the harbour?"}],
+        extra_body={"localgpt": {"extractive": True, "k": 2}},
+    )
+    answer = reply.choices[0].message.content
+    extra = reply.model_extra["localgpt"]
+    assert "40 minutes" in answer and "[1]" in answer
+    cited = [s for s in extra["sources"] if s["cited"]]
+    assert cited and cited[0]["source"].endswith("harbour.md") and cited[0]["heading"] == "Harbour rules"
+    assert len(extra["sources"]) <= 2
+
+
+def test_abstention_is_a_normal_answer_with_a_flag(server):
+    reply = openai_client(server).chat.completions.create(
+        model="localgpt/docs", messages=[{"role": "user", "content": "What is the capital of Mongolia?"}],
+    )
+    assert reply.model_extra["localgpt"]["abstained"] is True
+    assert reply.choices[0].message.content.startswith("I don't know")
+
+
+def test_langchain_chat_openai_works(server):
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(base_url=server["url"] + "/v1", api_key=KEY, model="localgpt/docs", max_retries=0,
+                     extra_body={"localgpt": {"extractive": True}})
+    assert "2004" in llm.invoke("When did the Bergen bridge open?").content
+
+
+def test_embeddings_equal_the_cli_vectors(server):
+    from localgpt.embeddings import get_embedder
+
+    texts = ["When did the Bergen bridge open?", "默认的嵌入模型是什么？"]
+    client = openai_client(server)
+    got = client.embeddings.create(model="localgpt/docs", input=texts)  # the client asks for base64
+    vectors = np.array([d.embedding for d in got.data], dtype=np.float32)
+    expected = get_embedder("e5-small").embed(texts, query=True)  # what `localgpt ask` searches with
+    assert vectors.shape == (2, 384) and np.allclose(vectors, expected, atol=1e-6)
+    stored = server["stored"]
+    got = client.embeddings.create(model="localgpt/docs", input=stored["text"], extra_body={"input_type": "passage"})
+    assert float(np.dot(got.data[0].embedding, stored["vector"])) > 0.999  # what ingest stored for that chunk
+
+
+def test_unknown_model_is_404_with_the_models_named(server):
+    r = api(server).post("/v1/chat/completions", json={"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 404 and "localgpt/docs" in r.json()["error"]["message"]
+
+
+# ---------------------------------------------------------------------------------- auth and binding
+def test_401_without_or_with_a_wrong_key_but_health_is_open(server):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        r = httpx.get(server["url"] + "/v1/models", headers=headers)
+        assert r.status_code == 401, headers
+        assert "API key" in r.json()["error"]["message"]
+    assert httpx.post(server["url"] + "/v1/collections/docs/documents", files={"files": ("a.txt", b"x")}).status_code == 401
+    assert httpx.get(server["url"] + "/health").status_code == 200
+    models = api(server).get("/v1/models").json()["data"]
+    assert {"localgpt/docs"} <= {m["id"] for m in models}
+    assert api(server).get("/docs").status_code == 404  # no docs page pulling scripts from a CDN
+
+
+def test_refuses_to_bind_a_public_address_without_a_key(tmp_path, subprocess_env):
+    env = {k: v for k, v in subprocess_env.items() if k != "LOCALGPT_API_KEY"}
+    result = subprocess.run([sys.executable, "-m", "localgpt.cli", "serve", "--host", "0.0.0.0", "--port", str(free_port())],
+                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "refusing to listen on 0.0.0.0 without an API key" in " ".join(result.stderr.split())
+
+
+# ---------------------------------------------------------------------------------- documents
+def multipart(*files: tuple[str, bytes]) -> tuple[bytes, str]:
+    """A multipart body with the file names exactly as given (httpx would clean some)."""
+    boundary = "lgbound7"
+    body = b""
+    for name, data in files:
+        body += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"".encode()
+                 + name.encode("utf-8", "surrogateescape") + b"\"\r\nContent-Type: text/plain\r\n\r\n" + data + b"\r\n")
+    return body + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def test_upload_refuses_traversal_and_oversize_and_stores_nothing(server):
+    client = api(server)
+    for name in ("../escape.txt", "/etc/escape.txt", "..\\escape.txt", "nul\x00byte.txt", ".hidden.txt", "x.exe"):
+        body, ctype = multipart((name, b"The escape plan is hidden in the cellar."))
+        r = client.post("/v1/collections/unsafe/documents", content=body, headers={"Content-Type": ctype})
+        assert r.status_code == 400, (name, r.text)
+        assert "nothing was stored" in r.json()["error"]["message"]
+    body, ctype = multipart(("big.txt", b"word " * 20_000))  # 100 KB, the server allows 0.05 MB
+    r = client.post("/v1/collections/unsafe/documents", content=body, headers={"Content-Type": ctype})
+    assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+    assert not (server["base"] / "data" / "uploads" / "unsafe").exists()
+    assert not (server["base"] / "escape.txt").exists() and not (server["base"] / "data" / "escape.txt").exists()
+    assert "unsafe" not in {c["name"] for c in client.get("/v1/collections").json()["data"]}
+    assert client.get("/v1/collections/unsafe/sources").status_code == 404
+
+
+def test_upload_never_writes_through_a_symlink(server, tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("original")
+    folder = server["base"] / "data" / "uploads" / "links"
+    folder.mkdir(parents=True)
+    (folder / "notes.txt").symlink_to(outside)
+    body, ctype = multipart(("notes.txt", b"Otters hold hands while they sleep."))
+    r = api(server).post("/v1/collections/links/documents", content=body, headers={"Content-Type": ctype})
+    assert r.status_code == 200, r.text
+    assert outside.read_text() == "original"
+    assert r.json()["saved"][0]["path"].endswith("notes (2).txt")
+
+
+def test_upload_ask_delete_ask_round_trip(server):
+    client = api(server)
+    question = {"model": "localgpt/trip", "localgpt": {"extractive": True},
+                "messages": [{"role": "user", "content": "Since which year has Ingrid Dahl kept the Skerry lighthouse?"}]}
+    body, ctype = multipart(("lighthouse.md", b"# Skerry\n\nThe Skerry lighthouse is kept by Ingrid Dahl since 1998.\n"),
+                            ("broken.pdf", b"%PDF-1.7 this is not really a pdf"))
+    r = client.post("/v1/collections/trip/documents", content=body, headers={"Content-Type": ctype})
+    assert r.status_code == 200, r.text
+    files = {Path(f["path"]).name: f for f in r.json()["files"]}
+    assert files["lighthouse.md"]["status"] == "new"
+    assert files["broken.pdf"]["status"] == "skipped" and files["broken.pdf"]["reason"]  # the CLI's reason
+    answer = client.post("/v1/chat/completions", json=question).json()
+    assert "since 1998" in answer["choices"][0]["message"]["content"]
+    assert answer["localgpt"]["sources"][0]["source"].endswith("lighthouse.md")
+
+    sources = client.get("/v1/collections/trip/sources").json()["data"]
+    assert {Path(s["path"]).name for s in sources} == {"lighthouse.md"}
+    r = client.delete("/v1/collections/trip/sources/lighthouse.md")
+    assert r.status_code == 200 and r.json()["removed"][0].endswith("lighthouse.md")
+    assert client.delete("/v1/collections/trip/sources/lighthouse.md").status_code == 404
+    answer = client.post("/v1/chat/completions", json=question).json()
+    assert "since 1998" not in answer["choices"][0]["message"]["content"]
+    assert not any(s["source"].endswith("lighthouse.md") for s in answer["localgpt"]["sources"])
+
+    body, ctype = multipart(("ferry.txt", b"The night ferry to Skerry leaves at 23:40 on Fridays."))
+    r = client.post("/v1/collections/trip/documents?wait=false", content=body, headers={"Content-Type": ctype})
+    assert r.status_code == 202
+    job = r.json()
+    for _ in range(300):
+        job = client.get(f"/v1/jobs/{job['id']}").json()
+        if job["status"] != "running":
+            break
+        time.sleep(0.1)
+    assert job["status"] == "done" and job["report"]["new"] == 1
+    assert client.delete("/v1/collections/trip").json()["deleted"] is True
+    assert "trip" not in {c["name"] for c in client.get("/v1/collections").json()["data"]}
+    assert not (server["base"] / "data" / "uploads" / "trip").exists()
+
+
+# ---------------------------------------------------------------------------------- many users
+QUESTIONS = {
+    "bridge.md": "When did the Bergen bridge open to traffic?",
+    "roses.txt": "How many hours of sun do roses need?",
+    "harbour.md": "How often do ferries leave the harbour?",
+}
+
+
+@pytest.mark.slow
+def test_concurrent_answers_all_come_in_turn_while_health_and_metrics_answer(server):
+    client = api(server)
+    served_before = sum(q["served"] for q in client.get("/health").json()["queues"].values())
+    results: dict[int, dict] = {}
+
+    def ask(i: int, source: str) -> None:
+        with api(server) as own:
+            r = own.post("/v1/chat/completions", json={
+                "model": "localgpt/docs", "max_tokens": 3,
+                "messages": [{"role": "user", "content": QUESTIONS[source]}]})
+            results[i] = {"source": source, "status": r.status_code, "body": r.json()}
+
+    jobs = [threading.Thread(target=ask, args=(i, src)) for i, src in enumerate(list(QUESTIONS) * 2)]
+    for t in jobs:
+        t.start()
+    waiting_seen, health_s = 0, []
+    while any(t.is_alive() for t in jobs):
+        t0 = time.perf_counter()
+        health = client.get("/health").json()
+        health_s.append(time.perf_counter() - t0)
+        waiting_seen = max(waiting_seen, sum(q["waiting"] for q in health["queues"].values()))
+        assert client.get("/metrics").status_code == 200
+        time.sleep(0.05)
+    for t in jobs:
+        t.join()
+    assert len(results) == 6 and all(r["status"] == 200 for r in results.values())
+    for r in results.values():  # each answer is its own question's: sources from its own file
+        assert r["body"]["localgpt"]["sources"][0]["source"].endswith(r["source"])
+        assert r["body"]["usage"]["completion_tokens"] == 3
+    assert len({r["body"]["id"] for r in results.values()}) == 6
+    assert waiting_seen >= 1  # they queued…
+    assert max(health_s) < 1.0  # …and /health answered meanwhile
+    health = client.get("/health").json()
+    assert sum(q["served"] for q in health["queues"].values()) - served_before == 6
+    metrics = client.get("/metrics").json()
+    assert metrics["latency_s"]["p95"] is not None and metrics["tokens_total"] >= 18
+    assert "localgpt_generation_queue_waiting" in client.get("/metrics?format=prometheus").text
+
+
+def test_a_client_that_disconnects_stops_its_generation(server):
+    client = api(server)
+    before = client.get("/metrics").json()
+    with httpx.Client(base_url=server["url"], headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as own:
+        with own.stream("POST", "/v1/chat/completions", json={
+                "model": "localgpt/docs", "stream": True, "max_tokens": 400,
+                "messages": [{"role": "user", "content": "Tell me everything about the Bergen bridge."}]}) as r:
+            for line in r.iter_lines():
+                if '"content": "' in line and '"role"' not in line:
+                    break  # the first token: now hang up
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        health = client.get("/health").json()
+        metrics = client.get("/metrics").json()
+        if metrics["disconnected"] > before["disconnected"] and not any(q["busy"] for q in health["queues"].values()):
+            break
+        time.sleep(0.1)
+    assert metrics["disconnected"] == before["disconnected"] + 1
+    assert not any(q["busy"] for q in health["queues"].values())
+    assert metrics["tokens_total"] - before["tokens_total"] < 400  # it never generated the rest
+
+
+# ---------------------------------------------------------------------------------- watch
+def test_serve_watch_follows_a_folder(server):
+    client = api(server)
+    note = server["watched"] / "note.md"
+
+    def sources() -> dict[str, dict]:
+        r = client.get("/v1/collections/watched/sources")
+        return {Path(s["path"]).name: s for s in r.json()["data"]} if r.status_code == 200 else {}
+
+    def wait_for(check) -> dict:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            found = sources()
+            if check(found):
+                return found
+            time.sleep(0.2)
+        pytest.fail(f"the watched collection did not follow: {found}")
+
+    note.write_text("The reading room closes at 19:00.")
+    first = wait_for(lambda f: "note.md" in f)["note.md"]
+    note.write_text("The reading room closes at 21:00 on Thursdays. The reading room opens at 9:00.")
+    wait_for(lambda f: "note.md" in f and f["note.md"]["sha256"] != first["sha256"])
+    note.unlink()
+    wait_for(lambda f: "note.md" not in f)
