@@ -94,7 +94,13 @@ class Settings(BaseSettings):
         description="Cosine similarity of the best chunk under which the chain abstains; "
         "unset means the embedder's calibrated default.",
     )
-    reranker: str | None = Field(None, description="Local cross-encoder folder used to rerank, if any.")
+    reranker: str | None = Field(
+        None,
+        description="Rerank the fused candidates with a cross-encoder: 'verifier' (the built-in answer verifier, "
+        "multilingual; each chunk it scores carries verifier_score) or a local sentence-transformers "
+        "cross-encoder folder; unset: no cross-encoder.",
+    )
+    rerank_top: int = Field(20, ge=1, le=200, description="Top fused candidates the reranker scores and reorders.")
     sentence_rerank: int = Field(
         10, ge=0, le=100,
         description="Top chunks whose sentences are embedded to rerank by their best sentence and to score "

@@ -63,6 +63,7 @@ class SourceRef:
     content_hash: str = ""
     chunk_index: int = 0
     similarity: float = 0.0  # cosine similarity to the question under the collection's embedder
+    verifier_score: float | None = None  # the answer verifier's P(this chunk states the answer), when it scored it
 
     @property
     def source(self) -> str:

@@ -116,6 +116,11 @@ class SearchResult:
     def best_similarity(self) -> float:
         return max((h.similarity for h in self.hits), default=0.0)
 
+    @property
+    def best_verifier_score(self) -> float | None:
+        """The answer verifier's highest P(states the answer) among the hits; None when it did not run."""
+        return max((h.verifier_score for h in self.hits if h.verifier_score is not None), default=None)
+
 
 def evidence_sentences(text: str) -> list[str]:
     """The statements of a chunk: sentences, and lines within them (headings and list items are
@@ -206,7 +211,9 @@ class Retriever:
             t0 = time.perf_counter()
             top = candidates[:depth]
             evidence = self.evidence(query, qvec, top)
-            if not self.settings.reranker:  # a cross-encoder's order stands; evidence still scores answers
+            # A cross-encoder folder's order stands (evidence still scores answers); the verifier's
+            # order was fused with the search's, and the best sentences join that fusion too.
+            if self.settings.reranker in (None, "verifier"):
                 by_sentence = sorted(top, key=lambda c: evidence[c.chunk_id].best, reverse=True)
                 candidates = reciprocal_rank_fusion([top, by_sentence]) + candidates[depth:]
             timings["sentences"] = time.perf_counter() - t0
@@ -273,21 +280,38 @@ class Retriever:
         return out
 
     def _rerank(self, query: str, candidates: list[SourceRef]) -> list[SourceRef]:
-        if self._reranker is None:
-            from pathlib import Path
-
-            path = Path(self.settings.reranker).expanduser()
-            if not path.is_dir():
-                raise ModelNotFound(f"reranker {path} is not a folder: give a local cross-encoder model folder")
-            from sentence_transformers import CrossEncoder
-
-            self._reranker = CrossEncoder(str(path), local_files_only=True)
+        """The top ``rerank_top`` candidates reordered by a cross-encoder's score (kept in ``score``):
+        a local cross-encoder folder, or the built-in answer verifier (``reranker = "verifier"``):
+        its probability that a chunk states the answer is kept in ``verifier_score`` and its order
+        is fused with the search's by RRF (on the project's dev set its order alone lost to
+        hybrid search: bench/RESULTS.md, "Answer verifier")."""
         if not candidates:
             return candidates
-        scores = self._reranker.predict([(query, c.text) for c in candidates])
-        for c, s in zip(candidates, scores):
+        top, rest = candidates[: self.settings.rerank_top], candidates[self.settings.rerank_top :]
+        if self.settings.reranker == "verifier":
+            from localgpt.verifier import get_verifier
+
+            scores = get_verifier().score(query, [c.text for c in top])
+            for c, s in zip(top, scores):
+                c.verifier_score = float(s)
+            by_verifier = sorted(top, key=lambda c: c.verifier_score, reverse=True)
+            return reciprocal_rank_fusion([top, by_verifier]) + rest
+        else:
+            if self._reranker is None:
+                from pathlib import Path
+
+                path = Path(self.settings.reranker).expanduser()
+                if not path.is_dir():
+                    raise ModelNotFound(
+                        f"reranker {path} is not a folder: give a local cross-encoder model folder, or 'verifier'"
+                    )
+                from sentence_transformers import CrossEncoder
+
+                self._reranker = CrossEncoder(str(path), local_files_only=True)
+            scores = self._reranker.predict([(query, c.text) for c in top])
+        for c, s in zip(top, scores):
             c.score = float(s)
-        return sorted(candidates, key=lambda c: c.score, reverse=True)
+        return sorted(top, key=lambda c: c.score, reverse=True) + rest
 
     def as_langchain(self, **search_kwargs: Any) -> "LangChainRetriever":
         return LangChainRetriever(retriever=self, search_kwargs=search_kwargs)
@@ -359,5 +383,6 @@ def ref_to_document(ref: SourceRef) -> Document:
         metadata={
             "id": ref.chunk_id, "source": ref.source, "sources": ref.sources, "page": ref.page,
             "heading": ref.heading, "score": ref.score, "similarity": ref.similarity,
+            "verifier_score": ref.verifier_score,
         },
     )

