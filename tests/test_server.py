@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import ingested_collection
+from test_chroma_server import chroma_server  # noqa: F401 - a fixture: `chroma run` on a loopback port
 
 KEY = "test-key-0123"
 DOCS = {
@@ -360,3 +361,26 @@ def test_serve_watch_follows_a_folder(server):
     wait_for(lambda f: "note.md" in f and f["note.md"]["sha256"] != first["sha256"])
     note.unlink()
     wait_for(lambda f: "note.md" not in f)
+
+
+# ---------------------------------------------------------------------------------- scale-out
+@pytest.mark.slow
+def test_two_servers_on_one_chroma_server_see_each_others_uploads(tmp_path, subprocess_env, chroma_server):  # noqa: F811
+    args = ["--data-dir", str(tmp_path / "data"), "--chroma-url", chroma_server, "--extractive"]
+    a, url_a = start_server(args, subprocess_env, tmp_path, tmp_path / "a.log")
+    try:
+        b, url_b = start_server(args, subprocess_env, tmp_path, tmp_path / "b.log")
+        try:
+            body, ctype = multipart(("otters.md", b"# Otters\n\nSea otters hold hands while they sleep so that they do not drift apart.\n"))
+            r = httpx.post(url_a + "/v1/collections/shared/documents", content=body, headers={"Content-Type": ctype}, timeout=120)
+            assert r.status_code == 200 and r.json()["report"]["new"] == 1, r.text
+            listed = httpx.get(url_b + "/v1/collections/shared/sources", timeout=120).json()["data"]
+            assert [Path(s["path"]).name for s in listed] == ["otters.md"]
+            answer = httpx.post(url_b + "/v1/chat/completions", timeout=120, json={
+                "model": "localgpt/shared", "messages": [{"role": "user", "content": "Why do sea otters hold hands while they sleep?"}]}).json()
+            assert "drift apart" in answer["choices"][0]["message"]["content"]
+            assert answer["localgpt"]["sources"][0]["source"].endswith("otters.md")
+        finally:
+            stop_server(b)
+    finally:
+        stop_server(a)
