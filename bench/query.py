@@ -123,11 +123,18 @@ def main() -> None:
             build_s = time.perf_counter() - t0
             # Retrieval alone (sentence_rerank = 0), then the default: hybrid plus the sentence
             # evidence that reranks the top 10 and feeds the supporting sentences and abstention.
+            # The answer verifier (reranker = "verifier") scores the top rerank_top fused candidates.
             retriever = Retriever.from_settings(settings.with_overrides(sentence_rerank=0))
             default = Retriever(retriever.store, retriever.embedder, settings)
+            verifier = Retriever(retriever.store, retriever.embedder, settings.with_overrides(reranker="verifier"))
+            verifier_only = Retriever(retriever.store, retriever.embedder,
+                                      settings.with_overrides(reranker="verifier", sentence_rerank=0))
             for label, r, mode in (("dense", retriever, "dense"), ("keyword", retriever, "keyword"),
                                    ("hybrid", retriever, "hybrid"),
-                                   (f"hybrid + sentence rerank {settings.sentence_rerank} (default)", default, "hybrid")):
+                                   (f"hybrid + sentence rerank {settings.sentence_rerank} (default)", default, "hybrid"),
+                                   (f"hybrid + verifier {settings.rerank_top}", verifier_only, "hybrid"),
+                                   (f"hybrid + verifier {settings.rerank_top} + sentence rerank {settings.sentence_rerank}",
+                                    verifier, "hybrid")):
                 p50, p95 = measure(r, queries, mode)
                 rows.append((n, label, p50, p95))
                 print(f"{n:>7} chunks {label:>8}: p50 {p50:6.1f} ms  p95 {p95:6.1f} ms  (store built in {build_s:.0f}s)", flush=True)
@@ -146,7 +153,9 @@ def main() -> None:
     lines += [f"| {n} | {mode} | {p50:.1f} | {p95:.1f} |" for n, mode, p50, p95 in rows]
     hybrid_100k = [r for r in rows if r[0] == max(a.sizes) and r[1] == "hybrid"]
     lines.append("\nThe default row adds what `ask` does after retrieval proper: the top 10 chunks' sentences embedded "
-                 "(random-word chunks here, so none is cached) to rerank and to pick the supporting sentences.")
+                 "(random-word chunks here, so none is cached) to rerank and to pick the supporting sentences. "
+                 "The verifier rows add the answer verifier (`reranker = \"verifier\"`, localgpt/verifier.py) over "
+                 "the top fused candidates, each cut to its 128-token passage window.")
     if hybrid_100k:
         lines.append(f"\n- hybrid p50 at {max(a.sizes)} chunks: {hybrid_100k[0][2]:.1f} ms (target ≤ 30 ms at 100k)")
     if e2e_row:
