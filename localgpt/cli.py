@@ -375,6 +375,10 @@ def _qa_settings(**flags) -> Settings:
 def _print_sources(answer, limit: int = 240) -> None:
     if answer.abstained and not answer.citations:
         return
+    if answer.confidence == "low":
+        why = "; ".join(answer.doubts)
+        console.print(f"\n[bold yellow]low confidence[/]{': ' + why if why else ''} — check the supporting "
+                      "sentences below", highlight=False)
     console.print("\n[bold]Sources[/]")
     for c in answer.citations:
         ref = c.ref
@@ -404,6 +408,8 @@ def _print_stats(answer) -> None:
         table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
     if answer.answer_check is not None:
         table.add_row("answer check P(yes)", f"{answer.answer_check:.3f}")
+    if answer.verifier is not None:
+        table.add_row("answer verifier P(states the answer)", f"{answer.verifier:.3f}")
     for key, value in answer.timings.items():
         table.add_row(f"time {key}", f"{value:.3f}s")
     console.print(table)

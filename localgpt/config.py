@@ -94,13 +94,14 @@ class Settings(BaseSettings):
         description="Cosine similarity of the best chunk under which the chain abstains; "
         "unset means the embedder's calibrated default.",
     )
-    reranker: str | None = Field(
-        None,
-        description="Rerank the fused candidates with a cross-encoder: 'verifier' (the built-in answer verifier, "
-        "multilingual; each chunk it scores carries verifier_score) or a local sentence-transformers "
-        "cross-encoder folder; unset: no cross-encoder.",
+    reranker: str | None = Field(None, description="Local cross-encoder folder used to rerank, if any.")
+    verifier: Literal["off", "score", "rerank"] = Field(
+        "off",
+        description="The built-in answer verifier (a multilingual cross-encoder): 'score' gives each of the top "
+        "rerank_top candidates its probability of stating the answer (verifier_score), 'rerank' also fuses "
+        "its order with the search's; 'off' runs nothing.",
     )
-    rerank_top: int = Field(20, ge=1, le=200, description="Top fused candidates the reranker scores and reorders.")
+    rerank_top: int = Field(20, ge=1, le=200, description="Top fused candidates that the reranker or the verifier scores.")
     sentence_rerank: int = Field(
         10, ge=0, le=100,
         description="Top chunks whose sentences are embedded to rerank by their best sentence and to score "
@@ -117,6 +118,11 @@ class Settings(BaseSettings):
     answerability_threshold: float | None = Field(
         None, ge=0.0, le=1.0,
         description="Answerability (0-1) under which the chain abstains; unset means the embedder's calibrated default.",
+    )
+    verifier_refuse_threshold: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="With reranker = 'verifier': the answer verifier's best score under which the chain says it "
+        "does not know (it answers with low confidence above it); unset means the calibrated default.",
     )
     answer_check: Literal["auto", "on", "off"] = Field(
         "auto",

@@ -71,10 +71,16 @@ TYPE_WORDS = {
 class EvidenceGap:
     """Why the passages cannot answer: the answer type they lack, or the names they never mention."""
 
-    kind: str  # "answer_type", "names", or "model_check" (the generator said no: localgpt.chain)
+    kind: str  # "answer_type", "names", "verifier" or "model_check" (the verifier or the generator said no: localgpt.chain)
     detail: tuple[str, ...]
 
     def explain(self, lang: str = "en") -> str:
+        if self.kind == "verifier":
+            return {
+                "en": "the answer verifier judged that none of the passages found states the answer",
+                "zh": "答案验证模型判断找到的段落都没有给出答案",
+                "ja": "回答検証モデルは見つかった文書のどれにも答えが書かれていないと判断しました",
+            }.get(lang, "")
         if self.kind == "model_check":
             return {
                 "en": "the model judged that the passages found do not state the answer",

@@ -115,6 +115,7 @@ def answer_record(answer) -> dict:
         citations.append(d)
     return {
         "question": answer.question, "text": answer.text, "abstained": answer.abstained,
+        "confidence": answer.confidence, "doubts": list(answer.doubts),
         "citations": citations, "stats": stats_line(answer), "error": None,
     }
 
@@ -571,12 +572,17 @@ def _render_answer(st, turn: dict, index: int) -> None:
         st.warning(md_text(turn["text"]), icon=":material/help:")
     else:
         st.markdown(md_text(turn["text"]))
+    low = turn.get("confidence") == "low"
+    if low:
+        why = "; ".join(turn.get("doubts") or [])
+        st.warning(f"Low confidence{': ' + md_text(why) if why else ''}. Check the highlighted sentences in the sources.",
+                   icon=":material/gpp_maybe:")
     citations = turn["citations"]
     if citations:
         labels = [f"**[{c['number']}]** {md_text(place(c))}" if c["cited"] else f"[{c['number']}] {md_text(place(c))}"
                   for c in citations]
         st.markdown("Sources: " + " · ".join(labels))
-        with st.expander("Sources", expanded=False):
+        with st.expander("Sources", expanded=low):
             for c in citations:
                 st.markdown(
                     f"**[{c['number']}] {md_text(Path(c['source']).name)}**"
