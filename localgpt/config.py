@@ -121,7 +121,7 @@ class Settings(BaseSettings):
     )
     verifier_refuse_threshold: float | None = Field(
         None, ge=0.0, le=1.0,
-        description="With reranker = 'verifier': the answer verifier's best score under which the chain says it "
+        description="With the answer verifier on (verifier = 'score' or 'rerank'): its best score under which the chain says it "
         "does not know (it answers with low confidence above it); unset means the calibrated default.",
     )
     answer_check: Literal["auto", "on", "off"] = Field(

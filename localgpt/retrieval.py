@@ -204,6 +204,8 @@ class Retriever:
             candidates = maximal_marginal_relevance(qvec, candidates, vectors, k)
         if self.settings.reranker:
             candidates = self._rerank(query, candidates)
+        if self.settings.verifier != "off":
+            candidates = self._verify(query, candidates)
         timings["postprocess"] = time.perf_counter() - t0
         evidence: dict[str, Evidence] = {}
         depth = self.settings.sentence_rerank
@@ -211,9 +213,7 @@ class Retriever:
             t0 = time.perf_counter()
             top = candidates[:depth]
             evidence = self.evidence(query, qvec, top)
-            # A cross-encoder folder's order stands (evidence still scores answers); the verifier's
-            # order was fused with the search's, and the best sentences join that fusion too.
-            if self.settings.reranker in (None, "verifier"):
+            if not self.settings.reranker:  # a cross-encoder's order stands; evidence still scores answers
                 by_sentence = sorted(top, key=lambda c: evidence[c.chunk_id].best, reverse=True)
                 candidates = reciprocal_rank_fusion([top, by_sentence]) + candidates[depth:]
             timings["sentences"] = time.perf_counter() - t0
@@ -280,38 +280,38 @@ class Retriever:
         return out
 
     def _rerank(self, query: str, candidates: list[SourceRef]) -> list[SourceRef]:
-        """The top ``rerank_top`` candidates reordered by a cross-encoder's score (kept in ``score``):
-        a local cross-encoder folder, or the built-in answer verifier (``reranker = "verifier"``):
-        its probability that a chunk states the answer is kept in ``verifier_score`` and its order
-        is fused with the search's by RRF (on the project's dev set its order alone lost to
-        hybrid search: bench/RESULTS.md, "Answer verifier")."""
+        """The top ``rerank_top`` candidates reordered by a local cross-encoder's score (kept in ``score``)."""
+        if self._reranker is None:
+            from pathlib import Path
+
+            path = Path(self.settings.reranker).expanduser()
+            if not path.is_dir():
+                raise ModelNotFound(f"reranker {path} is not a folder: give a local cross-encoder model folder")
+            from sentence_transformers import CrossEncoder
+
+            self._reranker = CrossEncoder(str(path), local_files_only=True)
         if not candidates:
             return candidates
         top, rest = candidates[: self.settings.rerank_top], candidates[self.settings.rerank_top :]
-        if self.settings.reranker == "verifier":
-            from localgpt.verifier import get_verifier
-
-            scores = get_verifier().score(query, [c.text for c in top])
-            for c, s in zip(top, scores):
-                c.verifier_score = float(s)
-            by_verifier = sorted(top, key=lambda c: c.verifier_score, reverse=True)
-            return reciprocal_rank_fusion([top, by_verifier]) + rest
-        else:
-            if self._reranker is None:
-                from pathlib import Path
-
-                path = Path(self.settings.reranker).expanduser()
-                if not path.is_dir():
-                    raise ModelNotFound(
-                        f"reranker {path} is not a folder: give a local cross-encoder model folder, or 'verifier'"
-                    )
-                from sentence_transformers import CrossEncoder
-
-                self._reranker = CrossEncoder(str(path), local_files_only=True)
-            scores = self._reranker.predict([(query, c.text) for c in top])
+        scores = self._reranker.predict([(query, c.text) for c in top])
         for c, s in zip(top, scores):
             c.score = float(s)
         return sorted(top, key=lambda c: c.score, reverse=True) + rest
+
+    def _verify(self, query: str, candidates: list[SourceRef]) -> list[SourceRef]:
+        """The answer verifier's P(states the answer) for the top ``rerank_top`` candidates, in
+        ``verifier_score``; with ``verifier = "rerank"`` its order is fused with the search's by RRF
+        (its order alone lost to hybrid search on the project's dev set: bench/RESULTS.md,
+        "Answer verifier")."""
+        from localgpt.verifier import get_verifier
+
+        top, rest = candidates[: self.settings.rerank_top], candidates[self.settings.rerank_top :]
+        for c, s in zip(top, get_verifier().score(query, [c.text for c in top])):
+            c.verifier_score = float(s)
+        if self.settings.verifier != "rerank" or not top:
+            return candidates
+        by_verifier = sorted(top, key=lambda c: c.verifier_score, reverse=True)
+        return reciprocal_rank_fusion([top, by_verifier]) + rest
 
     def as_langchain(self, **search_kwargs: Any) -> "LangChainRetriever":
         return LangChainRetriever(retriever=self, search_kwargs=search_kwargs)

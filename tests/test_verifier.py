@@ -83,10 +83,13 @@ DOCS = {
 
 
 def test_retrieval_with_the_verifier_puts_the_answer_first_and_keeps_its_score(tmp_path):
-    settings = ingested_collection(tmp_path, DOCS, "verifier", reranker="verifier")
+    settings = ingested_collection(tmp_path, DOCS, "verifier", verifier="rerank")
     result = Retriever.from_settings(settings).search(CASES["en"][0], k=3)
     assert result.hits[0].source.endswith("valves.txt")
     assert all(h.verifier_score is not None and 0 <= h.verifier_score <= 1 for h in result.hits)
     assert result.best_verifier_score == max(h.verifier_score for h in result.hits)
-    plain = Retriever.from_settings(settings.model_copy(update={"reranker": None})).search(CASES["en"][0], k=3)
-    assert plain.best_verifier_score is None
+    off = Retriever.from_settings(settings.with_overrides(verifier="off")).search(CASES["en"][0], k=3)
+    assert off.best_verifier_score is None
+    scored = Retriever.from_settings(settings.with_overrides(verifier="score")).search(CASES["en"][0], k=3)
+    assert [h.chunk_id for h in scored.hits] == [h.chunk_id for h in off.hits]  # scores only, same order
+    assert scored.best_verifier_score == pytest.approx(result.best_verifier_score)
