@@ -105,7 +105,8 @@ def run_qa(
         timings = {"retrieve": time.perf_counter() - t0}
         result = QuestionResult(case, [RetrievedChunk.from_source_ref(h) for h in search.hits], timings=timings)
         if pack is not None:
-            result.context = [RetrievedChunk.from_source_ref(r) for r in pack(case.question, search.hits[: settings.k])]
+            packed, result.context_tokens = pack(case.question, search.hits[: settings.k])
+            result.context = [RetrievedChunk.from_source_ref(r) for r in packed]
         if retrieval_only:
             result.abstained = chain.should_abstain(case.question, search)[0]
         else:
@@ -132,7 +133,7 @@ def run_qa(
 def context_packer(chain, settings: Settings, *, retrieval_only: bool = False):
     """``(pack, description)``: ``pack(question, top_k_hits)`` gives the chunks the chain would put in
     the generator's prompt (``localgpt.chain.pack_context``: rank order while they fit the window,
-    leaving ``max_new_tokens``), and which generator's window that is; ``(None, None)`` when it cannot
+    leaving ``max_new_tokens``) and their tokens, and which generator's window that is; ``(None, None)`` when it cannot
     be measured cheaply. A generating run packs for its own generator. Retrieval-only and extractive
     runs pack for the generator the settings name (the embedded SmolLM2 unless ``--model``): it is
     loaded to read its window and tokenizer, never run, and only when it is a local GGUF file (a
@@ -157,7 +158,8 @@ def context_packer(chain, settings: Settings, *, retrieval_only: bool = False):
     max_new = settings.max_new_tokens
 
     def pack(question: str, hits):
-        return pack_context(hits, question, generator, max_new)
+        packed = pack_context(hits, question, generator, max_new)
+        return packed, sum(generator.count_tokens(r.text) for r in packed)
 
     name = getattr(generator, "name", type(generator).__name__)
     return pack, f"{name}, window {generator.context_window} tokens, {max_new} kept for the answer"

@@ -303,9 +303,10 @@ class QuestionResult:
     abstained: bool = False
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     error: str | None = None
-    # The chunks the chain packs into the generator's prompt (its top k while they fit the window);
-    # None when not measured.
+    # The chunks the chain packs into the generator's prompt (its top k while they fit the window)
+    # and their tokens (the generator's tokenizer); None when not measured.
     context: list[RetrievedChunk] | None = None
+    context_tokens: int | None = None
 
 
 def same_file(found: str, expected: str) -> bool:
@@ -342,6 +343,7 @@ class QuestionScores:
     abstained: bool = False
     answer_in_context: float | None = None  # a chunk of the packed context holds the answer
     context_chunks: int | None = None  # how many chunks were packed
+    context_tokens: int | None = None  # and their tokens
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -355,6 +357,7 @@ def score_question(result: QuestionResult, ks: Sequence[int] = DEFAULT_KS) -> Qu
     chunks = result.retrieved
     if result.context is not None:
         s.context_chunks = len(result.context)
+        s.context_tokens = result.context_tokens
     if case.sources:
         s.file_rank = _first_rank(chunks, lambda c: any(same_file(f, e) for f in c.files for e in case.sources))
         for k in ks:
@@ -454,6 +457,7 @@ class EvalReport:
             if result.context is not None:
                 questions[-1]["context"] = [{"source": c.source, "page": c.page, "chunk_id": c.chunk_id}
                                             for c in result.context]
+                questions[-1]["context_tokens"] = result.context_tokens
         return {"name": self.name, "config": self.config, "ks": list(self.ks), "counts": self.counts,
                 "overall": self.overall, "breakdown": self.breakdown, "latency": self.latency, "questions": questions}
 
@@ -510,6 +514,7 @@ def _aggregate(
     # the same context budget), and how many chunks that is.
     overall["answer_in_context"] = _mean(s.answer_in_context for s in answerable)
     overall["context_chunks"] = _mean(s.context_chunks for s in scores)
+    overall["context_tokens"] = _mean(s.context_tokens for s in scores)
     gen_answerable = [s for r, s in generated if s.answerable]
     overall["exact_match"] = _mean(s.exact for s in gen_answerable)
     overall["f1"] = _mean(s.f1 for s in gen_answerable)
@@ -592,7 +597,7 @@ def report_from_dict(data: Mapping[str, Any]) -> EvalReport:
             for c in q["context"]]
         results.append(QuestionResult(case=case, retrieved=chunks, answer=q.get("answer"), cited=cited,
                                       abstained=bool(q.get("abstained")), timings=q.get("timings") or {}, error=q.get("error"),
-                                      context=context))
+                                      context=context, context_tokens=q.get("context_tokens")))
         sd = dict(q.get("scores") or {})
         sd["file_recall"] = {int(k): v for k, v in (sd.get("file_recall") or {}).items()}
         scores.append(QuestionScores(**{k: v for k, v in sd.items() if k in QuestionScores.__dataclass_fields__}))
@@ -724,7 +729,7 @@ def score_beir(
 
 _SECTIONS: list[tuple[str, list[str]]] = [
     ("Retrieval (answerable questions)", ["file_hit@{k}", "file_mrr", "page_hit@{k}", "page_mrr", "answer_in_top{k}", "answer_mrr",
-                                          "answer_in_context", "context_chunks"]),
+                                          "answer_in_context", "context_chunks", "context_tokens"]),
     ("Answers", ["exact_match", "f1", "contains_answer", "citation_correct", "citation_precision", "cited_per_answer",
                  "citation_source_correct"]),
     ("Abstention", ["abstention_rate", "false_abstention_rate"]),
@@ -737,6 +742,7 @@ _LABELS = {
     "false_abstention_rate": "abstains when answerable (lower is better)",
     "answer_in_context": "answer in packed context (what the generator sees)",
     "context_chunks": "chunks in packed context (all questions)",
+    "context_tokens": "tokens in packed context (generator's tokenizer)",
 }
 
 

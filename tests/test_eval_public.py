@@ -148,7 +148,7 @@ def test_eval_reports_the_packed_context_and_each_language_and_kind(built, tmp_p
     assert report["counts"]["questions"] == 11  # --split dev takes the file's own split: every question
     overall = report["overall"]
     assert overall["answer_in_context"] is not None and overall["answer_in_context"] <= overall["answer_in_top10"]
-    assert 1 <= overall["context_chunks"] <= report["config"]["k"]
+    assert 1 <= overall["context_chunks"] <= report["config"]["k"] and overall["context_tokens"] > 10
     assert "SmolLM2" in report["config"]["context_packed_for"]
     assert all("context" in q for q in report["questions"])
     groups = [tuple(row["group"].items()) for row in report["breakdown"]]
