@@ -9,7 +9,7 @@ Documents nobody here wrote or tuned for: every article of one half of the sets 
 .docx, .pdf, spread evenly over each language), under ``OUT/docs/<lang>/``; an article longer than
 ``MAX_DOC_CHARS`` is cut at paragraph boundaries into parts (SQuAD's articles are whole Wikipedia
 pages of 25-35k characters), and CMRC's one-paragraph articles stay one short file each, so a half
-holds about 460 documents. ``OUT/questions.jsonl`` is read by ``localgpt eval``; every record carries
+holds about 450 documents. ``OUT/questions.jsonl`` is read by ``localgpt eval``; every record carries
 ``split``, ``lang``, ``kind`` and ``set``, and ``kind`` is one of
 
 - ``answerable``: the question's answer (or one of its variants) is in the text localgpt extracts from
