@@ -96,7 +96,7 @@ class Settings(BaseSettings):
     )
     reranker: str | None = Field(None, description="Local cross-encoder folder used to rerank, if any.")
     verifier: Literal["off", "score", "rerank"] = Field(
-        "off",
+        "score",
         description="The built-in answer verifier (a multilingual cross-encoder): 'score' gives each chunk returned "
         "its probability of stating the answer (verifier_score; ~0.1 CPU-second for 4 passages), 'rerank' "
         "scores the top rerank_top candidates and fuses its order with the search's; 'off' runs nothing.",

@@ -71,10 +71,22 @@ TYPE_WORDS = {
 class EvidenceGap:
     """Why the passages cannot answer: the answer type they lack, or the names they never mention."""
 
-    kind: str  # "answer_type", "names", "verifier" or "model_check" (the verifier or the generator said no: localgpt.chain)
+    kind: str  # "answer_type", "names", "answerability", "verifier", "cross_language" or "model_check" (the verifier or the generator said no: localgpt.chain)
     detail: tuple[str, ...]
 
     def explain(self, lang: str = "en") -> str:
+        if self.kind == "answerability":
+            return {
+                "en": "the best passages found do not seem to answer the question",
+                "zh": "找到的最佳段落似乎没有回答这个问题",
+                "ja": "見つかった文書は質問に答えていないようです",
+            }.get(lang, "")
+        if self.kind == "cross_language":
+            return {
+                "en": "the passages found are in another language than the question, so the answer could not be verified",
+                "zh": "找到的段落与问题语言不同，无法验证答案",
+                "ja": "見つかった文書は質問と別の言語のため、答えを検証できませんでした",
+            }.get(lang, "")
         if self.kind == "verifier":
             return {
                 "en": "the answer verifier judged that none of the passages found states the answer",

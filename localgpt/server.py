@@ -467,7 +467,8 @@ def _chat_settings(service: Service, handle: Collection, body: ChatRequest) -> S
 
 
 def _answer_fields(answer, collection: str) -> dict:
-    """localgpt's extra top-level field: the numbered sources, the supporting sentences, abstention."""
+    """localgpt's extra top-level field: the numbered sources, the supporting sentences, abstention and
+    how sure the answer is (confidence high/low with the doubts)."""
     sources = []
     for c in answer.citations:
         d = c.as_dict()
@@ -475,6 +476,7 @@ def _answer_fields(answer, collection: str) -> dict:
         sources.append(d)
     return {
         "collection": collection, "abstained": answer.abstained, "abstain_reason": answer.abstain_reason,
+        "confidence": answer.confidence, "doubts": answer.doubts, "verifier": answer.verifier,
         "answerability": answer.answerability, "standalone_question": answer.standalone_question,
         "sources": sources, "support": [s.__dict__ for s in answer.support], "timings": answer.timings,
     }

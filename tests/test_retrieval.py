@@ -149,8 +149,8 @@ def test_answerability_abstains_on_an_on_topic_question_the_documents_do_not_ans
     assert unanswered.answerability is not None and unanswered.answerability < answered.answerability
 
 
-def test_the_chain_says_why_it_does_not_know_when_a_name_or_the_kind_of_answer_is_missing(settings):
-    chain = QAChain(settings, extractive=True)
+def test_the_rules_alone_say_why_they_do_not_know_when_a_name_or_the_kind_of_answer_is_missing(settings):
+    chain = QAChain(settings.with_overrides(verifier="off"), extractive=True)
     # On topic (the reactor file is found), but no passage mentions SELinux.
     named = chain.ask("Does the alpha reactor in Oslo run SELinux?")
     assert named.abstained and named.citations == []
@@ -164,6 +164,25 @@ def test_the_chain_says_why_it_does_not_know_when_a_name_or_the_kind_of_answer_i
     assert zh.abstained and zh.text == "我不知道：找到的段落都没有提到 Roundup。"
     # A question whose answer is there is not touched by them.
     assert not chain.ask("How many cars a day does the Bergen bridge carry?").abstained
+
+
+def test_with_the_verifier_a_rule_alone_lowers_confidence_and_both_together_refuse(settings):
+    chain = QAChain(settings, extractive=True)
+    # The name check fires, the verifier reads an on-topic passage as an answer: answered, low
+    # confidence, the reason shown, the sources kept so the reader can check.
+    named = chain.ask("Does the alpha reactor in Oslo run SELinux?")
+    assert not named.abstained and named.confidence == "low" and named.citations
+    assert "none of the passages found mention SELinux" in named.doubts
+    # Rules and verifier agree that nothing states the bridge's colour: refused.
+    colour = chain.ask("What colour is the Bergen bridge painted?")
+    assert colour.abstained and colour.confidence is None and colour.verifier is not None and colour.verifier < 0.5
+    assert colour.text.startswith("I don't know")
+    zh = chain.ask("玫瑰需要 Roundup 除草剂吗？")
+    assert zh.abstained and zh.text == "我不知道：找到的段落都没有提到 Roundup。"
+    # An answer the passages state: high confidence, nothing to doubt.
+    opened = chain.ask("When was the Bergen bridge opened?")
+    assert not opened.abstained and opened.confidence == "high" and not opened.doubts and opened.verifier > 0.5
+    assert opened.as_dict()["confidence"] == "high"
 
 
 def test_evidence_checks_can_be_turned_off(settings):

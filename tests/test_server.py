@@ -113,7 +113,7 @@ def test_openai_client_streams_an_answer_that_cites_the_file(server):
         if chunk.usage:
             usage = chunk.usage
     assert text.strip()
-    assert extra is not None and not extra["abstained"]
+    assert extra is not None and not extra["abstained"] and extra["confidence"] in ("high", "low")
     assert extra["sources"][0]["source"].endswith("bridge.md") and extra["sources"][0]["number"] == 1
     assert any("2004" in s["sentence"] and s["number"] == 1 for s in extra["support"])
     assert usage.completion_tokens == 8 and usage.prompt_tokens > 0
