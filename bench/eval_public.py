@@ -56,6 +56,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))  # first: bench/ingest.py must not hide the ingest package
 
 import public_qa  # noqa: E402
+from scripts.make_samples import _wrap  # noqa: E402  (PDF line wrapping, CJK-aware: one copy)
 from localgpt.evaluation import answer_tokens  # noqa: E402
 from localgpt.text import split_sentences  # noqa: E402
 
@@ -302,23 +303,6 @@ def _pdf(heading: str, paras: list[str], lang: str) -> bytes:
     doc.set_metadata({"title": heading, "author": "bench/eval_public.py", "creator": "bench/eval_public.py",
                       "producer": "PyMuPDF", "creationDate": PDF_DATE, "modDate": PDF_DATE})
     return doc.tobytes(garbage=3, deflate=True, no_new_id=True)
-
-
-def _wrap(pymupdf, text: str, font: str, size: float, width: float, cjk: bool) -> list[str]:
-    # CJK text breaks between any two characters, but a Latin word inside it stays whole.
-    units = re.findall(r"[A-Za-z0-9_./()\-]+|.", text) if cjk else text.split(" ")
-    sep = "" if cjk else " "
-    lines, current = [], ""
-    for unit in units:
-        candidate = current + sep + unit if current else unit
-        if current and pymupdf.get_text_length(candidate, fontname=font, fontsize=size) > width:
-            lines.append(current)
-            current = unit.lstrip() if cjk else unit
-        else:
-            current = candidate
-    if current:
-        lines.append(current)
-    return lines
 
 
 def write_docs(docs: list[Doc], folder: Path) -> int:

