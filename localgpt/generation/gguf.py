@@ -121,6 +121,16 @@ class LlamaCppGenerator:
         except Exception:  # noqa: BLE001 - an older binding or a stand-in: size unknown
             return None
 
+    def _cached_prefix(self, tokens: Sequence[int]) -> int:
+        """How many leading ``tokens`` llama.cpp's cache already holds (from the previous call)."""
+        llm = self.llm
+        keep = 0
+        for a, b in zip(llm._input_ids[: llm.n_tokens] if llm.n_tokens else [], tokens):
+            if a != b:
+                break
+            keep += 1
+        return keep
+
     def yes_probability(self, prompt: str | Sequence[dict]) -> float | None:
         """P(the reply starts with yes) / P(yes or no), from one forward pass over the prompt.
 
@@ -136,13 +146,7 @@ class LlamaCppGenerator:
         encode = lambda w: self.llm.tokenize(w.encode("utf-8"), add_bos=False, special=False)  # noqa: E731
         with self._lock:
             llm = self.llm
-            cached = list(llm._input_ids[: llm.n_tokens]) if llm.n_tokens else []
-            keep = 0
-            for a, b in zip(cached, tokens):
-                if a != b:
-                    break
-                keep += 1
-            keep = min(keep, len(tokens) - 1)  # at least one token is evaluated: its logits are read
+            keep = min(self._cached_prefix(tokens), len(tokens) - 1)  # at least one token is evaluated: its logits are read
             if keep > 0 and llm._ctx.kv_cache_seq_rm(-1, keep, -1):
                 llm.n_tokens = keep
             else:
@@ -163,6 +167,11 @@ class LlamaCppGenerator:
             self.stats.extra["truncated_prompt_tokens"] = len(tokens) - budget
             tokens = tokens[-budget:]
         with self._lock:
+            if self._cached_prefix(tokens) >= len(tokens) - 1:
+                # The same prompt again: llama.cpp would evaluate only its last token, alone, and
+                # those logits differ slightly from a full prefill's, so a greedy answer would
+                # depend on what was asked before. Evaluate it afresh.
+                self.llm.reset()
             timer = StreamTimer(self.stats, prompt_tokens=len(tokens))
             pieces = self.llm.create_completion(
                 tokens, max_tokens=max_new, stop=stops, stream=True,
