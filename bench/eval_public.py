@@ -45,7 +45,6 @@ import json
 import random
 import re
 import sys
-import zipfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -56,7 +55,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))  # first: bench/ingest.py must not hide the ingest package
 
 import public_qa  # noqa: E402
-from scripts.make_samples import _wrap  # noqa: E402  (PDF line wrapping, CJK-aware: one copy)
+from scripts.make_samples import _fixed_zip, _wrap  # noqa: E402  (one copy of the writers' helpers)
 from localgpt.evaluation import answer_tokens  # noqa: E402
 from localgpt.text import split_sentences  # noqa: E402
 
@@ -258,14 +257,7 @@ def _docx(heading: str, paras: list[str]) -> bytes:
         d.add_paragraph(p)
     buffer = io.BytesIO()
     d.save(buffer)
-    out = io.BytesIO()  # every member dated 1980-01-01: the same bytes on every run
-    with zipfile.ZipFile(buffer) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst:
-        for item in src.infolist():
-            info = zipfile.ZipInfo(item.filename, date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            info.external_attr = 0o644 << 16
-            dst.writestr(info, src.read(item))
-    return out.getvalue()
+    return _fixed_zip(buffer.getvalue())  # every member dated 1980-01-01: the same bytes on every run
 
 
 def _pdf(heading: str, paras: list[str], lang: str) -> bytes:
