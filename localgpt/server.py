@@ -137,9 +137,9 @@ def _embedder_spec(recorded: str | None, default: str) -> str:
 
 class Collection:
     """One collection as the server holds it: a store for reads (the retriever's), one for writes
-    (ingest and removal, one at a time under ``lock``). Both are opened once, before any ingest of
-    this process: opening a store clears what an interrupted ingest left pending, which would
-    otherwise remove the vectors of an ingest running meanwhile."""
+    (ingest and removal, one at a time under ``lock``). Opening a store removes only what a dead
+    writer left pending (see ``localgpt.store``), never an ingest running meanwhile, here or in
+    another process."""
 
     def __init__(self, base: Settings, name: str, *, create: bool):
         from localgpt.embeddings import get_embedder

@@ -5,17 +5,26 @@ citation metadata of every committed chunk, and an FTS5 keyword index over those
 A chunk is visible to queries only once its file's content is committed in the manifest,
 which happens in one SQLite transaction after its vectors are in Chroma; a ``pending``
 table is the intent log that lets the next run remove vectors a crash left behind.
+
+Several processes may write one collection at once (``localgpt ingest`` while ``localgpt serve``
+takes uploads, two ``serve`` processes on one data folder). Each pending row names its writer, and
+each writer holds a lock on its own file under ``<data_dir>/collections/.writers/`` for as long as
+it lives (``fcntl``: the kernel lets go when the process dies, however it dies). Opening a store
+removes only what a writer whose lock is free left pending; a live writer's vectors are never touched.
 Never touches the network except a Chroma server the user configured.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
+import logging
 import os
 import re
 import sqlite3
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +44,8 @@ CHROMA_BATCH = 1000
 # larger ones through Chroma's approximate HNSW index. See Store.dense_search.
 EXACT_SEARCH_MAX = 20_000
 
+log = logging.getLogger("localgpt.store")
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS files (
@@ -49,7 +60,9 @@ CREATE TABLE IF NOT EXISTS chunks (
     text TEXT NOT NULL, page INTEGER, heading TEXT, kind TEXT, tokens INTEGER);
 CREATE INDEX IF NOT EXISTS chunks_sha ON chunks(sha256);
 CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts USING fts5(terms, tokenize = 'unicode61 remove_diacritics 2');
-CREATE TABLE IF NOT EXISTS pending (sha256 TEXT PRIMARY KEY, chunk_ids TEXT NOT NULL, started REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS pending (
+    sha256 TEXT NOT NULL, owner TEXT NOT NULL DEFAULT '', chunk_ids TEXT NOT NULL, started REAL NOT NULL,
+    PRIMARY KEY (sha256, owner));
 CREATE TABLE IF NOT EXISTS unreadable (
     sha256 TEXT NOT NULL, reader TEXT NOT NULL, reason TEXT NOT NULL, PRIMARY KEY (sha256, reader));
 """
@@ -105,6 +118,7 @@ class Store:
             _enable_wal(db)
             db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(_SCHEMA)
+            _migrate_pending(db)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the manifest {manifest}: {exc}") from exc
         # A local Chroma opens on first use (importing and opening it is most of a
@@ -412,11 +426,16 @@ class Store:
 
     def begin_content(self, sha256: str, chunk_ids: Sequence[str]) -> None:
         """Log the intent to write these vectors, before writing any (crash recovery reads it)."""
+        owner = self._owner()
         with self._tx() as db:
             db.execute(
-                "INSERT OR REPLACE INTO pending(sha256, chunk_ids, started) VALUES(?,?,?)",
-                (sha256, json.dumps(list(chunk_ids)), time.time()),
+                "INSERT OR REPLACE INTO pending(sha256, owner, chunk_ids, started) VALUES(?,?,?,?)",
+                (sha256, owner, json.dumps(list(chunk_ids)), time.time()),
             )
+
+    def _owner(self) -> str:
+        """This process's writer name for this data folder (its lock taken on first use)."""
+        return _writer_token(Path(self.settings.data_dir))
 
     def write_vectors(self, chunks: Sequence[Chunk], vectors: np.ndarray, ext: str | Sequence[str] = "") -> None:
         """Upsert vectors (invisible to queries until ``commit_content``). ``ext``: one file type
@@ -434,8 +453,15 @@ class Store:
     def commit_content(
         self, path: str, size: int, mtime_ns: int, sha256: str, chunks: Sequence[Chunk], pages: int | None, ext: str
     ) -> str | None:
-        """Make a file's chunks visible, all at once. Returns the content hash the path had before."""
+        """Make a file's chunks visible, all at once. Returns the content hash the path had before.
+
+        Another process may have committed the same content meanwhile (the same file ingested by
+        two writers; chunk ids follow from the content): then only the path is linked to it."""
+        owner = self._owner()
         with self._tx() as db:
+            if db.execute("SELECT 1 FROM contents WHERE sha256=?", (sha256,)).fetchone():
+                db.execute("DELETE FROM pending WHERE sha256=? AND owner=?", (sha256, owner))
+                return self._link(db, path, size, mtime_ns, sha256)
             for c in chunks:
                 cur = db.execute(
                     "INSERT OR REPLACE INTO chunks(id, sha256, idx, text, page, heading, kind, tokens) "
@@ -448,17 +474,31 @@ class Store:
                 "INSERT OR REPLACE INTO contents(sha256, n_chunks, pages, ext, created_at) VALUES(?,?,?,?,?)",
                 (sha256, len(chunks), pages, ext, time.time()),
             )
-            db.execute("DELETE FROM pending WHERE sha256=?", (sha256,))
+            db.execute("DELETE FROM pending WHERE sha256=? AND owner=?", (sha256, owner))
             return self._link(db, path, size, mtime_ns, sha256)
 
     def abandon_content(self, sha256: str) -> None:
-        """Undo a write that did not reach commit (an error or Ctrl-C mid-file)."""
-        row = self._db.execute("SELECT chunk_ids FROM pending WHERE sha256=?", (sha256,)).fetchone()
-        if row is None:
+        """Undo a write of this process that did not reach commit (an error or Ctrl-C mid-file)."""
+        self._abandon(sha256, self._owner())
+
+    def _abandon(self, sha256: str, owner: str) -> None:
+        """Remove the vectors ``owner`` logged as pending for this content, unless they are needed:
+        the content was committed (by another writer: the ids are the same), or another writer has
+        it pending too (its vectors are the same ids; it commits them or leaves them to recovery).
+        The manifest's write lock is held meanwhile, so no writer begins this content mid-delete."""
+        if self._db.execute("SELECT 1 FROM pending WHERE sha256=? AND owner=?", (sha256, owner)).fetchone() is None:
             return
-        self._delete_vectors(json.loads(row[0]))
         with self._tx() as db:
-            db.execute("DELETE FROM pending WHERE sha256=?", (sha256,))
+            row = db.execute("SELECT chunk_ids FROM pending WHERE sha256=? AND owner=?", (sha256, owner)).fetchone()
+            if row is None:
+                return
+            needed = db.execute(
+                "SELECT 1 FROM pending WHERE sha256=? AND owner!=? UNION ALL SELECT 1 FROM contents WHERE sha256=? LIMIT 1",
+                (sha256, owner, sha256),
+            ).fetchone()
+            if not needed:
+                self._delete_vectors(json.loads(row[0]))
+            db.execute("DELETE FROM pending WHERE sha256=? AND owner=?", (sha256, owner))
 
     def remove_file(self, path: str) -> int:
         """Forget a file; its chunks go once no other file has the same content. Returns the chunks removed."""
@@ -478,8 +518,8 @@ class Store:
             ids = [r[1] for r in rows]
             # The intent log makes the Chroma delete below survive a crash.
             db.execute(
-                "INSERT OR REPLACE INTO pending(sha256, chunk_ids, started) VALUES(?,?,?)",
-                (sha256, json.dumps(ids), time.time()),
+                "INSERT OR REPLACE INTO pending(sha256, owner, chunk_ids, started) VALUES(?,?,?,?)",
+                (sha256, self._owner(), json.dumps(ids), time.time()),
             )
             for part in _batched([r[0] for r in rows], 500):
                 q = ",".join("?" * len(part))
@@ -494,10 +534,16 @@ class Store:
             self.collection.delete(ids=part)
 
     def _recover(self) -> None:
-        """Finish what a crashed run left: vectors logged as pending are never visible; remove them."""
-        rows = self._db.execute("SELECT sha256 FROM pending").fetchall()
-        for (sha,) in rows:
-            self.abandon_content(sha)
+        """Finish what a crashed run left: vectors logged as pending are never visible; remove those
+        whose writer is gone. A live writer's (another process ingesting right now) are left alone."""
+        rows = self._db.execute("SELECT sha256, owner FROM pending ORDER BY started").fetchall()
+        if not rows:
+            return
+        folder = _writers_folder(Path(self.settings.data_dir))
+        alive = {owner: _writer_alive(folder, owner) for owner in {o for _, o in rows}}
+        for sha, owner in rows:
+            if not alive[owner]:
+                self._abandon(sha, owner)
 
     def drop(self) -> None:
         """Delete the whole collection: vectors, manifest and keyword index."""
@@ -510,6 +556,116 @@ class Store:
         self.close()
         for suffix in ("", "-wal", "-shm"):
             Path(str(path) + suffix).unlink(missing_ok=True)
+
+
+def _migrate_pending(db: sqlite3.Connection) -> None:
+    """Manifests written before pending rows named their writer: the same rows, writer unknown
+    (treated as gone, which is what every open assumed then)."""
+    if any(r[1] == "owner" for r in db.execute("PRAGMA table_info(pending)")):
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if not any(r[1] == "owner" for r in db.execute("PRAGMA table_info(pending)")):  # another process may have won
+            db.execute("ALTER TABLE pending RENAME TO pending_v1")
+            db.execute(
+                "CREATE TABLE pending (sha256 TEXT NOT NULL, owner TEXT NOT NULL DEFAULT '', chunk_ids TEXT NOT NULL, "
+                "started REAL NOT NULL, PRIMARY KEY (sha256, owner))"
+            )
+            db.execute("INSERT INTO pending(sha256, owner, chunk_ids, started) SELECT sha256, '', chunk_ids, started FROM pending_v1")
+            db.execute("DROP TABLE pending_v1")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+# This process's writer name and the locked files that say it is alive, one per data folder.
+_WRITER: dict = {"pid": None, "token": "", "files": {}}
+_WRITER_LOCK = threading.Lock()
+
+
+def _writers_folder(data_dir: Path) -> Path:
+    return data_dir.resolve() / "collections" / ".writers"
+
+
+def _writer_token(data_dir: Path) -> str:
+    """This process's name in pending rows, after taking the lock on ``.writers/<name>`` in this
+    data folder (held until the process ends). '' when the file system refuses locks: such rows
+    are treated as any crashed writer's, as before writers had names."""
+    import fcntl
+
+    with _WRITER_LOCK:
+        if _WRITER["pid"] != os.getpid():  # first use, or a forked child: locks are not inherited
+            host = re.sub(r"[^A-Za-z0-9.-]", "_", os.uname().nodename)[:40]
+            _WRITER.update(pid=os.getpid(), token=f"{host}-{os.getpid()}-{uuid.uuid4().hex[:12]}", files={})
+        folder = _writers_folder(data_dir)
+        if folder not in _WRITER["files"]:
+            path = folder / _WRITER["token"]
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    os.write(fd, f"pid {os.getpid()} on {os.uname().nodename}, started {time.ctime()}\n".encode())
+                except OSError:
+                    os.close(fd)
+                    raise
+            except OSError as exc:
+                log.warning("cannot lock %s (%s): another process opening this collection while this one ingests "
+                            "may remove the vectors in flight", path, exc)
+                return ""
+            if not _WRITER["files"]:
+                atexit.register(_writer_exit, os.getpid())
+            _WRITER["files"][folder] = fd  # kept open: closing it would release the lock
+            for other in folder.iterdir():  # the files of writers that were killed (rows or none)
+                if other.name != _WRITER["token"] and not other.name.startswith("."):
+                    _writer_alive(folder, other.name)
+        return _WRITER["token"]
+
+
+def _writer_exit(pid: int) -> None:
+    """At a normal exit: this process's writer files go (the kernel would release the locks anyway)."""
+    if _WRITER["pid"] != pid:
+        return
+    for folder, fd in list(_WRITER["files"].items()):
+        try:
+            (folder / _WRITER["token"]).unlink()
+        except OSError:
+            pass
+        os.close(fd)
+    _WRITER["files"] = {}
+
+
+def _writer_alive(folder: Path, owner: str) -> bool:
+    """Whether the writer that logged these pending rows still runs: this process, or a process
+    holding the lock on its file. A file nobody locks (or no file) is a dead writer's: removed."""
+    import fcntl
+
+    if not owner:
+        return False
+    if owner == _WRITER["token"] and _WRITER["pid"] == os.getpid():
+        return True
+    path = folder / owner
+    if "/" in owner or owner.startswith("."):
+        return False
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # cannot tell: leave its rows (invisible vectors cost space, a wrong guess costs answers)
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True  # its writer holds the lock
+        try:
+            path.unlink()
+        except OSError:
+            pass
+        return False
+    finally:
+        os.close(fd)  # also releases the lock just taken
 
 
 _CLIENTS: dict[str, object] = {}
