@@ -15,6 +15,7 @@ import base64
 import contextlib
 import ipaddress
 import logging
+import os
 import secrets
 import threading
 import time
@@ -148,7 +149,9 @@ class Collection:
 
         self.name = name
         self.lock = threading.Lock()
+        self.manifest = Path(base.data_dir) / "collections" / f"{name}.sqlite"
         self.writer = Store.open(base.with_overrides(collection=name), name, create=create)
+        self.identity = _file_identity(self.manifest)
         try:
             spec = _embedder_spec(self.writer.meta("embedder"), base.embedder)
             self.settings = base.with_overrides(collection=name, embedder=spec)
@@ -158,9 +161,22 @@ class Collection:
             self.writer.close()
             raise
 
+    def current(self) -> bool:
+        """Whether the manifest opened is still the collection's: another process sharing the data
+        folder may have dropped it (and an upload there made a new one) since."""
+        return self.identity is not None and _file_identity(self.manifest) == self.identity
+
     def close(self) -> None:
         self.reader.close()
         self.writer.close()
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 @dataclass
@@ -224,6 +240,11 @@ class Service:
         self.valid_name(name)
         with self._lock:
             handle = self._collections.get(name)
+            if handle is not None and not handle.current():
+                # Dropped (and perhaps made again) by another process on this data folder: the
+                # handle would answer from a deleted manifest. Requests using it finish with it.
+                del self._collections[name]
+                handle = None
             if handle is None:
                 if not create and name not in collection_names(self.settings):
                     raise ApiError(404, f"no collection named '{name}' (GET /v1/collections lists them)", "collection_not_found")

@@ -366,20 +366,53 @@ def test_serve_watch_follows_a_folder(server):
 # ---------------------------------------------------------------------------------- scale-out
 @pytest.mark.slow
 def test_two_servers_on_one_chroma_server_see_each_others_uploads(tmp_path, subprocess_env, chroma_server):  # noqa: F811
+    """Behind a load balancer any request may reach either process: each sees what the other did."""
     args = ["--data-dir", str(tmp_path / "data"), "--chroma-url", chroma_server, "--extractive"]
     a, url_a = start_server(args, subprocess_env, tmp_path, tmp_path / "a.log")
     try:
         b, url_b = start_server(args, subprocess_env, tmp_path, tmp_path / "b.log")
         try:
-            body, ctype = multipart(("otters.md", b"# Otters\n\nSea otters hold hands while they sleep so that they do not drift apart.\n"))
-            r = httpx.post(url_a + "/v1/collections/shared/documents", content=body, headers={"Content-Type": ctype}, timeout=120)
-            assert r.status_code == 200 and r.json()["report"]["new"] == 1, r.text
-            listed = httpx.get(url_b + "/v1/collections/shared/sources", timeout=120).json()["data"]
-            assert [Path(s["path"]).name for s in listed] == ["otters.md"]
-            answer = httpx.post(url_b + "/v1/chat/completions", timeout=120, json={
-                "model": "localgpt/shared", "messages": [{"role": "user", "content": "Why do sea otters hold hands while they sleep?"}]}).json()
+            def upload(url: str, name: str, text: bytes) -> dict:
+                body, ctype = multipart((name, text))
+                r = httpx.post(url + "/v1/collections/shared/documents", content=body, headers={"Content-Type": ctype}, timeout=120)
+                assert r.status_code == 200, r.text
+                return r.json()
+
+            def ask(url: str, question: str) -> dict:
+                r = httpx.post(url + "/v1/chat/completions", timeout=120, json={
+                    "model": "localgpt/shared", "messages": [{"role": "user", "content": question}]})
+                return r.json() if r.status_code == 200 else {"status": r.status_code, **r.json()}
+
+            def sources(url: str) -> list[str]:
+                r = httpx.get(url + "/v1/collections/shared/sources", timeout=120)
+                return sorted(Path(s["path"]).name for s in r.json()["data"]) if r.status_code == 200 else []
+
+            otters = "Why do sea otters hold hands while they sleep?"
+            assert upload(url_a, "otters.md", b"# Otters\n\nSea otters hold hands while they sleep so that they do not drift apart.\n")["report"]["new"] == 1
+            assert ask(url_a, otters)["localgpt"]["sources"][0]["source"].endswith("otters.md")  # A holds the collection open
+            assert sources(url_b) == ["otters.md"]
+            answer = ask(url_b, otters)
             assert "drift apart" in answer["choices"][0]["message"]["content"]
             assert answer["localgpt"]["sources"][0]["source"].endswith("otters.md")
+            assert "localgpt/shared" in {m["id"] for m in httpx.get(url_b + "/v1/models", timeout=120).json()["data"]}
+
+            # an upload through B is cited by A, and a removal through B is seen by A
+            upload(url_b, "owls.md", b"# Owls\n\nBarn owls swallow their prey whole and cough up pellets of bone and fur.\n")
+            assert sources(url_a) == ["otters.md", "owls.md"]
+            assert ask(url_a, "What do barn owls cough up?")["localgpt"]["sources"][0]["source"].endswith("owls.md")
+            assert httpx.delete(url_b + "/v1/collections/shared/sources/otters.md", timeout=120).status_code == 200
+            assert sources(url_a) == ["owls.md"]
+            assert not any(s["source"].endswith("otters.md") for s in ask(url_a, otters)["localgpt"]["sources"])
+
+            # the collection dropped through B is gone for A; made again through B, A answers from the new one
+            assert httpx.delete(url_b + "/v1/collections/shared", timeout=120).json()["deleted"] is True
+            assert ask(url_a, otters).get("status") == 404
+            assert "shared" not in {c["name"] for c in httpx.get(url_a + "/v1/collections", timeout=120).json()["data"]}
+            upload(url_b, "moles.md", b"# Moles\n\nStar-nosed moles find food with twenty-two pink tentacles on their nose.\n")
+            assert sources(url_a) == ["moles.md"]
+            answer = ask(url_a, "How many tentacles does the star-nosed mole have?")
+            assert answer["localgpt"]["sources"][0]["source"].endswith("moles.md")
+            assert "twenty-two" in answer["choices"][0]["message"]["content"]
         finally:
             stop_server(b)
     finally:
