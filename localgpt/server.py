@@ -104,7 +104,9 @@ class Message(BaseModel):
 
 
 class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")  # OpenAI clients send n, top_p, user…: accepted, unused
+    # Accepted and unused: seed, presence_penalty, frequency_penalty, logit_bias, user, store… (they
+    # change nothing a client relies on). What would change the reply's shape is refused (unsupported()).
+    model_config = ConfigDict(extra="allow")
     model: str | None = None
     messages: list[Message]
     stream: bool = False
@@ -112,7 +114,38 @@ class ChatRequest(BaseModel):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    n: int | None = None
+    tools: list | None = None
+    functions: list | None = None
+    response_format: dict | None = None
+    logprobs: bool | None = None
     localgpt: Options | None = None
+
+    def unsupported(self) -> str | None:
+        """Why this request cannot be answered as asked (an OpenAI parameter localgpt cannot honour), or None."""
+        if self.n not in (None, 1):
+            return f"n={self.n} is not supported: localgpt gives one answer (choice) per request; send n=1 or leave it out"
+        if self.tools or self.functions:
+            return ("tools and function calling are not supported: localgpt answers from the collection's documents "
+                    "and calls no tools; leave out 'tools'/'functions'")
+        if self.response_format and self.response_format.get("type") not in (None, "text"):
+            return (f"response_format {self.response_format.get('type')!r} is not supported: answers are text with [n] "
+                    "markers (the sources are in the 'localgpt' field as JSON)")
+        if self.logprobs:
+            return "logprobs are not supported: leave out 'logprobs'"
+        if isinstance(self.stop, list) and len(self.stop) > 4:
+            return "stop takes at most 4 sequences"
+        return None
+
+    def stops(self) -> list[str]:
+        return [x for x in ([self.stop] if isinstance(self.stop, str) else self.stop or []) if x]
+
+    def instructions(self) -> str:
+        """The system (or developer) messages: extra instructions, given to the generator after
+        localgpt's own (answer from the passages, cite them), which still apply."""
+        return "\n\n".join(m.text().strip() for m in self.messages if m.role in ("system", "developer") and m.text().strip())
 
 
 class EmbeddingRequest(BaseModel):
@@ -481,7 +514,7 @@ def _chat_settings(service: Service, handle: Collection, body: ChatRequest) -> S
         return handle.settings.with_overrides(
             k=opts.k, retrieval_mode=opts.mode, answer_check=opts.answer_check,
             max_new_tokens=body.max_completion_tokens or body.max_tokens, temperature=body.temperature,
-            backend="extractive" if opts.extractive else None,
+            top_p=body.top_p, backend="extractive" if opts.extractive else None,
         )
     except ValidationError as exc:
         raise ApiError(400, "invalid options: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
@@ -509,6 +542,52 @@ def _usage(answer) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+class _StopAlso:
+    """A generator that also stops at the request's ``stop`` sequences (besides its prompt family's)."""
+
+    def __init__(self, generator: Any, stops: list[str]):
+        self._generator = generator
+        self._stops = stops
+        if hasattr(generator, "yes_probability"):  # the chain asks hasattr() whether a backend can judge
+            self.yes_probability = generator.yes_probability
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._generator, name)
+
+    def stream(self, prompt, *, stop: list[str] | None = None, **kwargs):
+        if stop is None:
+            family = getattr(self._generator, "family", None)
+            stop = list(getattr(family, "stop", None) or [])
+        return self._generator.stream(prompt, stop=list(stop) + self._stops, **kwargs)
+
+
+_CHAIN_CLASS = None
+
+
+def _instructed_chain(settings: Settings, retriever, generator, *, extractive: bool, instructions: str):
+    """``QAChain`` whose answer prompt carries the client's system messages after its own rules."""
+    global _CHAIN_CLASS
+    from localgpt.chain import QAChain
+
+    if not instructions:
+        return QAChain(settings, retriever, generator, extractive=extractive)
+    if _CHAIN_CLASS is None:
+        class InstructedChain(QAChain):
+            instructions = ""
+
+            def messages(self, question, context, history=()):
+                msgs = super().messages(question, context, history)
+                if msgs and msgs[0].get("role") == "system":
+                    msgs[0] = {**msgs[0], "content": msgs[0]["content"] + "\n\nThe application using these answers adds "
+                               "(the rules above still apply):\n" + self.instructions}
+                return msgs
+
+        _CHAIN_CLASS = InstructedChain
+    chain = _CHAIN_CLASS(settings, retriever, generator, extractive=extractive)
+    chain.instructions = instructions
+    return chain
+
+
 def _pump(chain, question, history, filters, cancelled: threading.Event, emit) -> None:
     """Runs in its own thread: the chain's events go to ``emit`` until done or the client left."""
     events = chain.stream(question, history, filters=filters)
@@ -527,10 +606,12 @@ def _pump(chain, question, history, filters, cancelled: threading.Event, emit) -
 
 
 async def _chat(service: Service, body: ChatRequest, request: Request):
-    from localgpt.chain import QAChain
     from localgpt.retrieval import Filters
 
     started = time.perf_counter()
+    refused = body.unsupported()
+    if refused:
+        raise ApiError(400, refused, "unsupported_parameter")
     question, history = _history(body.messages)
     name = service.collection_for_model(body.model, body.localgpt)
     handle = await anyio.to_thread.run_sync(lambda: service.collection(name))
@@ -539,12 +620,15 @@ async def _chat(service: Service, body: ChatRequest, request: Request):
     filters = Filters(file=opts.file, folder=opts.folder, ext=opts.type)
     cancelled = threading.Event()
     generator = await anyio.to_thread.run_sync(service.generator, settings, cancelled)
+    if generator is not None and body.stops():
+        generator = _StopAlso(generator, body.stops())
     retriever = handle.retriever
     if (settings.k, settings.retrieval_mode) != (handle.settings.k, handle.settings.retrieval_mode):
         from localgpt.retrieval import Retriever  # the retriever reads k and mode from its settings
 
         retriever = Retriever(handle.reader, handle.retriever.embedder, settings)
-    chain = QAChain(settings, retriever, generator, extractive=settings.backend == "extractive")
+    chain = _instructed_chain(settings, retriever, generator, extractive=settings.backend == "extractive",
+                              instructions=body.instructions())
 
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()

@@ -167,6 +167,97 @@ def test_unknown_model_is_404_with_the_models_named(server):
     assert r.status_code == 404 and "localgpt/docs" in r.json()["error"]["message"]
 
 
+class RecordingGenerationServer:
+    """An OpenAI-compatible generation server on loopback (as vLLM or llama.cpp's behind --openai-url)
+    that records what localgpt sends it and answers with one fixed sentence."""
+
+    REPLY = "The Bergen bridge opened to traffic in 2004 [1]."
+
+    def __init__(self):
+        import http.server
+
+        self.bodies: list[dict] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def send(self, payload: bytes, ctype: str) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def do_GET(self):
+                self.send(json.dumps({"object": "list", "data": [{"id": "recorder", "object": "model"}]}).encode(), "application/json")
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.bodies.append(body)
+                events = [{"choices": [{"index": 0, "delta": {"content": word}}]} for word in outer.REPLY.split(" ")]
+                for i, e in enumerate(events[:-1]):
+                    e["choices"][0]["delta"]["content"] += " "
+                sse = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+                self.send(sse.encode(), "text/event-stream")
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_openai_request_options_are_honoured_or_refused(tmp_path, subprocess_env):
+    """System messages reach the generator after localgpt's own rules, stop sequences and top_p are
+    passed on; n > 1, tools, JSON response formats and logprobs get a 400 that says why."""
+    ingested_collection(tmp_path, DOCS, "docs")
+    recorder = RecordingGenerationServer()
+    proc, url = start_server(["--data-dir", str(tmp_path / "data"), "--collection", "docs", "--openai-url", recorder.url],
+                             subprocess_env, tmp_path, tmp_path / "server.log")
+    try:
+        import openai
+
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+        question = {"role": "user", "content": "When did the Bergen bridge open to traffic?"}
+        reply = client.chat.completions.create(
+            model="localgpt/docs", stop=["\nQuestion:"], top_p=0.5, temperature=0.7,
+            messages=[{"role": "system", "content": "Answer in the style of a pirate."}, question])
+        assert reply.choices[0].message.content == RecordingGenerationServer.REPLY
+        assert reply.model_extra["localgpt"]["sources"][0]["source"].endswith("bridge.md")
+        sent = recorder.bodies[-1]
+        system = sent["messages"][0]
+        assert system["role"] == "system" and "Cite every passage" in system["content"]  # localgpt's rules first…
+        assert system["content"].rstrip().endswith("Answer in the style of a pirate.")  # …then the client's
+        assert not any("pirate" in m["content"] for m in sent["messages"][1:])
+        assert "\nQuestion:" in sent["stop"] and sent["top_p"] == 0.5 and sent["temperature"] == 0.7
+
+        client.chat.completions.create(model="localgpt/docs", messages=[question])  # no system message: localgpt's alone
+        assert "application" not in recorder.bodies[-1]["messages"][0]["content"]
+
+        refused = {
+            "n": {"n": 2},
+            "tools": {"tools": [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]},
+            "response_format": {"response_format": {"type": "json_object"}},
+            "logprobs": {"logprobs": True},
+        }
+        asked = len(recorder.bodies)
+        for name, extra in refused.items():
+            for stream in (False, True):
+                with pytest.raises(openai.BadRequestError) as exc:
+                    client.chat.completions.create(model="localgpt/docs", messages=[question], stream=stream, **extra)
+                assert name.split("_")[0] in exc.value.message, exc.value.message
+                assert exc.value.code == "unsupported_parameter"
+        assert len(recorder.bodies) == asked  # refused before anything was generated
+        assert client.chat.completions.create(model="localgpt/docs", messages=[question], n=1).choices[0].message.content
+    finally:
+        stop_server(proc)
+        recorder.close()
+
+
 # ---------------------------------------------------------------------------------- auth and binding
 def test_401_without_or_with_a_wrong_key_but_health_is_open(server):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
