@@ -205,7 +205,7 @@ def _watch_ingest(folder: Path, settings: Settings, json_out: bool) -> None:
             err_console.print(f"[dim]watching {_display(str(folder))} for changes (Ctrl-C stops)[/]")
 
     try:
-        watch_folder(folder, run, on_report=show)
+        watch_folder(folder, run, on_report=show, debounce_ms=settings.watch_debounce_ms)
     except KeyboardInterrupt:  # between runs: the normal way to stop watching
         err_console.print("[dim]stopped watching[/]")
 
@@ -576,7 +576,7 @@ def serve(
         None, "--watch", help="FOLDER[:COLLECTION] to keep ingested while serving (give several times).",
     ),
     max_upload_mb: Optional[float] = typer.Option(
-        None, "--max-upload-mb", help="Most MB one upload request may carry (default: max_file_mb, 500).",
+        None, "--max-upload-mb", help="Most MB one upload request may carry (setting max_upload_mb; default: max_file_mb, 500).",
     ),
     collection: Optional[str] = CollectionOpt,
     data_dir: Optional[Path] = DataDirOpt,
@@ -597,11 +597,12 @@ def serve(
     from localgpt.server import check_bind, parse_watch, serve as run_server
 
     settings = _qa_settings(collection=collection, data_dir=data_dir, chroma_url=chroma_url, embedder=embedder,
-                            model=model, family=family, backend=backend, openai_url=openai_url, extractive=extractive)
+                            model=model, family=family, backend=backend, openai_url=openai_url, extractive=extractive,
+                            max_upload_mb=max_upload_mb)
     check_bind(host, api_key)
     folders = [parse_watch(spec, settings.collection) for spec in watch or []]
     err_console.print(f"localgpt API on http://{host}:{port}/v1 (models: localgpt/COLLECTION); Ctrl-C stops")
-    run_server(settings, host=host, port=port, api_key=api_key, max_upload_mb=max_upload_mb, watch=folders)
+    run_server(settings, host=host, port=port, api_key=api_key, watch=folders)
 
 
 @app.command("eval")

@@ -151,6 +151,18 @@ class Settings(BaseSettings):
     top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling mass when temperature > 0.")
     context_window: int | None = Field(None, description="Override the model's context size in tokens.")
 
+    # --- serve and watch -----------------------------------------------------------------
+    max_upload_mb: float | None = Field(
+        None, gt=0,
+        description="Most MB one upload request to `localgpt serve` may carry (all its files together); a larger "
+        "one is refused before it is read and nothing is stored. Unset means max_file_mb.",
+    )
+    watch_debounce_ms: int = Field(
+        800, ge=10, le=600_000,
+        description="`--watch`: file events closer together than this many milliseconds are one burst, ingested "
+        "once (an editor's save, a folder being copied); raise it for slow copies onto a network share.",
+    )
+
     @field_validator("collection")
     @classmethod
     def _collection_name(cls, value: str) -> str:

@@ -67,7 +67,8 @@ def save_upload(folder: Path, name: str, data: bytes, *, allowed: Iterable[str],
     """
     name = clean_upload_name(name, allowed)
     if len(data) > max_bytes:
-        raise UploadRefused(f"'{name}' was refused: {len(data) / 1e6:.1f} MB is over the {max_bytes / 1e6:g} MB limit")
+        mb = 1024 * 1024
+        raise UploadRefused(f"'{name}' was refused: {len(data) / mb:.3g} MB is over the {max_bytes / mb:.3g} MB limit")
     folder.mkdir(parents=True, exist_ok=True)
     root = folder.resolve()
     digest = hashlib.sha256(data).hexdigest()

@@ -257,9 +257,9 @@ class _JobProgress:
 class Service:
     """What the endpoints share: settings, the open collections, the generation queues, metrics, jobs."""
 
-    def __init__(self, settings: Settings, *, max_upload_mb: float | None = None):
+    def __init__(self, settings: Settings):
         self.settings = settings
-        self.max_upload_bytes = int((max_upload_mb or settings.max_file_mb) * 1024 * 1024)
+        self.max_upload_bytes = int((settings.max_upload_mb or settings.max_file_mb) * 1024 * 1024)
         self.metrics = ServerMetrics()
         self.queues: dict[str, GenerationQueue] = {}
         self.jobs: dict[str, UploadJob] = {}
@@ -347,11 +347,10 @@ class Service:
 
 
 # ============================================================================ the app
-def create_app(settings: Settings, *, api_key: str | None = None, max_upload_mb: float | None = None,
-               watch: list[tuple[Path, str]] = ()) -> FastAPI:
+def create_app(settings: Settings, *, api_key: str | None = None, watch: list[tuple[Path, str]] = ()) -> FastAPI:
     """The FastAPI application: ``uvicorn.run(create_app(settings))``. ``watch``: (folder, collection)
     pairs kept ingested while the server runs."""
-    service = Service(settings, max_upload_mb=max_upload_mb)
+    service = Service(settings)
     stop_watching = threading.Event()
 
     @contextlib.asynccontextmanager
@@ -771,7 +770,7 @@ async def _upload(service: Service, name: str, request: Request, wait: bool):
 
     service.valid_name(name)
     limit = service.max_upload_bytes
-    too_large = ApiError(413, f"the upload is over the {limit / 1024 / 1024:g} MB limit (max_upload_mb): nothing was stored",
+    too_large = ApiError(413, f"the upload is over the {limit / 1024 / 1024:.3g} MB limit (max_upload_mb): nothing was stored",
                          "upload_too_large")
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > limit + 64 * 1024:  # multipart framing on top of the files
@@ -864,7 +863,8 @@ def _watch(service: Service, folder: Path, name: str, stop: threading.Event) -> 
             with handle.lock:
                 return ingest_folder(folder, handle.settings, store=handle.writer)
 
-        watch_folder(folder, ingest, on_report=lambda report, changes: log.warning(_watch_line(report, name)), stop=stop)
+        watch_folder(folder, ingest, on_report=lambda report, changes: log.warning(_watch_line(report, name)), stop=stop,
+                     debounce_ms=handle.settings.watch_debounce_ms)
     except BaseException:  # noqa: BLE001 - a watcher failing must not take the server down
         log.exception("watching %s stopped", folder)
 
@@ -945,7 +945,7 @@ class _CountRequests:
 
 # ============================================================================ running
 def serve(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_upload_mb: float | None = None, watch: list[tuple[Path, str]] = (), log_level: str = "info") -> None:
+          watch: list[tuple[Path, str]] = (), log_level: str = "info") -> None:
     """Run the server until Ctrl-C (uvicorn, one process)."""
     import uvicorn
 
@@ -953,7 +953,7 @@ def serve(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000, api_
 
     check_bind(host, api_key)
     enforce_offline()
-    app = create_app(settings, api_key=api_key, max_upload_mb=max_upload_mb, watch=list(watch))
+    app = create_app(settings, api_key=api_key, watch=list(watch))
     uvicorn.run(app, host=host, port=port, log_level=log_level, server_header=False, timeout_graceful_shutdown=5)
 
 

@@ -14,7 +14,8 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-DEBOUNCE_MS = 800  # events closer than this are one burst: an editor's save, a copied folder
+WAKE_MS = 250  # the watcher is in place once it first wakes; the first run starts then
+DEBOUNCE_MS = 800  # events closer than this are one burst: an editor's save, a copied folder (setting watch_debounce_ms)
 
 
 def relevant(folder: Path) -> Callable[[object, str], bool]:
@@ -40,17 +41,21 @@ def watch_folder(
     """Run ``ingest()`` now and after every burst of changes under ``folder``, handing each report
     (and the changes that caused it; empty for the first run) to ``on_report``. Returns when ``stop``
     is set; Ctrl-C raises KeyboardInterrupt between runs. A run that an interrupt cut short
-    (``report.interrupted``) ends the watch."""
+    (``report.interrupted``) ends the watch.
+
+    The folder is watched before the first run starts, so a file written while it runs (or just
+    after) is picked up by the next one instead of waiting for some later event."""
     import watchfiles
 
-    report = ingest()
-    on_report(report, set())
-    if getattr(report, "interrupted", False):
-        return
+    first = True
     for changes in watchfiles.watch(
         folder, watch_filter=relevant(folder), debounce=debounce_ms, stop_event=stop, raise_interrupt=True,
+        yield_on_timeout=True, rust_timeout=WAKE_MS,
     ):
+        if not changes and not first:
+            continue  # a timeout: nothing happened
         report = ingest()
-        on_report(report, changes)
+        on_report(report, set() if first else changes)
+        first = False
         if getattr(report, "interrupted", False) or (stop is not None and stop.is_set()):
             return

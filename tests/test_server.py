@@ -75,12 +75,13 @@ def server(tmp_path_factory):
     guard.mkdir()
     (guard / "sitecustomize.py").write_text(_SITECUSTOMIZE)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(guard), os.environ.get("PYTHONPATH", "")])),
-               LOCALGPT_NETGUARD_LOG=str(base / "_netguard.log"), LOCALGPT_API_KEY=KEY)
+               LOCALGPT_NETGUARD_LOG=str(base / "_netguard.log"), LOCALGPT_API_KEY=KEY,
+               LOCALGPT_MAX_UPLOAD_MB="0.05", LOCALGPT_WATCH_DEBOUNCE_MS="300")  # settings, as from a config file
     watched = base / "watched"
     watched.mkdir()
     proc, url = start_server(
-        ["--data-dir", str(base / "data"), "--collection", "docs", "--max-upload-mb", "0.05",
-         "--watch", f"{watched}:watched"], env, base, base / "server.log")
+        ["--data-dir", str(base / "data"), "--collection", "docs", "--watch", f"{watched}:watched"], env, base,
+        base / "server.log")
     try:
         yield {"url": url, "base": base, "stored": stored, "watched": watched, "proc": proc}
     finally:
@@ -216,8 +217,8 @@ def test_openai_request_options_are_honoured_or_refused(tmp_path, subprocess_env
     passed on; n > 1, tools, JSON response formats and logprobs get a 400 that says why."""
     ingested_collection(tmp_path, DOCS, "docs")
     recorder = RecordingGenerationServer()
-    proc, url = start_server(["--data-dir", str(tmp_path / "data"), "--collection", "docs", "--openai-url", recorder.url],
-                             subprocess_env, tmp_path, tmp_path / "server.log")
+    proc, url = start_server(["--data-dir", str(tmp_path / "data"), "--collection", "docs", "--openai-url", recorder.url,
+                              "--max-upload-mb", "0.01"], subprocess_env, tmp_path, tmp_path / "server.log")
     try:
         import openai
 
@@ -253,6 +254,10 @@ def test_openai_request_options_are_honoured_or_refused(tmp_path, subprocess_env
                 assert exc.value.code == "unsupported_parameter"
         assert len(recorder.bodies) == asked  # refused before anything was generated
         assert client.chat.completions.create(model="localgpt/docs", messages=[question], n=1).choices[0].message.content
+
+        body, ctype = multipart(("notes.txt", b"word " * 4_000))  # 20 KB over the flag's 0.01 MB
+        r = httpx.post(url + "/v1/collections/docs/documents", content=body, headers={"Content-Type": ctype}, timeout=120)
+        assert r.status_code == 413 and "0.01 MB limit" in r.json()["error"]["message"]
     finally:
         stop_server(proc)
         recorder.close()
@@ -299,7 +304,7 @@ def test_upload_refuses_traversal_and_oversize_and_stores_nothing(server):
         assert "nothing was stored" in r.json()["error"]["message"]
     body, ctype = multipart(("big.txt", b"word " * 20_000))  # 100 KB, the server allows 0.05 MB
     r = client.post("/v1/collections/unsafe/documents", content=body, headers={"Content-Type": ctype})
-    assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+    assert r.status_code == 413 and "0.05 MB limit (max_upload_mb)" in r.json()["error"]["message"]
     assert not (server["base"] / "data" / "uploads" / "unsafe").exists()
     assert not (server["base"] / "escape.txt").exists() and not (server["base"] / "data" / "escape.txt").exists()
     assert "unsafe" not in {c["name"] for c in client.get("/v1/collections").json()["data"]}
