@@ -44,6 +44,7 @@ log = logging.getLogger("localgpt.server")
 
 MODEL_PREFIX = "localgpt/"
 MAX_FILES_PER_UPLOAD = 100
+KEEP_JOBS = 1000  # finished upload jobs remembered for GET /v1/jobs/{id}
 
 
 class ServeRefused(LocalGPTError):
@@ -265,6 +266,14 @@ class Service:
         self.jobs: dict[str, UploadJob] = {}
         self._collections: dict[str, Collection] = {}
         self._lock = threading.Lock()
+
+    def keep_job(self, job: UploadJob) -> None:
+        """Remember an upload job for ``/v1/jobs/{id}``; past KEEP_JOBS, the oldest finished ones go
+        (a server taking uploads for months must not grow without end)."""
+        with self._lock:
+            self.jobs[job.id] = job
+            for old in [j for j in self.jobs.values() if j.status != "running"][: max(0, len(self.jobs) - KEEP_JOBS)]:
+                del self.jobs[old.id]
 
     # -------------------------------------------------------------- collections
     def collection(self, name: str, *, create: bool = False) -> Collection:
@@ -817,10 +826,11 @@ async def _upload(service: Service, name: str, request: Request, wait: bool):
     await anyio.to_thread.run_sync(save_all)
     if not job.saved:
         status = 413 if all("limit" in r["reason"] for r in job.refused) else 400
-        raise ApiError(status, "; ".join(r["reason"] for r in job.refused) + ": nothing was stored",
+        raise ApiError(status, "; ".join(r["reason"] for r in job.refused) + ": nothing was stored"
+                       + (" (the limit is the max_upload_mb setting)" if status == 413 else ""),
                        "upload_refused", {"refused": job.refused})
     handle = await anyio.to_thread.run_sync(lambda: service.collection(name, create=True))
-    service.jobs[job.id] = job
+    service.keep_job(job)
     if wait:
         await anyio.to_thread.run_sync(_ingest_job, service, handle, job, folder)
         if job.status == "failed":
