@@ -31,9 +31,10 @@ sys.path.insert(0, str(ROOT))
 
 from localgpt.generation.fast.engine import Engine  # noqa: E402
 from localgpt.generation.fast.generator import build_network  # noqa: E402
-from localgpt.generation.fast.quantize import quantize_model  # noqa: E402
+from localgpt.generation.fast.quantize import decode_kernels, quantize_model, use_bf16_gemv  # noqa: E402
 
 PROMPTS = (512, 2048, 8192)
+VARIANTS = ("bf16", "bf16-gemv", "int8-legacy", "int8", "int4-legacy", "int4", "nf4", "bnb-int8")
 DECODE_PROMPT, DECODE_NEW = 512, 128
 
 
@@ -177,7 +178,7 @@ def check_against_hf(hf, network, vocab: int, log) -> dict:
 
 
 def bench_engine(network, vocab: int, prompts, mode: str, log, *, decode_contexts=(DECODE_PROMPT,),
-                 sampled: bool = True) -> dict:
+                 sampled: bool = True, profile: bool = False) -> dict:
     out: dict = {"ttft_ms": {}, "decode": {}}
     # TTFT: prefill (eager, flash attention / chunked scan) + the first token on the host.
     network.setup_cache(max(prompts) + 64)
@@ -220,6 +221,12 @@ def bench_engine(network, vocab: int, prompts, mode: str, log, *, decode_context
         out["decode"][ctx] = 1 / min(per_token)
         log(f"  engine decode after {ctx} tokens: {out['decode'][ctx]:.1f} tok/s")
     out["tok_s"] = out["decode"][decode_contexts[0]]
+    if profile and CUDA:
+        try:
+            out["profile"] = profile_step(eng, vocab, log)
+        except Exception as exc:  # noqa: BLE001
+            out["profile"] = {"error": repr(exc)}
+            log(traceback.format_exc())
     if sampled:  # temperature + top-p on the device: a second compiled step, measured once per model
         eng.warm_up(sampled=True, steps=4)
         stamps = [time.perf_counter() for _ in eng.generate(random_ids(DECODE_PROMPT, vocab), DECODE_NEW,
@@ -227,9 +234,167 @@ def bench_engine(network, vocab: int, prompts, mode: str, log, *, decode_context
         out["tok_s_sampled"] = (len(stamps) - 1) / (stamps[-1] - stamps[0])
     out["peak_gib"] = peak_gib()
     out["bytes_per_token"] = decode_bytes(network, cache)
-    log(f"  engine sampled: {out.get('tok_s_sampled', 0):.1f} tok/s; peak {out['peak_gib']:.2f} GiB")
+    sampled_note = f"{out['tok_s_sampled']:.1f} tok/s" if "tok_s_sampled" in out else "not measured"
+    log(f"  engine sampled: {sampled_note}; peak {out['peak_gib']:.2f} GiB")
     del eng
     return out
+
+
+@torch.inference_mode()
+def profile_step(eng, vocab: int, log, steps: int = 16) -> dict:
+    """Kernels of one decode step (the compiled CUDA graph replayed): time per step by kernel, against the
+    step's wall time; the difference is launch gaps and host time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = eng._step_fn(False)
+    eng._prefill(random_ids(DECODE_PROMPT, vocab), False)
+    for _ in range(4):
+        eng._advance(step)
+    t0 = sync_time()
+    for _ in range(steps):
+        eng._advance(step)
+    wall_us = (sync_time() - t0) / steps * 1e6
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            eng._advance(step)
+        torch.cuda.synchronize()
+    kernels: dict = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "self_device_time_total", None)
+        if t is None:
+            t = getattr(ev, "self_cuda_time_total", 0)
+        if t > 0:
+            kernels[ev.key] = {"us_per_step": t / steps, "calls_per_step": ev.count / steps}
+    total = sum(k["us_per_step"] for k in kernels.values())
+    top = sorted(kernels.items(), key=lambda kv: -kv[1]["us_per_step"])
+    log(f"  profile: step {wall_us:.0f} us wall, kernels {total:.0f} us ({len(kernels)} kinds), "
+        f"gaps/host {wall_us - total:.0f} us")
+    for name, k in top[:14]:
+        log(f"    {k['us_per_step']:8.1f} us  x{k['calls_per_step']:5.1f}  {name[:110]}")
+    return {"wall_us": wall_us, "kernel_us": total, "kernels": dict(top[:40])}
+
+
+def bench_gemv(log, kinds_wanted=("int4", "int8", "bf16")) -> dict:
+    """Triton GEMV kernels (int4 / int8 / bf16) at Llama-2-7B's shapes against tinygemm and cuBLAS, over a
+    sweep of (rows a program, split-K, warps); each timed as a CUDA graph of calls over enough weight copies
+    that they stream from HBM (not L2). Sets gemv_triton.TUNED to the fastest config per shape."""
+    import math
+
+    from localgpt.generation.fast import gemv_triton as G
+    from localgpt.generation.fast.quantize import (
+        dequantize_int4, int4_gemv_reference, int4_planes, int4_state, int8_planes, pack_int4_planar,
+        pack_int8_planar,
+    )
+    from localgpt.generation.fast.transformer import Linear
+
+    shapes = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (32000, 4096)]
+    configs = [(bn, split, warps) for bn in (8, 16, 32) for split in (1, 2, 4) for warps in (1, 2, 4)]
+    quant_configs = ([(bn, split, warps, False) for bn in (16, 32) for split in (1, 4) for warps in (2, 4)]
+                     + [(bn, split, warps, True) for bn in (32, 64) for split in (1, 4) for warps in (2, 4)])
+    res: dict = {}
+
+    def graph_us(calls) -> float:
+        for c in calls:  # compile / warm
+            c()
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for c in calls:
+                c()
+        g.replay()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(7):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            g.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1000 / len(calls))
+        del g
+        return statistics.median(times)
+
+    with torch.inference_mode():
+        for n, k in shapes:
+            torch.manual_seed(n + k)
+            layer = Linear(torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) * 0.02)
+            x = torch.randn(k, device=DEVICE, dtype=torch.bfloat16)
+            st = int4_state(layer, 128, 8)
+            planes = int4_planes(k, 128)
+            words4 = pack_int4_planar(st["nibbles"], planes)
+            sz = st["scales_and_zeros"].view(torch.int32).reshape(k // 128, n)
+            packed = torch.ops.aten._convert_weight_to_int4pack(st["nibbles"], 8)
+            w = layer.weight.data.float()
+            scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+            q8 = torch.round(w / scales[:, None]).clamp(-128, 127).to(torch.int8)
+            p8 = int8_planes(k)
+            words8 = pack_int8_planar(q8, p8)
+            ref4 = dequantize_int4(st["nibbles"], st["scales_and_zeros"], 128) @ x.float()
+            ref8 = q8.float() @ x.float()
+            refb = w @ x.float()
+            del w
+            kinds = {
+                "int4": (n * k // 2 + sz.numel() * 4, words4, ref4),
+                "int8": (n * k, words8, ref8),
+                "bf16": (2 * n * k, layer.weight.data, refb),
+            }
+            for kind, (nbytes, weight, ref) in kinds.items():
+                if kind not in kinds_wanted:
+                    continue
+                copies = max(2, math.ceil(400e6 / nbytes))
+                ws_ = [weight] + [weight.clone() for _ in range(copies - 1)]
+                sz_ = [sz] + [sz.clone() for _ in range(copies - 1)] if kind == "int4" else None
+                out = torch.empty(n, dtype=torch.bfloat16, device=DEVICE)
+                entry: dict = {"bytes": nbytes, "configs": {}}
+                if kind == "int4":
+                    pk = [packed] + [packed.clone() for _ in range(copies - 1)]
+                    xm = x.view(1, k)
+                    base = graph_us([lambda i=i: torch.ops.aten._weight_int4pack_mm(xm, pk[i], 128, sz_[i].view(
+                        torch.bfloat16).reshape(k // 128, n, 2)) for i in range(copies)])
+                    entry["tinygemm_us"] = base
+                    del pk
+                elif kind == "bf16":
+                    xm = x.view(1, k)
+                    entry["cublas_us"] = graph_us([lambda i=i: torch.nn.functional.linear(xm, ws_[i])
+                                                   for i in range(copies)])
+                for cfg in (configs if kind == "bf16" else quant_configs):
+                    scratch_ = G.Workspace()
+                    try:
+                        if kind == "int4":
+                            call = lambda i, c=cfg: G.int4_gemv(x, ws_[i], sz_[i], 128, planes, out, scratch_, c[:3] + (1,), dot=c[3])  # noqa: E731
+                        elif kind == "int8":
+                            call = lambda i, c=cfg: G.int8_gemv(x, ws_[i], p8, out, scratch_, c[:3] + (1,), dot=c[3])  # noqa: E731
+                        else:
+                            call = lambda i, c=cfg: G.bf16_gemv(x, ws_[i], out, scratch_, c + (1,))  # noqa: E731
+                        out.fill_(float("nan"))
+                        call(0)
+                        err = ((out.float() - ref).norm() / ref.norm()).item()
+                        us = graph_us([lambda i=i: call(i) for i in range(copies)])
+                        call(1)
+                        err = max(err, ((out.float() - ref).norm() / ref.norm()).item())
+                        entry["configs"][str(cfg)] = {"us": us, "tb_s": nbytes / us / 1e6, "rel_err": err}
+                    except Exception as exc:  # noqa: BLE001
+                        entry["configs"][str(cfg)] = {"error": repr(exc)[:300]}
+                good = {c: v for c, v in entry["configs"].items() if "us" in v and v["rel_err"] < 1e-2}
+                if good:
+                    best = min(good, key=lambda c: good[c]["us"])
+                    entry["best"] = best
+                    tuned = tuple(eval(best))  # noqa: S307 - our own tuple's repr
+                    G.TUNED[(kind, n, k)] = tuned[:3] + (1,) + tuned[3:]
+                    b = good[best]
+                    base = entry.get("tinygemm_us") or entry.get("cublas_us")
+                    log(f"  gemv {kind} {n}x{k}: best {best} {b['us']:.1f} us = {b['tb_s']:.2f} TB/s "
+                        f"(err {b['rel_err']:.1e})" + (f"; baseline {base:.1f} us = {nbytes / base / 1e6:.2f} TB/s"
+                                                        if base else ""))
+                else:
+                    log(f"  gemv {kind} {n}x{k}: no config passed: {list(entry['configs'].values())[:2]}")
+                res[f"{kind} {n}x{k}"] = entry
+                del ws_, sz_
+                free_cache()
+            del layer, st, words4, words8, packed, q8
+            free_cache()
+    log("  TUNED = " + repr(G.TUNED))
+    return res
 
 
 def time_ms(fn, reps: int = 20) -> float:
@@ -350,18 +515,29 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
             if variant != "nf4":
                 hf.to("cpu")
             free_cache()
-            if variant in ("int8", "int4"):
+            base = variant.split("-")[0]
+            kernels = ""
+            if base in ("int8", "int4"):
                 with torch.inference_mode():
-                    quantize_model(net, variant)
+                    quantize_model(net, base, decode="legacy" if variant.endswith("-legacy") else "triton")
                 free_cache()
-                if variant == "int4":
-                    kernels = {m.prompt_kernel for m in net.modules() if getattr(m, "packed", None) is not None}
+                kernels = decode_kernels(net)
+                log(f"  {variant} one-token layers run as: {kernels}")
+                if base == "int4":
+                    kinds = {m.prompt_kernel for m in net.modules() if hasattr(m, "prompt_kernel")}
                     entry["int4_prompt_path"] = ", ".join(sorted(f"dequant ({k}) + cuBLAS" if k else "tinygemm"
-                                                                 for k in kernels)) or "cpu"
+                                                                 for k in kinds)) or "cpu"
                     log(f"  int4 prompts run as: {entry['int4_prompt_path']}")
+            elif variant == "bf16-gemv":
+                with torch.inference_mode():
+                    count = use_bf16_gemv(net)
+                kernels = f"bf16 Triton GEMV ({count} layers)" if count else "cuBLAS (GEMV check failed)"
+                log(f"  {variant}: {kernels}")
             log(f"{label} {variant}: {torch.cuda.memory_allocated() / 2**30 if CUDA else 0:.2f} GiB on the GPU")
             entry[variant] = bench_engine(net, vocab, PROMPTS, mode, log, decode_contexts=contexts,
-                                          sampled=variant == "bf16" and key == "llama")
+                                          sampled=variant in args.sampled.split(",") and key == "llama",
+                                          profile=args.profile)
+            entry[variant]["kernels"] = kernels
         except Exception as exc:  # noqa: BLE001 - keep the rest of the run
             entry[variant] = {"error": repr(exc)}
             log(traceback.format_exc())
@@ -398,7 +574,7 @@ def table(results: dict) -> str:
         check = entry.get("check", {})
         note = (f"prefill {check['prefill_rel_err']:.1e}, step {check['step_rel_err']:.1e}"
                 if "prefill_rel_err" in check else "")
-        for variant in ("bf16", "int8", "int4", "nf4", "bnb-int8"):
+        for variant in VARIANTS:
             e = entry.get(variant)
             if not e:
                 continue
@@ -406,11 +582,14 @@ def table(results: dict) -> str:
                 rows.append(f"| {entry['label']} | fast {variant} | error: {e['error'][:80]} |")
                 continue
             limit = bw * 1e12 / e["bytes_per_token"] if bw else 0
+            # Sampled decode is measured only for the variants --sampled names: "–" elsewhere, never a made-up 0.
+            sampled = f"{e['tok_s_sampled']:.1f}" if "tok_s_sampled" in e else "–"
             decode = " / ".join(f"{v:.0f} @{k}" for k, v in e["decode"].items()) if len(e["decode"]) > 1 \
                 else f"{e['tok_s']:.1f}"
             rows.append(f"| {entry['label']} | fast {variant} | {ms(e, 512)} | {ms(e, 2048)} | {ms(e, 8192)} | "
-                        f"{decode} | {e.get('tok_s_sampled', 0):.1f} | {e['peak_gib']:.2f} | {limit:.0f} | "
-                        f"{e['tok_s'] / limit if limit else 0:.2f} | {note if variant == 'bf16' else ''} |"
+                        f"{decode} | {sampled} | {e['peak_gib']:.2f} | {limit:.0f} | "
+                        f"{e['tok_s'] / limit if limit else 0:.2f} | {note if variant == 'bf16' else ''}"
+                        + (f" {e['kernels']}" if e.get("kernels") else "") + " |"
                         + (" (CUDA graph, bitsandbytes kernels)" if variant == "nf4" else ""))
     return "\n".join(rows)
 
@@ -422,6 +601,11 @@ def main() -> None:
     parser.add_argument("--mode", default="compile", choices=["compile", "graph"])
     parser.add_argument("--hf-new", type=int, default=32, help="new tokens for HF generate's decode rate")
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--sampled", default="bf16", help="variants whose sampled decode is measured too (llama)")
+    parser.add_argument("--profile", action="store_true", help="profile one decode step of each variant")
+    parser.add_argument("--gemv-sweep", action="store_true", help="tune the Triton GEMV kernels first (llama shapes)")
+    parser.add_argument("--gemv-kinds", default="int4,int8,bf16")
+    parser.add_argument("--skip-int4-rows", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="tiny configs and prompts: check the script, not speed")
     parser.add_argument("--out", default=os.environ.get("OUT"))
     parser.add_argument("--results", type=Path, help="append the table to this markdown file")
@@ -452,13 +636,20 @@ def main() -> None:
     results["copy_bandwidth_tb_s"] = copy_bandwidth() / 1e12 if CUDA else 0.0
     log(f"{results['device']}, torch {results['torch']}, copy bandwidth {results['copy_bandwidth_tb_s']:.2f} TB/s")
     variants = args.variants.split(",")
-    if CUDA and "int4" in variants and "llama" in args.models.split(","):
+    if CUDA and args.gemv_sweep:
+        try:
+            results["gemv"] = bench_gemv(log, args.gemv_kinds.split(","))
+        except Exception as exc:  # noqa: BLE001
+            results["gemv"] = {"error": repr(exc)}
+            log(traceback.format_exc())
+        dump(results, args)
+    if CUDA and "int4" in variants and "llama" in args.models.split(",") and not args.skip_int4_rows:
         try:
             results["int4_rows"] = bench_int4_rows(log)
         except Exception as exc:  # noqa: BLE001 - keep the rest of the run
             results["int4_rows"] = {"error": repr(exc)}
             log(traceback.format_exc())
-    for key in args.models.split(","):
+    for key in filter(None, args.models.split(",")):
         all_variants = key in ("llama", "falcon-40b")
         run_model(key, variants if all_variants else [v for v in variants if v == "bf16"] or variants, args, log,
                   results)

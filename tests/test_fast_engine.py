@@ -8,6 +8,8 @@ come back identical from the on-disk cache. GPU tests are marked ``gpu`` and ski
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -18,8 +20,9 @@ from localgpt.generation.fast import load_fast_generator
 from localgpt.generation.fast.engine import sample
 from localgpt.generation.fast.mamba import scan_reference
 from localgpt.generation.fast.quantize import (
-    Int4Linear, Int8Linear, dequantize_int4, int4_layout, int4_state, pack_int4_reference, quantize_model,
-    unpack_int4_reference,
+    Int4Linear, Int8Linear, dequantize_int4, int4_gemv_reference, int4_layout, int4_planes, int4_state,
+    int8_planar_columns, int8_planes, pack_int4_planar, pack_int4_reference, pack_int8_planar, quantize_model,
+    unpack_int4_planar, unpack_int4_reference,
 )
 from localgpt.generation.fast.transformer import Linear
 from tiny_models import YES_NO_CORPUS, build_tiny_model
@@ -215,6 +218,93 @@ def test_int4_prompt_kernel_in_the_triton_interpreter(monkeypatch):
             assert ((got.float() - want).abs() <= want.abs() * 2**-7 + 1e-6).all(), (n, k, group, tiles, name)
 
 
+@pytest.mark.parametrize("n, k, group", [(16, 256, 128), (8, 4544, 64), (24, 512, 32), (8, 11008, 128)])
+def test_planar_layouts_hold_the_weights_and_the_magic_number_arithmetic_is_exact(n, k, group):
+    # The decode GEMV reads the planar layouts: pinned here against the portable forms, and the kernel's
+    # arithmetic (bit fields OR-ed into 2^23's mantissa, then one multiply-add) against plain dequantisation.
+    torch.manual_seed(k)
+    planes = int4_planes(k, group)
+    assert planes and k % (8 * planes) == 0 and group % planes == 0 and (8 * planes) % group == 0
+    state = int4_state(Linear(torch.randn(n, k)), group, 2)
+    words = pack_int4_planar(state["nibbles"], planes)
+    assert words.shape == (n, k // 8) and words.dtype == torch.int32
+    assert torch.equal(unpack_int4_planar(words, planes), state["nibbles"])
+    # Nibble j of word i in block b is column b*8P + j*P + i.
+    q = torch.stack([state["nibbles"] >> 4, state["nibbles"] & 15], -1).reshape(n, k).to(torch.int32)
+    b, i, j = k // (8 * planes) - 1, planes - 1, 7
+    assert int(words[0, b * planes + i] >> (4 * j)) & 15 == int(q[0, b * 8 * planes + j * planes + i])
+    x = torch.randn(k).to(torch.bfloat16)
+    want = dequantize_int4(state["nibbles"], state["scales_and_zeros"], group) @ x.float()
+    got = int4_gemv_reference(x, words, state["scales_and_zeros"].view(torch.int32).reshape(k // group, n), group,
+                              planes)
+    assert ((got - want).abs() <= 1e-5 * want.abs().max()).all()
+    q8 = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    p8 = int8_planes(k)
+    words8 = pack_int8_planar(q8, p8)
+    assert torch.equal(words8.view(torch.int8), q8[:, int8_planar_columns(k, p8)])
+
+
+def _gemv_cases():
+    torch.manual_seed(0)
+    for n, k, group in [(40, 512, 128), (24, 192, 64), (24, 512, 32)]:
+        yield n, k, group, int4_state(Linear(torch.randn(n, k)), group, 2)
+
+
+def test_gemv_kernels_in_the_triton_interpreter(subprocess_env):
+    # In a child process: Triton's interpreter must be chosen before Triton's own library is first imported
+    # (its tl.zeros / tl.sum are jit functions too), which this process may have done already.
+    pytest.importorskip("numpy")
+    pytest.importorskip("triton")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    env = subprocess_env | {"TRITON_INTERPRET": "1",
+                            "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent), subprocess_env["PYTHONPATH"]])}
+    done = subprocess.run([sys.executable, "-c", "import test_fast_engine as t; t.gemv_interpreter_check()"],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=tests)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "gemv interpreter check passed" in done.stdout
+
+
+def gemv_interpreter_check():
+    """Every GEMV kernel and the planar dequantiser, run by Triton's interpreter on the CPU, against PyTorch."""
+    import localgpt.generation.fast.gemv_triton as gemv
+
+    for n, k, group, state in _gemv_cases():
+        planes = int4_planes(k, group)
+        words = pack_int4_planar(state["nibbles"], planes)
+        pairs = state["scales_and_zeros"].view(torch.int32).reshape(k // group, n)
+        x = torch.randn(k).to(torch.bfloat16)
+        want = dequantize_int4(state["nibbles"], state["scales_and_zeros"], group) @ x.float()
+        q8 = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+        want8 = q8.float() @ x.float()
+        wb = torch.randn(n, k).to(torch.bfloat16)
+        wantb = wb.float() @ x.float()
+        # (rows a program, split-K, warps, stages, tensor-core variant): split-K meets in the workspace; the
+        # counters end at zero. (The interpreter runs the tensor-core variant's dot in fp32: its bf16 dot is wrong.)
+        for config in [(16, 1, 1, 1, False), (8, 2, 1, 1, False), (32, 3, 2, 1, False), (16, 2, 1, 1, True)]:
+            for run, expect in [
+                (lambda out, ws: gemv.int4_gemv(x, words, pairs, group, planes, out, ws, config[:4], dot=config[4]),
+                 want),
+                (lambda out, ws: gemv.int8_gemv(x, pack_int8_planar(q8, int8_planes(k)), int8_planes(k), out, ws,
+                                                config[:4], dot=config[4]), want8),
+                (lambda out, ws: gemv.bf16_gemv(x, wb, out, ws, config[:4], bk=64), wantb),
+            ]:
+                ws = gemv.Workspace()
+                for _ in range(2):  # a second call reuses the counters the first reset
+                    out = torch.full((n,), float("nan"), dtype=torch.bfloat16)
+                    run(out, ws)
+                    assert ((out.float() - expect).abs() <= expect.abs() * 2**-7 + 1e-4 * expect.abs().max()).all()
+                assert int(ws.lock.sum()) == 0
+        out = torch.full((n, k), float("nan"), dtype=torch.bfloat16)
+        gemv.int4_planar_dequant(words, pairs, group, planes, out)
+        ref = dequantize_int4(state["nibbles"], state["scales_and_zeros"], group)
+        assert ((out.float() - ref).abs() <= ref.abs() * 2**-7 + 1e-6).all()
+    print("gemv interpreter check passed")
+
+
 @pytest.mark.parametrize("quantization", ["8bit", "4bit"])
 def test_quantized_engine_is_cached_on_disk_and_reloads_identically(tiny_dir, quantization, tmp_path):
     first = load_fast_generator(settings(model=str(tiny_dir["llama2"]), quantization=quantization), cache_dir=tmp_path)
@@ -346,7 +436,7 @@ def test_gpu_int4_prompt_path_matches_tinygemm_and_keeps_no_bf16_copy():
     assert torch.equal(torch.ops.aten._convert_weight_to_int4pack(state["nibbles"], 8).cpu(),
                        pack_int4_reference(state["nibbles"].cpu(), 8))
     net = torch.nn.Sequential(layer)
-    quantize_model(net, "int4")
+    quantize_model(net, "int4", decode="legacy")
     int4 = net[0]
     assert isinstance(int4, Int4Linear) and int4.prompt_kernel == "tile"  # the layout check passed on this GPU
     want = dequantize_int4(state["nibbles"], state["scales_and_zeros"], 128)
@@ -361,6 +451,47 @@ def test_gpu_int4_prompt_path_matches_tinygemm_and_keeps_no_bf16_copy():
     # No bf16 weight stays behind: the module holds only its packed int4 and (scale, zero) pairs.
     held = sum(t.numel() * t.element_size() for t in list(int4.buffers()) + list(int4.parameters()))
     assert held < 1024 * 4096 * 0.6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_gpu_gemv_layers_pass_their_load_check_and_match_the_reference(mode):
+    """quantize_model puts one token on the Triton GEMV (its load check passed on this GPU); the result equals
+    plain dequantise-and-multiply within bf16 rounding, at Llama-2-7B's shapes, alone and inside a CUDA graph,
+    and the same bits serve prompts."""
+    _needs_cuda()
+    pytest.importorskip("triton")
+    from localgpt.generation.fast.quantize import decode_kernels, use_bf16_gemv
+
+    torch.manual_seed(0)
+    for n, k in [(4096, 4096), (4096, 11008), (12288, 4096)]:
+        layer = Linear(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02)
+        net = torch.nn.Sequential(layer)
+        states = quantize_model(net, mode, keep=True)
+        q = net[0]
+        assert q.layout == "planar" and decode_kernels(net) == f"{mode} planar"
+        saved = states["0"]
+        ref = (dequantize_int4(saved["nibbles"].cuda(), saved["scales_and_zeros"].cuda(), 128) if mode == "int4"
+               else saved["weight"].cuda().float() * saved["scales"].cuda().float()[:, None])
+        x = torch.randn(1, 1, k, device="cuda", dtype=torch.bfloat16)
+        want = ref @ x.reshape(-1).float()
+        got = q(x).reshape(-1).float()
+        assert ((got - want).norm() / want.norm()) < 5e-3, (n, k)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            replayed = q(x)
+        for _ in range(3):
+            graph.replay()
+            assert torch.equal(replayed.reshape(-1).float(), got)  # deterministic, counters reset each time
+        prompt = q(torch.randn(1, 40, k, device="cuda", dtype=torch.bfloat16))
+        assert prompt.shape == (1, 40, n)
+        xs = torch.randn(1, 40, k, device="cuda", dtype=torch.bfloat16)
+        assert ((q(xs).float() - xs.float() @ ref.t()).norm() / (xs.float() @ ref.t()).norm()) < 1e-2
+    dense = torch.nn.Sequential(Linear(torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) * 0.02))
+    x = torch.randn(1, 1, 4096, device="cuda", dtype=torch.bfloat16)
+    before = dense(x).float()
+    assert use_bf16_gemv(dense) == 1
+    assert ((dense(x).float() - before).norm() / before.norm()) < 5e-3
 
 
 def build_tiny_embedder(directory) -> str:

@@ -26,11 +26,28 @@ PROMPT_ROWS = 32
 
 
 class Int8Linear(nn.Module):
-    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+    """Per-channel int8. ``layout``: "plain" (int8 [out, in]; one token runs as the compiler's generated
+    reduction) or "planar" (CUDA: int32 words for the Triton GEMV, ``gemv_triton``; prompts multiply the
+    same bytes viewed as int8, with x's columns put in their order)."""
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, layout: str = "plain"):
         super().__init__()
-        self.register_buffer("weight", weight)  # int8 [out, in]
+        self.out_features, self.in_features = weight.shape
         self.register_buffer("scales", scales)  # [out], activation dtype
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.planes = int8_planes(self.in_features) if layout == "planar" else None
+        self.layout = "planar" if self.planes and weight.is_cuda else "plain"
+        if self.layout == "planar":
+            from localgpt.generation.fast.gemv_triton import scratch
+
+            self.register_buffer("weight", None)
+            self.register_buffer("words", pack_int8_planar(weight, self.planes))  # int32 [out, in/4]
+            self.gemv_config, ws, lock = scratch("int8", self.out_features, self.in_features, weight.device)
+            self.register_buffer("gemv_ws", ws, persistent=False)
+            self.register_buffer("gemv_lock", lock, persistent=False)
+        else:
+            self.register_buffer("weight", weight)  # int8 [out, in]
+            self.register_buffer("words", None)
 
     @classmethod
     def quantize(cls, layer: Linear) -> "Int8Linear":
@@ -39,8 +56,25 @@ class Int8Linear(nn.Module):
         q = torch.round(w / scales[:, None]).clamp(-128, 127).to(torch.int8)
         return cls(q, scales.to(layer.weight.dtype), None if layer.bias is None else layer.bias.data)
 
+    def int8_weight(self) -> torch.Tensor:
+        if self.words is None:
+            return self.weight
+        cols = int8_planar_columns(self.in_features, self.planes, self.words.device)
+        out = torch.empty(self.out_features, self.in_features, dtype=torch.int8, device=self.words.device)
+        out[:, cols] = self.words.view(torch.int8)
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == x.shape[-1]:
+        if self.words is not None:
+            if x.numel() == x.shape[-1]:
+                bn, split, warps, dot = self.gemv_config
+                out = torch.ops.localgpt.int8_gemv(x.reshape(-1).to(torch.bfloat16).contiguous(), self.words,
+                                                   self.gemv_ws, self.gemv_lock, self.planes, bn, split, warps, dot)
+                out = out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+            else:
+                cols = int8_planar_columns(self.in_features, self.planes, x.device)
+                out = F.linear(x[..., cols], self.words.view(torch.int8).to(x.dtype))
+        elif x.numel() == x.shape[-1]:
             # One token: written as multiply-and-sum so the compiler emits one reduction kernel that
             # reads each int8 weight once (an mm on the converted weight would materialise it in bf16).
             out = (x.unsqueeze(-2) * self.weight.to(x.dtype)).sum(dim=-1, dtype=torch.float32).to(x.dtype)
@@ -50,12 +84,13 @@ class Int8Linear(nn.Module):
         return out if self.bias is None else out + self.bias
 
     def state(self) -> dict:
-        return {"weight": self.weight, "scales": self.scales, "bias": self.bias}
+        return {"weight": self.int8_weight(), "scales": self.scales, "bias": self.bias}
 
     @classmethod
-    def from_state(cls, state: dict, device) -> "Int8Linear":
+    def from_state(cls, state: dict, device, layout: str = "plain") -> "Int8Linear":
         bias = state["bias"]
-        return cls(state["weight"].to(device), state["scales"].to(device), None if bias is None else bias.to(device))
+        return cls(state["weight"].to(device), state["scales"].to(device), None if bias is None else bias.to(device),
+                   layout=layout)
 
 
 def int4_layout(in_features: int, out_features: int, groupsize: int = 128) -> tuple[int, int] | None:
@@ -74,42 +109,81 @@ class Int4Linear(nn.Module):
     """Asymmetric int4 per group: w = (q - 8) * scale + zero, with (scale, zero) per group and channel."""
 
     def __init__(self, nibbles: torch.Tensor, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None,
-                 groupsize: int, inner_k_tiles: int):
+                 groupsize: int, inner_k_tiles: int, layout: str = "tinygemm"):
         super().__init__()
         self.out_features, half = nibbles.shape
         self.in_features = half * 2
         self.groupsize, self.inner_k_tiles = groupsize, inner_k_tiles
         self.register_buffer("scales_and_zeros", scales_and_zeros)  # [in/group, out, 2], bf16
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        # The Triton kernel that dequantises this layer for prompts ("tile" / "gather"), set by quantize_model
-        # once checked on this GPU; None: prompts also run on tinygemm.
+        # The Triton kernel that dequantises this layer for prompts ("planar", or "tile" / "gather" for tinygemm's
+        # layout), set by quantize_model once checked on this GPU; None: prompts also run on tinygemm.
         self.prompt_kernel: str | None = None
-        if nibbles.is_cuda:
+        self.planes = int4_planes(self.in_features, groupsize) if layout == "planar" else None
+        self.register_buffer("packed", None)
+        self.register_buffer("words", None)
+        self.register_buffer("nibbles", None)
+        if nibbles.is_cuda and self.planes:
+            # The planar layout of the Triton decode GEMV (gemv_triton.py); prompts dequantise it for cuBLAS.
+            from localgpt.generation.fast.gemv_triton import scratch
+
+            self.layout = "planar"
+            self.words = pack_int4_planar(nibbles.contiguous(), self.planes)
+            self.gemv_config, ws, lock = scratch("int4", self.out_features, self.in_features, nibbles.device)
+            self.register_buffer("gemv_ws", ws, persistent=False)
+            self.register_buffer("gemv_lock", lock, persistent=False)
+            self.prompt_kernel = "planar"
+        elif nibbles.is_cuda:
             # tinygemm's tiled layout; built from the portable [out, in/2] uint8 on the device it runs on.
-            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack(nibbles.contiguous(), inner_k_tiles))
-            self.nibbles = None
+            self.layout = "tinygemm"
+            self.packed = torch.ops.aten._convert_weight_to_int4pack(nibbles.contiguous(), inner_k_tiles)
         else:
-            self.register_buffer("nibbles", nibbles)  # [out, in/2] uint8, high nibble first
-            self.packed = None
+            self.layout = "cpu"
+            self.nibbles = nibbles  # [out, in/2] uint8, high nibble first
 
     @classmethod
     def quantize(cls, layer: Linear, groupsize: int, inner_k_tiles: int) -> "Int4Linear":
         return cls.from_state(int4_state(layer, groupsize, inner_k_tiles), layer.weight.device)
 
+    def portable_nibbles(self) -> torch.Tensor:
+        if self.nibbles is not None:
+            return self.nibbles
+        if self.words is not None:
+            return unpack_int4_planar(self.words, self.planes)
+        return unpack_int4_reference(self.packed, self.out_features)
+
     def dequantize(self) -> torch.Tensor:
-        nibbles = self.nibbles if self.nibbles is not None else unpack_int4_reference(self.packed, self.out_features)
-        return dequantize_int4(nibbles, self.scales_and_zeros, self.groupsize)
+        return dequantize_int4(self.portable_nibbles(), self.scales_and_zeros, self.groupsize)
+
+    def pairs(self) -> torch.Tensor:
+        """(scale, zero) as one int32 per group and channel [in/group, out] (bf16 scale in the low half)."""
+        return self.scales_and_zeros.view(torch.int32).reshape(-1, self.out_features)
 
     def dequantize_packed(self, kernel: str | None = None) -> torch.Tensor:
         """The bf16 weight [out, in] from tinygemm's packed tensor, by a Triton kernel (CUDA only)."""
         from localgpt.generation.fast.int4_triton import dequantize_int4pack
 
-        out = torch.empty(self.out_features, self.in_features, dtype=torch.bfloat16, device=self.packed.device)
-        return dequantize_int4pack(self.packed, self.scales_and_zeros, self.groupsize, out,
-                                   kernel=kernel or self.prompt_kernel or "tile")
+        kernel = kernel or self.prompt_kernel or "tile"
+        device = (self.words if self.words is not None else self.packed).device
+        out = torch.empty(self.out_features, self.in_features, dtype=torch.bfloat16, device=device)
+        if kernel == "planar":
+            from localgpt.generation.fast.gemv_triton import int4_planar_dequant
+
+            return int4_planar_dequant(self.words, self.pairs(), self.groupsize, self.planes, out)
+        return dequantize_int4pack(self.packed, self.scales_and_zeros, self.groupsize, out, kernel=kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
+        if self.words is not None:
+            lead = x.shape[:-1]
+            if x.numel() == self.in_features:  # one token: the Triton GEMV
+                bn, split, warps, dot = self.gemv_config
+                out = torch.ops.localgpt.int4_gemv(x.reshape(-1).to(torch.bfloat16).contiguous(), self.words,
+                                                   self.pairs(), self.gemv_ws, self.gemv_lock, self.groupsize,
+                                                   self.planes, bn, split, warps, dot)
+            else:  # a prompt: this layer in bf16 for cuBLAS, for as long as the matmul needs it
+                out = F.linear(x.reshape(-1, self.in_features).to(torch.bfloat16), self.dequantize_packed())
+            out = out.reshape(*lead, self.out_features).to(x.dtype)
+        elif self.packed is not None:
             lead = x.shape[:-1]
             rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
             if self.prompt_kernel and rows.shape[0] > PROMPT_ROWS:
@@ -124,10 +198,10 @@ class Int4Linear(nn.Module):
         return out if self.bias is None else out + self.bias
 
     @classmethod
-    def from_state(cls, state: dict, device) -> "Int4Linear":
+    def from_state(cls, state: dict, device, layout: str = "tinygemm") -> "Int4Linear":
         bias = state["bias"]
         return cls(state["nibbles"].to(device), state["scales_and_zeros"].to(device),
-                   None if bias is None else bias.to(device), state["groupsize"], state["inner_k_tiles"])
+                   None if bias is None else bias.to(device), state["groupsize"], state["inner_k_tiles"], layout=layout)
 
 
 def int4_state(layer: Linear, groupsize: int, inner_k_tiles: int) -> dict:
@@ -191,6 +265,83 @@ def unpack_int4_reference(packed: torch.Tensor, out_features: int) -> torch.Tens
     return (q[:, ::2] << 4) | q[:, 1::2]
 
 
+# The planar layouts the decode GEMV kernels read (gemv_triton.py): each row is cut into blocks of P int32
+# words; in a block, bit field j of word i (fields of 4 bits for int4, 8 for int8, field 0 the lowest) holds
+# column block * F * P + j * P + i (F = 8 or 4 fields a word). Field j of a whole block then multiplies the
+# contiguous slice x[block * F * P + j * P : + P], and one 16-byte load brings 4 words of a row.
+
+
+def int4_planes(in_features: int, groupsize: int) -> int | None:
+    """Words a block (P) for a planar int4 layer, such that a block holds whole groups and a group whole
+    planes; None if no P fits (the layer then stays on tinygemm)."""
+    for planes in (32, 16, 8, 4):
+        if in_features % (8 * planes) == 0 and groupsize % planes == 0 and (8 * planes) % groupsize == 0:
+            return planes
+    return None
+
+
+def int8_planes(in_features: int) -> int | None:
+    for planes in (32, 16, 8, 4, 2, 1):
+        if in_features % (4 * planes) == 0:
+            return planes
+    return None
+
+
+def pack_int4_planar(nibbles: torch.Tensor, planes: int) -> torch.Tensor:
+    """Planar int32 [N, K/8] from nibbles [N, K/2] (high nibble first), in plain PyTorch (any device)."""
+    n, half_k = nibbles.shape
+    k = half_k * 2
+    q = torch.stack([nibbles >> 4, nibbles & 15], dim=-1).reshape(n, k).to(torch.int32)
+    q = q.reshape(n, k // (8 * planes), 8, planes).transpose(-1, -2)  # n, block, word, field
+    shifts = torch.arange(8, dtype=torch.int32, device=nibbles.device) * 4
+    return _sum_bits(q << shifts).reshape(n, k // 8)
+
+
+def unpack_int4_planar(words: torch.Tensor, planes: int) -> torch.Tensor:
+    """The nibbles [N, K/2] (high nibble first) behind a planar int4 tensor."""
+    n, kw = words.shape
+    shifts = torch.arange(8, dtype=torch.int32, device=words.device) * 4
+    q = (words.reshape(n, kw // planes, planes)[..., None] >> shifts) & 15  # n, block, word, field
+    q = q.transpose(-1, -2).reshape(n, kw * 8).to(torch.uint8)
+    return (q[:, ::2] << 4) | q[:, 1::2]
+
+
+def pack_int8_planar(q: torch.Tensor, planes: int) -> torch.Tensor:
+    """Planar int32 [N, K/4] from int8 [N, K], in plain PyTorch (any device)."""
+    n, k = q.shape
+    u = q.to(torch.int32).reshape(n, k // (4 * planes), 4, planes).transpose(-1, -2) & 255
+    shifts = torch.arange(4, dtype=torch.int32, device=q.device) * 8
+    return _sum_bits(u << shifts).reshape(n, k // 4)
+
+
+def int8_planar_columns(in_features: int, planes: int, device=None) -> torch.Tensor:
+    """For a planar int8 tensor viewed as int8 [N, K] (little-endian bytes): the original column of each byte,
+    so that ``F.linear(x[..., cols], words.view(torch.int8))`` is the layer's product."""
+    block = torch.arange(in_features // (4 * planes), device=device)[:, None, None] * (4 * planes)
+    word = torch.arange(planes, device=device)[None, :, None]
+    field = torch.arange(4, device=device)[None, None, :]
+    return (block + field * planes + word).reshape(-1)
+
+
+def int4_gemv_reference(x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, groupsize: int,
+                        planes: int) -> torch.Tensor:
+    """W x in fp32 for one token x [K], computed from the planar words with the kernel's own arithmetic
+    (bit fields OR-ed into 2^23's mantissa, one multiply-add to the exact integer): pins that trick on the CPU."""
+    n, kw = words.shape
+    k = kw * 8
+    w = words.reshape(n, kw // planes, 1, planes)
+    src = torch.where(torch.arange(8, device=words.device)[None, None, :, None] < 4, w, w >> 16)  # n, blk, j, i
+    sh = (torch.arange(8, dtype=torch.int32, device=words.device) % 4 * 4)[None, None, :, None]
+    bits = (src & (15 << sh)) | 0x4B000000
+    step = torch.exp2(-sh.float())
+    q = bits.view(torch.float32) * step - (8388608.0 * step + 8.0)  # q - 8, exactly
+    q = q.reshape(n, k)
+    pairs = sz.reshape(k // groupsize, n).to(torch.int32)
+    scale = (pairs << 16).view(torch.float32).t().repeat_interleave(groupsize, dim=1)
+    zero = (pairs & -65536).view(torch.float32).t().repeat_interleave(groupsize, dim=1)
+    return ((q * scale + zero) * x.float()[None, :]).sum(-1)
+
+
 def check_prompt_kernel(layer: "Int4Linear", nibbles: torch.Tensor) -> str | None:
     """The first Triton kernel that turns ``layer.packed`` into exactly the weight its nibbles mean, here.
 
@@ -220,19 +371,51 @@ def _host(state: dict) -> dict:
     return {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
 
 
+def check_decode_kernel(layer: nn.Module, reference: torch.Tensor, *, tries: int = 2) -> bool:
+    """Whether ``layer``'s one-token path (a Triton GEMV) computes ``reference`` @ x here, for random x.
+
+    ``reference``: the fp32 weight [out, in] the layer's bits mean. Allowed: bf16 rounding of the result plus
+    fp32 summation-order error; a misread bit field is off by a whole quantisation step, ~10x more. Any
+    failure (no Triton, a kernel that does not build, a wrong layout) is False: the caller falls back.
+    """
+    try:
+        for _ in range(tries):
+            x = torch.randn(1, 1, reference.shape[1], device=reference.device, dtype=torch.bfloat16)
+            want = reference @ x.reshape(-1).float()
+            got = layer(x).reshape(-1).float()
+            if layer.bias is not None:
+                got = got - layer.bias.float()
+            slack = want.abs() * 2**-7 + 1e-5 * (reference.abs() @ x.reshape(-1).float().abs()) + 1e-6
+            if not bool(((got - want).abs() <= slack).all()):
+                return False
+        # The prompt path of the same bits: the weight written out (int4) or the bytes in their order (int8).
+        if isinstance(layer, Linear):
+            return True
+        if isinstance(layer, Int4Linear):
+            got_w = layer.dequantize_packed().float()
+        else:
+            got_w = layer.int8_weight().float() * layer.scales.float()[:, None]
+        return bool(((got_w - reference).abs() <= reference.abs() * 2**-7 + 1e-6).all())
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def quantize_model(model: nn.Module, mode: str, *, groupsize: int = 128, saved: dict | None = None,
-                   keep: bool = False) -> dict:
+                   keep: bool = False, decode: str = "triton") -> dict:
     """Swap every ``Linear`` of ``model`` for its ``mode`` ("int8" or "int4") version, in place.
 
     ``saved``: layer states from ``load_quantized`` (no quantising then). Returns the device-neutral
     layer states when ``keep`` (for ``save_quantized``), else {}. Layers whose shape the int4 kernel
-    cannot take stay as they are.
+    cannot take stay as they are. ``decode``: "triton" (on CUDA, the planar layouts and Triton GEMV kernels
+    of ``gemv_triton`` for one token, once the first layer's check passes) or "legacy" (tinygemm for int4,
+    the compiler's reduction for int8: what ran before, and the fallback when the check fails).
     """
     kinds = {"int8": Int8Linear, "int4": Int4Linear}
     if mode not in kinds:
         raise ValueError(f"unknown weight-only mode {mode!r}")
     states: dict = {}
-    prompt_kernel: str | None | bool = False  # checked on the first int4 layer on CUDA
+    prompt_kernel: str | None | bool = False  # checked on the first tinygemm-layout int4 layer on CUDA
+    planar: bool | None = None if decode == "triton" else False  # checked on the first layer on CUDA
     for parent, attr, name in list(_linears(model)):
         layer = getattr(parent, attr)
         device = layer.weight.device
@@ -249,14 +432,58 @@ def quantize_model(model: nn.Module, mode: str, *, groupsize: int = 128, saved: 
             state = int4_state(layer, *layout)
         if keep:
             states[name] = _host(state)
-        new = kinds[mode].from_state(state, device)
+        del layer
+        new = None
+        if device.type == "cuda" and planar is not False:
+            new = kinds[mode].from_state(state, device, layout="planar")
+            if planar is None and new.layout == "planar":
+                if mode == "int4":
+                    reference = dequantize_int4(state["nibbles"].to(device), new.scales_and_zeros, new.groupsize)
+                else:
+                    reference = state["weight"].to(device).float() * new.scales.float()[:, None]
+                planar = check_decode_kernel(new, reference)
+                del reference
+                if not planar:
+                    new = None
+        if new is None:
+            new = kinds[mode].from_state(state, device)
         setattr(parent, attr, new)
         if mode == "int4" and new.packed is not None:
             if prompt_kernel is False:
                 prompt_kernel = check_prompt_kernel(new, state["nibbles"])
             new.prompt_kernel = prompt_kernel
-        del layer, state, new
+        del state, new
     return states
+
+
+def use_bf16_gemv(model: nn.Module) -> int:
+    """One token through the Triton bf16 GEMV for every bf16 ``Linear`` on CUDA whose check passes; the count."""
+    done = 0
+    for module in model.modules():
+        if not isinstance(module, Linear) or not module.weight.is_cuda or module.weight.dtype != torch.bfloat16:
+            continue
+        n, k = module.weight.shape
+        bk = next((b for b in (256, 128, 64) if k % b == 0), None)
+        if bk is None:
+            continue
+        from localgpt.generation.fast.gemv_triton import scratch
+
+        (bn, split, warps, _), ws, lock = scratch("bf16", n, k, module.weight.device)
+        module.register_buffer("gemv_ws", ws, persistent=False)
+        module.register_buffer("gemv_lock", lock, persistent=False)
+        module.gemv = (bk, bn, split, warps)
+        if done == 0 and not check_decode_kernel(module, module.weight.float()):
+            module.gemv = None
+            return 0
+        done += 1
+    return done
+
+
+def decode_kernels(model: nn.Module) -> str:
+    """How the model's quantised layers run one token, e.g. "int4 planar (Triton GEMV)" (for stats and benches)."""
+    seen = sorted({f"{'int4' if isinstance(m, Int4Linear) else 'int8'} {m.layout}" for m in model.modules()
+                   if isinstance(m, (Int4Linear, Int8Linear))})
+    return ", ".join(seen)
 
 
 def save_quantized(states: dict, path: Path, *, mode: str, source: str) -> None:

@@ -32,7 +32,13 @@ class TransformerShape:
 
 
 class Linear(nn.Module):
-    """``x @ weight.T (+ bias)``; quantize.py swaps these for int8 / int4 / bitsandbytes versions."""
+    """``x @ weight.T (+ bias)``; quantize.py swaps these for int8 / int4 / bitsandbytes versions.
+
+    ``gemv``: None (cuBLAS) or the (block, rows, split, warps) of the Triton bf16 GEMV that one token takes
+    instead, set with its scratch buffers by ``quantize.use_bf16_gemv``.
+    """
+
+    gemv: tuple | None = None
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -40,6 +46,12 @@ class Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gemv is not None and x.numel() == x.shape[-1]:
+            bk, bn, split, warps = self.gemv
+            out = torch.ops.localgpt.bf16_gemv(x.reshape(-1).contiguous(), self.weight, self.gemv_ws, self.gemv_lock,
+                                               bk, bn, split, warps)
+            out = out.view(*x.shape[:-1], self.weight.shape[0])
+            return out if self.bias is None else out + self.bias
         return F.linear(x, self.weight, self.bias)
 
 
