@@ -34,7 +34,8 @@ from localgpt.generation.fast.generator import build_network  # noqa: E402
 from localgpt.generation.fast.quantize import decode_kernels, quantize_model, use_bf16_gemv  # noqa: E402
 
 PROMPTS = (512, 2048, 8192)
-VARIANTS = ("bf16", "bf16-gemv", "int8-legacy", "int8", "int4-legacy", "int4", "nf4", "bnb-int8")
+VARIANTS = ("bf16", "bf16-gemv", "int8-legacy", "int8-triton", "int8", "int4-legacy", "int4-triton", "int4", "nf4",
+            "bnb-int8")
 DECODE_PROMPT, DECODE_NEW = 512, 128
 
 
@@ -519,7 +520,8 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
             kernels = ""
             if base in ("int8", "int4"):
                 with torch.inference_mode():
-                    quantize_model(net, base, decode="legacy" if variant.endswith("-legacy") else "triton")
+                    decode = variant.split("-")[1] if "-" in variant else "auto"  # int4-legacy, int8-triton, ...
+                    quantize_model(net, base, decode=decode)
                 free_cache()
                 kernels = decode_kernels(net)
                 log(f"  {variant} one-token layers run as: {kernels}")

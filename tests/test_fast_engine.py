@@ -467,7 +467,7 @@ def test_gpu_gemv_layers_pass_their_load_check_and_match_the_reference(mode):
     for n, k in [(4096, 4096), (4096, 11008), (12288, 4096)]:
         layer = Linear(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02)
         net = torch.nn.Sequential(layer)
-        states = quantize_model(net, mode, keep=True)
+        states = quantize_model(net, mode, keep=True, decode="triton")
         q = net[0]
         assert q.layout == "planar" and decode_kernels(net) == f"{mode} planar"
         saved = states["0"]

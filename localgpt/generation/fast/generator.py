@@ -212,6 +212,15 @@ def load_fast_generator(settings: Any, *, mode: str | None = None, max_seq: int 
         with torch.inference_mode():
             quant_note = quantize_network(network, weight_mode, source=_fingerprint(path),
                                           cache_dir=cache_dir or default_cache_dir())
+    decode_note = "torch"
+    if device == "cuda" and kernels == "torch" and getattr(network, "kind", "") == "transformer":
+        # One token through the Triton bf16 GEMV (checked on the first layer; cuBLAS/inductor if that fails):
+        # Llama-2-7B on an H200 went from 0.65 to 0.77 of the bandwidth limit (bench/RESULTS.md).
+        from localgpt.generation.fast.quantize import decode_kernels, use_bf16_gemv
+
+        with torch.inference_mode():
+            n_gemv = use_bf16_gemv(network)
+        decode_note = ", ".join(filter(None, [decode_kernels(network), f"bf16 Triton GEMV x{n_gemv}" if n_gemv else ""]))
     if device == "cuda":
         torch.cuda.empty_cache()
 
@@ -234,6 +243,6 @@ def load_fast_generator(settings: Any, *, mode: str | None = None, max_seq: int 
         max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p)
     generator.params_at_load = n_params
     generator.stats.extra.update(dtype=str(dtype).removeprefix("torch."), quantization=settings.quantization,
-                                 kernels=kernels, engine_mode=engine.mode, weights=quant_note,
+                                 kernels=kernels, engine_mode=engine.mode, weights=quant_note, decode=decode_note,
                                  warm_up_s=round(warm_s, 2), max_seq=engine.max_seq)
     return generator

@@ -24,6 +24,11 @@ from localgpt.generation.fast.transformer import Linear
 # dequantise + cuBLAS stays ~0.19 ms up to 128 rows).
 PROMPT_ROWS = 32
 
+# One-token kernels by mode for quantize_model(decode="auto"). H200, 2026-11-30: the Triton int4 GEMV
+# (planar layout) ran 288 tok/s against tinygemm's 348 on Llama-2-7B, so int4 stays on tinygemm; the Triton
+# int8 GEMV ran 289-299 tok/s (the compiler's int8 reduction was not re-measured on the H200: 223 on an H100).
+DECODE_DEFAULT = {"int4": "legacy", "int8": "triton"}
+
 
 class Int8Linear(nn.Module):
     """Per-channel int8. ``layout``: "plain" (int8 [out, in]; one token runs as the compiler's generated
@@ -401,15 +406,18 @@ def check_decode_kernel(layer: nn.Module, reference: torch.Tensor, *, tries: int
 
 
 def quantize_model(model: nn.Module, mode: str, *, groupsize: int = 128, saved: dict | None = None,
-                   keep: bool = False, decode: str = "triton") -> dict:
+                   keep: bool = False, decode: str = "auto") -> dict:
     """Swap every ``Linear`` of ``model`` for its ``mode`` ("int8" or "int4") version, in place.
 
     ``saved``: layer states from ``load_quantized`` (no quantising then). Returns the device-neutral
     layer states when ``keep`` (for ``save_quantized``), else {}. Layers whose shape the int4 kernel
     cannot take stay as they are. ``decode``: "triton" (on CUDA, the planar layouts and Triton GEMV kernels
-    of ``gemv_triton`` for one token, once the first layer's check passes) or "legacy" (tinygemm for int4,
-    the compiler's reduction for int8: what ran before, and the fallback when the check fails).
+    of ``gemv_triton`` for one token, once the first layer's check passes), "legacy" (tinygemm for int4,
+    the compiler's reduction for int8: what ran before, and the fallback when the check fails) or "auto":
+    the faster one measured on the H200 (bench/gpu_notes.md): Triton for int8, tinygemm for int4.
     """
+    if decode == "auto":
+        decode = DECODE_DEFAULT[mode] if mode in DECODE_DEFAULT else "legacy"
     kinds = {"int8": Int8Linear, "int4": Int4Linear}
     if mode not in kinds:
         raise ValueError(f"unknown weight-only mode {mode!r}")
