@@ -1,14 +1,13 @@
-"""Batch-1 decode GEMV kernels (one token: y = W x) that stream quantised weights at memory speed.
+"""Batch-1 decode GEMV kernels (one token: y = W x) for bf16, int8 and int4 weights.
 
-One decode step reads every weight once and does two flops per weight, so its speed is the rate at
-which the weights leave memory. tinygemm (int4) and the compiler's int8 reduction turn the bits into
-floats with the integer-to-float converter, a quarter-rate unit on Hopper, and ran at ~0.3-0.5 of the
-copy rate. These kernels use the "magic number" trick instead: OR-ing a field of bits into the mantissa
-of 2^23 and one fused multiply-add give the integer as an exact fp32 (one logic op + one FMA), and the
-weights are stored in a "planar" layout chosen for that (``quantize.pack_int4_planar`` /
-``pack_int8_planar``): in each block of ``P`` int32 words of a row, bit field j of word i holds column
-``block * F * P + j * P + i`` (F = 8 nibbles or 4 bytes a word). So one wide load brings P words of
-a row, field j of all of them multiplies one contiguous slice of x, and no unpacking shuffle is needed.
+One decode step reads every weight once and does two flops per weight, so it should run at the rate the
+weights leave memory. For quantised weights the integer-to-float conversion is the cost: these kernels use
+the "magic number" trick (OR a field of bits into the mantissa of 2^23; one FMA then gives the integer as
+an exact fp32, scaled and offset) instead of the integer-to-float converter, and the weights are stored in a
+"planar" layout chosen for that (``quantize.pack_int4_planar`` / ``pack_int8_planar``): in each block of
+``P`` int32 words of a row, bit field j of word i holds column ``block * F * P + j * P + i`` (F = 8 nibbles
+or 4 bytes a word). So one wide load brings P words of a row, field j of all of them multiplies one
+contiguous slice of x, and no unpacking shuffle is needed.
 
 Each program owns ``BN`` rows and walks the whole K (``SPLIT`` = 1), or one of ``SPLIT`` parts of K
 (for short, wide layers, so that enough programs stream at once); the parts then meet in a small fp32
@@ -17,6 +16,11 @@ bf16 result (deterministic, one launch, no memset: the arrival counter is reset 
 
 Also here: the planar int4 layer written out in bf16 for a prompt (cuBLAS then multiplies), and a
 plain bf16 GEMV. Imported on CUDA only (or under ``TRITON_INTERPRET=1`` in tests).
+
+Measured on an H200 (bench/gpu_notes.md, "Round 2"): the bf16 GEMV streams 3.6-4.1 TB/s at Llama-2-7B's
+shapes (the engine's default for bf16 layers); int8 1.7-3.0 TB/s (the default for int8); int4 1.1-1.5 TB/s,
+slower than tinygemm, so int4 decode stays on tinygemm. Both quantised kernels are bound by instructions per
+weight (~7), not bytes: the next step is unpacking two weights per instruction (bf16x2).
 """
 
 from __future__ import annotations
