@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"dev: {int(y.sum())} answerable, {int((1 - y).sum())} unanswerable")
     print(f"dev at threshold {threshold:.3f}: abstention {np.mean(p[y == 0] < threshold):.3f}, "
           f"false abstention {np.mean(answerable < threshold):.3f}")
-    print(f'    "{chain.retriever.embedder.name}": Calibration(sentence={w[0]:.2f}, coverage={w[1]:.2f}, '
+    kind = chain.settings.evidence if chain.settings.verifier != "off" else "embedder"
+    print(f'    ("{chain.retriever.embedder.name}", "{kind}"): Calibration(sentence={w[0]:.2f}, coverage={w[1]:.2f}, '
           f"bias={w[2]:.2f}, threshold={threshold:.3f}),")
     return 0
 

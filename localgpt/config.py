@@ -102,10 +102,18 @@ class Settings(BaseSettings):
         "scores the top rerank_top candidates and fuses its order with the search's; 'off' runs nothing.",
     )
     rerank_top: int = Field(20, ge=1, le=200, description="Top fused candidates that the reranker or the verifier scores.")
+    evidence: Literal["verifier", "embedder"] = Field(
+        "verifier",
+        description="How the sentences of the chunks are scored for the supporting quotes, the evidence checks and "
+        "answerability: 'verifier' reads each sentence of the k chunks returned with the question through the "
+        "answer verifier (its P of stating the answer; ~0.2 CPU-second, needs verifier on), 'embedder' embeds the "
+        "sentences of the top sentence_rerank chunks and reranks them by their best sentence (~1-2 CPU-seconds). "
+        "Chunks in another language than the question always get 'embedder'.",
+    )
     sentence_rerank: int = Field(
         10, ge=0, le=100,
-        description="Top chunks whose sentences are embedded to rerank by their best sentence and to score "
-        "answerability; 0 turns sentence evidence off (faster, no answerability abstention).",
+        description="With evidence = 'embedder': top chunks whose sentences are embedded to rerank by their best "
+        "sentence and to score answerability; 0 turns sentence evidence off (faster, no answerability abstention).",
     )
 
     # --- answers -------------------------------------------------------------------------

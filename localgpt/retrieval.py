@@ -30,7 +30,7 @@ from localgpt.documents import SourceRef
 from localgpt.embeddings import Embedder, get_embedder
 from localgpt.errors import ModelNotFound
 from localgpt.store import Store
-from localgpt.text import has_cjk, keyword_terms, split_sentences
+from localgpt.text import has_cjk, keyword_terms, split_sentences, text_language
 
 RRF_K = 60
 DUPLICATE_COSINE = 0.97
@@ -44,6 +44,9 @@ LATIN_COMMON_SHARE = 0.02
 # was built for …") close to one that answers ("… stores their embeddings under local_data/").
 # Chosen on the dev half of bench/eval/qa.jsonl.
 LEXICAL_WEIGHT = 0.1
+# The same for the verifier's P(states the answer) (``evidence = "verifier"``); it reads the
+# question with the sentence, so it needs less help from the rare terms.
+VERIFIER_LEXICAL_WEIGHT = 0.05
 # Words that make a question a question, not what it asks about (as keyword terms: CJK bigrams).
 QUESTION_WORDS = frozenset(keyword_terms(
     "什么 哪个 哪些 哪里 怎么 怎样 如何 为什么 多少 是否 可以 能否 需要 ですか ますか でしょうか どの どう どこ どれ"
@@ -69,16 +72,19 @@ class Filters:
 
 @dataclass
 class Evidence:
-    """The statements of one chunk: their cosine similarity to the question, and their evidence
-    score (similarity plus a little for holding the question's rare terms)."""
+    """The statements of one chunk: how close each is to the question, and their evidence score
+    (that plus a little for holding the question's rare terms). ``kind`` says what "close" is:
+    "embedder", the cosine similarity of sentence and question vectors, or "verifier", the answer
+    verifier's probability that the sentence states the answer."""
 
     sentences: list[str]
     similarities: np.ndarray
     scores: np.ndarray
+    kind: str = "embedder"
 
     @property
     def best(self) -> float:
-        """The best sentence's cosine similarity."""
+        """The best sentence's similarity (cosine or P(states the answer), as ``kind`` says)."""
         return float(self.similarities.max()) if len(self.similarities) else 0.0
 
     @property
@@ -208,7 +214,8 @@ class Retriever:
             candidates = self._verifier_rerank(query, candidates)
         timings["postprocess"] = time.perf_counter() - t0
         evidence: dict[str, Evidence] = {}
-        depth = self.settings.sentence_rerank
+        by_verifier = self.settings.evidence == "verifier" and self.settings.verifier != "off"
+        depth = 0 if by_verifier else self.settings.sentence_rerank
         if depth and candidates:
             t0 = time.perf_counter()
             top = candidates[:depth]
@@ -218,6 +225,10 @@ class Retriever:
                 candidates = reciprocal_rank_fusion([top, by_sentence]) + candidates[depth:]
             timings["sentences"] = time.perf_counter() - t0
         hits = candidates[:k]
+        if by_verifier and hits:  # the hits' sentences read with the question: P(states the answer)
+            t0 = time.perf_counter()
+            evidence = self.verifier_evidence(query, qvec, hits)
+            timings["sentences"] = time.perf_counter() - t0
         if self.settings.verifier == "score":  # only what is returned: k passages, not rerank_top
             t0 = time.perf_counter()
             self.verify(query, hits)
@@ -282,6 +293,29 @@ class Retriever:
             out[ref.chunk_id] = Evidence(sentences, sims, sims + LEXICAL_WEIGHT * lexical)
         while len(self._sentences) > SENTENCE_CACHE:
             self._sentences.popitem(last=False)
+        return out
+
+    def verifier_evidence(self, question: str, qvec: np.ndarray, refs: list[SourceRef]) -> dict[str, Evidence]:
+        """Each chunk's statements scored by the answer verifier: P(the statement states the answer),
+        read together with the question (a cross-encoder: better at picking the answer's sentence
+        than comparing vectors, and ~3x cheaper than embedding the sentences). The
+        verifier only knows same-language pairs, so when any chunk is in another language than
+        the question all of them get embedder evidence instead (one scale for the whole answer)."""
+        lang = text_language(question)
+        if any(text_language(r.text) != lang for r in refs):
+            return self.evidence(question, qvec, refs)
+        from localgpt.verifier import get_verifier
+
+        texts = [evidence_sentences(r.text) or [r.text.strip()] for r in refs]
+        flat = [t for ts in texts for t in ts]
+        probs = get_verifier().score(question, flat) if flat else np.zeros(0, dtype=np.float32)
+        weights = self.term_weights(question)
+        out, offset = {}, 0
+        for ref, ts in zip(refs, texts):
+            p = np.asarray(probs[offset : offset + len(ts)], dtype=np.float64)
+            offset += len(ts)
+            lexical = np.array([coverage(weights, s) for s in ts]) if weights else np.zeros(len(ts))
+            out[ref.chunk_id] = Evidence(ts, p, p + VERIFIER_LEXICAL_WEIGHT * lexical, kind="verifier")
         return out
 
     def _rerank(self, query: str, candidates: list[SourceRef]) -> list[SourceRef]:

@@ -49,6 +49,15 @@ def has_cjk(text: str) -> bool:
     return _CJK_RUN.search(text) is not None
 
 
+def text_language(text: str) -> str:
+    """'ja' (any kana), 'zh' (other CJK) or 'en' (the rest): enough to tell same-language pairs."""
+    if has_kana(text):
+        return "ja"
+    if has_cjk(text):
+        return "zh"
+    return "en"
+
+
 def normalize(text: str) -> str:
     """NFKC (full-width to half-width, compatibility forms) and case folding."""
     return unicodedata.normalize("NFKC", text).casefold()

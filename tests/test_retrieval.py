@@ -202,13 +202,25 @@ def test_abstain_false_answers_whatever_was_found(settings):
     assert not chain.ask("What colour is the Bergen bridge painted?").abstained
 
 
-def test_sentence_evidence_scores_every_returned_chunk_and_feeds_the_support(retriever, settings):
+@pytest.mark.parametrize("evidence", ["verifier", "embedder"])
+def test_sentence_evidence_scores_every_returned_chunk_and_feeds_the_support(settings, evidence):
+    retriever = Retriever.from_settings(settings.with_overrides(evidence=evidence))
     search = retriever.search("How often should tomatoes be watered?", k=3)
     assert {h.chunk_id for h in search.hits} <= set(search.evidence)
     best = search.evidence[search.hits[0].chunk_id]
+    assert best.kind == evidence
     assert "twice a week" in best.sentences[int(best.similarities.argmax())]
-    off = Retriever.from_settings(settings.with_overrides(sentence_rerank=0)).search("How often should tomatoes be watered?")
-    assert off.evidence == {}
+    assert all(h.verifier_score is not None for h in search.hits)  # verifier = "score" either way
+    off = Retriever.from_settings(settings.with_overrides(evidence="embedder", sentence_rerank=0))
+    assert off.search("How often should tomatoes be watered?").evidence == {}
+
+
+def test_verifier_evidence_falls_back_to_the_embedder_for_passages_in_another_language(settings):
+    # The verifier scores a Chinese question against English text ~0 whatever it says.
+    search = Retriever.from_settings(settings.with_overrides(evidence="verifier")).search("番茄应该多久浇一次水？", k=3)
+    assert {ev.kind for ev in search.evidence.values()} == {"embedder"}
+    best = search.evidence[search.hits[0].chunk_id]
+    assert "twice a week" in best.sentences[int(best.similarities.argmax())]
 
 
 def test_latin_words_of_a_cjk_question_are_searched_on_their_own():
