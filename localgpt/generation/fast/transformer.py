@@ -145,6 +145,67 @@ class Block(nn.Module):
         out = out.reshape(1, s.n_heads, t, s.head_dim).transpose(1, 2).reshape(1, t, s.n_heads * s.head_dim)
         return self.wo(out)
 
+    # --- slots (continuous batching, ``batch.BatchEngine``): a cache per slot, separate from the one above ----
+
+    def setup_slots(self, slots: int, max_seq: int, dtype: torch.dtype, device: torch.device) -> None:
+        s = self.shape
+        size = (slots, s.n_kv_heads, max_seq + 1, s.head_dim)  # position max_seq: where idle slots write
+        self.k_slots = torch.zeros(size, dtype=dtype, device=device)
+        self.v_slots = torch.zeros(size, dtype=dtype, device=device)
+
+    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        s = self.shape
+        b, t = x.shape[:2]
+        q, k, v = self.wqkv(x).split([s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.n_kv_heads * s.head_dim], -1)
+        q = q.view(b, t, s.n_heads, s.head_dim).transpose(1, 2)
+        k = k.view(b, t, s.n_kv_heads, s.head_dim).transpose(1, 2)
+        v = v.view(b, t, s.n_kv_heads, s.head_dim).transpose(1, 2)
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+
+    def attention_slots(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                        visible: torch.Tensor) -> torch.Tensor:
+        """One decode step of the first B slots: x [B, 1, dim], each slot's token at its own position [B];
+        cos/sin [B, 1, 1, head_dim]; visible [B, 1, 1, max_seq + 1] (position <= the slot's)."""
+        s = self.shape
+        b = x.shape[0]
+        q, k, v = self._qkv(x, cos, sin)
+        rows = torch.arange(b, device=x.device)
+        self.k_slots[rows, :, positions] = k[:, :, 0]
+        self.v_slots[rows, :, positions] = v[:, :, 0]
+        rep = s.n_heads // s.n_kv_heads
+        qg = q.reshape(b, s.n_kv_heads, rep, s.head_dim)
+        out = F.scaled_dot_product_attention(qg, self.k_slots[:b], self.v_slots[:b], attn_mask=visible)
+        return self.wo(out.reshape(b, 1, s.n_heads * s.head_dim))
+
+    def attention_chunk(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot: int,
+                        start: int) -> torch.Tensor:
+        """A chunk of one slot's prompt: x [1, t, dim] at positions start..start+t-1, after start cached ones."""
+        s = self.shape
+        t = x.shape[1]
+        q, k, v = self._qkv(x, cos, sin)
+        end = start + t
+        self.k_slots[slot, :, start:end] = k[0]
+        self.v_slots[slot, :, start:end] = v[0]
+        k, v = self.k_slots[slot:slot + 1, :, :end], self.v_slots[slot:slot + 1, :, :end]
+        rep = s.n_heads // s.n_kv_heads
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if start == 0 or t == 1:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=start == 0 and t > 1)
+        else:
+            mask = torch.arange(end, device=x.device)[None, :] <= torch.arange(start, end, device=x.device)[:, None]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.wo(out.transpose(1, 2).reshape(1, t, s.n_heads * s.head_dim))
+
+    def forward_with(self, x: torch.Tensor, attend) -> torch.Tensor:
+        """``forward`` with the attention given as a function of the normed input (the slot paths)."""
+        h1 = self.norm1(x)
+        if self.shape.parallel:
+            h2 = self.norm2(x) if self.shape.two_norms else h1
+            return x + (self.mlp(h2) + attend(h1))
+        x = x + attend(h1)
+        return x + self.mlp(self.norm2(x))
+
     def forward(self, x, cos, sin, input_pos):
         h1 = self.norm1(x)
         if self.shape.parallel:
@@ -204,6 +265,37 @@ class Transformer(nn.Module):
     def step(self, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """Logits [1, vocab] after one token [1, 1] at position ``input_pos`` [1]."""
         return self._run(token, self.cos[input_pos], self.sin[input_pos], input_pos)
+
+    # --- slots (continuous batching): see batch.BatchEngine ---------------------------------------------------
+
+    def setup_slots(self, slots: int, max_seq: int) -> None:
+        """A KV cache of ``max_seq`` positions for each of ``slots`` streams (plus one scratch position)."""
+        self.slots, self.slot_seq = slots, max_seq
+        for block in self.blocks:
+            block.setup_slots(slots, max_seq, self.dtype, self.device)
+        positions = torch.arange(max_seq + 1, device=self.device)[None]
+        cos, sin = self.rope(torch.empty(0, dtype=self.dtype, device=self.device), positions)
+        self.slot_cos, self.slot_sin = cos[0].to(self.dtype), sin[0].to(self.dtype)  # [max_seq + 1, head_dim]
+
+    def step_slots(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits [B, vocab]: slot i's token ``tokens[i]`` at ``positions[i]`` (B = len(tokens) first slots)."""
+        b = tokens.shape[0]
+        x = F.embedding(tokens[:, None], self.embed)  # [B, 1, dim]
+        cos, sin = self.slot_cos[positions][:, None, None], self.slot_sin[positions][:, None, None]
+        visible = (torch.arange(self.slot_seq + 1, device=tokens.device)[None, :] <= positions[:, None])
+        visible = visible.view(b, 1, 1, -1)
+        for block in self.blocks:
+            x = block.forward_with(x, lambda h, blk=block: blk.attention_slots(h, cos, sin, positions, visible))
+        return self.lm_head(self.norm(x))[:, -1].float()
+
+    def prefill_slot(self, slot: int, ids: torch.Tensor, start: int) -> torch.Tensor:
+        """Logits [1, vocab] after a chunk ``ids`` [1, t] of slot ``slot``'s prompt, at positions start.."""
+        t = ids.shape[1]
+        cos, sin = self.slot_cos[start:start + t], self.slot_sin[start:start + t]
+        x = F.embedding(ids, self.embed)
+        for block in self.blocks:
+            x = block.forward_with(x, lambda h, blk=block: blk.attention_chunk(h, cos, sin, slot, start))
+        return self.lm_head(self.norm(x[:, -1:]))[:, -1].float()
 
 
 # --- building from a transformers model ------------------------------------------------------------

@@ -1,0 +1,303 @@
+"""Continuous batching: many streams decoded together by one Llama / Falcon network (``transformer``).
+
+A fixed number of slots, each with its own KV cache (``Transformer.setup_slots``) and its own length. Every
+``BatchEngine.step``: waiting requests take free slots; one chunk of one new request's prompt is prefilled
+straight into its slot's cache (chunked prefill, so a long prompt delays the others' next token by one chunk,
+not by the whole prompt); then one decode step runs for every slot that is decoding, each at its own position,
+with its own temperature / top-p; finished requests (a stop id, ``max_new_tokens``) leave and free their slot
+at once. The decode step runs over the first B slots, B the smallest of ``buckets`` that covers the busy slots
+(requests take the lowest free slot), and on CUDA each (B, greedy-or-sampled) step is captured once as a CUDA
+graph; an idle slot inside B decodes a dummy token at its scratch position ``max_seq`` and is ignored.
+
+The batch-1 ``engine.Engine`` is untouched and stays the path of ``FastGenerator``; this one is additive.
+Greedy tokens of a request equal the ones it gets alone up to the rounding of the batch's matrix shapes:
+exactly on the CPU in fp32 (tests/test_batching.py), bit for bit on CUDA at a fixed bucket.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from localgpt.generation.fast.engine import greedy, sample
+
+
+def pick_rows(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, sampled: bool) -> torch.Tensor:
+    """One token id per row [B] from logits [B, vocab]; a row with temperature 0 is greedy, others nucleus-sampled."""
+    best = logits.argmax(dim=-1)
+    if not sampled:
+        return best
+    drawn = sample(logits, temperature.clamp(min=1e-5)[:, None], top_p[:, None])[:, 0]
+    return torch.where(temperature > 0, drawn, best)
+
+
+@dataclass(eq=False)
+class Request:
+    """One stream: its prompt, settings, and what it produced so far (``tokens``, ``times`` on the host clock)."""
+
+    ids: list[int]
+    max_new_tokens: int
+    stop_ids: frozenset = frozenset()
+    temperature: float = 0.0
+    top_p: float = 1.0
+    tokens: list[int] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+    submitted: float = 0.0
+    done: bool = False
+    finish_reason: str | None = None  # "stop" (a stop id, included in tokens) or "length"
+    slot: int | None = None
+    prefilled: int = 0  # prompt tokens already written to the slot's cache
+    _queue: queue.Queue | None = None
+
+    def _emit(self, token: int, now: float) -> None:
+        self.tokens.append(token)
+        self.times.append(now)
+        if token in self.stop_ids:
+            self.done, self.finish_reason = True, "stop"
+        elif len(self.tokens) >= self.max_new_tokens:
+            self.done, self.finish_reason = True, "length"
+        if self._queue is not None:
+            self._queue.put(token)
+            if self.done:
+                self._queue.put(None)
+
+
+class _Graph:
+    """``fn()`` (over the engine's static buffers) captured once as a CUDA graph; calling replays it."""
+
+    def __init__(self, fn: Callable[[], torch.Tensor]):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm up outside the graph (cuBLAS handles, Triton builds, workspaces)
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = fn()
+
+    def __call__(self) -> torch.Tensor:
+        self.graph.replay()
+        return self.out
+
+
+class BatchEngine:
+    """Serves many requests at once with one network (see the module docstring).
+
+    ``slots``: streams decoded together at most; ``max_seq``: positions each slot's cache holds (prompt + new
+    tokens); ``prefill_chunk``: prompt tokens prefilled a step; ``buckets``: batch sizes a decode step may run
+    at (default 1, 4, 16, 64 up to ``slots``); ``mode``: "graph" (CUDA graphs, the CUDA default) or "eager".
+    Not thread-safe by itself: drive it from one thread (``step`` / ``run``), or let ``start`` run it in its
+    own thread and talk to it through ``submit`` and ``Request`` streams (``stream``).
+    """
+
+    def __init__(self, model, *, slots: int = 16, max_seq: int = 2048, prefill_chunk: int = 256,
+                 buckets: Iterable[int] | None = None, mode: str | None = None):
+        if getattr(model, "kind", "") != "transformer":
+            raise ValueError("continuous batching runs Llama / Falcon networks (transformer.Transformer) for now")
+        self.model = model
+        self.device = model.device
+        self.slots, self.max_seq, self.prefill_chunk = slots, max_seq, prefill_chunk
+        self.mode = mode or ("graph" if self.device.type == "cuda" else "eager")
+        if self.device.type != "cuda":
+            self.mode = "eager"
+        wanted = sorted({b for b in (buckets or (1, 4, 16, 64)) if b < slots} | {slots})
+        self.buckets = wanted
+        model.setup_slots(slots, max_seq)
+        dev = self.device
+        self.tokens = torch.zeros(slots, dtype=torch.long, device=dev)
+        self.positions = torch.full((slots,), max_seq, dtype=torch.long, device=dev)
+        self.temperature = torch.zeros(slots, dtype=torch.float32, device=dev)
+        self.top_p = torch.ones(slots, dtype=torch.float32, device=dev)
+        self.pending: deque[Request] = deque()
+        self.active: list[Request | None] = [None] * slots
+        self._steps: dict[tuple[int, bool], Callable[[], torch.Tensor]] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.steps_run = 0
+
+    # --- requests -------------------------------------------------------------------------------------------
+
+    def submit(self, ids: list[int], max_new_tokens: int, *, stop_ids: Iterable[int] = (), temperature: float = 0.0,
+               top_p: float = 1.0, stream: bool = False) -> Request:
+        """Queue a request; it joins at the next step with a free slot. ``stream``: tokens also go to a queue
+        that ``BatchEngine.stream(request)`` reads (None marks the end)."""
+        if not ids:
+            raise ValueError("a request needs at least one prompt token")
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        if len(ids) + max_new_tokens > self.max_seq:
+            raise ValueError(f"{len(ids)} prompt + {max_new_tokens} new tokens exceed a slot's cache of "
+                             f"{self.max_seq} positions")
+        req = Request(list(ids), max_new_tokens, frozenset(stop_ids), float(temperature), float(top_p),
+                      submitted=time.perf_counter(), _queue=queue.Queue() if stream else None)
+        with self._lock:
+            self.pending.append(req)
+        self._wake.set()
+        return req
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.pending) or any(r is not None for r in self.active)
+
+    # --- the decode step ------------------------------------------------------------------------------------
+
+    def _step_fn(self, bucket: int, sampled: bool) -> Callable[[], torch.Tensor]:
+        fn = self._steps.get((bucket, sampled))
+        if fn is not None:
+            return fn
+        model = self.model
+        tokens, positions = self.tokens[:bucket], self.positions[:bucket]
+        temperature, top_p = self.temperature[:bucket], self.top_p[:bucket]
+
+        def step() -> torch.Tensor:
+            return pick_rows(model.step_slots(tokens, positions), temperature, top_p, sampled)
+
+        if self.mode == "graph":
+            # Captured with whatever the buffers hold: the warm-up runs write each slot's k/v at its current
+            # position (the busy ones: the same values their real step writes next; idle ones: the scratch one).
+            with torch.inference_mode():
+                fn = _Graph(step)
+        else:
+            fn = step
+        self._steps[(bucket, sampled)] = fn
+        return fn
+
+    def warm_up(self, buckets: Iterable[int] | None = None, sampled: Iterable[bool] = (False,)) -> float:
+        """Capture the decode steps ahead of the first requests (all slots idle); seconds taken."""
+        started = time.perf_counter()
+        assert not any(self.active), "warm_up runs before any request is admitted"
+        for b in buckets or self.buckets:
+            for s in sampled:
+                self._step_fn(b, s)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    # --- scheduling -----------------------------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        with self._lock:
+            for slot in range(self.slots):
+                if not self.pending:
+                    return
+                if self.active[slot] is None:
+                    req = self.pending.popleft()
+                    req.slot, req.prefilled = slot, 0
+                    self.active[slot] = req
+
+    def _free(self, req: Request) -> None:
+        self.active[req.slot] = None
+        req.slot = None
+
+    @torch.inference_mode()
+    def _prefill_one(self) -> list[Request]:
+        """One chunk of the prompt of the earliest admitted request still prefilling (lowest slot)."""
+        waiting = [r for r in self.active if r is not None and r.prefilled < len(r.ids)]
+        if not waiting:
+            return []
+        req = min(waiting, key=lambda r: r.submitted)
+        start = req.prefilled
+        chunk = req.ids[start:start + self.prefill_chunk]
+        ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
+        logits = self.model.prefill_slot(req.slot, ids, start)
+        req.prefilled = start + len(chunk)
+        if req.prefilled < len(req.ids):
+            return []
+        if req.temperature > 0:
+            t = torch.full((), req.temperature, device=self.device)
+            p = torch.full((), req.top_p, device=self.device)
+            first = sample(logits, t, p)
+        else:
+            first = greedy(logits, None, None)
+        req._emit(int(first.item()), time.perf_counter())
+        if req.done:
+            self._free(req)
+        return [req]
+
+    @torch.inference_mode()
+    def _decode(self) -> list[Request]:
+        decoding = [r for r in self.active if r is not None and r.prefilled == len(r.ids)]
+        if not decoding:
+            return []
+        top = max(r.slot for r in decoding) + 1
+        bucket = next(b for b in self.buckets if b >= top)
+        sampled = any(r.temperature > 0 for r in decoding)
+        toks = [0] * bucket
+        pos = [self.max_seq] * bucket  # idle and still-prefilling slots write only the scratch position
+        temp = [0.0] * bucket
+        top_p = [1.0] * bucket
+        for r in decoding:
+            toks[r.slot], pos[r.slot] = r.tokens[-1], len(r.ids) + len(r.tokens) - 1
+            temp[r.slot], top_p[r.slot] = r.temperature, r.top_p
+        self.tokens[:bucket].copy_(torch.tensor(toks, dtype=torch.long))
+        self.positions[:bucket].copy_(torch.tensor(pos, dtype=torch.long))
+        self.temperature[:bucket].copy_(torch.tensor(temp, dtype=torch.float32))
+        self.top_p[:bucket].copy_(torch.tensor(top_p, dtype=torch.float32))
+        out = self._step_fn(bucket, sampled)()
+        got = out.tolist()  # the one host sync of the step
+        now = time.perf_counter()
+        self.steps_run += 1
+        for r in decoding:
+            r._emit(int(got[r.slot]), now)
+            if r.done:
+                self._free(r)
+        return decoding
+
+    def step(self) -> list[Request]:
+        """One scheduler iteration: admit, one prefill chunk, one decode step. The requests that got a token."""
+        self._admit()
+        got = self._prefill_one()
+        got += self._decode()
+        self._admit()  # slots freed this step take waiting requests before the next one
+        return got
+
+    def run(self, until: Callable[[], bool] | None = None) -> None:
+        """Step until no request is waiting or running (or ``until()`` is true)."""
+        while self.busy and not (until and until()):
+            self.step()
+
+    # --- in a thread (for servers) --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Run the scheduler in a daemon thread; ``submit(..., stream=True)`` + ``stream(req)`` from any thread."""
+        if self._thread is not None:
+            return
+        self._stop = False
+
+        def loop() -> None:
+            while not self._stop:
+                if not self.busy:
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+                    continue
+                self.step()
+
+        self._thread = threading.Thread(target=loop, name="localgpt-batch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    @staticmethod
+    def stream(req: Request) -> Iterator[int]:
+        """The request's tokens as they come (it must have been submitted with ``stream=True``)."""
+        if req._queue is None:
+            raise ValueError("submit the request with stream=True to stream it")
+        while True:
+            token = req._queue.get()
+            if token is None:
+                return
+            yield token

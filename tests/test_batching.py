@@ -1,0 +1,196 @@
+"""Continuous batching in the fast engine (localgpt.generation.fast.batch): many streams, one network.
+
+CPU tests use the tiny random-weight Llama and Falcon checkpoints (fp32): requests of different lengths that
+join at different steps, more requests than slots, chunked prefill, per-request stop ids, lengths and
+sampling; each greedy request must produce exactly the tokens the batch-1 engine produces for it alone.
+The GPU test (marked ``gpu``) runs the captured CUDA-graph steps in bf16.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from localgpt.config import Settings
+from localgpt.generation import clear_generator_cache
+from localgpt.generation.fast import load_fast_generator
+from localgpt.generation.fast.batch import BatchEngine, pick_rows
+from tiny_models import build_tiny_model
+
+FAMILIES = ["llama2", "falcon"]
+
+
+def settings(**values) -> Settings:
+    base = dict(backend="transformers", engine="fast", model=None, family=None, quantization="none", device="cpu",
+                max_new_tokens=16, temperature=0.0, top_p=0.95, context_window=None, openai_url=None)
+    return Settings.model_construct(**(Settings.model_construct().model_dump() | base | values))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-batch")
+    return {family: build_tiny_model(family, root / family) for family in FAMILIES}
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    yield
+    clear_generator_cache()
+
+
+def prompts(vocab: int, lengths, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(4, vocab) for _ in range(n)] for n in lengths]
+
+
+def alone(engine, ids: list[int], n: int, stop_ids=frozenset()) -> list[int]:
+    return list(engine.generate(ids, n, stop_ids=stop_ids))
+
+
+def drive(batch: BatchEngine, arrivals: dict[int, list[tuple]]) -> list:
+    """Submit each (ids, n, kwargs) at its step number; step until all are done. Requests in arrival order."""
+    reqs = []
+    step = 0
+    while step <= max(arrivals) or batch.busy:
+        for ids, n, kw in arrivals.get(step, []):
+            reqs.append(batch.submit(ids, n, **kw))
+        batch.step()
+        step += 1
+        assert step < 10_000
+    return reqs
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_concurrent_greedy_requests_equal_their_answers_alone(tiny_dir, family):
+    generator = load_fast_generator(settings(model=str(tiny_dir[family])))
+    engine = generator.engine
+    vocab = engine.model.shape.vocab_size
+    lengths = [3, 17, 1, 40, 9, 26, 5, 12]
+    news = [20, 7, 15, 1, 30, 11, 18, 9]
+    asks = prompts(vocab, lengths)
+    want = [alone(engine, ids, n) for ids, n in zip(asks, news)]
+    # 8 requests, 3 slots, prompts prefilled 4 tokens at a time, arriving at steps 0, 0, 2, 3, 5, 9, 9, 30.
+    batch = BatchEngine(engine.model, slots=3, max_seq=128, prefill_chunk=4)
+    assert batch.mode == "eager" and batch.buckets == [1, 3]
+    at = [0, 0, 2, 3, 5, 9, 9, 30]
+    arrivals: dict[int, list] = {}
+    for ids, n, step in zip(asks, news, at):
+        arrivals.setdefault(step, []).append((ids, n, {}))
+    reqs = drive(batch, arrivals)
+    for req, tokens, ids in zip(reqs, want, asks):
+        assert req.done and req.finish_reason == "length"
+        assert req.tokens == tokens, (len(ids), req.tokens, tokens)
+    assert not batch.busy and all(r is None for r in batch.active)
+    # Streams really overlapped: fewer decode steps than the requests' tokens one after another.
+    assert batch.steps_run < sum(news) - len(news)
+
+
+def test_stop_ids_lengths_and_sampling_are_per_request(tiny_dir):
+    generator = load_fast_generator(settings(model=str(tiny_dir["llama2"])))
+    engine = generator.engine
+    vocab = engine.model.shape.vocab_size
+    a, b, c, d = prompts(vocab, [6, 11, 4, 8], seed=3)
+    full_a = alone(engine, a, 24)
+    stop = frozenset({full_a[5]})
+    want_a = full_a[:full_a.index(full_a[5]) + 1]
+    want_b = alone(engine, b, 9)
+    batch = BatchEngine(engine.model, slots=4, max_seq=64, prefill_chunk=5)
+    torch.manual_seed(0)
+    ra = batch.submit(a, 24, stop_ids=stop)
+    rc = batch.submit(c, 12, temperature=1.0, top_p=0.9)  # a sampled neighbour
+    rb = batch.submit(b, 9)
+    rd = batch.submit(d, 10, temperature=0.7, top_p=1.0)
+    batch.run()
+    assert ra.tokens == want_a and ra.finish_reason == "stop"
+    assert rb.tokens == want_b and rb.finish_reason == "length"
+    for r, n in ((rc, 12), (rd, 10)):
+        assert len(r.tokens) == n and all(0 <= t < vocab for t in r.tokens)
+    with pytest.raises(ValueError):
+        batch.submit(a, 64)
+
+
+def test_pick_rows_is_greedy_where_the_temperature_is_zero():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 50)
+    temperature = torch.tensor([0.0, 1.0, 0.0, 0.5, 0.0])
+    top_p = torch.tensor([1.0, 0.9, 1.0, 0.01, 1.0])
+    got = pick_rows(logits, temperature, top_p, sampled=True)
+    best = logits.argmax(-1)
+    assert torch.equal(got[[0, 2, 4]], best[[0, 2, 4]])
+    assert got[3] == best[3]  # top_p 0.01 keeps only the most likely token
+    assert torch.equal(pick_rows(logits, temperature, top_p, sampled=False), best)
+
+
+def test_a_thread_serves_streams_submitted_from_other_threads(tiny_dir):
+    import threading
+
+    generator = load_fast_generator(settings(model=str(tiny_dir["llama2"])))
+    engine = generator.engine
+    vocab = engine.model.shape.vocab_size
+    asks = prompts(vocab, [5, 13, 2, 21], seed=7)
+    want = [alone(engine, ids, 10) for ids in asks]
+    batch = BatchEngine(engine.model, slots=2, max_seq=64, prefill_chunk=8)
+    batch.start()
+    got: dict[int, list[int]] = {}
+    try:
+        def client(i):
+            req = batch.submit(asks[i], 10, stream=True)
+            got[i] = list(BatchEngine.stream(req))
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(asks))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        batch.stop()
+    assert [got[i] for i in range(len(asks))] == want
+
+
+def test_only_transformer_networks_batch(tmp_path):
+    class Other:
+        kind = "mamba"
+
+    with pytest.raises(ValueError):
+        BatchEngine(Other())
+
+
+# --- GPU ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gpu_batched_graph_steps_equal_each_request_alone(tiny_dir, family):
+    """bf16, CUDA graphs: at one bucket (same matrix shapes) a request's tokens are bit for bit its tokens alone
+    in the same engine; across buckets and against the batch-1 engine the first tokens agree."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    generator = load_fast_generator(settings(model=str(tiny_dir[family]), device="cuda"), mode="graph")
+    engine = generator.engine
+    vocab = engine.model.shape.vocab_size
+    lengths, news = [3, 17, 1, 40, 9, 26], [20, 7, 15, 3, 30, 11]
+    asks = prompts(vocab, lengths, seed=1)
+    batch = BatchEngine(engine.model, slots=4, max_seq=128, prefill_chunk=8, buckets=(4,))
+    assert batch.mode == "graph"
+    batch.warm_up(sampled=(False, True))
+    solo = []
+    for ids, n in zip(asks, news):
+        r = batch.submit(ids, n)
+        batch.run()
+        solo.append(r.tokens)
+    arrivals: dict[int, list] = {}
+    for i, (ids, n) in enumerate(zip(asks, news)):
+        arrivals.setdefault([0, 0, 1, 4, 6, 6][i], []).append((ids, n, {}))
+    arrivals[2] = arrivals.get(2, []) + [(asks[0], 12, {"temperature": 0.9, "top_p": 0.9})]
+    reqs = drive(batch, arrivals)
+    greedy_reqs = [r for r in reqs if r.temperature == 0]
+    assert [r.tokens for r in greedy_reqs] == solo
+    batch1 = [list(engine.generate(ids, n)) for ids, n in zip(asks, news)]
+    assert all(a[:3] == b[:3] for a, b in zip(solo, batch1)), (solo, batch1)
+    # Buckets 1, 2, 4: the busy slots decide the shape; first tokens still agree with the batch-1 engine.
+    multi = BatchEngine(engine.model, slots=4, max_seq=128, prefill_chunk=8, buckets=(1, 2))
+    reqs = drive(multi, arrivals)
+    assert all(r.tokens[:3] == b[:3] for r, b in zip([r for r in reqs if r.temperature == 0], batch1))
