@@ -446,6 +446,160 @@ def bench_int4_rows(log, out_features: int = 22016, in_features: int = 4096) -> 
     return res
 
 
+# --- many streams: continuous batching (batch.BatchEngine) against HF generate on the same padded batch ----------
+
+CONC_NEW = 128  # new tokens per stream
+CONC_PROMPTS = (128, 512)  # prompt lengths drawn uniformly in this range, one per stream
+
+
+def conc_prompts(c: int, vocab: int) -> list[list[int]]:
+    import random
+
+    rng = random.Random(c)
+    return [random_ids(rng.randint(*CONC_PROMPTS), vocab, seed=100 + i) for i in range(c)]
+
+
+def pct(values, q: float) -> float:
+    v = sorted(values)
+    return v[min(len(v) - 1, int(round(q * (len(v) - 1))))] if v else float("nan")
+
+
+@torch.inference_mode()
+def bench_hf_batch(model, vocab: int, levels, log, new: int) -> dict:
+    """HF generate, greedy, the same prompts left-padded into one batch; per-stream ITL = (total - TTFT) / (new - 1)."""
+    out = {}
+    for c in levels:
+        asks = conc_prompts(c, vocab)
+        width = max(map(len, asks))
+        ids = torch.tensor([[0] * (width - len(a)) + a for a in asks], device=DEVICE)
+        mask = torch.tensor([[0] * (width - len(a)) + [1] * len(a) for a in asks], device=DEVICE)
+
+        def gen(n):
+            t0 = sync_time()
+            model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           pad_token_id=0)
+            return sync_time() - t0
+
+        gen(2)
+        ttft = gen(1)
+        total = gen(new)
+        itl = (total - ttft) / (new - 1)
+        out[c] = {"aggregate_tok_s": c * new / total, "itl_ms_mean": 1000 * itl, "ttft_ms": 1000 * ttft,
+                  "wall_s": total}
+        log(f"  hf generate x{c}: {out[c]['aggregate_tok_s']:.1f} tok/s aggregate, ITL {1000 * itl:.1f} ms, "
+            f"TTFT {1000 * ttft:.0f} ms")
+    return out
+
+
+def bench_batched(network, vocab: int, levels, log, new: int) -> dict:
+    """The fast engine's continuous batching: c streams submitted together (prompts 128-512 tokens, prefilled in
+    chunks between decode steps), each to ``new`` tokens. Aggregate tok/s over the whole run (prefill included),
+    per-stream inter-token latency p50/p95 over every gap of every stream, and the decode rate of each stream."""
+    from localgpt.generation.fast.batch import BatchEngine
+
+    slots = max(levels)
+    batch = BatchEngine(network, slots=slots, max_seq=CONC_PROMPTS[1] + new + 16, prefill_chunk=256,
+                        buckets=tuple(levels))
+    warm = batch.warm_up()
+    log(f"  batched engine: {slots} slots, buckets {batch.buckets}, graphs captured in {warm:.1f} s")
+    out: dict = {"capture_s": warm}
+    for c in levels:
+        asks = conc_prompts(c, vocab)
+        batch.submit(asks[0], 4)  # one short request first: page in anything lazy
+        batch.run()
+        t0 = sync_time()
+        reqs = [batch.submit(a, new) for a in asks]
+        steps0 = batch.steps_run
+        batch.run()
+        wall = sync_time() - t0
+        gaps = [b - a for r in reqs for a, b in zip(r.times, r.times[1:])]
+        per_stream = [(len(r.times) - 1) / (r.times[-1] - r.times[0]) for r in reqs]
+        res = {"aggregate_tok_s": c * new / wall, "wall_s": wall, "itl_ms_p50": 1000 * pct(gaps, 0.5),
+               "itl_ms_p95": 1000 * pct(gaps, 0.95), "stream_tok_s_median": statistics.median(per_stream),
+               "ttft_ms_p50": 1000 * pct([r.times[0] - t0 for r in reqs], 0.5),
+               "ttft_ms_max": 1000 * max(r.times[0] - t0 for r in reqs), "decode_steps": batch.steps_run - steps0}
+        out[c] = res
+        log(f"  batched x{c}: {res['aggregate_tok_s']:.1f} tok/s aggregate, ITL p50 {res['itl_ms_p50']:.2f} / p95 "
+            f"{res['itl_ms_p95']:.2f} ms, stream {res['stream_tok_s_median']:.1f} tok/s, TTFT p50 "
+            f"{res['ttft_ms_p50']:.0f} / max {res['ttft_ms_max']:.0f} ms, {res['decode_steps']} steps")
+    # Greedy equality at the real shapes: stream 0 of the largest level alone, in the same engine and bucket
+    # (one slot busy runs bucket 1, a different shape: compare its first tokens only, bf16 near ties flip).
+    solo = batch.submit(asks[0], 16)
+    batch.run()
+    out["solo_first_tokens_equal"] = solo.tokens[:8] == reqs[0].tokens[:8]
+    log(f"  stream 0 alone vs in the batch of {c}, first 8 tokens equal: {out['solo_first_tokens_equal']}")
+    del batch
+    free_cache()
+    return out
+
+
+def run_concurrency(args, log, results: dict) -> None:
+    levels = [int(c) for c in args.concurrency.split(",")]
+    label, cfg = configs(args.tiny)["llama"]
+    vocab = cfg.vocab_size
+    new = CONC_NEW if not args.tiny else 8
+    entry = results.setdefault("concurrency", {"label": label, "levels": levels, "new_tokens": new,
+                                               "prompts": list(CONC_PROMPTS)})
+    hf = build_hf(cfg)
+    if not args.skip_hf:
+        try:
+            entry["hf"] = bench_hf_batch(hf, vocab, levels, log, new)
+        except Exception as exc:  # noqa: BLE001
+            entry["hf"] = {"error": repr(exc)}
+            log(traceback.format_exc())
+        dump(results, args)
+    for variant in args.variants.split(","):
+        try:
+            with torch.inference_mode():
+                net = build_network(hf)
+                if variant == "int4":
+                    quantize_model(net, "int4")
+                elif variant == "int8":
+                    quantize_model(net, "int8")
+                if CUDA:
+                    use_bf16_gemv(net)  # the bf16 layers' one-row path, as the generator sets it up
+            free_cache()
+            log(f"{label} {variant} batched: {torch.cuda.memory_allocated() / 2**30 if CUDA else 0:.2f} GiB on the GPU"
+                + (f" ({decode_kernels(net)})" if variant != "bf16" else ""))
+            entry[variant] = bench_batched(net, vocab, levels, log, new)
+        except Exception as exc:  # noqa: BLE001
+            entry[variant] = {"error": repr(exc)}
+            log(traceback.format_exc())
+        net = None
+        free_cache()
+        dump(results, args)
+    del hf
+    free_cache()
+
+
+def concurrency_table(results: dict) -> str:
+    entry = results.get("concurrency")
+    if not entry:
+        return ""
+    rows = ["| engine | streams | aggregate tok/s | per-stream tok/s | ITL p50 / p95 ms | TTFT p50 / max ms |",
+            "|---|---|---|---|---|---|"]
+    hf = entry.get("hf", {})
+    for c in entry["levels"]:
+        h = hf.get(c) or hf.get(str(c))
+        if h:
+            rows.append(f"| HF generate bf16 (padded batch) | {c} | {h['aggregate_tok_s']:.1f} | "
+                        f"{1000 / h['itl_ms_mean']:.1f} | {h['itl_ms_mean']:.1f} (mean) | {h['ttft_ms']:.0f} (batch) |")
+    for variant in ("bf16", "int8", "int4"):
+        e = entry.get(variant)
+        if not e:
+            continue
+        if "error" in e:
+            rows.append(f"| fast batched {variant} | error: {e['error'][:80]} |")
+            continue
+        for c in entry["levels"]:
+            r = e.get(c) or e.get(str(c))
+            if r:
+                rows.append(f"| fast batched {variant} | {c} | {r['aggregate_tok_s']:.1f} | "
+                            f"{r['stream_tok_s_median']:.1f} | {r['itl_ms_p50']:.2f} / {r['itl_ms_p95']:.2f} | "
+                            f"{r['ttft_ms_p50']:.0f} / {r['ttft_ms_max']:.0f} |")
+    return "\n".join(rows)
+
+
 def to_bitsandbytes_nf4(model) -> None:
     """Swap the transformers model's linears (not lm_head) for bitsandbytes NF4 ones, as load_in_4bit would."""
     import bitsandbytes as bnb
@@ -608,6 +762,8 @@ def main() -> None:
     parser.add_argument("--gemv-sweep", action="store_true", help="tune the Triton GEMV kernels first (llama shapes)")
     parser.add_argument("--gemv-kinds", default="int4,int8,bf16")
     parser.add_argument("--skip-int4-rows", action="store_true")
+    parser.add_argument("--concurrency", default="", help="e.g. 1,4,16: continuous batching (llama) at these "
+                        "stream counts against HF generate on the same padded batch; skips the batch-1 benches")
     parser.add_argument("--tiny", action="store_true", help="tiny configs and prompts: check the script, not speed")
     parser.add_argument("--out", default=os.environ.get("OUT"))
     parser.add_argument("--results", type=Path, help="append the table to this markdown file")
@@ -638,6 +794,19 @@ def main() -> None:
     results["copy_bandwidth_tb_s"] = copy_bandwidth() / 1e12 if CUDA else 0.0
     log(f"{results['device']}, torch {results['torch']}, copy bandwidth {results['copy_bandwidth_tb_s']:.2f} TB/s")
     variants = args.variants.split(",")
+    if args.concurrency:
+        run_concurrency(args, log, results)
+        text = (f"\n### Continuous batching vs transformers generate — {results['device']}, torch {results['torch']}, "
+                f"{results['date']}, commit {results['commit']}\n\nLlama-2-7B shapes, random weights; each stream a "
+                f"prompt of {CONC_PROMPTS[0]}-{CONC_PROMPTS[1]} tokens and {results['concurrency']['new_tokens']} "
+                f"greedy new tokens, all submitted at once. Command: `python bench/gpu.py --concurrency "
+                f"{args.concurrency} --variants {args.variants}`\n\n" + concurrency_table(results))
+        log(text)
+        dump(results, args)
+        if args.results:
+            with open(args.results, "a", encoding="utf-8") as f:
+                f.write(text + "\n")
+        return
     if CUDA and args.gemv_sweep:
         try:
             results["gemv"] = bench_gemv(log, args.gemv_kinds.split(","))

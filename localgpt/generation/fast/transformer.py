@@ -149,7 +149,9 @@ class Block(nn.Module):
 
     def setup_slots(self, slots: int, max_seq: int, dtype: torch.dtype, device: torch.device) -> None:
         s = self.shape
-        size = (slots, s.n_kv_heads, max_seq + 1, s.head_dim)  # position max_seq: where idle slots write
+        # Position max_seq: where idle slots write; rounded up to 16 positions (the masked SDPA kernels want the
+        # mask's rows 16-aligned), the extra ones never visible.
+        size = (slots, s.n_kv_heads, -(-(max_seq + 1) // 16) * 16, s.head_dim)
         self.k_slots = torch.zeros(size, dtype=dtype, device=device)
         self.v_slots = torch.zeros(size, dtype=dtype, device=device)
 
@@ -165,7 +167,7 @@ class Block(nn.Module):
     def attention_slots(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                         visible: torch.Tensor) -> torch.Tensor:
         """One decode step of the first B slots: x [B, 1, dim], each slot's token at its own position [B];
-        cos/sin [B, 1, 1, head_dim]; visible [B, 1, 1, max_seq + 1] (position <= the slot's)."""
+        cos/sin [B, 1, 1, head_dim]; visible [B, 1, 1, cache length] (position <= the slot's)."""
         s = self.shape
         b = x.shape[0]
         q, k, v = self._qkv(x, cos, sin)
@@ -282,7 +284,8 @@ class Transformer(nn.Module):
         b = tokens.shape[0]
         x = F.embedding(tokens[:, None], self.embed)  # [B, 1, dim]
         cos, sin = self.slot_cos[positions][:, None, None], self.slot_sin[positions][:, None, None]
-        visible = (torch.arange(self.slot_seq + 1, device=tokens.device)[None, :] <= positions[:, None])
+        length = self.blocks[0].k_slots.shape[2]
+        visible = (torch.arange(length, device=tokens.device)[None, :] <= positions[:, None])
         visible = visible.view(b, 1, 1, -1)
         for block in self.blocks:
             x = block.forward_with(x, lambda h, blk=block: blk.attention_slots(h, cos, sin, positions, visible))
