@@ -13,9 +13,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import ipaddress
 import logging
+import json
 import os
+import re
 import secrets
 import threading
 import time
@@ -44,7 +47,8 @@ log = logging.getLogger("localgpt.server")
 
 MODEL_PREFIX = "localgpt/"
 MAX_FILES_PER_UPLOAD = 100
-KEEP_JOBS = 1000  # finished upload jobs remembered for GET /v1/jobs/{id}
+KEEP_JOBS = 1000  # finished upload jobs remembered for GET /v1/jobs/{id} (in memory and in <data_dir>/jobs/)
+JOB_SAVE_EVERY_S = 0.25  # a running job's progress is written to its file at most this often
 
 
 class ServeRefused(LocalGPTError):
@@ -218,7 +222,7 @@ class UploadJob:
     """An upload's ingest, for ``GET /v1/jobs/{id}``."""
 
     collection: str
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)  # 122 random bits: not guessable
     status: str = "running"  # running, done, failed
     total: int = 0
     done: int = 0
@@ -233,26 +237,163 @@ class UploadJob:
         return {
             "id": self.id, "object": "ingest.job", "collection": self.collection, "status": self.status,
             "total": self.total, "done": self.done, "chunks": self.chunks, "saved": self.saved,
-            "refused": self.refused, "files": [{"path": p, **v} for p, v in self.files.items()],
+            "refused": self.refused, "files": [{"path": p, **v} for p, v in list(self.files.items())],
             "report": self.report, "error": self.error,
         }
 
 
 class _JobProgress:
-    """``ingest_folder``'s progress, written into an UploadJob."""
+    """``ingest_folder``'s progress, written into an UploadJob (and now and then into its file)."""
 
-    def __init__(self, job: UploadJob):
-        self.job = job
+    def __init__(self, job: UploadJob, board: "JobFiles | None" = None):
+        self.job, self.board = job, board
 
     def start(self, total_files: int) -> None:
         self.job.total = total_files
+        self._save()
 
     def file_done(self, path: str, status: str, chunks: int = 0, nbytes: int = 0) -> None:
         self.job.done += 1
         self.job.files[path] = {"status": status}
+        self._save()
 
     def chunks_embedded(self, n: int) -> None:
         self.job.chunks += n
+        self._save()
+
+    def _save(self) -> None:
+        if self.board is not None:
+            self.board.save(self.job, every=JOB_SAVE_EVERY_S)
+
+
+class JobFiles:
+    """Upload jobs on disk, ``<data_dir>/jobs/<id>.json``, so that every ``serve`` process on this
+    data folder answers ``GET /v1/jobs/{id}`` the same (behind a load balancer the poll may reach
+    any of them). Each file holds the job as the endpoint returns it and its owner: the writer name
+    of the process running it (``localgpt.store``'s lock on ``collections/.writers/<name>``, held
+    while that process lives), its pid and host. A job still "running" whose owner's lock is free
+    is reported failed: that process died (killed, crashed, stopped) before the ingest finished.
+    Files are written aside and renamed over, so a reader sees a whole one; at most KEEP_JOBS stay
+    (the oldest finished ones go, as in memory)."""
+
+    def __init__(self, data_dir: Path | str):
+        self.data_dir = Path(data_dir).resolve()
+        self.folder = self.data_dir / "jobs"
+        self._saved: dict[str, float] = {}  # job id -> when its file was last written (running jobs)
+        self._lock = threading.Lock()
+
+    def path(self, job_id: str) -> Path | None:
+        return self.folder / f"{job_id}.json" if _JOB_ID.fullmatch(job_id) else None
+
+    def _owner(self) -> dict:
+        from localgpt.store import _writer_token
+
+        return {"owner": _writer_token(self.data_dir), "pid": os.getpid(), "host": os.uname().nodename}
+
+    def save(self, job: UploadJob, every: float = 0.0) -> None:
+        """Write the job's state (a running job's at most once per ``every`` seconds). A failure is
+        logged, never raised: this process still answers from memory."""
+        from fastapi.encoders import jsonable_encoder
+
+        now = time.monotonic()
+        with self._lock:
+            if job.status == "running" and every and now - self._saved.get(job.id, float("-inf")) < every:
+                return
+            if job.status == "running":
+                self._saved[job.id] = now
+            else:
+                self._saved.pop(job.id, None)
+        target = self.folder / f"{job.id}.json"
+        tmp = self.folder / f".{job.id}.{uuid.uuid4().hex[:8]}.tmp"  # hidden, and never a job file
+        try:
+            record = {"job": jsonable_encoder(job.as_dict()), **self._owner(), "saved": time.time()}
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "w", encoding="utf-8") as fh:
+                json.dump(record, fh)
+            os.replace(tmp, target)  # atomic: readers see the old file or the new one
+        except Exception as exc:  # noqa: BLE001 - the upload and its ingest go on regardless
+            log.warning("cannot write %s (%s): other serve processes on this data folder will not see this job",
+                        target, exc)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    def load(self, job_id: str) -> dict | None:
+        """The job as ``GET /v1/jobs/{id}`` returns it, from its file; None if there is none."""
+        path = self.path(job_id)
+        record = _read_job_file(path) if path is not None else None
+        if record is None:
+            return None
+        job = record["job"]
+        if job.get("status") == "running" and not _owner_alive(self.data_dir, record):
+            again = _read_job_file(path)  # it may have finished just before its process ended
+            if again is None or again["job"].get("status") != "running":
+                return again["job"] if again else None
+            job = {**job, "status": "failed", "error": (
+                f"the serve process that ran this upload (pid {record.get('pid')} on {record.get('host')}) stopped "
+                f"before its ingest finished; the files saved are in the collection's upload folder and the next "
+                f"upload to '{job.get('collection')}' ingests them (or upload them again)")}
+        return job
+
+    def prune(self, keep: int = KEEP_JOBS) -> None:
+        """Past ``keep`` job files, the oldest finished ones go (running ones of a live process stay),
+        and temporary files a killed writer left."""
+        try:
+            entries = list(os.scandir(self.folder))
+        except OSError:
+            return
+        jobs, now = [], time.time()
+        for entry in entries:
+            try:
+                mtime = entry.stat().st_mtime
+            except OSError:
+                continue
+            if entry.name.endswith(".json") and _JOB_ID.fullmatch(entry.name[:-5]):
+                jobs.append((mtime, entry.name[:-5]))
+            elif entry.name.startswith(".") and entry.name.endswith(".tmp") and now - mtime > 3600:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+        excess = len(jobs) - keep
+        for _, job_id in sorted(jobs):
+            if excess <= 0:
+                break
+            job = self.load(job_id)
+            if job is not None and job.get("status") == "running":
+                continue
+            with contextlib.suppress(OSError):
+                os.unlink(self.folder / f"{job_id}.json")
+            excess -= 1
+
+
+_JOB_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def _read_job_file(path: Path) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            record = json.load(fh)
+    except (OSError, ValueError):
+        return None  # none, or not a job file
+    return record if isinstance(record, dict) and isinstance(record.get("job"), dict) else None
+
+
+def _owner_alive(data_dir: Path, record: dict) -> bool:
+    """Whether the process that wrote a running job still runs: it holds the lock on its writer file
+    (see ``localgpt.store``). Where the file system refused locks (no writer name), a process on
+    this host is looked up by pid; one on another host cannot be told, and counts as alive."""
+    from localgpt.store import _writer_alive, _writers_folder
+
+    owner = record.get("owner")
+    if owner and isinstance(owner, str):
+        return _writer_alive(_writers_folder(data_dir), owner)
+    if record.get("host") != os.uname().nodename:
+        return True
+    try:
+        os.kill(int(record.get("pid")), 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, TypeError, ValueError):
+        return True
+    return True
 
 
 class Service:
@@ -263,17 +404,26 @@ class Service:
         self.max_upload_bytes = int((settings.max_upload_mb or settings.max_file_mb) * 1024 * 1024)
         self.metrics = ServerMetrics()
         self.queues: dict[str, GenerationQueue] = {}
-        self.jobs: dict[str, UploadJob] = {}
+        self.jobs: dict[str, UploadJob] = {}  # this process's, the newest KEEP_JOBS; others' are read from job_files
+        self.job_files = JobFiles(settings.data_dir)
         self._collections: dict[str, Collection] = {}
         self._lock = threading.Lock()
 
     def keep_job(self, job: UploadJob) -> None:
-        """Remember an upload job for ``/v1/jobs/{id}``; past KEEP_JOBS, the oldest finished ones go
-        (a server taking uploads for months must not grow without end)."""
+        """Remember an upload job for ``/v1/jobs/{id}``, here and in its file for the other processes
+        on this data folder; past KEEP_JOBS, the oldest finished ones go (a server taking uploads for
+        months must not grow without end)."""
         with self._lock:
             self.jobs[job.id] = job
             for old in [j for j in self.jobs.values() if j.status != "running"][: max(0, len(self.jobs) - KEEP_JOBS)]:
                 del self.jobs[old.id]
+        self.job_files.save(job)
+        self.job_files.prune()
+
+    def job(self, job_id: str) -> dict | None:
+        """An upload job as ``/v1/jobs/{id}`` returns it: this process's own, or one from its file."""
+        job = self.jobs.get(job_id)
+        return job.as_dict() if job is not None else self.job_files.load(job_id)
 
     # -------------------------------------------------------------- collections
     def collection(self, name: str, *, create: bool = False) -> Collection:
@@ -485,10 +635,10 @@ def create_app(settings: Settings, *, api_key: str | None = None, watch: list[tu
 
     @app.get("/v1/jobs/{job_id}", dependencies=guarded)
     async def job_status(job_id: str):
-        job = service.jobs.get(job_id)
+        job = await anyio.to_thread.run_sync(service.job, job_id)
         if job is None:
             raise ApiError(404, f"no job {job_id}", "job_not_found")
-        return job.as_dict()
+        return job
 
     return app
 
@@ -830,7 +980,7 @@ async def _upload(service: Service, name: str, request: Request, wait: bool):
                        + (" (the limit is the max_upload_mb setting)" if status == 413 else ""),
                        "upload_refused", {"refused": job.refused})
     handle = await anyio.to_thread.run_sync(lambda: service.collection(name, create=True))
-    service.keep_job(job)
+    await anyio.to_thread.run_sync(service.keep_job, job)
     if wait:
         await anyio.to_thread.run_sync(_ingest_job, service, handle, job, folder)
         if job.status == "failed":
@@ -846,7 +996,7 @@ def _ingest_job(service: Service, handle: Collection, job: UploadJob, folder: Pa
 
     try:
         with handle.lock:
-            report = ingest_folder(folder, handle.settings, progress=_JobProgress(job), store=handle.writer)
+            report = ingest_folder(folder, handle.settings, progress=_JobProgress(job, service.job_files), store=handle.writer)
         reasons = {p.path: p.reason for p in report.skipped}
         for item in job.saved:
             path = item["path"]
@@ -854,11 +1004,14 @@ def _ingest_job(service: Service, handle: Collection, job: UploadJob, folder: Pa
             if path in reasons:
                 entry.update(status="skipped", reason=reasons[path])
         job.files = {p: v for p, v in job.files.items() if p in {s["path"] for s in job.saved}}
-        job.report = report.as_dict()
-        job.status = "done"
+        outcome = {"report": report.as_dict(), "status": "done"}
     except BaseException as exc:  # noqa: BLE001 - the job must always finish
         log.exception("ingest of an upload failed")
-        job.error, job.status = _error_body(exc)[1]["error"]["message"], "failed"
+        outcome = {"error": _error_body(exc)[1]["error"]["message"], "status": "failed"}
+    # Its file first: once this process says the job finished, every process on the data folder does.
+    service.job_files.save(dataclasses.replace(job, **outcome))
+    for key, value in outcome.items():  # the status last
+        setattr(job, key, value)
 
 
 # ============================================================================ watch

@@ -364,6 +364,32 @@ def test_upload_ask_delete_ask_round_trip(server):
     assert not (server["base"] / "data" / "uploads" / "trip").exists()
 
 
+def test_a_job_whose_process_died_reports_failed(server, subprocess_env):
+    """Job state lives in <data_dir>/jobs/ for every serve process on the data folder. A process that
+    wrote a running job and was then killed (here a stand-in that takes its upload job the way serve
+    does and is killed with SIGKILL) does not leave it "running" for ever: its writer lock is free."""
+    data = server["base"] / "data"
+    code = ("import sys, time\nfrom localgpt.server import JobFiles, UploadJob\n"
+            "job = UploadJob('orphans', saved=[{'name': 'late.txt', 'path': 'late.txt', 'note': None}])\n"
+            "JobFiles(sys.argv[1]).save(job)\nprint(job.id, flush=True)\ntime.sleep(600)\n")
+    owner = subprocess.Popen([sys.executable, "-c", code, str(data)], env=subprocess_env, stdout=subprocess.PIPE, text=True)
+    try:
+        job_id = owner.stdout.readline().strip()
+        assert (data / "jobs" / f"{job_id}.json").is_file()
+        client = api(server)
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        assert job["status"] == "running" and job["collection"] == "orphans" and job["error"] is None  # its process lives
+    finally:
+        owner.kill()
+        owner.wait()
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "failed" and job["id"] == job_id and job["object"] == "ingest.job"
+    assert f"pid {owner.pid}" in job["error"] and "stopped before its ingest finished" in job["error"]
+    assert client.get(f"/v1/jobs/{job_id}").json() == job
+    for bad in (job_id.upper(), job_id[:-1], "x" * 32):
+        assert client.get(f"/v1/jobs/{bad}").status_code == 404
+
+
 # ---------------------------------------------------------------------------------- many users
 QUESTIONS = {
     "bridge.md": "When did the Bergen bridge open to traffic?",
@@ -500,6 +526,25 @@ def test_two_servers_on_one_chroma_server_see_each_others_uploads(tmp_path, subp
             assert httpx.delete(url_b + "/v1/collections/shared/sources/otters.md", timeout=120).status_code == 200
             assert sources(url_a) == ["owls.md"]
             assert not any(s["source"].endswith("otters.md") for s in ask(url_a, otters)["localgpt"]["sources"])
+
+            # an upload job taken by A is polled through B (behind a load balancer, either may answer): same answers
+            body, ctype = multipart(("voles.md", b"# Voles\n\nField voles dig runs under the snow all winter long.\n"))
+            r = httpx.post(url_a + "/v1/collections/shared/documents?wait=false", content=body,
+                           headers={"Content-Type": ctype}, timeout=120)
+            assert r.status_code == 202 and r.json()["status"] == "running", r.text
+            job_id = r.json()["id"]
+            for _ in range(600):
+                seen = httpx.get(f"{url_b}/v1/jobs/{job_id}", timeout=120)
+                assert seen.status_code == 200, seen.text  # never "no job" in the process that did not take it
+                if seen.json()["status"] != "running":
+                    break
+                time.sleep(0.1)
+            from_b = seen.json()
+            assert from_b["status"] == "done" and from_b["report"]["new"] == 1, from_b
+            assert [Path(f["path"]).name for f in from_b["files"]] == ["voles.md"]
+            assert httpx.get(f"{url_a}/v1/jobs/{job_id}", timeout=120).json() == from_b
+            assert httpx.get(f"{url_b}/v1/jobs/{'0' * 32}", timeout=120).status_code == 404
+            assert sources(url_b) == ["owls.md", "voles.md"]
 
             # the collection dropped through B is gone for A; made again through B, A answers from the new one
             assert httpx.delete(url_b + "/v1/collections/shared", timeout=120).json()["deleted"] is True
