@@ -13,7 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
 from localgpt.errors import ConfigError
+
+# Prompt chunks of the slot path (batch.BatchEngine): kernels that need no per-shape plan.
+_CHUNK_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -192,11 +197,14 @@ class Block(nn.Module):
         rep = s.n_heads // s.n_kv_heads
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if start == 0 or t == 1:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=start == 0 and t > 1)
-        else:
-            mask = torch.arange(end, device=x.device)[None, :] <= torch.arange(start, end, device=x.device)[:, None]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        # Not cuDNN: torch 2.11 sends masked SDPA to cuDNN first on Hopper, and cuDNN builds an execution plan
+        # for every new (chunk, cached length) shape, ~0.1-0.4 s each (bench/gpu_notes.md, continuous batching).
+        with sdpa_kernel(_CHUNK_BACKENDS):
+            if start == 0 or t == 1:
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=start == 0 and t > 1)
+            else:
+                mask = torch.arange(end, device=x.device)[None, :] <= torch.arange(start, end, device=x.device)[:, None]
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.wo(out.transpose(1, 2).reshape(1, t, s.n_heads * s.head_dim))
 
     def forward_with(self, x: torch.Tensor, attend) -> torch.Tensor:
