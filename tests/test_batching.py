@@ -1,6 +1,6 @@
 """Continuous batching in the fast engine (localgpt.generation.fast.batch): many streams, one network.
 
-CPU tests use the tiny random-weight Llama and Falcon checkpoints (fp32): requests of different lengths that
+CPU tests use the tiny random-weight Llama, Falcon, FalconMamba and Mamba checkpoints (fp32): requests of different lengths that
 join at different steps, more requests than slots, chunked prefill, per-request stop ids, lengths and
 sampling; each greedy request must produce exactly the tokens the batch-1 engine produces for it alone.
 The GPU test (marked ``gpu``) runs the captured CUDA-graph steps in bf16.
@@ -19,7 +19,7 @@ from localgpt.generation.fast import load_fast_generator
 from localgpt.generation.fast.batch import BatchEngine, pick_rows
 from tiny_models import build_tiny_model
 
-FAMILIES = ["llama2", "falcon"]
+FAMILIES = ["llama2", "falcon", "falcon-mamba", "mamba"]
 
 
 def settings(**values) -> Settings:
@@ -75,6 +75,10 @@ def test_concurrent_greedy_requests_equal_their_answers_alone(tiny_dir, family):
     # 8 requests, 3 slots, prompts prefilled 4 tokens at a time, arriving at steps 0, 0, 2, 3, 5, 9, 9, 30.
     batch = BatchEngine(engine.model, slots=3, max_seq=128, prefill_chunk=4)
     assert batch.mode == "eager" and batch.buckets == [1, 3]
+    if family.endswith("mamba"):
+        for layer in engine.model.layers:  # slot states start from garbage: a joining request must reset its own
+            layer.conv_slots.normal_()
+            layer.ssm_slots.normal_()
     at = [0, 0, 2, 3, 5, 9, 9, 30]
     arrivals: dict[int, list] = {}
     for ids, n, step in zip(asks, news, at):
@@ -150,9 +154,9 @@ def test_a_thread_serves_streams_submitted_from_other_threads(tiny_dir):
     assert [got[i] for i in range(len(asks))] == want
 
 
-def test_only_transformer_networks_batch(tmp_path):
+def test_only_transformer_and_mamba_networks_batch(tmp_path):
     class Other:
-        kind = "mamba"
+        kind = "other"
 
     with pytest.raises(ValueError):
         BatchEngine(Other())
@@ -162,7 +166,7 @@ def test_only_transformer_networks_batch(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)  # llama2 / falcon passed on an H200; the Mamba ones not yet run
 def test_gpu_batched_graph_steps_equal_each_request_alone(tiny_dir, family):
     """bf16, CUDA graphs: at one bucket (same matrix shapes) a request's tokens are bit for bit its tokens alone
     in the same engine; across buckets and against the batch-1 engine the first tokens agree."""

@@ -1,6 +1,8 @@
-"""Continuous batching: many streams decoded together by one Llama / Falcon network (``transformer``).
+"""Continuous batching: many streams decoded together by one network (``transformer``: Llama / Falcon;
+``mamba``: Mamba / FalconMamba).
 
-A fixed number of slots, each with its own KV cache (``Transformer.setup_slots``) and its own length. Every
+A fixed number of slots, each with its own KV cache (``Transformer.setup_slots``) and its own length, or its own
+conv / SSM state (``Mamba.setup_slots``: an idle slot's state does not move, a joining request resets it). Every
 ``BatchEngine.step``: waiting requests take free slots; one chunk of one new request's prompt is prefilled
 straight into its slot's cache (chunked prefill, so a long prompt delays the others' next token by one chunk,
 not by the whole prompt); then one decode step runs for every slot that is decoding, each at its own position,
@@ -11,7 +13,8 @@ graph; an idle slot inside B decodes a dummy token at its scratch position ``max
 
 The batch-1 ``engine.Engine`` is untouched and stays the path of ``FastGenerator``; this one is additive.
 Greedy tokens of a request equal the ones it gets alone up to the rounding of the batch's matrix shapes:
-exactly on the CPU in fp32 (tests/test_batching.py), bit for bit on CUDA at a fixed bucket.
+exactly on the CPU in fp32 (tests/test_batching.py, all four families), bit for bit on CUDA at a fixed bucket
+(Llama / Falcon, H200; the Mamba slot path has run on the CPU only).
 """
 
 from __future__ import annotations
@@ -99,8 +102,8 @@ class BatchEngine:
 
     def __init__(self, model, *, slots: int = 16, max_seq: int = 2048, prefill_chunk: int = 256,
                  buckets: Iterable[int] | None = None, mode: str | None = None):
-        if getattr(model, "kind", "") != "transformer":
-            raise ValueError("continuous batching runs Llama / Falcon networks (transformer.Transformer) for now")
+        if getattr(model, "kind", "") not in ("transformer", "mamba"):
+            raise ValueError("continuous batching runs Llama / Falcon (transformer) and Mamba networks")
         self.model = model
         self.device = model.device
         self.slots, self.max_seq, self.prefill_chunk = slots, max_seq, prefill_chunk

@@ -117,6 +117,43 @@ class MambaLayer(nn.Module):
             y = scan(x, dt, self.A, B, C, self.D, z, self.ssm_state)
         return residual + self.out_proj(y)
 
+    # --- slots (continuous batching, batch.BatchEngine): a conv / SSM state per slot ------------------------
+
+    def setup_slots(self, slots: int) -> None:
+        s = self.shape
+        dev, dtype = self.conv_w.device, self.conv_w.dtype
+        self.conv_slots = torch.zeros(slots, s.inner, s.conv - 1, dtype=dtype, device=dev)
+        self.ssm_slots = torch.zeros(slots, s.inner, s.state, dtype=torch.float32, device=dev)
+
+    def step_slots(self, hidden: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+        """One decode step of the first B slots: hidden [B, dim]; only ``live`` [B] slots' states move (an idle or
+        still-prefilling slot inside the bucket keeps its state). Same arithmetic as ``forward`` at t = 1."""
+        s = self.shape
+        b = hidden.shape[0]
+        residual = hidden.float() if s.residual_fp32 else hidden
+        x, z = self.in_proj(self.norm(hidden.to(self.norm.weight.dtype))).chunk(2, dim=-1)  # [B, inner] each
+        conv, h = self.conv_slots[:b], self.ssm_slots[:b]
+        window = torch.cat([conv, x[:, :, None]], dim=2)  # [B, inner, conv]
+        keep = live[:, None, None]
+        conv.copy_(torch.where(keep, window[:, :, 1:], conv))
+        x = F.silu((window * self.conv_w).sum(-1) + self.conv_b)
+        dt, B, C = self._ssm_inputs(x)
+        h_new = h * torch.exp(dt[:, :, None] * self.A) + (dt * x.float())[:, :, None] * B.float()[:, None, :]
+        h.copy_(torch.where(keep, h_new, h))
+        y = torch.matmul(h_new.to(x.dtype), C[:, :, None].to(x.dtype))[..., 0].float() + x.float() * self.D.float()
+        y = (y * F.silu(z.float())).to(x.dtype)
+        return residual + self.out_proj(y)
+
+    def forward_slot(self, hidden: torch.Tensor, slot: int) -> torch.Tensor:
+        """``forward`` (a prompt chunk) on slot ``slot``'s state: the layer's own state buffers are that slot's
+        for the call, so the batch-1 path's code runs unchanged."""
+        own = self.conv_state, self.ssm_state
+        self.conv_state, self.ssm_state = self.conv_slots[slot], self.ssm_slots[slot]
+        try:
+            return self(hidden)
+        finally:
+            self.conv_state, self.ssm_state = own
+
 
 class Mamba(nn.Module):
     """``prefill(ids, chunk) -> logits of the last position``; ``step(token, pos) -> logits``."""
@@ -166,6 +203,33 @@ class Mamba(nn.Module):
     def step(self, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         x = self._run(token[0])
         return self.lm_head(self.norm(x).to(self.dtype)).float()
+
+    # --- slots (continuous batching): see batch.BatchEngine ---------------------------------------------------
+
+    def setup_slots(self, slots: int, max_seq: int) -> None:
+        """A conv / SSM state for each of ``slots`` streams; ``max_seq`` is the idle slots' position marker."""
+        self.slots, self.slot_seq = slots, max_seq
+        for layer in self.layers:
+            layer.setup_slots(slots)
+
+    def step_slots(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits [B, vocab] after each slot's token; slots at position ``max_seq`` are idle (state untouched)."""
+        live = positions < self.slot_seq
+        x = F.embedding(tokens, self.embed)  # [B, dim]
+        for layer in self.layers:
+            x = layer.step_slots(x, live)
+        return self.lm_head(self.norm(x).to(self.dtype)).float()
+
+    def prefill_slot(self, slot: int, ids: torch.Tensor, start: int) -> torch.Tensor:
+        """Logits [1, vocab] after a chunk ``ids`` [1, t] of slot ``slot``'s prompt (state reset at start 0)."""
+        if start == 0:
+            for layer in self.layers:
+                layer.conv_slots[slot].zero_()
+                layer.ssm_slots[slot].zero_()
+        x = F.embedding(ids[0], self.embed)
+        for layer in self.layers:
+            x = layer.forward_slot(x, slot)
+        return self.lm_head(self.norm(x[-1:]).to(self.dtype)).float()
 
 
 def from_mamba(hf: nn.Module) -> Mamba:
