@@ -154,6 +154,27 @@ def test_a_thread_serves_streams_submitted_from_other_threads(tiny_dir):
     assert [got[i] for i in range(len(asks))] == want
 
 
+def test_cancelled_requests_leave_and_the_others_are_unchanged(tiny_dir):
+    generator = load_fast_generator(settings(model=str(tiny_dir["llama2"])))
+    engine = generator.engine
+    vocab = engine.model.shape.vocab_size
+    a, b, c = prompts(vocab, [7, 5, 9], seed=11)
+    want_c = alone(engine, c, 12)
+    batch = BatchEngine(engine.model, slots=1, max_seq=64, prefill_chunk=4)
+    ra = batch.submit(a, 30, stream=True)
+    rb = batch.submit(b, 30)
+    rc = batch.submit(c, 12)
+    for _ in range(6):
+        batch.step()
+    assert ra.slot == 0 and 0 < len(ra.tokens) < 30
+    batch.cancel(ra)  # mid-answer
+    batch.cancel(rb)  # still waiting
+    batch.run()
+    assert ra.finish_reason == rb.finish_reason == "cancelled" and rb.tokens == []
+    assert list(BatchEngine.stream(ra)) == ra.tokens
+    assert rc.tokens == want_c and not batch.busy
+
+
 def test_only_transformer_and_mamba_networks_batch(tmp_path):
     class Other:
         kind = "other"

@@ -53,7 +53,8 @@ class Request:
     times: list[float] = field(default_factory=list)
     submitted: float = 0.0
     done: bool = False
-    finish_reason: str | None = None  # "stop" (a stop id, included in tokens) or "length"
+    finish_reason: str | None = None  # "stop" (a stop id, included in tokens), "length" or "cancelled"
+    cancelled: bool = False  # set by BatchEngine.cancel (any thread); the scheduler frees the slot next step
     slot: int | None = None
     prefilled: int = 0  # prompt tokens already written to the slot's cache
     _queue: queue.Queue | None = None
@@ -146,6 +147,26 @@ class BatchEngine:
             self.pending.append(req)
         self._wake.set()
         return req
+
+    def cancel(self, req: Request) -> None:
+        """Stop a request (a client went away): it leaves its slot or the queue at the next step. Any thread."""
+        req.cancelled = True
+        self._wake.set()
+
+    def _sweep(self) -> None:
+        def end(req: Request) -> None:
+            req.done, req.finish_reason = True, "cancelled"
+            if req._queue is not None:
+                req._queue.put(None)
+
+        with self._lock:
+            for req in [r for r in self.pending if r.cancelled]:
+                self.pending.remove(req)
+                end(req)
+        for req in self.active:
+            if req is not None and req.cancelled and not req.done:
+                self._free(req)
+                end(req)
 
     @property
     def busy(self) -> bool:
@@ -257,6 +278,7 @@ class BatchEngine:
 
     def step(self) -> list[Request]:
         """One scheduler iteration: admit, one prefill chunk, one decode step. The requests that got a token."""
+        self._sweep()
         self._admit()
         got = self._prefill_one()
         got += self._decode()
