@@ -533,13 +533,14 @@ def bench_batched(network, vocab: int, levels, log, new: int) -> dict:
     return out
 
 
-def run_concurrency(args, log, results: dict) -> None:
+def run_concurrency(args, log, results: dict, key: str = "llama") -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
-    label, cfg = configs(args.tiny)["llama"]
+    label, cfg = configs(args.tiny)[key]
     vocab = cfg.vocab_size
     new = CONC_NEW if not args.tiny else 8
-    entry = results.setdefault("concurrency", {"label": label, "levels": levels, "new_tokens": new,
-                                               "prompts": list(CONC_PROMPTS)})
+    name = "concurrency" if key == "llama" else f"concurrency-{key}"
+    entry = results.setdefault(name, {"label": label, "levels": levels, "new_tokens": new,
+                                      "prompts": list(CONC_PROMPTS)})
     hf = build_hf(cfg)
     if not args.skip_hf:
         try:
@@ -573,32 +574,35 @@ def run_concurrency(args, log, results: dict) -> None:
 
 
 def concurrency_table(results: dict) -> str:
-    entry = results.get("concurrency")
-    if not entry:
-        return ""
     # "decode phase" = streams / ITL p50: the aggregate rate of a step with every stream decoding (no prefill).
     rows = ["| engine | streams | aggregate tok/s (whole run) | decode phase tok/s | per-stream tok/s | "
             "ITL p50 / p95 ms | TTFT p50 / max ms |", "|---|---|---|---|---|---|---|"]
+    for name, entry in results.items():
+        if name.startswith("concurrency") and isinstance(entry, dict) and "levels" in entry:
+            _concurrency_rows(entry, rows, prefix="" if name == "concurrency" else f"{entry['label']}: ")
+    return "\n".join(rows) if len(rows) > 2 else ""
+
+
+def _concurrency_rows(entry: dict, rows: list, prefix: str = "") -> None:
     hf = entry.get("hf", {})
     for c in entry["levels"]:
         h = hf.get(c) or hf.get(str(c))
         if h:
-            rows.append(f"| HF generate bf16 (padded batch) | {c} | {h['aggregate_tok_s']:.1f} | "
+            rows.append(f"| {prefix}HF generate bf16 (padded batch) | {c} | {h['aggregate_tok_s']:.1f} | "
                         f"{1000 * c / h['itl_ms_mean']:.0f} | {1000 / h['itl_ms_mean']:.1f} | {h['itl_ms_mean']:.1f} (mean) | {h['ttft_ms']:.0f} (batch) |")
     for variant in ("bf16", "int8", "int4"):
         e = entry.get(variant)
         if not e:
             continue
         if "error" in e:
-            rows.append(f"| fast batched {variant} | error: {e['error'][:80]} |")
+            rows.append(f"| {prefix}fast batched {variant} | error: {e['error'][:80]} |")
             continue
         for c in entry["levels"]:
             r = e.get(c) or e.get(str(c))
             if r:
-                rows.append(f"| fast batched {variant} | {c} | {r['aggregate_tok_s']:.1f} | "
+                rows.append(f"| {prefix}fast batched {variant} | {c} | {r['aggregate_tok_s']:.1f} | "
                             f"{1000 * c / r['itl_ms_p50']:.0f} | {r['stream_tok_s_median']:.1f} | {r['itl_ms_p50']:.2f} / {r['itl_ms_p95']:.2f} | "
                             f"{r['ttft_ms_p50']:.0f} / {r['ttft_ms_max']:.0f} |")
-    return "\n".join(rows)
 
 
 def to_bitsandbytes_nf4(model) -> None:
@@ -765,6 +769,8 @@ def main() -> None:
     parser.add_argument("--skip-int4-rows", action="store_true")
     parser.add_argument("--concurrency", default="", help="e.g. 1,4,16: continuous batching (llama) at these "
                         "stream counts against HF generate on the same padded batch; skips the batch-1 benches")
+    parser.add_argument("--concurrency-models", default="llama", help="models for --concurrency (llama, falcon, "
+                        "falcon-mamba)")
     parser.add_argument("--tiny", action="store_true", help="tiny configs and prompts: check the script, not speed")
     parser.add_argument("--out", default=os.environ.get("OUT"))
     parser.add_argument("--results", type=Path, help="append the table to this markdown file")
@@ -796,12 +802,14 @@ def main() -> None:
     log(f"{results['device']}, torch {results['torch']}, copy bandwidth {results['copy_bandwidth_tb_s']:.2f} TB/s")
     variants = args.variants.split(",")
     if args.concurrency:
-        run_concurrency(args, log, results)
+        for key in filter(None, args.concurrency_models.split(",")):
+            run_concurrency(args, log, results, key)
         text = (f"\n### Continuous batching vs transformers generate — {results['device']}, torch {results['torch']}, "
-                f"{results['date']}, commit {results['commit']}\n\nLlama-2-7B shapes, random weights; each stream a "
-                f"prompt of {CONC_PROMPTS[0]}-{CONC_PROMPTS[1]} tokens and {results['concurrency']['new_tokens']} "
+                f"{results['date']}, commit {results['commit']}\n\nReal shapes ({args.concurrency_models}), random weights; each stream a "
+                f"prompt of {CONC_PROMPTS[0]}-{CONC_PROMPTS[1]} tokens and {CONC_NEW if not args.tiny else 8} "
                 f"greedy new tokens, all submitted at once. Command: `python bench/gpu.py --concurrency "
-                f"{args.concurrency} --variants {args.variants}`\n\n" + concurrency_table(results))
+                f"{args.concurrency} --concurrency-models {args.concurrency_models} --variants {args.variants}`\n\n"
+                + concurrency_table(results))
         log(text)
         dump(results, args)
         if args.results:
