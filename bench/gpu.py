@@ -197,6 +197,13 @@ def bench_engine(network, vocab: int, prompts, mode: str, log, *, decode_context
                 times.append(time.perf_counter() - t0)
             out["ttft_ms"][n] = 1000 * statistics.median(times)
             log(f"  engine ttft {n}: {out['ttft_ms'][n]:.1f} ms")
+        # A prompt length never seen before, once: the per-shape costs (cuDNN SDPA plans, cuBLAS heuristics) that
+        # the medians above hide (bench/gpu_notes.md, continuous batching).
+        fresh = min(max(prompts), 1000) - 13
+        t0 = sync_time()
+        next(eng.generate(random_ids(fresh, vocab, seed=99), 1))
+        out["ttft_fresh_length_ms"] = 1000 * (time.perf_counter() - t0)
+        log(f"  engine ttft at a new length ({fresh}), first time: {out['ttft_fresh_length_ms']:.1f} ms")
     out["prompt_peak_gib"] = peak_gib()  # with a KV cache of max(prompts) + 64 positions
     log(f"  engine peak over the prompts: {out['prompt_peak_gib']:.2f} GiB (cache {max(prompts) + 64} positions)")
     del eng
@@ -527,7 +534,10 @@ def bench_batched(network, vocab: int, levels, log, new: int) -> dict:
     solo = batch.submit(asks[0], 16)
     batch.run()
     out["solo_first_tokens_equal"] = solo.tokens[:8] == reqs[0].tokens[:8]
-    log(f"  stream 0 alone vs in the batch of {c}, first 8 tokens equal: {out['solo_first_tokens_equal']}")
+    out["solo_first_difference"] = next((i for i, (a, b) in enumerate(zip(solo.tokens, reqs[0].tokens)) if a != b),
+                                        None)
+    log(f"  stream 0 alone vs in the batch of {c}, first 8 tokens equal: {out['solo_first_tokens_equal']} "
+        f"(first difference at token {out['solo_first_difference']})")
     del batch
     free_cache()
     return out
