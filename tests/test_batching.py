@@ -92,6 +92,39 @@ def test_concurrent_greedy_requests_equal_their_answers_alone(tiny_dir, family):
     assert batch.steps_run < sum(news) - len(news)
 
 
+@pytest.mark.parametrize("family", ["llama2", "falcon-mamba"])
+def test_steps_built_while_streams_run_leave_their_answers_alone(tiny_dir, family, monkeypatch):
+    """A CUDA-graph step is built on first use of its (bucket, sampling) while other slots are busy; the warm-up
+    runs before its capture execute it. Here on the CPU: a stand-in for the graph that runs the step twice when
+    built, as _Graph's warm-up does, then once a call."""
+    import localgpt.generation.fast.batch as batch_module
+
+    class Replay:
+        def __init__(self, fn):
+            fn()
+            fn()
+            self.fn = fn
+
+        def __call__(self):
+            return self.fn()
+
+    monkeypatch.setattr(batch_module, "_Graph", Replay)
+    generator = load_fast_generator(settings(model=str(tiny_dir[family])))
+    engine = generator.engine
+    vocab = engine.model.shape.vocab_size
+    asks = prompts(vocab, [6, 19, 3, 11, 8], seed=5)
+    news = [14, 9, 12, 7, 10]
+    want = [alone(engine, ids, n) for ids, n in zip(asks, news)]
+    batch = BatchEngine(engine.model, slots=4, max_seq=64, prefill_chunk=4, buckets=(1, 2))
+    batch.mode = "graph"  # steps built lazily, mid-run, through the stand-in
+    arrivals = {0: [(asks[0], news[0], {})], 3: [(asks[1], news[1], {})], 5: [(asks[2], news[2], {})],
+                8: [(asks[3], news[3], {}), (asks[4], news[4], {})],
+                9: [(asks[0], 6, {"temperature": 0.8, "top_p": 0.9})]}
+    reqs = drive(batch, arrivals)
+    assert len(batch._steps) >= 4  # buckets 1, 2, 4, greedy and mixed, built while others decoded
+    assert [r.tokens for r in reqs if r.temperature == 0] == want
+
+
 def test_stop_ids_lengths_and_sampling_are_per_request(tiny_dir):
     generator = load_fast_generator(settings(model=str(tiny_dir["llama2"])))
     engine = generator.engine

@@ -186,10 +186,16 @@ class BatchEngine:
             return pick_rows(model.step_slots(tokens, positions), temperature, top_p, sampled)
 
         if self.mode == "graph":
-            # Captured with whatever the buffers hold: the warm-up runs write each slot's k/v at its current
-            # position (the busy ones: the same values their real step writes next; idle ones: the scratch one).
-            with torch.inference_mode():
-                fn = _Graph(step)
+            # The warm-up runs before the capture execute the step: with every slot at the scratch position, so
+            # that they touch no busy slot (a Mamba slot's state would move once per run). The capture itself
+            # only records; the buffers get their values back for the real step.
+            held = self.positions.clone()
+            self.positions.fill_(self.max_seq)
+            try:
+                with torch.inference_mode():
+                    fn = _Graph(step)
+            finally:
+                self.positions.copy_(held)
         else:
             fn = step
         self._steps[(bucket, sampled)] = fn
