@@ -567,7 +567,7 @@ def run_concurrency(args, log, results: dict, key: str = "llama") -> None:
                     quantize_model(net, "int4")
                 elif variant == "int8":
                     quantize_model(net, "int8")
-                if CUDA:
+                if CUDA and getattr(net, "kind", "") == "transformer":
                     use_bf16_gemv(net)  # the bf16 layers' one-row path, as the generator sets it up
             free_cache()
             log(f"{label} {variant} batched: {torch.cuda.memory_allocated() / 2**30 if CUDA else 0:.2f} GiB on the GPU"
