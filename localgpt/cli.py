@@ -585,20 +585,29 @@ def serve(
     model: Optional[str] = ModelOpt,
     family: Optional[str] = FamilyOpt,
     backend: Optional[str] = BackendOpt,
+    engine: Optional[str] = EngineOpt,
+    device: Optional[str] = DeviceOpt,
+    quantization: Optional[str] = QuantOpt,
+    batch_slots: Optional[int] = typer.Option(
+        None, "--batch-slots",
+        help="--engine fast: requests decoded together (setting batch_slots; default 16 on CUDA, 4 on CPU; 0: one at a time).",
+    ),
     openai_url: Optional[str] = OpenAIOpt,
     extractive: bool = typer.Option(False, "--extractive", help="Answer every request with the supporting sentences alone."),
 ):
     """Serve an OpenAI-compatible HTTP API: chat completions with cited sources, embeddings, and
     documents in and out (upload, list, remove), shared by many users and apps.
 
-    Models are 'localgpt/COLLECTION'. Generation takes turns in one queue per model, and /health
-    and /metrics answer meanwhile. No docs page, and nothing is sent anywhere.
+    Models are 'localgpt/COLLECTION'. Generation takes turns in one queue per model (with --engine
+    fast, up to --batch-slots requests decode together), and /health and /metrics answer meanwhile.
+    No docs page, and nothing is sent anywhere.
     """
     from localgpt.server import check_bind, parse_watch, serve as run_server
 
     settings = _qa_settings(collection=collection, data_dir=data_dir, chroma_url=chroma_url, embedder=embedder,
-                            model=model, family=family, backend=backend, openai_url=openai_url, extractive=extractive,
-                            max_upload_mb=max_upload_mb)
+                            model=model, family=family, backend=backend, engine=engine, device=device,
+                            quantization=quantization, batch_slots=batch_slots, openai_url=openai_url,
+                            extractive=extractive, max_upload_mb=max_upload_mb)
     check_bind(host, api_key)
     folders = [parse_watch(spec, settings.collection) for spec in watch or []]
     err_console.print(f"localgpt API on http://{host}:{port}/v1 (models: localgpt/COLLECTION); Ctrl-C stops")

@@ -158,6 +158,11 @@ class Settings(BaseSettings):
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 means greedy decoding.")
     top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling mass when temperature > 0.")
     context_window: int | None = Field(None, description="Override the model's context size in tokens.")
+    batch_slots: int | None = Field(
+        None, ge=0,
+        description="`localgpt serve` with engine fast: requests decoded together (continuous batching, a KV cache "
+        "per slot); more wait for a free slot. Unset: 16 on CUDA, 4 on CPU; 0: one request at a time (FIFO queue).",
+    )
 
     # --- serve and watch -----------------------------------------------------------------
     max_upload_mb: float | None = Field(

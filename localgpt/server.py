@@ -4,7 +4,8 @@
 not), ``/v1/embeddings`` embeds with the collection's embedder, ``/v1/models`` lists collections,
 and ``/v1/collections/...`` uploads (``save_upload`` + ``ingest_folder``), lists and removes
 documents (``localgpt.library``). Retrieval runs concurrently; generation takes turns in one
-queue per loaded model (``GenerationQueue``); a client that disconnects stops its answer.
+queue per loaded model (``GenerationQueue``), except with the fast engine, whose ``BatchEngine`` decodes
+concurrent requests together (``BatchedGenerator``); a client that disconnects stops its answer.
 Never calls out: no telemetry, and no docs page (FastAPI's would load scripts from a CDN).
 """
 
@@ -39,7 +40,9 @@ from localgpt.config import Settings
 from localgpt.errors import (
     ConfigError, EmbedderMismatch, LocalGPTError, ModelNotFound, NativeCrash, StoreError,
 )
-from localgpt.generation.queue import Cancelled, GenerationQueue, QueuedGenerator, generator_key
+from localgpt.generation.queue import (
+    BatchedGenerator, BatchLine, Cancelled, GenerationQueue, QueuedGenerator, generator_key,
+)
 from localgpt.library import UploadRefused, collection_summary, remove_sources, save_upload, supported_formats, upload_folder
 from localgpt.metrics import ServerMetrics, prometheus_text
 
@@ -495,14 +498,37 @@ class Service:
         if resolve_backend(settings) == "openai":
             return generator  # an OpenAI-compatible server batches concurrent requests by itself
         key = generator_key(settings)
+        slots = self.batch_slots(generator)
+        if slots:
+            # The fast engine batches: concurrent requests share its BatchEngine (one per loaded model) instead
+            # of taking turns. Greedy answers equal the ones each request gets alone.
+            batch = generator.start_batching(slots)
+            with self._lock:
+                line = self.queues.get(key)
+                if not isinstance(line, BatchLine) or line.batch is not batch:
+                    line = self.queues[key] = BatchLine(self.generator_name(), batch)
+            return BatchedGenerator(generator, line, cancelled)
         with self._lock:
             queue = self.queues.setdefault(key, GenerationQueue(self.generator_name()))
         return QueuedGenerator(generator, queue, cancelled)
 
+    def batch_slots(self, generator) -> int:
+        """Slots the generator batches with: 0 for all but the fast engine (and when batch_slots is 0)."""
+        if not hasattr(generator, "start_batching"):
+            return 0
+        if self.settings.batch_slots is not None:
+            return self.settings.batch_slots
+        return 16 if getattr(generator, "device", "") == "cuda" else 4
+
     def queue_stats(self) -> dict:
         with self._lock:
             queues = list(self.queues.values())
-        return {q.name: {"waiting": q.waiting, "busy": q.busy, "served": q.served} for q in queues}
+        stats = {}
+        for q in queues:
+            stats[q.name] = {"waiting": q.waiting, "busy": q.busy, "served": q.served}
+            if isinstance(q, BatchLine):
+                stats[q.name].update(slots=q.slots, slots_busy=q.active, cancelled=q.cancelled)
+        return stats
 
 
 # ============================================================================ the app

@@ -109,3 +109,73 @@ class QueuedGenerator:
             return self._generator.yes_probability(prompt)
         finally:
             self._queue.release(ticket)
+
+
+class BatchLine:
+    """What /metrics shows for a generator that batches (the fast engine's ``BatchEngine``) in place of a
+    ``GenerationQueue``: ``waiting`` requests wait for a slot, ``busy`` while any slot decodes, ``served``
+    streams ended (finished, stopped or cancelled), ``slots`` / ``active`` the slots there are / in use,
+    ``cancelled`` requests the engine dropped because their client left."""
+
+    def __init__(self, name: str, batch: Any):
+        self.name = name
+        self.batch = batch
+        self.served = 0
+        self._lock = threading.Lock()
+
+    @property
+    def waiting(self) -> int:
+        return len(self.batch.pending)
+
+    @property
+    def active(self) -> int:
+        return sum(r is not None for r in list(self.batch.active))
+
+    @property
+    def busy(self) -> bool:
+        return self.active > 0
+
+    @property
+    def slots(self) -> int:
+        return self.batch.slots
+
+    @property
+    def cancelled(self) -> int:
+        return self.batch.cancelled_total
+
+    def ended(self) -> None:
+        with self._lock:
+            self.served += 1
+
+
+class BatchedGenerator:
+    """A generator that batches (``start_batching`` ran), seen by one request: ``stream`` calls run at once,
+    each in its own slot of the shared ``BatchEngine`` (no turn taken); a set ``cancelled`` ends the stream
+    (waiting for a slot or decoding) and frees its slot. ``yes_probability`` and the rest are the generator's."""
+
+    def __init__(self, generator: Any, line: BatchLine, cancelled: threading.Event | None = None):
+        self._generator = generator
+        self._line = line
+        self._cancelled = cancelled
+        generator.cancelled = cancelled  # a per-request view (get_generator's copy): its batched stream polls it
+        if hasattr(generator, "yes_probability"):
+            self.yes_probability = generator.yes_probability
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._generator, name)
+
+    def stream(self, prompt, **kwargs) -> Iterator[str]:
+        gone = self._cancelled.is_set if self._cancelled is not None else (lambda: False)
+        if gone():
+            raise Cancelled()
+        pieces = self._generator.stream(prompt, **kwargs)
+        try:
+            for piece in pieces:
+                yield piece
+                if gone():
+                    raise Cancelled()
+            if gone():
+                raise Cancelled()  # it ended because its client left (while it waited for a slot, say)
+        finally:
+            pieces.close()  # leaves the slot at once
+            self._line.ended()

@@ -127,6 +127,8 @@ class BatchEngine:
         self._thread: threading.Thread | None = None
         self._stop = False
         self.steps_run = 0
+        self.cancelled_total = 0  # requests ended by cancel (waiting or in a slot)
+        self.error: Exception | None = None  # the last exception a step raised in the thread (its requests ended)
 
     # --- requests -------------------------------------------------------------------------------------------
 
@@ -155,6 +157,7 @@ class BatchEngine:
 
     def _sweep(self) -> None:
         def end(req: Request) -> None:
+            self.cancelled_total += 1
             req.done, req.finish_reason = True, "cancelled"
             if req._queue is not None:
                 req._queue.put(None)
@@ -310,10 +313,28 @@ class BatchEngine:
                     self._wake.wait(0.05)
                     self._wake.clear()
                     continue
-                self.step()
+                try:
+                    self.step()
+                except Exception as exc:  # noqa: BLE001 - a failed step ends its requests, not the server
+                    self.error = exc
+                    self._fail_all()
 
         self._thread = threading.Thread(target=loop, name="localgpt-batch", daemon=True)
         self._thread.start()
+
+    def _fail_all(self) -> None:
+        """A step raised: every waiting and running request ends with finish_reason "error" (slots freed)."""
+        with self._lock:
+            failed = list(self.pending)
+            self.pending.clear()
+        for req in self.active:
+            if req is not None:
+                self._free(req)
+                failed.append(req)
+        for req in failed:
+            req.done, req.finish_reason = True, "error"
+            if req._queue is not None:
+                req._queue.put(None)
 
     def stop(self) -> None:
         self._stop = True
@@ -323,12 +344,21 @@ class BatchEngine:
             self._thread = None
 
     @staticmethod
-    def stream(req: Request) -> Iterator[int]:
-        """The request's tokens as they come (it must have been submitted with ``stream=True``)."""
+    def stream(req: Request, until: Callable[[], bool] | None = None, poll_s: float = 0.1) -> Iterator[int]:
+        """The request's tokens as they come (it must have been submitted with ``stream=True``). ``until``:
+        asked every ``poll_s`` while no token comes; true ends the stream early (the caller cancels)."""
         if req._queue is None:
             raise ValueError("submit the request with stream=True to stream it")
         while True:
-            token = req._queue.get()
+            if until is None:
+                token = req._queue.get()
+            else:
+                try:
+                    token = req._queue.get(timeout=poll_s)
+                except queue.Empty:
+                    if until():
+                        return
+                    continue
             if token is None:
                 return
             yield token

@@ -8,6 +8,7 @@ truncation are the transformers backend's (this class extends it), so both engin
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import importlib.util
@@ -30,18 +31,44 @@ QUANTIZATION_MODES = {"none": None, "8bit": "int8", "4bit": "int4"}
 
 
 class FastGenerator(TransformersGenerator):
-    """Streams text from an ``Engine``; one answer at a time per loaded model."""
+    """Streams text from an ``Engine``; one answer at a time per loaded model, or, once ``start_batching``
+    ran, many at once through a ``BatchEngine`` (continuous batching) shared by every view of the model."""
+
+    cancelled: threading.Event | None = None  # a view's: set, its batched stream ends (the server's disconnects)
 
     def __init__(self, engine: Engine, tokenizer: Any, *, generation_config: Any = None, **kwargs: Any):
         self.engine = engine
         self.generation_config = generation_config
         self.lock = threading.Lock()
+        self._shared: dict[str, Any] = {}  # copy.copy'd views (get_generator) share it: the BatchEngine
         self.params_at_load: int | None = None  # the checkpoint's size (quantised weights count less)
         super().__init__(engine.model, tokenizer, backend="fast", **kwargs)
 
     @property
     def n_params(self) -> int | None:
         return self.params_at_load
+
+    @property
+    def batch(self):
+        """The running ``BatchEngine`` once ``start_batching`` ran, else None."""
+        return self._shared.get("batch")
+
+    def start_batching(self, slots: int):
+        """Serve ``stream`` calls through a ``BatchEngine`` of ``slots`` slots from now on (its own KV cache per
+        slot, each of the batch-1 engine's ``max_seq`` positions; decode steps captured ahead on CUDA). Once per
+        loaded model; later calls return the running one. ``yes_probability`` stays on the batch-1 engine."""
+        from localgpt.generation.fast.batch import BatchEngine
+
+        with self.lock:
+            batch = self._shared.get("batch")
+            if batch is None:
+                batch = BatchEngine(self.engine.model, slots=slots, max_seq=self.engine.max_seq)
+                if batch.device.type == "cuda":
+                    self.stats.extra["batch_warm_up_s"] = round(batch.warm_up(sampled=(False, True)), 2)
+                batch.start()
+                self._shared["batch"] = batch
+                self.stats.extra["batch_slots"] = slots
+            return batch
 
     def yes_probability(self, prompt: str | Sequence[dict]) -> float | None:
         """P(the reply starts with yes) / P(yes or no): the engine's prefill logits over the prompt."""
@@ -61,11 +88,15 @@ class FastGenerator(TransformersGenerator):
         ids = self._encode(text, max_new)[0].tolist()[-(self.engine.max_seq - max_new):]
         eos = set(self._eos_ids())
         scanner = StopScanner(stops)
-        with self.lock:
+        batch = self.batch
+        with self.lock if batch is None else contextlib.nullcontext():
             timer = StreamTimer(self.stats, prompt_tokens=len(ids))
-            if self.device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            tokens = self.engine.generate(ids, max_new, stop_ids=eos, temperature=self.temperature, top_p=self.top_p)
+            if batch is not None:  # waits for a free slot; the time waited counts in ttft_s
+                tokens = self._batched(batch, ids, max_new, eos)
+            else:
+                if self.device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                tokens = self.engine.generate(ids, max_new, stop_ids=eos, temperature=self.temperature, top_p=self.top_p)
             answer: list[int] = []
             shown = ""
             reached = False
@@ -95,6 +126,18 @@ class FastGenerator(TransformersGenerator):
                 timer.finish()
                 if self.device == "cuda":
                     self.stats.peak_gpu_mib = torch.cuda.max_memory_allocated() / 2**20
+
+    def _batched(self, batch, ids: list[int], max_new: int, eos: set[int]) -> Iterator[int]:
+        """This request's tokens from the shared ``BatchEngine``; closed early or cancelled, it leaves its slot."""
+        req = batch.submit(ids, max_new, stop_ids=eos, temperature=self.temperature, top_p=self.top_p, stream=True)
+        cancelled = self.cancelled
+        try:
+            yield from batch.stream(req, until=None if cancelled is None else cancelled.is_set)
+            if req.finish_reason == "error":
+                raise RuntimeError(f"the batched decode step failed: {batch.error}")
+        finally:
+            if not req.done:
+                batch.cancel(req)
 
     def _eos_ids(self) -> list[int]:
         eos = getattr(self.generation_config, "eos_token_id", None)

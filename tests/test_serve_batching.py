@@ -1,0 +1,156 @@
+"""`localgpt serve --engine fast` batches concurrent chat requests: the real server in a child process on the CPU,
+a tiny random-weight Llama checkpoint written here, the official `openai` client. Every answer streamed among
+others equals the one the same request gets alone (greedy), none is lost, and a client that hangs up has its
+request cancelled in the engine."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import httpx
+import pytest
+
+from conftest import ingested_collection
+from test_server import DOCS, KEY, start_server, stop_server
+from tiny_models import build_tiny_llama
+
+MAX_TOKENS = 600  # long enough that streams overlap and that a hang-up comes before the end
+SLOTS = 4
+QUESTIONS = [
+    "When did the Bergen bridge open to traffic?",
+    "How long is the Bergen bridge?",
+    "How often do ferries leave the harbour?",
+    "How many hours of sun do roses need?",
+    "When should roses be watered?",
+    "Between which hours do ferries leave the harbour for the island?",
+]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from conftest import _SITECUSTOMIZE
+
+    base = tmp_path_factory.mktemp("serve_batch")
+    ingested_collection(base, DOCS, "docs")
+    # A vocabulary of 2,000 words: the random weights' greedy walk rarely meets the end-of-text token.
+    model = build_tiny_llama(base / "tiny-llama", extra_corpus=[" ".join(f"w{i}" for i in range(2000))])
+    guard = base / "_netguard"
+    guard.mkdir()
+    (guard / "sitecustomize.py").write_text(_SITECUSTOMIZE)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(guard), os.environ.get("PYTHONPATH", "")])),
+               LOCALGPT_NETGUARD_LOG=str(base / "_netguard.log"), LOCALGPT_API_KEY=KEY)
+    proc, url = start_server(
+        ["--data-dir", str(base / "data"), "--collection", "docs", "--model", str(model), "--backend", "transformers",
+         "--engine", "fast", "--device", "cpu", "--batch-slots", str(SLOTS)], env, base, base / "server.log")
+    try:
+        yield {"url": url, "base": base, "log": base / "server.log"}
+    finally:
+        stop_server(proc)
+        log = base / "_netguard.log"
+        assert not log.exists() or not log.read_text(), f"the server reached the network: {log.read_text()}"
+
+
+def api(server) -> httpx.Client:
+    return httpx.Client(base_url=server["url"], headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+
+
+def ask(server, question: str) -> dict:
+    """One greedy streamed answer through the openai client: its text, finish reason and token count."""
+    import openai
+
+    client = openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    stream = client.chat.completions.create(
+        model="localgpt/docs", stream=True, max_tokens=MAX_TOKENS, temperature=0,
+        stream_options={"include_usage": True}, messages=[{"role": "user", "content": question}])
+    text, finish, usage = "", None, None
+    for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+            finish = chunk.choices[0].finish_reason or finish
+        if chunk.usage:
+            usage = chunk.usage
+    return {"text": text, "finish": finish, "tokens": usage.completion_tokens if usage else None}
+
+
+@pytest.fixture(scope="module")
+def alone(server) -> dict[str, dict]:
+    """Each question's answer with no other request running."""
+    return {q: ask(server, q) for q in QUESTIONS}
+
+
+def batch_stats(server) -> dict:
+    queues = api(server).get("/health").json()["queues"]
+    assert len(queues) == 1, queues
+    return next(iter(queues.values()))
+
+
+def test_concurrent_requests_batch_and_each_equals_its_answer_alone(server, alone):
+    assert all(a["finish"] == "stop" and a["tokens"] for a in alone.values()), {q: (a["finish"], a["tokens"], a["text"][:40]) for q, a in alone.items()}
+    before = batch_stats(server)
+    assert before["slots"] == SLOTS and before["waiting"] == 0 and before["slots_busy"] == 0
+
+    answers: dict[str, dict] = {}
+    errors: list[BaseException] = []
+    gate = threading.Barrier(len(QUESTIONS))
+    seen = {"busy": 0, "waiting": 0}
+    done = threading.Event()
+
+    def one(q: str) -> None:
+        gate.wait()
+        try:
+            answers[q] = ask(server, q)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    def watch() -> None:
+        while not done.is_set():
+            s = batch_stats(server)
+            seen["busy"], seen["waiting"] = max(seen["busy"], s["slots_busy"]), max(seen["waiting"], s["waiting"])
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    threads = [threading.Thread(target=one, args=(q,)) for q in QUESTIONS]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    done.set()
+    watcher.join()
+    assert not errors, errors
+    assert set(answers) == set(QUESTIONS)  # none lost
+    for q in QUESTIONS:
+        assert answers[q] == alone[q], q  # same text, same finish, same token count
+    assert seen["busy"] >= 2, seen  # they shared the engine instead of taking turns
+    after = batch_stats(server)
+    assert after["served"] == before["served"] + len(QUESTIONS)
+    assert after["slots_busy"] == 0 and after["waiting"] == 0
+    metrics = api(server).get("/metrics").json()
+    assert metrics["decode_tokens_per_s"] and metrics["tokens_total"] >= sum(a["tokens"] for a in answers.values())
+    assert "localgpt_generation_queue_waiting" in api(server).get("/metrics?format=prometheus").text
+
+
+def test_a_client_that_hangs_up_has_its_request_cancelled(server, alone):
+    long = [q for q in QUESTIONS if alone[q]["tokens"] == MAX_TOKENS]
+    assert long, {q: a["tokens"] for q, a in alone.items()}  # a question that runs to max_tokens alone
+    client = api(server)
+    before, disconnected = batch_stats(server), client.get("/metrics").json()["disconnected"]
+    with api(server) as own:
+        with own.stream("POST", "/v1/chat/completions", json={
+                "model": "localgpt/docs", "stream": True, "max_tokens": MAX_TOKENS, "temperature": 0,
+                "messages": [{"role": "user", "content": long[0]}]}) as r:
+            for line in r.iter_lines():
+                if '"content": "' in line and '"role"' not in line:
+                    break  # the first token: now hang up
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        stats = batch_stats(server)
+        if stats["cancelled"] > before["cancelled"] and stats["slots_busy"] == 0:
+            break
+        time.sleep(0.05)
+    assert stats["cancelled"] == before["cancelled"] + 1, stats  # the engine dropped it before its 600 tokens
+    assert stats["slots_busy"] == 0 and stats["waiting"] == 0
+    assert client.get("/metrics").json()["disconnected"] == disconnected + 1
+    assert ask(server, long[0]) == alone[long[0]]  # the engine still answers, and alike
