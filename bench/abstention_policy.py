@@ -25,6 +25,7 @@ from localgpt.config import load_settings  # noqa: E402
 from localgpt.evaluation import load_qa, split_cases  # noqa: E402
 
 THRESHOLDS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.7, 0.9)
+FLOORS = (0.70, 0.74, 0.76, 0.78, 0.80)  # e5 cosine of the best chunk under which "nothing on topic" refuses alone
 
 
 def verdicts(questions: Path, collection: str, data_dir: Path | None) -> list[dict]:
@@ -37,14 +38,15 @@ def verdicts(questions: Path, collection: str, data_dir: Path | None) -> list[di
         verdict = chain.should_abstain(case.question, search)
         rules = any(d.kind in ("names", "answer_type", "answerability") for d in verdict.doubts)
         rows.append({"answerable": case.answerable, "off_topic": verdict.abstain, "rules": rules,
-                     "verifier": verdict.verifier})
+                     "verifier": verdict.verifier, "similarity": search.best_similarity, "threshold": chain.threshold})
     return rows
 
 
-def rates(rows: list[dict], refused) -> tuple[float, float]:
+def rates(rows: list[dict], refused, *, off_topic_alone: bool = True) -> tuple[float, float]:
     answerable = [r for r in rows if r["answerable"]]
     unanswerable = [r for r in rows if not r["answerable"]]
-    share = lambda rs: sum(bool(r["off_topic"] or refused(r)) for r in rs) / max(1, len(rs))  # noqa: E731
+    alone = (lambda r: r["off_topic"]) if off_topic_alone else (lambda r: False)  # noqa: E731
+    share = lambda rs: sum(bool(alone(r) or refused(r)) for r in rs) / max(1, len(rs))  # noqa: E731
     return share(answerable), share(unanswerable)
 
 
@@ -69,6 +71,12 @@ def main() -> None:
     for t in THRESHOLDS:
         fa, ab = rates(rows, lambda r, t=t: r["rules"] and low(r, t))
         lines.append(f"| rules and verifier < {t} | {fa:.3f} | {ab:.3f} |")
+    # The best chunk's similarity under the embedder's threshold as one more hand rule (refusing only
+    # with the verifier), and only a lower floor refusing alone as "nothing on topic".
+    for floor in FLOORS:
+        fa, ab = rates(rows, lambda r, f=floor: r["similarity"] < f or (
+            (r["rules"] or r["similarity"] < r["threshold"]) and low(r, 0.5)), off_topic_alone=False)
+        lines.append(f"| similarity < {floor} alone, or (rules or similarity < threshold) and verifier < 0.5 | {fa:.3f} | {ab:.3f} |")
     publish(lines, record=a.record)
 
 
