@@ -5,7 +5,6 @@ request cancelled in the engine."""
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
@@ -13,7 +12,7 @@ import httpx
 import pytest
 
 from conftest import ingested_collection
-from test_server import DOCS, KEY, start_server, stop_server
+from test_server import DOCS, KEY, guarded_server
 from tiny_models import build_tiny_llama
 
 MAX_TOKENS = 600  # long enough that streams overlap and that a hang-up comes before the end
@@ -30,26 +29,14 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from conftest import _SITECUSTOMIZE
-
     base = tmp_path_factory.mktemp("serve_batch")
     ingested_collection(base, DOCS, "docs")
     # A vocabulary of 2,000 words: the random weights' greedy walk rarely meets the end-of-text token.
     model = build_tiny_llama(base / "tiny-llama", extra_corpus=[" ".join(f"w{i}" for i in range(2000))])
-    guard = base / "_netguard"
-    guard.mkdir()
-    (guard / "sitecustomize.py").write_text(_SITECUSTOMIZE)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(guard), os.environ.get("PYTHONPATH", "")])),
-               LOCALGPT_NETGUARD_LOG=str(base / "_netguard.log"), LOCALGPT_API_KEY=KEY)
-    proc, url = start_server(
-        ["--data-dir", str(base / "data"), "--collection", "docs", "--model", str(model), "--backend", "transformers",
-         "--engine", "fast", "--device", "cpu", "--batch-slots", str(SLOTS)], env, base, base / "server.log")
-    try:
+    args = ["--data-dir", str(base / "data"), "--collection", "docs", "--model", str(model), "--backend", "transformers",
+            "--engine", "fast", "--device", "cpu", "--batch-slots", str(SLOTS)]
+    with guarded_server(base, args) as (_, url):
         yield {"url": url, "base": base, "log": base / "server.log"}
-    finally:
-        stop_server(proc)
-        log = base / "_netguard.log"
-        assert not log.exists() or not log.read_text(), f"the server reached the network: {log.read_text()}"
 
 
 def api(server) -> httpx.Client:

@@ -3,6 +3,8 @@ official `openai` client, LangChain's ChatOpenAI and plain HTTP."""
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import socket
@@ -60,9 +62,28 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
+@contextlib.contextmanager
+def guarded_server(base: Path, args: list[str], **env_extra: str):
+    """`localgpt serve ARGS` in a child whose sockets are watched (conftest's net guard): yields
+    (process, url); on exit stops it and fails if it reached past loopback."""
+    from conftest import _SITECUSTOMIZE
+
+    guard = base / "_netguard"
+    guard.mkdir()
+    (guard / "sitecustomize.py").write_text(_SITECUSTOMIZE)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(guard), os.environ.get("PYTHONPATH", "")])),
+               LOCALGPT_NETGUARD_LOG=str(base / "_netguard.log"), LOCALGPT_API_KEY=KEY, **env_extra)
+    proc, url = start_server(args, env, base, base / "server.log")
+    try:
+        yield proc, url
+    finally:
+        stop_server(proc)
+        log = base / "_netguard.log"
+        assert not log.exists() or not log.read_text(), f"the server reached the network: {log.read_text()}"
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from conftest import _SITECUSTOMIZE
     from localgpt.store import Store
 
     base = tmp_path_factory.mktemp("serve")
@@ -71,23 +92,12 @@ def server(tmp_path_factory):
         chunk_id = store.chunk_ids()[0]
         stored = {"id": chunk_id, "text": store.chunks_by_id([chunk_id])[chunk_id].text,
                   "vector": store.vectors([chunk_id])[chunk_id]}
-    guard = base / "_netguard"
-    guard.mkdir()
-    (guard / "sitecustomize.py").write_text(_SITECUSTOMIZE)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(guard), os.environ.get("PYTHONPATH", "")])),
-               LOCALGPT_NETGUARD_LOG=str(base / "_netguard.log"), LOCALGPT_API_KEY=KEY,
-               LOCALGPT_MAX_UPLOAD_MB="0.05", LOCALGPT_WATCH_DEBOUNCE_MS="300")  # settings, as from a config file
     watched = base / "watched"
     watched.mkdir()
-    proc, url = start_server(
-        ["--data-dir", str(base / "data"), "--collection", "docs", "--watch", f"{watched}:watched"], env, base,
-        base / "server.log")
-    try:
+    args = ["--data-dir", str(base / "data"), "--collection", "docs", "--watch", f"{watched}:watched"]
+    # settings, as from a config file
+    with guarded_server(base, args, LOCALGPT_MAX_UPLOAD_MB="0.05", LOCALGPT_WATCH_DEBOUNCE_MS="300") as (proc, url):
         yield {"url": url, "base": base, "stored": stored, "watched": watched, "proc": proc}
-    finally:
-        stop_server(proc)
-        log = base / "_netguard.log"
-        assert not log.exists() or not log.read_text(), f"the server reached the network: {log.read_text()}"
 
 
 def api(server) -> httpx.Client:
