@@ -55,8 +55,10 @@ def _cache_key(backend: str, settings: Any) -> tuple:
     if backend == "openai":
         key += (settings.openai_url, settings.openai_model)
     if backend == "fast":
-        # The fast engine is someone else's class: its sampling settings may be fixed at load.
-        key += (settings.max_new_tokens, settings.temperature, settings.top_p)
+        # The fast engine's sampling settings are fixed at load (its compiled sampled step); the number
+        # of new tokens is not (every caller passes max_new_tokens), so a serve request's max_tokens
+        # does not load another copy of the model.
+        key += (settings.temperature, settings.top_p)
     return key
 
 
