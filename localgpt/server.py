@@ -727,11 +727,14 @@ def _usage(answer) -> dict:
 
 
 class _StopAlso:
-    """A generator that also stops at the request's ``stop`` sequences (besides its prompt family's)."""
+    """A generator that also stops at the request's ``stop`` sequences (besides its prompt family's)
+    and samples with the request's ``temperature`` / ``top_p`` (the model is loaded once per process,
+    with the settings of whichever request loaded it)."""
 
-    def __init__(self, generator: Any, stops: list[str]):
+    def __init__(self, generator: Any, stops: list[str], sampling: dict | None = None):
         self._generator = generator
         self._stops = stops
+        self._sampling = {k: v for k, v in (sampling or {}).items() if v is not None}
         if hasattr(generator, "yes_probability"):  # the chain asks hasattr() whether a backend can judge
             self.yes_probability = generator.yes_probability
 
@@ -742,7 +745,7 @@ class _StopAlso:
         if stop is None:
             family = getattr(self._generator, "family", None)
             stop = list(getattr(family, "stop", None) or [])
-        return self._generator.stream(prompt, stop=list(stop) + self._stops, **kwargs)
+        return self._generator.stream(prompt, stop=list(stop) + self._stops, **{**self._sampling, **kwargs})
 
 
 _CHAIN_CLASS = None
@@ -804,8 +807,8 @@ async def _chat(service: Service, body: ChatRequest, request: Request):
     filters = Filters(file=opts.file, folder=opts.folder, ext=opts.type)
     cancelled = threading.Event()
     generator = await anyio.to_thread.run_sync(service.generator, settings, cancelled)
-    if generator is not None and body.stops():
-        generator = _StopAlso(generator, body.stops())
+    if generator is not None:
+        generator = _StopAlso(generator, body.stops(), {"temperature": settings.temperature, "top_p": settings.top_p})
     retriever = handle.retriever
     if (settings.k, settings.retrieval_mode) != (handle.settings.k, handle.settings.retrieval_mode):
         from localgpt.retrieval import Retriever  # the retriever reads k and mode from its settings

@@ -248,6 +248,11 @@ def test_openai_request_options_are_honoured_or_refused(tmp_path, subprocess_env
 
         client.chat.completions.create(model="localgpt/docs", messages=[question])  # no system message: localgpt's alone
         assert "application" not in recorder.bodies[-1]["messages"][0]["content"]
+        # The generator was loaded by the first request; every request still samples with its own settings
+        # (here none: the configured greedy default), not with those of whoever loaded the model.
+        assert recorder.bodies[-1]["temperature"] == 0.0
+        client.chat.completions.create(model="localgpt/docs", messages=[question], temperature=0.3, top_p=0.8)
+        assert (recorder.bodies[-1]["temperature"], recorder.bodies[-1]["top_p"]) == (0.3, 0.8)
 
         refused = {
             "n": {"n": 2},
