@@ -146,7 +146,9 @@ class Citation:
 
 @dataclass
 class Support:
-    """A sentence from a source that bears on the question, so the answer can be checked."""
+    """A sentence from a source that bears on the question, so the answer can be checked. ``score``:
+    the answer verifier's P(the sentence states the answer) with verifier evidence (the default), the
+    cosine similarity of sentence and question with embedder evidence."""
 
     sentence: str
     number: int
