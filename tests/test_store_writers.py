@@ -86,8 +86,11 @@ def paused_ingest(tmp_path, subprocess_env):
     try:
         line = proc.stdout.readline()
         assert line.strip() == "vectors written", proc.stderr.read()[-3000:]
-        assert pending_rows(data) == 3
-        yield proc, data, folder
+        # The files whose vectors were written before the first commit: all 3 or fewer, as the parser's
+        # results came in (a loaded machine parses the last file after the first batch is embedded).
+        pending = pending_rows(data)
+        assert pending >= 1
+        yield proc, data, folder, pending
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -95,9 +98,9 @@ def paused_ingest(tmp_path, subprocess_env):
 
 
 def test_opening_the_store_leaves_a_live_ingest_alone(paused_ingest, subprocess_env):
-    proc, data, _ = paused_ingest
+    proc, data, _, pending = paused_ingest
     assert other_command(data, subprocess_env) == []  # nothing committed yet…
-    assert pending_rows(data) == 3  # …and the live ingest's vectors kept
+    assert pending_rows(data) == pending  # …and the live ingest's vectors kept
     with Store.open(Settings(data_dir=data, collection="live")):  # this process too
         pass
     out, err = proc.communicate("go\n", timeout=300)
@@ -111,12 +114,12 @@ def test_opening_the_store_leaves_a_live_ingest_alone(paused_ingest, subprocess_
 
 
 def test_a_killed_ingests_vectors_are_removed_by_the_next_open(paused_ingest, subprocess_env):
-    proc, data, folder = paused_ingest
+    proc, data, folder, pending = paused_ingest
     proc.stdin.write("die\n")
     proc.stdin.flush()
     proc.wait(timeout=60)
     assert proc.returncode < 0
-    assert pending_rows(data) == 3
+    assert pending_rows(data) == pending
     assert other_command(data, subprocess_env) == []  # its open removes what the dead one left
     assert pending_rows(data) == 0
     assert state(data) == {"files": [], "chunks": [], "vectors": []}
