@@ -44,8 +44,8 @@ LATIN_COMMON_SHARE = 0.02
 # was built for …") close to one that answers ("… stores their embeddings under local_data/").
 # Chosen on the dev half of bench/eval/qa.jsonl.
 LEXICAL_WEIGHT = 0.1
-# The same for the verifier's P(states the answer) (``evidence = "verifier"``); it reads the
-# question with the sentence, so it needs less help from the rare terms.
+# The same for the verifier's P(states the answer) (``evidence = "verifier"``): half the weight,
+# since it reads the question with the sentence; set by that reasoning, not tuned on a dev set.
 VERIFIER_LEXICAL_WEIGHT = 0.05
 # Words that make a question a question, not what it asks about (as keyword terms: CJK bigrams).
 QUESTION_WORDS = frozenset(keyword_terms(
