@@ -727,14 +727,11 @@ def _usage(answer) -> dict:
 
 
 class _StopAlso:
-    """A generator that also stops at the request's ``stop`` sequences (besides its prompt family's)
-    and samples with the request's ``temperature`` / ``top_p`` (the model is loaded once per process,
-    with the settings of whichever request loaded it)."""
+    """A generator that also stops at the request's ``stop`` sequences (besides its prompt family's)."""
 
-    def __init__(self, generator: Any, stops: list[str], sampling: dict | None = None):
+    def __init__(self, generator: Any, stops: list[str]):
         self._generator = generator
         self._stops = stops
-        self._sampling = {k: v for k, v in (sampling or {}).items() if v is not None}
         if hasattr(generator, "yes_probability"):  # the chain asks hasattr() whether a backend can judge
             self.yes_probability = generator.yes_probability
 
@@ -745,7 +742,7 @@ class _StopAlso:
         if stop is None:
             family = getattr(self._generator, "family", None)
             stop = list(getattr(family, "stop", None) or [])
-        return self._generator.stream(prompt, stop=list(stop) + self._stops, **{**self._sampling, **kwargs})
+        return self._generator.stream(prompt, stop=list(stop) + self._stops, **kwargs)
 
 
 _CHAIN_CLASS = None
@@ -807,8 +804,8 @@ async def _chat(service: Service, body: ChatRequest, request: Request):
     filters = Filters(file=opts.file, folder=opts.folder, ext=opts.type)
     cancelled = threading.Event()
     generator = await anyio.to_thread.run_sync(service.generator, settings, cancelled)
-    if generator is not None:
-        generator = _StopAlso(generator, body.stops(), {"temperature": settings.temperature, "top_p": settings.top_p})
+    if generator is not None and body.stops():
+        generator = _StopAlso(generator, body.stops())
     retriever = handle.retriever
     if (settings.k, settings.retrieval_mode) != (handle.settings.k, handle.settings.retrieval_mode):
         from localgpt.retrieval import Retriever  # the retriever reads k and mode from its settings

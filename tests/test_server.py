@@ -222,6 +222,24 @@ class RecordingGenerationServer:
         self.httpd.server_close()
 
 
+def test_each_chain_samples_with_its_own_settings_from_one_loaded_model(tmp_path):
+    """The generator is loaded once per process and shared (serve's requests, the web page's
+    temperature slider); each chain's answer is still sampled with that chain's settings."""
+    from localgpt.chain import QAChain
+
+    settings = ingested_collection(tmp_path, DOCS, "docs")
+    recorder = RecordingGenerationServer()
+    try:
+        for temperature, top_p in ((0.7, 0.5), (0.0, 0.95), (0.3, 0.8)):
+            chain = QAChain(settings.with_overrides(backend="openai", openai_url=recorder.url, temperature=temperature,
+                                                    top_p=top_p, abstain=False))
+            chain.ask("When did the Bergen bridge open to traffic?")
+            sent = recorder.bodies[-1]
+            assert sent["temperature"] == temperature and sent["top_p"] == (top_p if temperature > 0 else 1.0)
+    finally:
+        recorder.close()
+
+
 def test_openai_request_options_are_honoured_or_refused(tmp_path, subprocess_env):
     """System messages reach the generator after localgpt's own rules, stop sequences and top_p are
     passed on; n > 1, tools, JSON response formats and logprobs get a 400 that says why."""

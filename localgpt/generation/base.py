@@ -48,11 +48,9 @@ class Generator(Protocol):
     stats: GenerationStats
 
     def stream(
-        self, prompt: str | Sequence[dict], *, max_new_tokens: int | None = None, stop: list[str] | None = None,
-        temperature: float | None = None, top_p: float | None = None,
+        self, prompt: str | Sequence[dict], *, max_new_tokens: int | None = None, stop: list[str] | None = None
     ) -> Iterator[str]:
-        """A finished prompt string (raw completion) or chat messages the backend formats. Sampling
-        settings given here apply to this call only (None: the ones the generator was loaded with)."""
+        """A finished prompt string (raw completion) or chat messages the backend formats."""
         ...
 
     def count_tokens(self, text: str) -> int:

@@ -157,13 +157,10 @@ class LlamaCppGenerator:
             return reply_yes_share(logits.copy(), encode)
 
     def stream(self, prompt: str | Sequence[dict], *, max_new_tokens: int | None = None,
-               stop: list[str] | None = None, temperature: float | None = None,
-               top_p: float | None = None) -> Iterator[str]:
+               stop: list[str] | None = None) -> Iterator[str]:
         text = prompt if isinstance(prompt, str) else self.format(prompt)
         stops = list(self.family.stop if stop is None else stop)
         max_new = max_new_tokens or self.max_new_tokens
-        temp = self.temperature if temperature is None else temperature
-        top_p = self.top_p if top_p is None else top_p
         tokens = self._tokens(text)
         budget = max(1, self.context_window - max_new)
         if len(tokens) > budget:
@@ -178,8 +175,8 @@ class LlamaCppGenerator:
             timer = StreamTimer(self.stats, prompt_tokens=len(tokens))
             pieces = self.llm.create_completion(
                 tokens, max_tokens=max_new, stop=stops, stream=True,
-                temperature=temp, top_p=top_p if temp > 0 else 1.0,
-                top_k=0 if temp > 0 else 1, min_p=0.0, repeat_penalty=1.0,
+                temperature=self.temperature, top_p=self.top_p if self.temperature > 0 else 1.0,
+                top_k=0 if self.temperature > 0 else 1, min_p=0.0, repeat_penalty=1.0,
             )
             try:
                 for chunk in pieces:

@@ -76,19 +76,16 @@ class OpenAIGenerator:
         return math.ceil(len(text) / 3)
 
     def stream(self, prompt: str | Sequence[dict], *, max_new_tokens: int | None = None,
-               stop: list[str] | None = None, temperature: float | None = None,
-               top_p: float | None = None) -> Iterator[str]:
+               stop: list[str] | None = None) -> Iterator[str]:
         chat = not isinstance(prompt, str)
-        temp = self.temperature if temperature is None else temperature
-        top_p = self.top_p if top_p is None else top_p
         if stop is None:
             stop = list(self.family.stop) if self.family else []
         body: dict[str, Any] = {
             "model": self.model,
             "stream": True,
             "max_tokens": max_new_tokens or self.max_new_tokens,
-            "temperature": temp,
-            "top_p": top_p if temp > 0 else 1.0,
+            "temperature": self.temperature,
+            "top_p": self.top_p if self.temperature > 0 else 1.0,
         }
         if stop:
             body["stop"] = list(stop)[:MAX_STOPS]

@@ -179,8 +179,7 @@ class TransformersGenerator:
         return reply_yes_share(logits.float().cpu().numpy(), self._word_ids)
 
     def stream(self, prompt: str | Sequence[dict], *, max_new_tokens: int | None = None,
-               stop: list[str] | None = None, temperature: float | None = None,
-               top_p: float | None = None) -> Iterator[str]:
+               stop: list[str] | None = None) -> Iterator[str]:
         import torch
 
         text = prompt if isinstance(prompt, str) else self.format(prompt)
@@ -203,7 +202,7 @@ class TransformersGenerator:
             streamer=streamer,
             stopping_criteria=[StopWhenSet(halt)],
             pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id,
-            **self._sampling(temperature, top_p),
+            **self._sampling(),
         )
         eos = self._eos_ids()
         if eos:
@@ -265,12 +264,10 @@ class TransformersGenerator:
         except Exception:  # noqa: BLE001
             return self.model.device
 
-    def _sampling(self, temperature: float | None = None, top_p: float | None = None) -> dict:
-        """generate()'s sampling arguments: this call's values, else the ones loaded with the model."""
-        temperature = self.temperature if temperature is None else temperature
-        if temperature <= 0:
+    def _sampling(self) -> dict:
+        if self.temperature <= 0:
             return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        return {"do_sample": True, "temperature": temperature, "top_p": self.top_p if top_p is None else top_p, "top_k": None}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": None}
 
     def _eos_ids(self) -> list[int]:
         eos = getattr(self.model.generation_config, "eos_token_id", None)

@@ -79,8 +79,7 @@ class FastGenerator(TransformersGenerator):
         return reply_yes_share(logits.float().cpu().numpy(), self._word_ids)
 
     def stream(self, prompt: str | Sequence[dict], *, max_new_tokens: int | None = None,
-               stop: list[str] | None = None, temperature: float | None = None,
-               top_p: float | None = None) -> Iterator[str]:
+               stop: list[str] | None = None) -> Iterator[str]:
         import torch
 
         text = prompt if isinstance(prompt, str) else self.format(prompt)
@@ -88,18 +87,16 @@ class FastGenerator(TransformersGenerator):
         max_new = min(max_new_tokens or self.max_new_tokens, self.engine.max_seq - 1)
         ids = self._encode(text, max_new)[0].tolist()[-(self.engine.max_seq - max_new):]
         eos = set(self._eos_ids())
-        sampling = {"temperature": self.temperature if temperature is None else temperature,
-                    "top_p": self.top_p if top_p is None else top_p}
         scanner = StopScanner(stops)
         batch = self.batch
         with self.lock if batch is None else contextlib.nullcontext():
             timer = StreamTimer(self.stats, prompt_tokens=len(ids))
             if batch is not None:  # waits for a free slot; the time waited counts in ttft_s
-                tokens = self._batched(batch, ids, max_new, eos, sampling)
+                tokens = self._batched(batch, ids, max_new, eos)
             else:
                 if self.device == "cuda":
                     torch.cuda.reset_peak_memory_stats()
-                tokens = self.engine.generate(ids, max_new, stop_ids=eos, **sampling)
+                tokens = self.engine.generate(ids, max_new, stop_ids=eos, temperature=self.temperature, top_p=self.top_p)
             answer: list[int] = []
             shown = ""
             reached = False
@@ -130,9 +127,9 @@ class FastGenerator(TransformersGenerator):
                 if self.device == "cuda":
                     self.stats.peak_gpu_mib = torch.cuda.max_memory_allocated() / 2**20
 
-    def _batched(self, batch, ids: list[int], max_new: int, eos: set[int], sampling: dict) -> Iterator[int]:
+    def _batched(self, batch, ids: list[int], max_new: int, eos: set[int]) -> Iterator[int]:
         """This request's tokens from the shared ``BatchEngine``; closed early or cancelled, it leaves its slot."""
-        req = batch.submit(ids, max_new, stop_ids=eos, stream=True, **sampling)
+        req = batch.submit(ids, max_new, stop_ids=eos, temperature=self.temperature, top_p=self.top_p, stream=True)
         cancelled = self.cancelled
         try:
             yield from batch.stream(req, until=None if cancelled is None else cancelled.is_set)
