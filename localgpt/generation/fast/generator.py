@@ -1,7 +1,8 @@
 """The fast engine behind localgpt's ``Generator`` interface: load, quantise, warm up, stream text.
 
-Loads the checkpoint with transformers from local files only, moves its weights into the compact
-networks (``transformer``, ``mamba``), optionally quantises them (int8 / int4, cached on disk), and
+Streams a safetensors checkpoint from local files straight into the compact networks (``transformer``,
+``mamba``) on the device, quantising layer by layer (``load``); a .bin checkpoint is loaded with transformers
+first and its weights moved over. Optionally int8 / int4 (cached on disk where it pays), and
 compiles the decode step before the first question. Prompt formats, stop strings and prompt
 truncation are the transformers backend's (this class extends it), so both engines answer alike.
 """
@@ -21,6 +22,7 @@ from typing import Any, Iterator, Sequence
 from localgpt.errors import ConfigError, ModelNotFound
 from localgpt.generation.base import StreamTimer, reply_yes_share
 from localgpt.generation.fast.engine import Engine
+from localgpt.generation.fast.load import load_checkpoint, safetensors_files
 from localgpt.generation.transformers_backend import (
     FALLBACK_FAMILY, StopScanner, TransformersGenerator, _check_complete, _first_line, _quantization_config,
     pick_device,
@@ -233,28 +235,36 @@ def load_fast_generator(settings: Any, *, mode: str | None = None, max_seq: int 
         raise ConfigError(f"kernels must be 'torch' or 'bitsandbytes', not {kernels!r}")
     if device == "cuda" and importlib.util.find_spec("accelerate"):
         load_kwargs["device_map"] = {"": torch.cuda.current_device()}
+    weight_mode = QUANTIZATION_MODES[settings.quantization] if kernels == "torch" else None
+    # safetensors shards stream straight onto the device, layer by layer (load.py); .bin checkpoints and
+    # bitsandbytes layers go through a transformers model first.
+    streamed = kernels == "torch" and bool(safetensors_files(path))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        hf = AutoModelForCausalLM.from_pretrained(path, **load_kwargs)
+        if streamed:
+            network, config, generation_config, n_params, quant_note = load_checkpoint(
+                path, device, dtype, weight_mode, source=_fingerprint(path), cache_dir=cache_dir or default_cache_dir())
+        else:
+            hf = AutoModelForCausalLM.from_pretrained(path, **load_kwargs)
     except OSError as exc:
         raise ModelNotFound(f"{missing_model_advice(name)} ({_first_line(exc)})") from exc
     except ValueError as exc:
         raise ConfigError(f"transformers cannot load {name}: {_first_line(exc)}") from exc
-    if "device_map" not in load_kwargs:
-        hf = hf.to(device)
-    hf.eval()
-    config, generation_config = hf.config, hf.generation_config
-    n_params = int(hf.num_parameters())
-    with torch.inference_mode():
-        network = build_network(hf)
-    del hf
-    gc.collect()
-    quant_note = "none"
-    weight_mode = QUANTIZATION_MODES[settings.quantization] if kernels == "torch" else None
-    if weight_mode:
+    if not streamed:
+        if "device_map" not in load_kwargs:
+            hf = hf.to(device)
+        hf.eval()
+        config, generation_config = hf.config, hf.generation_config
+        n_params = int(hf.num_parameters())
         with torch.inference_mode():
-            quant_note = quantize_network(network, weight_mode, source=_fingerprint(path),
-                                          cache_dir=cache_dir or default_cache_dir())
+            network = build_network(hf)
+        del hf
+        gc.collect()
+        quant_note = "none"
+        if weight_mode:
+            with torch.inference_mode():
+                quant_note = quantize_network(network, weight_mode, source=_fingerprint(path),
+                                              cache_dir=cache_dir or default_cache_dir())
     decode_note = "torch"
     if device == "cuda" and kernels == "torch" and getattr(network, "kind", "") == "transformer":
         # One token through the Triton bf16 GEMV (checked on the first layer; cuBLAS/inductor if that fails):

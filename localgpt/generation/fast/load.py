@@ -1,0 +1,426 @@
+"""Streams a safetensors checkpoint (HF layout) straight into the fast engine's network on its device.
+
+Each tensor is read with plain ``pread`` calls in chunks, by a few threads, into small pinned buffers that are
+copied to the GPU (on the CPU: straight into the tensor), so the process never holds a whole shard or a CPU copy
+of the model, and no transformers model is built. Layers arrive one after another (the next ones read while the
+current one is built); each is turned into the engine's block by the same ``from_llama`` / ``from_falcon`` /
+``from_mamba`` that convert a transformers model, and quantised to int8 / int4 right there, so a quantised model
+never sits on the GPU in bf16. Never downloads; reads only the folder it is given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from localgpt.errors import ConfigError, ModelNotFound
+
+INDEX = "model.safetensors.index.json"
+# 64 MiB a read: large enough that a read costs far more than its GPU copy, small enough that the pinned
+# buffers (one a reader thread) stay a few hundred MB of host memory.
+CHUNK_BYTES = 64 << 20
+READERS = 8  # threads reading the page cache in parallel (one thread copies ~5 GB/s, not the 50 of PCIe)
+LOOKAHEAD = 2  # layers read ahead of the one being built (their weights wait on the device in bf16)
+
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+# model_type -> the body's attribute, its layer list's, its embedding's, and the rotary module (None: no rotary)
+_LAYOUTS = {
+    "llama": ("model", "layers", "embed_tokens", ("transformers.models.llama.modeling_llama", "LlamaRotaryEmbedding")),
+    "falcon": ("transformer", "h", "word_embeddings",
+               ("transformers.models.falcon.modeling_falcon", "FalconRotaryEmbedding")),
+    "mamba": ("backbone", "layers", "embeddings", None),
+    "falcon_mamba": ("backbone", "layers", "embeddings", None),
+}
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The checkpoint's safetensors shards (from the index when there is one); [] if it has none."""
+    index = folder / INDEX
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ModelNotFound(f"{index} is not a safetensors index ({exc}); copy the model folder again") from None
+        return [folder / name for name in names]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    return sorted(folder.glob("model*.safetensors"))
+
+
+@dataclass(frozen=True)
+class Entry:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute offset in the file
+    nbytes: int
+
+
+class Checkpoint:
+    """The tensors of a safetensors checkpoint, by name, with where each one lies; opening reads headers only.
+
+    Every problem a copy can have is found here and named by file: a shard listed in the index but absent,
+    a file too short for its own header or tensors (truncated), a tensor the index puts in a shard that lacks it.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.files = safetensors_files(self.folder)
+        if not self.files:
+            raise ModelNotFound(f"{self.folder} holds no safetensors weights")
+        self.entries: dict[str, Entry] = {}
+        for file in self.files:
+            if not file.is_file():
+                raise ModelNotFound(f"{file} is listed in {INDEX} but missing: copy the whole model folder")
+            for name, entry in _read_header(file).items():
+                self.entries.setdefault(name, entry)
+        index = self.folder / INDEX
+        if index.is_file():
+            for name, shard in json.loads(index.read_text())["weight_map"].items():
+                if name not in self.entries:
+                    raise ModelNotFound(f"{self.folder / shard} lacks tensor {name!r} that {INDEX} puts there: "
+                                        "the shard is damaged or from another copy; copy it again")
+
+    def names(self, prefix: str = "") -> list[str]:
+        return [n for n in self.entries if n.startswith(prefix)]
+
+    def missing(self, name: str) -> ModelNotFound:
+        shards = ", ".join(f.name for f in self.files)
+        return ModelNotFound(f"tensor {name!r} is not in the checkpoint at {self.folder} ({shards}): "
+                             "the copy is incomplete or the model is of another layout")
+
+
+def _read_header(file: Path) -> dict[str, Entry]:
+    size = file.stat().st_size
+    with open(file, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise ModelNotFound(f"{file} is truncated ({size} bytes, not even a safetensors header): copy it again")
+        (length,) = struct.unpack("<Q", head)
+        if 8 + length > size:
+            raise ModelNotFound(f"{file} is truncated: its header needs {8 + length} bytes, the file has {size}; "
+                                "copy it again")
+        try:
+            header = json.loads(fh.read(length))
+        except ValueError:
+            raise ModelNotFound(f"{file} is not a safetensors file (unreadable header): copy it again") from None
+    base = 8 + length
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise ConfigError(f"{file}: tensor {name!r} has dtype {info.get('dtype')!r}, which the fast engine "
+                              "does not read; use engine='hf'")
+        begin, end = info["data_offsets"]
+        if base + end > size:
+            raise ModelNotFound(f"{file} is truncated: tensor {name!r} ends at byte {base + end}, the file has "
+                                f"{size}; copy it again")
+        entries[name] = Entry(file, dtype, tuple(info["shape"]), base + begin, end - begin)
+    return entries
+
+
+class Reader:
+    """Reads tensors into place on ``device`` with a pool of threads; ``fetch`` starts, ``Batch.wait`` finishes.
+
+    CUDA: each thread preads a chunk into its own pinned buffer and copies it on its own stream, after an
+    event recorded where the destination was allocated (the caching allocator may hand out a block that
+    queued kernels of the main stream still read). CPU: threads pread straight into the tensor's memory.
+    """
+
+    def __init__(self, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, *,
+                 chunk_bytes: int = CHUNK_BYTES, threads: int = READERS):
+        self.checkpoint, self.device, self.dtype, self.chunk = checkpoint, torch.device(device), dtype, chunk_bytes
+        self.pool = ThreadPoolExecutor(max(1, min(threads, os.cpu_count() or 1)), thread_name_prefix="localgpt-read")
+        self.local = threading.local()
+        self.pinned: list[torch.Tensor] = []  # every thread's buffer, freed by close()
+        self.fds: dict[Path, int] = {}
+        self.fd_lock = threading.Lock()
+        self.bytes_read = 0
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+        self.pinned.clear()
+
+    def _fd(self, file: Path) -> int:
+        with self.fd_lock:
+            if file not in self.fds:
+                self.fds[file] = os.open(file, os.O_RDONLY)
+            return self.fds[file]
+
+    def fetch(self, names: Iterable[str]) -> "Batch":
+        """Start reading ``names``; each becomes a tensor of ``dtype`` (floating ones) on the device."""
+        batch = Batch(self)
+        for name in names:
+            entry = self.checkpoint.entries.get(name)
+            if entry is None:
+                raise self.checkpoint.missing(name)
+            raw = torch.empty(entry.nbytes, dtype=torch.uint8, device=self.device)
+            ready = None
+            if self.device.type == "cuda":
+                ready = torch.cuda.Event()
+                ready.record()
+            jobs = [self.pool.submit(self._read, entry, name, raw, offset, min(self.chunk, entry.nbytes - offset),
+                                     ready)
+                    for offset in range(0, entry.nbytes, self.chunk)]
+            batch.items.append((name, entry, raw, jobs))
+        return batch
+
+    def _read(self, entry: Entry, name: str, raw: torch.Tensor, offset: int, n: int, ready) -> None:
+        fd = self._fd(entry.file)
+        with torch.inference_mode():
+            if self.device.type != "cuda":
+                self._pread(fd, memoryview(raw[offset:offset + n].numpy()), entry, name, offset)
+                return
+            local = self.local
+            if getattr(local, "buffer", None) is None:
+                local.buffer = torch.empty(self.chunk, dtype=torch.uint8, pin_memory=True)
+                local.stream = torch.cuda.Stream(device=self.device)
+                self.pinned.append(local.buffer)
+            buffer = local.buffer
+            self._pread(fd, memoryview(buffer[:n].numpy()), entry, name, offset)
+            with torch.cuda.stream(local.stream):
+                local.stream.wait_event(ready)
+                raw[offset:offset + n].copy_(buffer[:n], non_blocking=True)
+            local.stream.synchronize()  # the buffer is free for this thread's next chunk
+
+    def _pread(self, fd: int, view: memoryview, entry: Entry, name: str, offset: int) -> None:
+        done = 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], entry.start + offset + done)
+            if got <= 0:
+                raise ModelNotFound(f"{entry.file} ended while reading tensor {name!r} (it changed or was "
+                                    "truncated during the load): copy it again")
+            done += got
+        self.bytes_read += done  # a race between threads may lose an addition: it is only reported
+
+
+class Batch:
+    """Tensors being read; ``wait`` returns them by name, in the reader's dtype, once all their chunks landed."""
+
+    def __init__(self, reader: Reader):
+        self.reader = reader
+        self.items: list[tuple[str, Entry, torch.Tensor, list[Future]]] = []
+
+    def wait(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, entry, raw, jobs in self.items:
+            for job in jobs:
+                job.result()
+            tensor = raw.view(entry.dtype).view(entry.shape)
+            if tensor.dtype.is_floating_point and tensor.dtype != self.reader.dtype:
+                tensor = tensor.to(self.reader.dtype)
+            out[name] = tensor
+        return out
+
+
+# --- the checkpoint as the module tree that transformer.from_* / mamba.from_mamba read ---------------------
+
+
+class _Node:
+    """One module of the checkpoint's own layout: children and tensors by attribute. A missing attribute is
+    the checkpoint's missing tensor (a clear error), except ``bias``, which layers may lack."""
+
+    def __init__(self, path: str, eps: float | None, checkpoint: Checkpoint):
+        self.__dict__.update(_path=path, _items={}, eps=eps, variance_epsilon=eps, _checkpoint=checkpoint)
+
+    def __getattr__(self, name: str):
+        items = self.__dict__["_items"]
+        if name in items:
+            return items[name]
+        if name == "bias":
+            return None
+        raise self.__dict__["_checkpoint"].missing(self.__dict__["_path"] + name)
+
+
+def _tree(tensors: dict[str, torch.Tensor], eps: float | None, checkpoint: Checkpoint) -> _Node:
+    root = _Node("", eps, checkpoint)
+    for name, tensor in tensors.items():
+        *parents, leaf = name.split(".")
+        node, path = root, ""
+        for part in parents:
+            path += part + "."
+            node = node._items.setdefault(part, _Node(path, eps, checkpoint))
+        node._items[leaf] = tensor
+    return _finish(root)
+
+
+def _finish(node: _Node):
+    """Numbered children become a list (``layers``); a weight matrix with at most a bias becomes an
+    ``nn.Linear`` holding those tensors (what ``transformer._linear`` takes the weights of)."""
+    items = {k: _finish(v) if isinstance(v, _Node) else v for k, v in node._items.items()}
+    if items and all(k.isdigit() for k in items):
+        return [items[k] for k in sorted(items, key=int)]
+    weight = items.get("weight")
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2 and set(items) <= {"weight", "bias"}:
+        linear = nn.Linear(1, 1, bias=False, device="meta")
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+        if items.get("bias") is not None:
+            linear.bias = nn.Parameter(items["bias"], requires_grad=False)
+        return linear
+    node._items = items
+    return node
+
+
+@dataclass
+class Streamed:
+    network: nn.Module
+    config: Any
+    n_params: int
+    states: dict  # device-neutral quantised layer states (``keep``), for quantize.save_quantized
+
+
+def load_network(folder: Path, config: Any, device: str | torch.device, dtype: torch.dtype, *,
+                 quantization: str | None = None, saved: dict | None = None, keep: bool = False,
+                 checkpoint: Checkpoint | None = None, chunk_bytes: int = CHUNK_BYTES,
+                 threads: int = READERS) -> Streamed:
+    """The engine's network for the safetensors checkpoint in ``folder`` (its transformers ``config``), read
+    onto ``device`` in ``dtype``; with ``quantization`` ("int8" / "int4"), each layer quantised as it arrives
+    (``saved``: quantised states from the disk cache instead; ``keep``: return the states to save)."""
+    from localgpt.generation.fast.generator import build_network
+    from localgpt.generation.fast.quantize import quantize_model
+
+    model_type = config.model_type
+    if model_type not in _LAYOUTS:
+        build_network(_Shim(config))  # raises the engine's "runs ... not ..." ConfigError
+    body_name, list_name, embed_name, rope_path = _LAYOUTS[model_type]
+    checkpoint = checkpoint or Checkpoint(folder)
+    device = torch.device(device)
+    eps = getattr(config, "layer_norm_epsilon", None) or getattr(config, "rms_norm_eps", None)
+    layer_prefix = f"{body_name}.{list_name}."
+    n_layers = int(config.num_hidden_layers)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    rest_names = [n for n in checkpoint.names() if not n.startswith(layer_prefix) and not n.endswith("inv_freq")
+                  and not (tied and n == "lm_head.weight")]
+    reader = Reader(checkpoint, device, dtype, chunk_bytes=chunk_bytes, threads=threads)
+    states: dict = {}
+    n_params = 0
+    try:
+        with torch.inference_mode():
+            rest = reader.fetch(rest_names).wait()
+            n_params += sum(t.numel() for t in rest.values())
+            if tied:
+                embed = f"{body_name}.{embed_name}.weight"
+                if embed not in rest:
+                    raise checkpoint.missing(embed)
+                rest["lm_head.weight"] = rest[embed]
+            rope = None
+            if rope_path is not None:
+                import importlib
+
+                rope = getattr(importlib.import_module(rope_path[0]), rope_path[1])(config=config).to(device)
+
+            def shim(tensors: dict[str, torch.Tensor], empty_layers: bool = False) -> _Shim:
+                root = _tree(tensors, eps, checkpoint)
+                body = getattr(root, body_name)
+                if empty_layers:
+                    body._items[list_name] = []
+                if rope is not None:
+                    body._items["rotary_emb"] = rope
+                return _Shim(config, root)
+
+            def layer_names(i: int) -> list[str]:
+                names = [n for n in checkpoint.names(f"{layer_prefix}{i}.") if not n.endswith("inv_freq")]
+                if not names:
+                    raise checkpoint.missing(f"{layer_prefix}{i}.*")
+                return names
+
+            blocks = []
+            pending: deque = deque()
+            for i in range(n_layers + LOOKAHEAD):
+                if i < n_layers:
+                    pending.append(reader.fetch(layer_names(i)))
+                if i < LOOKAHEAD:
+                    continue
+                index = i - LOOKAHEAD
+                tensors = pending.popleft().wait()
+                n_params += sum(t.numel() for t in tensors.values())
+                built = build_network(shim(rest | tensors))
+                block = (built.blocks if hasattr(built, "blocks") else built.layers)[0]
+                del built, tensors
+                if quantization:
+                    prefix = f"{'blocks' if model_type in ('llama', 'falcon') else 'layers'}.{index}."
+                    mine = None if saved is None else {k[len(prefix):]: v for k, v in saved.items()
+                                                        if k.startswith(prefix)}
+                    done = quantize_model(block, quantization, saved=mine, keep=keep)
+                    states.update({prefix + k: v for k, v in done.items()})
+                blocks.append(block)
+            network = build_network(shim(rest, empty_layers=True))
+            if hasattr(network, "blocks"):
+                network.blocks = nn.ModuleList(blocks)
+            else:
+                network.layers = nn.ModuleList(blocks)
+            del rest
+            if quantization:  # what is left: the output head
+                states.update(quantize_model(network, quantization, saved=saved, keep=keep))
+    finally:
+        reader.close()
+    return Streamed(network, config, n_params, states)
+
+
+class _Shim:
+    """What ``generator.build_network`` reads of a transformers model: its config and its module tree."""
+
+    def __init__(self, config: Any, root: _Node | None = None):
+        self.config = config
+        if root is not None:
+            self.__dict__.update(root._items)
+
+
+def load_checkpoint(folder: Path, device: str, dtype: torch.dtype, quantization: str | None, *,
+                    source: str | None = None, cache_dir: Path | None = None):
+    """(network, config, generation config, parameter count, what happened to the weights) for ``folder``.
+
+    Quantised weights: on CUDA they are computed on the GPU as the layers stream in, and the disk cache of
+    ``generator.quantize_network`` is neither read nor written (reading the bf16 shards from the page cache and
+    quantising costs less than reading the cache, and writing it would need a host copy of every quantised
+    layer: 3.9 GB for a 7B model at 4 bits, against the 2 GiB of host memory a load may use). On the CPU the
+    cache works as before: reused when it matches the checkpoint, written otherwise.
+    """
+    from transformers import AutoConfig, GenerationConfig
+
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    try:
+        generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
+    except OSError:
+        generation_config = GenerationConfig.from_model_config(config)
+    use_cache = bool(quantization and source and cache_dir and torch.device(device).type != "cuda")
+    saved = None
+    if use_cache:
+        from localgpt.generation.fast.quantize import load_quantized
+
+        cache = Path(cache_dir) / f"{source}-{quantization}.pt"
+        saved = load_quantized(cache, mode=quantization, source=source)
+    loaded = load_network(folder, config, device, dtype, quantization=quantization, saved=saved,
+                          keep=use_cache and saved is None)
+    note = "none"
+    if quantization and not use_cache:
+        note = f"quantized on {torch.device(device).type} while loading"
+    elif quantization and saved is not None:
+        note = f"loaded {cache}"
+    elif quantization:
+        from localgpt.generation.fast.quantize import save_quantized
+
+        try:
+            save_quantized(loaded.states, cache, mode=quantization, source=source)
+            note = f"quantized, saved {cache}"
+        except OSError:
+            note = "quantized (cache not writable)"
+    return loaded.network, config, generation_config, loaded.n_params, note
