@@ -498,7 +498,66 @@ def bench_hf_batch(model, vocab: int, levels, log, new: int) -> dict:
     return out
 
 
-def bench_batched(network, vocab: int, levels, log, new: int) -> dict:
+@torch.inference_mode()
+def profile_slots(batch, bucket: int, log, context: int = 384, steps: int = 16) -> dict:
+    """Kernels of the bucket's captured decode step with every slot decoding at ``context`` (torch.profiler over
+    graph replays): time per step by kernel against the step's wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    batch.tokens[:bucket].fill_(7)
+    batch.positions[:bucket].fill_(context)
+    step = batch._step_fn(bucket, False)
+    for _ in range(3):
+        step()
+    t0 = sync_time()
+    for _ in range(steps):
+        step()
+    wall_us = (sync_time() - t0) / steps * 1e6
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    batch.positions.fill_(batch.max_seq)
+    kernels: dict = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "self_device_time_total", None)
+        if t is None:
+            t = getattr(ev, "self_cuda_time_total", 0)
+        if t > 0:
+            kernels[ev.key] = {"us_per_step": t / steps, "calls_per_step": ev.count / steps}
+    total = sum(k["us_per_step"] for k in kernels.values())
+    calls = sum(k["calls_per_step"] for k in kernels.values())
+    top = sorted(kernels.items(), key=lambda kv: -kv[1]["us_per_step"])
+    log(f"  profile x{bucket} at {context} positions: step {wall_us:.0f} us wall, kernels {total:.0f} us, "
+        f"{calls:.0f} launches ({len(kernels)} kinds)")
+    for name, k in top[:16]:
+        log(f"    {k['us_per_step']:8.1f} us  x{k['calls_per_step']:5.1f}  {name[:110]}")
+    return {"wall_us": wall_us, "kernel_us": total, "launches": calls, "kernels": dict(top[:30])}
+
+
+@torch.inference_mode()
+def bench_fresh_ttft(network, vocab: int, log) -> dict:
+    """The batch-1 engine's prefill (eager) at prompt lengths it has never seen, each once, then again: the
+    per-shape costs (attention plans, GEMM heuristics) that a median over repeats hides."""
+    network.setup_cache(1100)
+    eng = Engine(network, mode="eager", max_seq=1100)
+    for n in (256, 300):
+        next(eng.generate(random_ids(n, vocab), 1))
+    out = {}
+    for n in (987, 613, 1031):
+        times = []
+        for rep in range(2):
+            t0 = sync_time()
+            next(eng.generate(random_ids(n, vocab, seed=50 + rep), 1))
+            times.append(1000 * (time.perf_counter() - t0))
+        out[n] = {"first_ms": times[0], "again_ms": times[1]}
+        log(f"  batch-1 TTFT at a new length {n}: first {times[0]:.1f} ms, again {times[1]:.1f} ms")
+    del eng
+    return out
+
+
+def bench_batched(network, vocab: int, levels, log, new: int, kernels: str | None = None,
+                  profile: bool = False) -> dict:
     """The fast engine's continuous batching: c streams submitted together (prompts 128-512 tokens, prefilled in
     chunks between decode steps), each to ``new`` tokens. Aggregate tok/s over the whole run (prefill included),
     per-stream inter-token latency p50/p95 over every gap of every stream, and the decode rate of each stream."""
@@ -506,10 +565,12 @@ def bench_batched(network, vocab: int, levels, log, new: int) -> dict:
 
     slots = max(levels)
     batch = BatchEngine(network, slots=slots, max_seq=CONC_PROMPTS[1] + new + 16, prefill_chunk=256,
-                        buckets=tuple(levels))
+                        buckets=tuple(levels), kernels=kernels)
     warm = batch.warm_up()
-    log(f"  batched engine: {slots} slots, buckets {batch.buckets}, graphs captured in {warm:.1f} s")
-    out: dict = {"capture_s": warm}
+    kernels = getattr(network, "slot_kernels", "eager")
+    log(f"  batched engine: {slots} slots, buckets {batch.buckets}, {kernels} step kernels, graphs captured in "
+        f"{warm:.1f} s")
+    out: dict = {"capture_s": warm, "kernels": kernels}
     for c in levels:
         asks = conc_prompts(c, vocab)
         batch.submit(asks[0], 4)  # one short request first: page in anything lazy
@@ -517,6 +578,7 @@ def bench_batched(network, vocab: int, levels, log, new: int) -> dict:
         t0 = sync_time()
         reqs = [batch.submit(a, new) for a in asks]
         steps0 = batch.steps_run
+        prefill0, decode0 = batch.prefill_s, batch.decode_s
         batch.run()
         wall = sync_time() - t0
         gaps = [b - a for r in reqs for a, b in zip(r.times, r.times[1:])]
@@ -524,11 +586,13 @@ def bench_batched(network, vocab: int, levels, log, new: int) -> dict:
         res = {"aggregate_tok_s": c * new / wall, "wall_s": wall, "itl_ms_p50": 1000 * pct(gaps, 0.5),
                "itl_ms_p95": 1000 * pct(gaps, 0.95), "stream_tok_s_median": statistics.median(per_stream),
                "ttft_ms_p50": 1000 * pct([r.times[0] - t0 for r in reqs], 0.5),
-               "ttft_ms_max": 1000 * max(r.times[0] - t0 for r in reqs), "decode_steps": batch.steps_run - steps0}
+               "ttft_ms_max": 1000 * max(r.times[0] - t0 for r in reqs), "decode_steps": batch.steps_run - steps0,
+               "prefill_s": batch.prefill_s - prefill0, "decode_s": batch.decode_s - decode0}
         out[c] = res
         log(f"  batched x{c}: {res['aggregate_tok_s']:.1f} tok/s aggregate, ITL p50 {res['itl_ms_p50']:.2f} / p95 "
             f"{res['itl_ms_p95']:.2f} ms, stream {res['stream_tok_s_median']:.1f} tok/s, TTFT p50 "
-            f"{res['ttft_ms_p50']:.0f} / max {res['ttft_ms_max']:.0f} ms, {res['decode_steps']} steps")
+            f"{res['ttft_ms_p50']:.0f} / max {res['ttft_ms_max']:.0f} ms, {res['decode_steps']} steps; host time in "
+            f"prompt chunks {res['prefill_s']:.2f} s, in decode steps {res['decode_s']:.2f} s")
     # Greedy equality at the real shapes: stream 0 of the largest level alone, in the same engine and bucket
     # (one slot busy runs bucket 1, a different shape: compare its first tokens only, bf16 near ties flip).
     solo = batch.submit(asks[0], 16)
@@ -538,6 +602,13 @@ def bench_batched(network, vocab: int, levels, log, new: int) -> dict:
                                         None)
     log(f"  stream 0 alone vs in the batch of {c}, first 8 tokens equal: {out['solo_first_tokens_equal']} "
         f"(first difference at token {out['solo_first_difference']})")
+    if profile and CUDA:
+        for bucket in [b for b in batch.buckets if b in (1, 16)]:
+            try:
+                out[f"profile_x{bucket}"] = profile_slots(batch, bucket, log)
+            except Exception as exc:  # noqa: BLE001
+                out[f"profile_x{bucket}"] = {"error": repr(exc)}
+                log(traceback.format_exc())
     del batch
     free_cache()
     return out
@@ -552,14 +623,15 @@ def run_concurrency(args, log, results: dict, key: str = "llama") -> None:
     entry = results.setdefault(name, {"label": label, "levels": levels, "new_tokens": new,
                                       "prompts": list(CONC_PROMPTS)})
     hf = build_hf(cfg)
-    if not args.skip_hf:
+    if not args.skip_hf and key in args.concurrency_hf.split(","):
         try:
             entry["hf"] = bench_hf_batch(hf, vocab, levels, log, new)
         except Exception as exc:  # noqa: BLE001
             entry["hf"] = {"error": repr(exc)}
             log(traceback.format_exc())
         dump(results, args)
-    for variant in args.variants.split(","):
+    variants = args.variants.split(",")
+    for variant in variants:
         try:
             with torch.inference_mode():
                 net = build_network(hf)
@@ -572,7 +644,18 @@ def run_concurrency(args, log, results: dict, key: str = "llama") -> None:
             free_cache()
             log(f"{label} {variant} batched: {torch.cuda.memory_allocated() / 2**30 if CUDA else 0:.2f} GiB on the GPU"
                 + (f" ({decode_kernels(net)})" if variant != "bf16" else ""))
-            entry[variant] = bench_batched(net, vocab, levels, log, new)
+            if variant == variants[0] and CUDA and getattr(net, "kind", "") == "transformer":
+                entry["fresh_ttft"] = bench_fresh_ttft(net, vocab, log)
+            step_kernels = args.slot_kernels.split(",") if getattr(net, "kind", "") == "transformer" else [None]
+            for kernels in step_kernels:
+                name = variant if kernels == step_kernels[-1] else f"{variant}/{kernels}"
+                try:
+                    entry[name] = bench_batched(net, vocab, levels, log, new, kernels=kernels, profile=args.profile)
+                except Exception as exc:  # noqa: BLE001
+                    entry[name] = {"error": repr(exc)}
+                    log(traceback.format_exc())
+                free_cache()
+                dump(results, args)
         except Exception as exc:  # noqa: BLE001
             entry[variant] = {"error": repr(exc)}
             log(traceback.format_exc())
@@ -600,10 +683,11 @@ def _concurrency_rows(entry: dict, rows: list, prefix: str = "") -> None:
         if h:
             rows.append(f"| {prefix}HF generate bf16 (padded batch) | {c} | {h['aggregate_tok_s']:.1f} | "
                         f"{1000 * c / h['itl_ms_mean']:.0f} | {1000 / h['itl_ms_mean']:.1f} | {h['itl_ms_mean']:.1f} (mean) | {h['ttft_ms']:.0f} (batch) |")
-    for variant in ("bf16", "int8", "int4"):
+    for variant in [v for base in ("bf16", "int8", "int4") for v in entry if v.split("/")[0] == base]:
         e = entry.get(variant)
         if not e:
             continue
+        variant = f"{variant.split('/')[0]} ({e.get('kernels', 'eager')} step)" if "kernels" in e else variant
         if "error" in e:
             rows.append(f"| {prefix}fast batched {variant} | error: {e['error'][:80]} |")
             continue
@@ -781,6 +865,10 @@ def main() -> None:
                         "stream counts against HF generate on the same padded batch; skips the batch-1 benches")
     parser.add_argument("--concurrency-models", default="llama", help="models for --concurrency (llama, falcon, "
                         "falcon-mamba)")
+    parser.add_argument("--concurrency-hf", default="llama", help="models whose HF generate batch runs with "
+                        "--concurrency (HF's FalconMamba has no fused kernels here: minutes a level)")
+    parser.add_argument("--slot-kernels", default="eager,fused", help="--concurrency, Llama / Falcon: decode-step "
+                        "kernels to measure, each a row (eager PyTorch, fused Triton); the last is the plain row")
     parser.add_argument("--tiny", action="store_true", help="tiny configs and prompts: check the script, not speed")
     parser.add_argument("--out", default=os.environ.get("OUT"))
     parser.add_argument("--results", type=Path, help="append the table to this markdown file")

@@ -252,3 +252,78 @@ def test_gpu_batched_graph_steps_equal_each_request_alone(tiny_dir, family):
     multi = BatchEngine(engine.model, slots=4, max_seq=128, prefill_chunk=8, buckets=(1, 2))
     reqs = drive(multi, arrivals)
     assert all(r.tokens[:3] == b[:3] for r, b in zip([r for r in reqs if r.temperature == 0], batch1))
+
+
+# --- the fused slot kernels (slot_triton) on the CPU, through Triton's interpreter ---------------------------
+
+
+def test_fused_slot_kernels_match_the_eager_step_in_the_triton_interpreter(subprocess_env):
+    """The Triton kernels of the CUDA decode step (rms_norm, rope + cache write, attention over each slot's own
+    positions, silu·up) against the eager step, run by Triton's interpreter on the CPU in a child process (the
+    interpreter must be chosen before Triton is first imported)."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    env = subprocess_env | {"TRITON_INTERPRET": "1",
+                            "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent), subprocess_env["PYTHONPATH"]])}
+    done = subprocess.run([sys.executable, "-c", "import test_batching as t; t.fused_slot_kernels_check()"],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=tests)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "fused slot kernels check passed" in done.stdout
+
+
+@pytest.mark.gpu
+def test_gpu_fused_slot_kernels_match_the_eager_step():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    fused_slot_kernels_check("cuda", torch.bfloat16)
+
+
+def fused_slot_kernels_check(device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    """Llama (grouped kv heads) and Falcon (multi-query, parallel) tiny networks: the same slot caches stepped by
+    the eager and the fused step give the same logits and the same caches (fp32: to 1e-4; bf16: to its rounding);
+    idle slots (at the scratch position) and a cache longer than one attention split are included."""
+    import tempfile
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from localgpt.generation.fast import slot_triton
+    from localgpt.generation.fast.transformer import from_falcon, from_llama
+
+    slot_triton.SPLIT_POSITIONS = 32  # several splits at a small cache
+    root = Path(tempfile.mkdtemp())
+    for family, build in (("llama2", from_llama), ("falcon", from_falcon)):
+        extra = {"num_key_value_heads": 2} if family == "llama2" else {}
+        hf = AutoModelForCausalLM.from_pretrained(build_tiny_model(family, root / family, **extra), dtype=dtype)
+        net = build(hf.to(device).eval())
+        torch.manual_seed(0)
+        slots, max_seq = 5, 70
+        net.setup_slots(slots, max_seq, kernels="eager")
+        for block in net.blocks:
+            block.k_slots.normal_()
+            block.v_slots.normal_()
+        positions = torch.tensor([0, 69, 33, max_seq, 12], device=device)  # slot 3 idle
+        tokens = torch.randint(4, net.shape.vocab_size, (slots,), device=device)
+        with torch.inference_mode():
+            start = [(b.k_slots.clone(), b.v_slots.clone()) for b in net.blocks]
+            want = net.step_slots(tokens, positions)
+            want_caches = [(b.k_slots.clone(), b.v_slots.clone()) for b in net.blocks]
+            for b, (k, v) in zip(net.blocks, start):
+                b.k_slots.copy_(k)
+                b.v_slots.copy_(v)
+            net.slot_kernels = "fused"
+            got = net.step_slots(tokens, positions)
+        live = positions < max_seq
+        rel = ((got - want)[live].norm() / want[live].norm()).item()
+        fp32 = dtype == torch.float32
+        assert rel < (1e-4 if fp32 else 3e-2), (family, rel)
+        for b, (k, v) in zip(net.blocks, want_caches):
+            for mine, theirs in ((b.k_slots[live], k[live]), (b.v_slots[live], v[live])):
+                assert torch.allclose(mine.float(), theirs.float(), atol=1e-5 if fp32 else 5e-2, rtol=0 if fp32 else 2e-2)
+        print(family, "rel", rel)
+    print("fused slot kernels check passed")

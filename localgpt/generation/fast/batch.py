@@ -102,7 +102,7 @@ class BatchEngine:
     """
 
     def __init__(self, model, *, slots: int = 16, max_seq: int = 2048, prefill_chunk: int = 256,
-                 buckets: Iterable[int] | None = None, mode: str | None = None):
+                 buckets: Iterable[int] | None = None, mode: str | None = None, kernels: str | None = None):
         if getattr(model, "kind", "") not in ("transformer", "mamba"):
             raise ValueError("continuous batching runs Llama / Falcon (transformer) and Mamba networks")
         self.model = model
@@ -113,7 +113,10 @@ class BatchEngine:
             self.mode = "eager"
         wanted = sorted({b for b in (buckets or (1, 4, 16, 64)) if b < slots} | {slots})
         self.buckets = wanted
-        model.setup_slots(slots, max_seq)
+        if kernels is None:
+            model.setup_slots(slots, max_seq)
+        else:  # Llama / Falcon: "fused" (Triton, the CUDA default) or "eager" decode-step kernels
+            model.setup_slots(slots, max_seq, kernels=kernels)
         dev = self.device
         self.tokens = torch.zeros(slots, dtype=torch.long, device=dev)
         self.positions = torch.full((slots,), max_seq, dtype=torch.long, device=dev)
@@ -127,6 +130,8 @@ class BatchEngine:
         self._thread: threading.Thread | None = None
         self._stop = False
         self.steps_run = 0
+        self.prefill_s = 0.0  # host seconds in prompt chunks / decode steps (each decode step ends in a sync)
+        self.decode_s = 0.0
         self.cancelled_total = 0  # requests ended by cancel (waiting or in a slot)
         self.error: Exception | None = None  # the last exception a step raised in the thread (its requests ended)
 
@@ -289,8 +294,12 @@ class BatchEngine:
         """One scheduler iteration: admit, one prefill chunk, one decode step. The requests that got a token."""
         self._sweep()
         self._admit()
+        t0 = time.perf_counter()
         got = self._prefill_one()
+        t1 = time.perf_counter()
         got += self._decode()
+        self.prefill_s += t1 - t0
+        self.decode_s += time.perf_counter() - t1
         self._admit()  # slots freed this step take waiting requests before the next one
         return got
 

@@ -159,6 +159,7 @@ class Block(nn.Module):
         size = (slots, s.n_kv_heads, -(-(max_seq + 1) // 16) * 16, s.head_dim)
         self.k_slots = torch.zeros(size, dtype=dtype, device=device)
         self.v_slots = torch.zeros(size, dtype=dtype, device=device)
+        self.scratch = max_seq
 
     def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         s = self.shape
@@ -183,6 +184,42 @@ class Block(nn.Module):
         qg = q.reshape(b, s.n_kv_heads, rep, s.head_dim)
         out = F.scaled_dot_product_attention(qg, self.k_slots[:b], self.v_slots[:b], attn_mask=visible)
         return self.wo(out.reshape(b, 1, s.n_heads * s.head_dim))
+
+    def attention_slots_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                              positions: torch.Tensor) -> torch.Tensor:
+        """``attention_slots`` in three Triton kernels (``slot_triton``): rotary + cache write, then attention
+        over each slot's own positions only. cos / sin: the whole [positions, head_dim] tables."""
+        from localgpt.generation.fast import slot_triton
+
+        s = self.shape
+        b = x.shape[0]
+        q = slot_triton.rope_store(self.wqkv(x).view(b, -1), cos, sin, positions, self.k_slots, self.v_slots,
+                                   s.n_heads)
+        out = slot_triton.decode_attention(q, self.k_slots, self.v_slots, positions, self.scratch)
+        return self.wo(out.view(b, 1, -1))
+
+    def forward_slots_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                            positions: torch.Tensor) -> torch.Tensor:
+        """A decode step of the first B slots with the fused kernels (CUDA): same arithmetic as ``forward_with`` +
+        ``attention_slots`` up to rounding order, a third of the kernels."""
+        from localgpt.generation.fast import slot_triton
+
+        def norm(module, h):
+            if isinstance(module, RMSNorm):
+                return slot_triton.rms_norm(h, module.weight, module.eps)
+            return module(h)
+
+        def mlp(h):
+            if self.shape.mlp == "swiglu":
+                return self.w_out(slot_triton.silu_mul(self.w_in(h)))
+            return self.mlp(h)
+
+        h1 = norm(self.norm1, x)
+        if self.shape.parallel:
+            h2 = norm(self.norm2, x) if self.shape.two_norms else h1
+            return x + (mlp(h2) + self.attention_slots_fused(h1, cos, sin, positions))
+        x = x + self.attention_slots_fused(h1, cos, sin, positions)
+        return x + mlp(norm(self.norm2, x))
 
     def attention_chunk(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot: int,
                         start: int) -> torch.Tensor:
@@ -278,9 +315,14 @@ class Transformer(nn.Module):
 
     # --- slots (continuous batching): see batch.BatchEngine ---------------------------------------------------
 
-    def setup_slots(self, slots: int, max_seq: int) -> None:
-        """A KV cache of ``max_seq`` positions for each of ``slots`` streams (plus one scratch position)."""
+    def setup_slots(self, slots: int, max_seq: int, kernels: str | None = None) -> None:
+        """A KV cache of ``max_seq`` positions for each of ``slots`` streams (plus one scratch position).
+        ``kernels``: how a decode step runs, "fused" (the Triton kernels of ``slot_triton``; the CUDA default)
+        or "eager" (plain PyTorch: the CPU path and the reference)."""
         self.slots, self.slot_seq = slots, max_seq
+        if kernels is None:
+            kernels = "fused" if self.device.type == "cuda" and _has_triton() else "eager"
+        self.slot_kernels = kernels
         for block in self.blocks:
             block.setup_slots(slots, max_seq, self.dtype, self.device)
         positions = torch.arange(max_seq + 1, device=self.device)[None]
@@ -291,6 +333,10 @@ class Transformer(nn.Module):
         """Logits [B, vocab]: slot i's token ``tokens[i]`` at ``positions[i]`` (B = len(tokens) first slots)."""
         b = tokens.shape[0]
         x = F.embedding(tokens[:, None], self.embed)  # [B, 1, dim]
+        if self.slot_kernels == "fused":
+            for block in self.blocks:
+                x = block.forward_slots_fused(x, self.slot_cos, self.slot_sin, positions)
+            return self.lm_head(self.norm(x))[:, -1].float()
         cos, sin = self.slot_cos[positions][:, None, None], self.slot_sin[positions][:, None, None]
         length = self.blocks[0].k_slots.shape[2]
         visible = (torch.arange(length, device=tokens.device)[None, :] <= positions[:, None])
@@ -307,6 +353,14 @@ class Transformer(nn.Module):
         for block in self.blocks:
             x = block.forward_with(x, lambda h, blk=block: blk.attention_chunk(h, cos, sin, slot, start))
         return self.lm_head(self.norm(x[:, -1:]))[:, -1].float()
+
+
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 # --- building from a transformers model ------------------------------------------------------------

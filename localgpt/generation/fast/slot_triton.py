@@ -1,0 +1,178 @@
+"""Fused kernels of the batched decode step (``transformer.Transformer.step_slots`` on CUDA).
+
+One decode step of B slots runs, per layer, four matrix products and a handful of small operations on [B, dim]
+tensors; in eager PyTorch each small operation is its own kernel (RMSNorm alone is seven), and inside a CUDA graph
+each still costs a few microseconds. These fuse them: ``rms_norm`` (one kernel), ``rope_store`` (rotary
+embedding of q and k, and k / v written into each slot's cache at its own position), ``decode_attention``
+(flash-decoding: each slot reads its cache only up to its own position, in splits that meet in a second small
+kernel) and ``silu_mul``. Imported on CUDA only (or under ``TRITON_INTERPRET=1`` in tests); never allocates
+inside a captured step except its outputs, which the CUDA graph's pool owns.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+SPLIT_POSITIONS = 256  # cache positions one attention program reads; the splits meet in _attention_combine
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, D, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    live = cols < D
+    x = tl.load(x_ptr + row * D + cols, mask=live, other=0.0).to(tl.float32)
+    h = x * tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+    # As LlamaRMSNorm: statistics in fp32, cast back to the activations' dtype, then scaled by the weight.
+    h = h.to(out_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=live, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * D + cols, (w * h).to(out_ptr.dtype.element_ty), mask=live)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    d = x.shape[-1]
+    flat = x.reshape(-1, d).contiguous()
+    out = torch.empty_like(flat)
+    _rms_norm_kernel[(flat.shape[0],)](flat, weight, out, d, eps, BLOCK=triton.next_power_of_2(d), num_warps=4)
+    return out.view(x.shape)
+
+
+@triton.jit
+def _silu_mul_kernel(h_ptr, out_ptr, INNER, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    live = cols < INNER
+    gate = tl.load(h_ptr + row * 2 * INNER + cols, mask=live, other=0.0).to(tl.float32)
+    up = tl.load(h_ptr + row * 2 * INNER + INNER + cols, mask=live, other=0.0).to(tl.float32)
+    act = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)  # silu rounded, as eager
+    tl.store(out_ptr + row * INNER + cols, (act * up).to(out_ptr.dtype.element_ty), mask=live)
+
+
+def silu_mul(h: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of h = [gate | up] along the last axis (SwiGLU)."""
+    inner = h.shape[-1] // 2
+    flat = h.reshape(-1, 2 * inner).contiguous()
+    out = torch.empty(flat.shape[0], inner, dtype=h.dtype, device=h.device)
+    block = 1024
+    _silu_mul_kernel[(flat.shape[0], triton.cdiv(inner, block))](flat, out, inner, BLOCK=block, num_warps=4)
+    return out.view(*h.shape[:-1], inner)
+
+
+@triton.jit
+def _rope_store_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, H, KV, L,
+                       HD: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr):
+    # Program (b, j): head j of slot b's qkv row [q heads | k heads | v heads]; q and k rotated, q to q_ptr
+    # [B, H, HD], k and v to the slot caches [slots, KV, L, HD] at the slot's position.
+    b = tl.program_id(0)
+    j = tl.program_id(1)
+    d = tl.arange(0, BLOCK)
+    live = d < HD
+    pos = tl.load(pos_ptr + b)
+    row = qkv_ptr + b * (H + 2 * KV) * HD + j * HD
+    x = tl.load(row + d, mask=live, other=0.0).to(tl.float32)
+    if j < H + KV:
+        partner = tl.where(d < HALF, d + HALF, d - HALF)
+        sign = tl.where(d < HALF, -1.0, 1.0)
+        other = tl.load(row + partner, mask=live, other=0.0).to(tl.float32)
+        cos = tl.load(cos_ptr + pos * HD + d, mask=live, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + pos * HD + d, mask=live, other=0.0).to(tl.float32)
+        x = x * cos + sign * other * sin
+        if j < H:
+            tl.store(q_ptr + (b * H + j) * HD + d, x.to(q_ptr.dtype.element_ty), mask=live)
+        else:
+            tl.store(k_ptr + ((b * KV + j - H) * L + pos) * HD + d, x.to(k_ptr.dtype.element_ty), mask=live)
+    else:
+        tl.store(v_ptr + ((b * KV + j - H - KV) * L + pos) * HD + d, x.to(v_ptr.dtype.element_ty), mask=live)
+
+
+def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+               k_slots: torch.Tensor, v_slots: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """qkv [B, (H + 2 KV) * hd] of B slots' tokens at ``positions`` [B]; cos / sin [positions, hd] tables.
+    Writes rotated k and v into slot b's caches at positions[b]; returns rotated q [B, H, hd]."""
+    b = qkv.shape[0]
+    kv, length, hd = k_slots.shape[1], k_slots.shape[2], k_slots.shape[3]
+    qkv = qkv.reshape(b, -1).contiguous()
+    q = torch.empty(b, n_heads, hd, dtype=qkv.dtype, device=qkv.device)
+    _rope_store_kernel[(b, n_heads + 2 * kv)](qkv, cos, sin, positions, q, k_slots, v_slots, n_heads, kv, length,
+                                              HD=hd, HALF=hd // 2, BLOCK=triton.next_power_of_2(hd), num_warps=1)
+    return q
+
+
+@triton.jit
+def _attention_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, acc_ptr, ml_ptr, H, KV, L, SCRATCH, scale,
+                            REP: tl.constexpr, HD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                            SPLIT: tl.constexpr):
+    # Program (b, h, s): query head h of slot b over cache positions [s * SPLIT, (s + 1) * SPLIT) that it may see
+    # (0..pos; a slot at the scratch position, idle, sees only that one). Partial softmax sums go to the workspace.
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.program_id(2)
+    pos = tl.load(pos_ptr + b)
+    first = tl.where(pos == SCRATCH, pos, 0)
+    lo = tl.maximum(s * SPLIT, first)
+    hi = tl.minimum((s + 1) * SPLIT, pos + 1)
+    d = tl.arange(0, BLOCK_D)
+    dlive = d < HD
+    q = tl.load(q_ptr + (b * H + h) * HD + d, mask=dlive, other=0.0).to(tl.float32) * scale
+    base = (b * KV + h // REP) * L * HD
+    m = tl.full((), float("-inf"), tl.float32)
+    l = tl.zeros((), tl.float32)
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    for i in range(0, SPLIT, BLOCK_N):  # masked loads past the slot's position read no memory
+        n = s * SPLIT + i + tl.arange(0, BLOCK_N)
+        nlive = (n >= lo) & (n < hi)
+        offs = base + n[:, None] * HD + d[None, :]
+        both = nlive[:, None] & dlive[None, :]
+        k = tl.load(k_ptr + offs, mask=both, other=0.0).to(tl.float32)
+        scores = tl.where(nlive, tl.sum(k * q[None, :], axis=1), float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: keep exp() away from -inf - -inf
+        alpha = tl.exp(m - m_safe)
+        p = tl.exp(scores - m_safe)
+        v = tl.load(v_ptr + offs, mask=both, other=0.0).to(tl.float32)
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        l = l * alpha + tl.sum(p, axis=0)
+        m = m_new
+    nsplit = tl.num_programs(2)
+    slot = (b * H + h) * nsplit + s
+    tl.store(acc_ptr + slot * HD + d, acc, mask=dlive)
+    tl.store(ml_ptr + slot * 2, m)
+    tl.store(ml_ptr + slot * 2 + 1, l)
+
+
+@triton.jit
+def _attention_combine_kernel(acc_ptr, ml_ptr, out_ptr, NSPLIT: tl.constexpr, HD: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0)  # b * H + h
+    d = tl.arange(0, BLOCK_D)
+    dlive = d < HD
+    m = tl.full((), float("-inf"), tl.float32)
+    for s in tl.static_range(NSPLIT):
+        m = tl.maximum(m, tl.load(ml_ptr + (row * NSPLIT + s) * 2))
+    total = tl.zeros((BLOCK_D,), tl.float32)
+    l = tl.zeros((), tl.float32)
+    for s in tl.static_range(NSPLIT):
+        ms = tl.load(ml_ptr + (row * NSPLIT + s) * 2)
+        w = tl.where(ms == float("-inf"), 0.0, tl.exp(ms - m))  # a split past the slot's position saw nothing
+        l += w * tl.load(ml_ptr + (row * NSPLIT + s) * 2 + 1)
+        total += w * tl.load(acc_ptr + (row * NSPLIT + s) * HD + d, mask=dlive, other=0.0)
+    tl.store(out_ptr + row * HD + d, (total / l).to(out_ptr.dtype.element_ty), mask=dlive)
+
+
+def decode_attention(q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tensor, positions: torch.Tensor,
+                     scratch: int) -> torch.Tensor:
+    """One query a slot: q [B, H, hd] against slot b's cache positions 0..positions[b] (a slot at ``scratch``,
+    idle, against that position alone). k_slots / v_slots [slots >= B, KV, L, hd]. Returns [B, H * hd]."""
+    b, n_heads, hd = q.shape
+    kv, length = k_slots.shape[1], k_slots.shape[2]
+    nsplit = triton.cdiv(length, SPLIT_POSITIONS)
+    acc = torch.empty(b * n_heads * nsplit, hd, dtype=torch.float32, device=q.device)
+    ml = torch.empty(b * n_heads * nsplit, 2, dtype=torch.float32, device=q.device)
+    block_d = triton.next_power_of_2(hd)
+    _attention_split_kernel[(b, n_heads, nsplit)](
+        q, k_slots, v_slots, positions, acc, ml, n_heads, kv, length, scratch, hd ** -0.5, REP=n_heads // kv, HD=hd,
+        BLOCK_D=block_d, BLOCK_N=max(16, 4096 // block_d), SPLIT=SPLIT_POSITIONS, num_warps=4)
+    out = torch.empty(b, n_heads * hd, dtype=q.dtype, device=q.device)
+    _attention_combine_kernel[(b * n_heads,)](acc, ml, out, NSPLIT=nsplit, HD=hd, BLOCK_D=block_d, num_warps=1)
+    return out
