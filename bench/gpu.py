@@ -282,7 +282,7 @@ def profile_step(eng, vocab: int, log, steps: int = 16) -> dict:
     return {"wall_us": wall_us, "kernel_us": total, "kernels": dict(top[:40])}
 
 
-def bench_gemv(log, kinds_wanted=("int4", "int8", "bf16")) -> dict:
+def bench_gemv(log, kinds_wanted=("int4", "int8", "bf16"), kernels_wanted=("x2", "fma")) -> dict:
     """Triton GEMV kernels (int4 / int8 / bf16) at Llama-2-7B's shapes against tinygemm and cuBLAS, over a
     sweep of (rows a program, split-K, warps); each timed as a CUDA graph of calls over enough weight copies
     that they stream from HBM (not L2). Sets gemv_triton.TUNED to the fastest config per shape."""
@@ -297,8 +297,11 @@ def bench_gemv(log, kinds_wanted=("int4", "int8", "bf16")) -> dict:
 
     shapes = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (32000, 4096)]
     configs = [(bn, split, warps) for bn in (8, 16, 32) for split in (1, 2, 4) for warps in (1, 2, 4)]
-    quant_configs = ([(bn, split, warps, False) for bn in (16, 32) for split in (1, 4) for warps in (2, 4)]
-                     + [(bn, split, warps, True) for bn in (32, 64) for split in (1, 4) for warps in (2, 4)])
+    # Quantised: (rows, split, warps, kernel code: G.FMA / G.DOT / G.X2). The FMA kernel at the config tuned in
+    # round 2 (the tensor-core variant never won: only with "dot"); the bf16x2 kernel over a sweep.
+    quant_configs = {"fma": None, "dot": [(bn, split, warps, G.DOT) for bn in (32, 64) for split in (1, 4)
+                                          for warps in (2, 4)],
+                     "x2": [(bn, split, warps, G.X2) for bn in (64, 128) for split in (1, 2, 4) for warps in (1, 2, 4)]}
     res: dict = {}
 
     def graph_us(calls) -> float:
@@ -365,7 +368,13 @@ def bench_gemv(log, kinds_wanted=("int4", "int8", "bf16")) -> dict:
                     xm = x.view(1, k)
                     entry["cublas_us"] = graph_us([lambda i=i: torch.nn.functional.linear(xm, ws_[i])
                                                    for i in range(copies)])
-                for cfg in (configs if kind == "bf16" else quant_configs):
+                if kind == "bf16":
+                    sweep = configs
+                else:
+                    tuned = G.TUNED.get((kind, n, k))
+                    sweep = [c for name in kernels_wanted for c in (quant_configs[name] or (
+                        [tuple(tuned[:3]) + (G.FMA,)] if tuned else [(32, 4, 2, G.FMA)]))]
+                for cfg in sweep:
                     scratch_ = G.Workspace()
                     try:
                         if kind == "int4":
@@ -390,6 +399,12 @@ def bench_gemv(log, kinds_wanted=("int4", "int8", "bf16")) -> dict:
                     tuned = tuple(eval(best))  # noqa: S307 - our own tuple's repr
                     G.TUNED[(kind, n, k)] = tuned[:3] + (1,) + tuned[3:]
                     b = good[best]
+                    for code, label in ((G.FMA, "fma"), (G.X2, "x2")):
+                        mine = {c: v for c, v in good.items() if kind != "bf16" and eval(c)[3] == code}  # noqa: S307
+                        if mine:
+                            c = min(mine, key=lambda c: mine[c]["us"])
+                            entry[f"best_{label}"] = c
+                            log(f"  gemv {kind} {n}x{k} {label}: {c} {mine[c]['us']:.1f} us = {mine[c]['tb_s']:.2f} TB/s")
                     base = entry.get("tinygemm_us") or entry.get("cublas_us")
                     log(f"  gemv {kind} {n}x{k}: best {best} {b['us']:.1f} us = {b['tb_s']:.2f} TB/s "
                         f"(err {b['rel_err']:.1e})" + (f"; baseline {base:.1f} us = {nbytes / base / 1e6:.2f} TB/s"
@@ -860,6 +875,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="profile one decode step of each variant")
     parser.add_argument("--gemv-sweep", action="store_true", help="tune the Triton GEMV kernels first (llama shapes)")
     parser.add_argument("--gemv-kinds", default="int4,int8,bf16")
+    parser.add_argument("--gemv-kernels", default="x2,fma", help="quantised GEMV kernels to sweep: x2, fma, dot")
     parser.add_argument("--skip-int4-rows", action="store_true")
     parser.add_argument("--concurrency", default="", help="e.g. 1,4,16: continuous batching (llama) at these "
                         "stream counts against HF generate on the same padded batch; skips the batch-1 benches")
@@ -916,7 +932,7 @@ def main() -> None:
         return
     if CUDA and args.gemv_sweep:
         try:
-            results["gemv"] = bench_gemv(log, args.gemv_kinds.split(","))
+            results["gemv"] = bench_gemv(log, args.gemv_kinds.split(","), args.gemv_kernels.split(","))
         except Exception as exc:  # noqa: BLE001
             results["gemv"] = {"error": repr(exc)}
             log(traceback.format_exc())

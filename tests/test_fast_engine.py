@@ -284,7 +284,9 @@ def gemv_interpreter_check():
         wantb = wb.float() @ x.float()
         # (rows a program, split-K, warps, stages, tensor-core variant): split-K meets in the workspace; the
         # counters end at zero. (The interpreter runs the tensor-core variant's dot in fp32: its bf16 dot is wrong.)
-        for config in [(16, 1, 1, 1, False), (8, 2, 1, 1, False), (32, 3, 2, 1, False), (16, 2, 1, 1, True)]:
+        # Kernel 2 is the bf16x2 one (gemv.X2) with its unpacking in plain Triton ops (its PTX does not run here).
+        for config in [(16, 1, 1, 1, False), (8, 2, 1, 1, False), (32, 3, 2, 1, False), (16, 2, 1, 1, True),
+                       (16, 1, 1, 1, gemv.X2), (64, 3, 2, 1, gemv.X2)]:
             for run, expect in [
                 (lambda out, ws: gemv.int4_gemv(x, words, pairs, group, planes, out, ws, config[:4], dot=config[4]),
                  want),
@@ -492,6 +494,75 @@ def test_gpu_gemv_layers_pass_their_load_check_and_match_the_reference(mode):
     before = dense(x).float()
     assert use_bf16_gemv(dense) == 1
     assert ((dense(x).float() - before).norm() / before.norm()) < 5e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_gpu_bf16x2_gemv_kernels_match_the_reference_and_replay_identically(mode):
+    """The bf16x2-unpacking kernels (gemv_triton.X2, inline PTX: GPU only) at Llama-2-7B's shapes: each element
+    within the load check's bounds, split-K or not, bit-identical CUDA-graph replays; the load check passes
+    with them and quantize_model falls back to the FMA kernel when the tuned one fails its check."""
+    _needs_cuda()
+    pytest.importorskip("triton")
+    import localgpt.generation.fast.gemv_triton as gemv
+    from localgpt.generation.fast.quantize import check_decode_kernel
+
+    torch.manual_seed(0)
+    for n, k in [(4096, 4096), (4096, 11008), (12288, 4096)]:
+        layer = Linear(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02)
+        net = torch.nn.Sequential(layer)
+        states = quantize_model(net, mode, keep=True, decode="triton")
+        q = net[0]
+        saved = states["0"]
+        ref = (dequantize_int4(saved["nibbles"].cuda(), saved["scales_and_zeros"].cuda(), 128) if mode == "int4"
+               else saved["weight"].cuda().float() * saved["scales"].cuda().float()[:, None])
+        x = torch.randn(1, 1, k, device="cuda", dtype=torch.bfloat16)
+        want = ref @ x.reshape(-1).float()
+        slack = want.abs() * 2**-7 + 1e-5 * (ref.abs() @ x.reshape(-1).float().abs()) + 1e-6
+        for bn, split, warps in [(64, 1, 2), (64, 4, 2), (128, 2, 4), (128, 4, 1)]:
+            q.gemv_config = (bn, split, warps, gemv.X2)
+            q.gemv_ws = torch.empty(split * n, dtype=torch.float32, device="cuda")
+            q.gemv_lock = torch.zeros(triton_cdiv(n, bn), dtype=torch.int32, device="cuda")
+            got = q(x).reshape(-1).float()
+            assert bool(((got - want).abs() <= slack).all()), (mode, n, k, bn, split, warps)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                replayed = q(x)
+            for _ in range(3):
+                graph.replay()
+                assert torch.equal(replayed.reshape(-1).float(), got)
+            assert int(q.gemv_lock.sum()) == 0
+        assert check_decode_kernel(q, ref)
+    # A tuned kernel that fails the load check: quantize_model runs every layer on the FMA kernel instead.
+    key = (mode, 4096, 4096)
+    saved_tuned = gemv.TUNED.get(key)
+    gemv.TUNED[key] = (64, 1, 2, 1, 7)  # no such kernel: the launcher runs the FMA one, so make it fail below
+    try:
+        calls = []
+        real = gemv._int4_launch if mode == "int4" else gemv._int8_launch
+
+        def broken(kernel, *args, **kw):
+            calls.append(kernel)
+            if int(kernel) == 7:
+                raise RuntimeError("this kernel does not build here")
+            return real(kernel, *args, **kw)
+
+        setattr(gemv, "_int4_launch" if mode == "int4" else "_int8_launch", broken)
+        net = torch.nn.Sequential(Linear(torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) * 0.02),
+                                  Linear(torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) * 0.02))
+        quantize_model(net, mode, decode="triton")
+        assert [m.gemv_config[3] for m in net] == [gemv.FMA, gemv.FMA] and net[0].layout == "planar"
+        assert 7 in calls
+    finally:
+        setattr(gemv, "_int4_launch" if mode == "int4" else "_int8_launch", real)
+        if saved_tuned is None:
+            gemv.TUNED.pop(key, None)
+        else:
+            gemv.TUNED[key] = saved_tuned
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def build_tiny_embedder(directory) -> str:

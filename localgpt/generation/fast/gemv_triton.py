@@ -121,6 +121,122 @@ def _int8_gemv_kernel(x_ptr, w_ptr, out_ptr, ws_ptr, lock_ptr, N, K, stride,
 
 
 @triton.jit
+def _bf16_pairs(words, k: tl.constexpr, ASM: tl.constexpr):
+    """bf16x2 (128 + field k, 128 + field k + 4) of each int32 of 4-bit fields: the two nibbles put under 128's
+    exponent (0x4300) in one ``lop3`` (after a shift). ``ASM=False``: the same bits from plain Triton ops (for
+    the CPU interpreter, which cannot run PTX; the compiler then emits two logic ops)."""
+    if not ASM:
+        return ((words >> (4 * k)) & 0x000F000F) | 0x43004300
+    elif k == 0:
+        return tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000F000F, 0x43004300, 0xEA;", "=r,r", [words],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    elif k == 1:
+        return tl.inline_asm_elementwise("{.reg .b32 t; shr.b32 t, $1, 4; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA;}",
+                                         "=r,r", [words], dtype=tl.int32, is_pure=True, pack=1)
+    elif k == 2:
+        return tl.inline_asm_elementwise("{.reg .b32 t; shr.b32 t, $1, 8; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA;}",
+                                         "=r,r", [words], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise("{.reg .b32 t; shr.b32 t, $1, 12; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA;}",
+                                         "=r,r", [words], dtype=tl.int32, is_pure=True, pack=1)
+
+
+# The high bf16 of a pair read as an fp32 without masking the low half off: 128 + q_hi + (0x4300 + q_lo) / 2^16.
+# The constant part is taken out with the group's x sum; q_lo / 2^16 (< 2.3e-4 of a quantisation step) is left.
+HI_FLOOR = tl.constexpr(0x4300 / 65536.0)
+
+
+@triton.jit
+def _int4_x2_kernel(x_ptr, w_ptr, sz_ptr, out_ptr, ws_ptr, lock_ptr, N, K, stride,
+                    GROUP: tl.constexpr, P: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr,
+                    ASM: tl.constexpr = True, EXACT: tl.constexpr = False):
+    # The planar int4 layout with one group a block (8P == GROUP): nibbles k and k + 4 of a word are unpacked
+    # together into a bf16 pair (128 + q), widened to fp32 by a shift (low) and a mask or nothing (high,
+    # ``EXACT``), multiplied by x and summed over the block; the group's scale and zero are applied to that sum
+    # (w x = (128 + q) s x + (z - 136 s) x), so a weight costs ~1.4 integer ops and one FMA.
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    live = rows < N
+    cols = tl.arange(0, P)
+    n_blocks = K // (8 * P)
+    per_split = (n_blocks + SPLIT - 1) // SPLIT
+    first = tl.program_id(1) * per_split
+    last = tl.minimum(first + per_split, n_blocks)
+    w_row = w_ptr + rows[:, None] * stride + cols[None, :]
+    acc = tl.zeros((BN, P), dtype=tl.float32)
+    rest = tl.zeros((BN,), dtype=tl.float32)  # the zero points' and offsets' part, a row at a time
+    for blk in range(first, last):
+        words = tl.load(w_row + blk * P, mask=live[:, None], other=0)
+        pair = tl.load(sz_ptr + blk * N + rows, mask=live, other=0)
+        scale = (pair << 16).to(tl.float32, bitcast=True)
+        zero = (pair & -65536).to(tl.float32, bitcast=True)
+        part = tl.zeros((BN, P), dtype=tl.float32)
+        x_lo = tl.zeros((P,), dtype=tl.float32)
+        x_hi = tl.zeros((P,), dtype=tl.float32)
+        for k in tl.static_range(4):
+            t = _bf16_pairs(words, k, ASM)
+            xl = tl.load(x_ptr + blk * (8 * P) + k * P + cols).to(tl.float32)
+            xh = tl.load(x_ptr + blk * (8 * P) + (k + 4) * P + cols).to(tl.float32)
+            if EXACT:
+                hi = (t & -65536).to(tl.float32, bitcast=True)
+            else:
+                hi = t.to(tl.float32, bitcast=True)
+            part += (t << 16).to(tl.float32, bitcast=True) * xl[None, :]  # two separate FMAs into the sum
+            part += hi * xh[None, :]
+            x_lo += xl
+            x_hi += xh
+        x_all = tl.sum(x_lo + x_hi, axis=0)
+        if EXACT:
+            offset = 136.0 * x_all
+        else:
+            offset = 136.0 * x_all + HI_FLOOR * tl.sum(x_hi, axis=0)
+        acc += scale[:, None] * part
+        rest += zero * x_all - scale * offset
+    _finish_row(tl.sum(acc, axis=1) + rest, rows, live, out_ptr, ws_ptr, lock_ptr, N, SPLIT)
+
+
+@triton.jit
+def _int8_fields(words, b: tl.constexpr, ASM: tl.constexpr):
+    """2^23 + byte b of each int32 as an fp32 (``prmt``: the byte under 2^23's exponent, in one instruction)."""
+    magic = tl.full(words.shape, 0x4B000000, tl.int32)
+    if not ASM:
+        return (((words >> (8 * b)) & 255) | 0x4B000000).to(tl.float32, bitcast=True)
+    elif b == 0:
+        return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7440;", "=r,r,r", [words, magic],
+                                         dtype=tl.int32, is_pure=True, pack=1).to(tl.float32, bitcast=True)
+    elif b == 1:
+        return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7441;", "=r,r,r", [words, magic],
+                                         dtype=tl.int32, is_pure=True, pack=1).to(tl.float32, bitcast=True)
+    elif b == 2:
+        return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7442;", "=r,r,r", [words, magic],
+                                         dtype=tl.int32, is_pure=True, pack=1).to(tl.float32, bitcast=True)
+    else:
+        return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7443;", "=r,r,r", [words, magic],
+                                         dtype=tl.int32, is_pure=True, pack=1).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _int8_x2_kernel(x_ptr, w_ptr, out_ptr, ws_ptr, lock_ptr, N, K, stride,
+                    P: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr, ASM: tl.constexpr = True):
+    # _int8_gemv_kernel with each byte made an fp32 by one ``prmt`` (2^23 + u, u = v + 128), one add removing
+    # 2^23 + 128 exactly, and the FMA: three instructions a weight.
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    live = rows < N
+    cols = tl.arange(0, P)
+    n_blocks = K // (4 * P)
+    per_split = (n_blocks + SPLIT - 1) // SPLIT
+    first = tl.program_id(1) * per_split
+    last = tl.minimum(first + per_split, n_blocks)
+    w_row = w_ptr + rows[:, None] * stride + cols[None, :]
+    acc = tl.zeros((BN, P), dtype=tl.float32)
+    for blk in range(first, last):
+        words = tl.load(w_row + blk * P, mask=live[:, None], other=0) ^ -2139062144  # 0x80808080: u = v + 128
+        for b in tl.static_range(4):
+            x = tl.load(x_ptr + blk * (4 * P) + b * P + cols).to(tl.float32)[None, :]
+            acc += (_int8_fields(words, b, ASM) - (MAGIC + 128.0)) * x
+    _finish(acc, rows, live, out_ptr, ws_ptr, lock_ptr, N, SPLIT)
+
+
+@triton.jit
 def _finish_row(part, rows, live, out_ptr, ws_ptr, lock_ptr, N, SPLIT: tl.constexpr):
     """``_finish`` for a ready row-sum vector ``part`` [BN]."""
     if SPLIT == 1:
@@ -264,29 +380,61 @@ def _int4_planar_dequant_kernel(w_ptr, sz_ptr, out_ptr, N, K, stride, GROUP: tl.
 
 # --- launchers ---------------------------------------------------------------------------------------------
 
-# (rows a program, programs along K, warps, pipeline stages) by layer shape; tuned on the H200 (bench/gpu.py
+# The quantised kernels, by the code in a config's fifth place: the magic-number FMA kernel, its tensor-core
+# variant, and the bf16x2-unpacking kernel (``_int4_x2_kernel`` / ``_int8_x2_kernel``: inline PTX, so GPU only;
+# int4 needs one group a block, ``8 * planes == group``). ``DEFAULT_KERNEL``: the one for shapes not in TUNED.
+FMA, DOT, X2 = 0, 1, 2
+DEFAULT_KERNEL = {"int4": FMA, "int8": FMA}
+
+# (rows a program, programs along K, warps, pipeline stages, kernel) by layer shape; tuned on the H200 (bench/gpu.py
 # --gemv-sweep); shapes not listed take the rule in ``_config``.
-TUNED: dict[tuple[str, int, int], tuple[int, int, int, int]] = {
+TUNED: dict[tuple[str, int, int], tuple] = {
     # H200, 2026-11-30 (bench/gpu.py --gemv-sweep): 3.8-4.1 TB/s on the large shapes, cuBLAS 3.5-3.8.
     ("bf16", 12288, 4096): (16, 1, 4, 1), ("bf16", 4096, 4096): (32, 4, 4, 1), ("bf16", 22016, 4096): (16, 1, 4, 1),
     ("bf16", 4096, 11008): (16, 4, 2, 1), ("bf16", 32000, 4096): (32, 1, 4, 1),
     # int8 / int4 planar (fma variant; the tensor-core variant ran ~2x slower at every shape).
-    ("int8", 12288, 4096): (32, 4, 2, 1), ("int8", 4096, 4096): (16, 4, 4, 1), ("int8", 22016, 4096): (32, 4, 2, 1),
-    ("int8", 4096, 11008): (16, 4, 4, 1), ("int8", 32000, 4096): (32, 4, 2, 1),
-    ("int4", 12288, 4096): (32, 4, 2, 1), ("int4", 4096, 4096): (16, 4, 4, 1), ("int4", 22016, 4096): (32, 4, 2, 1),
-    ("int4", 4096, 11008): (16, 4, 4, 1), ("int4", 32000, 4096): (32, 4, 2, 1),
+    ("int8", 12288, 4096): (32, 4, 2, 1, FMA), ("int8", 4096, 4096): (16, 4, 4, 1, FMA), ("int8", 22016, 4096): (32, 4, 2, 1, FMA),
+    ("int8", 4096, 11008): (16, 4, 4, 1, FMA), ("int8", 32000, 4096): (32, 4, 2, 1, FMA),
+    ("int4", 12288, 4096): (32, 4, 2, 1, FMA), ("int4", 4096, 4096): (16, 4, 4, 1, FMA), ("int4", 22016, 4096): (32, 4, 2, 1, FMA),
+    ("int4", 4096, 11008): (16, 4, 4, 1, FMA), ("int4", 32000, 4096): (32, 4, 2, 1, FMA),
 }
 
 
-def _config(kind: str, n: int, k: int, sms: int) -> tuple[int, int, int, int, bool]:
-    """(rows a program, programs along K, warps, stages, tensor-core variant) for a layer."""
+def _config(kind: str, n: int, k: int, sms: int) -> tuple[int, int, int, int, int]:
+    """(rows a program, programs along K, warps, stages, kernel: FMA / DOT / X2) for a layer."""
     tuned = TUNED.get((kind, n, k))
     if tuned:
-        return tuple(tuned) + (False,) * (5 - len(tuned))
-    bn = 32 if kind != "bf16" else 16
+        return tuple(tuned) + (DEFAULT_KERNEL.get(kind, FMA),) * (5 - len(tuned))
+    kernel = DEFAULT_KERNEL.get(kind, FMA)
+    bn = 16 if kind == "bf16" else 64 if kernel == X2 else 32
     programs = triton.cdiv(n, bn)
     split = 4 if programs < 3 * sms and k >= 2048 else 1
-    return bn, split, 4, 1, False
+    return bn, split, 4 if kernel != X2 else 2, 1, kernel
+
+
+def _int4_launch(kernel: int, grid, x, words, sz, out, ws, lock, n, k, group, planes, bn, split, warps, stages=1):
+    if int(kernel) == X2:
+        assert 8 * planes == group, "the x2 int4 kernel reads one group a block"
+        _int4_x2_kernel[grid](x, words, sz, out, ws, lock, n, k, words.stride(0), GROUP=group, P=planes, BN=bn,
+                              SPLIT=split, ASM=x.is_cuda, num_warps=warps, num_stages=stages)
+    elif int(kernel) == DOT:
+        _int4_dot_kernel[grid](x, words, sz, out, ws, lock, n, k, words.stride(0), GROUP=group, P=planes, BN=bn,
+                               SPLIT=split, DOT_BF16=x.is_cuda, num_warps=warps, num_stages=stages)
+    else:
+        _int4_gemv_kernel[grid](x, words, sz, out, ws, lock, n, k, words.stride(0), GROUP=group, P=planes, BN=bn,
+                                SPLIT=split, num_warps=warps, num_stages=stages)
+
+
+def _int8_launch(kernel: int, grid, x, words, out, ws, lock, n, k, planes, bn, split, warps, stages=1):
+    if int(kernel) == X2:
+        _int8_x2_kernel[grid](x, words, out, ws, lock, n, k, words.stride(0), P=planes, BN=bn, SPLIT=split,
+                              ASM=x.is_cuda, num_warps=warps, num_stages=stages)
+    elif int(kernel) == DOT:
+        _int8_dot_kernel[grid](x, words, out, ws, lock, n, k, words.stride(0), P=planes, BN=bn, SPLIT=split,
+                               DOT_BF16=x.is_cuda, num_warps=warps, num_stages=stages)
+    else:
+        _int8_gemv_kernel[grid](x, words, out, ws, lock, n, k, words.stride(0), P=planes, BN=bn, SPLIT=split,
+                                num_warps=warps, num_stages=stages)
 
 
 class Workspace:
@@ -320,32 +468,28 @@ def _sms(device) -> int:
 
 
 def int4_gemv(x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, group: int, planes: int, out: torch.Tensor,
-              ws: Workspace, config: tuple | None = None, dot: bool = False) -> torch.Tensor:
-    """out [N] (bf16) = W x for one token x [K] (bf16); W planar int4 ``words`` [N, K/8], ``sz`` int32 [K/group, N]."""
+              ws: Workspace, config: tuple | None = None, dot: bool | int = False) -> torch.Tensor:
+    """out [N] (bf16) = W x for one token x [K] (bf16); W planar int4 ``words`` [N, K/8], ``sz`` int32 [K/group, N].
+    ``dot``: the kernel (FMA / DOT / X2; True is DOT)."""
     n, kw = words.shape
     k = kw * 8
     bn, split, warps, stages = (config or _config("int4", n, k, _sms(x.device)))[:4]
     blocks = triton.cdiv(n, bn)
     buf, lock = ws.get(n, split, blocks, x.device)
-    extra = {"DOT_BF16": x.is_cuda} if dot else {}
-    (_int4_dot_kernel if dot else _int4_gemv_kernel)[(blocks, split)](
-        x, words, sz, out, buf, lock, n, k, words.stride(0), GROUP=group, P=planes, BN=bn, SPLIT=split,
-        num_warps=warps, num_stages=stages, **extra)
+    _int4_launch(int(dot), (blocks, split), x, words, sz, out, buf, lock, n, k, group, planes, bn, split, warps, stages)
     return out
 
 
 def int8_gemv(x: torch.Tensor, words: torch.Tensor, planes: int, out: torch.Tensor, ws: Workspace,
-              config: tuple | None = None, dot: bool = False) -> torch.Tensor:
-    """out [N] (bf16) = Q x for one token (unscaled row sums); Q planar int8 ``words`` [N, K/4]."""
+              config: tuple | None = None, dot: bool | int = False) -> torch.Tensor:
+    """out [N] (bf16) = Q x for one token (unscaled row sums); Q planar int8 ``words`` [N, K/4]. ``dot``: the
+    kernel (FMA / DOT / X2; True is DOT)."""
     n, kw = words.shape
     k = kw * 4
     bn, split, warps, stages = (config or _config("int8", n, k, _sms(x.device)))[:4]
     blocks = triton.cdiv(n, bn)
     buf, lock = ws.get(n, split, blocks, x.device)
-    extra = {"DOT_BF16": x.is_cuda} if dot else {}
-    (_int8_dot_kernel if dot else _int8_gemv_kernel)[(blocks, split)](
-        x, words, out, buf, lock, n, k, words.stride(0), P=planes, BN=bn, SPLIT=split, num_warps=warps,
-        num_stages=stages, **extra)
+    _int8_launch(int(dot), (blocks, split), x, words, out, buf, lock, n, k, planes, bn, split, warps, stages)
     return out
 
 
@@ -379,13 +523,11 @@ def int4_planar_dequant(words: torch.Tensor, sz: torch.Tensor, group: int, plane
 
 @torch.library.custom_op("localgpt::int4_gemv", mutates_args=())
 def int4_gemv_op(x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, ws: torch.Tensor, lock: torch.Tensor,
-                 group: int, planes: int, bn: int, split: int, warps: int, dot: bool) -> torch.Tensor:
+                 group: int, planes: int, bn: int, split: int, warps: int, dot: int) -> torch.Tensor:
     n, kw = words.shape
     out = torch.empty(n, dtype=torch.bfloat16, device=x.device)
-    extra = {"DOT_BF16": x.is_cuda} if dot else {}
-    (_int4_dot_kernel if dot else _int4_gemv_kernel)[(triton.cdiv(n, bn), split)](
-        x, words, sz, out, ws, lock, n, kw * 8, words.stride(0), GROUP=group, P=planes, BN=bn, SPLIT=split,
-        num_warps=warps, **extra)
+    _int4_launch(dot, (triton.cdiv(n, bn), split), x, words, sz, out, ws, lock, n, kw * 8, group, planes, bn, split,
+                 warps)
     return out
 
 
@@ -396,13 +538,10 @@ def _(x, words, sz, ws, lock, group, planes, bn, split, warps, dot):
 
 @torch.library.custom_op("localgpt::int8_gemv", mutates_args=())
 def int8_gemv_op(x: torch.Tensor, words: torch.Tensor, ws: torch.Tensor, lock: torch.Tensor,
-                 planes: int, bn: int, split: int, warps: int, dot: bool) -> torch.Tensor:
+                 planes: int, bn: int, split: int, warps: int, dot: int) -> torch.Tensor:
     n, kw = words.shape
     out = torch.empty(n, dtype=torch.bfloat16, device=x.device)
-    extra = {"DOT_BF16": x.is_cuda} if dot else {}
-    (_int8_dot_kernel if dot else _int8_gemv_kernel)[(triton.cdiv(n, bn), split)](
-        x, words, out, ws, lock, n, kw * 4, words.stride(0), P=planes, BN=bn, SPLIT=split, num_warps=warps,
-        **extra)
+    _int8_launch(dot, (triton.cdiv(n, bn), split), x, words, out, ws, lock, n, kw * 4, planes, bn, split, warps)
     return out
 
 
@@ -426,9 +565,20 @@ def _(x, w, ws, lock, bk, bn, split, warps):
     return x.new_empty(w.shape[0], dtype=torch.bfloat16)
 
 
-def scratch(kind: str, n: int, k: int, device) -> tuple[tuple, torch.Tensor, torch.Tensor]:
-    """(bn, split, warps, tensor-core variant) for a layer and its split-K workspace and arrival counters."""
-    bn, split, warps, _, dot = _config(kind, n, k, _sms(torch.device(device)))
+def scratch(kind: str, n: int, k: int, device, kernel: int | None = None) -> tuple[tuple, torch.Tensor, torch.Tensor]:
+    """(bn, split, warps, kernel) for a layer and its split-K workspace and arrival counters. ``kernel``: force
+    one (FMA / DOT / X2) with the shape rule's config, when the tuned one is not wanted (a failed load check)."""
+    if kernel is None:
+        bn, split, warps, _, dot = _config(kind, n, k, _sms(torch.device(device)))
+    else:
+        saved = DEFAULT_KERNEL.get(kind), TUNED.pop((kind, n, k), None)
+        DEFAULT_KERNEL[kind] = kernel
+        try:
+            bn, split, warps, _, dot = _config(kind, n, k, _sms(torch.device(device)))
+        finally:
+            DEFAULT_KERNEL[kind] = saved[0]
+            if saved[1] is not None:
+                TUNED[(kind, n, k)] = saved[1]
     blocks = triton.cdiv(n, bn)
     ws = torch.empty(max(split, 1) * n if split > 1 else 1, dtype=torch.float32, device=device)
     lock = torch.zeros(blocks if split > 1 else 1, dtype=torch.int32, device=device)

@@ -278,8 +278,11 @@ def unpack_int4_reference(packed: torch.Tensor, out_features: int) -> torch.Tens
 
 def int4_planes(in_features: int, groupsize: int) -> int | None:
     """Words a block (P) for a planar int4 layer, such that a block holds whole groups and a group whole
-    planes; None if no P fits (the layer then stays on tinygemm)."""
-    for planes in (32, 16, 8, 4):
+    planes; None if no P fits (the layer then stays on tinygemm). One group a block (P = group / 8) first: the
+    layout the bf16x2 kernel (``gemv_triton.X2``) reads; the FMA kernels read any of them."""
+    for planes in (groupsize // 8, 32, 16, 8, 4):
+        if planes < 4:
+            continue
         if in_features % (8 * planes) == 0 and groupsize % planes == 0 and (8 * planes) % groupsize == 0:
             return planes
     return None
@@ -405,6 +408,13 @@ def check_decode_kernel(layer: nn.Module, reference: torch.Tensor, *, tries: int
         return False
 
 
+def _use_fma_kernel(layer: nn.Module, mode: str) -> None:
+    from localgpt.generation.fast.gemv_triton import FMA, scratch
+
+    layer.gemv_config, ws, lock = scratch(mode, layer.out_features, layer.in_features, layer.words.device, kernel=FMA)
+    layer.gemv_ws, layer.gemv_lock = ws, lock
+
+
 def quantize_model(model: nn.Module, mode: str, *, groupsize: int = 128, saved: dict | None = None,
                    keep: bool = False, decode: str = "auto") -> dict:
     """Swap every ``Linear`` of ``model`` for its ``mode`` ("int8" or "int4") version, in place.
@@ -424,6 +434,7 @@ def quantize_model(model: nn.Module, mode: str, *, groupsize: int = 128, saved: 
     states: dict = {}
     prompt_kernel: str | None | bool = False  # checked on the first tinygemm-layout int4 layer on CUDA
     planar: bool | None = None if decode == "triton" else False  # checked on the first layer on CUDA
+    fma_only = False  # the first layer's tuned kernel failed its check: every layer on the FMA kernel
     for parent, attr, name in list(_linears(model)):
         layer = getattr(parent, attr)
         device = layer.weight.device
@@ -450,9 +461,16 @@ def quantize_model(model: nn.Module, mode: str, *, groupsize: int = 128, saved: 
                 else:
                     reference = state["weight"].to(device).float() * new.scales.float()[:, None]
                 planar = check_decode_kernel(new, reference)
+                if not planar and new.gemv_config[3] != 0:
+                    # The tuned kernel (bf16x2 or tensor-core) is wrong or does not build here: the FMA kernel.
+                    fma_only = True
+                    _use_fma_kernel(new, mode)
+                    planar = check_decode_kernel(new, reference)
                 del reference
                 if not planar:
                     new = None
+            elif fma_only and new.layout == "planar":
+                _use_fma_kernel(new, mode)
         if new is None:
             new = kinds[mode].from_state(state, device)
         setattr(parent, attr, new)
