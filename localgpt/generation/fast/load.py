@@ -247,7 +247,7 @@ class _Node:
             return items[name]
         if name == "bias":
             return None
-        raise self.__dict__["_checkpoint"].missing(self.__dict__["_path"] + name)
+        raise self.__dict__["_checkpoint"].missing(self.__dict__["_path"] + name + ".*")
 
 
 def _tree(tensors: dict[str, torch.Tensor], eps: float | None, checkpoint: Checkpoint) -> _Node:
