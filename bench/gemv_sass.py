@@ -33,10 +33,10 @@ VARIANTS = {
     "bf16": (G._bf16_gemv_kernel, {"BK": 256, "BN": 16, "SPLIT": 1}, 4, 16 * 256),
 }
 for _name, _kernel, _cx in (
-        ("int4-x2", "_int4_x2_kernel", {"GROUP": 128, "P": 16, "ASM": True, "EXACT": False}),
+        ("int4-x2", "_int4_x2_kernel", {"GROUP": 128, "P": 16, "ASM": True, "EXACT": False, "FULL": True}),
         ("int4-x2-exact", "_int4_x2_kernel", {"GROUP": 128, "P": 16, "ASM": True, "EXACT": True}),
         ("int4-x2-noasm", "_int4_x2_kernel", {"GROUP": 128, "P": 16, "ASM": False, "EXACT": False}),
-        ("int8-x2", "_int8_x2_kernel", {"P": 32, "ASM": True}),
+        ("int8-x2", "_int8_x2_kernel", {"P": 32, "ASM": True, "FULL": True}),
         ("int8-x2-noasm", "_int8_x2_kernel", {"P": 32, "ASM": False})):
     if hasattr(G, _kernel):
         VARIANTS[_name] = (getattr(G, _kernel), _cx | {"BN": 32, "SPLIT": 4}, 2,

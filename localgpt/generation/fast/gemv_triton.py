@@ -149,7 +149,7 @@ HI_FLOOR = tl.constexpr(0x4300 / 65536.0)
 @triton.jit
 def _int4_x2_kernel(x_ptr, w_ptr, sz_ptr, out_ptr, ws_ptr, lock_ptr, N, K, stride,
                     GROUP: tl.constexpr, P: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr,
-                    ASM: tl.constexpr = True, EXACT: tl.constexpr = False):
+                    ASM: tl.constexpr = True, EXACT: tl.constexpr = False, FULL: tl.constexpr = False):
     # The planar int4 layout with one group a block (8P == GROUP): nibbles k and k + 4 of a word are unpacked
     # together into a bf16 pair (128 + q), widened to fp32 by a shift (low) and a mask or nothing (high,
     # ``EXACT``), multiplied by x and summed over the block; the group's scale and zero are applied to that sum
@@ -165,8 +165,12 @@ def _int4_x2_kernel(x_ptr, w_ptr, sz_ptr, out_ptr, ws_ptr, lock_ptr, N, K, strid
     acc = tl.zeros((BN, P), dtype=tl.float32)
     rest = tl.zeros((BN,), dtype=tl.float32)  # the zero points' and offsets' part, a row at a time
     for blk in range(first, last):
-        words = tl.load(w_row + blk * P, mask=live[:, None], other=0)
-        pair = tl.load(sz_ptr + blk * N + rows, mask=live, other=0)
+        if FULL:  # N a multiple of BN: no row masks (they cost a predicate and a zeroing move a load)
+            words = tl.load(w_row + blk * P)
+            pair = tl.load(sz_ptr + blk * N + rows)
+        else:
+            words = tl.load(w_row + blk * P, mask=live[:, None], other=0)
+            pair = tl.load(sz_ptr + blk * N + rows, mask=live, other=0)
         scale = (pair << 16).to(tl.float32, bitcast=True)
         zero = (pair & -65536).to(tl.float32, bitcast=True)
         part = tl.zeros((BN, P), dtype=tl.float32)
@@ -216,7 +220,8 @@ def _int8_fields(words, b: tl.constexpr, ASM: tl.constexpr):
 
 @triton.jit
 def _int8_x2_kernel(x_ptr, w_ptr, out_ptr, ws_ptr, lock_ptr, N, K, stride,
-                    P: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr, ASM: tl.constexpr = True):
+                    P: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr, ASM: tl.constexpr = True,
+                    FULL: tl.constexpr = False):
     # _int8_gemv_kernel with each byte made an fp32 by one ``prmt`` (2^23 + u, u = v + 128), one add removing
     # 2^23 + 128 exactly, and the FMA: three instructions a weight.
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -229,7 +234,10 @@ def _int8_x2_kernel(x_ptr, w_ptr, out_ptr, ws_ptr, lock_ptr, N, K, stride,
     w_row = w_ptr + rows[:, None] * stride + cols[None, :]
     acc = tl.zeros((BN, P), dtype=tl.float32)
     for blk in range(first, last):
-        words = tl.load(w_row + blk * P, mask=live[:, None], other=0) ^ -2139062144  # 0x80808080: u = v + 128
+        if FULL:
+            words = tl.load(w_row + blk * P) ^ -2139062144  # 0x80808080: u = v + 128
+        else:
+            words = tl.load(w_row + blk * P, mask=live[:, None], other=0) ^ -2139062144
         for b in tl.static_range(4):
             x = tl.load(x_ptr + blk * (4 * P) + b * P + cols).to(tl.float32)[None, :]
             acc += (_int8_fields(words, b, ASM) - (MAGIC + 128.0)) * x
@@ -416,7 +424,7 @@ def _int4_launch(kernel: int, grid, x, words, sz, out, ws, lock, n, k, group, pl
     if int(kernel) == X2:
         assert 8 * planes == group, "the x2 int4 kernel reads one group a block"
         _int4_x2_kernel[grid](x, words, sz, out, ws, lock, n, k, words.stride(0), GROUP=group, P=planes, BN=bn,
-                              SPLIT=split, ASM=x.is_cuda, num_warps=warps, num_stages=stages)
+                              SPLIT=split, ASM=x.is_cuda, FULL=n % bn == 0, num_warps=warps, num_stages=stages)
     elif int(kernel) == DOT:
         _int4_dot_kernel[grid](x, words, sz, out, ws, lock, n, k, words.stride(0), GROUP=group, P=planes, BN=bn,
                                SPLIT=split, DOT_BF16=x.is_cuda, num_warps=warps, num_stages=stages)
@@ -428,7 +436,7 @@ def _int4_launch(kernel: int, grid, x, words, sz, out, ws, lock, n, k, group, pl
 def _int8_launch(kernel: int, grid, x, words, out, ws, lock, n, k, planes, bn, split, warps, stages=1):
     if int(kernel) == X2:
         _int8_x2_kernel[grid](x, words, out, ws, lock, n, k, words.stride(0), P=planes, BN=bn, SPLIT=split,
-                              ASM=x.is_cuda, num_warps=warps, num_stages=stages)
+                              ASM=x.is_cuda, FULL=n % bn == 0, num_warps=warps, num_stages=stages)
     elif int(kernel) == DOT:
         _int8_dot_kernel[grid](x, words, out, ws, lock, n, k, words.stride(0), P=planes, BN=bn, SPLIT=split,
                                DOT_BF16=x.is_cuda, num_warps=warps, num_stages=stages)
