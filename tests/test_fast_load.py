@@ -34,11 +34,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def settings(**values):
-    from localgpt.config import Settings
+    """What ``load_fast_generator`` reads of the settings (a plain namespace: the GPU image has no pydantic)."""
+    from types import SimpleNamespace
 
-    base = dict(backend="transformers", engine="fast", model=None, family=None, quantization="none", device="cpu",
-                max_new_tokens=NEW, temperature=0.0, top_p=0.95, context_window=None, openai_url=None)
-    return Settings.model_construct(**(Settings.model_construct().model_dump() | base | values))
+    base = dict(model=None, family=None, quantization="none", device="cpu", max_new_tokens=NEW, temperature=0.0,
+                top_p=0.95, context_window=None)
+    return SimpleNamespace(**(base | values))
 
 
 def save_sharded(source: Path, target: Path, shard_size: str = "20KB", dtype=None) -> Path:

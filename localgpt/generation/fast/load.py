@@ -10,6 +10,7 @@ never sits on the GPU in bf16. Never downloads; reads only the folder it is give
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import struct
@@ -26,9 +27,9 @@ from torch import nn
 from localgpt.errors import ConfigError, ModelNotFound
 
 INDEX = "model.safetensors.index.json"
-# 64 MiB a read: large enough that a read costs far more than its GPU copy, small enough that the pinned
+# 32 MiB a read: large enough that a read costs far more than its GPU copy, small enough that the pinned
 # buffers (one a reader thread) stay a few hundred MB of host memory.
-CHUNK_BYTES = 64 << 20
+CHUNK_BYTES = 32 << 20
 READERS = 8  # threads reading the page cache in parallel (one thread copies ~5 GB/s, not the 50 of PCIe)
 LOOKAHEAD = 2  # layers read ahead of the one being built (their weights wait on the device in bf16)
 
@@ -310,6 +311,10 @@ def load_network(folder: Path, config: Any, device: str | torch.device, dtype: t
     rest_names = [n for n in checkpoint.names() if not n.startswith(layer_prefix) and not n.endswith("inv_freq")
                   and not (tied and n == "lm_head.weight")]
     reader = Reader(checkpoint, device, dtype, chunk_bytes=chunk_bytes, threads=threads)
+    if rope_path is not None:
+        # transformers' modeling module takes a second or two to import: let it overlap the first reads.
+        importer = threading.Thread(target=importlib.import_module, args=(rope_path[0],), daemon=True)
+        importer.start()
     states: dict = {}
     n_params = 0
     try:
@@ -323,8 +328,7 @@ def load_network(folder: Path, config: Any, device: str | torch.device, dtype: t
                 rest["lm_head.weight"] = rest[embed]
             rope = None
             if rope_path is not None:
-                import importlib
-
+                importer.join()
                 rope = getattr(importlib.import_module(rope_path[0]), rope_path[1])(config=config).to(device)
 
             def shim(tensors: dict[str, torch.Tensor], empty_layers: bool = False) -> _Shim:
