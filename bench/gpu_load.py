@@ -186,7 +186,7 @@ def run_child(folder: Path, quantization: str, path: str, mode: str, device: str
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(folder), "--quantization", quantization,
            "--path", path, "--mode", mode, "--device", device, "--cache-dir", str(cache_dir)]
     before = time.time()
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode or not lines:
         log(f"child failed ({out.returncode}): {out.stderr[-3000:]}")
@@ -272,7 +272,7 @@ def main() -> None:
                          + " |" * 5)
             continue
         table.append(f"| {r['model']} | {r['variant']} | {r['path']} | {r['run']} | **{r['start_to_token_s']:.1f}** | "
-                     f"{r['imports_s'] + r['interpreter_s']:.1f} | {r['load_s']:.1f} | {r['rss_hwm'] / 2**30:.2f} | "
+                     f"{r['imports_s'] + r['interpreter_s']:.1f} | {r['load_s']:.1f} | {(r['rss_hwm'] or r['ru_maxrss']) / 2**30:.2f} | "
                      f"{r['gpu_peak'] / 2**30:.2f} | {r['weights']} |")
     same = all(len(v) == 1 for v in first.values())
     log("\n".join(table))

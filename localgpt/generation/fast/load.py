@@ -15,6 +15,7 @@ import json
 import os
 import struct
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -286,6 +287,8 @@ class Streamed:
     config: Any
     n_params: int
     states: dict  # device-neutral quantised layer states (``keep``), for quantize.save_quantized
+    seconds: float = 0.0  # the whole load: reads, building, quantising
+    bytes_read: int = 0
 
 
 def load_network(folder: Path, config: Any, device: str | torch.device, dtype: torch.dtype, *,
@@ -310,6 +313,7 @@ def load_network(folder: Path, config: Any, device: str | torch.device, dtype: t
     tied = bool(getattr(config, "tie_word_embeddings", False))
     rest_names = [n for n in checkpoint.names() if not n.startswith(layer_prefix) and not n.endswith("inv_freq")
                   and not (tied and n == "lm_head.weight")]
+    started = time.perf_counter()
     reader = Reader(checkpoint, device, dtype, chunk_bytes=chunk_bytes, threads=threads)
     if rope_path is not None:
         # transformers' modeling module takes a second or two to import: let it overlap the first reads.
@@ -374,9 +378,11 @@ def load_network(folder: Path, config: Any, device: str | torch.device, dtype: t
             del rest
             if quantization:  # what is left: the output head
                 states.update(quantize_model(network, quantization, saved=saved, keep=keep))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     finally:
         reader.close()
-    return Streamed(network, config, n_params, states)
+    return Streamed(network, config, n_params, states, time.perf_counter() - started, reader.bytes_read)
 
 
 class _Shim:
@@ -427,4 +433,5 @@ def load_checkpoint(folder: Path, device: str, dtype: torch.dtype, quantization:
             note = f"quantized, saved {cache}"
         except OSError:
             note = "quantized (cache not writable)"
+    note += f"; streamed {loaded.bytes_read / 1e9:.2f} GB in {loaded.seconds:.2f} s"
     return loaded.network, config, generation_config, loaded.n_params, note
