@@ -551,6 +551,42 @@ def profile_slots(batch, bucket: int, log, context: int = 384, steps: int = 16) 
 
 
 @torch.inference_mode()
+def sweep_slot_attention(network, log, slots: int = 16, cache: int = 672, context: int = 384) -> dict:
+    """slot_triton.decode_attention's (split, block_n, warps) at this network's heads: every slot at ``context``
+    of a ``cache``-position slot cache (x1 and x``slots``); sets the fastest (summed) as the default."""
+    import triton
+
+    from localgpt.generation.fast import slot_triton
+
+    s = network.shape
+    k = torch.randn(slots, s.n_kv_heads, cache, s.head_dim, dtype=network.dtype, device=DEVICE)
+    v = torch.randn_like(k)
+    out: dict = {}
+    for split in (64, 128, 256):
+        for block_n in (32, 64, 128):
+            for warps in (2, 4, 8):
+                if block_n > split:
+                    continue
+                cfg, total = (split, block_n, warps), 0.0
+                for b in (1, slots):
+                    q = torch.randn(b, s.n_heads, s.head_dim, dtype=network.dtype, device=DEVICE)
+                    pos = torch.full((b,), context, dtype=torch.long, device=DEVICE)
+                    total += triton.testing.do_bench(
+                        lambda: slot_triton.decode_attention(q, k, v, pos, cache - 1, cfg), warmup=10, rep=40,
+                        return_mode="median")
+                out[str(cfg)] = 1000 * total
+    best = min(out, key=out.get)
+    split, block_n, warps = eval(best)  # noqa: S307 - our own tuple's repr
+    slot_triton.ATTENTION.update(split=split, block_n=block_n, warps=warps)
+    per_layer = slots * (context + 1) * 2 * s.n_kv_heads * s.head_dim * network.dtype.itemsize
+    log(f"  slot attention sweep (x1 + x{slots} at {context} positions, us): best {best} {out[best]:.1f}; "
+        + ", ".join(f"{c} {t:.1f}" for c, t in sorted(out.items(), key=lambda kv: kv[1])[:6])
+        + f"; x{slots} reads {per_layer / 1e6:.1f} MB a layer")
+    del k, v
+    return {"us": out, "best": best}
+
+
+@torch.inference_mode()
 def bench_fresh_ttft(network, vocab: int, log) -> dict:
     """The batch-1 engine's prefill (eager) at prompt lengths it has never seen, each once, then again: the
     per-shape costs (attention plans, GEMM heuristics) that a median over repeats hides."""
@@ -572,20 +608,22 @@ def bench_fresh_ttft(network, vocab: int, log) -> dict:
 
 
 def bench_batched(network, vocab: int, levels, log, new: int, kernels: str | None = None,
-                  profile: bool = False) -> dict:
+                  profile: bool = False, share: bool = False, shared_chunk: int = 2048) -> dict:
     """The fast engine's continuous batching: c streams submitted together (prompts 128-512 tokens, prefilled in
     chunks between decode steps), each to ``new`` tokens. Aggregate tok/s over the whole run (prefill included),
     per-stream inter-token latency p50/p95 over every gap of every stream, and the decode rate of each stream."""
     from localgpt.generation.fast.batch import BatchEngine
 
     slots = max(levels)
-    batch = BatchEngine(network, slots=slots, max_seq=CONC_PROMPTS[1] + new + 16, prefill_chunk=256,
-                        buckets=tuple(levels), kernels=kernels)
+    batch = BatchEngine(network, slots=slots, max_seq=CONC_PROMPTS[1] + new + 16,
+                        prefill_chunk=shared_chunk if share else 256, buckets=tuple(levels), kernels=kernels,
+                        share_prefill=share)
     warm = batch.warm_up()
     kernels = getattr(network, "slot_kernels", "eager")
-    log(f"  batched engine: {slots} slots, buckets {batch.buckets}, {kernels} step kernels, graphs captured in "
+    log(f"  batched engine: {slots} slots, buckets {batch.buckets}, {kernels} step kernels, prompt chunks of "
+        f"{batch.prefill_chunk} tokens{' shared by requests' if share else ' a request'}, graphs captured in "
         f"{warm:.1f} s")
-    out: dict = {"capture_s": warm, "kernels": kernels}
+    out: dict = {"capture_s": warm, "kernels": kernels, "share_prefill": share, "prefill_chunk": batch.prefill_chunk}
     for c in levels:
         asks = conc_prompts(c, vocab)
         batch.submit(asks[0], 4)  # one short request first: page in anything lazy
@@ -661,11 +699,19 @@ def run_concurrency(args, log, results: dict, key: str = "llama") -> None:
                 + (f" ({decode_kernels(net)})" if variant != "bf16" else ""))
             if variant == variants[0] and CUDA and getattr(net, "kind", "") == "transformer":
                 entry["fresh_ttft"] = bench_fresh_ttft(net, vocab, log)
+                if "fused" in args.slot_kernels:
+                    try:
+                        entry["attention_sweep"] = sweep_slot_attention(net, log)
+                    except Exception as exc:  # noqa: BLE001
+                        entry["attention_sweep"] = {"error": repr(exc)}
+                        log(traceback.format_exc())
             step_kernels = args.slot_kernels.split(",") if getattr(net, "kind", "") == "transformer" else [None]
-            for kernels in step_kernels:
-                name = variant if kernels == step_kernels[-1] else f"{variant}/{kernels}"
+            runs = [(k, share == "on") for k in step_kernels for share in args.share_prefill.split(",")]
+            for kernels, share in runs:
+                name = variant if (kernels, share) == runs[-1] else f"{variant}/{kernels}/{'shared' if share else 'own'}"
                 try:
-                    entry[name] = bench_batched(net, vocab, levels, log, new, kernels=kernels, profile=args.profile)
+                    entry[name] = bench_batched(net, vocab, levels, log, new, kernels=kernels, profile=args.profile,
+                                                share=share, shared_chunk=args.shared_chunk)
                 except Exception as exc:  # noqa: BLE001
                     entry[name] = {"error": repr(exc)}
                     log(traceback.format_exc())
@@ -702,7 +748,9 @@ def _concurrency_rows(entry: dict, rows: list, prefix: str = "") -> None:
         e = entry.get(variant)
         if not e:
             continue
-        variant = f"{variant.split('/')[0]} ({e.get('kernels', 'eager')} step)" if "kernels" in e else variant
+        if "kernels" in e:
+            variant = (f"{variant.split('/')[0]} ({e['kernels']} step"
+                       + (f", prompts shared in {e['prefill_chunk']}-token passes" if e.get("share_prefill") else "") + ")")
         if "error" in e:
             rows.append(f"| {prefix}fast batched {variant} | error: {e['error'][:80]} |")
             continue
@@ -885,6 +933,9 @@ def main() -> None:
                         "--concurrency (HF's FalconMamba has no fused kernels here: minutes a level)")
     parser.add_argument("--slot-kernels", default="eager,fused", help="--concurrency, Llama / Falcon: decode-step "
                         "kernels to measure, each a row (eager PyTorch, fused Triton); the last is the plain row")
+    parser.add_argument("--share-prefill", default="off", help="--concurrency: off, on or off,on (each a row): "
+                        "prompt chunks of several requests in one pass (BatchEngine share_prefill)")
+    parser.add_argument("--shared-chunk", type=int, default=2048, help="prompt tokens a shared pass takes")
     parser.add_argument("--tiny", action="store_true", help="tiny configs and prompts: check the script, not speed")
     parser.add_argument("--out", default=os.environ.get("OUT"))
     parser.add_argument("--results", type=Path, help="append the table to this markdown file")

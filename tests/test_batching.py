@@ -63,8 +63,9 @@ def drive(batch: BatchEngine, arrivals: dict[int, list[tuple]]) -> list:
     return reqs
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_concurrent_greedy_requests_equal_their_answers_alone(tiny_dir, family):
+@pytest.mark.parametrize("family, share", [(f, False) for f in FAMILIES] + [("llama2", True), ("falcon", True),
+                                                                            ("mamba", True)])
+def test_concurrent_greedy_requests_equal_their_answers_alone(tiny_dir, family, share):
     generator = load_fast_generator(settings(model=str(tiny_dir[family])))
     engine = generator.engine
     vocab = engine.model.shape.vocab_size
@@ -73,7 +74,7 @@ def test_concurrent_greedy_requests_equal_their_answers_alone(tiny_dir, family):
     asks = prompts(vocab, lengths)
     want = [alone(engine, ids, n) for ids, n in zip(asks, news)]
     # 8 requests, 3 slots, prompts prefilled 4 tokens at a time, arriving at steps 0, 0, 2, 3, 5, 9, 9, 30.
-    batch = BatchEngine(engine.model, slots=3, max_seq=128, prefill_chunk=4)
+    batch = BatchEngine(engine.model, slots=3, max_seq=128, prefill_chunk=4, buckets=(1,), share_prefill=share)
     assert batch.mode == "eager" and batch.buckets == [1, 3]
     if family.endswith("mamba"):
         for layer in engine.model.layers:  # slot states start from garbage: a joining request must reset its own
@@ -90,6 +91,17 @@ def test_concurrent_greedy_requests_equal_their_answers_alone(tiny_dir, family):
     assert not batch.busy and all(r is None for r in batch.active)
     # Streams really overlapped: fewer decode steps than the requests' tokens one after another.
     assert batch.steps_run < sum(news) - len(news)
+
+
+def test_the_default_engine_decodes_at_one_shape():
+    class Net:
+        kind, device = "transformer", torch.device("cpu")
+
+        def setup_slots(self, slots, max_seq):
+            pass
+
+    assert BatchEngine(Net(), slots=16).buckets == [16]
+    assert BatchEngine(Net(), slots=16, buckets=(1, 4, 16, 64)).buckets == [1, 4, 16]
 
 
 @pytest.mark.parametrize("family", ["llama2", "falcon-mamba"])
@@ -295,7 +307,7 @@ def fused_slot_kernels_check(device: str = "cpu", dtype: torch.dtype = torch.flo
     from localgpt.generation.fast import slot_triton
     from localgpt.generation.fast.transformer import from_falcon, from_llama
 
-    slot_triton.SPLIT_POSITIONS = 32  # several splits at a small cache
+    slot_triton.ATTENTION.update(split=32, block_n=16)  # several splits and loop steps at a small cache
     root = Path(tempfile.mkdtemp())
     for family, build in (("llama2", from_llama), ("falcon", from_falcon)):
         extra = {"num_key_value_heads": 2} if family == "llama2" else {}

@@ -141,3 +141,64 @@ def test_a_client_that_hangs_up_has_its_request_cancelled(server, alone):
     assert stats["slots_busy"] == 0 and stats["waiting"] == 0
     assert client.get("/metrics").json()["disconnected"] == disconnected + 1
     assert ask(server, long[0]) == alone[long[0]]  # the engine still answers, and alike
+
+
+# --- on a GPU: 16 streams through the CUDA-graph decode steps -----------------------------------------------
+
+GPU_QUESTIONS = [f"{q} ({i})" if i else q for i in range(3) for q in QUESTIONS][:16]
+
+
+@pytest.mark.gpu
+def test_gpu_sixteen_concurrent_chat_requests_each_equal_their_answer_alone(tmp_path_factory):
+    """`localgpt serve --engine fast` on CUDA (bf16, 16 slots, Triton step kernels, CUDA graphs): 16 chat requests
+    sent at once each stream exactly the answer the same request gets alone (greedy)."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from test_fast_engine import build_tiny_embedder
+
+    base = tmp_path_factory.mktemp("serve_batch_gpu")
+    embedder = build_tiny_embedder(base)  # the bundled embedders are too large to carry to a GPU machine
+    ingested_collection(base, DOCS, "docs", embedder=embedder)
+    model = build_tiny_llama(base / "tiny-llama", extra_corpus=[" ".join(f"w{i}" for i in range(2000))])
+    args = ["--data-dir", str(base / "data"), "--collection", "docs", "--embedder", embedder, "--model", str(model),
+            "--backend", "transformers", "--engine", "fast", "--device", "cuda", "--quantization", "none",
+            "--batch-slots", "16"]
+    with guarded_server(base, args) as (_, url):
+        server = {"url": url}
+        alone = {q: ask(server, q) for q in GPU_QUESTIONS}
+        assert all(a["tokens"] for a in alone.values())
+        answers: dict[str, dict] = {}
+        errors: list[BaseException] = []
+        gate = threading.Barrier(len(GPU_QUESTIONS))
+        seen = {"busy": 0}
+        done = threading.Event()
+
+        def one(q: str) -> None:
+            gate.wait()
+            try:
+                answers[q] = ask(server, q)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        def watch() -> None:
+            while not done.is_set():
+                seen["busy"] = max(seen["busy"], batch_stats(server)["slots_busy"])
+                time.sleep(0.01)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        threads = [threading.Thread(target=one, args=(q,)) for q in GPU_QUESTIONS]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        done.set()
+        watcher.join()
+        assert not errors, errors
+        assert set(answers) == set(GPU_QUESTIONS)
+        for q in GPU_QUESTIONS:
+            assert answers[q] == alone[q], q  # same text, same finish, same token count
+        assert seen["busy"] >= 4, seen  # they decoded together
+        health = api(server).get("/health").json()
+        print("gpu serve:", {q: a["tokens"] for q, a in answers.items()}, seen, health.get("queues"))

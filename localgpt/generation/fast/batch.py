@@ -8,8 +8,9 @@ straight into its slot's cache (chunked prefill, so a long prompt delays the oth
 not by the whole prompt); then one decode step runs for every slot that is decoding, each at its own position,
 with its own temperature / top-p; finished requests (a stop id, ``max_new_tokens``) leave and free their slot
 at once. The decode step runs over the first B slots, B the smallest of ``buckets`` that covers the busy slots
-(requests take the lowest free slot), and on CUDA each (B, greedy-or-sampled) step is captured once as a CUDA
-graph; an idle slot inside B decodes a dummy token at its scratch position ``max_seq`` and is ignored.
+(requests take the lowest free slot; by default B is always ``slots``), and on CUDA each (B, greedy-or-sampled)
+step is captured once as a CUDA graph; an idle slot inside B decodes a dummy token at its scratch position
+``max_seq`` and is ignored (the fused attention reads only that position for it).
 
 The batch-1 ``engine.Engine`` is untouched and stays the path of ``FastGenerator``; this one is additive.
 Greedy tokens of a request equal the ones it gets alone up to the rounding of the batch's matrix shapes:
@@ -95,24 +96,31 @@ class BatchEngine:
     """Serves many requests at once with one network (see the module docstring).
 
     ``slots``: streams decoded together at most; ``max_seq``: positions each slot's cache holds (prompt + new
-    tokens); ``prefill_chunk``: prompt tokens prefilled a step; ``buckets``: batch sizes a decode step may run
-    at (default 1, 4, 16, 64 up to ``slots``); ``mode``: "graph" (CUDA graphs, the CUDA default) or "eager".
+    tokens); ``prefill_chunk``: prompt tokens prefilled a step (one request's, or with ``share_prefill`` several
+    requests' in one pass: fewer passes, but a prompt's matrix shapes then depend on its neighbours); ``buckets``:
+    batch sizes a decode step may run at besides ``slots`` (e.g. 1, 4, 16: faster at low load for int4, whose
+    kernel's cost grows with the rows; default none: one shape, answers independent of the load);
+    ``kernels``: Llama / Falcon decode-step kernels ("fused" Triton on CUDA, "eager"); ``mode``: "graph" (CUDA
+    graphs, the CUDA default) or "eager".
     Not thread-safe by itself: drive it from one thread (``step`` / ``run``), or let ``start`` run it in its
     own thread and talk to it through ``submit`` and ``Request`` streams (``stream``).
     """
 
     def __init__(self, model, *, slots: int = 16, max_seq: int = 2048, prefill_chunk: int = 256,
-                 buckets: Iterable[int] | None = None, mode: str | None = None, kernels: str | None = None):
+                 buckets: Iterable[int] | None = None, mode: str | None = None, kernels: str | None = None,
+                 share_prefill: bool = False):
         if getattr(model, "kind", "") not in ("transformer", "mamba"):
             raise ValueError("continuous batching runs Llama / Falcon (transformer) and Mamba networks")
         self.model = model
         self.device = model.device
         self.slots, self.max_seq, self.prefill_chunk = slots, max_seq, prefill_chunk
+        self.share_prefill = share_prefill
         self.mode = mode or ("graph" if self.device.type == "cuda" else "eager")
         if self.device.type != "cuda":
             self.mode = "eager"
-        wanted = sorted({b for b in (buckets or (1, 4, 16, 64)) if b < slots} | {slots})
-        self.buckets = wanted
+        # One decode shape by default: a request's arithmetic then never depends on how many others run, so its
+        # greedy answer is the same under any load, bit for bit on CUDA too (each GEMM shape rounds its own way).
+        self.buckets = sorted({b for b in buckets if b < slots} | {slots}) if buckets else [slots]
         if kernels is None:
             model.setup_slots(slots, max_seq)
         else:  # Llama / Falcon: "fused" (Triton, the CUDA default) or "eager" decode-step kernels
@@ -238,28 +246,45 @@ class BatchEngine:
 
     @torch.inference_mode()
     def _prefill_one(self) -> list[Request]:
-        """One chunk of the prompt of the earliest admitted request still prefilling (lowest slot)."""
-        waiting = [r for r in self.active if r is not None and r.prefilled < len(r.ids)]
+        """Prompt chunks of the earliest admitted requests still prefilling: one request's next ``prefill_chunk``
+        tokens, or with ``share_prefill`` up to ``prefill_chunk`` tokens in all, taken from as many requests as
+        fit, in one pass. The requests whose prompt this completed get their first token."""
+        waiting = sorted((r for r in self.active if r is not None and r.prefilled < len(r.ids)),
+                         key=lambda r: r.submitted)
         if not waiting:
             return []
-        req = min(waiting, key=lambda r: r.submitted)
-        start = req.prefilled
-        chunk = req.ids[start:start + self.prefill_chunk]
-        ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
-        logits = self.model.prefill_slot(req.slot, ids, start)
-        req.prefilled = start + len(chunk)
-        if req.prefilled < len(req.ids):
+        parts, budget = [], self.prefill_chunk
+        for req in waiting[:None if self.share_prefill else 1]:
+            if budget <= 0:
+                break
+            chunk = req.ids[req.prefilled:req.prefilled + budget]
+            parts.append((req, chunk))
+            budget -= len(chunk)
+        logits = self.model.prefill_slots([
+            (req.slot, torch.tensor(chunk, dtype=torch.long, device=self.device), req.prefilled)
+            for req, chunk in parts])
+        done = []
+        for i, (req, chunk) in enumerate(parts):
+            req.prefilled += len(chunk)
+            if req.prefilled == len(req.ids):
+                done.append((req, logits[i:i + 1]))
+        if not done:
             return []
-        if req.temperature > 0:
-            t = torch.full((), req.temperature, device=self.device)
-            p = torch.full((), req.top_p, device=self.device)
-            first = sample(logits, t, p)
-        else:
-            first = greedy(logits, None, None)
-        req._emit(int(first.item()), time.perf_counter())
-        if req.done:
-            self._free(req)
-        return [req]
+        firsts = []
+        for req, row in done:
+            if req.temperature > 0:
+                t = torch.full((), req.temperature, device=self.device)
+                p = torch.full((), req.top_p, device=self.device)
+                firsts.append(sample(row, t, p).view(1))
+            else:
+                firsts.append(greedy(row, None, None).view(1))
+        got = torch.cat(firsts).tolist()  # one host sync for all of them
+        now = time.perf_counter()
+        for (req, _), token in zip(done, got):
+            req._emit(int(token), now)
+            if req.done:
+                self._free(req)
+        return [req for req, _ in done]
 
     @torch.inference_mode()
     def _decode(self) -> list[Request]:

@@ -105,7 +105,8 @@ class MambaLayer(nn.Module):
         if t == 1:
             x = (window * self.conv_w).sum(-1, keepdim=True).t() + self.conv_b
         else:
-            x = F.conv1d(window[None], self.conv_w[:, None], self.conv_b, groups=s.inner)[0].t()
+            # contiguous: tinygemm (int4 layers at few rows, e.g. a prompt chunk's tail) needs it
+            x = F.conv1d(window[None], self.conv_w[:, None], self.conv_b, groups=s.inner)[0].t().contiguous()
         x = F.silu(x)
         dt, B, C = self._ssm_inputs(x)
         if t == 1:
@@ -219,6 +220,11 @@ class Mamba(nn.Module):
         for layer in self.layers:
             x = layer.step_slots(x, live)
         return self.lm_head(self.norm(x).to(self.dtype)).float()
+
+    def prefill_slots(self, parts: list[tuple[int, torch.Tensor, int]]) -> torch.Tensor:
+        """Logits [n, vocab] after each of n prompt chunks (slot, ids [t], start); one after another (each slot's
+        scan carries its own state)."""
+        return torch.cat([self.prefill_slot(slot, chunk[None], start) for slot, chunk, start in parts])
 
     def prefill_slot(self, slot: int, ids: torch.Tensor, start: int) -> torch.Tensor:
         """Logits [1, vocab] after a chunk ``ids`` [1, t] of slot ``slot``'s prompt (state reset at start 0)."""

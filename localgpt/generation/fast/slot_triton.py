@@ -15,7 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-SPLIT_POSITIONS = 256  # cache positions one attention program reads; the splits meet in _attention_combine
+# decode_attention's shape: cache positions one program reads (the splits meet in _attention_combine_kernel),
+# positions a loop iteration loads, warps a program. bench/gpu.py --concurrency sweeps them (--profile).
+ATTENTION = {"split": 128, "block_n": 64, "warps": 4}
 
 
 @triton.jit
@@ -161,18 +163,19 @@ def _attention_combine_kernel(acc_ptr, ml_ptr, out_ptr, NSPLIT: tl.constexpr, HD
 
 
 def decode_attention(q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tensor, positions: torch.Tensor,
-                     scratch: int) -> torch.Tensor:
+                     scratch: int, config: tuple | None = None) -> torch.Tensor:
     """One query a slot: q [B, H, hd] against slot b's cache positions 0..positions[b] (a slot at ``scratch``,
     idle, against that position alone). k_slots / v_slots [slots >= B, KV, L, hd]. Returns [B, H * hd]."""
     b, n_heads, hd = q.shape
     kv, length = k_slots.shape[1], k_slots.shape[2]
-    nsplit = triton.cdiv(length, SPLIT_POSITIONS)
+    split, block_n, warps = config or (ATTENTION["split"], ATTENTION["block_n"], ATTENTION["warps"])
+    nsplit = triton.cdiv(length, split)
     acc = torch.empty(b * n_heads * nsplit, hd, dtype=torch.float32, device=q.device)
     ml = torch.empty(b * n_heads * nsplit, 2, dtype=torch.float32, device=q.device)
     block_d = triton.next_power_of_2(hd)
     _attention_split_kernel[(b, n_heads, nsplit)](
         q, k_slots, v_slots, positions, acc, ml, n_heads, kv, length, scratch, hd ** -0.5, REP=n_heads // kv, HD=hd,
-        BLOCK_D=block_d, BLOCK_N=max(16, 4096 // block_d), SPLIT=SPLIT_POSITIONS, num_warps=4)
+        BLOCK_D=block_d, BLOCK_N=min(block_n, split), SPLIT=split, num_warps=warps)
     out = torch.empty(b, n_heads * hd, dtype=q.dtype, device=q.device)
     _attention_combine_kernel[(b * n_heads,)](acc, ml, out, NSPLIT=nsplit, HD=hd, BLOCK_D=block_d, num_warps=1)
     return out

@@ -138,7 +138,8 @@ class Block(nn.Module):
             self.v_cache[:, :, :t] = v
             if rep > 1:
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1)
+            with sdpa_kernel(_CHUNK_BACKENDS):  # not cuDNN: an execution plan per new prompt length (~45 ms, H200)
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1)
         else:
             # One decode step: the query heads of a kv group become that group's "query rows", so
             # grouped and multi-query attention read the cache once, without repeating it.
@@ -221,28 +222,37 @@ class Block(nn.Module):
         x = x + self.attention_slots_fused(h1, cos, sin, positions)
         return x + mlp(norm(self.norm2, x))
 
-    def attention_chunk(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot: int,
-                        start: int) -> torch.Tensor:
-        """A chunk of one slot's prompt: x [1, t, dim] at positions start..start+t-1, after start cached ones."""
+    def attention_chunks(self, x: torch.Tensor, parts: list[tuple[int, int, int]], cos: torch.Tensor,
+                         sin: torch.Tensor) -> torch.Tensor:
+        """Prompt chunks of several slots in one pass: x [1, T, dim] holds the chunks one after another; ``parts``
+        (slot, start, t): a chunk of t tokens at positions start.. of slot ``slot``'s prompt, after start cached
+        ones; cos / sin [T, head_dim] for those positions. The projections run once over all T rows, the
+        attention per chunk over its own slot's cache."""
         s = self.shape
-        t = x.shape[1]
-        q, k, v = self._qkv(x, cos, sin)
-        end = start + t
-        self.k_slots[slot, :, start:end] = k[0]
-        self.v_slots[slot, :, start:end] = v[0]
-        k, v = self.k_slots[slot:slot + 1, :, :end], self.v_slots[slot:slot + 1, :, :end]
+        total = x.shape[1]
+        q, k, v = self._qkv(x, cos, sin)  # [1, heads, T, head_dim]
         rep = s.n_heads // s.n_kv_heads
-        if rep > 1:
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        # Not cuDNN: torch 2.11 sends masked SDPA to cuDNN first on Hopper, and cuDNN builds an execution plan
-        # for every new (chunk, cached length) shape, ~0.1-0.4 s each (bench/gpu_notes.md, continuous batching).
-        with sdpa_kernel(_CHUNK_BACKENDS):
-            if start == 0 or t == 1:
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=start == 0 and t > 1)
-            else:
-                mask = torch.arange(end, device=x.device)[None, :] <= torch.arange(start, end, device=x.device)[:, None]
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.wo(out.transpose(1, 2).reshape(1, t, s.n_heads * s.head_dim))
+        outs, row = [], 0
+        for slot, start, t in parts:
+            end = start + t
+            self.k_slots[slot, :, start:end] = k[0, :, row:row + t]
+            self.v_slots[slot, :, start:end] = v[0, :, row:row + t]
+            kc, vc = self.k_slots[slot:slot + 1, :, :end], self.v_slots[slot:slot + 1, :, :end]
+            if rep > 1:
+                kc, vc = kc.repeat_interleave(rep, dim=1), vc.repeat_interleave(rep, dim=1)
+            qc = q[:, :, row:row + t]
+            # Not cuDNN: torch 2.11 sends SDPA to cuDNN first on Hopper, and cuDNN builds an execution plan for every
+            # new (chunk, cached length) shape, ~0.1-0.4 s each (bench/gpu_notes.md, continuous batching).
+            with sdpa_kernel(_CHUNK_BACKENDS):
+                if start == 0 or t == 1:
+                    out = F.scaled_dot_product_attention(qc, kc, vc, is_causal=start == 0 and t > 1)
+                else:
+                    mask = torch.arange(end, device=x.device)[None, :] <= torch.arange(start, end, device=x.device)[:, None]
+                    out = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask)
+            outs.append(out)
+            row += t
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        return self.wo(out.transpose(1, 2).reshape(1, total, s.n_heads * s.head_dim))
 
     def forward_with(self, x: torch.Tensor, attend) -> torch.Tensor:
         """``forward`` with the attention given as a function of the normed input (the slot paths)."""
@@ -347,12 +357,19 @@ class Transformer(nn.Module):
 
     def prefill_slot(self, slot: int, ids: torch.Tensor, start: int) -> torch.Tensor:
         """Logits [1, vocab] after a chunk ``ids`` [1, t] of slot ``slot``'s prompt, at positions start.."""
-        t = ids.shape[1]
-        cos, sin = self.slot_cos[start:start + t], self.slot_sin[start:start + t]
+        return self.prefill_slots([(slot, ids[0], start)])
+
+    def prefill_slots(self, parts: list[tuple[int, torch.Tensor, int]]) -> torch.Tensor:
+        """Logits [n, vocab] after each of n prompt chunks (slot, ids [t], start), run as one pass (``attention_chunks``)."""
+        ids = torch.cat([p[1] for p in parts])[None]
+        cos = torch.cat([self.slot_cos[start:start + len(chunk)] for _, chunk, start in parts])
+        sin = torch.cat([self.slot_sin[start:start + len(chunk)] for _, chunk, start in parts])
+        spans = [(slot, start, len(chunk)) for slot, chunk, start in parts]
         x = F.embedding(ids, self.embed)
         for block in self.blocks:
-            x = block.forward_with(x, lambda h, blk=block: blk.attention_chunk(h, cos, sin, slot, start))
-        return self.lm_head(self.norm(x[:, -1:]))[:, -1].float()
+            x = block.forward_with(x, lambda h, blk=block: blk.attention_chunks(h, spans, cos, sin))
+        last = torch.tensor([sum(t for *_, t in spans[:i + 1]) - 1 for i in range(len(spans))], device=x.device)
+        return self.lm_head(self.norm(x[:, last]))[0].float()
 
 
 def _has_triton() -> bool:
