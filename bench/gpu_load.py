@@ -182,6 +182,31 @@ def child(args) -> None:
         "warm_up_s": generator.stats.extra.get("warm_up_s"), "stats_load_s": generator.stats.load_s}))
 
 
+def probe(folder: str) -> None:
+    """Where a start's fixed seconds go: each step a fresh process takes before any weight is read."""
+    marks = [("start", time.time())]
+    import torch
+
+    marks.append(("import torch", time.time()))
+    import localgpt.generation.fast.generator  # noqa: F401
+
+    marks.append(("import localgpt's fast engine", time.time()))
+    from transformers import AutoConfig, AutoTokenizer
+
+    marks.append(("import transformers (Auto*)", time.time()))
+    torch.cuda.is_available()
+    marks.append(("torch.cuda.is_available()", time.time()))
+    torch.empty(1, device="cuda")
+    marks.append(("first CUDA allocation (context)", time.time()))
+    AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    AutoConfig.from_pretrained(folder, local_files_only=True)
+    marks.append(("tokenizer + config", time.time()))
+    import transformers.modeling_utils  # noqa: F401
+
+    marks.append(("import transformers.modeling_utils (the transformers path only)", time.time()))
+    print("PROBE " + json.dumps([(name, round(t - marks[i][1], 2)) for i, (name, t) in enumerate(marks[1:])]))
+
+
 def run_child(folder: Path, quantization: str, path: str, mode: str, device: str, cache_dir: Path, log) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(folder), "--quantization", quantization,
            "--path", path, "--mode", mode, "--device", device, "--cache-dir", str(cache_dir)]
@@ -211,6 +236,7 @@ def main() -> None:
     parser.add_argument("--commit", default="")
     parser.add_argument("--json")
     parser.add_argument("--child")
+    parser.add_argument("--probe")
     parser.add_argument("--quantization", default="none")
     parser.add_argument("--path", default="stream")
     parser.add_argument("--device", default="cuda")
@@ -218,6 +244,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         child(args)
+        return
+    if args.probe:
+        probe(args.probe)
         return
 
     import torch
@@ -245,6 +274,11 @@ def main() -> None:
             + (f", written in {time.perf_counter() - t0:.1f} s" if gb else " (already written)"))
         log(f"{label}: page cache warmed, read in {warm_page_cache(folder):.1f} s")
         torch.cuda.empty_cache() if device == "cuda" else None
+        if device == "cuda":
+            out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--probe", str(folder)],
+                                 capture_output=True, text=True, cwd=ROOT, timeout=120)
+            steps = [line for line in out.stdout.splitlines() if line.startswith("PROBE ")]
+            log(f"{label}: fixed costs of a start (s): " + (steps[-1][6:] if steps else out.stderr[-500:]))
         for variant in args.variants.split(","):
             for path in args.paths.split(","):
                 cache = Path(tempfile.mkdtemp(prefix="localgpt-qcache-"))

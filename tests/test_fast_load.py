@@ -104,6 +104,8 @@ def test_sharded_checkpoint_loads_the_same_network_and_answers_as_transformers(s
     ids = torch.tensor([[1, 5, 9, 14, 3, 22, 7]])
     with torch.inference_mode():
         reference.setup_cache(generator.engine.max_seq)
+        if reference.kind == "transformer":  # the rotary tables, bit for bit
+            assert torch.equal(network.cos, reference.cos) and torch.equal(network.sin, reference.sin)
         # Equal weights; the logits only up to fp32 summation order (BLAS picks kernels by the weights' alignment,
         # and transformers' weights may sit at any offset of a mapped file).
         torch.testing.assert_close(network.prefill(ids), reference.prefill(ids), rtol=1e-5, atol=1e-5)
@@ -196,6 +198,38 @@ def test_peak_memory_holds_one_copy_of_the_weights(tmp_path, subprocess_env):
     print(f"model {model_bytes / 2**20:.0f} MiB, peak grew {numbers['grew'] / 2**20:.0f} MiB")
     assert numbers["held"] == model_bytes
     assert numbers["grew"] < 1.4 * model_bytes
+
+
+def test_a_scaled_rotary_uses_transformers_own_module(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    folder = save_sharded(build_tiny_model("llama2", tmp_path / "one", rope_scaling={"rope_type": "linear",
+                                                                                    "factor": 2.0}), tmp_path / "sh")
+    hf = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+    with torch.inference_mode():
+        reference = build_network(hf)
+        reference.setup_cache(64)
+    network = load_fast_generator(settings(model=str(folder))).engine.model
+    assert type(network.rope).__name__ == "LlamaRotaryEmbedding"
+    assert torch.equal(network.cos[:64], reference.cos)
+
+
+def test_streamed_load_never_imports_transformers_modeling_stack(sharded, subprocess_env):
+    """The seconds transformers' model classes take to import are not part of a streamed start."""
+    script = textwrap.dedent(f"""
+        import sys
+        from types import SimpleNamespace
+        from localgpt.generation.fast import load_fast_generator
+        for folder in {[str(sharded[f]) for f in FAMILIES]!r}:
+            g = load_fast_generator(SimpleNamespace(model=folder, family=None, quantization="none", device="cpu",
+                                                    max_new_tokens=4, temperature=0.0, top_p=1.0, context_window=None))
+        print(sorted(m for m in sys.modules if m.startswith("transformers.model")))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=subprocess_env,
+                         cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    loaded = out.stdout.strip().splitlines()[-1]
+    assert "transformers.modeling_utils" not in loaded and "modeling_llama" not in loaded, loaded
 
 
 # --- damaged copies --------------------------------------------------------------------------------------

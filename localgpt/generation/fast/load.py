@@ -315,8 +315,9 @@ def load_network(folder: Path, config: Any, device: str | torch.device, dtype: t
                   and not (tied and n == "lm_head.weight")]
     started = time.perf_counter()
     reader = Reader(checkpoint, device, dtype, chunk_bytes=chunk_bytes, threads=threads)
-    if rope_path is not None:
-        # transformers' modeling module takes a second or two to import: let it overlap the first reads.
+    scaled_rope = rope_path is not None and _rope_type(config) != "default"
+    if scaled_rope:
+        # transformers' modeling module takes seconds to import: let it overlap the first reads.
         importer = threading.Thread(target=importlib.import_module, args=(rope_path[0],), daemon=True)
         importer.start()
     states: dict = {}
@@ -331,9 +332,11 @@ def load_network(folder: Path, config: Any, device: str | torch.device, dtype: t
                     raise checkpoint.missing(embed)
                 rest["lm_head.weight"] = rest[embed]
             rope = None
-            if rope_path is not None:
+            if scaled_rope:
                 importer.join()
                 rope = getattr(importlib.import_module(rope_path[0]), rope_path[1])(config=config).to(device)
+            elif rope_path is not None:
+                rope = Rotary(config).to(device)
 
             def shim(tensors: dict[str, torch.Tensor], empty_layers: bool = False) -> _Shim:
                 root = _tree(tensors, eps, checkpoint)
@@ -383,6 +386,30 @@ def load_network(folder: Path, config: Any, device: str | torch.device, dtype: t
     finally:
         reader.close()
     return Streamed(network, config, n_params, states, time.perf_counter() - started, reader.bytes_read)
+
+
+def _rope_type(config: Any) -> str:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return params.get("rope_type", params.get("type", "default"))
+
+
+class Rotary(nn.Module):
+    """transformers' default (unscaled) rotary cos / sin with the same arithmetic (``LlamaRotaryEmbedding``,
+    ``FalconRotaryEmbedding``), so that the streamed load never imports transformers' modeling stack (about
+    2 s of a start); checkpoints with a scaled rotary (rope_type other than default) use transformers' own."""
+
+    def __init__(self, config: Any):
+        super().__init__()
+        params = getattr(config, "rope_parameters", None) or {}
+        base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor):
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype=x.dtype), emb.sin().to(dtype=x.dtype)
 
 
 class _Shim:
