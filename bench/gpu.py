@@ -301,7 +301,8 @@ def bench_gemv(log, kinds_wanted=("int4", "int8", "bf16"), kernels_wanted=("x2",
     # round 2 (the tensor-core variant never won: only with "dot"); the bf16x2 kernel over a sweep.
     quant_configs = {"fma": None, "dot": [(bn, split, warps, G.DOT) for bn in (32, 64) for split in (1, 4)
                                           for warps in (2, 4)],
-                     "x2": [(bn, split, warps, G.X2) for bn in (64, 128) for split in (1, 2, 4) for warps in (1, 2, 4)]}
+                     "x2": [(bn, split, warps, code) for code in (G.X2, G.X2_AHEAD) for bn in (32, 64, 128)
+                            for split in (2, 4, 8, 16) for warps in (2, 4)]}
     res: dict = {}
 
     def graph_us(calls) -> float:
@@ -399,8 +400,8 @@ def bench_gemv(log, kinds_wanted=("int4", "int8", "bf16"), kernels_wanted=("x2",
                     tuned = tuple(eval(best))  # noqa: S307 - our own tuple's repr
                     G.TUNED[(kind, n, k)] = tuned[:3] + (1,) + tuned[3:]
                     b = good[best]
-                    for code, label in ((G.FMA, "fma"), (G.X2, "x2")):
-                        mine = {c: v for c, v in good.items() if kind != "bf16" and eval(c)[3] == code}  # noqa: S307
+                    for codes, label in (((G.FMA,), "fma"), ((G.X2, G.X2_AHEAD), "x2")):
+                        mine = {c: v for c, v in good.items() if kind != "bf16" and eval(c)[3] in codes}  # noqa: S307
                         if mine:
                             c = min(mine, key=lambda c: mine[c]["us"])
                             entry[f"best_{label}"] = c

@@ -286,7 +286,7 @@ def gemv_interpreter_check():
         # counters end at zero. (The interpreter runs the tensor-core variant's dot in fp32: its bf16 dot is wrong.)
         # Kernel 2 is the bf16x2 one (gemv.X2) with its unpacking in plain Triton ops (its PTX does not run here).
         for config in [(16, 1, 1, 1, False), (8, 2, 1, 1, False), (32, 3, 2, 1, False), (16, 2, 1, 1, True),
-                       (16, 1, 1, 1, gemv.X2), (64, 3, 2, 1, gemv.X2)]:
+                       (16, 1, 1, 1, gemv.X2), (64, 3, 2, 1, gemv.X2), (8, 2, 1, 1, gemv.X2_AHEAD)]:
             for run, expect in [
                 (lambda out, ws: gemv.int4_gemv(x, words, pairs, group, planes, out, ws, config[:4], dot=config[4]),
                  want),
@@ -519,8 +519,9 @@ def test_gpu_bf16x2_gemv_kernels_match_the_reference_and_replay_identically(mode
         x = torch.randn(1, 1, k, device="cuda", dtype=torch.bfloat16)
         want = ref @ x.reshape(-1).float()
         slack = want.abs() * 2**-7 + 1e-5 * (ref.abs() @ x.reshape(-1).float().abs()) + 1e-6
-        for bn, split, warps in [(64, 1, 2), (64, 4, 2), (128, 2, 4), (128, 4, 1)]:
-            q.gemv_config = (bn, split, warps, gemv.X2)
+        for bn, split, warps, code in [(64, 1, 2, gemv.X2), (64, 4, 2, gemv.X2), (128, 2, 4, gemv.X2_AHEAD),
+                                         (32, 16, 2, gemv.X2_AHEAD)]:
+            q.gemv_config = (bn, split, warps, code)
             q.gemv_ws = torch.empty(split * n, dtype=torch.float32, device="cuda")
             q.gemv_lock = torch.zeros(triton_cdiv(n, bn), dtype=torch.int32, device="cuda")
             got = q(x).reshape(-1).float()

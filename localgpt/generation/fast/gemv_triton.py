@@ -147,9 +147,28 @@ HI_FLOOR = tl.constexpr(0x4300 / 65536.0)
 
 
 @triton.jit
+def _load_rows(w_ptrs, sz_ptrs, live, more, FULL: tl.constexpr):
+    """A block's words [BN, P] and its rows' (scale, zero) pairs [BN]; zeros where ``more`` is False. With
+    ``FULL`` (N a multiple of BN) no row masks: they cost a predicate and a zeroing move a load."""
+    if FULL:
+        return (tl.load(w_ptrs, mask=more, other=0), tl.load(sz_ptrs, mask=more, other=0))
+    else:
+        return (tl.load(w_ptrs, mask=live[:, None] & more, other=0), tl.load(sz_ptrs, mask=live & more, other=0))
+
+
+@triton.jit
+def _load_words(w_ptrs, live, more, FULL: tl.constexpr):
+    if FULL:
+        return tl.load(w_ptrs, mask=more, other=0)
+    else:
+        return tl.load(w_ptrs, mask=live[:, None] & more, other=0)
+
+
+@triton.jit
 def _int4_x2_kernel(x_ptr, w_ptr, sz_ptr, out_ptr, ws_ptr, lock_ptr, N, K, stride,
                     GROUP: tl.constexpr, P: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr,
-                    ASM: tl.constexpr = True, EXACT: tl.constexpr = False, FULL: tl.constexpr = False):
+                    ASM: tl.constexpr = True, EXACT: tl.constexpr = False, FULL: tl.constexpr = False,
+                    AHEAD: tl.constexpr = False):
     # The planar int4 layout with one group a block (8P == GROUP): nibbles k and k + 4 of a word are unpacked
     # together into a bf16 pair (128 + q), widened to fp32 by a shift (low) and a mask or nothing (high,
     # ``EXACT``), multiplied by x and summed over the block; the group's scale and zero are applied to that sum
@@ -164,13 +183,15 @@ def _int4_x2_kernel(x_ptr, w_ptr, sz_ptr, out_ptr, ws_ptr, lock_ptr, N, K, strid
     w_row = w_ptr + rows[:, None] * stride + cols[None, :]
     acc = tl.zeros((BN, P), dtype=tl.float32)
     rest = tl.zeros((BN,), dtype=tl.float32)  # the zero points' and offsets' part, a row at a time
+    if AHEAD:  # the next block's words are loaded before this block's arithmetic: twice the bytes in flight
+        words_next = _load_rows(w_row + first * P, sz_ptr + first * N + rows, live, first < last, FULL)
     for blk in range(first, last):
-        if FULL:  # N a multiple of BN: no row masks (they cost a predicate and a zeroing move a load)
-            words = tl.load(w_row + blk * P)
-            pair = tl.load(sz_ptr + blk * N + rows)
+        if AHEAD:
+            words, pair = words_next
+            words_next = _load_rows(w_row + (blk + 1) * P, sz_ptr + (blk + 1) * N + rows, live, blk + 1 < last,
+                                    FULL)
         else:
-            words = tl.load(w_row + blk * P, mask=live[:, None], other=0)
-            pair = tl.load(sz_ptr + blk * N + rows, mask=live, other=0)
+            words, pair = _load_rows(w_row + blk * P, sz_ptr + blk * N + rows, live, True, FULL)
         scale = (pair << 16).to(tl.float32, bitcast=True)
         zero = (pair & -65536).to(tl.float32, bitcast=True)
         part = tl.zeros((BN, P), dtype=tl.float32)
@@ -221,7 +242,7 @@ def _int8_fields(words, b: tl.constexpr, ASM: tl.constexpr):
 @triton.jit
 def _int8_x2_kernel(x_ptr, w_ptr, out_ptr, ws_ptr, lock_ptr, N, K, stride,
                     P: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr, ASM: tl.constexpr = True,
-                    FULL: tl.constexpr = False):
+                    FULL: tl.constexpr = False, AHEAD: tl.constexpr = False):
     # _int8_gemv_kernel with each byte made an fp32 by one ``prmt`` (2^23 + u, u = v + 128), one add removing
     # 2^23 + 128 exactly, and the FMA: three instructions a weight.
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -233,11 +254,14 @@ def _int8_x2_kernel(x_ptr, w_ptr, out_ptr, ws_ptr, lock_ptr, N, K, stride,
     last = tl.minimum(first + per_split, n_blocks)
     w_row = w_ptr + rows[:, None] * stride + cols[None, :]
     acc = tl.zeros((BN, P), dtype=tl.float32)
+    if AHEAD:
+        words_next = _load_words(w_row + first * P, live, first < last, FULL)
     for blk in range(first, last):
-        if FULL:
-            words = tl.load(w_row + blk * P) ^ -2139062144  # 0x80808080: u = v + 128
+        if AHEAD:
+            words = words_next ^ -2139062144  # 0x80808080: u = v + 128
+            words_next = _load_words(w_row + (blk + 1) * P, live, blk + 1 < last, FULL)
         else:
-            words = tl.load(w_row + blk * P, mask=live[:, None], other=0) ^ -2139062144
+            words = _load_words(w_row + blk * P, live, True, FULL) ^ -2139062144
         for b in tl.static_range(4):
             x = tl.load(x_ptr + blk * (4 * P) + b * P + cols).to(tl.float32)[None, :]
             acc += (_int8_fields(words, b, ASM) - (MAGIC + 128.0)) * x
@@ -391,7 +415,7 @@ def _int4_planar_dequant_kernel(w_ptr, sz_ptr, out_ptr, N, K, stride, GROUP: tl.
 # The quantised kernels, by the code in a config's fifth place: the magic-number FMA kernel, its tensor-core
 # variant, and the bf16x2-unpacking kernel (``_int4_x2_kernel`` / ``_int8_x2_kernel``: inline PTX, so GPU only;
 # int4 needs one group a block, ``8 * planes == group``). ``DEFAULT_KERNEL``: the one for shapes not in TUNED.
-FMA, DOT, X2 = 0, 1, 2
+FMA, DOT, X2, X2_AHEAD = 0, 1, 2, 3  # X2_AHEAD: X2 loading the next block before this one's arithmetic
 DEFAULT_KERNEL = {"int4": FMA, "int8": FMA}
 
 # (rows a program, programs along K, warps, pipeline stages, kernel) by layer shape; tuned on the H200 (bench/gpu.py
@@ -414,17 +438,18 @@ def _config(kind: str, n: int, k: int, sms: int) -> tuple[int, int, int, int, in
     if tuned:
         return tuple(tuned) + (DEFAULT_KERNEL.get(kind, FMA),) * (5 - len(tuned))
     kernel = DEFAULT_KERNEL.get(kind, FMA)
-    bn = 16 if kind == "bf16" else 64 if kernel == X2 else 32
+    bn = 16 if kind == "bf16" else 64 if kernel in (X2, X2_AHEAD) else 32
     programs = triton.cdiv(n, bn)
     split = 4 if programs < 3 * sms and k >= 2048 else 1
-    return bn, split, 4 if kernel != X2 else 2, 1, kernel
+    return bn, split, 4 if kernel not in (X2, X2_AHEAD) else 2, 1, kernel
 
 
 def _int4_launch(kernel: int, grid, x, words, sz, out, ws, lock, n, k, group, planes, bn, split, warps, stages=1):
-    if int(kernel) == X2:
+    if int(kernel) in (X2, X2_AHEAD):
         assert 8 * planes == group, "the x2 int4 kernel reads one group a block"
         _int4_x2_kernel[grid](x, words, sz, out, ws, lock, n, k, words.stride(0), GROUP=group, P=planes, BN=bn,
-                              SPLIT=split, ASM=x.is_cuda, FULL=n % bn == 0, num_warps=warps, num_stages=stages)
+                              SPLIT=split, ASM=x.is_cuda, FULL=n % bn == 0, AHEAD=int(kernel) == X2_AHEAD,
+                              num_warps=warps, num_stages=stages)
     elif int(kernel) == DOT:
         _int4_dot_kernel[grid](x, words, sz, out, ws, lock, n, k, words.stride(0), GROUP=group, P=planes, BN=bn,
                                SPLIT=split, DOT_BF16=x.is_cuda, num_warps=warps, num_stages=stages)
@@ -434,9 +459,10 @@ def _int4_launch(kernel: int, grid, x, words, sz, out, ws, lock, n, k, group, pl
 
 
 def _int8_launch(kernel: int, grid, x, words, out, ws, lock, n, k, planes, bn, split, warps, stages=1):
-    if int(kernel) == X2:
+    if int(kernel) in (X2, X2_AHEAD):
         _int8_x2_kernel[grid](x, words, out, ws, lock, n, k, words.stride(0), P=planes, BN=bn, SPLIT=split,
-                              ASM=x.is_cuda, FULL=n % bn == 0, num_warps=warps, num_stages=stages)
+                              ASM=x.is_cuda, FULL=n % bn == 0, AHEAD=int(kernel) == X2_AHEAD, num_warps=warps,
+                              num_stages=stages)
     elif int(kernel) == DOT:
         _int8_dot_kernel[grid](x, words, out, ws, lock, n, k, words.stride(0), P=planes, BN=bn, SPLIT=split,
                                DOT_BF16=x.is_cuda, num_warps=warps, num_stages=stages)
