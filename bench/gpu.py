@@ -563,28 +563,27 @@ def sweep_slot_attention(network, log, slots: int = 16, cache: int = 672, contex
     k = torch.randn(slots, s.n_kv_heads, cache, s.head_dim, dtype=network.dtype, device=DEVICE)
     v = torch.randn_like(k)
     out: dict = {}
-    for split in (64, 128, 256):
-        for block_n in (32, 64, 128):
-            for warps in (2, 4, 8):
-                if block_n > split:
-                    continue
-                cfg, total = (split, block_n, warps), 0.0
-                for b in (1, slots):
-                    q = torch.randn(b, s.n_heads, s.head_dim, dtype=network.dtype, device=DEVICE)
-                    pos = torch.full((b,), context, dtype=torch.long, device=DEVICE)
-                    total += triton.testing.do_bench(
-                        lambda: slot_triton.decode_attention(q, k, v, pos, cache - 1, cfg), warmup=10, rep=40,
-                        return_mode="median")
-                out[str(cfg)] = 1000 * total
+    wide: dict = {}  # the x``slots`` part alone
+    configs = [(sp, n, w, dot) for sp in (64, 128, 256) for n in (32, 64) for w in (4, 8) for dot in (False, True)]
+    for cfg in configs:
+        total = 0.0
+        for b in (1, slots):
+            q = torch.randn(b, s.n_heads, s.head_dim, dtype=network.dtype, device=DEVICE)
+            pos = torch.full((b,), context, dtype=torch.long, device=DEVICE)
+            ms = triton.testing.do_bench(lambda: slot_triton.decode_attention(q, k, v, pos, cache - 1, cfg),
+                                         warmup=10, rep=40, return_mode="median")
+            total += ms
+        out[str(cfg)], wide[str(cfg)] = 1000 * total, 1000 * ms
     best = min(out, key=out.get)
-    split, block_n, warps = eval(best)  # noqa: S307 - our own tuple's repr
-    slot_triton.ATTENTION.update(split=split, block_n=block_n, warps=warps)
+    split, block_n, warps, dot = eval(best)  # noqa: S307 - our own tuple's repr
+    slot_triton.ATTENTION.update(split=split, block_n=block_n, warps=warps, dot=dot)
     per_layer = slots * (context + 1) * 2 * s.n_kv_heads * s.head_dim * network.dtype.itemsize
-    log(f"  slot attention sweep (x1 + x{slots} at {context} positions, us): best {best} {out[best]:.1f}; "
-        + ", ".join(f"{c} {t:.1f}" for c, t in sorted(out.items(), key=lambda kv: kv[1])[:6])
-        + f"; x{slots} reads {per_layer / 1e6:.1f} MB a layer")
+    log(f"  slot attention sweep (split, block_n, warps, dot; x1 + x{slots} at {context} positions, us a layer): "
+        f"best {best} {out[best]:.1f} (x{slots} {wide[best]:.1f} us = {per_layer / wide[best] / 1e6:.2f} TB/s); "
+        + ", ".join(f"{c} {t:.1f}" for c, t in sorted(out.items(), key=lambda kv: kv[1])[1:6])
+        + f"; old default (256, 32, 4, False) {out.get(str((256, 32, 4, False)), 0):.1f}")
     del k, v
-    return {"us": out, "best": best}
+    return {"us": out, "x_slots_us": wide, "best": best}
 
 
 @torch.inference_mode()

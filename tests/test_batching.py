@@ -307,11 +307,29 @@ def fused_slot_kernels_check(device: str = "cpu", dtype: torch.dtype = torch.flo
     from localgpt.generation.fast import slot_triton
     from localgpt.generation.fast.transformer import from_falcon, from_llama
 
-    slot_triton.ATTENTION.update(split=32, block_n=16)  # several splits and loop steps at a small cache
     root = Path(tempfile.mkdtemp())
-    for family, build in (("llama2", from_llama), ("falcon", from_falcon)):
+    held = dict(slot_triton.ATTENTION)
+    try:
+        _fused_slot_kernels_check(root, device, dtype)
+    finally:
+        slot_triton.ATTENTION.update(held)
+    print("fused slot kernels check passed")
+
+
+def _fused_slot_kernels_check(root, device, dtype) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from localgpt.generation.fast import slot_triton
+    from localgpt.generation.fast.transformer import from_falcon, from_llama
+
+    for family, build, dot in (("llama2", from_llama, False), ("falcon", from_falcon, False),
+                               ("llama2", from_llama, True), ("falcon", from_falcon, True)):
+        # several splits and loop steps at a small cache; both attention kernels
+        slot_triton.ATTENTION.update(split=32, block_n=16, dot=dot)
         extra = {"num_key_value_heads": 2} if family == "llama2" else {}
-        hf = AutoModelForCausalLM.from_pretrained(build_tiny_model(family, root / family, **extra), dtype=dtype)
+        folder = root / family
+        hf = AutoModelForCausalLM.from_pretrained(
+            folder if folder.exists() else build_tiny_model(family, folder, **extra), dtype=dtype)
         net = build(hf.to(device).eval())
         torch.manual_seed(0)
         slots, max_seq = 5, 70
@@ -330,12 +348,19 @@ def fused_slot_kernels_check(device: str = "cpu", dtype: torch.dtype = torch.flo
                 b.v_slots.copy_(v)
             net.slot_kernels = "fused"
             got = net.step_slots(tokens, positions)
+            got_caches = [(b.k_slots.clone(), b.v_slots.clone()) for b in net.blocks]
+            # A shared prompt pass (two slots' chunks, one at a cached start) through the fused norms / silu·up.
+            parts = [(1, tokens[:3].clone(), 40), (4, tokens[2:].clone(), 0)]
+            got_prompt = net.prefill_slots(parts)
+            net.slot_kernels = "eager"
+            want_prompt = net.prefill_slots(parts)
+        rel = ((got_prompt - want_prompt).norm() / want_prompt.norm()).item()
+        assert rel < (1e-4 if dtype == torch.float32 else 3e-2), (family, "prompt", rel)
         live = positions < max_seq
         rel = ((got - want)[live].norm() / want[live].norm()).item()
         fp32 = dtype == torch.float32
         assert rel < (1e-4 if fp32 else 3e-2), (family, rel)
-        for b, (k, v) in zip(net.blocks, want_caches):
-            for mine, theirs in ((b.k_slots[live], k[live]), (b.v_slots[live], v[live])):
+        for (k_got, v_got), (k, v) in zip(got_caches, want_caches):
+            for mine, theirs in ((k_got[live], k[live]), (v_got[live], v[live])):
                 assert torch.allclose(mine.float(), theirs.float(), atol=1e-5 if fp32 else 5e-2, rtol=0 if fp32 else 2e-2)
-        print(family, "rel", rel)
-    print("fused slot kernels check passed")
+        print(family, "dot" if dot else "", "rel", rel)

@@ -11,13 +11,17 @@ inside a captured step except its outputs, which the CUDA graph's pool owns.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 # decode_attention's shape: cache positions one program reads (the splits meet in _attention_combine_kernel),
-# positions a loop iteration loads, warps a program. bench/gpu.py --concurrency sweeps them (--profile).
-ATTENTION = {"split": 128, "block_n": 64, "warps": 4}
+# positions a loop iteration loads, warps a program, and whether a program takes a kv head's query heads together
+# through tensor-core dots (the Triton interpreter runs those in fp32: its bf16 dot is wrong). bench/gpu.py
+# --concurrency sweeps them.
+ATTENTION = {"split": 128, "block_n": 64, "warps": 4, "dot": False}
 
 
 @triton.jit
@@ -145,6 +149,56 @@ def _attention_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, acc_ptr, ml_ptr, H, KV
 
 
 @triton.jit
+def _attention_split_dot_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, acc_ptr, ml_ptr, H, KV, L, SCRATCH, scale,
+                                REP: tl.constexpr, REP_P: tl.constexpr, HD: tl.constexpr, BLOCK_D: tl.constexpr,
+                                BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, FP32_DOT: tl.constexpr):
+    # As _attention_split_kernel, but a program (b, g, s) takes the REP query heads of kv head g together (rows of
+    # a tensor-core tile, padded to REP_P >= 16), so each kv position is read once for all of them.
+    b = tl.program_id(0)
+    g = tl.program_id(1)
+    s = tl.program_id(2)
+    pos = tl.load(pos_ptr + b)
+    first = tl.where(pos == SCRATCH, pos, 0)
+    lo = tl.maximum(s * SPLIT, first)
+    hi = tl.minimum((s + 1) * SPLIT, pos + 1)
+    r = tl.arange(0, REP_P)
+    rlive = r < REP
+    d = tl.arange(0, BLOCK_D)
+    dlive = d < HD
+    heads = g * REP + r
+    q = tl.load(q_ptr + (b * H + heads)[:, None] * HD + d[None, :], mask=rlive[:, None] & dlive[None, :], other=0.0)
+    q = q.to(tl.float32) if FP32_DOT else q
+    base = (b * KV + g) * L * HD
+    m = tl.full((REP_P,), float("-inf"), tl.float32)
+    l = tl.zeros((REP_P,), tl.float32)
+    acc = tl.zeros((REP_P, BLOCK_D), tl.float32)
+    for i in range(0, SPLIT, BLOCK_N):
+        n = s * SPLIT + i + tl.arange(0, BLOCK_N)
+        nlive = (n >= lo) & (n < hi)
+        offs = base + n[:, None] * HD + d[None, :]
+        both = nlive[:, None] & dlive[None, :]
+        k = tl.load(k_ptr + offs, mask=both, other=0.0)
+        k = k.to(tl.float32) if FP32_DOT else k
+        scores = tl.dot(q, tl.trans(k)) * scale  # [REP_P, BLOCK_N]
+        scores = tl.where(nlive[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        p = tl.exp(scores - m_safe[:, None])
+        v = tl.load(v_ptr + offs, mask=both, other=0.0)
+        pv = p if FP32_DOT else p.to(v.dtype)
+        v = v.to(tl.float32) if FP32_DOT else v
+        acc = acc * alpha[:, None] + tl.dot(pv, v)
+        l = l * alpha + tl.sum(p, axis=1)
+        m = m_new
+    nsplit = tl.num_programs(2)
+    slot = (b * H + heads) * nsplit + s
+    tl.store(acc_ptr + slot[:, None] * HD + d[None, :], acc, mask=rlive[:, None] & dlive[None, :])
+    tl.store(ml_ptr + slot * 2, m, mask=rlive)
+    tl.store(ml_ptr + slot * 2 + 1, l, mask=rlive)
+
+
+@triton.jit
 def _attention_combine_kernel(acc_ptr, ml_ptr, out_ptr, NSPLIT: tl.constexpr, HD: tl.constexpr, BLOCK_D: tl.constexpr):
     row = tl.program_id(0)  # b * H + h
     d = tl.arange(0, BLOCK_D)
@@ -168,14 +222,22 @@ def decode_attention(q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tens
     idle, against that position alone). k_slots / v_slots [slots >= B, KV, L, hd]. Returns [B, H * hd]."""
     b, n_heads, hd = q.shape
     kv, length = k_slots.shape[1], k_slots.shape[2]
-    split, block_n, warps = config or (ATTENTION["split"], ATTENTION["block_n"], ATTENTION["warps"])
+    split, block_n, warps, dot = config or (ATTENTION["split"], ATTENTION["block_n"], ATTENTION["warps"],
+                                            ATTENTION["dot"])
     nsplit = triton.cdiv(length, split)
     acc = torch.empty(b * n_heads * nsplit, hd, dtype=torch.float32, device=q.device)
     ml = torch.empty(b * n_heads * nsplit, 2, dtype=torch.float32, device=q.device)
     block_d = triton.next_power_of_2(hd)
-    _attention_split_kernel[(b, n_heads, nsplit)](
-        q, k_slots, v_slots, positions, acc, ml, n_heads, kv, length, scratch, hd ** -0.5, REP=n_heads // kv, HD=hd,
-        BLOCK_D=block_d, BLOCK_N=min(block_n, split), SPLIT=split, num_warps=warps)
+    rep = n_heads // kv
+    if dot:
+        _attention_split_dot_kernel[(b, kv, nsplit)](
+            q, k_slots, v_slots, positions, acc, ml, n_heads, kv, length, scratch, hd ** -0.5, REP=rep,
+            REP_P=max(16, triton.next_power_of_2(rep)), HD=hd, BLOCK_D=max(16, block_d), BLOCK_N=min(block_n, split),
+            SPLIT=split, FP32_DOT=os.environ.get("TRITON_INTERPRET") == "1", num_warps=warps)
+    else:
+        _attention_split_kernel[(b, n_heads, nsplit)](
+            q, k_slots, v_slots, positions, acc, ml, n_heads, kv, length, scratch, hd ** -0.5, REP=rep, HD=hd,
+            BLOCK_D=block_d, BLOCK_N=min(block_n, split), SPLIT=split, num_warps=warps)
     out = torch.empty(b, n_heads * hd, dtype=q.dtype, device=q.device)
     _attention_combine_kernel[(b * n_heads,)](acc, ml, out, NSPLIT=nsplit, HD=hd, BLOCK_D=block_d, num_warps=1)
     return out

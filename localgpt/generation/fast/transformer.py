@@ -203,24 +203,7 @@ class Block(nn.Module):
                             positions: torch.Tensor) -> torch.Tensor:
         """A decode step of the first B slots with the fused kernels (CUDA): same arithmetic as ``forward_with`` +
         ``attention_slots`` up to rounding order, a third of the kernels."""
-        from localgpt.generation.fast import slot_triton
-
-        def norm(module, h):
-            if isinstance(module, RMSNorm):
-                return slot_triton.rms_norm(h, module.weight, module.eps)
-            return module(h)
-
-        def mlp(h):
-            if self.shape.mlp == "swiglu":
-                return self.w_out(slot_triton.silu_mul(self.w_in(h)))
-            return self.mlp(h)
-
-        h1 = norm(self.norm1, x)
-        if self.shape.parallel:
-            h2 = norm(self.norm2, x) if self.shape.two_norms else h1
-            return x + (mlp(h2) + self.attention_slots_fused(h1, cos, sin, positions))
-        x = x + self.attention_slots_fused(h1, cos, sin, positions)
-        return x + mlp(norm(self.norm2, x))
+        return self.forward_with(x, lambda h: self.attention_slots_fused(h, cos, sin, positions), fused=True)
 
     def attention_chunks(self, x: torch.Tensor, parts: list[tuple[int, int, int]], cos: torch.Tensor,
                          sin: torch.Tensor) -> torch.Tensor:
@@ -254,14 +237,27 @@ class Block(nn.Module):
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         return self.wo(out.transpose(1, 2).reshape(1, total, s.n_heads * s.head_dim))
 
-    def forward_with(self, x: torch.Tensor, attend) -> torch.Tensor:
-        """``forward`` with the attention given as a function of the normed input (the slot paths)."""
-        h1 = self.norm1(x)
+    def forward_with(self, x: torch.Tensor, attend, fused: bool = False) -> torch.Tensor:
+        """``forward`` with the attention given as a function of the normed input (the slot paths); ``fused``: RMSNorm
+        and silu·up as one Triton kernel each (``slot_triton``, CUDA)."""
+        if fused:
+            from localgpt.generation.fast import slot_triton
+
+            def norm(module, h):
+                return slot_triton.rms_norm(h, module.weight, module.eps) if isinstance(module, RMSNorm) else module(h)
+
+            def mlp(h):
+                if self.shape.mlp == "swiglu":
+                    return self.w_out(slot_triton.silu_mul(self.w_in(h)))
+                return self.mlp(h)
+        else:
+            norm, mlp = (lambda module, h: module(h)), self.mlp
+        h1 = norm(self.norm1, x)
         if self.shape.parallel:
-            h2 = self.norm2(x) if self.shape.two_norms else h1
-            return x + (self.mlp(h2) + attend(h1))
+            h2 = norm(self.norm2, x) if self.shape.two_norms else h1
+            return x + (mlp(h2) + attend(h1))
         x = x + attend(h1)
-        return x + self.mlp(self.norm2(x))
+        return x + mlp(norm(self.norm2, x))
 
     def forward(self, x, cos, sin, input_pos):
         h1 = self.norm1(x)
@@ -365,9 +361,10 @@ class Transformer(nn.Module):
         cos = torch.cat([self.slot_cos[start:start + len(chunk)] for _, chunk, start in parts])
         sin = torch.cat([self.slot_sin[start:start + len(chunk)] for _, chunk, start in parts])
         spans = [(slot, start, len(chunk)) for slot, chunk, start in parts]
+        fused = self.slot_kernels == "fused"
         x = F.embedding(ids, self.embed)
         for block in self.blocks:
-            x = block.forward_with(x, lambda h, blk=block: blk.attention_chunks(h, spans, cos, sin))
+            x = block.forward_with(x, lambda h, blk=block: blk.attention_chunks(h, spans, cos, sin), fused=fused)
         last = torch.tensor([sum(t for *_, t in spans[:i + 1]) - 1 for i in range(len(spans))], device=x.device)
         return self.lm_head(self.norm(x[:, last]))[0].float()
 
