@@ -16,13 +16,14 @@ import importlib.util
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from localgpt.errors import ConfigError, ModelNotFound
 from localgpt.generation.base import StreamTimer, reply_yes_share
 from localgpt.generation.fast.engine import Engine
-from localgpt.generation.fast.load import load_checkpoint, safetensors_files
+from localgpt.generation.fast.load import load_checkpoint, prepare_imports, safetensors_files
 from localgpt.generation.transformers_backend import (
     FALLBACK_FAMILY, StopScanner, TransformersGenerator, _check_complete, _first_line, _quantization_config,
     pick_device,
@@ -197,6 +198,12 @@ def quantize_network(network: Any, mode: str, *, source: str | None = None, cach
     return f"quantized, saved {path}"
 
 
+def _tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
 def load_fast_generator(settings: Any, *, mode: str | None = None, max_seq: int | None = None,
                         kernels: str = "torch", cache_dir: Path | None = None, warm_up: bool | None = None) -> FastGenerator:
     """The fast engine for ``settings.model`` (a local Llama, Falcon, Mamba or FalconMamba checkpoint).
@@ -208,7 +215,6 @@ def load_fast_generator(settings: Any, *, mode: str | None = None, max_seq: int 
     (default: the model's context window). Raises ``ModelNotFound`` / ``ConfigError``; never downloads.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = str(settings.model or "")
     if not name:
@@ -240,11 +246,19 @@ def load_fast_generator(settings: Any, *, mode: str | None = None, max_seq: int 
     # bitsandbytes layers go through a transformers model first.
     streamed = kernels == "torch" and bool(safetensors_files(path))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         if streamed:
-            network, config, generation_config, n_params, quant_note = load_checkpoint(
-                path, device, dtype, weight_mode, source=_fingerprint(path), cache_dir=cache_dir or default_cache_dir())
+            # The weights do not need the tokenizer, whose imports take seconds (about 5 s on the H200 image, where
+            # transformers' Auto classes pull in torch.distributed, sympy and sklearn): it loads beside them.
+            prepare_imports(device)
+            with ThreadPoolExecutor(1, thread_name_prefix="localgpt-tokenizer") as pool:
+                tokenizer_job = pool.submit(_tokenizer, path)
+                network, config, generation_config, n_params, quant_note = load_checkpoint(
+                    path, device, dtype, weight_mode, source=_fingerprint(path), cache_dir=cache_dir or default_cache_dir())
+                tokenizer = tokenizer_job.result()
         else:
+            from transformers import AutoModelForCausalLM
+
+            tokenizer = _tokenizer(path)
             hf = AutoModelForCausalLM.from_pretrained(path, **load_kwargs)
     except OSError as exc:
         raise ModelNotFound(f"{missing_model_advice(name)} ({_first_line(exc)})") from exc

@@ -421,6 +421,21 @@ class _Shim:
             self.__dict__.update(root._items)
 
 
+def prepare_imports(device: str) -> None:
+    """Import now what a streamed load of ``device`` imports later, so that a thread importing something else
+    meanwhile (the tokenizer's transformers modules) never waits on, or deadlocks with, the load's imports."""
+    from transformers import AutoConfig, GenerationConfig  # noqa: F401
+
+    import localgpt.generation.fast.mamba  # noqa: F401
+    import localgpt.generation.fast.quantize  # noqa: F401
+    import localgpt.generation.fast.transformer  # noqa: F401
+
+    if torch.device(device).type == "cuda":
+        import localgpt.generation.fast.gemv_triton  # noqa: F401
+        import localgpt.generation.fast.int4_triton  # noqa: F401
+        import localgpt.generation.fast.scan_triton  # noqa: F401
+
+
 def load_checkpoint(folder: Path, device: str, dtype: torch.dtype, quantization: str | None, *,
                     source: str | None = None, cache_dir: Path | None = None):
     """(network, config, generation config, parameter count, what happened to the weights) for ``folder``.
