@@ -155,19 +155,25 @@ def test_gpu_sixteen_concurrent_chat_requests_each_equal_their_answer_alone(tmp_
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
+    sixteen_concurrent_requests(tmp_path_factory.mktemp("serve_batch_gpu"), "cuda")
+
+
+def sixteen_concurrent_requests(base, device: str) -> dict:
+    """The GPU test's body (``device`` "cpu" runs it here, by hand): the tiny embedder and Llama, a real server
+    with 16 slots, each question alone and then all at once; returns what it saw."""
     from test_fast_engine import build_tiny_embedder
 
-    base = tmp_path_factory.mktemp("serve_batch_gpu")
     embedder = build_tiny_embedder(base)  # the bundled embedders are too large to carry to a GPU machine
     ingested_collection(base, DOCS, "docs", embedder=embedder)
     model = build_tiny_llama(base / "tiny-llama", extra_corpus=[" ".join(f"w{i}" for i in range(2000))])
     args = ["--data-dir", str(base / "data"), "--collection", "docs", "--embedder", embedder, "--model", str(model),
-            "--backend", "transformers", "--engine", "fast", "--device", "cuda", "--quantization", "none",
+            "--backend", "transformers", "--engine", "fast", "--device", device, "--quantization", "none",
             "--batch-slots", "16"]
-    with guarded_server(base, args) as (_, url):
+    # The random embedder's scores mean nothing: never abstain, so that every request reaches the generator.
+    with guarded_server(base, args, LOCALGPT_ABSTAIN="false") as (_, url):
         server = {"url": url}
         alone = {q: ask(server, q) for q in GPU_QUESTIONS}
-        assert all(a["tokens"] for a in alone.values())
+        assert all(a["tokens"] for a in alone.values()), alone
         answers: dict[str, dict] = {}
         errors: list[BaseException] = []
         gate = threading.Barrier(len(GPU_QUESTIONS))
@@ -200,5 +206,7 @@ def test_gpu_sixteen_concurrent_chat_requests_each_equal_their_answer_alone(tmp_
         for q in GPU_QUESTIONS:
             assert answers[q] == alone[q], q  # same text, same finish, same token count
         assert seen["busy"] >= 4, seen  # they decoded together
-        health = api(server).get("/health").json()
-        print("gpu serve:", {q: a["tokens"] for q, a in answers.items()}, seen, health.get("queues"))
+        stats = batch_stats(server)
+        print("serve, 16 at once:", {"tokens": [answers[q]["tokens"] for q in GPU_QUESTIONS], "max busy": seen["busy"],
+                                     "batch": stats})
+        return {"answers": answers, "seen": seen, "stats": stats}

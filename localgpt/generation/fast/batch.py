@@ -58,6 +58,8 @@ class Request:
     cancelled: bool = False  # set by BatchEngine.cancel (any thread); the scheduler frees the slot next step
     slot: int | None = None
     prefilled: int = 0  # prompt tokens already written to the slot's cache
+    _on_device: bool = False  # the engine's device buffers hold its next token and position (it decodes there)
+    _in_flight: bool = False  # a launched decode step computes its next token; not read back yet
     _queue: queue.Queue | None = None
 
     def _emit(self, token: int, now: float) -> None:
@@ -138,6 +140,9 @@ class BatchEngine:
         self._thread: threading.Thread | None = None
         self._stop = False
         self.steps_run = 0
+        self._in_flight = None  # (requests, host buffer, event) of the decode step launched last, not read yet
+        pin = self.device.type == "cuda"
+        self._host = [torch.empty(slots, dtype=torch.long, pin_memory=pin) for _ in range(2)]
         self.prefill_s = 0.0  # host seconds in prompt chunks / decode steps (each decode step ends in a sync)
         self.decode_s = 0.0
         self.cancelled_total = 0  # requests ended by cancel (waiting or in a slot)
@@ -241,8 +246,12 @@ class BatchEngine:
                     self.active[slot] = req
 
     def _free(self, req: Request) -> None:
-        self.active[req.slot] = None
-        req.slot = None
+        slot = req.slot
+        self.active[slot] = None
+        req.slot, req._on_device = None, False
+        # Idle from the next launched step on (a step already in flight may still move it: never read).
+        self.positions[slot] = self.max_seq
+        self.temperature[slot] = 0.0
 
     @torch.inference_mode()
     def _prefill_one(self) -> list[Request]:
@@ -288,32 +297,58 @@ class BatchEngine:
 
     @torch.inference_mode()
     def _decode(self) -> list[Request]:
-        decoding = [r for r in self.active if r is not None and r.prefilled == len(r.ids)]
-        if not decoding:
+        """Launch one decode step, then read back the one launched before it (so the host's work on a step's
+        tokens overlaps the GPU's next step). Each launched step leaves every live slot's next token and position
+        in the device buffers; the host writes them only for a request's first step. A request whose last token
+        is in flight is not stepped again; one that ends on a stop id may get one more step, never read."""
+        launch = [r for r in self.active if r is not None and r.prefilled == len(r.ids) and not r.done
+                  and len(r.tokens) + r._in_flight < r.max_new_tokens]
+        previous, self._in_flight = self._in_flight, None
+        if launch:
+            top = max(r.slot for r in launch) + 1
+            bucket = next(b for b in self.buckets if b >= top)
+            sampled = any(r.temperature > 0 for r in launch)
+            for r in launch:
+                if not r._on_device:  # its first step: the prompt's last token / first new one
+                    s = r.slot
+                    self.tokens[s] = r.tokens[-1]
+                    self.positions[s] = len(r.ids) + len(r.tokens) - 1
+                    self.temperature[s], self.top_p[s] = r.temperature, r.top_p
+                    r._on_device = True
+            step = self._step_fn(bucket, sampled)
+            out = step()
+            self.tokens[:bucket].copy_(out)
+            self.positions[:bucket] += self.positions[:bucket] < self.max_seq  # idle slots stay at the scratch
+            host = self._host[self.steps_run % 2][:bucket]
+            host.copy_(out, non_blocking=True)
+            done = torch.cuda.Event() if self.device.type == "cuda" else None
+            if done is not None:
+                done.record()
+            for r in launch:
+                r._in_flight = True
+            self._in_flight = ([(r, r.slot) for r in launch], host, done)
+            self.steps_run += 1
+        return self._collect(previous)
+
+    def _collect(self, launched) -> list[Request]:
+        """Emit the tokens of a launched decode step (waits for it); requests that ended since are skipped."""
+        if launched is None:
             return []
-        top = max(r.slot for r in decoding) + 1
-        bucket = next(b for b in self.buckets if b >= top)
-        sampled = any(r.temperature > 0 for r in decoding)
-        toks = [0] * bucket
-        pos = [self.max_seq] * bucket  # idle and still-prefilling slots write only the scratch position
-        temp = [0.0] * bucket
-        top_p = [1.0] * bucket
-        for r in decoding:
-            toks[r.slot], pos[r.slot] = r.tokens[-1], len(r.ids) + len(r.tokens) - 1
-            temp[r.slot], top_p[r.slot] = r.temperature, r.top_p
-        self.tokens[:bucket].copy_(torch.tensor(toks, dtype=torch.long))
-        self.positions[:bucket].copy_(torch.tensor(pos, dtype=torch.long))
-        self.temperature[:bucket].copy_(torch.tensor(temp, dtype=torch.float32))
-        self.top_p[:bucket].copy_(torch.tensor(top_p, dtype=torch.float32))
-        out = self._step_fn(bucket, sampled)()
-        got = out.tolist()  # the one host sync of the step
+        reqs, host, done = launched
+        if done is not None:
+            done.synchronize()
+        got = host.tolist()
         now = time.perf_counter()
-        self.steps_run += 1
-        for r in decoding:
-            r._emit(int(got[r.slot]), now)
+        emitted = []
+        for r, slot in reqs:
+            r._in_flight = False
+            if r.done or r.slot != slot:
+                continue
+            r._emit(int(got[slot]), now)
+            emitted.append(r)
             if r.done:
                 self._free(r)
-        return decoding
+        return emitted
 
     def step(self) -> list[Request]:
         """One scheduler iteration: admit, one prefill chunk, one decode step. The requests that got a token."""
@@ -361,6 +396,7 @@ class BatchEngine:
         with self._lock:
             failed = list(self.pending)
             self.pending.clear()
+        self._in_flight = None
         for req in self.active:
             if req is not None:
                 self._free(req)
