@@ -316,10 +316,6 @@ def load_network(folder: Path, config: Any, device: str | torch.device, dtype: t
     started = time.perf_counter()
     reader = Reader(checkpoint, device, dtype, chunk_bytes=chunk_bytes, threads=threads)
     scaled_rope = rope_path is not None and _rope_type(config) != "default"
-    if scaled_rope:
-        # transformers' modeling module takes seconds to import: let it overlap the first reads.
-        importer = threading.Thread(target=importlib.import_module, args=(rope_path[0],), daemon=True)
-        importer.start()
     states: dict = {}
     n_params = 0
     try:
@@ -332,8 +328,7 @@ def load_network(folder: Path, config: Any, device: str | torch.device, dtype: t
                     raise checkpoint.missing(embed)
                 rest["lm_head.weight"] = rest[embed]
             rope = None
-            if scaled_rope:
-                importer.join()
+            if scaled_rope:  # transformers' own module (its import takes seconds: only for these checkpoints)
                 rope = getattr(importlib.import_module(rope_path[0]), rope_path[1])(config=config).to(device)
             elif rope_path is not None:
                 rope = Rotary(config).to(device)
