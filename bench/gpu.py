@@ -372,7 +372,7 @@ def bench_gemv(log, kinds_wanted=("int4", "int8", "bf16"), kernels_wanted=("x2",
                 if kind == "bf16":
                     sweep = configs
                 else:
-                    tuned = G.TUNED.get((kind, n, k))
+                    tuned = G.FMA_TUNED.get((kind, n, k))
                     sweep = [c for name in kernels_wanted for c in (quant_configs[name] or (
                         [tuple(tuned[:3]) + (G.FMA,)] if tuned else [(32, 4, 2, G.FMA)]))]
                 for cfg in sweep:

@@ -17,10 +17,12 @@ bf16 result (deterministic, one launch, no memset: the arrival counter is reset 
 Also here: the planar int4 layer written out in bf16 for a prompt (cuBLAS then multiplies), and a
 plain bf16 GEMV. Imported on CUDA only (or under ``TRITON_INTERPRET=1`` in tests).
 
-Measured on an H200 (bench/gpu_notes.md, "Round 2"): the bf16 GEMV streams 3.6-4.1 TB/s at Llama-2-7B's
-shapes (the engine's default for bf16 layers); int8 1.7-3.0 TB/s (the default for int8); int4 1.1-1.5 TB/s,
-slower than tinygemm, so int4 decode stays on tinygemm. Both quantised kernels are bound by instructions per
-weight (~7), not bytes: the next step is unpacking two weights per instruction (bf16x2).
+Measured on an H200 (bench/gpu_notes.md, "Round 2" and "Round 3"): the bf16 GEMV streams 3.6-4.1 TB/s at
+Llama-2-7B's shapes (the engine's default for bf16 layers). The first quantised kernels (FMA: ~7 SASS
+instructions a weight) ran int8 at 1.7-3.1 TB/s and int4 at 0.8-1.5. The bf16x2 kernels (X2: two nibbles
+unpacked by one ``lop3`` into a bf16 pair, the group's scale applied to the block's sum; one ``prmt`` a byte
+for int8; 3.1-3.6 / 4.4 instructions a weight, ``bench/gemv_sass.py``) run int8 at 2.0-3.4 TB/s (the default
+for int8) and int4 at 1.2-2.1, level with tinygemm summed over a Llama step, so int4 decode stays on tinygemm.
 """
 
 from __future__ import annotations
@@ -419,17 +421,28 @@ FMA, DOT, X2, X2_AHEAD = 0, 1, 2, 3  # X2_AHEAD: X2 loading the next block befor
 DEFAULT_KERNEL = {"int4": FMA, "int8": FMA}
 
 # (rows a program, programs along K, warps, pipeline stages, kernel) by layer shape; tuned on the H200 (bench/gpu.py
-# --gemv-sweep); shapes not listed take the rule in ``_config``.
+# --gemv-sweep); shapes not listed take the rule in ``_config`` (the FMA kernel for int8 / int4: the X2 kernels'
+# best configs differ by shape, and their rule was not measured).
 TUNED: dict[tuple[str, int, int], tuple] = {
     # H200, 2026-11-30 (bench/gpu.py --gemv-sweep): 3.8-4.1 TB/s on the large shapes, cuBLAS 3.5-3.8.
     ("bf16", 12288, 4096): (16, 1, 4, 1), ("bf16", 4096, 4096): (32, 4, 4, 1), ("bf16", 22016, 4096): (16, 1, 4, 1),
     ("bf16", 4096, 11008): (16, 4, 2, 1), ("bf16", 32000, 4096): (32, 1, 4, 1),
-    # int8 / int4 planar (fma variant; the tensor-core variant ran ~2x slower at every shape).
-    ("int8", 12288, 4096): (32, 4, 2, 1, FMA), ("int8", 4096, 4096): (16, 4, 4, 1, FMA), ("int8", 22016, 4096): (32, 4, 2, 1, FMA),
-    ("int8", 4096, 11008): (16, 4, 4, 1, FMA), ("int8", 32000, 4096): (32, 4, 2, 1, FMA),
-    ("int4", 12288, 4096): (32, 4, 2, 1, FMA), ("int4", 4096, 4096): (16, 4, 4, 1, FMA), ("int4", 22016, 4096): (32, 4, 2, 1, FMA),
-    ("int4", 4096, 11008): (16, 4, 4, 1, FMA), ("int4", 32000, 4096): (32, 4, 2, 1, FMA),
+    # int8 / int4 planar: the bf16x2 kernels (X2; 3 = X2_AHEAD), H200 2026-11-30, bench/gpu.py --gemv-sweep at
+    # b5bc763 (us: X2 / FMA kernel / tinygemm). int8: 17.4 / 19.1, 8.2 / 9.9, 28.5 / 33.5, 16.0 / 20.5, 38.4 / 42.0.
+    # int4: 16.0 / 21.8 / 15.9, 7.4 / 10.7 / 6.8, 26.6 / 34.8 / 26.4, 14.1 / 21.9 / 15.2, 33.6 / 46.8 / 38.0.
+    ("int8", 12288, 4096): (32, 4, 4, 1, X2_AHEAD), ("int8", 4096, 4096): (32, 16, 2, 1, X2),
+    ("int8", 22016, 4096): (32, 2, 4, 1, X2_AHEAD), ("int8", 4096, 11008): (64, 16, 4, 1, X2),
+    ("int8", 32000, 4096): (64, 2, 4, 1, X2),
+    ("int4", 12288, 4096): (64, 4, 2, 1, X2), ("int4", 4096, 4096): (64, 16, 2, 1, X2),
+    ("int4", 22016, 4096): (64, 8, 2, 1, X2), ("int4", 4096, 11008): (64, 16, 2, 1, X2),
+    ("int4", 32000, 4096): (64, 2, 2, 1, X2),
 }
+
+
+# The FMA kernel's configs of round 2 (H200, gpu_notes.md), the baseline bench/gpu.py --gemv-sweep runs beside X2.
+FMA_TUNED = {(kind, n, k): cfg for kind in ("int8", "int4") for (n, k), cfg in {
+    (12288, 4096): (32, 4, 2, 1, FMA), (4096, 4096): (16, 4, 4, 1, FMA), (22016, 4096): (32, 4, 2, 1, FMA),
+    (4096, 11008): (16, 4, 4, 1, FMA), (32000, 4096): (32, 4, 2, 1, FMA)}.items()}
 
 
 def _config(kind: str, n: int, k: int, sms: int) -> tuple[int, int, int, int, int]:

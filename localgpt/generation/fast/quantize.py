@@ -27,6 +27,9 @@ PROMPT_ROWS = 32
 # One-token kernels by mode for quantize_model(decode="auto"). H200, 2026-11-30: the Triton int4 GEMV
 # (planar layout) ran 288 tok/s against tinygemm's 348 on Llama-2-7B, so int4 stays on tinygemm; the Triton
 # int8 GEMV ran 289-299 tok/s (the compiler's int8 reduction was not re-measured on the H200: 223 on an H100).
+# Round 3 (gemv_triton.X2, bf16x2 unpacking): int4 2085 us of GEMV a step summed over Llama-2-7B's layers
+# against tinygemm's 2096 (a tie: not switched, the engine not re-measured); int8 2282 against 2698 (the int8
+# Triton path now runs X2 at Llama's shapes, gemv_triton.TUNED).
 DECODE_DEFAULT = {"int4": "legacy", "int8": "triton"}
 
 
