@@ -426,9 +426,11 @@ def prepare_imports(device: str) -> None:
     import localgpt.generation.fast.transformer  # noqa: F401
 
     if torch.device(device).type == "cuda":
-        import localgpt.generation.fast.gemv_triton  # noqa: F401
-        import localgpt.generation.fast.int4_triton  # noqa: F401
-        import localgpt.generation.fast.scan_triton  # noqa: F401
+        for kernels in ("gemv_triton", "int4_triton", "scan_triton"):
+            try:
+                importlib.import_module(f"localgpt.generation.fast.{kernels}")
+            except ImportError:  # no Triton: the load's own checks fall back, as they always did
+                pass
 
 
 def load_checkpoint(folder: Path, device: str, dtype: torch.dtype, quantization: str | None, *,
