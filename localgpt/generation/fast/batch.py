@@ -245,6 +245,14 @@ class BatchEngine:
                     req.slot, req.prefilled = slot, 0
                     self.active[slot] = req
 
+    def _to_device(self, ids: list[int]) -> torch.Tensor:
+        """Token ids on the device without a host wait: a copy from pageable memory would first wait for every
+        GPU step queued before it (the decode step in flight)."""
+        ids = torch.tensor(ids, dtype=torch.long)
+        if self.device.type != "cuda":
+            return ids
+        return ids.pin_memory().to(self.device, non_blocking=True)
+
     def _free(self, req: Request) -> None:
         slot = req.slot
         self.active[slot] = None
@@ -269,9 +277,7 @@ class BatchEngine:
             chunk = req.ids[req.prefilled:req.prefilled + budget]
             parts.append((req, chunk))
             budget -= len(chunk)
-        logits = self.model.prefill_slots([
-            (req.slot, torch.tensor(chunk, dtype=torch.long, device=self.device), req.prefilled)
-            for req, chunk in parts])
+        logits = self.model.prefill_slots([(req.slot, self._to_device(chunk), req.prefilled) for req, chunk in parts])
         done = []
         for i, (req, chunk) in enumerate(parts):
             req.prefilled += len(chunk)

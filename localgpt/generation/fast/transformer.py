@@ -365,8 +365,10 @@ class Transformer(nn.Module):
         x = F.embedding(ids, self.embed)
         for block in self.blocks:
             x = block.forward_with(x, lambda h, blk=block: blk.attention_chunks(h, spans, cos, sin), fused=fused)
-        last = torch.tensor([sum(t for *_, t in spans[:i + 1]) - 1 for i in range(len(spans))], device=x.device)
-        return self.lm_head(self.norm(x[:, last]))[0].float()
+        ends = [sum(t for *_, t in spans[:i + 1]) for i in range(len(spans))]
+        # slices, not an index tensor: copying one from the host would wait for the GPU work queued before it
+        last = x[:, ends[0] - 1:ends[0]] if len(ends) == 1 else torch.cat([x[:, e - 1:e] for e in ends], dim=1)
+        return self.lm_head(self.norm(last))[0].float()
 
 
 def _has_triton() -> bool:
