@@ -699,7 +699,7 @@ def run_concurrency(args, log, results: dict, key: str = "llama") -> None:
                 + (f" ({decode_kernels(net)})" if variant != "bf16" else ""))
             if variant == variants[0] and CUDA and getattr(net, "kind", "") == "transformer":
                 entry["fresh_ttft"] = bench_fresh_ttft(net, vocab, log)
-                if "fused" in args.slot_kernels:
+                if "fused" in args.slot_kernels and args.profile:
                     try:
                         entry["attention_sweep"] = sweep_slot_attention(net, log)
                     except Exception as exc:  # noqa: BLE001
