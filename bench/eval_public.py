@@ -72,6 +72,15 @@ TARGETS = {
 # more than the questions wanted: a held-out paragraph qualifies only when an answer occurs nowhere else.
 HOLD_OUT = {"en": 12, "ja": 24, "zh": 24}
 CUT = {"en": 16, "ja": 25, "zh": 25}
+# The abstention model's training set (--verifier-validation): every qualifying question of the verifier's
+# validation articles up to these numbers, and more paragraphs held out and cut there.
+VALIDATION_TARGETS = {
+    "en": {"answerable": 200, "adversarial": 200, "held-out": 100, "cut": 100},
+    "ja": {"answerable": 200, "held-out": 100, "cut": 100},
+    "zh": {"answerable": 200, "held-out": 100, "cut": 100},
+}
+VALIDATION_HOLD_OUT = {"en": 8, "ja": 40, "zh": 25}
+VALIDATION_CUT = {"en": 12, "ja": 60, "zh": 25}
 MAX_DOC_CHARS = 10_000
 MAX_ANSWER_DOCS = 3
 FORMATS = (".md", ".html", ".txt", ".docx", ".pdf")
@@ -130,8 +139,9 @@ def _slug(title: str) -> str:
 # ------------------------------------------------------------------------------ the corpus
 
 
-def plan(split: str, hold_out=HOLD_OUT, cut=CUT) -> list[Para]:
-    """Every paragraph of the split's articles, with the held-out paragraphs and cut sentences chosen."""
+def plan(split: str, hold_out=HOLD_OUT, cut=CUT, pick=None) -> list[Para]:
+    """Every paragraph of the split's articles, with the held-out paragraphs and cut sentences chosen
+    (only in the articles ``pick(set, title)`` accepts, when given)."""
     paras: list[Para] = []
     for set_name, lang in LANGS.items():
         for a, article in enumerate(public_qa.load_articles(set_name, split)):
@@ -140,7 +150,8 @@ def plan(split: str, hold_out=HOLD_OUT, cut=CUT) -> list[Para]:
                                   paragraph.questions))
     by_article = Counter(x.key.rsplit("/", 1)[0] for x in paras)
     for lang in LANGS.values():
-        mine = [x for x in paras if x.lang == lang and any(not q.impossible for q in x.questions)]
+        mine = [x for x in paras if x.lang == lang and any(not q.impossible for q in x.questions)
+                and (pick is None or pick(x.set, x.title))]
         # Never an article's first paragraph (it says what the article is about), unless the article
         # is that one paragraph (CMRC): then the whole article is left out.
         holdable = [x for x in mine if x.index > 0 or by_article[x.key.rsplit("/", 1)[0]] == 1]
@@ -150,7 +161,8 @@ def plan(split: str, hold_out=HOLD_OUT, cut=CUT) -> list[Para]:
             x.held_out = True
     kept_tokens = _tokens("\n".join([x.title for x in paras] + [x.text for x in paras if not x.held_out]))
     for lang in LANGS.values():
-        mine = [x for x in paras if x.lang == lang and not x.held_out and any(not q.impossible for q in x.questions)]
+        mine = [x for x in paras if x.lang == lang and not x.held_out and any(not q.impossible for q in x.questions)
+                and (pick is None or pick(x.set, x.title))]
         rng = _rng("cut", split, lang)
         for x in rng.sample(mine, len(mine)):
             if sum(1 for y in paras if y.lang == lang and y.cut) >= cut[lang]:
@@ -333,8 +345,9 @@ def extracted(docs: list[Doc], folder: Path) -> dict[str, tuple[str, str]]:
 # ------------------------------------------------------------------------------ questions
 
 
-def candidates(split: str, paras: list[Para], docs: list[Doc], texts: dict[str, tuple[str, str]]):
-    """Every question that qualifies, as (kind, paragraph key, record)."""
+def candidates(split: str, paras: list[Para], docs: list[Doc], texts: dict[str, tuple[str, str]], pick=None):
+    """Every question that qualifies, as (kind, paragraph key, record); only from the articles
+    ``pick(set, title)`` accepts, when given."""
     body = {path: _tokens(t[0]) for path, t in texts.items()}
     everything = _tokens("\n".join(t[1] for t in texts.values()))
     doc_of = {x.key: d for d in docs for x in d.paras}
@@ -350,6 +363,8 @@ def candidates(split: str, paras: list[Para], docs: list[Doc], texts: dict[str, 
         return rec
 
     for x in paras:
+        if pick is not None and not pick(x.set, x.title):
+            continue
         doc = doc_of.get(x.key)
         where = f"{x.set} '{x.title}' paragraph {x.index + 1}"
         for q in x.questions:
@@ -393,16 +408,16 @@ def sample(split: str, found, targets=TARGETS) -> list[dict]:
     return sorted(chosen, key=lambda r: (r["lang"], order[r["kind"]], r["id"]))
 
 
-def build(split: str, out: Path, *, targets=TARGETS, hold_out=HOLD_OUT, cut=CUT) -> dict:
+def build(split: str, out: Path, *, targets=TARGETS, hold_out=HOLD_OUT, cut=CUT, pick=None) -> dict:
     """Write OUT/docs/, OUT/questions.jsonl and OUT/manifest.json; returns the manifest."""
     if split not in ("dev", "test"):
         raise SystemExit(f"--split must be dev or test, not {split!r}")
-    paras = plan(split, hold_out, cut)
+    paras = plan(split, hold_out, cut, pick)
     docs = documents(paras)
     folder = out / "docs"
     written = write_docs(docs, folder)
     texts = extracted(docs, folder)
-    questions = sample(split, candidates(split, paras, docs, texts), targets)
+    questions = sample(split, candidates(split, paras, docs, texts, pick), targets)
     lines = "".join(json.dumps(q, ensure_ascii=False) + "\n" for q in questions)
     (out / "questions.jsonl").write_text(lines, encoding="utf-8")
     counts = Counter(f"{q['lang']}/{q['kind']}" for q in questions)
@@ -427,10 +442,24 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--split", required=True, choices=("dev", "test"), help="Which half of the articles.")
     ap.add_argument("--out", type=Path, help="Output folder (default bench/corpus/public-SPLIT).")
+    ap.add_argument("--verifier-validation", action="store_true",
+                    help="The abstention model's training set (dev only): questions, held-out paragraphs and cut "
+                         "sentences only from the dev articles the answer verifier did not train on, and many more "
+                         "of them (VALIDATION_TARGETS); default output bench/corpus/public-dev-vv.")
     args = ap.parse_args(argv)
-    out = args.out or ROOT / "bench" / "corpus" / f"public-{args.split}"
+    extra = {}
+    if args.verifier_validation:
+        if args.split != "dev":
+            raise SystemExit("--verifier-validation builds from the dev half only")
+        from train_verifier import validation_articles
+
+        chosen = validation_articles(public_qa.load_all("dev"))
+        extra = dict(targets=VALIDATION_TARGETS, hold_out=VALIDATION_HOLD_OUT, cut=VALIDATION_CUT,
+                     pick=lambda set_name, title: (set_name, title) in chosen)
+    name = f"public-{args.split}" + ("-vv" if args.verifier_validation else "")
+    out = args.out or ROOT / "bench" / "corpus" / name
     out.mkdir(parents=True, exist_ok=True)
-    m = build(args.split, out)
+    m = build(args.split, out, **extra)
     print(f"{out}/docs: {m['documents']} documents ({m['characters']:,} characters; {m['written']} written), "
           f"{out}/questions.jsonl: {m['questions']} questions")
     for lang in LANGS.values():

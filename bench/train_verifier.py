@@ -56,6 +56,18 @@ def held_out(set_name: str, title: str) -> bool:
     return hashlib.sha1(f"verifier\0{set_name}\0{title}".encode()).digest()[0] < 52  # ~20 %
 
 
+def validation_articles(articles) -> set[tuple[str, str]]:
+    """(set, title) of the articles held out from training: ~20 % by hash, and since SQuAD's dev split
+    has only 3 articles and none hashes out, its shortest one. The verifier never trained on these,
+    so its scores on them are fair features for a model fitted on top (bench/abstention_model.py)."""
+    chosen = {(a.set, a.title) for a in articles if held_out(a.set, a.title)}
+    squad = [a for a in articles if a.set == "squad2"]
+    if squad and not any((a.set, a.title) in chosen for a in squad):
+        forced = min(squad, key=lambda a: len(a.paragraphs))
+        chosen.add((forced.set, forced.title))
+    return chosen
+
+
 def sentence_spans(text: str) -> list[tuple[int, int]]:
     from localgpt.text import split_sentences
 
@@ -104,15 +116,11 @@ def prepare(out: Path, epochs: int, limit: int | None, seed: int = 0) -> None:
     articles = load_all("dev")
     if limit:
         articles = articles[:: max(1, len(articles) // limit)][:limit]
-    squad = [a for a in articles if a.set == "squad2"]
-    if squad and not any(held_out(a.set, a.title) for a in squad):  # SQuAD dev has 3 articles: hold one out
-        forced = min(squad, key=lambda a: len(a.paragraphs)).title
-    else:
-        forced = None
+    validation = validation_articles(articles)
     paras = []  # (set, lang, article idx, text, spans, val)
     questions = []  # (para idx, question, answers, answer_start, impossible)
     for ai, a in enumerate(articles):
-        val = held_out(a.set, a.title) or a.title == forced
+        val = (a.set, a.title) in validation
         for p in a.paragraphs:
             pi = len(paras)
             paras.append((a.set, a.language, ai, p.context, sentence_spans(p.context), val))

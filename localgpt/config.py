@@ -129,8 +129,13 @@ class Settings(BaseSettings):
     )
     verifier_refuse_threshold: float | None = Field(
         None, ge=0.0, le=1.0,
-        description="With the answer verifier on (verifier = 'score' or 'rerank'): its best score under which the chain says it "
-        "does not know (it answers with low confidence above it); unset means the calibrated default.",
+        description="For embedders without a fitted refusal model (all but e5-small), with the verifier on: its best "
+        "score under which, with a hand rule agreeing, the chain says it does not know; unset means 0.5.",
+    )
+    refusal_threshold: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="With the answer verifier on: the refusal model's P(the passages answer the question) under which "
+        "the chain says it does not know; unset means the fitted default. Lower refuses less often.",
     )
     answer_check: Literal["auto", "on", "off"] = Field(
         "auto",

@@ -167,7 +167,7 @@ def context_packer(chain, settings: Settings, *, retrieval_only: bool = False):
 
 _CONFIG_KEYS = ("collection", "embedder", "chunk_size", "chunk_overlap", "retrieval_mode", "k", "score_threshold",
                 "sentence_rerank", "abstain", "evidence_checks", "answerability_threshold", "answer_check",
-                "answer_check_threshold", "backend", "model", "reranker", "verifier", "verifier_refuse_threshold")
+                "answer_check_threshold", "backend", "model", "reranker", "verifier", "verifier_refuse_threshold", "refusal_threshold")
 
 
 def run_beir(folder: Path, settings: Settings, modes: list[str], *, tick: Tick | None = None) -> list[BeirScores]:

@@ -230,9 +230,16 @@ class Retriever:
             evidence = self.verifier_evidence(query, qvec, hits)
             timings["sentences"] = time.perf_counter() - t0
         if self.settings.verifier == "score":  # only what is returned: k passages, not rerank_top
-            t0 = time.perf_counter()
-            self.verify(query, hits)
-            timings["verifier"] = time.perf_counter() - t0
+            if hits and all(h.chunk_id in evidence and evidence[h.chunk_id].kind == "verifier" for h in hits):
+                # The verifier already read every sentence of these passages: a passage's score is its
+                # best sentence's (reading the whole passages again cost ~90 ms and added nothing to the
+                # refusal model next to the best sentence: bench/RESULTS.md, "Refusal model").
+                for h in hits:
+                    h.verifier_score = evidence[h.chunk_id].best
+            else:
+                t0 = time.perf_counter()
+                self.verify(query, hits)
+                timings["verifier"] = time.perf_counter() - t0
         return SearchResult(hits, qvec, timings, evidence)
 
     def rare_latin_terms(self, query: str) -> str:

@@ -134,19 +134,23 @@ def test_question_language_detection():
     assert question_language("これは何ですか") == "ja"
 
 
-def test_answerability_abstains_on_an_on_topic_question_the_documents_do_not_answer(settings):
+def test_an_on_topic_question_the_documents_do_not_answer_never_gets_a_confident_answer(settings):
     chain = QAChain(settings, extractive=True)
     answered = chain.ask("When did the Bergen bridge open?")
-    assert not answered.abstained and "2004" in answered.text
+    assert not answered.abstained and "2004" in answered.text and answered.confidence == "high"
     assert answered.answerability is not None and answered.answerability > 0.5
-    # Same bridge, same file, but nothing about its colour: the best chunk is on topic
-    # (a similarity threshold lets it through), the answerability score does not.
+    # Same bridge, same file, but nothing about its colour: the best chunk is on topic (a similarity
+    # threshold lets it through); the refusal model's P is far lower, and the verifier doubts every
+    # sentence. Refused, or answered with low confidence and the doubt shown beside the quotes.
     question = "What colour is the Bergen bridge painted?"
     search = chain.retriever.search(question)
     assert Path(search.hits[0].source).name == "bridge.txt" and search.best_similarity >= chain.threshold
     unanswered = chain.ask(question)
-    assert unanswered.abstained and unanswered.citations == []
-    assert unanswered.answerability is not None and unanswered.answerability < answered.answerability
+    assert unanswered.answerability is not None and unanswered.answerability < min(0.5, answered.answerability)
+    if unanswered.abstained:
+        assert unanswered.citations == [] and unanswered.text.startswith("I don't know")
+    else:
+        assert unanswered.confidence == "low" and unanswered.doubts and unanswered.citations
 
 
 def test_the_rules_alone_say_why_they_do_not_know_when_a_name_or_the_kind_of_answer_is_missing(settings):
@@ -166,23 +170,47 @@ def test_the_rules_alone_say_why_they_do_not_know_when_a_name_or_the_kind_of_ans
     assert not chain.ask("How many cars a day does the Bergen bridge carry?").abstained
 
 
-def test_with_the_verifier_a_rule_alone_lowers_confidence_and_both_together_refuse(settings):
+def test_with_the_verifier_a_rule_alone_lowers_confidence_and_the_refusal_model_refuses(settings):
     chain = QAChain(settings, extractive=True)
-    # The name check fires, the verifier reads an on-topic passage as an answer: answered, low
-    # confidence, the reason shown, the sources kept so the reader can check.
+    # The name check fires, but it is one feature of the refusal model, never a refusal alone: on
+    # topic passages, answered with low confidence, the reason shown, the sources kept to check.
     named = chain.ask("Does the alpha reactor in Oslo run SELinux?")
     assert not named.abstained and named.confidence == "low" and named.citations
     assert "none of the passages found mention SELinux" in named.doubts
-    # Rules and verifier agree that nothing states the bridge's colour: refused.
-    colour = chain.ask("What colour is the Bergen bridge painted?")
-    assert colour.abstained and colour.confidence is None and colour.verifier is not None and colour.verifier < 0.5
-    assert colour.text.startswith("I don't know")
+    # Nothing on the passages about a weed killer named in a Chinese question: refused, with the name.
     zh = chain.ask("玫瑰需要 Roundup 除草剂吗？")
     assert zh.abstained and zh.text == "我不知道：找到的段落都没有提到 Roundup。"
     # An answer the passages state: high confidence, nothing to doubt.
     opened = chain.ask("When was the Bergen bridge opened?")
     assert not opened.abstained and opened.confidence == "high" and not opened.doubts and opened.verifier > 0.5
     assert opened.as_dict()["confidence"] == "high"
+
+
+def test_the_refusal_threshold_moves_refusals_into_low_confidence_answers(settings):
+    question = "What colour is the Bergen bridge painted?"
+    refused = QAChain(settings.with_overrides(refusal_threshold=0.5), extractive=True).ask(question)
+    assert refused.abstained and refused.answerability is not None and refused.citations == []
+    assert refused.confidence is None and refused.verifier is not None and refused.verifier < 0.5
+    # A threshold under the model's P answers instead: low confidence, with the quotes to check.
+    lenient = QAChain(settings.with_overrides(refusal_threshold=0.0), extractive=True).ask(question)
+    assert not lenient.abstained and lenient.confidence == "low" and lenient.support and lenient.citations
+    assert lenient.answerability == pytest.approx(refused.answerability)
+    # And the features it reads are the ones the bench fits on, every one a number.
+    chain = QAChain(settings, extractive=True)
+    search = chain.retriever.search(question)
+    features = chain.refusal_features(question, search)
+    model = chain.refusal_model(search)
+    assert model is not None and set(model.weights) <= set(features)
+    assert all(isinstance(v, float) for v in features.values())
+    assert model.probability(features) == pytest.approx(refused.answerability)
+
+
+def test_a_passage_verifier_score_is_its_best_sentence_when_the_verifier_read_its_sentences(settings):
+    search = Retriever.from_settings(settings).search("When did the Bergen bridge open?", k=2)
+    assert all(Path(h.source).suffix in (".md", ".txt") and "_zh" not in h.source and "_ja" not in h.source for h in search.hits)
+    assert search.hits and "verifier" not in search.timings  # no second pass over whole passages
+    for h in search.hits:
+        assert h.verifier_score == pytest.approx(search.evidence[h.chunk_id].best)
 
 
 def test_evidence_checks_can_be_turned_off(settings):
