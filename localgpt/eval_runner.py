@@ -108,7 +108,8 @@ def run_qa(
             packed, result.context_tokens = pack(case.question, search.hits[: settings.k])
             result.context = [RetrievedChunk.from_source_ref(r) for r in packed]
         if retrieval_only:
-            result.abstained = chain.should_abstain(case.question, search)[0]
+            verdict = chain.should_abstain(case.question, search)
+            result.abstained, result.confidence = verdict.abstain, verdict.confidence
         else:
             try:
                 answer = chain.ask(case.question)
@@ -117,6 +118,7 @@ def run_qa(
             else:
                 result.answer = answer.text
                 result.abstained = answer.abstained
+                result.confidence = answer.confidence
                 result.cited = [RetrievedChunk.from_source_ref(c.ref) for c in answer.citations if c.cited] or [
                     RetrievedChunk.from_source_ref(answer.citations[s.number - 1].ref) for s in answer.support
                 ]

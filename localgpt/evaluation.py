@@ -303,6 +303,7 @@ class QuestionResult:
     abstained: bool = False
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     error: str | None = None
+    confidence: str | None = None  # "high" or "low" for an answer the chain gave; None when abstaining or unknown
     # The chunks the chain packs into the generator's prompt (its top k while they fit the window)
     # and their tokens (the generator's tokenizer); None when not measured.
     context: list[RetrievedChunk] | None = None
@@ -341,6 +342,7 @@ class QuestionScores:
     citation_precision: float | None = None  # the share of cited chunks that hold the answer
     cited_chunks: int | None = None  # how many distinct chunks the answer shows as backing it
     abstained: bool = False
+    confidence: str | None = None  # the chain's "high" / "low" for an answer
     answer_in_context: float | None = None  # a chunk of the packed context holds the answer
     context_chunks: int | None = None  # how many chunks were packed
     context_tokens: int | None = None  # and their tokens
@@ -353,7 +355,8 @@ class QuestionScores:
 
 def score_question(result: QuestionResult, ks: Sequence[int] = DEFAULT_KS) -> QuestionScores:
     case = result.case
-    s = QuestionScores(id=case.id, answerable=case.answerable, abstained=result.abstained)
+    s = QuestionScores(id=case.id, answerable=case.answerable, abstained=result.abstained,
+                       confidence=None if result.abstained else result.confidence)
     chunks = result.retrieved
     if result.context is not None:
         s.context_chunks = len(result.context)
@@ -449,7 +452,7 @@ class EvalReport:
             questions.append({
                 "id": case.id, "question": case.question, "expected_answer": case.answer,
                 "aliases": case.aliases, "expected_sources": case.sources, "expected_page": case.page,
-                "lang": case.lang, "answer": result.answer, "abstained": result.abstained,
+                "lang": case.lang, "answer": result.answer, "abstained": result.abstained, "confidence": result.confidence,
                 "cited": [{"source": c.source, "page": c.page} for c in result.cited],
                 "timings": result.timings, "error": result.error, "scores": score.as_dict(), "retrieved": chunks,
             })
@@ -528,6 +531,11 @@ def _aggregate(
     # run measures it as well.
     overall["abstention_rate"] = _mean(float(s.abstained) for s in unanswerable)
     overall["false_abstention_rate"] = _mean(float(s.abstained) for s in answerable)
+    # What the user sees besides a refusal: an answer marked "low confidence" sends them to its quotes;
+    # the failure that remains is an unanswerable question answered with high confidence.
+    if any(s.confidence for s in scores):
+        overall["confident_when_unanswerable"] = _mean(float(s.confidence == "high") for s in unanswerable)
+        overall["confident_when_answerable"] = _mean(float(s.confidence == "high") for s in answerable)
     counts = {
         "questions": len(scores), "answerable": len(answerable), "unanswerable": len(unanswerable),
         "with_source": len(with_source), "with_page": len(with_page), "generated": len(generated),
@@ -597,6 +605,7 @@ def report_from_dict(data: Mapping[str, Any]) -> EvalReport:
             for c in q["context"]]
         results.append(QuestionResult(case=case, retrieved=chunks, answer=q.get("answer"), cited=cited,
                                       abstained=bool(q.get("abstained")), timings=q.get("timings") or {}, error=q.get("error"),
+                                      confidence=q.get("confidence"),
                                       context=context, context_tokens=q.get("context_tokens")))
         sd = dict(q.get("scores") or {})
         sd["file_recall"] = {int(k): v for k, v in (sd.get("file_recall") or {}).items()}
@@ -732,7 +741,7 @@ _SECTIONS: list[tuple[str, list[str]]] = [
                                           "answer_in_context", "context_chunks", "context_tokens"]),
     ("Answers", ["exact_match", "f1", "contains_answer", "citation_correct", "citation_precision", "cited_per_answer",
                  "citation_source_correct"]),
-    ("Abstention", ["abstention_rate", "false_abstention_rate"]),
+    ("Abstention", ["abstention_rate", "false_abstention_rate", "confident_when_unanswerable", "confident_when_answerable"]),
 ]
 _LABELS = {
     "file_mrr": "file MRR", "page_mrr": "page MRR", "answer_mrr": "answer MRR", "exact_match": "exact match",
@@ -740,6 +749,8 @@ _LABELS = {
     "citation_source_correct": "cited file is expected", "citation_precision": "cited chunks holding answer (share)",
     "cited_per_answer": "chunks cited per answer", "abstention_rate": "abstains when unanswerable",
     "false_abstention_rate": "abstains when answerable (lower is better)",
+    "confident_when_unanswerable": "answers unanswerable with high confidence (lower is better)",
+    "confident_when_answerable": "answers answerable with high confidence",
     "answer_in_context": "answer in packed context (what the generator sees)",
     "context_chunks": "chunks in packed context (all questions)",
     "context_tokens": "tokens in packed context (generator's tokenizer)",

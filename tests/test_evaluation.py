@@ -165,6 +165,27 @@ def test_answer_citation_and_abstention_counting():
     assert o["abstention_rate"] == pytest.approx(2 / 3)
 
 
+def test_a_confident_answer_to_an_unanswerable_question_is_counted_apart_from_a_flagged_one():
+    answerable = case("Squid")
+    unanswerable = EvalCase(question="What port does Squid use?", answer="")
+    right = [chunk("en/proxy.html", "Falcot selected Squid")]
+    results = [
+        QuestionResult(answerable, right, answer="Squid [1]", cited=right, confidence="high"),
+        QuestionResult(answerable, right, answer="Squid [1]", cited=right, confidence="low"),
+        QuestionResult(unanswerable, right, answer="Port 3128", cited=right, confidence="high"),  # the harm
+        QuestionResult(unanswerable, right, answer="Port 3128", cited=right, confidence="low"),  # flagged: check quotes
+        QuestionResult(unanswerable, right, answer="I don't know.", abstained=True),
+        QuestionResult(unanswerable, right, answer="I don't know.", abstained=True),
+    ]
+    report = evaluate(results)
+    o = report.overall
+    assert o["abstention_rate"] == pytest.approx(2 / 4)
+    assert o["confident_when_unanswerable"] == pytest.approx(1 / 4)
+    assert o["confident_when_answerable"] == pytest.approx(1 / 2)
+    again = report_from_dict(report.to_dict())  # survives the --json round trip
+    assert again.overall["confident_when_unanswerable"] == pytest.approx(1 / 4)
+
+
 def test_citing_more_chunks_shows_in_precision_not_only_in_correctness():
     answerable = case("Squid")
     right = chunk("en/proxy.html", "Falcot selected Squid")
