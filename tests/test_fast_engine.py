@@ -268,8 +268,27 @@ def test_gemv_kernels_in_the_triton_interpreter(subprocess_env):
     assert "gemv interpreter check passed" in done.stdout
 
 
+def _interpreter_scalar_index():
+    """Triton 3.6's interpreter turns a scalar tensor into an int with ``int(array of one element)`` (the kernels'
+    ``range(first, last)``), which NumPy 2.4 made an error; read the one element instead."""
+    import triton.runtime.interpreter as interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "scalar_index", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0])
+                       if self.handle.data.size == 1 else int(self.handle.data))
+
+    patched.scalar_index = True
+    interpreter._patch_lang_tensor = patched
+
+
 def gemv_interpreter_check():
     """Every GEMV kernel and the planar dequantiser, run by Triton's interpreter on the CPU, against PyTorch."""
+    _interpreter_scalar_index()
     import localgpt.generation.fast.gemv_triton as gemv
 
     for n, k, group, state in _gemv_cases():
