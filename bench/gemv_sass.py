@@ -45,7 +45,8 @@ for _name, _kernel, _cx in (
 
 def sass(kernel, constexprs: dict, warps: int) -> str:
     names = kernel.arg_names
-    sig = {n: PTR.get(n, "constexpr") for n in names}
+    types = PTR | ({"w_ptr": "*bf16"} if kernel is G._bf16_gemv_kernel else {})
+    sig = {n: types.get(n, "constexpr") for n in names}
     for n in constexprs:
         sig[n] = "constexpr"
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n in PTR and sig[n] != "constexpr"}
