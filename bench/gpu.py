@@ -248,23 +248,18 @@ def bench_engine(network, vocab: int, prompts, mode: str, log, *, decode_context
     return out
 
 
-@torch.inference_mode()
-def profile_step(eng, vocab: int, log, steps: int = 16) -> dict:
-    """Kernels of one decode step (the compiled CUDA graph replayed): time per step by kernel, against the
-    step's wall time; the difference is launch gaps and host time."""
+def time_and_profile(step, steps: int) -> tuple[float, dict]:
+    """``step()`` (warmed up already) called ``steps`` times: its wall time a call in us, then under
+    torch.profiler each CUDA kernel's self time (us) and calls a call, by kernel name."""
     from torch.profiler import ProfilerActivity, profile
 
-    step = eng._step_fn(False)
-    eng._prefill(random_ids(DECODE_PROMPT, vocab), False)
-    for _ in range(4):
-        eng._advance(step)
     t0 = sync_time()
     for _ in range(steps):
-        eng._advance(step)
+        step()
     wall_us = (sync_time() - t0) / steps * 1e6
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            eng._advance(step)
+            step()
         torch.cuda.synchronize()
     kernels: dict = {}
     for ev in prof.key_averages():
@@ -273,6 +268,18 @@ def profile_step(eng, vocab: int, log, steps: int = 16) -> dict:
             t = getattr(ev, "self_cuda_time_total", 0)
         if t > 0:
             kernels[ev.key] = {"us_per_step": t / steps, "calls_per_step": ev.count / steps}
+    return wall_us, kernels
+
+
+@torch.inference_mode()
+def profile_step(eng, vocab: int, log, steps: int = 16) -> dict:
+    """Kernels of one decode step (the compiled CUDA graph replayed): time per step by kernel, against the
+    step's wall time; the difference is launch gaps and host time."""
+    step = eng._step_fn(False)
+    eng._prefill(random_ids(DECODE_PROMPT, vocab), False)
+    for _ in range(4):
+        eng._advance(step)
+    wall_us, kernels = time_and_profile(lambda: eng._advance(step), steps)
     total = sum(k["us_per_step"] for k in kernels.values())
     top = sorted(kernels.items(), key=lambda kv: -kv[1]["us_per_step"])
     log(f"  profile: step {wall_us:.0f} us wall, kernels {total:.0f} us ({len(kernels)} kinds), "
@@ -518,29 +525,13 @@ def bench_hf_batch(model, vocab: int, levels, log, new: int) -> dict:
 def profile_slots(batch, bucket: int, log, context: int = 384, steps: int = 16) -> dict:
     """Kernels of the bucket's captured decode step with every slot decoding at ``context`` (torch.profiler over
     graph replays): time per step by kernel against the step's wall time."""
-    from torch.profiler import ProfilerActivity, profile
-
     batch.tokens[:bucket].fill_(7)
     batch.positions[:bucket].fill_(context)
     step = batch._step_fn(bucket, False)
     for _ in range(3):
         step()
-    t0 = sync_time()
-    for _ in range(steps):
-        step()
-    wall_us = (sync_time() - t0) / steps * 1e6
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
+    wall_us, kernels = time_and_profile(step, steps)
     batch.positions.fill_(batch.max_seq)
-    kernels: dict = {}
-    for ev in prof.key_averages():
-        t = getattr(ev, "self_device_time_total", None)
-        if t is None:
-            t = getattr(ev, "self_cuda_time_total", 0)
-        if t > 0:
-            kernels[ev.key] = {"us_per_step": t / steps, "calls_per_step": ev.count / steps}
     total = sum(k["us_per_step"] for k in kernels.values())
     calls = sum(k["calls_per_step"] for k in kernels.values())
     top = sorted(kernels.items(), key=lambda kv: -kv[1]["us_per_step"])

@@ -34,32 +34,6 @@ QUANT = {"bf16": "none", "int8": "8bit", "int4": "4bit"}
 PROMPT_WORDS = 200
 
 
-def configs(tiny: bool):
-    from transformers import FalconConfig, FalconMambaConfig, LlamaConfig
-
-    if tiny:  # a dry run of the script's logic (CPU is fine)
-        return {
-            "llama": ("tiny-llama", LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                                num_attention_heads=4, num_key_value_heads=4, vocab_size=512)),
-            "falcon": ("tiny-falcon", FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                                   multi_query=True, parallel_attn=True, bias=False, alibi=False,
-                                                   new_decoder_architecture=False, vocab_size=512)),
-            "falcon-mamba": ("tiny-falcon-mamba", FalconMambaConfig(hidden_size=64, num_hidden_layers=2,
-                                                                    state_size=8, vocab_size=512)),
-        }
-    return {
-        "llama": ("Llama-2-7B", LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                            num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
-                                            max_position_embeddings=4096, rms_norm_eps=1e-5)),
-        "falcon": ("Falcon-7B", FalconConfig(hidden_size=4544, num_hidden_layers=32, num_attention_heads=71,
-                                             multi_query=True, parallel_attn=True, new_decoder_architecture=False,
-                                             alibi=False, bias=False, vocab_size=65024, max_position_embeddings=2048)),
-        "falcon-mamba": ("FalconMamba-7B", FalconMambaConfig(hidden_size=4096, num_hidden_layers=64, state_size=16,
-                                                             expand=2, conv_kernel=4, time_step_rank=256,
-                                                             vocab_size=65024)),
-    }
-
-
 # --- writing the checkpoint ----------------------------------------------------------------------------
 
 
@@ -262,6 +236,10 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     log(f"device {device_name}, torch {torch.__version__}, commit {args.commit or '?'}, "
         f"{os.cpu_count()} CPUs, mode {args.mode}")
+    # bench/gpu.py's model table, imported here and not at the top: it imports torch and the engine, and the
+    # --child and --probe processes this script starts time their own imports.
+    from bench.gpu import configs
+
     rows, results = [], []
     for key in args.models.split(","):
         label, config = configs(args.tiny)[key]

@@ -148,6 +148,23 @@ def default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def run_in_triton_interpreter(subprocess_env: dict, module: str, check: str, passed: str) -> None:
+    """``check()`` of the test module ``module`` run by Triton's interpreter on the CPU, in a child process (the
+    interpreter must be chosen before Triton is first imported, which this process may have done already):
+    it exits 0 and prints ``passed``."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    env = subprocess_env | {"TRITON_INTERPRET": "1",
+                            "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent), subprocess_env["PYTHONPATH"]])}
+    done = subprocess.run([sys.executable, "-c", f"import {module} as t; t.{check}()"],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=tests)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert passed in done.stdout
+
+
 def ingested_collection(base, docs: dict[str, str], collection: str, **settings):
     """``docs`` (relative path -> text) written under ``base/docs`` and ingested into ``collection``
     in ``base/data`` with the default embedder: the real store that chain and retrieval tests query."""

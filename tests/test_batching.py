@@ -274,18 +274,10 @@ def test_fused_slot_kernels_match_the_eager_step_in_the_triton_interpreter(subpr
     positions, silu·up) against the eager step, run by Triton's interpreter on the CPU in a child process (the
     interpreter must be chosen before Triton is first imported)."""
     pytest.importorskip("triton")
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from conftest import run_in_triton_interpreter  # here: the child imports this module, not conftest
 
-    tests = Path(__file__).resolve().parent
-    env = subprocess_env | {"TRITON_INTERPRET": "1",
-                            "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent), subprocess_env["PYTHONPATH"]])}
-    done = subprocess.run([sys.executable, "-c", "import test_batching as t; t.fused_slot_kernels_check()"],
-                          env=env, capture_output=True, text=True, timeout=600, cwd=tests)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    assert "fused slot kernels check passed" in done.stdout
+    run_in_triton_interpreter(subprocess_env, "test_batching", "fused_slot_kernels_check",
+                              "fused slot kernels check passed")
 
 
 @pytest.mark.gpu

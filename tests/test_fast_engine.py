@@ -8,8 +8,6 @@ come back identical from the on-disk cache. GPU tests are marked ``gpu`` and ski
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -255,17 +253,10 @@ def test_gemv_kernels_in_the_triton_interpreter(subprocess_env):
     # (its tl.zeros / tl.sum are jit functions too), which this process may have done already.
     pytest.importorskip("numpy")
     pytest.importorskip("triton")
-    import subprocess
-    import sys
-    from pathlib import Path
+    from conftest import run_in_triton_interpreter  # here: the child imports this module, not conftest
 
-    tests = Path(__file__).resolve().parent
-    env = subprocess_env | {"TRITON_INTERPRET": "1",
-                            "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent), subprocess_env["PYTHONPATH"]])}
-    done = subprocess.run([sys.executable, "-c", "import test_fast_engine as t; t.gemv_interpreter_check()"],
-                          env=env, capture_output=True, text=True, timeout=600, cwd=tests)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    assert "gemv interpreter check passed" in done.stdout
+    run_in_triton_interpreter(subprocess_env, "test_fast_engine", "gemv_interpreter_check",
+                              "gemv interpreter check passed")
 
 
 def _interpreter_scalar_index():
@@ -474,6 +465,19 @@ def test_gpu_int4_prompt_path_matches_tinygemm_and_keeps_no_bf16_copy():
     assert held < 1024 * 4096 * 0.6
 
 
+def _gemv_layer_and_reference(mode: str, n: int, k: int):
+    """A random bf16 ``n`` x ``k`` Linear on the GPU, quantised (``mode``) for the Triton GEMV: (its one-layer
+    network, the dequantised weight as the reference, a one-token input, the reference's product with it)."""
+    layer = Linear(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02)
+    net = torch.nn.Sequential(layer)
+    states = quantize_model(net, mode, keep=True, decode="triton")
+    saved = states["0"]
+    ref = (dequantize_int4(saved["nibbles"].cuda(), saved["scales_and_zeros"].cuda(), 128) if mode == "int4"
+           else saved["weight"].cuda().float() * saved["scales"].cuda().float()[:, None])
+    x = torch.randn(1, 1, k, device="cuda", dtype=torch.bfloat16)
+    return net, ref, x, ref @ x.reshape(-1).float()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["int4", "int8"])
 def test_gpu_gemv_layers_pass_their_load_check_and_match_the_reference(mode):
@@ -486,16 +490,9 @@ def test_gpu_gemv_layers_pass_their_load_check_and_match_the_reference(mode):
 
     torch.manual_seed(0)
     for n, k in [(4096, 4096), (4096, 11008), (12288, 4096)]:
-        layer = Linear(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02)
-        net = torch.nn.Sequential(layer)
-        states = quantize_model(net, mode, keep=True, decode="triton")
+        net, ref, x, want = _gemv_layer_and_reference(mode, n, k)
         q = net[0]
         assert q.layout == "planar" and decode_kernels(net) == f"{mode} planar"
-        saved = states["0"]
-        ref = (dequantize_int4(saved["nibbles"].cuda(), saved["scales_and_zeros"].cuda(), 128) if mode == "int4"
-               else saved["weight"].cuda().float() * saved["scales"].cuda().float()[:, None])
-        x = torch.randn(1, 1, k, device="cuda", dtype=torch.bfloat16)
-        want = ref @ x.reshape(-1).float()
         got = q(x).reshape(-1).float()
         assert ((got - want).norm() / want.norm()) < 5e-3, (n, k)
         graph = torch.cuda.CUDAGraph()
@@ -528,15 +525,8 @@ def test_gpu_bf16x2_gemv_kernels_match_the_reference_and_replay_identically(mode
 
     torch.manual_seed(0)
     for n, k in [(4096, 4096), (4096, 11008), (12288, 4096)]:
-        layer = Linear(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02)
-        net = torch.nn.Sequential(layer)
-        states = quantize_model(net, mode, keep=True, decode="triton")
+        net, ref, x, want = _gemv_layer_and_reference(mode, n, k)
         q = net[0]
-        saved = states["0"]
-        ref = (dequantize_int4(saved["nibbles"].cuda(), saved["scales_and_zeros"].cuda(), 128) if mode == "int4"
-               else saved["weight"].cuda().float() * saved["scales"].cuda().float()[:, None])
-        x = torch.randn(1, 1, k, device="cuda", dtype=torch.bfloat16)
-        want = ref @ x.reshape(-1).float()
         slack = want.abs() * 2**-7 + 1e-5 * (ref.abs() @ x.reshape(-1).float().abs()) + 1e-6
         for bn, split, warps, code in [(64, 1, 2, gemv.X2), (64, 4, 2, gemv.X2), (128, 2, 4, gemv.X2_AHEAD),
                                          (32, 16, 2, gemv.X2_AHEAD)]:

@@ -73,14 +73,14 @@ def batch_stats(server) -> dict:
     return next(iter(queues.values()))
 
 
-def test_concurrent_requests_batch_and_each_equals_its_answer_alone(server, alone):
-    assert all(a["finish"] == "stop" and a["tokens"] for a in alone.values()), {q: (a["finish"], a["tokens"], a["text"][:40]) for q, a in alone.items()}
-    before = batch_stats(server)
-    assert before["slots"] == SLOTS and before["waiting"] == 0 and before["slots_busy"] == 0
-
+def all_at_once_equal_alone(server, alone: dict[str, dict], questions: list[str], poll_s: float,
+                            join_s: float) -> tuple[dict[str, dict], dict]:
+    """Every question sent at the same moment (a thread each, released together) while /health's batch stats
+    are read every ``poll_s``; asserts that none failed or was lost and that each answer equals ``alone``'s.
+    Returns the answers and the most slots busy / requests waiting seen."""
     answers: dict[str, dict] = {}
     errors: list[BaseException] = []
-    gate = threading.Barrier(len(QUESTIONS))
+    gate = threading.Barrier(len(questions))
     seen = {"busy": 0, "waiting": 0}
     done = threading.Event()
 
@@ -95,21 +95,30 @@ def test_concurrent_requests_batch_and_each_equals_its_answer_alone(server, alon
         while not done.is_set():
             s = batch_stats(server)
             seen["busy"], seen["waiting"] = max(seen["busy"], s["slots_busy"]), max(seen["waiting"], s["waiting"])
-            time.sleep(0.02)
+            time.sleep(poll_s)
 
     watcher = threading.Thread(target=watch)
     watcher.start()
-    threads = [threading.Thread(target=one, args=(q,)) for q in QUESTIONS]
+    threads = [threading.Thread(target=one, args=(q,)) for q in questions]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(180)
+        t.join(join_s)
     done.set()
     watcher.join()
     assert not errors, errors
-    assert set(answers) == set(QUESTIONS)  # none lost
-    for q in QUESTIONS:
+    assert set(answers) == set(questions)  # none lost
+    for q in questions:
         assert answers[q] == alone[q], q  # same text, same finish, same token count
+    return answers, seen
+
+
+def test_concurrent_requests_batch_and_each_equals_its_answer_alone(server, alone):
+    assert all(a["finish"] == "stop" and a["tokens"] for a in alone.values()), {q: (a["finish"], a["tokens"], a["text"][:40]) for q, a in alone.items()}
+    before = batch_stats(server)
+    assert before["slots"] == SLOTS and before["waiting"] == 0 and before["slots_busy"] == 0
+
+    answers, seen = all_at_once_equal_alone(server, alone, QUESTIONS, poll_s=0.02, join_s=180)
     assert seen["busy"] >= 2, seen  # they shared the engine instead of taking turns
     after = batch_stats(server)
     assert after["served"] == before["served"] + len(QUESTIONS)
@@ -175,37 +184,7 @@ def sixteen_concurrent_requests(base, device: str) -> dict:
         server = {"url": url}
         alone = {q: ask(server, q) for q in GPU_QUESTIONS}
         assert all(a["tokens"] for a in alone.values()), alone
-        answers: dict[str, dict] = {}
-        errors: list[BaseException] = []
-        gate = threading.Barrier(len(GPU_QUESTIONS))
-        seen = {"busy": 0}
-        done = threading.Event()
-
-        def one(q: str) -> None:
-            gate.wait()
-            try:
-                answers[q] = ask(server, q)
-            except BaseException as exc:  # noqa: BLE001 - reported below
-                errors.append(exc)
-
-        def watch() -> None:
-            while not done.is_set():
-                seen["busy"] = max(seen["busy"], batch_stats(server)["slots_busy"])
-                time.sleep(0.01)
-
-        watcher = threading.Thread(target=watch)
-        watcher.start()
-        threads = [threading.Thread(target=one, args=(q,)) for q in GPU_QUESTIONS]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(300)
-        done.set()
-        watcher.join()
-        assert not errors, errors
-        assert set(answers) == set(GPU_QUESTIONS)
-        for q in GPU_QUESTIONS:
-            assert answers[q] == alone[q], q  # same text, same finish, same token count
+        answers, seen = all_at_once_equal_alone(server, alone, GPU_QUESTIONS, poll_s=0.01, join_s=300)
         assert seen["busy"] >= 4, seen  # they decoded together
         stats = batch_stats(server)
         print("serve, 16 at once:", {"tokens": [answers[q]["tokens"] for q in GPU_QUESTIONS], "max busy": seen["busy"],
