@@ -76,9 +76,12 @@ def test_compare_runs_the_localgpt_baseline_beside_the_defaults(tmp_path, subpro
     assert baseline["config"]["retrieval_mode"] == "dense" and baseline["config"]["k"] == 4
     assert baseline["config"]["chunk_size"] == 1000 and baseline["config"]["abstain"] is False
     assert baseline["config"]["collection"] != defaults["config"]["collection"]  # its own chunks
-    # The baseline never abstains; the defaults abstain on both unanswerable questions.
+    # The baseline never abstains; the defaults refuse the off-topic question, and the on-topic one the
+    # documents do not answer (the bridge's colour) is refused or answered with low confidence: neither
+    # unanswerable question gets a confident answer, and no answerable one is refused.
     assert baseline["overall"]["abstention_rate"] == 0.0
-    assert defaults["overall"]["abstention_rate"] == 1.0 and defaults["overall"]["false_abstention_rate"] == 0.0
+    assert defaults["overall"]["abstention_rate"] >= 0.5 and defaults["overall"]["false_abstention_rate"] == 0.0
+    assert defaults["overall"]["confident_when_unanswerable"] == 0.0
     assert baseline["overall"]["file_hit@1"] == 1.0
     for report in (baseline, defaults):
         assert {"retrieve", "total"} <= set(report["latency"])

@@ -92,4 +92,8 @@ def test_retrieval_with_the_verifier_puts_the_answer_first_and_keeps_its_score(t
     assert off.best_verifier_score is None
     scored = Retriever.from_settings(settings.with_overrides(verifier="score")).search(CASES["en"][0], k=3)
     assert [h.chunk_id for h in scored.hits] == [h.chunk_id for h in off.hits]  # scores only, same order
-    assert scored.best_verifier_score == pytest.approx(result.best_verifier_score)
+    # The verifier read each sentence of these hits (evidence = "verifier"): a hit's score is its best sentence's.
+    assert all(h.verifier_score == pytest.approx(scored.evidence[h.chunk_id].best) for h in scored.hits)
+    # With the embedder's sentence evidence it reads the whole passages, as rerank does.
+    whole = Retriever.from_settings(settings.with_overrides(verifier="score", evidence="embedder")).search(CASES["en"][0], k=3)
+    assert whole.best_verifier_score == pytest.approx(result.best_verifier_score)
