@@ -592,6 +592,11 @@ def serve(
         None, "--batch-slots",
         help="--engine fast: requests decoded together (setting batch_slots; default 16 on CUDA, 4 on CPU; 0: one at a time).",
     ),
+    batch_share_prefill: Optional[bool] = typer.Option(
+        None, "--batch-share-prefill/--no-batch-share-prefill",
+        help="--engine fast: prefill several waiting requests' prompts in one pass (setting batch_share_prefill; "
+        "faster under load, greedy answers may differ from alone in bf16 ties).",
+    ),
     openai_url: Optional[str] = OpenAIOpt,
     extractive: bool = typer.Option(False, "--extractive", help="Answer every request with the supporting sentences alone."),
 ):
@@ -606,7 +611,8 @@ def serve(
 
     settings = _qa_settings(collection=collection, data_dir=data_dir, chroma_url=chroma_url, embedder=embedder,
                             model=model, family=family, backend=backend, engine=engine, device=device,
-                            quantization=quantization, batch_slots=batch_slots, openai_url=openai_url,
+                            quantization=quantization, batch_slots=batch_slots,
+                            batch_share_prefill=batch_share_prefill, openai_url=openai_url,
                             extractive=extractive, max_upload_mb=max_upload_mb)
     check_bind(host, api_key)
     folders = [parse_watch(spec, settings.collection) for spec in watch or []]

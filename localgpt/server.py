@@ -502,7 +502,7 @@ class Service:
         if slots:
             # The fast engine batches: concurrent requests share its BatchEngine (one per loaded model) instead
             # of taking turns. Greedy answers equal the ones each request gets alone.
-            batch = generator.start_batching(slots)
+            batch = generator.start_batching(slots, share_prefill=self.settings.batch_share_prefill)
             with self._lock:
                 line = self.queues.get(key)
                 if not isinstance(line, BatchLine) or line.batch is not batch:
@@ -527,7 +527,8 @@ class Service:
         for q in queues:
             stats[q.name] = {"waiting": q.waiting, "busy": q.busy, "served": q.served}
             if isinstance(q, BatchLine):
-                stats[q.name].update(slots=q.slots, slots_busy=q.active, cancelled=q.cancelled)
+                stats[q.name].update(slots=q.slots, slots_busy=q.active, cancelled=q.cancelled,
+                                     share_prefill=q.batch.share_prefill)
         return stats
 
 

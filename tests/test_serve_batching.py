@@ -27,16 +27,18 @@ QUESTIONS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@pytest.fixture(scope="module", params=[False, True], ids=["one-prompt-a-step", "shared-prefill"])
+def server(tmp_path_factory, request):
+    """A real server batching on the CPU; once prefilling one request's prompt a step (the default), once
+    several waiting prompts in one pass (``--batch-share-prefill``)."""
     base = tmp_path_factory.mktemp("serve_batch")
     ingested_collection(base, DOCS, "docs")
     # A vocabulary of 2,000 words: the random weights' greedy walk rarely meets the end-of-text token.
     model = build_tiny_llama(base / "tiny-llama", extra_corpus=[" ".join(f"w{i}" for i in range(2000))])
     args = ["--data-dir", str(base / "data"), "--collection", "docs", "--model", str(model), "--backend", "transformers",
-            "--engine", "fast", "--device", "cpu", "--batch-slots", str(SLOTS)]
+            "--engine", "fast", "--device", "cpu", "--batch-slots", str(SLOTS)] + ["--batch-share-prefill"] * request.param
     with guarded_server(base, args) as (_, url):
-        yield {"url": url, "base": base, "log": base / "server.log"}
+        yield {"url": url, "base": base, "log": base / "server.log", "share_prefill": request.param}
 
 
 def api(server) -> httpx.Client:
@@ -117,6 +119,7 @@ def test_concurrent_requests_batch_and_each_equals_its_answer_alone(server, alon
     assert all(a["finish"] == "stop" and a["tokens"] for a in alone.values()), {q: (a["finish"], a["tokens"], a["text"][:40]) for q, a in alone.items()}
     before = batch_stats(server)
     assert before["slots"] == SLOTS and before["waiting"] == 0 and before["slots_busy"] == 0
+    assert before["share_prefill"] is server["share_prefill"]
 
     answers, seen = all_at_once_equal_alone(server, alone, QUESTIONS, poll_s=0.02, join_s=180)
     assert seen["busy"] >= 2, seen  # they shared the engine instead of taking turns

@@ -56,16 +56,18 @@ class FastGenerator(TransformersGenerator):
         """The running ``BatchEngine`` once ``start_batching`` ran, else None."""
         return self._shared.get("batch")
 
-    def start_batching(self, slots: int):
+    def start_batching(self, slots: int, *, share_prefill: bool = False):
         """Serve ``stream`` calls through a ``BatchEngine`` of ``slots`` slots from now on (its own KV cache per
-        slot, each of the batch-1 engine's ``max_seq`` positions; decode steps captured ahead on CUDA). Once per
-        loaded model; later calls return the running one. ``yes_probability`` stays on the batch-1 engine."""
+        slot, each of the batch-1 engine's ``max_seq`` positions; decode steps captured ahead on CUDA; with
+        ``share_prefill`` several waiting prompts prefilled in one pass). Once per loaded model; later calls
+        return the running one. ``yes_probability`` stays on the batch-1 engine."""
         from localgpt.generation.fast.batch import BatchEngine
 
         with self.lock:
             batch = self._shared.get("batch")
             if batch is None:
-                batch = BatchEngine(self.engine.model, slots=slots, max_seq=self.engine.max_seq)
+                batch = BatchEngine(self.engine.model, slots=slots, max_seq=self.engine.max_seq,
+                                    share_prefill=share_prefill)
                 if batch.device.type == "cuda":
                     self.stats.extra["batch_warm_up_s"] = round(batch.warm_up(sampled=(False, True)), 2)
                 batch.start()
