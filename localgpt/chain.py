@@ -380,8 +380,8 @@ class QAChain:
         """Whether to say "I don't know" before generating, and otherwise how sure the answer is.
 
         With the answer verifier on and a refusal model fitted for the embedder (``REFUSAL``), that
-        model decides (``_refusal_verdict``). For other embedders, with the verifier on, the chain refuses only
-        when it is confident: nothing on topic was found, or the hand rules (an evidence gap, a low
+        model decides (``_refusal_verdict``). For other embedders, with the verifier on, the chain
+        refuses only when it is confident: nothing on topic was found, or the hand rules (an evidence gap, a low
         answerability score) and the verifier agree that no passage states the answer. Either alone
         makes the answer "low" confidence, with the reason: the rules were fitted to one set and
         refused 12-28 % of answerable questions on others, and the verifier, trained on Wikipedia
@@ -431,9 +431,10 @@ class QAChain:
         never refuse alone. An answer with P under ``model.confident`` is "low" confidence, with the
         reasons (a missing name or answer type, the verifier's doubt). On the dev questions a doubt
         alone would have flagged 74 % of the answerable manuals questions; P under 0.5 flags 17 % of
-        them and 82 % of the unanswerable ones (bench/RESULTS.md, "Refusal model"). When the best passage (or every passage) is in another
-        language than the question the verifier cannot judge it: the chain answers with low
-        confidence unless the best chunk is under the embedder's similarity floor (nothing on topic)."""
+        them and 82 % of the unanswerable ones (bench/RESULTS.md, "Refusal model"). When the best
+        passage (or every passage) is in another language than the question the verifier cannot judge
+        it: the chain answers with low confidence unless the best chunk is under the embedder's
+        similarity floor (nothing on topic)."""
         gap = self.evidence_gap(question, search) if self.settings.evidence_checks else None
         verified = self.verifier_score(question, search)
         if verified is None or question_language(search.hits[0].text) != question_language(question):
