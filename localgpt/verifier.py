@@ -198,9 +198,15 @@ class Verifier:
         rows = self._word[ids.reshape(-1)]
         return self.torch.from_numpy(_dequant(rows, rows.shape[0], self._file.H)).to(self._float)
 
-    def logits(self, question: str, passages: Sequence[str], *, batch_tokens: int = 4096) -> np.ndarray:
+    def logits(self, question: str, passages: Sequence[str], *, batch_tokens: int | None = None) -> np.ndarray:
+        """The trained logit, one per passage. Passages run longest first in batches of about
+        ``batch_tokens`` tokens. Unset: 512 for bf16/fp32 runs, where small batches pad less (30 sentences of
+        the manuals: 211-240 ms against 385 ms at 4096, logits within one bf16 step, 0.06), and 4096 for
+        int8 runs, whose activations are quantised per batch (see below)."""
         if not passages:
             return np.zeros(0, dtype=np.float32)
+        if batch_tokens is None:
+            batch_tokens = 4096 if self.dtype == "int8" else 512
         torch, f = self.torch, self._file
         ids = self.tokenizer.ids(["query: " + question] + ["passage: " + p for p in passages])
         seqs = [pair_ids(ids[0], p, f.bos, f.eos, self.passage_tokens) for p in ids[1:]]

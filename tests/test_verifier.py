@@ -65,6 +65,19 @@ def test_scores_are_probabilities_one_per_passage_in_order(verifier):
     assert verifier.score(question, []).shape == (0,)
 
 
+def test_float_scores_do_not_depend_on_how_the_passages_are_batched(verifier):
+    # Float runs batch ~512 tokens at a time (less padding, faster); int8 ones keep 4096 tokens, since
+    # their activations are quantised per batch. Any batching gives a float run the same scores.
+    from localgpt.verifier import get_verifier
+
+    question, *passages = CASES["en"]
+    fp32 = get_verifier(dtype="fp32")
+    small = fp32.logits(question, passages * 4, batch_tokens=64)  # a batch per passage or two
+    large = fp32.logits(question, passages * 4, batch_tokens=4096)
+    assert small == pytest.approx(large, abs=1e-3)
+    assert fp32.logits(question, passages * 4) == pytest.approx(large, abs=1e-3)
+
+
 def test_int8_and_float_runs_agree(verifier):
     from localgpt.verifier import get_verifier
 
