@@ -344,7 +344,14 @@ class QAChain:
         return max((h.verifier_score for h in search.hits[: self.settings.k]
                     if h.verifier_score is not None and question_language(h.text) == lang), default=None)
 
-    def refusal_features(self, question: str, search: SearchResult, gap: EvidenceGap | None | bool = False) -> dict[str, float]:
+    def refusal_evidence(self, question: str, search: SearchResult) -> tuple[EvidenceGap | None, float | None]:
+        """What both the refusal verdict and its features need: the name / answer-type gap (None when
+        there is none or the checks are off) and the verifier's best same-language score."""
+        gap = self.evidence_gap(question, search) if self.settings.evidence_checks else None
+        return gap, self.verifier_score(question, search)
+
+    def refusal_features(self, question: str, search: SearchResult,
+                         evidence: tuple[EvidenceGap | None, float | None] | None = None) -> dict[str, float]:
         """What the refusal model (``REFUSAL``) reads about the chunks the generator would see: the
         best chunk's similarity and its margin over the second, the question's rare-term coverage,
         the verifier's best passage and best sentence as logits (0 and ``verifier_missing`` when it
@@ -352,16 +359,15 @@ class QAChain:
         mentioned or the expected answer type is missing, whether any passage is in another language,
         and the question's length (log of its words, CJK characters counting as half a word). When
         the sentences were not read by the verifier (a passage in another language among them, or
-        ``evidence = "embedder"``) the best sentence's logit is the best same-language passage's."""
+        ``evidence = "embedder"``) the best sentence's logit is the best same-language passage's.
+        ``evidence``: ``refusal_evidence``'s result when the caller has it already."""
         top = search.hits[: self.settings.k]
         sims = sorted((h.similarity for h in top), reverse=True) or [0.0]
         features = self.answerability_features(question, search)
         lang = question_language(question)
-        verified = self.verifier_score(question, search)
+        gap, verified = evidence or self.refusal_evidence(question, search)
         sentence = max((search.evidence[h.chunk_id].best for h in top if h.chunk_id in search.evidence
                         and search.evidence[h.chunk_id].kind == "verifier"), default=verified)
-        if gap is False:  # not given: check here
-            gap = self.evidence_gap(question, search) if self.settings.evidence_checks else None
         words = len(question.split()) + sum(1 for c in question if has_cjk(c)) / 2
         return {
             "similarity": sims[0],
@@ -435,14 +441,13 @@ class QAChain:
         passage (or every passage) is in another language than the question the verifier cannot judge
         it: the chain answers with low confidence unless the best chunk is under the embedder's
         similarity floor (nothing on topic)."""
-        gap = self.evidence_gap(question, search) if self.settings.evidence_checks else None
-        verified = self.verifier_score(question, search)
+        gap, verified = self.refusal_evidence(question, search)
         if verified is None or question_language(search.hits[0].text) != question_language(question):
             # The best passage is in another language: the verifier could only judge the others.
             if search.best_similarity < self.threshold:
                 return Verdict(True)
             return Verdict(False, confidence="low", doubts=(gap or EvidenceGap("cross_language", ()),))
-        p = model.probability(self.refusal_features(question, search, gap))
+        p = model.probability(self.refusal_features(question, search, (gap, verified)))
         limit = self.settings.refusal_threshold
         limit = model.threshold(question_language(question)) if limit is None else limit
         says_no = EvidenceGap("verifier", (f"{verified:.2f}",)) if verified < VERIFIER_CONFIDENT else None
