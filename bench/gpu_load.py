@@ -153,7 +153,8 @@ def child(args) -> None:
         "rss_hwm": hwm, "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "gpu_peak": max(load_peak, torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0),
         "weights": generator.stats.extra.get("weights"), "decode": generator.stats.extra.get("decode"),
-        "warm_up_s": generator.stats.extra.get("warm_up_s"), "stats_load_s": generator.stats.load_s}))
+        "warm_up_s": generator.stats.extra.get("warm_up_s"), "stats_load_s": generator.stats.load_s,
+        "tokenizer": generator.stats.extra.get("tokenizer")}))
 
 
 def probe(folder: str) -> None:
@@ -285,7 +286,7 @@ def main() -> None:
             continue
         table.append(f"| {r['model']} | {r['variant']} | {r['path']} | {r['run']} | **{r['start_to_token_s']:.1f}** | "
                      f"{r['imports_s'] + r['interpreter_s']:.1f} | {r['load_s']:.1f} | {(r['rss_hwm'] or r['ru_maxrss']) / 2**30:.2f} | "
-                     f"{r['gpu_peak'] / 2**30:.2f} | {r['weights']} |")
+                     f"{r['gpu_peak'] / 2**30:.2f} | {r['weights']}; tokenizer: {r.get('tokenizer')} |")
     same = all(len(v) == 1 for v in first.values())
     log("\n".join(table))
     log(f"first token equal across paths and runs: {same} ({ {f'{k[0]} {k[1]}': sorted(v) for k, v in first.items()} })")

@@ -200,10 +200,13 @@ def quantize_network(network: Any, mode: str, *, source: str | None = None, cach
     return f"quantized, saved {path}"
 
 
-def _tokenizer(path: Path):
-    from transformers import AutoTokenizer
+def _tokenizer(path: Path, cache_dir: Path | None = None):
+    """(tokenizer, how it loaded): from the checked tokenizer cache when an earlier start wrote one (``tokenizers``
+    alone, ~0.1 s), else ``AutoTokenizer`` (~5 s of imports on the H200 image), checked and cached (tokenizer.py)."""
+    from localgpt.generation.fast.tokenizer import load_tokenizer
 
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    stops = sorted({s for family in FAMILIES.values() for s in family.stop})
+    return load_tokenizer(path, cache_dir, stop_tokens=stops)
 
 
 def load_fast_generator(settings: Any, *, mode: str | None = None, max_seq: int | None = None,
@@ -253,14 +256,14 @@ def load_fast_generator(settings: Any, *, mode: str | None = None, max_seq: int 
             # transformers' Auto classes pull in torch.distributed, sympy and sklearn): it loads beside them.
             prepare_imports(device)
             with ThreadPoolExecutor(1, thread_name_prefix="localgpt-tokenizer") as pool:
-                tokenizer_job = pool.submit(_tokenizer, path)
+                tokenizer_job = pool.submit(_tokenizer, path, cache_dir or default_cache_dir())
                 network, config, generation_config, n_params, quant_note = load_checkpoint(
                     path, device, dtype, weight_mode, source=_fingerprint(path), cache_dir=cache_dir or default_cache_dir())
-                tokenizer = tokenizer_job.result()
+                tokenizer, tokenizer_note = tokenizer_job.result()
         else:
             from transformers import AutoModelForCausalLM
 
-            tokenizer = _tokenizer(path)
+            tokenizer, tokenizer_note = _tokenizer(path, cache_dir or default_cache_dir())
             hf = AutoModelForCausalLM.from_pretrained(path, **load_kwargs)
     except OSError as exc:
         raise ModelNotFound(f"{missing_model_advice(name)} ({_first_line(exc)})") from exc
@@ -313,5 +316,5 @@ def load_fast_generator(settings: Any, *, mode: str | None = None, max_seq: int 
     generator.params_at_load = n_params
     generator.stats.extra.update(dtype=str(dtype).removeprefix("torch."), quantization=settings.quantization,
                                  kernels=kernels, engine_mode=engine.mode, weights=quant_note, decode=decode_note,
-                                 warm_up_s=round(warm_s, 2), max_seq=engine.max_seq)
+                                 warm_up_s=round(warm_s, 2), max_seq=engine.max_seq, tokenizer=tokenizer_note)
     return generator
