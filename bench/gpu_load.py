@@ -154,7 +154,8 @@ def child(args) -> None:
         "gpu_peak": max(load_peak, torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0),
         "weights": generator.stats.extra.get("weights"), "decode": generator.stats.extra.get("decode"),
         "warm_up_s": generator.stats.extra.get("warm_up_s"), "stats_load_s": generator.stats.load_s,
-        "tokenizer": generator.stats.extra.get("tokenizer")}))
+        "tokenizer": generator.stats.extra.get("tokenizer"), "configs": generator.stats.extra.get("configs"),
+        "load_phases": generator.stats.extra.get("load_phases"), "called_at": imported - started}))
 
 
 def probe(folder: str) -> None:
@@ -183,10 +184,15 @@ def probe(folder: str) -> None:
 
 
 def run_child(folder: Path, quantization: str, path: str, mode: str, device: str, cache_dir: Path, log) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(folder), "--quantization", quantization,
-           "--path", path, "--mode", mode, "--device", device, "--cache-dir", str(cache_dir)]
+    trace = os.environ.get("LOCALGPT_IMPORTTIME_DIR")  # set: the child runs with -X importtime, log kept there
+    cmd = [sys.executable, *(["-X", "importtime"] if trace else []), str(Path(__file__).resolve()), "--child",
+           str(folder), "--quantization", quantization, "--path", path, "--mode", mode, "--device", device,
+           "--cache-dir", str(cache_dir)]
     before = time.time()
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    if trace:
+        n = len(list(Path(trace).glob("importtime-*.txt")))
+        Path(trace, f"importtime-{n + 1}-{quantization}.txt").write_text(out.stderr)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode or not lines:
         log(f"child failed ({out.returncode}): {out.stderr[-3000:]}")
@@ -206,6 +212,7 @@ def main() -> None:
     parser.add_argument("--mode", default="graph", help="engine mode: graph (CUDA graph) or compile")
     parser.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "localgpt-gpu-load"))
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--no-probe", action="store_true", help="skip the fixed-costs probe process")
     parser.add_argument("--budget-s", type=float, default=420.0, help="skip what would start after this")
     parser.add_argument("--results")
     parser.add_argument("--commit", default="")
@@ -253,7 +260,7 @@ def main() -> None:
             + (f", written in {time.perf_counter() - t0:.1f} s" if gb else " (already written)"))
         log(f"{label}: page cache warmed, read in {warm_page_cache(folder):.1f} s")
         torch.cuda.empty_cache() if device == "cuda" else None
-        if device == "cuda":
+        if device == "cuda" and not args.no_probe:
             out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--probe", str(folder)],
                                  capture_output=True, text=True, cwd=ROOT, timeout=120)
             steps = [line for line in out.stdout.splitlines() if line.startswith("PROBE ")]
@@ -286,7 +293,8 @@ def main() -> None:
             continue
         table.append(f"| {r['model']} | {r['variant']} | {r['path']} | {r['run']} | **{r['start_to_token_s']:.1f}** | "
                      f"{r['imports_s'] + r['interpreter_s']:.1f} | {r['load_s']:.1f} | {(r['rss_hwm'] or r['ru_maxrss']) / 2**30:.2f} | "
-                     f"{r['gpu_peak'] / 2**30:.2f} | {r['weights']}; tokenizer: {r.get('tokenizer')} |")
+                     f"{r['gpu_peak'] / 2**30:.2f} | {r['weights']}; tokenizer: {r.get('tokenizer')}; configs: {r.get('configs')}; "
+                     f"load steps (s from its start): {r.get('load_phases')} |")
     same = all(len(v) == 1 for v in first.values())
     log("\n".join(table))
     log(f"first token equal across paths and runs: {same} ({ {f'{k[0]} {k[1]}': sorted(v) for k, v in first.items()} })")

@@ -171,3 +171,76 @@ def test_a_cached_start_imports_no_transformers_tokenizer_class(folders, tmp_pat
     note, loaded = out.stdout.strip().splitlines()[-2:]
     assert note.startswith("cache"), note
     assert loaded == "[]", loaded
+
+
+# --- the configs' snapshot (load.load_configs) -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama2", "falcon", "falcon-mamba", "mamba"])
+def test_the_config_snapshot_builds_the_same_network(family, tmp_path):
+    import torch
+    from transformers import AutoConfig, GenerationConfig
+
+    from localgpt.generation.fast.load import CachedConfig, load_configs, load_network
+
+    folder = build_tiny_model(family, tmp_path / family)
+    config, generation, note = load_configs(folder, tmp_path / "cache")
+    assert note == "transformers; cached for the next start", note
+    cached, cached_generation, note = load_configs(folder, tmp_path / "cache")
+    assert note == "cache" and isinstance(cached, CachedConfig)
+    real, real_generation = AutoConfig.from_pretrained(folder), GenerationConfig.from_pretrained(folder)
+    for name in vars(cached):
+        if not name.startswith("_"):
+            assert getattr(cached, name) == getattr(real, name), name
+    assert cached_generation.eos_token_id == real_generation.eos_token_id
+    with torch.inference_mode():
+        a = load_network(folder, real, "cpu", torch.float32).network.state_dict()
+        b = load_network(folder, cached, "cpu", torch.float32).network.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_config_value_the_snapshot_could_not_keep_fails_loudly(tmp_path):
+    from localgpt.generation.fast.load import NotCached, load_configs
+
+    folder = build_tiny_model("llama2", tmp_path / "llama2")
+    load_configs(folder, tmp_path / "cache")
+    cached = load_configs(folder, tmp_path / "cache")[0]
+    assert "dtype" in cached._dropped  # a torch.dtype: not plain data
+    with pytest.raises(NotCached):
+        getattr(cached, "dtype", None)
+    assert getattr(cached, "no_such_attribute", "default") == "default"
+
+
+def test_a_scaled_rotary_config_is_not_snapshotted(tmp_path):
+    from localgpt.generation.fast.load import load_configs
+
+    folder = build_tiny_model("llama2", tmp_path / "llama2",
+                              rope_scaling={"rope_type": "linear", "factor": 2.0})
+    for _ in range(2):
+        config, _, note = load_configs(folder, tmp_path / "cache")
+        assert note.startswith("transformers; not cached (scaled rotary)"), note
+
+
+def test_a_repeated_start_imports_nothing_of_transformers(tmp_path, subprocess_env):
+    folder = build_tiny_model("llama2", tmp_path / "llama2")
+    script = textwrap.dedent(f"""
+        import sys
+        from types import SimpleNamespace
+        from localgpt.generation.fast import load_fast_generator
+        g = load_fast_generator(SimpleNamespace(model={str(folder)!r}, family=None, quantization="none", device="cpu",
+                                                max_new_tokens=4, temperature=0.0, top_p=1.0, context_window=None),
+                                cache_dir={str(tmp_path / "cache")!r})
+        print("".join(g.stream("the invoice was paid")))
+        print(g.stats.extra["configs"], "|", g.stats.extra["tokenizer"])
+        print(sorted(m for m in sys.modules if m.startswith("transformers")))
+    """)
+    outs = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=subprocess_env,
+                             cwd=ROOT, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        outs.append(out.stdout.strip().splitlines()[-3:])
+    assert outs[0][1].startswith("transformers; cached") and "AutoTokenizer; cached" in outs[0][1], outs[0]
+    assert outs[1][1] == "cache | cache (tokenizers only)", outs[1]
+    assert outs[1][2] == "[]", outs[1][2]
+    assert outs[0][0] == outs[1][0]  # the same answer

@@ -23,7 +23,7 @@ from typing import Any, Iterator, Sequence
 from localgpt.errors import ConfigError, ModelNotFound
 from localgpt.generation.base import StreamTimer, reply_yes_share
 from localgpt.generation.fast.engine import Engine
-from localgpt.generation.fast.load import load_checkpoint, prepare_imports, safetensors_files
+from localgpt.generation.fast.load import load_checkpoint, load_configs, prepare_imports, safetensors_files
 from localgpt.generation.transformers_backend import (
     FALLBACK_FAMILY, StopScanner, TransformersGenerator, _check_complete, _first_line, _quantization_config,
     pick_device,
@@ -236,6 +236,11 @@ def load_fast_generator(settings: Any, *, mode: str | None = None, max_seq: int 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
 
     started = time.perf_counter()
+    phases: dict[str, float] = {}  # seconds from ``started`` at the end of each step (stats.extra["load_phases"])
+
+    def phase(name: str) -> None:
+        phases[name] = round(time.perf_counter() - started, 3)
+
     load_kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True}
     if kernels == "bitsandbytes":
         bnb = _quantization_config(settings.quantization, device)
@@ -254,15 +259,23 @@ def load_fast_generator(settings: Any, *, mode: str | None = None, max_seq: int 
         if streamed:
             # The weights do not need the tokenizer, whose imports take seconds (about 5 s on the H200 image, where
             # transformers' Auto classes pull in torch.distributed, sympy and sklearn): it loads beside them.
-            prepare_imports(device)
+            # An earlier start's snapshot of the configs spares transformers' imports (load.load_configs).
+            config, generation_config, config_note = load_configs(path, cache_dir or default_cache_dir())
+            phase("configs")
+            prepare_imports(device, transformers=config_note != "cache")
+            phase("imports")
             with ThreadPoolExecutor(1, thread_name_prefix="localgpt-tokenizer") as pool:
                 tokenizer_job = pool.submit(_tokenizer, path, cache_dir or default_cache_dir())
                 network, config, generation_config, n_params, quant_note = load_checkpoint(
-                    path, device, dtype, weight_mode, source=_fingerprint(path), cache_dir=cache_dir or default_cache_dir())
+                    path, device, dtype, weight_mode, source=_fingerprint(path), cache_dir=cache_dir or default_cache_dir(),
+                    configs=(config, generation_config))
+                phase("weights")
                 tokenizer, tokenizer_note = tokenizer_job.result()
+                phase("tokenizer")
         else:
             from transformers import AutoModelForCausalLM
 
+            config_note = "transformers"
             tokenizer, tokenizer_note = _tokenizer(path, cache_dir or default_cache_dir())
             hf = AutoModelForCausalLM.from_pretrained(path, **load_kwargs)
     except OSError as exc:
@@ -295,6 +308,7 @@ def load_fast_generator(settings: Any, *, mode: str | None = None, max_seq: int 
         decode_note = ", ".join(filter(None, [decode_kernels(network), f"bf16 Triton GEMV x{n_gemv}" if n_gemv else ""]))
     if device == "cuda":
         torch.cuda.empty_cache()
+    phase("decode kernels checked")
 
     family_name = settings.family or detect_family(path) or FALLBACK_FAMILY
     family = FAMILIES.get(family_name)
@@ -307,6 +321,7 @@ def load_fast_generator(settings: Any, *, mode: str | None = None, max_seq: int 
     warm_s = 0.0
     if warm_up if warm_up is not None else device == "cuda":
         warm_s = engine.warm_up(sampled=settings.temperature > 0)
+    phase("warm-up")
     load_s = time.perf_counter() - started
 
     generator = FastGenerator(
@@ -316,5 +331,6 @@ def load_fast_generator(settings: Any, *, mode: str | None = None, max_seq: int 
     generator.params_at_load = n_params
     generator.stats.extra.update(dtype=str(dtype).removeprefix("torch."), quantization=settings.quantization,
                                  kernels=kernels, engine_mode=engine.mode, weights=quant_note, decode=decode_note,
-                                 warm_up_s=round(warm_s, 2), max_seq=engine.max_seq, tokenizer=tokenizer_note)
+                                 warm_up_s=round(warm_s, 2), max_seq=engine.max_seq, tokenizer=tokenizer_note,
+                                 configs=config_note, load_phases=phases)
     return generator

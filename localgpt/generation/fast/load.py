@@ -416,10 +416,12 @@ class _Shim:
             self.__dict__.update(root._items)
 
 
-def prepare_imports(device: str) -> None:
+def prepare_imports(device: str, transformers: bool = True) -> None:
     """Import now what a streamed load of ``device`` imports later, so that a thread importing something else
-    meanwhile (the tokenizer's transformers modules) never waits on, or deadlocks with, the load's imports."""
-    from transformers import AutoConfig, GenerationConfig  # noqa: F401
+    meanwhile (the tokenizer's transformers modules) never waits on, or deadlocks with, the load's imports.
+    ``transformers=False``: the configs come from the start cache (``read_configs``), none of it is imported."""
+    if transformers:
+        from transformers import AutoConfig, GenerationConfig  # noqa: F401
 
     import localgpt.generation.fast.mamba  # noqa: F401
     import localgpt.generation.fast.quantize  # noqa: F401
@@ -433,8 +435,132 @@ def prepare_imports(device: str) -> None:
                 pass
 
 
+# --- the model's configs without transformers on a repeated start ---------------------------------------------
+
+CONFIG_FORMAT = 1
+_CONFIG_FILES = ("config.json", "generation_config.json")
+
+
+class NotCached(RuntimeError):
+    """An attribute the transformers config had but the start cache did not keep: fail loudly, never default."""
+
+
+class CachedConfig:
+    """The public attributes of a transformers config (its own and its class's defaults, attribute_map names,
+    properties) as read on an earlier start, for code that only reads them (the network builders, the loader, the
+    generator: ``getattr`` of plain values). A name the real config had but whose value could not be kept raises
+    ``NotCached`` (not AttributeError, so ``getattr(cfg, name, default)`` cannot silently take the default)."""
+
+    def __init__(self, values: dict[str, Any], dropped: Iterable[str] = ()):
+        self.__dict__.update(values)
+        self.__dict__["_dropped"] = frozenset(dropped)
+
+    def __getattr__(self, name: str):
+        if name in self.__dict__.get("_dropped", ()):
+            raise NotCached(f"config attribute {name!r} is not in the start cache")
+        raise AttributeError(name)
+
+
+def _snapshot(obj: Any) -> tuple[dict[str, Any], list[str]]:
+    """(JSON-exact public non-callable attributes, the names left out)."""
+    values, dropped = {}, []
+    for name in dir(obj):
+        if name.startswith("_"):
+            continue
+        try:
+            value = getattr(obj, name)
+        except AttributeError:  # a property that says "no such attribute": absent from the cache alike
+            continue
+        except Exception:  # noqa: BLE001 - a property that raises otherwise: reading it from the cache raises too
+            dropped.append(name)
+            continue
+        if callable(value):
+            continue
+        try:
+            same = json.loads(json.dumps(value)) == value and type(json.loads(json.dumps(value))) is type(value)
+        except (TypeError, ValueError):
+            same = False
+        if same:
+            values[name] = value
+        else:
+            dropped.append(name)
+    return values, dropped
+
+
+def config_cache_path(folder: Path, cache_dir: Path) -> Path:
+    from hashlib import sha256
+    from importlib import metadata
+
+    try:
+        version = metadata.version("transformers")
+    except metadata.PackageNotFoundError:
+        version = "none"
+    parts = [str(Path(folder).resolve()), f"format {CONFIG_FORMAT}", f"transformers {version}"]
+    for name in _CONFIG_FILES:
+        f = Path(folder) / name
+        if f.is_file():
+            st = f.stat()
+            parts.append(f"{name}:{st.st_size}:{st.st_mtime_ns}")
+    return Path(cache_dir) / "configs" / f"{sha256(chr(10).join(parts).encode()).hexdigest()[:24]}.json"
+
+
+def read_configs(folder: Path, cache_dir: Path | None):
+    """(config, generation config) as ``CachedConfig`` from an earlier start's snapshot, or None (a miss)."""
+    if cache_dir is None or os.environ.get("LOCALGPT_CONFIG_CACHE", "1") == "0":
+        return None
+    try:
+        state = json.loads(config_cache_path(folder, cache_dir).read_text(encoding="utf-8"))
+        if state.get("format") != CONFIG_FORMAT:
+            return None
+        return (CachedConfig(state["config"], state["config_dropped"]),
+                CachedConfig(state["generation"], state["generation_dropped"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_configs(folder: Path, cache_dir: Path | None, config: Any, generation_config: Any) -> str:
+    """Snapshot both configs for the next start, if every attribute the engine reads survives the round trip."""
+    if cache_dir is None:
+        return "not cached"
+    try:
+        if _rope_type(config) != "default":  # transformers' own rotary module needs the real config
+            return "not cached (scaled rotary)"
+        cfg, cfg_dropped = _snapshot(config)
+        gen, gen_dropped = _snapshot(generation_config)
+        needed = ("model_type", "num_hidden_layers", "hidden_size", "vocab_size", "max_position_embeddings")
+        if any(n in cfg_dropped for n in needed) or "eos_token_id" in gen_dropped:
+            return "not cached (a needed attribute is not plain data)"
+        cached = CachedConfig(cfg, cfg_dropped)
+        if any(getattr(cached, n) != getattr(config, n) for n in cfg):
+            return "not cached (round trip differs)"
+        path = config_cache_path(folder, cache_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"format": CONFIG_FORMAT, "config": cfg, "config_dropped": cfg_dropped,
+                                   "generation": gen, "generation_dropped": gen_dropped}), encoding="utf-8")
+        os.replace(tmp, path)
+        return "cached for the next start"
+    except Exception as exc:  # noqa: BLE001 - an optimisation: never fail a load over it
+        return f"not cached ({type(exc).__name__}: {exc})"
+
+
+def load_configs(folder: Path, cache_dir: Path | None):
+    """(config, generation config, how): the start cache's snapshot, else transformers' (then snapshotted)."""
+    hit = read_configs(folder, cache_dir)
+    if hit is not None:
+        return hit[0], hit[1], "cache"
+    from transformers import AutoConfig, GenerationConfig
+
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    try:
+        generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
+    except OSError:
+        generation_config = GenerationConfig.from_model_config(config)
+    return config, generation_config, "transformers; " + write_configs(folder, cache_dir, config, generation_config)
+
+
 def load_checkpoint(folder: Path, device: str, dtype: torch.dtype, quantization: str | None, *,
-                    source: str | None = None, cache_dir: Path | None = None):
+                    source: str | None = None, cache_dir: Path | None = None, configs: tuple | None = None):
     """(network, config, generation config, parameter count, what happened to the weights) for ``folder``.
 
     Quantised weights: on CUDA they are computed on the GPU as the layers stream in, and the disk cache of
@@ -443,13 +569,16 @@ def load_checkpoint(folder: Path, device: str, dtype: torch.dtype, quantization:
     layer: 3.9 GB for a 7B model at 4 bits, against the 2 GiB of host memory a load may use). On the CPU the
     cache works as before: reused when it matches the checkpoint, written otherwise.
     """
-    from transformers import AutoConfig, GenerationConfig
+    if configs is None:
+        from transformers import AutoConfig, GenerationConfig
 
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    try:
-        generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
-    except OSError:
-        generation_config = GenerationConfig.from_model_config(config)
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        try:
+            generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
+        except OSError:
+            generation_config = GenerationConfig.from_model_config(config)
+    else:
+        config, generation_config = configs
     use_cache = bool(quantization and source and cache_dir and torch.device(device).type != "cuda")
     saved = None
     if use_cache:
