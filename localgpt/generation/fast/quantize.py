@@ -76,8 +76,10 @@ class Int8Linear(nn.Module):
         if self.words is not None:
             if x.numel() == x.shape[-1]:
                 bn, split, warps, dot = self.gemv_config
-                out = torch.ops.localgpt.int8_gemv(x.reshape(-1).to(torch.bfloat16).contiguous(), self.words,
-                                                   self.gemv_ws, self.gemv_lock, self.planes, bn, split, warps, dot)
+                from localgpt.generation.fast.gemv_triton import int8_gemv_call
+
+                out = int8_gemv_call(x.reshape(-1).to(torch.bfloat16).contiguous(), self.words,
+                                     self.gemv_ws, self.gemv_lock, self.planes, bn, split, warps, dot)
                 out = out.view(*x.shape[:-1], self.out_features).to(x.dtype)
             else:
                 cols = int8_planar_columns(self.in_features, self.planes, x.device)
@@ -185,9 +187,11 @@ class Int4Linear(nn.Module):
             lead = x.shape[:-1]
             if x.numel() == self.in_features:  # one token: the Triton GEMV
                 bn, split, warps, dot = self.gemv_config
-                out = torch.ops.localgpt.int4_gemv(x.reshape(-1).to(torch.bfloat16).contiguous(), self.words,
-                                                   self.pairs(), self.gemv_ws, self.gemv_lock, self.groupsize,
-                                                   self.planes, bn, split, warps, dot)
+                from localgpt.generation.fast.gemv_triton import int4_gemv_call
+
+                out = int4_gemv_call(x.reshape(-1).to(torch.bfloat16).contiguous(), self.words,
+                                     self.pairs(), self.gemv_ws, self.gemv_lock, self.groupsize,
+                                     self.planes, bn, split, warps, dot)
             else:  # a prompt: this layer in bf16 for cuBLAS, for as long as the matmul needs it
                 out = F.linear(x.reshape(-1, self.in_features).to(torch.bfloat16), self.dequantize_packed())
             out = out.reshape(*lead, self.out_features).to(x.dtype)

@@ -53,8 +53,10 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gemv is not None and x.numel() == x.shape[-1]:
             bk, bn, split, warps = self.gemv
-            out = torch.ops.localgpt.bf16_gemv(x.reshape(-1).contiguous(), self.weight, self.gemv_ws, self.gemv_lock,
-                                               bk, bn, split, warps)
+            from localgpt.generation.fast.gemv_triton import bf16_gemv_call  # CUDA only: Triton is there
+
+            out = bf16_gemv_call(x.reshape(-1).contiguous(), self.weight, self.gemv_ws, self.gemv_lock,
+                                 bk, bn, split, warps)
             out = out.view(*x.shape[:-1], self.weight.shape[0])
             return out if self.bias is None else out + self.bias
         return F.linear(x, self.weight, self.bias)
