@@ -1,4 +1,5 @@
-"""The fast engine's tokenizer cache (``localgpt.generation.fast.tokenizer``).
+"""What a repeated start of the fast engine reads from its caches instead of transformers: the tokenizer
+(``localgpt.generation.fast.tokenizer``) and the model's configs (``load.load_configs``).
 
 What a user relies on: a start that finds the checked cache tokenizes, decodes, maps stop tokens and renders
 chat prompts exactly as transformers' ``AutoTokenizer`` does for the same files (so answers do not change), it
