@@ -155,7 +155,8 @@ def child(args) -> None:
         "weights": generator.stats.extra.get("weights"), "decode": generator.stats.extra.get("decode"),
         "warm_up_s": generator.stats.extra.get("warm_up_s"), "stats_load_s": generator.stats.load_s,
         "tokenizer": generator.stats.extra.get("tokenizer"), "configs": generator.stats.extra.get("configs"),
-        "load_phases": generator.stats.extra.get("load_phases"), "called_at": imported - started}))
+        "load_phases": generator.stats.extra.get("load_phases"), "called_at": imported - started,
+        "transformers_modules": sum(m.startswith("transformers") for m in sys.modules)}))
 
 
 def probe(folder: str) -> None:
@@ -294,6 +295,7 @@ def main() -> None:
         table.append(f"| {r['model']} | {r['variant']} | {r['path']} | {r['run']} | **{r['start_to_token_s']:.1f}** | "
                      f"{r['imports_s'] + r['interpreter_s']:.1f} | {r['load_s']:.1f} | {(r['rss_hwm'] or r['ru_maxrss']) / 2**30:.2f} | "
                      f"{r['gpu_peak'] / 2**30:.2f} | {r['weights']}; tokenizer: {r.get('tokenizer')}; configs: {r.get('configs')}; "
+                     f"transformers modules imported: {r.get('transformers_modules')}; "
                      f"load steps (s from its start): {r.get('load_phases')} |")
     same = all(len(v) == 1 for v in first.values())
     log("\n".join(table))

@@ -28,6 +28,14 @@ from tiny_models import CHATML_TEMPLATE, CORPUS, build_tiny_model, build_tiny_to
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def _transformers_path_on_a_first_start(monkeypatch):
+    """These tests are about the start caches that a start through transformers writes: the direct path (a first
+    start without transformers, tests/test_fast_direct.py) is switched off here, children included."""
+    monkeypatch.setenv("LOCALGPT_DIRECT_CONFIG", "0")
+    monkeypatch.setenv("LOCALGPT_DIRECT_TOKENIZER", "0")
+
+
 def _auto(folder: Path):
     from transformers import AutoTokenizer
 
@@ -186,7 +194,7 @@ def test_the_config_snapshot_builds_the_same_network(family, tmp_path):
 
     folder = build_tiny_model(family, tmp_path / family)
     config, generation, note = load_configs(folder, tmp_path / "cache")
-    assert note == "transformers; cached for the next start", note
+    assert note == "transformers (direct off); cached for the next start", note
     cached, cached_generation, note = load_configs(folder, tmp_path / "cache")
     assert note == "cache" and isinstance(cached, CachedConfig)
     real, real_generation = AutoConfig.from_pretrained(folder), GenerationConfig.from_pretrained(folder)
@@ -219,7 +227,7 @@ def test_a_scaled_rotary_config_is_not_snapshotted(tmp_path):
                               rope_scaling={"rope_type": "linear", "factor": 2.0})
     for _ in range(2):
         config, _, note = load_configs(folder, tmp_path / "cache")
-        assert note.startswith("transformers; not cached (scaled rotary)"), note
+        assert note.startswith("transformers (direct off); not cached (scaled rotary)"), note
 
 
 def test_a_repeated_start_imports_nothing_of_transformers(tmp_path, subprocess_env):
@@ -241,7 +249,8 @@ def test_a_repeated_start_imports_nothing_of_transformers(tmp_path, subprocess_e
                              cwd=ROOT, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
         outs.append(out.stdout.strip().splitlines()[-3:])
-    assert outs[0][1].startswith("transformers; cached") and "AutoTokenizer; cached" in outs[0][1], outs[0]
+    assert outs[0][1].startswith("transformers (direct off); cached") and \
+        "AutoTokenizer (direct off); cached" in outs[0][1], outs[0]
     assert outs[1][1] == "cache | cache (tokenizers only)", outs[1]
     assert outs[1][2] == "[]", outs[1][2]
     assert outs[0][0] == outs[1][0]  # the same answer

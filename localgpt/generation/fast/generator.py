@@ -262,7 +262,7 @@ def load_fast_generator(settings: Any, *, mode: str | None = None, max_seq: int 
             # An earlier start's snapshot of the configs spares transformers' imports (load.load_configs).
             config, generation_config, config_note = load_configs(path, cache_dir or default_cache_dir())
             phase("configs")
-            prepare_imports(device, transformers=config_note != "cache")
+            prepare_imports(device, transformers=config_note.startswith("transformers"))
             phase("imports")
             with ThreadPoolExecutor(1, thread_name_prefix="localgpt-tokenizer") as pool:
                 tokenizer_job = pool.submit(_tokenizer, path, cache_dir or default_cache_dir())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import struct
 import threading
@@ -545,10 +546,19 @@ def write_configs(folder: Path, cache_dir: Path | None, config: Any, generation_
 
 
 def load_configs(folder: Path, cache_dir: Path | None):
-    """(config, generation config, how): the start cache's snapshot, else transformers' (then snapshotted)."""
+    """(config, generation config, how): the start cache's snapshot; else, for the families and files
+    ``direct_configs`` covers, config.json read directly (no transformers import); else transformers' (then
+    snapshotted for the next start)."""
     hit = read_configs(folder, cache_dir)
     if hit is not None:
         return hit[0], hit[1], "cache"
+    why = "direct off"
+    if os.environ.get("LOCALGPT_DIRECT_CONFIG", "1") != "0":
+        try:
+            config, generation_config = direct_configs(folder)
+            return config, generation_config, "config.json (direct)"
+        except Unsupported as exc:
+            why = f"not direct: {exc}"
     from transformers import AutoConfig, GenerationConfig
 
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
@@ -556,7 +566,8 @@ def load_configs(folder: Path, cache_dir: Path | None):
         generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
     except OSError:
         generation_config = GenerationConfig.from_model_config(config)
-    return config, generation_config, "transformers; " + write_configs(folder, cache_dir, config, generation_config)
+    return config, generation_config, f"transformers ({why}); " + write_configs(folder, cache_dir, config,
+                                                                               generation_config)
 
 
 def load_checkpoint(folder: Path, device: str, dtype: torch.dtype, quantization: str | None, *,
@@ -603,3 +614,202 @@ def load_checkpoint(folder: Path, device: str, dtype: torch.dtype, quantization:
             note = "quantized (cache not writable)"
     note += f"; streamed {loaded.bytes_read / 1e9:.2f} GB in {loaded.seconds:.2f} s"
     return loaded.network, config, generation_config, loaded.n_params, note
+
+
+# --- the model's configs on a first start, straight from config.json -------------------------------------------
+
+# The transformers versions whose config classes (LlamaConfig, FalconConfig, FalconMambaConfig, GenerationConfig) were
+# checked to give the values below for the fields the engine reads (tests/test_fast_direct.py compares them against
+# AutoConfig on many config.json files; run it on a new version before adding it here). Any other installed version:
+# the transformers path, as before. No transformers installed at all: nothing to differ from, the direct path serves.
+DIRECT_CONFIG_VERSIONS = ("5.17.0", "5.24.0")
+
+# config.json keys that may be present without changing any value the engine reads (in the versions above
+# transformers keeps them as plain attributes or ignores them). Any key outside these and a family's own fields
+# sends the start to transformers.
+_INERT_KEYS = {"architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path", "auto_map",
+               "initializer_range", "use_cache", "pad_token_id", "bos_token_id", "attention_dropout"}
+_INT, _FLOAT, _BOOL, _STR = "int", "float", "bool", "str"
+# family -> {field: (kind, may be null, transformers' default)}; the fields the engine reads, with the defaults of
+# the family's config class (transformers 5: models/<family>/configuration_<family>.py).
+_DIRECT_FIELDS = {
+    "llama": {"vocab_size": (_INT, False, 32000), "hidden_size": (_INT, False, 4096),
+              "intermediate_size": (_INT, False, 11008), "num_hidden_layers": (_INT, False, 32),
+              "num_attention_heads": (_INT, False, 32), "num_key_value_heads": (_INT, True, None),
+              "hidden_act": (_STR, False, "silu"), "max_position_embeddings": (_INT, False, 2048),
+              "rms_norm_eps": (_FLOAT, False, 1e-6), "tie_word_embeddings": (_BOOL, False, False),
+              "head_dim": (_INT, True, None), "eos_token_id": (_INT, True, 2), "pretraining_tp": (_INT, True, 1),
+              "attention_bias": (_BOOL, False, False), "mlp_bias": (_BOOL, False, False)},
+    "falcon": {"vocab_size": (_INT, False, 65024), "hidden_size": (_INT, False, 4544),
+               "num_hidden_layers": (_INT, False, 32), "num_attention_heads": (_INT, False, 71),
+               "num_ln_in_parallel_attn": (_INT, True, None), "layer_norm_epsilon": (_FLOAT, False, 1e-5),
+               "num_kv_heads": (_INT, True, None), "alibi": (_BOOL, False, False),
+               "new_decoder_architecture": (_BOOL, False, False), "multi_query": (_BOOL, False, True),
+               "parallel_attn": (_BOOL, False, True), "bias": (_BOOL, False, False),
+               "max_position_embeddings": (_INT, False, 2048), "eos_token_id": (_INT, True, 11),
+               "ffn_hidden_size": (_INT, True, None), "activation": (_STR, False, "gelu"),
+               "tie_word_embeddings": (_BOOL, False, True)},
+    "falcon_mamba": {"vocab_size": (_INT, False, 50280), "hidden_size": (_INT, False, 768),
+                     "state_size": (_INT, False, 16), "num_hidden_layers": (_INT, False, 32),
+                     "layer_norm_epsilon": (_FLOAT, False, 1e-5), "eos_token_id": (_INT, True, 0),
+                     "expand": (_INT, False, 2), "conv_kernel": (_INT, False, 4), "use_bias": (_BOOL, False, False),
+                     "use_conv_bias": (_BOOL, False, True), "hidden_act": (_STR, False, "silu"),
+                     "residual_in_fp32": (_BOOL, False, True), "time_step_rank": (_INT, False, "auto"),
+                     "tie_word_embeddings": (_BOOL, False, True), "mixer_rms_eps": (_FLOAT, False, 1e-6),
+                     "intermediate_size": (_INT, False, None)},
+}
+# Further keys of each family's config class the engine never reads (accepted, not interpreted).
+_DIRECT_OTHER_KEYS = {
+    "llama": set(),
+    "falcon": {"apply_residual_connection_post_layernorm", "hidden_dropout"},
+    "falcon_mamba": {"time_step_scale", "time_step_min", "time_step_max", "time_step_init_scheme", "time_step_floor",
+                     "rescale_prenorm_residual", "use_mambapy", "use_associative_scan", "use_falcon_mambapy"},
+}
+# What the engine reads of the config (load.py, transformer.from_llama / from_falcon, mamba.from_mamba, the
+# generator's context window) and each family's value; ABSENT: read with a default, but transformers' config has
+# no such attribute (AttributeError there, AttributeError here). Reading any other name raises NotCached.
+DIRECT_READS = {
+    "llama": ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+              "head_dim", "vocab_size", "rms_norm_eps", "hidden_act", "tie_word_embeddings",
+              "max_position_embeddings", "rope_parameters", "rope_scaling", "eos_token_id", "intermediate_size"),
+    "falcon": ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "head_dim",
+               "vocab_size", "layer_norm_epsilon", "alibi", "new_decoder_architecture", "multi_query",
+               "parallel_attn", "num_ln_in_parallel_attn", "activation", "tie_word_embeddings",
+               "max_position_embeddings", "rope_parameters", "rope_scaling", "eos_token_id"),
+    "falcon_mamba": ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "state_size",
+                     "conv_kernel", "time_step_rank", "vocab_size", "layer_norm_epsilon", "mixer_rms_eps",
+                     "residual_in_fp32", "tie_word_embeddings", "eos_token_id"),
+}
+DIRECT_ABSENT = {
+    "llama": ("layer_norm_epsilon", "rope_theta"),
+    "falcon": ("rms_norm_eps", "rope_theta"),
+    "falcon_mamba": ("rms_norm_eps", "head_dim", "rope_parameters", "rope_scaling", "rope_theta",
+                     "max_position_embeddings"),
+}
+
+
+class Unsupported(ValueError):
+    """config.json holds something the direct path does not reproduce: the start takes transformers' path."""
+
+
+class DirectConfig(CachedConfig):
+    """The fields the engine reads, from config.json with transformers' defaults (``direct_configs``). A name outside
+    them raises ``NotCached`` (never a silent default), one transformers' config lacks raises AttributeError."""
+
+    def __init__(self, values: dict[str, Any], absent: Iterable[str] = ()):
+        super().__init__(values)
+        self.__dict__["_absent"] = frozenset(absent)
+
+    def __getattr__(self, name: str):
+        if name in self.__dict__.get("_absent", ()) or name.startswith("__"):
+            raise AttributeError(name)
+        raise NotCached(f"config attribute {name!r} is not read from config.json by the direct path")
+
+
+def _checked(value: Any, kind: str, nullable: bool, key: str) -> Any:
+    if value is None:
+        if nullable:
+            return None
+        raise Unsupported(f"{key} is null")
+    ok = {_INT: type(value) is int, _FLOAT: type(value) is float, _BOOL: type(value) is bool,
+          _STR: type(value) is str}[kind]
+    if not ok:
+        raise Unsupported(f"{key} = {value!r} is not a plain {kind}")
+    return value
+
+
+def _rope(raw: dict[str, Any]) -> dict[str, Any]:
+    """transformers' standardised ``rope_parameters`` for an unscaled rotary; anything else is Unsupported."""
+    theta = raw.get("rope_theta", 10000.0)
+    params = raw.get("rope_parameters")
+    if raw.get("rope_scaling") is not None:
+        raise Unsupported("rope_scaling is set")
+    if "partial_rotary_factor" in raw:
+        raise Unsupported("partial_rotary_factor is set")
+    if params is not None:
+        if "rope_theta" in raw or not isinstance(params, dict) or set(params) - {"rope_theta", "rope_type"}:
+            raise Unsupported(f"rope_parameters {params!r}")
+        theta = params.get("rope_theta", theta)
+        if params.get("rope_type", "default") != "default":
+            raise Unsupported(f"rope_type {params.get('rope_type')!r}")
+    if type(theta) is not float:
+        raise Unsupported(f"rope_theta {theta!r} is not a float")
+    return {"rope_theta": theta, "rope_type": "default"}
+
+
+def _transformers_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("transformers")
+    except metadata.PackageNotFoundError:
+        return "none"
+
+
+def direct_configs(folder: Path):
+    """(config, generation config) as ``DirectConfig`` read from the checkpoint's JSON files alone, equal to what
+    transformers builds for the fields the engine reads; raises ``Unsupported`` for anything it does not cover."""
+    version = _transformers_version()
+    if version != "none" and version not in DIRECT_CONFIG_VERSIONS:
+        raise Unsupported(f"transformers {version} is not one the direct path was checked against")
+    try:
+        raw = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise Unsupported(f"config.json: {exc}") from None
+    if not isinstance(raw, dict):
+        raise Unsupported("config.json is not an object")
+    family = raw.get("model_type")
+    if family not in _DIRECT_FIELDS:
+        raise Unsupported(f"model_type {family!r}")
+    fields = _DIRECT_FIELDS[family]
+    rope_keys = {"rope_theta", "rope_scaling", "rope_parameters"} if family != "falcon_mamba" else set()
+    unknown = set(raw) - set(fields) - _INERT_KEYS - _DIRECT_OTHER_KEYS[family] - rope_keys - {"model_type"}
+    if unknown:
+        raise Unsupported(f"config.json keys {sorted(unknown)}")
+    v: dict[str, Any] = {"model_type": family}
+    for key, (kind, nullable, default) in fields.items():
+        as_is = (key == "eos_token_id" and isinstance(raw.get(key), list)) or (key == "time_step_rank"
+                                                                            and raw.get(key) == "auto")
+        if as_is and key == "eos_token_id" and not (raw[key] and all(type(i) is int for i in raw[key])):
+            raise Unsupported(f"eos_token_id {raw[key]!r}")
+        v[key] = raw[key] if as_is else _checked(raw[key], kind, nullable, key) if key in raw else default
+    if family == "llama":
+        v["head_dim"] = v["head_dim"] if v["head_dim"] is not None else v["hidden_size"] // v["num_attention_heads"]
+        if v["num_key_value_heads"] is None:
+            v["num_key_value_heads"] = v["num_attention_heads"]
+        if v["hidden_size"] % v["num_attention_heads"]:
+            raise Unsupported("hidden_size is not a multiple of num_attention_heads")
+    elif family == "falcon":
+        if v["num_kv_heads"] is None:
+            v["num_kv_heads"] = v["num_attention_heads"]
+        v["head_dim"] = v["hidden_size"] // v["num_attention_heads"]
+    else:
+        if "intermediate_size" not in raw:  # __post_init__ sets expand * hidden_size; a value in the file wins
+            v["intermediate_size"] = int(v["expand"] * v["hidden_size"])
+        if v["time_step_rank"] == "auto":
+            v["time_step_rank"] = math.ceil(v["hidden_size"] / 16)
+        elif type(v["time_step_rank"]) is not int:
+            raise Unsupported(f"time_step_rank {v['time_step_rank']!r}")
+    if family != "falcon_mamba":
+        v["rope_parameters"] = _rope(raw)
+        v["rope_scaling"] = dict(v["rope_parameters"])
+    values = {name: v[name] for name in DIRECT_READS[family]}
+    config = DirectConfig(values, DIRECT_ABSENT[family])
+    return config, DirectConfig({"eos_token_id": _generation_eos(Path(folder), v["eos_token_id"])})
+
+
+def _generation_eos(folder: Path, config_eos: Any):
+    """``eos_token_id`` of transformers' generation config: generation_config.json's, else the model config's."""
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return config_eos  # GenerationConfig.from_model_config
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise Unsupported(f"generation_config.json: {exc}") from None
+    if not isinstance(raw, dict):
+        raise Unsupported("generation_config.json is not an object")
+    eos = raw.get("eos_token_id")
+    if eos is None or type(eos) is int or (isinstance(eos, list) and all(type(i) is int for i in eos)):
+        return eos
+    raise Unsupported(f"generation_config.json eos_token_id {eos!r}")

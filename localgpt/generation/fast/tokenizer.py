@@ -141,17 +141,190 @@ class CachedTokenizer:
                             add_generation_prompt: bool = False, **kwargs: Any):
         """The rendered prompt (``tokenize=False``), or its ids without special tokens added (``tokenize=True``),
         as transformers' ``apply_chat_template`` gives them for one conversation."""
-        from transformers.utils.chat_template_utils import render_jinja_template
-
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat template")
         if len(conversation) == 0:
             raise ValueError("Cannot apply chat template to an empty conversation. Provide at least one message.")
-        rendered, _ = render_jinja_template(conversations=[list(conversation)], chat_template=self.chat_template,
-                                            add_generation_prompt=add_generation_prompt,
-                                            **{**self.special_tokens_map, **kwargs})
-        text = rendered[0]
+        if not kwargs and plain_chat(conversation) and renders_locally(self.chat_template):
+            text = render_chat(self.chat_template, list(conversation), add_generation_prompt, self.special_tokens_map)
+        else:  # what the local renderer does not cover: transformers' own (imports transformers)
+            from transformers.utils.chat_template_utils import render_jinja_template
+
+            rendered, _ = render_jinja_template(conversations=[list(conversation)], chat_template=self.chat_template,
+                                                add_generation_prompt=add_generation_prompt,
+                                                **{**self.special_tokens_map, **kwargs})
+            text = rendered[0]
         return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+# --- chat templates without transformers ------------------------------------------------------------------
+
+_REASONING = ("reasoning_content", "thinking", "reasoning")
+
+
+def plain_chat(conversation: Sequence[Any]) -> bool:
+    """Messages that transformers' renderer passes to the template unchanged: dicts of plain strings, no reasoning
+    fields (which it aliases) and no None values (which apply_chat_template drops)."""
+    return all(type(m) is dict and all(type(k) is str and type(v) is str for k, v in m.items())
+               and not any(k in m for k in _REASONING) for m in conversation)
+
+
+def renders_locally(template: str) -> bool:
+    """Templates ``render_chat`` renders as transformers does in every version the direct path covers: not those
+    with a ``{% generation %}`` block (transformers' assistant-mask extension) or an underscore-named attribute
+    (transformers 5.24's namespace rejects them, 5.17's accepts them)."""
+    import re
+
+    return not re.search(r"\{%-?\s*generation\b", template) and not re.search(r"(?<![\w.])_\w*\s*=|\.\s*_\w", template)
+
+
+_COMPILED: dict[str, Any] = {}
+
+
+def render_chat(template: str, messages: list[dict], add_generation_prompt: bool, special: dict[str, str]) -> str:
+    """transformers' ``render_jinja_template`` for one conversation of plain messages, no tools or documents: the
+    same jinja2 sandbox (trim_blocks, lstrip_blocks, loopcontrols), its ``tojson`` filter, ``raise_exception`` and
+    ``strftime_now`` globals, and the special tokens passed as variables."""
+    compiled = _COMPILED.get(template)
+    if compiled is None:
+        import jinja2
+        import jinja2.ext
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise jinja2.exceptions.TemplateError(message)
+
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+        def strftime_now(format):
+            from datetime import datetime
+
+            return datetime.now().strftime(format)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+        env.filters["tojson"] = tojson
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = strftime_now
+        compiled = _COMPILED[template] = env.from_string(template)
+    return compiled.render(messages=[dict(m) for m in messages], tools=None, documents=None,
+                           add_generation_prompt=add_generation_prompt, **special)
+
+
+# --- the tokenizer straight from its files, on a first start ------------------------------------------------
+
+# transformers versions whose AutoTokenizer was checked to build, from the files accepted below, exactly the
+# tokenizer that ``direct_tokenizer`` builds (tests/test_fast_direct.py); any other version: AutoTokenizer.
+DIRECT_TOKENIZER_VERSIONS = ("5.17.0", "5.24.0")
+# tokenizer classes that transformers 5 builds from tokenizer.json as it is (LlamaTokenizer and other named classes
+# rebuild the pipeline from the vocabulary: AutoTokenizer for those)
+DIRECT_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+_DIRECT_CONFIG_KEYS = {"tokenizer_class", "backend", "added_tokens_decoder", *_NAMED, "model_max_length",
+                       "clean_up_tokenization_spaces", "extra_special_tokens", "additional_special_tokens",
+                       "chat_template", "model_input_names", "padding_side", "truncation_side"}
+_FORCE_BPE_CLEAN_UP = "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"
+_DIRECT_CONFIG_KEYS.add(_FORCE_BPE_CLEAN_UP)
+
+
+class NotDirect(ValueError):
+    """The tokenizer files hold something ``direct_tokenizer`` does not reproduce: AutoTokenizer builds it."""
+
+
+def _content(token: Any) -> str | None:
+    if token is None or isinstance(token, str):
+        return token
+    if isinstance(token, dict) and isinstance(token.get("content"), str):
+        return token["content"]
+    raise NotDirect(f"special token {token!r}")
+
+
+def direct_state(folder: Path) -> dict[str, Any]:
+    """``CachedTokenizer``'s state from tokenizer.json + tokenizer_config.json (+ special_tokens_map.json,
+    chat_template.jinja) alone; raises ``NotDirect`` for anything it does not cover."""
+    folder = Path(folder)
+    version = _version("transformers")
+    if version != "none" and version not in DIRECT_TOKENIZER_VERSIONS:
+        raise NotDirect(f"transformers {version} is not one the direct path was checked against")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if not (folder / name).is_file():
+            raise NotDirect(f"no {name}")
+    for name in ("added_tokens.json", "chat_template.json", "additional_chat_templates", "tokenizer.model"):
+        if (folder / name).exists():
+            raise NotDirect(f"{name} present")
+    try:
+        text = (folder / "tokenizer.json").read_text(encoding="utf-8")
+        backend = json.loads(text)
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        smap = json.loads((folder / "special_tokens_map.json").read_text(encoding="utf-8")) \
+            if (folder / "special_tokens_map.json").is_file() else {}
+    except (OSError, ValueError) as exc:
+        raise NotDirect(f"unreadable: {exc}") from None
+    if not (isinstance(backend, dict) and isinstance(config, dict) and isinstance(smap, dict)):
+        raise NotDirect("a file is not a JSON object")
+    if config.get("tokenizer_class") not in DIRECT_CLASSES:
+        raise NotDirect(f"tokenizer_class {config.get('tokenizer_class')!r}")
+    if config.get("backend", "tokenizers") != "tokenizers":
+        raise NotDirect(f"backend {config.get('backend')!r}")
+    unknown = set(config) - _DIRECT_CONFIG_KEYS
+    if unknown:
+        raise NotDirect(f"tokenizer_config.json keys {sorted(unknown)}")
+    if backend.get("truncation") is not None or backend.get("padding") is not None or backend.get("post_processor") is None:
+        raise NotDirect("tokenizer.json sets truncation or padding, or has no post-processor")
+    if set(smap) - set(_NAMED) - {"additional_special_tokens"}:
+        raise NotDirect(f"special_tokens_map.json keys {sorted(set(smap) - set(_NAMED))}")
+    added = {t.get("id"): t for t in backend.get("added_tokens") or []}
+    by_content = {t.get("content"): t for t in added.values()}
+    for index, token in (config.get("added_tokens_decoder") or {}).items():
+        mine = added.get(int(index)) if str(index).isdigit() else None
+        if not isinstance(token, dict) or mine is None or any(
+                token.get(k) != mine.get(k) for k in ("content", "lstrip", "rstrip", "normalized", "single_word",
+                                                       "special")):
+            raise NotDirect(f"added token {index} differs from tokenizer.json's")
+    named = {}
+    for attr in _NAMED:
+        token = _content(config.get(attr))
+        other = _content(smap.get(attr))
+        if other is not None and other != token:
+            raise NotDirect(f"{attr}: special_tokens_map.json and tokenizer_config.json differ")
+        named[attr] = token
+    extras = []
+    for key in ("extra_special_tokens", "additional_special_tokens"):
+        for source in (config, smap):
+            value = source.get(key) or []
+            if not isinstance(value, list):
+                raise NotDirect(f"{key} {value!r}")
+            extras += [_content(t) for t in value]
+    for token in [t for t in named.values() if t is not None] + extras:
+        entry = by_content.get(token)
+        if entry is None or not entry.get("special"):
+            raise NotDirect(f"special token {token!r} is not a special added token of tokenizer.json")
+    clean_up = config.get("clean_up_tokenization_spaces", False)
+    force = config.get(_FORCE_BPE_CLEAN_UP, False)
+    if type(clean_up) is not bool or type(force) is not bool:
+        raise NotDirect(f"clean_up_tokenization_spaces {clean_up!r}")
+    # TokenizersBackend.decode (5.17 and 5.24 alike) ignores the flag for a BPE model unless forced
+    model_type = (backend.get("model") or {}).get("type")
+    clean_up = clean_up and (model_type != "BPE" or force)
+    template = config.get("chat_template")
+    jinja_file = folder / "chat_template.jinja"
+    if jinja_file.is_file():
+        if template is not None:
+            raise NotDirect("a chat template in both tokenizer_config.json and chat_template.jinja")
+        template = jinja_file.read_text(encoding="utf-8")
+    if template is not None and not isinstance(template, str):
+        raise NotDirect("named chat templates")
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(text)
+    named_ids = {a: (tok.token_to_id(t) if t is not None else None) for a, t in named.items()}
+    return {"format": FORMAT, "backend": text, "clean_up": clean_up, "chat_template": template or None,
+            "special_tokens_map": {a: t for a, t in named.items() if t is not None}, "named": named,
+            "named_ids": named_ids, "length": tok.get_vocab_size(with_added_tokens=True),
+            "class": config["tokenizer_class"], "name_or_path": str(folder)}
+
+
+def direct_tokenizer(folder: Path) -> CachedTokenizer:
+    return CachedTokenizer(direct_state(folder))
 
 
 def _state_of(tok: Any) -> dict[str, Any] | None:
@@ -312,6 +485,14 @@ def load_tokenizer(folder: Path, cache_dir: Path | None, *, stop_tokens: Sequenc
         cached = read_cached(folder, cache_dir)
         if cached is not None:
             return cached, "cache (tokenizers only)"
+        why = "direct off"
+        if os.environ.get("LOCALGPT_DIRECT_TOKENIZER", "1") != "0":
+            try:
+                return direct_tokenizer(folder), "tokenizer.json (tokenizers only)"
+            except NotDirect as exc:
+                why = f"not direct: {exc}"
+            except Exception as exc:  # noqa: BLE001 - a file the tokenizers library rejects: AutoTokenizer says why
+                why = f"not direct: {type(exc).__name__}: {exc}"
         tok = auto_tokenizer(folder)
-        return tok, "AutoTokenizer; " + write_checked(tok, folder, cache_dir, stop_tokens=stop_tokens)
+        return tok, f"AutoTokenizer ({why}); " + write_checked(tok, folder, cache_dir, stop_tokens=stop_tokens)
     return auto_tokenizer(folder), "AutoTokenizer (cache off)"
