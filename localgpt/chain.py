@@ -455,7 +455,10 @@ class QAChain:
         them and 82 % of the unanswerable ones (bench/RESULTS.md, "Refusal model"). When the best
         passage (or every passage) is in another language than the question the verifier cannot judge
         it: the chain answers with low confidence unless the best chunk is under the embedder's
-        cross-language similarity floor (nothing on topic; ``cross_language_threshold``)."""
+        cross-language similarity floor (nothing on topic; ``cross_language_threshold``). When the
+        model would refuse but another passage the verifier could not read (another language, on
+        topic) is among those the generator sees, and the name / answer-type checks found nothing
+        missing, the chain answers with low confidence too (``_unread_on_topic``)."""
         gap, verified = self.refusal_evidence(question, search)
         if verified is None or question_language(search.hits[0].text) != question_language(question):
             # The best passage is in another language: the verifier could only judge the others.
@@ -468,11 +471,27 @@ class QAChain:
         says_no = EvidenceGap("verifier", (f"{verified:.2f}",)) if verified < VERIFIER_CONFIDENT else None
         unlikely = EvidenceGap("answerability", (f"{p:.2f}",))
         if p < limit:
-            return Verdict(True, p, gap or says_no or unlikely, verifier=verified)
+            if gap is not None or not self._unread_on_topic(question, search):
+                return Verdict(True, p, gap or says_no or unlikely, verifier=verified)
+            # The model's "no" rests on the passages the verifier read, and the name / answer-type
+            # checks (which read every passage) found nothing missing: an on-topic passage in another
+            # language the verifier could not read may hold the answer. Answer, with low confidence.
+            return Verdict(False, p, confidence="low", doubts=tuple(d for d in (says_no, unlikely) if d is not None)[:1]
+                           + (EvidenceGap("cross_language", ()),),
+                           verifier=verified)
         if p >= model.confident:  # a doubt the model outweighed is not shown: it would flag most answers
             return Verdict(False, p, confidence="high", verifier=verified)
         doubts = tuple(d for d in (gap, says_no) if d is not None) or (unlikely,)
         return Verdict(False, p, confidence="low", doubts=doubts, verifier=verified)
+
+    def _unread_on_topic(self, question: str, search: SearchResult) -> bool:
+        """Whether a chunk the generator would see is in another language than the question (the
+        verifier cannot judge it) and on topic (at or over ``cross_language_threshold``). On the dev
+        halves this turned one refusal of an answerable question (own, across languages) and one of
+        an unanswerable one (public) into low-confidence answers (bench/RESULTS.md, session 9)."""
+        lang = question_language(question)
+        return any(question_language(h.text) != lang and h.similarity >= self.cross_language_threshold
+                   for h in search.hits[: self.settings.k])
 
     def answer_check_enabled(self) -> bool:
         """Whether the generator is asked if the passages state the answer (setting ``answer_check``)."""

@@ -83,9 +83,9 @@ class EvidenceGap:
             }.get(lang, "")
         if self.kind == "cross_language":
             return {
-                "en": "the passages found are in another language than the question, so the answer could not be verified",
-                "zh": "找到的段落与问题语言不同，无法验证答案",
-                "ja": "見つかった文書は質問と別の言語のため、答えを検証できませんでした",
+                "en": "passages found are in another language than the question, so the answer could not be verified",
+                "zh": "找到的段落有的与问题语言不同，无法验证答案",
+                "ja": "見つかった文書の一部は質問と別の言語のため、答えを検証できませんでした",
             }.get(lang, "")
         if self.kind == "verifier":
             return {

@@ -226,6 +226,27 @@ def test_a_chinese_question_over_an_english_document_is_not_abstained_for_lack_o
 
 
 
+def test_an_on_topic_passage_the_verifier_cannot_read_turns_a_refusal_into_a_low_confidence_answer(settings):
+    # The best passage is English, as is the question, but a Japanese and a Chinese passage on
+    # uploads are among those the generator sees: the verifier's "no" covers only the English ones,
+    # so even a refusal threshold that refuses everything answers, saying why it could not verify.
+    question = "Is the reactor data uploaded to the internet?"
+    chain = QAChain(settings, extractive=True)
+    search = chain.retriever.search(question)
+    assert question_language(search.hits[0].text) == "en"
+    other = max(h.similarity for h in search.hits[: chain.settings.k] if question_language(h.text) != "en")
+    drop = chain.threshold - chain.cross_language_threshold
+
+    def ask(floor: float):
+        return QAChain(settings.with_overrides(refusal_threshold=1.0, score_threshold=floor + drop),
+                       extractive=True).ask(question)
+
+    unread = ask(other - 0.01)  # the other-language passage is on topic
+    assert not unread.abstained and unread.confidence == "low" and unread.citations
+    assert any("another language" in d for d in unread.doubts)
+    assert ask(other + 0.01).abstained  # off topic: the refusal stands
+
+
 def test_a_question_over_text_in_another_language_meets_a_lower_on_topic_floor(settings):
     # e5 scores a question 0.04-0.06 lower against its answer in another language (the Debian FAQ's
     # translations), so the "nothing on topic" floor drops by CROSS_LANGUAGE_DROP for such a chunk:
