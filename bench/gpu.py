@@ -289,6 +289,29 @@ def profile_step(eng, vocab: int, log, steps: int = 16) -> dict:
     return {"wall_us": wall_us, "kernel_us": total, "kernels": dict(top[:40])}
 
 
+def graph_us(calls, repeats: int = 7) -> float:
+    """Median µs per call of ``calls`` captured in one CUDA graph (run once first: compile / warm)."""
+    for c in calls:
+        c()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for c in calls:
+            c()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        g.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / len(calls))
+    del g
+    return statistics.median(times)
+
+
 def bench_gemv(log, kinds_wanted=("int4", "int8", "bf16"), kernels_wanted=("x2", "fma")) -> dict:
     """Triton GEMV kernels (int4 / int8 / bf16) at Llama-2-7B's shapes against tinygemm and cuBLAS, over a
     sweep of (rows a program, split-K, warps); each timed as a CUDA graph of calls over enough weight copies
@@ -311,27 +334,6 @@ def bench_gemv(log, kinds_wanted=("int4", "int8", "bf16"), kernels_wanted=("x2",
                      "x2": [(bn, split, warps, code) for code in (G.X2, G.X2_AHEAD) for bn in (32, 64, 128)
                             for split in (2, 4, 8, 16) for warps in (2, 4)]}
     res: dict = {}
-
-    def graph_us(calls) -> float:
-        for c in calls:  # compile / warm
-            c()
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for c in calls:
-                c()
-        g.replay()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(7):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            g.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1000 / len(calls))
-        del g
-        return statistics.median(times)
 
     with torch.inference_mode():
         for n, k in shapes:

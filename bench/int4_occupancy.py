@@ -18,7 +18,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 
 import torch
@@ -31,28 +30,14 @@ from localgpt.generation.fast.quantize import (  # noqa: E402
 )
 from localgpt.generation.fast.transformer import Linear  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(__file__))
+from gpu import graph_us as gpu_graph_us  # noqa: E402
+
 SHAPES = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (32000, 4096)]
 
 
 def graph_us(calls) -> float:
-    for c in calls:
-        c()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for c in calls:
-            c()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(9):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        g.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / len(calls))
-    return statistics.median(times)
+    return gpu_graph_us(calls, repeats=9)
 
 
 def launch(x, words, sz, out, ws, bn, split, warps, maxnreg):

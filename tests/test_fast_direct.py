@@ -29,7 +29,9 @@ from localgpt.generation.fast.tokenizer import (
     CachedTokenizer, NotDirect, direct_state, direct_tokenizer, load_tokenizer, mismatches, render_chat,
     renders_locally,
 )
-from tiny_models import CHATML_TEMPLATE, build_tiny_model, build_tiny_tokenizer
+from tiny_models import (
+    CHATML_TEMPLATE, build_tiny_model, build_tiny_tokenizer, save_byte_level_tokenizer, save_tiny_tokenizers,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 _MISSING = object()
@@ -200,20 +202,7 @@ def _auto(folder: Path):
 
 
 def _byte_level(folder: Path, clean_up: bool) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from tiny_models import CORPUS
-
-    t = Tokenizer(models.BPE())
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    t.decoder = decoders.ByteLevel()
-    t.train_from_iterator(CORPUS * 3, trainers.BpeTrainer(vocab_size=500, special_tokens=["<|endoftext|>"],
-                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                          show_progress=False))
-    PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                            clean_up_tokenization_spaces=clean_up).save_pretrained(folder)
-    return folder
+    return save_byte_level_tokenizer(folder, clean_up=clean_up)
 
 
 def _bench_wordlevel(folder: Path) -> Path:
@@ -229,11 +218,7 @@ def _bench_wordlevel(folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("direct-tokenizers")
-    out = {}
-    build_tiny_tokenizer("llama2").save_pretrained(root / "wordlevel")
-    out["wordlevel"] = root / "wordlevel"
-    build_tiny_tokenizer("falcon-mamba", chat_template=CHATML_TEMPLATE).save_pretrained(root / "chatml")
-    out["chatml"] = root / "chatml"
+    out = save_tiny_tokenizers(root)
     tok = build_tiny_tokenizer("falcon")
     tok.clean_up_tokenization_spaces = True
     tok.chat_template = LLAMA2_CHAT_TEMPLATE

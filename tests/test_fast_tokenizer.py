@@ -23,7 +23,9 @@ import pytest
 from localgpt.generation.fast.tokenizer import (
     CachedTokenizer, _state_of, cache_path, load_tokenizer, mismatches, read_cached, write_checked,
 )
-from tiny_models import CHATML_TEMPLATE, CORPUS, build_tiny_model, build_tiny_tokenizer
+from tiny_models import (
+    CHATML_TEMPLATE, CORPUS, build_tiny_model, build_tiny_tokenizer, save_byte_level_tokenizer, save_tiny_tokenizers,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,29 +61,13 @@ def _sentencepiece_bpe(folder: Path) -> Path:
 
 
 def _byte_level(folder: Path) -> Path:
-    """GPT-2 / Falcon's kind: byte-level BPE, tokenizer_config asking decode to clean up spaces."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    t = Tokenizer(models.BPE())
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    t.decoder = decoders.ByteLevel()
-    t.train_from_iterator(CORPUS * 3, trainers.BpeTrainer(vocab_size=500, special_tokens=["<|endoftext|>"],
-                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                          show_progress=False))
-    PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                            clean_up_tokenization_spaces=True).save_pretrained(folder)
-    return folder
+    return save_byte_level_tokenizer(folder, clean_up=True)
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("tokenizers")
-    out = {}
-    build_tiny_tokenizer("llama2").save_pretrained(root / "wordlevel")
-    out["wordlevel"] = root / "wordlevel"
-    build_tiny_tokenizer("falcon-mamba", chat_template=CHATML_TEMPLATE).save_pretrained(root / "chatml")
-    out["chatml"] = root / "chatml"
+    out = save_tiny_tokenizers(root)
     out["sentencepiece-bpe"] = _sentencepiece_bpe(root / "sentencepiece-bpe")
     out["byte-level"] = _byte_level(root / "byte-level")
     return out

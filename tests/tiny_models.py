@@ -182,3 +182,28 @@ TINY_BUILDERS: dict[str, Callable[..., Path]] = {
 def build_tiny_model(family: str, directory: Path, seed: int = 0, **config: Any) -> Path:
     """The tiny model of ``family`` ("llama2", "falcon", "falcon-mamba", "mamba") saved under ``directory``."""
     return TINY_BUILDERS[family](Path(directory), seed=seed, **config)
+
+
+def save_byte_level_tokenizer(folder: Path, clean_up: bool = True) -> Path:
+    """GPT-2 / Falcon's kind of tokenizer: byte-level BPE trained on CORPUS; ``clean_up`` is its
+    tokenizer_config's clean_up_tokenization_spaces."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    t.train_from_iterator(CORPUS * 3, trainers.BpeTrainer(vocab_size=500, special_tokens=["<|endoftext|>"],
+                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                          show_progress=False))
+    PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                            clean_up_tokenization_spaces=clean_up).save_pretrained(folder)
+    return folder
+
+
+def save_tiny_tokenizers(root: Path) -> dict[str, Path]:
+    """The tokenizer folders the tokenizer tests share: "wordlevel" (Llama-2's tiny one) and "chatml"
+    (FalconMamba's, with a ChatML chat template)."""
+    build_tiny_tokenizer("llama2").save_pretrained(root / "wordlevel")
+    build_tiny_tokenizer("falcon-mamba", chat_template=CHATML_TEMPLATE).save_pretrained(root / "chatml")
+    return {"wordlevel": root / "wordlevel", "chatml": root / "chatml"}
