@@ -54,7 +54,7 @@ FEATURES = ("similarity", "coverage", "sentence", "names", "answer_type", "lengt
 # ------------------------------------------------------------------------------ features
 def features(questions: Path, collection: str, data_dir: Path | None, out: Path) -> None:
     """One JSON line per dev question: its labels, the chain's refusal features and today's verdict."""
-    from localgpt.chain import QAChain
+    from localgpt.chain import QAChain, question_language
     from localgpt.config import load_settings
     from localgpt.evaluation import load_qa, split_cases
 
@@ -79,6 +79,10 @@ def features(questions: Path, collection: str, data_dir: Path | None, out: Path)
                 "cross": bool(case.doc_lang and case.lang and case.doc_lang != case.lang),
                 "features": chain.refusal_features(case.question, search),
                 "refused_now": verdict.abstain,
+                # the model does not decide these: the best passage is in another language (low-confidence
+                # answer unless under the cross-language floor); ``fit`` leaves them out
+                "model_decides": chain.verifier_score(case.question, search) is not None
+                and question_language(search.hits[0].text) == question_language(case.question),
             }
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             if (i + 1) % 50 == 0:
@@ -204,7 +208,7 @@ def table(title: str, rows: list[dict], refused: np.ndarray) -> list[str]:
 
 
 def run_fit(a) -> None:
-    rows = load_rows(a.rows)
+    rows = [r for r in load_rows(a.rows) if r.get("model_decides", True)]
     names = tuple(a.features.split(",")) if a.features else FEATURES
     out: list[str] = [f"Features: {', '.join(names)}; L2 {a.l2}; rows {len(rows)} "
                       f"({sum(r['answerable'] for r in rows)} answerable); answerable refused at most "

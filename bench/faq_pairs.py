@@ -17,6 +17,7 @@ so training never sees an answer that set asks for.
 
     python bench/faq_pairs.py            # a summary: entries per source and language
     python bench/faq_pairs.py --floor    # e5's similarity of headings to their sections, in and across languages
+    python bench/faq_pairs.py --refusal-corpus bench/corpus/faq-refusal   # rows for bench/abstention_model.py
 """
 
 from __future__ import annotations
@@ -174,7 +175,68 @@ def cross_language_floor(same_floor: float = 0.83, spec: str = "e5-small") -> No
           f"share: {floor:.3f} (drop {same_floor - floor:.3f})")
 
 
+def refusal_corpus(out: Path) -> None:
+    """Rows for the refusal model (bench/abstention_model.py) from the FAQs: every Debian FAQ id is,
+    by a hash of its id, in the corpus in exactly one language (en, ja or zh) or left out; its
+    heading is asked in all three languages (answerable when the section is in, in its own or in
+    another language; "held-out" when it is left out, the rest of its chapter still there). Python
+    FAQ ids (English) are in or out the same way. Documents are the included sections of a chapter,
+    without their headings (a question that repeats a heading word for word would be too easy)."""
+    import hashlib
+
+    from localgpt.text import split_sentences
+
+    entries = load()
+    by_key = {(e.source, e.id, e.lang): e for e in entries}
+    langs = ("en", "ja", "zh")
+
+    def place(e: Entry) -> str | None:
+        h = hashlib.sha1(f"refusal\0{e.source}\0{e.id}".encode()).digest()[0]
+        if e.source == "python-faq":
+            return "en" if h % 4 else None
+        return (langs + (None,))[h % 4]
+
+    docs: dict[tuple[str, str, str], list[str]] = {}
+    rows = []
+    seen = set()
+    for e in entries:
+        if (e.source, e.id) in seen:
+            continue
+        seen.add((e.source, e.id))
+        where = place(e)
+        if where is not None and (e.source, e.id, where) not in by_key:
+            where = "en"  # a section not translated (2 ids)
+        if where is not None:
+            kept = by_key[(e.source, e.id, where)]
+            docs.setdefault((where, e.source, kept.chapter), []).append(kept.answer)
+        for lang in langs:
+            q = by_key.get((e.source, e.id, lang))
+            if q is None:
+                continue
+            answerable = where is not None
+            first = split_sentences(by_key[(e.source, e.id, where)].answer)[0].strip() if answerable else ""
+            rows.append({
+                "id": f"{lang}-{'answerable' if answerable else 'held-out'}-{e.source}-{e.id}"[:120],
+                "question": q.question, "answer": first[:200], "aliases": [],
+                **({"source": f"{where}/{e.source}-{e.chapter}.txt"} if answerable else {}),
+                "lang": lang, "doc_lang": where or lang, "kind": "answerable" if answerable else "held-out",
+                "split": "dev", "set": "faq", "notes": f"faq '{e.source}:{e.id}' paragraph",
+            })
+    for (lang, source, chapter), bodies in docs.items():
+        path = out / "docs" / lang / f"{source}-{chapter}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n\n".join(bodies) + "\n", encoding="utf-8")
+    (out / "questions.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                                         encoding="utf-8")
+    from collections import Counter
+
+    print(f"{len(docs)} documents; questions {Counter((r['lang'], r['kind'], r['lang'] == r['doc_lang']) for r in rows)}")
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--refusal-corpus"]:
+        refusal_corpus(Path(sys.argv[2]))
+        sys.exit(0)
     from collections import Counter
 
     if sys.argv[1:] == ["--floor"]:

@@ -476,8 +476,7 @@ class QAChain:
             # The model's "no" rests on the passages the verifier read, and the name / answer-type
             # checks (which read every passage) found nothing missing: an on-topic passage in another
             # language the verifier could not read may hold the answer. Answer, with low confidence.
-            return Verdict(False, p, confidence="low", doubts=tuple(d for d in (says_no, unlikely) if d is not None)[:1]
-                           + (EvidenceGap("cross_language", ()),),
+            return Verdict(False, p, confidence="low", doubts=(says_no or unlikely, EvidenceGap("cross_language", ())),
                            verifier=verified)
         if p >= model.confident:  # a doubt the model outweighed is not shown: it would flag most answers
             return Verdict(False, p, confidence="high", verifier=verified)
