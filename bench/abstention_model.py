@@ -83,6 +83,9 @@ def features(questions: Path, collection: str, data_dir: Path | None, out: Path)
                 # answer unless under the cross-language floor); ``fit`` leaves them out
                 "model_decides": chain.verifier_score(case.question, search) is not None
                 and question_language(search.hits[0].text) == question_language(case.question),
+                # an on-topic passage in another language the verifier did not read: the chain does not
+                # refuse then unless a name or the answer type is missing (QAChain._unread_on_topic)
+                "unread": chain._unread_on_topic(case.question, search),
             }
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             if (i + 1) % 50 == 0:
@@ -169,11 +172,19 @@ def rates(rows: list[dict], refused: np.ndarray) -> dict[str, tuple[float, float
     return out
 
 
+def can_refuse(rows: list[dict]) -> np.ndarray:
+    """Rows the chain may refuse at all: not those with an unread on-topic passage in another
+    language and no missing name or answer type (they are answered with low confidence)."""
+    return np.array([not (r.get("unread") and not r["features"]["names"] and not r["features"]["answer_type"])
+                     for r in rows])
+
+
 def threshold_for(rows: list[dict], p: np.ndarray, limit: float, cap: float = 0.5) -> dict[str, float]:
     """Per question language, the highest refusal threshold (at most ``cap``) under which that
     language refuses at most ``limit`` of its answerable questions in every set (a set whose
     language has fewer than 40 answerable questions allows one)."""
     out = {}
+    p = np.where(can_refuse(rows), p, np.inf)
     for lang in sorted({r["lang"] for r in rows}):
         best = 0.0
         for t in np.unique(np.r_[0.0, p[p <= cap]]):
@@ -191,7 +202,8 @@ def threshold_for(rows: list[dict], p: np.ndarray, limit: float, cap: float = 0.
 
 def refused_at(rows: list[dict], p: np.ndarray, thresholds: dict[str, float]) -> np.ndarray:
     default = min(thresholds.values())
-    return np.array([p[i] < thresholds.get(r["lang"], default) for i, r in enumerate(rows)], dtype=float)
+    may = can_refuse(rows)
+    return np.array([may[i] and p[i] < thresholds.get(r["lang"], default) for i, r in enumerate(rows)], dtype=float)
 
 
 def _fmt(t: dict[str, float]) -> str:
