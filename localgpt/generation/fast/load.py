@@ -489,20 +489,10 @@ def _snapshot(obj: Any) -> tuple[dict[str, Any], list[str]]:
 
 
 def config_cache_path(folder: Path, cache_dir: Path) -> Path:
-    from hashlib import sha256
-    from importlib import metadata
+    from localgpt.generation.fast.tokenizer import files_key
 
-    try:
-        version = metadata.version("transformers")
-    except metadata.PackageNotFoundError:
-        version = "none"
-    parts = [str(Path(folder).resolve()), f"format {CONFIG_FORMAT}", f"transformers {version}"]
-    for name in _CONFIG_FILES:
-        f = Path(folder) / name
-        if f.is_file():
-            st = f.stat()
-            parts.append(f"{name}:{st.st_size}:{st.st_mtime_ns}")
-    return Path(cache_dir) / "configs" / f"{sha256(chr(10).join(parts).encode()).hexdigest()[:24]}.json"
+    key = files_key(folder, _CONFIG_FILES, f"format {CONFIG_FORMAT}", f"transformers {_transformers_version()}")
+    return Path(cache_dir) / "configs" / f"{key}.json"
 
 
 def read_configs(folder: Path, cache_dir: Path | None):
@@ -545,6 +535,19 @@ def write_configs(folder: Path, cache_dir: Path | None, config: Any, generation_
         return f"not cached ({type(exc).__name__}: {exc})"
 
 
+def transformers_configs(folder: Path):
+    """(config, generation config) as transformers builds them from the checkpoint's files (the generation
+    config from the model config when generation_config.json is missing)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    try:
+        generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
+    except OSError:
+        generation_config = GenerationConfig.from_model_config(config)
+    return config, generation_config
+
+
 def load_configs(folder: Path, cache_dir: Path | None):
     """(config, generation config, how): the start cache's snapshot; else, for the families and files
     ``direct_configs`` covers, config.json read directly (no transformers import); else transformers' (then
@@ -559,13 +562,7 @@ def load_configs(folder: Path, cache_dir: Path | None):
             return config, generation_config, "config.json (direct)"
         except Unsupported as exc:
             why = f"not direct: {exc}"
-    from transformers import AutoConfig, GenerationConfig
-
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    try:
-        generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
-    except OSError:
-        generation_config = GenerationConfig.from_model_config(config)
+    config, generation_config = transformers_configs(folder)
     return config, generation_config, f"transformers ({why}); " + write_configs(folder, cache_dir, config,
                                                                                generation_config)
 
@@ -580,16 +577,7 @@ def load_checkpoint(folder: Path, device: str, dtype: torch.dtype, quantization:
     layer: 3.9 GB for a 7B model at 4 bits, against the 2 GiB of host memory a load may use). On the CPU the
     cache works as before: reused when it matches the checkpoint, written otherwise.
     """
-    if configs is None:
-        from transformers import AutoConfig, GenerationConfig
-
-        config = AutoConfig.from_pretrained(folder, local_files_only=True)
-        try:
-            generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
-        except OSError:
-            generation_config = GenerationConfig.from_model_config(config)
-    else:
-        config, generation_config = configs
+    config, generation_config = configs if configs is not None else transformers_configs(folder)
     use_cache = bool(quantization and source and cache_dir and torch.device(device).type != "cuda")
     saved = None
     if use_cache:
@@ -738,12 +726,9 @@ def _rope(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def _transformers_version() -> str:
-    from importlib import metadata
+    from localgpt.generation.fast.tokenizer import package_version
 
-    try:
-        return metadata.version("transformers")
-    except metadata.PackageNotFoundError:
-        return "none"
+    return package_version("transformers")
 
 
 def direct_configs(folder: Path):

@@ -57,24 +57,31 @@ PROBE_CHATS = (
 )
 
 
-def _version(package: str) -> str:
+def package_version(package: str) -> str:
+    """An installed package's version, "none" when it is not installed."""
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return "none"
 
 
-def cache_key(folder: Path) -> str:
-    """Names the tokenizer files (path, size, mtime) and the libraries that built the tokenizer from them."""
+def files_key(folder: Path, names: Sequence[str], *labels: str) -> str:
+    """A start cache's key: the folder, ``labels`` (cache format, library versions) and each named file's size
+    and mtime there, hashed (the tokenizer cache here, the config snapshot in load.py)."""
     folder = Path(folder)
-    parts = [str(folder.resolve()), f"format {FORMAT}", f"transformers {_version('transformers')}",
-             f"tokenizers {_version('tokenizers')}"]
-    for name in _FILES:
+    parts = [str(folder.resolve()), *labels]
+    for name in names:
         f = folder / name
         if f.is_file():
             st = f.stat()
             parts.append(f"{name}:{st.st_size}:{st.st_mtime_ns}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+
+
+def cache_key(folder: Path) -> str:
+    """Names the tokenizer files (path, size, mtime) and the libraries that built the tokenizer from them."""
+    return files_key(folder, _FILES, f"format {FORMAT}", f"transformers {package_version('transformers')}",
+                     f"tokenizers {package_version('tokenizers')}")
 
 
 def clean_up_tokenization(text: str) -> str:
@@ -242,7 +249,7 @@ def direct_state(folder: Path) -> dict[str, Any]:
     """``CachedTokenizer``'s state from tokenizer.json + tokenizer_config.json (+ special_tokens_map.json,
     chat_template.jinja) alone; raises ``NotDirect`` for anything it does not cover."""
     folder = Path(folder)
-    version = _version("transformers")
+    version = package_version("transformers")
     if version != "none" and version not in DIRECT_TOKENIZER_VERSIONS:
         raise NotDirect(f"transformers {version} is not one the direct path was checked against")
     for name in ("tokenizer.json", "tokenizer_config.json"):
