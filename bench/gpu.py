@@ -600,8 +600,39 @@ def bench_fresh_ttft(network, vocab: int, log) -> dict:
     return out
 
 
+@torch.inference_mode()
+def time_prompt_passes(batch, vocab: int, log, reps: int = 10) -> dict:
+    """GPU time of the fixed-shape prompt pass at each row count (graph replays, a chunk filling it, at position
+    0 of slot 0; then the same chunk through the variable-shape eager pass, host and GPU): ms a pass."""
+    out = {}
+    for rows in batch.prompt_rows:
+        ids = torch.tensor(random_ids(rows, vocab, seed=7), device=DEVICE)
+        batch._prompt_in[:3] = torch.tensor([0, 0, rows])
+        batch._prompt_in[3:3 + rows] = ids
+        fn = batch._prompt_fn(rows)
+        for _ in range(3):
+            fn()
+        t0 = sync_time()
+        for _ in range(reps):
+            fn()
+        graph_ms = 1000 * (sync_time() - t0) / reps
+        model = batch.model
+        for _ in range(2):
+            model.prefill_slots([(0, ids, 0)])
+        t0 = sync_time()
+        for _ in range(reps):
+            model.prefill_slots([(0, ids, 0)])
+        host_ms = 1000 * (time.perf_counter() - t0) / reps
+        eager_ms = 1000 * (sync_time() - t0) / reps
+        out[rows] = {"graph_ms": graph_ms, "eager_ms": eager_ms, "eager_host_ms": host_ms}
+        log(f"  prompt pass of {rows} rows: graph {graph_ms:.2f} ms; the eager variable-shape pass {eager_ms:.2f} ms "
+            f"({host_ms:.2f} ms of host time to queue it)")
+    return out
+
+
 def bench_batched(network, vocab: int, levels, log, new: int, kernels: str | None = None,
-                  profile: bool = False, share: bool = False, shared_chunk: int = 2048) -> dict:
+                  profile: bool = False, share: bool = False, shared_chunk: int = 2048, own_chunk: int = 256,
+                  prompt_passes: int = 1, fixed: bool | None = None, one_shape: bool = False) -> dict:
     """The fast engine's continuous batching: c streams submitted together (prompts 128-512 tokens, prefilled in
     chunks between decode steps), each to ``new`` tokens. Aggregate tok/s over the whole run (prefill included),
     per-stream inter-token latency p50/p95 over every gap of every stream, and the decode rate of each stream."""
@@ -609,21 +640,25 @@ def bench_batched(network, vocab: int, levels, log, new: int, kernels: str | Non
 
     slots = max(levels)
     batch = BatchEngine(network, slots=slots, max_seq=CONC_PROMPTS[1] + new + 16,
-                        prefill_chunk=shared_chunk if share else 256, buckets=tuple(levels), kernels=kernels,
-                        share_prefill=share)
+                        prefill_chunk=shared_chunk if share else own_chunk,
+                        buckets=None if one_shape else tuple(levels), kernels=kernels, share_prefill=share,
+                        prompt_passes=prompt_passes, fixed_prompts=None if share else fixed)
     warm = batch.warm_up()
     kernels = getattr(network, "slot_kernels", "eager")
     log(f"  batched engine: {slots} slots, buckets {batch.buckets}, {kernels} step kernels, prompt chunks of "
-        f"{batch.prefill_chunk} tokens{' shared by requests' if share else ' a request'}, graphs captured in "
-        f"{warm:.1f} s")
-    out: dict = {"capture_s": warm, "kernels": kernels, "share_prefill": share, "prefill_chunk": batch.prefill_chunk}
+        f"{batch.prefill_chunk} tokens{' shared by requests' if share else ' a request'}"
+        f"{f', fixed-shape passes of {batch.prompt_rows} rows' if batch.fixed_prompts else ''}, "
+        f"{batch.prompt_passes} prompt passes a step at most, graphs captured in {warm:.1f} s")
+    out: dict = {"capture_s": warm, "kernels": kernels, "share_prefill": share, "prefill_chunk": batch.prefill_chunk,
+                 "fixed_prompts": batch.fixed_prompts, "prompt_rows": batch.prompt_rows,
+                 "prompt_passes": batch.prompt_passes, "buckets": batch.buckets}
     for c in levels:
         asks = conc_prompts(c, vocab)
         batch.submit(asks[0], 4)  # one short request first: page in anything lazy
         batch.run()
         t0 = sync_time()
         reqs = [batch.submit(a, new) for a in asks]
-        steps0 = batch.steps_run
+        steps0, passes0 = batch.steps_run, batch.prompt_passes_run
         prefill0, decode0 = batch.prefill_s, batch.decode_s
         batch.run()
         wall = sync_time() - t0
@@ -633,11 +668,13 @@ def bench_batched(network, vocab: int, levels, log, new: int, kernels: str | Non
                "itl_ms_p95": 1000 * pct(gaps, 0.95), "stream_tok_s_median": statistics.median(per_stream),
                "ttft_ms_p50": 1000 * pct([r.times[0] - t0 for r in reqs], 0.5),
                "ttft_ms_max": 1000 * max(r.times[0] - t0 for r in reqs), "decode_steps": batch.steps_run - steps0,
+               "prompt_passes": batch.prompt_passes_run - passes0,
                "prefill_s": batch.prefill_s - prefill0, "decode_s": batch.decode_s - decode0}
         out[c] = res
         log(f"  batched x{c}: {res['aggregate_tok_s']:.1f} tok/s aggregate, ITL p50 {res['itl_ms_p50']:.2f} / p95 "
             f"{res['itl_ms_p95']:.2f} ms, stream {res['stream_tok_s_median']:.1f} tok/s, TTFT p50 "
-            f"{res['ttft_ms_p50']:.0f} / max {res['ttft_ms_max']:.0f} ms, {res['decode_steps']} steps; host time in "
+            f"{res['ttft_ms_p50']:.0f} / max {res['ttft_ms_max']:.0f} ms, {res['decode_steps']} steps, "
+            f"{res['prompt_passes']} prompt passes; host time in "
             f"prompt chunks {res['prefill_s']:.2f} s, in decode steps {res['decode_s']:.2f} s")
     # Greedy equality at the real shapes: stream 0 of the largest level alone, in the same engine and bucket
     # (one slot busy runs bucket 1, a different shape: compare its first tokens only, bf16 near ties flip).
@@ -648,6 +685,12 @@ def bench_batched(network, vocab: int, levels, log, new: int, kernels: str | Non
                                         None)
     log(f"  stream 0 alone vs in the batch of {c}, first 8 tokens equal: {out['solo_first_tokens_equal']} "
         f"(first difference at token {out['solo_first_difference']})")
+    if CUDA and batch.fixed_prompts and batch.mode == "graph":
+        try:
+            out["prompt_pass_ms"] = time_prompt_passes(batch, vocab, log)
+        except Exception as exc:  # noqa: BLE001
+            out["prompt_pass_ms"] = {"error": repr(exc)}
+            log(traceback.format_exc())
     if profile and CUDA:
         for bucket in [b for b in batch.buckets if b in (1, 16)]:
             try:
@@ -699,12 +742,20 @@ def run_concurrency(args, log, results: dict, key: str = "llama") -> None:
                         entry["attention_sweep"] = {"error": repr(exc)}
                         log(traceback.format_exc())
             step_kernels = args.slot_kernels.split(",") if getattr(net, "kind", "") == "transformer" else [None]
-            runs = [(k, share == "on") for k in step_kernels for share in args.share_prefill.split(",")]
-            for kernels, share in runs:
-                name = variant if (kernels, share) == runs[-1] else f"{variant}/{kernels}/{'shared' if share else 'own'}"
+            fixed_opts = {"on": True, "off": False, "auto": None}
+            runs = [(k, share == "on", chunk, passes, fixed_opts[fixed]) for k in step_kernels
+                    for share in args.share_prefill.split(",")
+                    for chunk in ([int(c) for c in args.own_chunk.split(",")] if share == "off" else [0])
+                    for passes in [int(p) for p in args.prompt_passes.split(",")]
+                    for fixed in (args.fixed_prompts.split(",") if share == "off" else ["auto"])]
+            for run in runs:
+                kernels, share, chunk, passes, fixed = run
+                name = variant if run == runs[-1] else (f"{variant}/{kernels}/{'shared' if share else 'own'}/{chunk}"
+                                                        f"/{passes}/{fixed}")
                 try:
                     entry[name] = bench_batched(net, vocab, levels, log, new, kernels=kernels, profile=args.profile,
-                                                share=share, shared_chunk=args.shared_chunk)
+                                                share=share, shared_chunk=args.shared_chunk, own_chunk=chunk or 256,
+                                                prompt_passes=passes, fixed=fixed, one_shape=args.one_shape)
                 except Exception as exc:  # noqa: BLE001
                     entry[name] = {"error": repr(exc)}
                     log(traceback.format_exc())
@@ -742,8 +793,15 @@ def _concurrency_rows(entry: dict, rows: list, prefix: str = "") -> None:
         if not e:
             continue
         if "kernels" in e:
-            variant = (f"{variant.split('/')[0]} ({e['kernels']} step"
-                       + (f", prompts shared in {e['prefill_chunk']}-token passes" if e.get("share_prefill") else "") + ")")
+            if e.get("share_prefill"):
+                prompts = f", prompts shared in {e['prefill_chunk']}-token passes"
+            else:
+                prompts = (f", own {e['prefill_chunk']}-token chunks"
+                           + (" in fixed-shape graph passes" if e.get("fixed_prompts") else ", eager passes"))
+            passes = e.get("prompt_passes", 1)
+            variant = (f"{variant.split('/')[0]} ({e['kernels']} step{prompts}"
+                       + (f", {passes} prompt passes a step" if passes > 1 else "")
+                       + (", one decode shape" if e.get("buckets") and len(e["buckets"]) == 1 else "") + ")")
         if "error" in e:
             rows.append(f"| {prefix}fast batched {variant} | error: {e['error'][:80]} |")
             continue
@@ -929,6 +987,15 @@ def main() -> None:
     parser.add_argument("--share-prefill", default="off", help="--concurrency: off, on or off,on (each a row): "
                         "prompt chunks of several requests in one pass (BatchEngine share_prefill)")
     parser.add_argument("--shared-chunk", type=int, default=2048, help="prompt tokens a shared pass takes")
+    parser.add_argument("--own-chunk", default="256", help="--concurrency: prompt tokens a request's own pass takes "
+                        "(each value a row)")
+    parser.add_argument("--prompt-passes", default="1", help="--concurrency: prompt passes a scheduler step at "
+                        "most (BatchEngine prompt_passes; each value a row)")
+    parser.add_argument("--fixed-prompts", default="auto", help="--concurrency: own-chunk passes at fixed shapes "
+                        "in CUDA graphs: on, off (eager variable-shape passes), auto (the engine's default); "
+                        "each value a row")
+    parser.add_argument("--one-shape", action="store_true", help="--concurrency: decode at one shape (all slots, "
+                        "the engine's and localgpt serve's default) instead of buckets of the levels")
     parser.add_argument("--tiny", action="store_true", help="tiny configs and prompts: check the script, not speed")
     parser.add_argument("--out", default=os.environ.get("OUT"))
     parser.add_argument("--results", type=Path, help="append the table to this markdown file")

@@ -137,6 +137,50 @@ def test_steps_built_while_streams_run_leave_their_answers_alone(tiny_dir, famil
     assert [r.tokens for r in reqs if r.temperature == 0] == want
 
 
+@pytest.mark.parametrize("family, chunk, passes", [("llama2", 16, 1), ("llama2", 32, 2), ("falcon", 16, 3)])
+def test_fixed_shape_prompt_passes_equal_answers_alone(tiny_dir, family, chunk, passes, monkeypatch):
+    """The CUDA default for own-chunk prompts (one pass per chunk at a fixed row count, padding rows writing only
+    the scratch row, replayed from a captured graph), here eager on the CPU through a stand-in for the graph that
+    runs the pass twice when built (as _Graph's warm-up does) and once a call: the pass must be idempotent, and
+    every greedy answer equals the batch-1 engine's, whatever else runs, with several passes a step too."""
+    import localgpt.generation.fast.batch as batch_module
+
+    class Replay:
+        def __init__(self, fn):
+            fn()
+            fn()
+            self.fn = fn
+
+        def __call__(self):
+            return self.fn()
+
+    monkeypatch.setattr(batch_module, "_Graph", Replay)
+    generator = load_fast_generator(settings(model=str(tiny_dir[family])))
+    engine = generator.engine
+    vocab = engine.model.shape.vocab_size
+    lengths = [3, 17, 1, 40, 9, 33, 16, 70]
+    news = [20, 7, 15, 1, 30, 11, 18, 9]
+    asks = prompts(vocab, lengths, seed=4)
+    want = [alone(engine, ids, n) for ids, n in zip(asks, news)]
+    batch = BatchEngine(engine.model, slots=3, max_seq=128, prefill_chunk=chunk, fixed_prompts=True,
+                        prompt_passes=passes)
+    assert batch.fixed_prompts and batch.prompt_rows == sorted({16, chunk}) and batch.buckets == [3]
+    batch.mode = "graph"  # prompt passes built lazily, mid-run, through the stand-in
+    for block in engine.model.blocks:  # caches start from garbage: nothing may read what a request did not write
+        block.k_slots.normal_()
+        block.v_slots.normal_()
+    arrivals: dict[int, list] = {}
+    for ids, n, step in zip(asks, news, [0, 0, 0, 1, 2, 2, 6, 6]):
+        arrivals.setdefault(step, []).append((ids, n, {}))
+    reqs = drive(batch, arrivals)
+    for req, tokens, ids in zip(reqs, want, asks):
+        assert req.tokens == tokens, (len(ids), req.tokens, tokens)
+    assert set(batch._prompts) <= set(batch.prompt_rows) and len(batch._prompts) >= 1
+    assert batch.prompt_passes_run == sum(-(-n // chunk) for n in lengths)
+    with pytest.raises(ValueError):
+        BatchEngine(engine.model, slots=2, max_seq=64, share_prefill=True, fixed_prompts=True)
+
+
 def test_stop_ids_lengths_and_sampling_are_per_request(tiny_dir):
     generator = load_fast_generator(settings(model=str(tiny_dir["llama2"])))
     engine = generator.engine
@@ -232,10 +276,11 @@ def test_only_transformer_and_mamba_networks_batch(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("family", FAMILIES)  # llama2 / falcon passed on an H200; the Mamba ones not yet run
-def test_gpu_batched_graph_steps_equal_each_request_alone(tiny_dir, family):
+@pytest.mark.parametrize("family, chunk, passes", [(f, 8, 1) for f in FAMILIES] + [("llama2", 32, 2), ("falcon", 32, 3)])
+def test_gpu_batched_graph_steps_equal_each_request_alone(tiny_dir, family, chunk, passes):
     """bf16, CUDA graphs: at one bucket (same matrix shapes) a request's tokens are bit for bit its tokens alone
-    in the same engine; across buckets and against the batch-1 engine the first tokens agree."""
+    in the same engine; across buckets and against the batch-1 engine the first tokens agree. Llama / Falcon
+    prompts run in captured fixed-shape passes (chunk 32: passes of 16 and 32 rows), several a step."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     generator = load_fast_generator(settings(model=str(tiny_dir[family]), device="cuda"), mode="graph")
@@ -243,8 +288,8 @@ def test_gpu_batched_graph_steps_equal_each_request_alone(tiny_dir, family):
     vocab = engine.model.shape.vocab_size
     lengths, news = [3, 17, 1, 40, 9, 26], [20, 7, 15, 3, 30, 11]
     asks = prompts(vocab, lengths, seed=1)
-    batch = BatchEngine(engine.model, slots=4, max_seq=128, prefill_chunk=8, buckets=(4,))
-    assert batch.mode == "graph"
+    batch = BatchEngine(engine.model, slots=4, max_seq=128, prefill_chunk=chunk, buckets=(4,), prompt_passes=passes)
+    assert batch.mode == "graph" and batch.fixed_prompts == (not family.endswith("mamba"))
     batch.warm_up(sampled=(False, True))
     solo = []
     for ids, n in zip(asks, news):
@@ -344,10 +389,46 @@ def _fused_slot_kernels_check(root, device, dtype) -> None:
             # A shared prompt pass (two slots' chunks, one at a cached start) through the fused norms / silu·up.
             parts = [(1, tokens[:3].clone(), 40), (4, tokens[2:].clone(), 0)]
             got_prompt = net.prefill_slots(parts)
+            # Fixed-shape passes (rope + cache write of the chunk's rows, chunk attention): a chunk after cached
+            # positions, one from position 0 with padding rows, and one of 20 rows (two attention row blocks).
+            ids = torch.randint(4, net.shape.vocab_size, (32,), device=device)
+            fixed = [(ids[:16], torch.tensor([2, 40, 3], device=device)),
+                     (ids[:16], torch.tensor([0, 0, 16], device=device)),
+                     (ids, torch.tensor([3, 5, 20], device=device))]
+            held = [(b.k_slots.clone(), b.v_slots.clone()) for b in net.blocks]
+            got_fixed = [net.prefill_fixed(i, m) for i, m in fixed]
+            got_fixed_caches = [(b.k_slots.clone(), b.v_slots.clone()) for b in net.blocks]
             net.slot_kernels = "eager"
             want_prompt = net.prefill_slots(parts)
+            for b, (k, v) in zip(net.blocks, held):
+                b.k_slots.copy_(k)
+                b.v_slots.copy_(v)
+            want_fixed = [net.prefill_fixed(i, m) for i, m in fixed]
+            want_fixed_caches = [(b.k_slots.clone(), b.v_slots.clone()) for b in net.blocks]
+            # and the eager fixed pass against the variable-shape one (same slot, same cached start)
+            for b, (k, v) in zip(net.blocks, held):
+                b.k_slots.copy_(k)
+                b.v_slots.copy_(v)
+            want_first = net.prefill_slots([(2, ids[:3], 40)])
         rel = ((got_prompt - want_prompt).norm() / want_prompt.norm()).item()
         assert rel < (1e-4 if dtype == torch.float32 else 3e-2), (family, "prompt", rel)
+        for got_f, want_f in zip(got_fixed, want_fixed):
+            rel = ((got_f - want_f).norm() / want_f.norm()).item()
+            assert rel < (1e-4 if dtype == torch.float32 else 3e-2), (family, "fixed prompt", rel)
+        rel = ((want_fixed[0] - want_first).norm() / want_first.norm()).item()
+        assert rel < (1e-4 if dtype == torch.float32 else 3e-2), (family, "fixed vs variable", rel)
+        written = [(2, slice(40, 43)), (0, slice(0, 16)), (3, slice(5, 25))]
+        for (k_got, v_got), (k, v) in zip(got_fixed_caches, want_fixed_caches):
+            for slot, span in written:
+                for mine, theirs in ((k_got[slot, :, span], k[slot, :, span]), (v_got[slot, :, span], v[slot, :, span])):
+                    assert torch.allclose(mine.float(), theirs.float(), atol=1e-5 if dtype == torch.float32 else 5e-2,
+                                          rtol=0 if dtype == torch.float32 else 2e-2)
+        for (k_got, v_got), (k0, v0) in zip(got_fixed_caches, held):  # nothing else written, scratch rows aside
+            untouched = torch.ones(k0.shape[:3], dtype=torch.bool, device=k0.device)
+            for slot, span in written:
+                untouched[slot, :, span] = False
+            untouched[:, :, max_seq] = False
+            assert torch.equal(k_got[untouched], k0[untouched]) and torch.equal(v_got[untouched], v0[untouched])
         live = positions < max_seq
         rel = ((got - want)[live].norm() / want[live].norm()).item()
         fp32 = dtype == torch.float32

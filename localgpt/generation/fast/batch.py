@@ -110,13 +110,16 @@ class BatchEngine:
 
     def __init__(self, model, *, slots: int = 16, max_seq: int = 2048, prefill_chunk: int = 256,
                  buckets: Iterable[int] | None = None, mode: str | None = None, kernels: str | None = None,
-                 share_prefill: bool = False):
+                 share_prefill: bool = False, prompt_passes: int = 1, fixed_prompts: bool | None = None):
         if getattr(model, "kind", "") not in ("transformer", "mamba"):
             raise ValueError("continuous batching runs Llama / Falcon (transformer) and Mamba networks")
         self.model = model
         self.device = model.device
         self.slots, self.max_seq, self.prefill_chunk = slots, max_seq, prefill_chunk
         self.share_prefill = share_prefill
+        if prompt_passes < 1:
+            raise ValueError("prompt_passes must be at least 1")
+        self.prompt_passes = prompt_passes
         self.mode = mode or ("graph" if self.device.type == "cuda" else "eager")
         if self.device.type != "cuda":
             self.mode = "eager"
@@ -145,6 +148,22 @@ class BatchEngine:
         self._host = [torch.empty(slots, dtype=torch.long, pin_memory=pin) for _ in range(2)]
         self.prefill_s = 0.0  # host seconds in prompt chunks / decode steps (each decode step ends in a sync)
         self.decode_s = 0.0
+        # Own-chunk prompt passes at fixed row counts (Transformer.prefill_fixed), one CUDA graph each: a chunk of
+        # t tokens runs padded to the smallest of ``prompt_rows`` >= t, the same padding alone and under load.
+        if fixed_prompts is None:
+            fixed_prompts = self.mode == "graph" and not share_prefill and hasattr(model, "prefill_fixed")
+        if fixed_prompts and (share_prefill or not hasattr(model, "prefill_fixed")):
+            raise ValueError("fixed-shape prompt passes are for Llama / Falcon networks, one request a pass")
+        self.fixed_prompts = bool(fixed_prompts)
+        self.prompt_rows = sorted({prefill_chunk >> i for i in range(4)
+                                   if prefill_chunk >> i >= 16 and (prefill_chunk >> i) << i == prefill_chunk}
+                                  | {prefill_chunk})
+        self._prompts: dict[int, Callable[[], torch.Tensor]] = {}
+        # [slot, start, t, ids...]: one host-to-device copy a pass; t = 1 until the first pass (a warm-up or
+        # capture before it then writes slot 0's position 0 and its scratch row only: no request is there yet).
+        self._prompt_in = torch.zeros(3 + prefill_chunk, dtype=torch.long, device=dev)
+        self._prompt_in[2] = 1
+        self.prompt_passes_run = 0
         self.cancelled_total = 0  # requests ended by cancel (waiting or in a slot)
         self.error: Exception | None = None  # the last exception a step raised in the thread (its requests ended)
 
@@ -229,9 +248,32 @@ class BatchEngine:
         for b in buckets or self.buckets:
             for s in sampled:
                 self._step_fn(b, s)
+        if self.fixed_prompts:
+            for rows in self.prompt_rows:
+                self._prompt_fn(rows)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - started
+
+    def _prompt_fn(self, rows: int) -> Callable[[], torch.Tensor]:
+        """The prompt pass at ``rows`` rows over ``_prompt_in`` (a CUDA graph in graph mode). Its warm-up and
+        capture runs redo the pass in ``_prompt_in`` at the time: idempotent (the same k / v to the same
+        positions of the same slot, padding to its scratch row)."""
+        fn = self._prompts.get(rows)
+        if fn is not None:
+            return fn
+        model, ids, meta = self.model, self._prompt_in[3:3 + rows], self._prompt_in[:3]
+
+        def prompt() -> torch.Tensor:
+            return model.prefill_fixed(ids, meta)
+
+        if self.mode == "graph":
+            with torch.inference_mode():
+                fn = _Graph(prompt)
+        else:
+            fn = prompt
+        self._prompts[rows] = fn
+        return fn
 
     # --- scheduling -----------------------------------------------------------------------------------------
 
@@ -270,6 +312,23 @@ class BatchEngine:
                          key=lambda r: r.submitted)
         if not waiting:
             return []
+        self.prompt_passes_run += 1
+        if self.fixed_prompts:
+            req = waiting[0]
+            chunk = req.ids[req.prefilled:req.prefilled + self.prefill_chunk]
+            rows = next(r for r in self.prompt_rows if r >= len(chunk))
+            host = torch.zeros(3 + rows, dtype=torch.long)  # padding ids 0: they write only the scratch row
+            host[0], host[1], host[2] = req.slot, req.prefilled, len(chunk)
+            host[3:3 + len(chunk)] = torch.tensor(chunk, dtype=torch.long)
+            if self.device.type == "cuda":  # pinned: a pageable copy would wait for the decode step in flight
+                host = host.pin_memory()
+            self._prompt_in[:3 + rows].copy_(host, non_blocking=True)
+            parts, logits = [(req, chunk)], self._prompt_fn(rows)()
+        else:
+            parts, logits = self._shared_pass(waiting)
+        return self._first_tokens(parts, logits)
+
+    def _shared_pass(self, waiting: list[Request]):
         parts, budget = [], self.prefill_chunk
         for req in waiting[:None if self.share_prefill else 1]:
             if budget <= 0:
@@ -278,6 +337,9 @@ class BatchEngine:
             parts.append((req, chunk))
             budget -= len(chunk)
         logits = self.model.prefill_slots([(req.slot, self._to_device(chunk), req.prefilled) for req, chunk in parts])
+        return parts, logits
+
+    def _first_tokens(self, parts, logits: torch.Tensor) -> list[Request]:
         done = []
         for i, (req, chunk) in enumerate(parts):
             req.prefilled += len(chunk)
@@ -357,11 +419,16 @@ class BatchEngine:
         return emitted
 
     def step(self) -> list[Request]:
-        """One scheduler iteration: admit, one prefill chunk, one decode step. The requests that got a token."""
+        """One scheduler iteration: admit, up to ``prompt_passes`` prompt passes, one decode step. The requests
+        that got a token."""
         self._sweep()
         self._admit()
         t0 = time.perf_counter()
-        got = self._prefill_one()
+        got = []
+        for _ in range(self.prompt_passes):
+            if not any(r is not None and r.prefilled < len(r.ids) for r in self.active):
+                break
+            got += self._prefill_one()
         t1 = time.perf_counter()
         got += self._decode()
         self.prefill_s += t1 - t0

@@ -241,3 +241,124 @@ def decode_attention(q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tens
     out = torch.empty(b, n_heads * hd, dtype=q.dtype, device=q.device)
     _attention_combine_kernel[(b * n_heads,)](acc, ml, out, NSPLIT=nsplit, HD=hd, BLOCK_D=block_d, num_warps=1)
     return out
+
+
+# --- one request's prompt chunk at a fixed row count (BatchEngine's captured prompt pass) ---------------------
+# The chunk's slot, first position and valid row count t live in a device tensor ``meta`` = [slot, start, t], so
+# one CUDA graph per row count serves every request and chunk. Rows past t are padding: they write their k / v to
+# the slot's scratch position (``positions`` holds it for them) and attend as the last valid row does; nothing
+# reads what they produce. A valid row's arithmetic depends only on its own request's cache, start and t.
+
+# chunk_attention's shape: query rows and cache positions a program takes per step, warps.
+CHUNK_ATTENTION = {"block_m": 64, "block_n": 64, "warps": 4}
+
+
+@triton.jit
+def _rope_store_rows_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, meta_ptr, q_ptr, k_ptr, v_ptr, H, KV, L,
+                            HD: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr):
+    # Program (r, j): head j of row r of one slot's chunk; as _rope_store_kernel, the slot read from meta.
+    r = tl.program_id(0)
+    j = tl.program_id(1)
+    d = tl.arange(0, BLOCK)
+    live = d < HD
+    pos = tl.load(pos_ptr + r)
+    slot = tl.load(meta_ptr)
+    row = qkv_ptr + r * (H + 2 * KV) * HD + j * HD
+    x = tl.load(row + d, mask=live, other=0.0).to(tl.float32)
+    if j < H + KV:
+        partner = tl.where(d < HALF, d + HALF, d - HALF)
+        sign = tl.where(d < HALF, -1.0, 1.0)
+        other = tl.load(row + partner, mask=live, other=0.0).to(tl.float32)
+        cos = tl.load(cos_ptr + pos * HD + d, mask=live, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + pos * HD + d, mask=live, other=0.0).to(tl.float32)
+        x = x * cos + sign * other * sin
+        if j < H:
+            tl.store(q_ptr + (r * H + j) * HD + d, x.to(q_ptr.dtype.element_ty), mask=live)
+        else:
+            tl.store(k_ptr + ((slot * KV + j - H) * L + pos) * HD + d, x.to(k_ptr.dtype.element_ty), mask=live)
+    else:
+        tl.store(v_ptr + ((slot * KV + j - H - KV) * L + pos) * HD + d, x.to(v_ptr.dtype.element_ty), mask=live)
+
+
+def rope_store_rows(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                    meta: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """qkv [P, (H + 2 KV) * hd]: P rows of one slot's chunk (slot = meta[0]) at ``positions`` [P] (the scratch
+    position for padding rows); cos / sin [positions, hd] tables. Writes rotated k and v into the slot's caches;
+    returns rotated q [P, H, hd]."""
+    p = qkv.shape[0]
+    kv, length, hd = k_slots.shape[1], k_slots.shape[2], k_slots.shape[3]
+    qkv = qkv.reshape(p, -1).contiguous()
+    q = torch.empty(p, n_heads, hd, dtype=qkv.dtype, device=qkv.device)
+    _rope_store_rows_kernel[(p, n_heads + 2 * kv)](qkv, cos, sin, positions, meta, q, k_slots, v_slots, n_heads, kv,
+                                                   length, HD=hd, HALF=hd // 2, BLOCK=triton.next_power_of_2(hd),
+                                                   num_warps=1)
+    return q
+
+
+@triton.jit
+def _chunk_attention_kernel(q_ptr, k_ptr, v_ptr, meta_ptr, out_ptr, P, H, KV, L, scale,
+                            REP: tl.constexpr, HD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, FP32: tl.constexpr, STATIC: tl.constexpr):
+    # Program (m, h): query head h of rows [m * BLOCK_M, (m + 1) * BLOCK_M) of the chunk; row i (< t) at position
+    # start + i sees the slot's cache positions 0..start + i (causal; earlier chunks included). Flash attention:
+    # running max / sum over BLOCK_N positions a step, fp32 accumulators.
+    mb = tl.program_id(0)
+    h = tl.program_id(1)
+    slot = tl.load(meta_ptr)
+    start = tl.load(meta_ptr + 1)
+    t = tl.load(meta_ptr + 2)
+    rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    rlive = rows < P
+    d = tl.arange(0, BLOCK_D)
+    dlive = d < HD
+    q = tl.load(q_ptr + (rows[:, None] * H + h) * HD + d[None, :], mask=rlive[:, None] & dlive[None, :], other=0.0)
+    qpos = start + tl.minimum(rows, t - 1)  # padding rows attend as the last valid row
+    first = mb * BLOCK_M
+    hi = tl.where(first < t, start + tl.minimum(first + BLOCK_M, t), 0)  # positions < hi; none for all-padding
+    base = (slot * KV + h // REP) * L * HD
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    # Triton's interpreter cannot loop to a loaded bound: there, to L (= STATIC), the steps past hi fully masked.
+    for n0 in range(0, STATIC if STATIC > 0 else hi, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        nlive = n < hi
+        offs = base + n[:, None] * HD + d[None, :]
+        both = nlive[:, None] & dlive[None, :]
+        k = tl.load(k_ptr + offs, mask=both, other=0.0)
+        v = tl.load(v_ptr + offs, mask=both, other=0.0)
+        if FP32:
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(n[None, :] <= qpos[:, None], s * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # position 0 is in every row's first step: finite from there
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if FP32:
+            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(out_ptr + (rows[:, None] * H + h) * HD + d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=rlive[:, None] & dlive[None, :])
+
+
+def chunk_attention(q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tensor, meta: torch.Tensor,
+                    config: tuple | None = None) -> torch.Tensor:
+    """q [P, H, hd]: rows of one slot's chunk (meta = [slot, start, t] on the device) against that slot's cache,
+    causal. Returns [P, H * hd] (padding rows: the last valid row's view, or zeros for a block of padding)."""
+    p, n_heads, hd = q.shape
+    kv, length = k_slots.shape[1], k_slots.shape[2]
+    block_m, block_n, warps = config or (CHUNK_ATTENTION["block_m"], CHUNK_ATTENTION["block_n"],
+                                         CHUNK_ATTENTION["warps"])
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    out = torch.empty(p, n_heads * hd, dtype=q.dtype, device=q.device)
+    _chunk_attention_kernel[(triton.cdiv(p, block_m), n_heads)](
+        q, k_slots, v_slots, meta, out, p, n_heads, kv, length, hd ** -0.5, REP=n_heads // kv, HD=hd,
+        BLOCK_D=max(16, triton.next_power_of_2(hd)), BLOCK_M=block_m, BLOCK_N=block_n,
+        FP32=interpret or q.dtype == torch.float32, STATIC=length if interpret else 0, num_warps=warps)
+    return out

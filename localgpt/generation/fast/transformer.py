@@ -239,6 +239,36 @@ class Block(nn.Module):
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         return self.wo(out.transpose(1, 2).reshape(1, total, s.n_heads * s.head_dim))
 
+    def attention_fixed(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                        meta: torch.Tensor, fused: bool) -> torch.Tensor:
+        """One slot's prompt chunk at a fixed row count P (``Transformer.prefill_fixed``): x [1, P, dim]; meta
+        [slot, start, t] on the device; ``positions`` [P]: start + i for the t valid rows, the scratch position for
+        padding rows (their k / v go there; nothing reads them). cos / sin: the whole [positions, head_dim] tables.
+        No host value is read, so the pass can be captured once per P and replayed for any slot, start and t."""
+        s = self.shape
+        p = x.shape[1]
+        if fused:
+            from localgpt.generation.fast import slot_triton
+
+            q = slot_triton.rope_store_rows(self.wqkv(x).view(p, -1), cos, sin, positions, meta, self.k_slots,
+                                            self.v_slots, s.n_heads)
+            out = slot_triton.chunk_attention(q, self.k_slots, self.v_slots, meta)
+            return self.wo(out.view(1, p, -1))
+        q, k, v = self._qkv(x, cos[positions], sin[positions])  # [1, heads, P, head_dim]
+        slot = meta[0].expand(p)
+        self.k_slots[slot, :, positions] = k[0].transpose(0, 1)
+        self.v_slots[slot, :, positions] = v[0].transpose(0, 1)
+        kc, vc = self.k_slots.index_select(0, meta[:1]), self.v_slots.index_select(0, meta[:1])  # [1, kv, L, hd]
+        rep = s.n_heads // s.n_kv_heads
+        if rep > 1:
+            kc, vc = kc.repeat_interleave(rep, dim=1), vc.repeat_interleave(rep, dim=1)
+        rows = torch.arange(p, device=x.device)
+        seen = meta[1] + torch.minimum(rows, meta[2] - 1)  # padding rows attend as the last valid row
+        mask = torch.arange(kc.shape[2], device=x.device)[None, :] <= seen[:, None]
+        with sdpa_kernel(_CHUNK_BACKENDS):
+            out = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask)
+        return self.wo(out.transpose(1, 2).reshape(1, p, s.n_heads * s.head_dim))
+
     def forward_with(self, x: torch.Tensor, attend, fused: bool = False) -> torch.Tensor:
         """``forward`` with the attention given as a function of the normed input (the slot paths); ``fused``: RMSNorm
         and silu·up as one Triton kernel each (``slot_triton``, CUDA)."""
@@ -371,6 +401,24 @@ class Transformer(nn.Module):
         # slices, not an index tensor: copying one from the host would wait for the GPU work queued before it
         last = x[:, ends[0] - 1:ends[0]] if len(ends) == 1 else torch.cat([x[:, e - 1:e] for e in ends], dim=1)
         return self.lm_head(self.norm(last))[0].float()
+
+
+    def prefill_fixed(self, ids: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+        """Logits [1, vocab] after one slot's prompt chunk, at a fixed row count P = len(ids): meta = [slot,
+        start, t] (device), ids [P] of which the first t are the chunk's tokens at positions start.. (the rest
+        padding, any id). Every shape is P's and every index is read on the device: ``batch.BatchEngine``
+        captures it once per P as a CUDA graph. A valid row's arithmetic depends on P, its own slot's cache,
+        start and t only, so a request padded the same way computes the same alone and under load."""
+        p = ids.shape[0]
+        rows = torch.arange(p, device=ids.device)
+        positions = torch.where(rows < meta[2], meta[1] + rows, self.slot_seq)
+        fused = self.slot_kernels == "fused"
+        x = F.embedding(ids[None], self.embed)
+        for block in self.blocks:
+            x = block.forward_with(x, lambda h, blk=block: blk.attention_fixed(h, self.slot_cos, self.slot_sin,
+                                                                                positions, meta, fused), fused=fused)
+        last = x[0].index_select(0, meta[2:3] - 1)  # the last valid row [1, dim]
+        return self.lm_head(self.norm(last[None]))[0].float()
 
 
 def _has_triton() -> bool:
