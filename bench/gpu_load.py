@@ -37,14 +37,15 @@ PROMPT_WORDS = 200
 # --- writing the checkpoint ----------------------------------------------------------------------------
 
 
-def write_checkpoint(config, folder: Path, shard_bytes: int = 5 * 10**9) -> float:
-    """Random bf16 weights under ``config``'s tensor names, in shards of at most ``shard_bytes``; GB written."""
+def write_checkpoint(config, folder: Path, shard_bytes: int = 5 * 10**9, tokenizer: str = "wordlevel") -> float:
+    """Random bf16 weights under ``config``'s tensor names, in shards of at most ``shard_bytes``, and a tokenizer
+    (``write_tokenizer``'s word-level one, or with "llama2" Llama-2's kind of files); GB written."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
     marker = folder / "written.json"
-    if marker.is_file() and json.loads(marker.read_text()) == config.to_dict():
+    if marker.is_file() and json.loads(marker.read_text()) == config.to_dict() | {"tokenizer": tokenizer}:
         return 0.0
     if folder.exists():
         shutil.rmtree(folder)
@@ -86,8 +87,14 @@ def write_checkpoint(config, folder: Path, shard_bytes: int = 5 * 10**9) -> floa
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                      "weight_map": weight_map}, indent=1))
     config.save_pretrained(folder)
-    write_tokenizer(folder, config.vocab_size)
-    marker.write_text(json.dumps(config.to_dict()))
+    if tokenizer == "llama2":  # LlamaTokenizer, tokenizer.json + tokenizer_config.json as on the Hub
+        sys.path.insert(0, str(ROOT / "tests"))
+        from tiny_models import save_llama2_tokenizer
+
+        save_llama2_tokenizer(folder, vocab_size=config.vocab_size)
+    else:
+        write_tokenizer(folder, config.vocab_size)
+    marker.write_text(json.dumps(config.to_dict() | {"tokenizer": tokenizer}))
     return total / 1e9
 
 
@@ -213,6 +220,9 @@ def main() -> None:
     parser.add_argument("--mode", default="graph", help="engine mode: graph (CUDA graph) or compile")
     parser.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "localgpt-gpu-load"))
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--tokenizer", default="wordlevel", choices=["wordlevel", "llama2"],
+                        help="the checkpoint's tokenizer: a word-level one, or Llama-2's kind of files "
+                             "(LlamaTokenizer, 32000-token BPE with byte fallback, chat template)")
     parser.add_argument("--no-probe", action="store_true", help="skip the fixed-costs probe process")
     parser.add_argument("--budget-s", type=float, default=420.0, help="skip what would start after this")
     parser.add_argument("--results")
@@ -252,9 +262,9 @@ def main() -> None:
     rows, results = [], []
     for key in args.models.split(","):
         label, config = configs(args.tiny)[key]
-        folder = Path(args.dir) / label
+        folder = Path(args.dir) / (label + ("-llama2-tokenizer" if args.tokenizer == "llama2" else ""))
         t0 = time.perf_counter()
-        gb = write_checkpoint(config, folder)
+        gb = write_checkpoint(config, folder, tokenizer=args.tokenizer)
         shards = sorted(folder.glob("model-*.safetensors"))
         size = sum(f.stat().st_size for f in shards)
         log(f"{label}: {len(shards)} shards, {size / 1e9:.2f} GB"
@@ -307,7 +317,7 @@ def main() -> None:
         with open(args.results, "a") as fh:
             fh.write(f"\n## Loading safetensors checkpoints straight to the GPU (issue 17), {device_name}, {date}\n\n"
                      f"Commit {args.commit or '?'}; `python bench/gpu_load.py --models {args.models} --variants "
-                     f"{args.variants} --paths {args.paths} --mode {args.mode}`. Random bf16 weights at the real shapes "
+                     f"{args.variants} --paths {args.paths} --mode {args.mode} --tokenizer {args.tokenizer}`. Random bf16 weights at the real shapes "
                      f"in safetensors shards on the machine's local disk, in the page cache; each row a fresh process "
                      f"(wall time from just before it starts to its first streamed answer token; 'imports' includes "
                      f"the interpreter's start). 'stream': `load.py`; 'transformers': the path .bin checkpoints "

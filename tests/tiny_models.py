@@ -207,3 +207,82 @@ def save_tiny_tokenizers(root: Path) -> dict[str, Path]:
     build_tiny_tokenizer("llama2").save_pretrained(root / "wordlevel")
     build_tiny_tokenizer("falcon-mamba", chat_template=CHATML_TEMPLATE).save_pretrained(root / "chatml")
     return {"wordlevel": root / "wordlevel", "chatml": root / "chatml"}
+
+
+LLAMA2_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+
+
+def save_llama2_tokenizer(folder: Path, *, vocab_size: int = 700, config: dict | None = None, drop: tuple[str, ...] = (),
+                          added: tuple[tuple[str, bool], ...] = (), eos_in_template: bool = False,
+                          model_file: bool = True, decoder_in_config: bool = False) -> Path:
+    """Llama-2's tokenizer files as the Hub holds them (meta-llama/Llama-2-7b-chat-hf, written by transformers 4
+    from the SentencePiece model): tokenizer.json with the Prepend / Replace normalizer, no pre-tokenizer, the
+    ByteFallback decoder and a BOS template; tokenizer_config.json naming LlamaTokenizer with add_bos_token,
+    legacy false, AddedToken dicts and the chat template; special_tokens_map.json; tokenizer.model beside them
+    (transformers 5 does not read it when tokenizer.json is there: a placeholder here). A BPE vocabulary with
+    Llama's layout (<unk> <s> </s>, the 256 byte tokens, then pieces) learnt from a few sentences, and for a
+    large ``vocab_size`` (Llama-2's 32000) from seeded pseudo-words as well."""
+    import random
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    learner = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    learner.pre_tokenizer = pre_tokenizers.Metaspace()
+    text = CORPUS * 3 + ["東京の天気は晴れ、日本語の文章です。北京和上海的中文句子。"]
+    if vocab_size > 700:
+        rng = random.Random(0)
+        syllables = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"] + list("xyq")
+        text += [" ".join("".join(rng.choice(syllables) for _ in range(rng.randrange(1, 6)))
+                          for _ in range(200)) for _ in range(vocab_size // 4)]
+    learner.train_from_iterator(text, trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False, special_tokens=[
+                                    "<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256))]))
+    model = json.loads(learner.to_str())["model"]
+    tok = Tokenizer(models.BPE(vocab=model["vocab"], merges=[tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+                                                              for m in model["merges"]],
+                               unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in ("<unk>", "<s>", "</s>")])
+    for content, special in added:
+        (tok.add_special_tokens if special else tok.add_tokens)([AddedToken(content, normalized=not special,
+                                                                            special=special)])
+    eos = " </s>:0" if eos_in_template else ""
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"<s>:0 $A:0{eos}", pair=f"<s>:0 $A:0{eos} <s>:1 $B:1{eos.replace(':0', ':1')}",
+        special_tokens=[("<s>", 1)] + ([("</s>", 2)] if eos_in_template else []))
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+
+    def token(content: str) -> dict:
+        return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": False, "rstrip": False,
+                "single_word": False}
+
+    settings = {"add_bos_token": True, "add_eos_token": False, "bos_token": token("<s>"),
+                "chat_template": LLAMA2_CHAT_TEMPLATE, "clean_up_tokenization_spaces": False,
+                "eos_token": token("</s>"), "legacy": False, "model_max_length": 1000000000000000019884624838656,
+                "pad_token": None, "padding_side": "right", "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizer",
+                "unk_token": token("<unk>"), "use_default_system_prompt": False}
+    if decoder_in_config:  # later revisions of the Hub's files list the added tokens here too
+        settings["added_tokens_decoder"] = {
+            str(t["id"]): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")}
+            for t in json.loads((folder / "tokenizer.json").read_text())["added_tokens"]}
+    settings.update(config or {})
+    for key in drop:
+        settings.pop(key, None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=2))
+    (folder / "special_tokens_map.json").write_text(json.dumps(
+        {a: {k: v for k, v in token(c).items() if k != "__type"}
+         for a, c in (("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>"))}, indent=2))
+    if model_file:
+        (folder / "tokenizer.model").write_bytes(b"placeholder: transformers 5 reads tokenizer.json instead")
+    return folder

@@ -223,9 +223,15 @@ def render_chat(template: str, messages: list[dict], add_generation_prompt: bool
 # transformers versions whose AutoTokenizer was checked to build, from the files accepted below, exactly the
 # tokenizer that ``direct_tokenizer`` builds (tests/test_fast_direct.py); any other version: AutoTokenizer.
 DIRECT_TOKENIZER_VERSIONS = ("5.17.0", "5.24.0")
-# tokenizer classes that transformers 5 builds from tokenizer.json as it is (LlamaTokenizer and other named classes
-# rebuild the pipeline from the vocabulary: AutoTokenizer for those)
+# tokenizer classes that transformers 5 builds from tokenizer.json as it is
 DIRECT_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+# Llama-2's class (``LlamaTokenizerFast`` is its alias in transformers 5). transformers 5 reads only the vocabulary,
+# merges, added tokens and post-processor of tokenizer.json and rebuilds the rest as ``LlamaTokenizer.__init__``
+# writes it (models/llama/tokenization_llama.py): ``_llama_backend`` does the same; tokenizer.model is not read
+# when tokenizer.json is there. Other named classes also rebuild their pipelines: AutoTokenizer for those.
+LLAMA_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
+_LLAMA_CONFIG_KEYS = {"add_bos_token", "add_eos_token", "legacy", "add_prefix_space", "sp_model_kwargs",
+                      "use_default_system_prompt"}
 _DIRECT_CONFIG_KEYS = {"tokenizer_class", "backend", "added_tokens_decoder", *_NAMED, "model_max_length",
                        "clean_up_tokenization_spaces", "extra_special_tokens", "additional_special_tokens",
                        "chat_template", "model_input_names", "padding_side", "truncation_side"}
@@ -256,7 +262,7 @@ def direct_state(folder: Path) -> dict[str, Any]:
         if not (folder / name).is_file():
             raise NotDirect(f"no {name}")
     for name in ("added_tokens.json", "chat_template.json", "additional_chat_templates", "tokenizer.model"):
-        if (folder / name).exists():
+        if (folder / name).exists() and not (name == "tokenizer.model" and _class_named(folder) in LLAMA_CLASSES):
             raise NotDirect(f"{name} present")
     try:
         text = (folder / "tokenizer.json").read_text(encoding="utf-8")
@@ -268,11 +274,12 @@ def direct_state(folder: Path) -> dict[str, Any]:
         raise NotDirect(f"unreadable: {exc}") from None
     if not (isinstance(backend, dict) and isinstance(config, dict) and isinstance(smap, dict)):
         raise NotDirect("a file is not a JSON object")
-    if config.get("tokenizer_class") not in DIRECT_CLASSES:
+    llama = config.get("tokenizer_class") in LLAMA_CLASSES
+    if config.get("tokenizer_class") not in DIRECT_CLASSES and not llama:
         raise NotDirect(f"tokenizer_class {config.get('tokenizer_class')!r}")
     if config.get("backend", "tokenizers") != "tokenizers":
         raise NotDirect(f"backend {config.get('backend')!r}")
-    unknown = set(config) - _DIRECT_CONFIG_KEYS
+    unknown = set(config) - _DIRECT_CONFIG_KEYS - (_LLAMA_CONFIG_KEYS if llama else set())
     if unknown:
         raise NotDirect(f"tokenizer_config.json keys {sorted(unknown)}")
     if backend.get("truncation") is not None or backend.get("padding") is not None or backend.get("post_processor") is None:
@@ -322,12 +329,74 @@ def direct_state(folder: Path) -> dict[str, Any]:
         raise NotDirect("named chat templates")
     from tokenizers import Tokenizer
 
+    if llama:
+        text = _llama_backend(backend, config, named)
     tok = Tokenizer.from_str(text)
     named_ids = {a: (tok.token_to_id(t) if t is not None else None) for a, t in named.items()}
     return {"format": FORMAT, "backend": text, "clean_up": clean_up, "chat_template": template or None,
             "special_tokens_map": {a: t for a, t in named.items() if t is not None}, "named": named,
             "named_ids": named_ids, "length": tok.get_vocab_size(with_added_tokens=True),
             "class": config["tokenizer_class"], "name_or_path": str(folder)}
+
+
+def _class_named(folder: Path) -> Any:
+    try:
+        return json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _llama_backend(backend: dict[str, Any], config: dict[str, Any], named: dict[str, str | None]) -> str:
+    """The ``tokenizers`` pipeline transformers 5 builds for ``LlamaTokenizer`` from tokenizer.json (serialised):
+    BPE over the file's vocabulary and merges with byte fallback, fused unknowns and no unknown token of its own;
+    no normalizer; a Metaspace pre-tokenizer that prepends "▁" to the first piece ("first"; every piece when
+    ``legacy``; none without ``add_prefix_space``) and does not split; the decoder that undoes it; the file's
+    added tokens, in id order; and the file's post-processor (only where it is what tokenizer_config.json's
+    add_bos_token / add_eos_token make of it, if it names them)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import BPE
+
+    model = backend.get("model") or {}
+    vocab, merges = model.get("vocab"), model.get("merges")
+    if model.get("type") != "BPE" or not isinstance(vocab, dict) or not isinstance(merges, list):
+        raise NotDirect("LlamaTokenizer over a tokenizer.json without a BPE vocabulary and merges")
+    if len(vocab) > 100000:  # transformers may patch a Mistral pre-tokenizer regex on such vocabularies
+        raise NotDirect("LlamaTokenizer with more than 100,000 tokens")
+    flags = {k: config.get(k) for k in ("add_bos_token", "add_eos_token", "legacy", "add_prefix_space",
+                                        "use_default_system_prompt")}
+    if any(v is not None and type(v) is not bool for v in flags.values()) or config.get("sp_model_kwargs", {}) != {}:
+        raise NotDirect(f"LlamaTokenizer settings {flags} / sp_model_kwargs {config.get('sp_model_kwargs')!r}")
+    tok = Tokenizer(BPE(vocab=vocab, merges=[tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges],
+                        fuse_unk=True, byte_fallback=True, dropout=None))
+    prefix = flags["add_prefix_space"] is not False
+    scheme = ("always" if flags["legacy"] else "first") if prefix else "never"
+    tok.normalizer = None
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if prefix:
+        steps.append(decoders.Strip(content=" ", left=1))
+    tok.decoder = decoders.Sequence(steps)
+    for entry in sorted(backend.get("added_tokens") or [], key=lambda t: t.get("id", -1)):
+        token = AddedToken(entry["content"], single_word=entry.get("single_word", False),
+                           lstrip=entry.get("lstrip", False), rstrip=entry.get("rstrip", False),
+                           normalized=entry.get("normalized", True), special=entry.get("special", False))
+        (tok.add_special_tokens if token.special else tok.add_tokens)([token])
+        if tok.token_to_id(entry["content"]) != entry.get("id"):
+            raise NotDirect(f"added token {entry['content']!r} would not keep id {entry.get('id')}")
+    out = json.loads(tok.to_str())
+    out["post_processor"] = backend["post_processor"]
+    if flags["add_bos_token"] is not None or flags["add_eos_token"] is not None:
+        # What update_post_processor would write from the flags. transformers 5.24 keeps the file's post-processor
+        # even when the flags say otherwise: cover only files where the two agree, whichever a version applies.
+        bos, eos = named.get("bos_token"), named.get("eos_token")
+        add_bos, add_eos = bool(flags["add_bos_token"]) and bos is not None, bool(flags["add_eos_token"]) and eos is not None
+        single = f"{(bos + ':0 ') if add_bos else ''}$A:0{(' ' + eos + ':0') if add_eos else ''}"
+        pair = f"{single}{(' ' + bos + ':1') if add_bos else ''} $B:1{(' ' + eos + ':1') if add_eos else ''}"
+        specials = [(t, tok.token_to_id(t)) for t, on in ((bos, add_bos), (eos, add_eos)) if on]
+        tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
+        if json.loads(tok.to_str())["post_processor"] != backend["post_processor"]:
+            raise NotDirect("add_bos_token / add_eos_token disagree with tokenizer.json's post-processor")
+    return json.dumps(out, ensure_ascii=False)
 
 
 def direct_tokenizer(folder: Path) -> CachedTokenizer:
