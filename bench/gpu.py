@@ -557,7 +557,9 @@ def sweep_slot_attention(network, log, slots: int = 16, cache: int = 672, contex
     v = torch.randn_like(k)
     out: dict = {}
     wide: dict = {}  # the x``slots`` part alone
-    configs = [(sp, n, w, dot) for sp in (64, 128, 256) for n in (32, 64) for w in (4, 8) for dot in (False, True)]
+    narrow: dict = {}  # x1 alone
+    configs = [(sp, n, w, dot) for sp in (32, 64, 128, 256) for n in (32, 64, 128) for w in (4, 8)
+               for dot in (False, True) if n <= sp]
     for cfg in configs:
         total = 0.0
         for b in (1, slots):
@@ -566,7 +568,12 @@ def sweep_slot_attention(network, log, slots: int = 16, cache: int = 672, contex
             ms = triton.testing.do_bench(lambda: slot_triton.decode_attention(q, k, v, pos, cache - 1, cfg),
                                          warmup=10, rep=40, return_mode="median")
             total += ms
+            if b == 1:
+                narrow[str(cfg)] = 1000 * ms
         out[str(cfg)], wide[str(cfg)] = 1000 * total, 1000 * ms
+    for name, times in ((f"x{slots}", wide), ("x1", narrow)):
+        log(f"  slot attention sweep, {name} alone (us a layer): " + ", ".join(
+            f"{c} {t:.1f}" for c, t in sorted(times.items(), key=lambda kv: kv[1])[:6]))
     best = min(out, key=out.get)
     split, block_n, warps, dot = eval(best)  # noqa: S307 - our own tuple's repr
     slot_triton.ATTENTION.update(split=split, block_n=block_n, warps=warps, dot=dot)
@@ -576,7 +583,7 @@ def sweep_slot_attention(network, log, slots: int = 16, cache: int = 672, contex
         + ", ".join(f"{c} {t:.1f}" for c, t in sorted(out.items(), key=lambda kv: kv[1])[1:6])
         + f"; old default (256, 32, 4, False) {out.get(str((256, 32, 4, False)), 0):.1f}")
     del k, v
-    return {"us": out, "x_slots_us": wide, "best": best}
+    return {"us": out, "x_slots_us": wide, "x1_us": narrow, "best": best}
 
 
 @torch.inference_mode()
@@ -631,8 +638,8 @@ def time_prompt_passes(batch, vocab: int, log, reps: int = 10) -> dict:
 
 
 def bench_batched(network, vocab: int, levels, log, new: int, kernels: str | None = None,
-                  profile: bool = False, share: bool = False, shared_chunk: int = 2048, own_chunk: int = 256,
-                  prompt_passes: int = 1, fixed: bool | None = None, one_shape: bool = False) -> dict:
+                  profile: bool = False, share: bool = False, shared_chunk: int = 2048, own_chunk: int | None = None,
+                  prompt_passes: int | None = None, fixed: bool | None = None, one_shape: bool = False) -> dict:
     """The fast engine's continuous batching: c streams submitted together (prompts 128-512 tokens, prefilled in
     chunks between decode steps), each to ``new`` tokens. Aggregate tok/s over the whole run (prefill included),
     per-stream inter-token latency p50/p95 over every gap of every stream, and the decode rate of each stream."""
@@ -640,7 +647,7 @@ def bench_batched(network, vocab: int, levels, log, new: int, kernels: str | Non
 
     slots = max(levels)
     batch = BatchEngine(network, slots=slots, max_seq=CONC_PROMPTS[1] + new + 16,
-                        prefill_chunk=shared_chunk if share else own_chunk,
+                        prefill_chunk=shared_chunk if share else own_chunk,  # None: the engine's default
                         buckets=None if one_shape else tuple(levels), kernels=kernels, share_prefill=share,
                         prompt_passes=prompt_passes, fixed_prompts=None if share else fixed)
     warm = batch.warm_up()
@@ -745,8 +752,9 @@ def run_concurrency(args, log, results: dict, key: str = "llama") -> None:
             fixed_opts = {"on": True, "off": False, "auto": None}
             runs = [(k, share == "on", chunk, passes, fixed_opts[fixed]) for k in step_kernels
                     for share in args.share_prefill.split(",")
-                    for chunk in ([int(c) for c in args.own_chunk.split(",")] if share == "off" else [0])
-                    for passes in [int(p) for p in args.prompt_passes.split(",")]
+                    for chunk in ([int(c) if c != "default" else None for c in args.own_chunk.split(",")]
+                                  if share == "off" else [None])
+                    for passes in [int(p) if p != "default" else None for p in args.prompt_passes.split(",")]
                     for fixed in (args.fixed_prompts.split(",") if share == "off" else ["auto"])]
             for run in runs:
                 kernels, share, chunk, passes, fixed = run
@@ -754,7 +762,7 @@ def run_concurrency(args, log, results: dict, key: str = "llama") -> None:
                                                         f"/{passes}/{fixed}")
                 try:
                     entry[name] = bench_batched(net, vocab, levels, log, new, kernels=kernels, profile=args.profile,
-                                                share=share, shared_chunk=args.shared_chunk, own_chunk=chunk or 256,
+                                                share=share, shared_chunk=args.shared_chunk, own_chunk=chunk,
                                                 prompt_passes=passes, fixed=fixed, one_shape=args.one_shape)
                 except Exception as exc:  # noqa: BLE001
                     entry[name] = {"error": repr(exc)}
@@ -987,10 +995,10 @@ def main() -> None:
     parser.add_argument("--share-prefill", default="off", help="--concurrency: off, on or off,on (each a row): "
                         "prompt chunks of several requests in one pass (BatchEngine share_prefill)")
     parser.add_argument("--shared-chunk", type=int, default=2048, help="prompt tokens a shared pass takes")
-    parser.add_argument("--own-chunk", default="256", help="--concurrency: prompt tokens a request's own pass takes "
-                        "(each value a row)")
-    parser.add_argument("--prompt-passes", default="1", help="--concurrency: prompt passes a scheduler step at "
-                        "most (BatchEngine prompt_passes; each value a row)")
+    parser.add_argument("--own-chunk", default="default", help="--concurrency: prompt tokens a request's own pass "
+                        "takes (each value a row; default: the engine's)")
+    parser.add_argument("--prompt-passes", default="default", help="--concurrency: prompt passes a scheduler step at "
+                        "most (BatchEngine prompt_passes; each value a row; default: the engine's)")
     parser.add_argument("--fixed-prompts", default="auto", help="--concurrency: own-chunk passes at fixed shapes "
                         "in CUDA graphs: on, off (eager variable-shape passes), auto (the engine's default); "
                         "each value a row")

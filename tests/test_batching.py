@@ -100,8 +100,17 @@ def test_the_default_engine_decodes_at_one_shape():
         def setup_slots(self, slots, max_seq):
             pass
 
+        def prefill_fixed(self, ids, meta):
+            pass
+
     assert BatchEngine(Net(), slots=16).buckets == [16]
     assert BatchEngine(Net(), slots=16, buckets=(1, 4, 16, 64)).buckets == [1, 4, 16]
+    # On the CPU (eager): variable-shape prompt passes, 256 tokens, one a step; fixed-shape ones (the CUDA graph
+    # default) take 512-token chunks, up to 4 passes a step, padded to 1/8, 1/4, 1/2, 3/4 or all of a chunk.
+    cpu = BatchEngine(Net(), slots=4)
+    assert (cpu.fixed_prompts, cpu.prefill_chunk, cpu.prompt_passes) == (False, 256, 1)
+    fixed = BatchEngine(Net(), slots=4, fixed_prompts=True)
+    assert (fixed.prefill_chunk, fixed.prompt_passes, fixed.prompt_rows) == (512, 4, [64, 128, 256, 384, 512])
 
 
 @pytest.mark.parametrize("family", ["llama2", "falcon-mamba"])
@@ -164,7 +173,7 @@ def test_fixed_shape_prompt_passes_equal_answers_alone(tiny_dir, family, chunk, 
     want = [alone(engine, ids, n) for ids, n in zip(asks, news)]
     batch = BatchEngine(engine.model, slots=3, max_seq=128, prefill_chunk=chunk, fixed_prompts=True,
                         prompt_passes=passes)
-    assert batch.fixed_prompts and batch.prompt_rows == sorted({16, chunk}) and batch.buckets == [3]
+    assert batch.fixed_prompts and batch.prompt_rows == {16: [16], 32: [16, 24, 32]}[chunk] and batch.buckets == [3]
     batch.mode = "graph"  # prompt passes built lazily, mid-run, through the stand-in
     for block in engine.model.blocks:  # caches start from garbage: nothing may read what a request did not write
         block.k_slots.normal_()
@@ -280,7 +289,7 @@ def test_only_transformer_and_mamba_networks_batch(tmp_path):
 def test_gpu_batched_graph_steps_equal_each_request_alone(tiny_dir, family, chunk, passes):
     """bf16, CUDA graphs: at one bucket (same matrix shapes) a request's tokens are bit for bit its tokens alone
     in the same engine; across buckets and against the batch-1 engine the first tokens agree. Llama / Falcon
-    prompts run in captured fixed-shape passes (chunk 32: passes of 16 and 32 rows), several a step."""
+    prompts run in captured fixed-shape passes (chunk 32: passes of 16, 24 and 32 rows), several a step."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     generator = load_fast_generator(settings(model=str(tiny_dir[family]), device="cuda"), mode="graph")

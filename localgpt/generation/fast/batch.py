@@ -3,10 +3,11 @@
 
 A fixed number of slots, each with its own KV cache (``Transformer.setup_slots``) and its own length, or its own
 conv / SSM state (``Mamba.setup_slots``: an idle slot's state does not move, a joining request resets it). Every
-``BatchEngine.step``: waiting requests take free slots; one chunk of one new request's prompt is prefilled
-straight into its slot's cache (chunked prefill, so a long prompt delays the others' next token by one chunk,
-not by the whole prompt); then one decode step runs for every slot that is decoding, each at its own position,
-with its own temperature / top-p; finished requests (a stop id, ``max_new_tokens``) leave and free their slot
+``BatchEngine.step``: waiting requests take free slots; up to ``prompt_passes`` chunks of new requests' prompts
+are prefilled straight into their slots' caches, one request's chunk a pass (chunked prefill, so a long prompt
+delays the others' next token by a few chunks, not by the whole prompt; on CUDA each pass runs at a fixed row
+count from a captured CUDA graph, ``Transformer.prefill_fixed``); then one decode step runs for every slot that
+is decoding, each at its own position, with its own temperature / top-p; finished requests (a stop id, ``max_new_tokens``) leave and free their slot
 at once. The decode step runs over the first B slots, B the smallest of ``buckets`` that covers the busy slots
 (requests take the lowest free slot; by default B is always ``slots``), and on CUDA each (B, greedy-or-sampled)
 step is captured once as a CUDA graph; an idle slot inside B decodes a dummy token at its scratch position
@@ -98,8 +99,13 @@ class BatchEngine:
     """Serves many requests at once with one network (see the module docstring).
 
     ``slots``: streams decoded together at most; ``max_seq``: positions each slot's cache holds (prompt + new
-    tokens); ``prefill_chunk``: prompt tokens prefilled a step (one request's, or with ``share_prefill`` several
-    requests' in one pass: fewer passes, but a prompt's matrix shapes then depend on its neighbours); ``buckets``:
+    tokens); ``prefill_chunk``: prompt tokens a prompt pass takes (one request's, or with ``share_prefill`` several
+    requests' in one pass: fewer passes, but a prompt's matrix shapes then depend on its neighbours); default 512
+    with fixed-shape passes, else 256; ``prompt_passes``: prompt passes a scheduler step at most before its decode
+    step (default 4 with fixed-shape passes, else 1: more prompt tokens a step, longer pauses for the streams
+    already decoding); ``fixed_prompts``: each request's chunks run at fixed row counts (``prompt_rows``: the
+    chunk and its 3/4, 1/2, 1/4, 1/8, a chunk padded to the smallest that holds it), each captured once as a CUDA
+    graph (default: on in graph mode for Llama / Falcon without ``share_prefill``); ``buckets``:
     batch sizes a decode step may run at besides ``slots`` (e.g. 1, 4, 16: faster at low load for int4, whose
     kernel's cost grows with the rows; default none: one shape, answers independent of the load);
     ``kernels``: Llama / Falcon decode-step kernels ("fused" Triton on CUDA, "eager"); ``mode``: "graph" (CUDA
@@ -108,21 +114,34 @@ class BatchEngine:
     own thread and talk to it through ``submit`` and ``Request`` streams (``stream``).
     """
 
-    def __init__(self, model, *, slots: int = 16, max_seq: int = 2048, prefill_chunk: int = 256,
+    def __init__(self, model, *, slots: int = 16, max_seq: int = 2048, prefill_chunk: int | None = None,
                  buckets: Iterable[int] | None = None, mode: str | None = None, kernels: str | None = None,
-                 share_prefill: bool = False, prompt_passes: int = 1, fixed_prompts: bool | None = None):
+                 share_prefill: bool = False, prompt_passes: int | None = None, fixed_prompts: bool | None = None):
         if getattr(model, "kind", "") not in ("transformer", "mamba"):
             raise ValueError("continuous batching runs Llama / Falcon (transformer) and Mamba networks")
         self.model = model
         self.device = model.device
-        self.slots, self.max_seq, self.prefill_chunk = slots, max_seq, prefill_chunk
         self.share_prefill = share_prefill
-        if prompt_passes < 1:
-            raise ValueError("prompt_passes must be at least 1")
-        self.prompt_passes = prompt_passes
         self.mode = mode or ("graph" if self.device.type == "cuda" else "eager")
         if self.device.type != "cuda":
             self.mode = "eager"
+        # Own-chunk prompt passes at fixed row counts (Transformer.prefill_fixed), one CUDA graph each: a chunk of
+        # t tokens runs padded to the smallest of ``prompt_rows`` >= t, the same padding alone and under load.
+        if fixed_prompts is None:
+            fixed_prompts = self.mode == "graph" and not share_prefill and hasattr(model, "prefill_fixed")
+        if fixed_prompts and (share_prefill or not hasattr(model, "prefill_fixed")):
+            raise ValueError("fixed-shape prompt passes are for Llama / Falcon networks, one request a pass")
+        self.fixed_prompts = bool(fixed_prompts)
+        # Measured on an H200 (Llama-2-7B bf16, 16 streams): passes of 512 rows ran at ~550 TFLOP/s against ~505
+        # for 256, and up to 4 passes a step left fewer decode steps waiting between them (bench/RESULTS.md).
+        if prefill_chunk is None:
+            prefill_chunk = 512 if self.fixed_prompts else 256
+        if prompt_passes is None:
+            prompt_passes = 4 if self.fixed_prompts else 1
+        if prompt_passes < 1:
+            raise ValueError("prompt_passes must be at least 1")
+        self.slots, self.max_seq, self.prefill_chunk = slots, max_seq, prefill_chunk
+        self.prompt_passes = prompt_passes
         # One decode shape by default: a request's arithmetic then never depends on how many others run, so its
         # greedy answer is the same under any load, bit for bit on CUDA too (each GEMM shape rounds its own way).
         self.buckets = sorted({b for b in buckets if b < slots} | {slots}) if buckets else [slots]
@@ -148,16 +167,9 @@ class BatchEngine:
         self._host = [torch.empty(slots, dtype=torch.long, pin_memory=pin) for _ in range(2)]
         self.prefill_s = 0.0  # host seconds in prompt chunks / decode steps (each decode step ends in a sync)
         self.decode_s = 0.0
-        # Own-chunk prompt passes at fixed row counts (Transformer.prefill_fixed), one CUDA graph each: a chunk of
-        # t tokens runs padded to the smallest of ``prompt_rows`` >= t, the same padding alone and under load.
-        if fixed_prompts is None:
-            fixed_prompts = self.mode == "graph" and not share_prefill and hasattr(model, "prefill_fixed")
-        if fixed_prompts and (share_prefill or not hasattr(model, "prefill_fixed")):
-            raise ValueError("fixed-shape prompt passes are for Llama / Falcon networks, one request a pass")
-        self.fixed_prompts = bool(fixed_prompts)
-        self.prompt_rows = sorted({prefill_chunk >> i for i in range(4)
-                                   if prefill_chunk >> i >= 16 and (prefill_chunk >> i) << i == prefill_chunk}
-                                  | {prefill_chunk})
+        fractions = [(1, 8), (1, 4), (1, 2), (3, 4)]  # of the chunk: less padding for short chunks
+        self.prompt_rows = sorted({prefill_chunk * a // b for a, b in fractions
+                                   if prefill_chunk * a % b == 0 and prefill_chunk * a // b >= 16} | {prefill_chunk})
         self._prompts: dict[int, Callable[[], torch.Tensor]] = {}
         # [slot, start, t, ids...]: one host-to-device copy a pass; t = 1 until the first pass (a warm-up or
         # capture before it then writes slot 0's position 0 and its scratch row only: no request is there yet).
