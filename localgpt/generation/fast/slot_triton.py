@@ -20,8 +20,9 @@ import triton.language as tl
 # decode_attention's shape: cache positions one program reads (the splits meet in _attention_combine_kernel),
 # positions a loop iteration loads, warps a program, and whether a program takes a kv head's query heads together
 # through tensor-core dots (the Triton interpreter runs those in fp32: its bf16 dot is wrong). bench/gpu.py
-# --concurrency sweeps them.
-ATTENTION = {"split": 128, "block_n": 64, "warps": 4, "dot": False}
+# --concurrency --profile sweeps them; (64, 64, 4, dot) was the best on an H200 at Llama-2-7B's heads (x16 51.9 us
+# a layer at 384 positions against 65.6 for (128, 64, 4, no dot), x1 11.4 against 14.8; bench/RESULTS.md round 6).
+ATTENTION = {"split": 64, "block_n": 64, "warps": 4, "dot": True}
 
 
 @triton.jit
