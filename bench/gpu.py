@@ -742,7 +742,7 @@ def run_concurrency(args, log, results: dict, key: str = "llama") -> None:
                 + (f" ({decode_kernels(net)})" if variant != "bf16" else ""))
             if variant == variants[0] and CUDA and getattr(net, "kind", "") == "transformer":
                 entry["fresh_ttft"] = bench_fresh_ttft(net, vocab, log)
-                if "fused" in args.slot_kernels and args.profile:
+                if "fused" in args.slot_kernels and args.attention_sweep:
                     try:
                         entry["attention_sweep"] = sweep_slot_attention(net, log)
                     except Exception as exc:  # noqa: BLE001
@@ -1002,6 +1002,8 @@ def main() -> None:
     parser.add_argument("--fixed-prompts", default="auto", help="--concurrency: own-chunk passes at fixed shapes "
                         "in CUDA graphs: on, off (eager variable-shape passes), auto (the engine's default); "
                         "each value a row")
+    parser.add_argument("--attention-sweep", action="store_true", help="--concurrency: sweep the slot decode "
+                        "attention's shapes first and run with the fastest (was part of --profile before round 6)")
     parser.add_argument("--one-shape", action="store_true", help="--concurrency: decode at one shape (all slots, "
                         "the engine's and localgpt serve's default) instead of buckets of the levels")
     parser.add_argument("--tiny", action="store_true", help="tiny configs and prompts: check the script, not speed")

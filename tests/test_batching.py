@@ -427,11 +427,14 @@ def _fused_slot_kernels_check(root, device, dtype) -> None:
         rel = ((want_fixed[0] - want_first).norm() / want_first.norm()).item()
         assert rel < (1e-4 if dtype == torch.float32 else 3e-2), (family, "fixed vs variable", rel)
         written = [(2, slice(40, 43)), (0, slice(0, 16)), (3, slice(5, 25))]
-        for (k_got, v_got), (k, v) in zip(got_fixed_caches, want_fixed_caches):
+        for layer, ((k_got, v_got), (k, v)) in enumerate(zip(got_fixed_caches, want_fixed_caches)):
             for slot, span in written:
                 for mine, theirs in ((k_got[slot, :, span], k[slot, :, span]), (v_got[slot, :, span], v[slot, :, span])):
-                    assert torch.allclose(mine.float(), theirs.float(), atol=1e-5 if dtype == torch.float32 else 5e-2,
-                                          rtol=0 if dtype == torch.float32 else 2e-2)
+                    if dtype == torch.float32:
+                        assert torch.allclose(mine, theirs, atol=1e-5, rtol=0)
+                    else:  # bf16: the fused rotary rounds once, the eager one per operation; deeper layers drift more
+                        rel = ((mine.float() - theirs.float()).norm() / theirs.float().norm()).item()
+                        assert rel < 3e-2, (family, "fixed-pass cache", layer, slot, rel)
         for (k_got, v_got), (k0, v0) in zip(got_fixed_caches, held):  # nothing else written, scratch rows aside
             untouched = torch.ones(k0.shape[:3], dtype=torch.bool, device=k0.device)
             for slot, span in written:

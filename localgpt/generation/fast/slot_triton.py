@@ -47,6 +47,33 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @triton.jit
+def _add_rms_norm_kernel(x_ptr, y_ptr, w_ptr, sum_ptr, out_ptr, D, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    live = cols < D
+    x = tl.load(x_ptr + row * D + cols, mask=live, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + row * D + cols, mask=live, other=0.0).to(tl.float32)
+    total = (x + y).to(sum_ptr.dtype.element_ty)  # rounded as the eager residual add is
+    tl.store(sum_ptr + row * D + cols, total, mask=live)
+    h = total.to(tl.float32)
+    h = h * tl.rsqrt(tl.sum(h * h, axis=0) / D + eps)
+    h = h.to(out_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=live, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * D + cols, (w * h).to(out_ptr.dtype.element_ty), mask=live)
+
+
+def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(x + y, rms_norm(x + y)) in one kernel: the residual add and the norm after it, the same arithmetic as
+    the two apart (the sum rounded to the activations' dtype before the norm reads it)."""
+    d = x.shape[-1]
+    xf, yf = x.reshape(-1, d).contiguous(), y.reshape(-1, d).contiguous()
+    total, out = torch.empty_like(xf), torch.empty_like(xf)
+    _add_rms_norm_kernel[(xf.shape[0],)](xf, yf, weight, total, out, d, eps, BLOCK=triton.next_power_of_2(d),
+                                         num_warps=4)
+    return total.view(x.shape), out.view(x.shape)
+
+
+@triton.jit
 def _silu_mul_kernel(h_ptr, out_ptr, INNER, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
