@@ -39,8 +39,9 @@ class AnswerGuard:
     "repeat") once the rest of the generation should be dropped; ``finish`` returns what it still held back;
     ``dropped`` lists what it removed."""
 
-    def __init__(self, passages: int):
+    def __init__(self, passages: int, enabled: bool = True):
         self.passages = passages
+        self.enabled = enabled  # off (setting answer_guard = false): every piece passes as it is
         self.lines: list[str] = []  # completed answer lines, normalised, for the repeat check
         self.line = ""  # the current line as written so far
         self.shown = 0  # characters of ``line`` already returned
@@ -99,6 +100,9 @@ class AnswerGuard:
         return len(text)
 
     def feed(self, piece: str) -> str:
+        if not self.enabled:
+            self.text += piece
+            return piece
         out: list[str] = []
         for part in re.split(r"(\n)", piece):
             if self.stopped:
@@ -177,7 +181,7 @@ class AnswerGuard:
 
     def finish(self) -> str:
         """The held-back end of the last line (the generation ended without a newline)."""
-        if self.stopped or not self.line:
+        if self.stopped or not self.line or not self.enabled:
             return ""
         text = self._complete()
         text = text[:-1] if text.endswith("\n") else text

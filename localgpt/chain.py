@@ -616,7 +616,7 @@ class QAChain:
                 t0 = time.perf_counter()
                 # What continues the prompt instead of answering it (a copied passage header, a citation of a
                 # passage it was not shown, the next "Question:", a loop) is held back or ends the answer.
-                guard = AnswerGuard(len(context))
+                guard = AnswerGuard(len(context), enabled=self.settings.answer_guard)
                 pieces = self.generator.stream(messages, max_new_tokens=self.settings.max_new_tokens)
                 try:
                     for piece in pieces:

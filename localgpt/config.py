@@ -160,6 +160,9 @@ class Settings(BaseSettings):
     openai_url: str | None = Field(None, description="Base URL of an OpenAI-compatible server (…/v1).")
     openai_model: str = Field("local", description="Model name sent to the OpenAI-compatible server.")
     max_new_tokens: int = Field(256, ge=1, description="Most tokens an answer may have.")
+    answer_guard: bool = Field(
+        True, description="Cut what continues the prompt instead of answering it from generated answers (a copied "
+        "passage header, a citation of a passage not shown, the prompt's next 'Question:', a repeated line or loop).")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 means greedy decoding.")
     top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling mass when temperature > 0.")
     context_window: int | None = Field(None, description="Override the model's context size in tokens.")

@@ -89,3 +89,10 @@ def test_the_answer_streams_before_the_line_ends():
     assert guard.feed("1]") == "[1]"
     assert guard.feed("\n[") == "\n"  # a line that may be a header waits
     assert guard.feed("2] says so") == "[2] says so"
+
+
+def test_turned_off_every_piece_passes_as_it_is():
+    text = "[5] (retrieval.md, page 2)\nSame line here\nSame line here\nQuestion: next?"
+    guard = AnswerGuard(1, enabled=False)  # setting answer_guard = false
+    shown = "".join(guard.feed(text[i:i + 4]) for i in range(0, len(text), 4)) + guard.finish()
+    assert shown == text and guard.answer == text and guard.stopped is None
