@@ -26,8 +26,13 @@ _HEADER = re.compile(r"\[\d{1,3}\]\s*\([^()\n]*\)")  # the prompt's "[i] (file, 
 _HEADER_START = re.compile(r"\[\d{0,3}(?:\]\s*(?:\([^()\n]*\)?)?)?")  # what may still become one
 _CITE = re.compile(r"(?<!\w)\[(\d{1,3})\]")  # not x[1] in code
 _MIN_REPEAT = 8  # characters a line needs before its repeat ends the answer ("Yes." twice is not a loop)
-_LOOPS = (re.compile(r"(.{6,40}?)\1\1$", re.S),  # the same 6-40 characters three times at the end of a line,
-          re.compile(r"(.{20,400}?)\1$", re.S))  # or 20-400 characters twice
+# A loop at the end of a line: (pattern, letters the repeated unit needs): the same 6-40 characters with words in
+# them three times, 20-400 twice, or a short run of digits and dots ("1. 1. 1.") five times. Units without any
+# letter or digit (a table's "|---") never count.
+_LOOPS = ((re.compile(r"(.{6,40}?)\1\1$", re.S), 3),
+          (re.compile(r"(.{20,400}?)\1$", re.S), 3),
+          (re.compile(r"(.{2,40}?)\1{4}$", re.S), 0))
+_CODE_REPEATS = 3  # inside a ``` block lines may repeat, but not the same line three times running
 
 
 def _norm(line: str) -> str:
@@ -47,15 +52,18 @@ class AnswerGuard:
         self.shown = 0  # characters of ``line`` already returned
         self.stopped: str | None = None
         self.dropped: list[str] = []
-        self.code = False  # inside a ``` block: no label or repeat checks there
+        self.code = False  # inside a ``` block: no label checks there, and repeats only of the line before
+        self.code_lines: list[str] = []  # the block's lines so far
         self.text = ""  # everything returned so far
         self.cut: int | None = None  # where a loop's second copy began in ``text``
         self.unit = 0  # the loop's length
 
     def _may_become_special(self, line: str) -> bool:
         """Whether a line begun like this may still turn out to be a header, a label or a repeat."""
-        if self.code:
-            return False
+        if self.code:  # only a third copy of the line before
+            recent = self.code_lines[-(_CODE_REPEATS - 1):]
+            return len(recent) == _CODE_REPEATS - 1 and all(r.startswith(line.strip()) for r in recent) \
+                and len(set(recent)) == 1
         if re.fullmatch(r"\s*(?:\d{1,3}[.)]?|[-*•])?\s*", line):
             return True  # empty, or list numbering alone so far
         body = _NUMBERING.sub("", line).lstrip()
@@ -69,6 +77,10 @@ class AnswerGuard:
     def _kind(self, line: str) -> str | None:
         """What a completed line that was held whole is: "header", "label", "repeat", or None (an answer line)."""
         if self.code:
+            norm = line.strip()
+            recent = self.code_lines[-(_CODE_REPEATS - 1):]
+            if len(norm) >= _MIN_REPEAT and len(recent) == _CODE_REPEATS - 1 and all(r == norm for r in recent):
+                return "repeat"
             return None
         body = _NUMBERING.sub("", line).strip()
         if _HEADER.fullmatch(body):
@@ -125,9 +137,10 @@ class AnswerGuard:
     def _extend(self, part: str) -> str:
         self.line += part
         if not self.code:
-            for loop in _LOOPS:
+            for loop, letters in _LOOPS:
                 found = loop.search(self.line)
-                if found and len(re.findall(r"[^\W\d_]", found.group(1))) >= 3:
+                if found and len(re.findall(r"[^\W\d_]", found.group(1))) >= letters \
+                        and re.search(r"[^\W_]", found.group(1)):
                     return self._stop_loop(found)
         if self.shown == 0 and self._may_become_special(self.line):
             return ""  # hold the line's start until it is clearly an answer line
@@ -175,7 +188,10 @@ class AnswerGuard:
             return ""
         if line.lstrip().startswith("```"):
             self.code = not self.code
-        elif _norm(line) and not self.code:
+            self.code_lines = []
+        elif self.code:
+            self.code_lines.append(line.strip())
+        elif _norm(line):
             self.lines.append(_norm(line))
         return self._citations(line[shown:]) + "\n"
 

@@ -55,6 +55,17 @@ def test_a_loop_inside_one_line_is_cut_to_one_copy(size):
 
 
 @pytest.mark.parametrize("size", SIZES)
+def test_loops_of_digits_and_in_code_blocks_end_the_answer(size):
+    # what the 135M model wrote for two questions of the own dev half
+    answer, guard = stream("1. " * 60, size=size)
+    assert answer in ("1.", "1. 1.") and guard.stopped == "repeat"  # cut where the loop was seen: one copy or two
+    text = "The command is:\n\n```\n# /usr/sbin/dhclient-script\n" + "# /usr/sbin/dhclient-script\n" * 12 + "```"
+    answer, guard = stream(text, size=size)
+    assert answer == "The command is:\n\n```\n# /usr/sbin/dhclient-script\n# /usr/sbin/dhclient-script"
+    assert guard.stopped == "repeat"
+
+
+@pytest.mark.parametrize("size", SIZES)
 def test_citations_of_passages_not_shown_are_dropped_and_the_rest_kept(size):
     answer, guard = stream("It is kept in local_data/ [2][7], see [4] and [12]. In code x[10] = 1.", size=size)
     assert answer == "It is kept in local_data/ [2], see [4] and . In code x[10] = 1."
