@@ -179,7 +179,7 @@ def check_against_hf(hf, network, vocab: int, log) -> dict:
 
 
 def bench_engine(network, vocab: int, prompts, mode: str, log, *, decode_contexts=(DECODE_PROMPT,),
-                 sampled: bool = True, profile: bool = False) -> dict:
+                 sampled: bool = True, profile: bool = False, fused: bool | None = None) -> dict:
     out: dict = {"ttft_ms": {}, "decode": {}}
     # TTFT: prefill (eager, flash attention / chunked scan) + the first token on the host.
     network.setup_cache(max(prompts) + 64)
@@ -211,11 +211,12 @@ def bench_engine(network, vocab: int, prompts, mode: str, log, *, decode_context
     cache = max(decode_contexts) + DECODE_NEW + 64
     network.setup_cache(cache)
     free_cache()
-    eng = Engine(network, mode=mode, max_seq=cache)
+    eng = Engine(network, mode=mode, max_seq=cache, fused=fused)
+    out["fused_step"] = eng.fused
     t0 = time.perf_counter()
     eng.warm_up(steps=4)
     out["compile_s"] = time.perf_counter() - t0
-    log(f"  engine warm-up ({mode}): {out['compile_s']:.1f} s")
+    log(f"  engine warm-up ({mode}, fused step {'on' if eng.fused else 'off'}): {out['compile_s']:.1f} s")
     reset_peak()
     for ctx in decode_contexts:
         per_token = []
@@ -868,13 +869,17 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
     contexts = (1024, 16384) if key == "falcon-mamba" else (DECODE_PROMPT,)
     if args.tiny:
         contexts = (DECODE_PROMPT, 4 * DECODE_PROMPT) if key == "falcon-mamba" else (DECODE_PROMPT,)
-    for i, variant in enumerate(variants):
+    for i, name in enumerate(variants):
+        # A name may end in "+plain" (the batch-1 step without the fused kernels: Engine(fused=False)) and then
+        # "@graph" / "@compile" (that engine mode for this row instead of --mode).
+        name_mode = name.partition("@")
+        variant, plain = name_mode[0].removesuffix("+plain"), name_mode[0].endswith("+plain")
         try:
             # Each variant is built from the transformers model's weights; the model itself waits in host
             # memory, so the GPU holds one variant at a time and its peak memory is its own.
             if i > 0:
                 hf.to(DEVICE)
-            mode = args.mode
+            mode = name_mode[2] or args.mode
             if variant == "nf4":  # the last variant: the transformers model itself becomes NF4
                 to_bitsandbytes_nf4(hf)
                 reset_peak()
@@ -911,12 +916,13 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                 kernels = f"bf16 Triton GEMV ({count} layers)" if count else "cuBLAS (GEMV check failed)"
                 log(f"  {variant}: {kernels}")
             log(f"{label} {variant}: {torch.cuda.memory_allocated() / 2**30 if CUDA else 0:.2f} GiB on the GPU")
-            entry[variant] = bench_engine(net, vocab, PROMPTS, mode, log, decode_contexts=contexts,
-                                          sampled=variant in args.sampled.split(",") and key == "llama",
-                                          profile=args.profile)
-            entry[variant]["kernels"] = kernels
+            entry[name] = bench_engine(net, vocab, PROMPTS, mode, log, decode_contexts=contexts,
+                                       sampled=variant in args.sampled.split(",") and key == "llama",
+                                       profile=args.profile, fused=False if plain else None)
+            entry[name]["kernels"] = kernels
+            entry[name]["mode"] = mode
         except Exception as exc:  # noqa: BLE001 - keep the rest of the run
-            entry[variant] = {"error": repr(exc)}
+            entry[name] = {"error": repr(exc)}
             log(traceback.format_exc())
         net = None
         torch._dynamo.reset()
@@ -951,7 +957,9 @@ def table(results: dict) -> str:
         check = entry.get("check", {})
         note = (f"prefill {check['prefill_rel_err']:.1e}, step {check['step_rel_err']:.1e}"
                 if "prefill_rel_err" in check else "")
-        for variant in VARIANTS:
+        names = [k for k in entry if isinstance(entry[k], dict) and k.partition("@")[0].removesuffix("+plain")
+                 in VARIANTS]
+        for variant in names:
             e = entry.get(variant)
             if not e:
                 continue
@@ -966,7 +974,9 @@ def table(results: dict) -> str:
             rows.append(f"| {entry['label']} | fast {variant} | {ms(e, 512)} | {ms(e, 2048)} | {ms(e, 8192)} | "
                         f"{decode} | {sampled} | {e['peak_gib']:.2f} | {limit:.0f} | "
                         f"{e['tok_s'] / limit if limit else 0:.2f} | {note if variant == 'bf16' else ''}"
-                        + (f" {e['kernels']}" if e.get("kernels") else "") + " |"
+                        + (f" {e['kernels']}" if e.get("kernels") else "")
+                        + (f" mode {e['mode']}, fused step {'on' if e.get('fused_step') else 'off'}"
+                           if "mode" in e else "") + " |"
                         + (" (CUDA graph, bitsandbytes kernels)" if variant == "nf4" else ""))
     return "\n".join(rows)
 
@@ -1006,6 +1016,7 @@ def main() -> None:
                         "attention's shapes first and run with the fastest (was part of --profile before round 6)")
     parser.add_argument("--one-shape", action="store_true", help="--concurrency: decode at one shape (all slots, "
                         "the engine's and localgpt serve's default) instead of buckets of the levels")
+    parser.add_argument("--prompts", default="", help="TTFT prompt lengths, e.g. 512,2048 (default 512,2048,8192)")
     parser.add_argument("--tiny", action="store_true", help="tiny configs and prompts: check the script, not speed")
     parser.add_argument("--out", default=os.environ.get("OUT"))
     parser.add_argument("--results", type=Path, help="append the table to this markdown file")
@@ -1030,6 +1041,8 @@ def main() -> None:
     if args.tiny:
         PROMPTS, DECODE_PROMPT, DECODE_NEW = (32, 64, 128), 32, 16
         args.hf_max_prompt = dict.fromkeys(args.hf_max_prompt, 128)
+    elif args.prompts:
+        PROMPTS = tuple(int(n) for n in args.prompts.split(","))
     results: dict = {"device": torch.cuda.get_device_name() if CUDA else "cpu", "torch": torch.__version__,
                      "transformers": transformers.__version__, "commit": args.commit,
                      "date": datetime.date.today().isoformat(), "mode": args.mode}

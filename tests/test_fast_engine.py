@@ -647,3 +647,88 @@ def test_gpu_ask_streams_through_the_fast_engine_end_to_end(tmp_path, subprocess
     assert stats["backend"] == "fast" and stats["device"] == "cuda" and int(stats["new_tokens"]) > 0
     assert float(stats["peak_gpu_mib"]) > 0 and float(stats["decode_tokens_per_s"]) > 0
     assert not Path(subprocess_env["LOCALGPT_NETGUARD_LOG"]).exists()
+
+
+# --- the batch-1 decode step through the fused kernels (Transformer.use_fused_decode) ------------------------
+
+
+def test_fused_batch1_step_matches_the_plain_step_in_the_triton_interpreter(subprocess_env):
+    """The Engine's decode step of a Llama-style network through slot_triton's kernels (add + RMSNorm, rotary + cache
+    write, the split attention over positions 0..pos, silu·up) against the plain step, in Triton's interpreter on the
+    CPU (a child process: the interpreter must be chosen before Triton is first imported)."""
+    pytest.importorskip("triton")
+    from conftest import run_in_triton_interpreter  # here: the child imports this module, not conftest
+
+    run_in_triton_interpreter(subprocess_env, "test_fast_engine", "fused_batch1_step_check",
+                              "fused batch-1 step check passed")
+
+
+@pytest.mark.gpu
+def test_gpu_fused_batch1_step_matches_the_plain_step():
+    _needs_cuda()
+    fused_batch1_step_check("cuda", torch.bfloat16)
+
+
+def fused_batch1_step_check(device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    """Tiny Llama (grouped kv heads; falcon has no fused step): from the same caches, the fused and the plain step
+    give the same logits and write the same cache row (fp32 to 1e-4, bf16 within its rounding), at positions in the
+    first attention split, past it, and at the cache's last; greedy generation through the Engine gives the same
+    tokens (fp32); a Falcon network keeps the plain step."""
+    import tempfile
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from localgpt.generation.fast import slot_triton
+    from localgpt.generation.fast.engine import Engine
+    from localgpt.generation.fast.transformer import from_falcon, from_llama
+
+    root = Path(tempfile.mkdtemp())
+    held = dict(slot_triton.ATTENTION)
+    try:
+        for dot in (False, True):
+            slot_triton.ATTENTION.update(split=32, block_n=16, dot=dot)  # several splits at a small cache
+            hf = AutoModelForCausalLM.from_pretrained(
+                build_tiny_model("llama2", root / f"llama{dot}", num_key_value_heads=2), dtype=dtype)
+            net = from_llama(hf.to(device).eval())
+            max_seq = 70
+            net.setup_cache(max_seq)
+            torch.manual_seed(0)
+            for block in net.blocks:
+                block.k_cache.normal_()
+                block.v_cache.normal_()
+            start = [(b.k_cache.clone(), b.v_cache.clone()) for b in net.blocks]
+            tol = 1e-4 if dtype == torch.float32 else 2e-2
+            with torch.inference_mode():
+                for pos in (0, 5, 40, max_seq - 1):
+                    token = torch.tensor([[7 + pos]], device=device)
+                    where = torch.tensor([pos], device=device)
+                    results = []
+                    for fused in (False, True):
+                        for b, (k, v) in zip(net.blocks, start):
+                            b.k_cache.copy_(k)
+                            b.v_cache.copy_(v)
+                        assert net.use_fused_decode(fused) == fused
+                        results.append((net.step(token, where).float(),
+                                        [(b.k_cache.clone(), b.v_cache.clone()) for b in net.blocks]))
+                    (want, want_caches), (got, got_caches) = results
+                    rel = float((got - want).norm() / want.norm())
+                    assert rel < tol, (dot, pos, rel)
+                    for (wk, wv), (gk, gv) in zip(want_caches, got_caches):
+                        for w, g in ((wk, gk), (wv, gv)):
+                            err = float((g.float() - w.float()).norm() / w.float().norm())
+                            assert err < tol, (dot, pos, err)
+            if dtype == torch.float32:
+                ids = [5, 9, 11, 3, 17, 8]
+                tokens = []
+                for fused in (False, True):
+                    engine = Engine(net, mode="eager", max_seq=max_seq, fused=fused)
+                    assert engine.fused == fused
+                    tokens.append(list(engine.generate(ids, 40)))
+                assert tokens[0] == tokens[1], tokens
+        hf = AutoModelForCausalLM.from_pretrained(build_tiny_model("falcon", root / "falcon"), dtype=dtype)
+        falcon = from_falcon(hf.to(device).eval())
+        assert not Engine(falcon, mode="eager", max_seq=32).fused
+    finally:
+        slot_triton.ATTENTION.update(held)
+    print("fused batch-1 step check passed")

@@ -71,14 +71,18 @@ class Engine:
 
     mode: "compile" (torch.compile, CUDA graphs + tuned kernels), "graph" (plain CUDA graph of the eager step),
     "eager" (the CPU path and the reference). The step is built on first use of each sampling kind.
+    ``fused``: decode through the fused Triton kernels of the batch engine's step where the network has them
+    (``Transformer.use_fused_decode``: Llama-style networks on CUDA); None = on wherever they apply.
     """
 
-    def __init__(self, model, *, mode: str = "eager", max_seq: int = 4096):
+    def __init__(self, model, *, mode: str = "eager", max_seq: int = 4096, fused: bool | None = None):
         self.model = model
         self.device = model.device
         self.mode = mode if self.device.type == "cuda" else "eager"
         self.max_seq = max_seq
         model.setup_cache(max_seq)
+        use = getattr(model, "use_fused_decode", None)
+        self.fused = bool(use(fused is not False)) if use is not None else False
         self._steps: dict[bool, Callable] = {}
         self.temperature = torch.ones((), device=self.device)
         self.top_p = torch.ones((), device=self.device)

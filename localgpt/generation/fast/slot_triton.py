@@ -249,6 +249,7 @@ def decode_attention(q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tens
     """One query a slot: q [B, H, hd] against slot b's cache positions 0..positions[b] (a slot at ``scratch``,
     idle, against that position alone). k_slots / v_slots [slots >= B, KV, L, hd]. Returns [B, H * hd]."""
     b, n_heads, hd = q.shape
+    q = q.contiguous()
     kv, length = k_slots.shape[1], k_slots.shape[2]
     split, block_n, warps, dot = config or (ATTENTION["split"], ATTENTION["block_n"], ATTENTION["warps"],
                                             ATTENTION["dot"])
@@ -269,6 +270,29 @@ def decode_attention(q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tens
     out = torch.empty(b, n_heads * hd, dtype=q.dtype, device=q.device)
     _attention_combine_kernel[(b * n_heads,)](acc, ml, out, NSPLIT=nsplit, HD=hd, BLOCK_D=block_d, num_warps=1)
     return out
+
+
+# As a PyTorch operator for the compiled batch-1 step (``Block.attention_step_fused`` under torch.compile): opaque to
+# it, captured in its CUDA graph. Called directly otherwise (a ``custom_op`` call outside a compile imports
+# torch._dynamo: gemv_triton's note).
+
+
+def decode_attention_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                          scratch: int) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return torch.ops.localgpt.decode_attention(q, k, v, positions, scratch)
+    return decode_attention(q, k, v, positions, scratch)
+
+
+@torch.library.custom_op("localgpt::decode_attention", mutates_args=())
+def decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                        scratch: int) -> torch.Tensor:
+    return decode_attention(q, k, v, positions, scratch)
+
+
+@decode_attention_op.register_fake
+def _(q, k, v, positions, scratch):
+    return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
 
 
 # --- one request's prompt chunk at a fixed row count (BatchEngine's captured prompt pass) ---------------------
