@@ -363,14 +363,15 @@ def _needs_cuda():
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", ["llama2", "falcon-mamba"])
 def test_gpu_answer_check_matches_the_hf_engine_and_leaves_answers_alone(yes_no_dir, family):
-    """On CUDA (bf16, compiled step) the engine's P(yes) is the transformers model's within bf16 rounding,
-    and the compiled answer after a check is the answer before it."""
+    """On CUDA (bf16, the default step mode) the engine's P(yes) is the transformers model's within bf16 rounding,
+    and the answer after a check is the answer before it."""
     _needs_cuda()
     check = [{"role": "user", "content": "Context: pumps. Question: pumps? Reply yes or no."}]
     question = [{"role": "user", "content": "what does the report say about revenue?"}]
     fast = get_generator(settings(model=str(yes_no_dir[family]), device="cuda"))
     hf = get_generator(settings(model=str(yes_no_dir[family]), device="cuda", engine="hf"))
-    assert fast.engine.mode == "compile"
+    # the default mode: a CUDA graph of the fused step for bf16 Llama-style networks, compiled otherwise
+    assert fast.engine.mode == ("graph" if family == "llama2" else "compile") and fast.engine.fused == (family == "llama2")
     before = "".join(fast.stream(question))
     p_fast, p_hf = fast.yes_probability(check), hf.yes_probability(check)
     print(f"{family}: P(yes) engine {p_fast:.4f}, transformers {p_hf:.4f}")
@@ -732,3 +733,21 @@ def fused_batch1_step_check(device: str = "cpu", dtype: torch.dtype = torch.floa
     finally:
         slot_triton.ATTENTION.update(held)
     print("fused batch-1 step check passed")
+
+
+def test_default_engine_mode_graphs_the_fused_bf16_step_and_compiles_the_rest():
+    from localgpt.generation.fast.generator import default_engine_mode
+
+    class Net:
+        def __init__(self, fused):
+            self.fused = fused
+
+        def use_fused_decode(self, on=True):
+            return self.fused and on
+
+    assert default_engine_mode(Net(True), "cpu", "torch", None) == "eager"
+    assert default_engine_mode(Net(True), "cuda", "torch", None) == "graph"
+    assert default_engine_mode(Net(True), "cuda", "torch", "int8") == "compile"
+    assert default_engine_mode(Net(False), "cuda", "torch", None) == "compile"
+    assert default_engine_mode(object(), "cuda", "torch", None) == "compile"  # Mamba: no fused step
+    assert default_engine_mode(Net(False), "cuda", "bitsandbytes", None) == "graph"
