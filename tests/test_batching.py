@@ -113,11 +113,9 @@ def test_the_default_engine_decodes_at_one_shape():
     assert (fixed.prefill_chunk, fixed.prompt_passes, fixed.prompt_rows) == (512, 4, [64, 128, 256, 384, 512])
 
 
-@pytest.mark.parametrize("family", ["llama2", "falcon-mamba"])
-def test_steps_built_while_streams_run_leave_their_answers_alone(tiny_dir, family, monkeypatch):
-    """A CUDA-graph step is built on first use of its (bucket, sampling) while other slots are busy; the warm-up
-    runs before its capture execute it. Here on the CPU: a stand-in for the graph that runs the step twice when
-    built, as _Graph's warm-up does, then once a call."""
+def graph_stand_in(monkeypatch) -> None:
+    """The batch engine's ``_Graph`` replaced, on the CPU, by a stand-in that runs the captured function twice when
+    built (as ``_Graph``'s warm-up does) and once a call: what is captured must be idempotent."""
     import localgpt.generation.fast.batch as batch_module
 
     class Replay:
@@ -130,6 +128,14 @@ def test_steps_built_while_streams_run_leave_their_answers_alone(tiny_dir, famil
             return self.fn()
 
     monkeypatch.setattr(batch_module, "_Graph", Replay)
+
+
+@pytest.mark.parametrize("family", ["llama2", "falcon-mamba"])
+def test_steps_built_while_streams_run_leave_their_answers_alone(tiny_dir, family, monkeypatch):
+    """A CUDA-graph step is built on first use of its (bucket, sampling) while other slots are busy; the warm-up
+    runs before its capture execute it. Here on the CPU: a stand-in for the graph that runs the step twice when
+    built, as _Graph's warm-up does, then once a call."""
+    graph_stand_in(monkeypatch)
     generator = load_fast_generator(settings(model=str(tiny_dir[family])))
     engine = generator.engine
     vocab = engine.model.shape.vocab_size
@@ -152,18 +158,7 @@ def test_fixed_shape_prompt_passes_equal_answers_alone(tiny_dir, family, chunk, 
     the scratch row, replayed from a captured graph), here eager on the CPU through a stand-in for the graph that
     runs the pass twice when built (as _Graph's warm-up does) and once a call: the pass must be idempotent, and
     every greedy answer equals the batch-1 engine's, whatever else runs, with several passes a step too."""
-    import localgpt.generation.fast.batch as batch_module
-
-    class Replay:
-        def __init__(self, fn):
-            fn()
-            fn()
-            self.fn = fn
-
-        def __call__(self):
-            return self.fn()
-
-    monkeypatch.setattr(batch_module, "_Graph", Replay)
+    graph_stand_in(monkeypatch)
     generator = load_fast_generator(settings(model=str(tiny_dir[family])))
     engine = generator.engine
     vocab = engine.model.shape.vocab_size

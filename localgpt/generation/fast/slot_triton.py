@@ -95,16 +95,13 @@ def silu_mul(h: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _rope_store_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, H, KV, L,
-                       HD: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr):
-    # Program (b, j): head j of slot b's qkv row [q heads | k heads | v heads]; q and k rotated, q to q_ptr
-    # [B, H, HD], k and v to the slot caches [slots, KV, L, HD] at the slot's position.
-    b = tl.program_id(0)
-    j = tl.program_id(1)
+def _rope_store_head(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, r, slot, pos, j, H, KV, L,
+                     HD: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr):
+    # Head j of qkv row r [q heads | k heads | v heads] at position pos: q and k rotated, q to q_ptr [rows, H, HD],
+    # k and v to the slot caches [slots, KV, L, HD] of ``slot`` at ``pos``.
     d = tl.arange(0, BLOCK)
     live = d < HD
-    pos = tl.load(pos_ptr + b)
-    row = qkv_ptr + b * (H + 2 * KV) * HD + j * HD
+    row = qkv_ptr + r * (H + 2 * KV) * HD + j * HD
     x = tl.load(row + d, mask=live, other=0.0).to(tl.float32)
     if j < H + KV:
         partner = tl.where(d < HALF, d + HALF, d - HALF)
@@ -114,11 +111,20 @@ def _rope_store_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, 
         sin = tl.load(sin_ptr + pos * HD + d, mask=live, other=0.0).to(tl.float32)
         x = x * cos + sign * other * sin
         if j < H:
-            tl.store(q_ptr + (b * H + j) * HD + d, x.to(q_ptr.dtype.element_ty), mask=live)
+            tl.store(q_ptr + (r * H + j) * HD + d, x.to(q_ptr.dtype.element_ty), mask=live)
         else:
-            tl.store(k_ptr + ((b * KV + j - H) * L + pos) * HD + d, x.to(k_ptr.dtype.element_ty), mask=live)
+            tl.store(k_ptr + ((slot * KV + j - H) * L + pos) * HD + d, x.to(k_ptr.dtype.element_ty), mask=live)
     else:
-        tl.store(v_ptr + ((b * KV + j - H - KV) * L + pos) * HD + d, x.to(v_ptr.dtype.element_ty), mask=live)
+        tl.store(v_ptr + ((slot * KV + j - H - KV) * L + pos) * HD + d, x.to(v_ptr.dtype.element_ty), mask=live)
+
+
+@triton.jit
+def _rope_store_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, H, KV, L,
+                       HD: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr):
+    # Program (b, j): head j of slot b's qkv row, at the slot's position.
+    b = tl.program_id(0)
+    _rope_store_head(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, b, b, tl.load(pos_ptr + b), tl.program_id(1),
+                     H, KV, L, HD, HALF, BLOCK)
 
 
 def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
@@ -310,26 +316,8 @@ def _rope_store_rows_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, meta_ptr, q_ptr,
                             HD: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr):
     # Program (r, j): head j of row r of one slot's chunk; as _rope_store_kernel, the slot read from meta.
     r = tl.program_id(0)
-    j = tl.program_id(1)
-    d = tl.arange(0, BLOCK)
-    live = d < HD
-    pos = tl.load(pos_ptr + r)
-    slot = tl.load(meta_ptr)
-    row = qkv_ptr + r * (H + 2 * KV) * HD + j * HD
-    x = tl.load(row + d, mask=live, other=0.0).to(tl.float32)
-    if j < H + KV:
-        partner = tl.where(d < HALF, d + HALF, d - HALF)
-        sign = tl.where(d < HALF, -1.0, 1.0)
-        other = tl.load(row + partner, mask=live, other=0.0).to(tl.float32)
-        cos = tl.load(cos_ptr + pos * HD + d, mask=live, other=0.0).to(tl.float32)
-        sin = tl.load(sin_ptr + pos * HD + d, mask=live, other=0.0).to(tl.float32)
-        x = x * cos + sign * other * sin
-        if j < H:
-            tl.store(q_ptr + (r * H + j) * HD + d, x.to(q_ptr.dtype.element_ty), mask=live)
-        else:
-            tl.store(k_ptr + ((slot * KV + j - H) * L + pos) * HD + d, x.to(k_ptr.dtype.element_ty), mask=live)
-    else:
-        tl.store(v_ptr + ((slot * KV + j - H - KV) * L + pos) * HD + d, x.to(v_ptr.dtype.element_ty), mask=live)
+    _rope_store_head(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, r, tl.load(meta_ptr), tl.load(pos_ptr + r),
+                     tl.program_id(1), H, KV, L, HD, HALF, BLOCK)
 
 
 def rope_store_rows(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
