@@ -105,17 +105,6 @@ def _write(folder: Path, config: dict, generation: dict | None = None) -> Path:
     return folder
 
 
-def _transformers(folder: Path):
-    from transformers import AutoConfig, GenerationConfig
-
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    try:
-        generation = GenerationConfig.from_pretrained(folder, local_files_only=True)
-    except OSError:
-        generation = GenerationConfig.from_model_config(config)
-    return config, generation
-
-
 def _assert_same(direct: DirectConfig, real, direct_generation, real_generation) -> None:
     family = direct.model_type
     for name in DIRECT_READS[family]:
@@ -132,7 +121,7 @@ def _assert_same(direct: DirectConfig, real, direct_generation, real_generation)
 def test_config_json_read_directly_equals_transformers(name, generation, tmp_path):
     folder = _write(tmp_path / name, copy.deepcopy(CONFIGS[name]), copy.deepcopy(GENERATION[generation]))
     config, generation_config = direct_configs(folder)
-    real, real_generation = _transformers(folder)
+    real, real_generation = fast_load.transformers_configs(folder)
     _assert_same(config, real, generation_config, real_generation)
 
 
@@ -145,7 +134,7 @@ def test_configs_transformers_saved_build_the_same_network(family, tmp_path):
 
     folder = build_tiny_model(family, tmp_path / family)
     config, generation_config = direct_configs(folder)
-    real, real_generation = _transformers(folder)
+    real, real_generation = fast_load.transformers_configs(folder)
     _assert_same(config, real, generation_config, real_generation)
     with torch.inference_mode():  # the builders read nothing the direct config lacks (that would raise NotCached)
         a = load_network(folder, real, "cpu", torch.float32).network.state_dict()
