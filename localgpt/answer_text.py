@@ -24,7 +24,7 @@ LABELS = ("Question:", "Context:")
 _NUMBERING = re.compile(r"^\s*(?:\d{1,3}[.)]|[-*•])\s*")
 _HEADER = re.compile(r"\[\d{1,3}\]\s*\([^()\n]*\)")  # the prompt's "[i] (file, page p)" line
 _HEADER_START = re.compile(r"\[\d{0,3}(?:\]\s*(?:\([^()\n]*\)?)?)?")  # what may still become one
-_CITE = re.compile(r"(?<!\w)\[(\d{1,3})\]")  # not x[1] in code
+CITATION = re.compile(r"(?<!\w)\[(\d{1,3})\]")  # "[2]" citing passage 2; not x[1] in code
 _MIN_REPEAT = 8  # characters a line needs before its repeat ends the answer ("Yes." twice is not a loop)
 # A loop at the end of a line: (pattern, letters the repeated unit needs): the same 6-40 characters with words in
 # them three times, 20-400 twice, or a short run of digits and dots ("1. 1. 1.") five times. Units without any
@@ -101,7 +101,7 @@ class AnswerGuard:
             return ""
 
         before = self.text[-1:] or " "
-        return _CITE.sub(keep, before + text)[1:]
+        return CITATION.sub(keep, before + text)[1:]
 
     @staticmethod
     def _releasable(text: str) -> int:

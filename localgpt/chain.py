@@ -29,7 +29,7 @@ from langchain_core.language_models.llms import LLM
 from langchain_core.outputs import GenerationChunk
 from langchain_core.runnables import RunnableLambda, RunnablePassthrough
 
-from localgpt.answer_text import AnswerGuard
+from localgpt.answer_text import CITATION, AnswerGuard
 from localgpt.config import Settings
 from localgpt.documents import SourceRef
 from localgpt.evidence_checks import EvidenceGap, evidence_gap
@@ -137,6 +137,7 @@ REFUSAL = {
 # "auto" asks generators of at least ANSWER_CHECK_MIN_PARAMS parameters.
 CHECK_SUFFIX = "\n\nDo the passages state the answer to the question? Reply yes or no."
 ANSWER_CHECK_MIN_PARAMS = 1_000_000_000
+ANSWER_CHECK_THRESHOLD = 0.5
 # A generated answer from a model under this size is always "low" confidence, with this doubt: on the own
 # test half (bench/RESULTS.md, sessions 3 and 5) the embedded 135M SmolLM2's answers held the expected answer
 # 0.13 of the time, the quoted supporting sentences 0.63, a 1.5B model's answers 0.74; its sentences read
@@ -148,7 +149,6 @@ SMALL_WRITER_DOUBT = {
     "zh": "答案由一个 {size} 参数的小模型生成，它无法可靠地理解段落",
     "ja": "回答は {size} パラメータの小さなモデルが書いたもので、文書を正確に読めない場合があります",
 }
-ANSWER_CHECK_THRESHOLD = 0.5
 # How many of the top evidence sentences must hold the expected answer type (a number for "how
 # many"): chosen on the dev half (3 caught more unanswerable questions than 5, with no false abstention).
 TYPE_CHECK_SENTENCES = 3
@@ -159,7 +159,6 @@ TYPE_CHECK_SENTENCES = 3
 # with 0.03 or 0.05). The eval reports how many passages an answer cites and what share hold the answer.
 SUPPORT_SENTENCES = 3
 SUPPORT_SPREAD = 0.1
-_CITE = re.compile(r"\[(\d{1,2})\]")
 
 
 question_language = text_language
@@ -644,7 +643,7 @@ class QAChain:
                 elif size is not None and size < SMALL_WRITER_PARAMS and answer.text:
                     answer.confidence = "low"
                     answer.doubts.append(SMALL_WRITER_DOUBT.get(lang, SMALL_WRITER_DOUBT["en"]).format(size=_size(size)))
-            cited = {int(n) for n in _CITE.findall(answer.text)}
+            cited = {int(n) for n in CITATION.findall(answer.text)}
             for c in answer.citations:
                 c.cited = c.number in cited
         answer.timings["total"] = time.perf_counter() - t_start
