@@ -108,9 +108,10 @@ class _Rows:
 class _Serialized:
     """The manifest's one SQLite connection as the store's threads share it (the server answers many requests at
     once): each statement runs and is read to the end under the store's lock. Unserialised, 16 concurrent
-    retrievals on a 16-core machine got ``fetchone() is None`` from ``SELECT COUNT(*)`` (sqlite3 reuses a
-    connection's prepared statements, and a SQLite built multi-threaded does not serialise a connection at all);
-    and a read never sees another thread's transaction half done (``_tx`` holds the same lock)."""
+    retrievals on a 16-core machine got ``fetchone() is None`` from ``SELECT COUNT(*)`` there (its SQLite is built
+    serialised, so the interleaving was in Python's sqlite3 statements and cursors, not found exactly); with the
+    lock no two statements of one connection interleave, and a read never sees another thread's transaction half
+    done (``_tx`` holds the same lock)."""
 
     def __init__(self, db: sqlite3.Connection, lock: threading.RLock):
         self._conn, self._lock = db, lock
