@@ -261,9 +261,6 @@ def direct_state(folder: Path) -> dict[str, Any]:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         if not (folder / name).is_file():
             raise NotDirect(f"no {name}")
-    for name in ("added_tokens.json", "chat_template.json", "additional_chat_templates", "tokenizer.model"):
-        if (folder / name).exists() and not (name == "tokenizer.model" and _class_named(folder) in LLAMA_CLASSES):
-            raise NotDirect(f"{name} present")
     try:
         text = (folder / "tokenizer.json").read_text(encoding="utf-8")
         backend = json.loads(text)
@@ -277,6 +274,9 @@ def direct_state(folder: Path) -> dict[str, Any]:
     llama = config.get("tokenizer_class") in LLAMA_CLASSES
     if config.get("tokenizer_class") not in DIRECT_CLASSES and not llama:
         raise NotDirect(f"tokenizer_class {config.get('tokenizer_class')!r}")
+    for name in ("added_tokens.json", "chat_template.json", "additional_chat_templates", "tokenizer.model"):
+        if (folder / name).exists() and not (name == "tokenizer.model" and llama):  # Llama: tokenizer.json wins
+            raise NotDirect(f"{name} present")
     if config.get("backend", "tokenizers") != "tokenizers":
         raise NotDirect(f"backend {config.get('backend')!r}")
     unknown = set(config) - _DIRECT_CONFIG_KEYS - (_LLAMA_CONFIG_KEYS if llama else set())
@@ -337,13 +337,6 @@ def direct_state(folder: Path) -> dict[str, Any]:
             "special_tokens_map": {a: t for a, t in named.items() if t is not None}, "named": named,
             "named_ids": named_ids, "length": tok.get_vocab_size(with_added_tokens=True),
             "class": config["tokenizer_class"], "name_or_path": str(folder)}
-
-
-def _class_named(folder: Path) -> Any:
-    try:
-        return json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("tokenizer_class")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def _llama_backend(backend: dict[str, Any], config: dict[str, Any], named: dict[str, str | None]) -> str:
