@@ -29,10 +29,20 @@ _MIN_REPEAT = 8  # characters a line needs before its repeat ends the answer ("Y
 # A loop at the end of a line: (pattern, letters the repeated unit needs): the same 6-40 characters with words in
 # them three times, 20-400 twice, or a short run of digits and dots ("1. 1. 1.") five times. Units without any
 # letter or digit (a table's "|---") never count.
-_LOOPS = ((re.compile(r"(.{6,40}?)\1\1$", re.S), 3),
-          (re.compile(r"(.{20,400}?)\1$", re.S), 3),
-          (re.compile(r"(.{2,40}?)\1{4}$", re.S), 0))
+_LOOPS = ((6, 40, 3, 3), (20, 400, 2, 3), (2, 40, 5, 0))  # (shortest, longest unit, copies, letters in it)
 _CODE_REPEATS = 3  # inside a ``` block lines may repeat, but not the same line three times running
+
+
+def _tail_loop(line: str, shortest: int, longest: int, copies: int) -> tuple[int, str] | None:
+    """(start, unit) of ``copies`` copies of one unit ending ``line``, the longest such unit: what the regex
+    ``(.{shortest,longest}?)\\1{copies-1}$`` finds searched from the left, checked from the line's end only (the
+    regex tries every start of the line on every piece: seconds on a long paragraph)."""
+    n = len(line)
+    for size in range(min(longest, n // copies), shortest - 1, -1):
+        unit = line[n - size:]
+        if line[n - copies * size:] == unit * copies:
+            return n - copies * size, unit
+    return None
 
 
 def _norm(line: str) -> str:
@@ -137,11 +147,10 @@ class AnswerGuard:
     def _extend(self, part: str) -> str:
         self.line += part
         if not self.code:
-            for loop, letters in _LOOPS:
-                found = loop.search(self.line)
-                if found and len(re.findall(r"[^\W\d_]", found.group(1))) >= letters \
-                        and re.search(r"[^\W_]", found.group(1)):
-                    return self._stop_loop(found)
+            for shortest, longest, copies, letters in _LOOPS:
+                found = _tail_loop(self.line, shortest, longest, copies)
+                if found and len(re.findall(r"[^\W\d_]", found[1])) >= letters and re.search(r"[^\W_]", found[1]):
+                    return self._stop_loop(*found)
         if self.shown == 0 and self._may_become_special(self.line):
             return ""  # hold the line's start until it is clearly an answer line
         if self.shown == 0:  # a passage header opening the line: drop it, keep what follows
@@ -156,12 +165,10 @@ class AnswerGuard:
         self.shown += n
         return self._citations(rest[:n])
 
-    def _stop_loop(self, found: re.Match) -> str:
+    def _stop_loop(self, start: int, unit: str) -> str:
         """End the answer after the first copy of the repeated words: return what of it was not shown yet (a
         loop found in one long piece); copies already shown are cut from ``answer``."""
-        unit = found.group(1)
         root = next(unit[:k] for k in range(1, len(unit) + 1) if len(unit) % k == 0 and unit[:k] * (len(unit) // k) == unit)
-        start = found.start()
         while start >= len(root) and self.line[start - len(root):start] == root:
             start -= len(root)
         end = start + len(root)  # the first copy's end, in the line
