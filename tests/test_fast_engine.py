@@ -314,7 +314,33 @@ def gemv_interpreter_check():
         gemv.int4_planar_dequant(words, pairs, group, planes, out)
         ref = dequantize_int4(state["nibbles"], state["scales_and_zeros"], group)
         assert ((out.float() - ref).abs() <= ref.abs() * 2**-7 + 1e-6).all()
+        if n % 16 == 0:  # the same weights in the CUDA tensor-core GEMV's tiled order
+            from localgpt.generation.fast.gemv_cuda import tile_words
+
+            out = torch.full((n, k), float("nan"), dtype=torch.bfloat16)
+            gemv.int4_planar_dequant(tile_words(words, planes), pairs, group, planes, out, tiled=True)
+            assert ((out.float() - ref).abs() <= ref.abs() * 2**-7 + 1e-6).all()
     print("gemv interpreter check passed")
+
+
+def test_tiled_words_keep_every_word_and_put_a_warps_block_in_one_span():
+    # gemv_cuda's layout: [N/16, blocks, 16 rows, P words]; a warp's block of a 16-row tile is contiguous.
+    from localgpt.generation.fast.gemv_cuda import source, tile_words, untile_words
+
+    torch.manual_seed(0)
+    n, k, planes = 48, 512, 16
+    state = int4_state(Linear(torch.randn(n, k)), 128, 2)
+    words = pack_int4_planar(state["nibbles"], planes)
+    tiled = tile_words(words, planes)
+    assert tiled.shape == words.shape and torch.equal(untile_words(tiled, planes), words)
+    flat = tiled.reshape(-1)
+    span = 16 * planes
+    for tile, block in [(0, 0), (1, 2), (2, 3)]:
+        want = words[tile * 16:(tile + 1) * 16, block * planes:(block + 1) * planes].reshape(-1)
+        start = (tile * (k // (8 * planes)) + block) * span
+        assert torch.equal(flat[start:start + span], want)
+    name, src = source(4, 16, 8, 1, offset=True, depth=2, pref=True, cluster=4, tiled=True)
+    assert name == "gemv_int4_p16_w8_t1_d2_o_l_c4_tl" and "#define CLUSTER 4" in src and "KERNEL_NAME" in src
 
 
 @pytest.mark.parametrize("quantization", ["8bit", "4bit"])
@@ -511,6 +537,66 @@ def test_gpu_gemv_layers_pass_their_load_check_and_match_the_reference(mode):
     before = dense(x).float()
     assert use_bf16_gemv(dense) == 1
     assert ((dense(x).float() - before).norm() / before.norm()) < 5e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_gpu_tensor_core_gemv_matches_the_reference_for_1_to_16_tokens(mode, monkeypatch):
+    """gemv_cuda (CUDA C by NVRTC, bf16 mma on dequantised registers): quantize_model's default puts int4 layers
+    on it (tiled words) and int8 layers' batches of 2-16 tokens; every element within the load check's bounds
+    for 1, 3, 8 and 16 tokens at Llama-2-7B's shapes and several configs (split-K by workspace or cluster),
+    bit-identical CUDA-graph replays, the same bits for prompts and for the portable nibbles; a kernel that
+    fails its load check sends int4 back to the Triton kernels."""
+    _needs_cuda()
+    pytest.importorskip("triton")
+    from localgpt.generation.fast import gemv_cuda
+    from localgpt.generation.fast.quantize import decode_kernels
+
+    torch.manual_seed(0)
+    cluster_ok = torch.cuda.get_device_capability()[0] >= 9
+    for n, k in [(4096, 4096), (4096, 11008), (12288, 4096)]:
+        layer = Linear(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02)
+        net = torch.nn.Sequential(layer)
+        saved = quantize_model(net, mode, keep=True)["0"]
+        q = net[0]
+        if mode == "int4":
+            ref = dequantize_int4(saved["nibbles"].cuda(), saved["scales_and_zeros"].cuda(), 128)
+            assert q.layout == "cuda" and q.tiled and decode_kernels(net) == "int4 cuda"
+            assert torch.equal(q.portable_nibbles().cpu(), saved["nibbles"].cpu())
+        else:
+            ref = saved["weight"].cuda().float() * saved["scales"].cuda().float()[:, None]
+            assert q.layout == "planar" and q.cuda_config is not None
+        configs = [None] + [(w, 1, s, mode == "int4", 2, True, c, mode == "int4") for w, s, c in
+                            [(8, 1, False), (4, 4, False), (8, 4, cluster_ok), (4, 8, cluster_ok)]]
+        for cfg in configs:
+            if cfg is not None:
+                ws, lock = gemv_cuda.scratch(n, cfg[2], cfg[0] * 16, "cuda")
+                if mode == "int4":
+                    q.gemv_config, q.gemv_ws, q.gemv_lock = cfg, ws, lock
+                else:
+                    q.cuda_config, q.cuda_ws, q.cuda_lock = cfg[:7] + (False,), ws, lock
+            for rows in ([1, 3, 8, 16] if cfg is None else [1, 8] if mode == "int4" else [8]):
+                x = torch.randn(1, rows, k, device="cuda", dtype=torch.bfloat16)
+                want = x.reshape(rows, k).float() @ ref.t()
+                slack = want.abs() * 2**-7 + 1e-5 * (x.reshape(rows, k).float().abs() @ ref.abs().t()) + 1e-6
+                got = q(x).reshape(rows, n).float()
+                assert bool(((got - want).abs() <= slack).all()), (mode, n, k, cfg, rows)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    replayed = q(x)
+                for _ in range(3):
+                    graph.replay()
+                    assert torch.equal(replayed.reshape(rows, n).float(), got)  # deterministic, counters reset
+        xs = torch.randn(1, 40, k, device="cuda", dtype=torch.bfloat16)  # a prompt: the same bits, in bf16
+        assert ((q(xs).float() - xs.float() @ ref.t()).norm() / (xs.float() @ ref.t()).norm()) < 1e-2
+    if mode == "int4":
+        def broken(*args, **kw):
+            raise RuntimeError("this kernel does not build here")
+
+        monkeypatch.setattr(gemv_cuda, "gemv", broken)
+        net = torch.nn.Sequential(Linear(torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) * 0.02))
+        quantize_model(net, "int4")
+        assert net[0].layout == "planar" and not net[0].tiled
 
 
 @pytest.mark.gpu

@@ -395,13 +395,18 @@ def _bf16_gemv_kernel(x_ptr, w_ptr, out_ptr, ws_ptr, lock_ptr, N, K, stride,
 
 @triton.jit
 def _int4_planar_dequant_kernel(w_ptr, sz_ptr, out_ptr, N, K, stride, GROUP: tl.constexpr, P: tl.constexpr,
-                                BN: tl.constexpr):
-    # One program: BN rows x one block (P words = 8P columns), written out in bf16 [N, K].
+                                BN: tl.constexpr, TILED: tl.constexpr = False):
+    # One program: BN rows x one block (P words = 8P columns), written out in bf16 [N, K]. ``TILED``: the words
+    # in ``gemv_cuda.tile_words``' order ([N/16, blocks, 16 rows, P words]).
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     live = rows < N
     blk = tl.program_id(1)
     cols = tl.arange(0, P)
-    words = tl.load(w_ptr + rows[:, None] * stride + blk * P + cols[None, :], mask=live[:, None], other=0)
+    if TILED:
+        where = (rows // 16)[:, None] * (16 * stride) + blk * (16 * P) + (rows % 16)[:, None] * P + cols[None, :]
+    else:
+        where = rows[:, None] * stride + blk * P + cols[None, :]
+    words = tl.load(w_ptr + where, mask=live[:, None], other=0)
     for j in tl.static_range(8):
         pair = tl.load(sz_ptr + ((blk * 8 * P + j * P) // GROUP) * N + rows, mask=live, other=0)
         scale = (pair << 16).to(tl.float32, bitcast=True)[:, None]
@@ -553,13 +558,14 @@ def bf16_gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, ws: Workspace
 
 
 def int4_planar_dequant(words: torch.Tensor, sz: torch.Tensor, group: int, planes: int,
-                        out: torch.Tensor) -> torch.Tensor:
-    """The bf16 weight [N, K] of a planar int4 layer, written into ``out`` (for cuBLAS on a prompt)."""
+                        out: torch.Tensor, tiled: bool = False) -> torch.Tensor:
+    """The bf16 weight [N, K] of a planar int4 layer (``tiled``: in ``gemv_cuda.tile_words``' order), written
+    into ``out`` (for cuBLAS on a prompt)."""
     n, kw = words.shape
     k = kw * 8
     bn = 32
-    _int4_planar_dequant_kernel[(triton.cdiv(n, bn), k // (8 * planes))](words, sz, out, n, k, words.stride(0), GROUP=group,
-                                                                          P=planes, BN=bn, num_warps=4)
+    _int4_planar_dequant_kernel[(triton.cdiv(n, bn), k // (8 * planes))](words, sz, out, n, k, kw, GROUP=group,
+                                                                          P=planes, BN=bn, TILED=tiled, num_warps=4)
     return out
 
 

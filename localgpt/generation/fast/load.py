@@ -429,7 +429,7 @@ def prepare_imports(device: str, transformers: bool = True) -> None:
     import localgpt.generation.fast.transformer  # noqa: F401
 
     if torch.device(device).type == "cuda":
-        for kernels in ("gemv_triton", "int4_triton", "scan_triton"):
+        for kernels in ("gemv_triton", "gemv_cuda", "int4_triton", "scan_triton"):
             try:
                 importlib.import_module(f"localgpt.generation.fast.{kernels}")
             except ImportError:  # no Triton: the load's own checks fall back, as they always did

@@ -30,7 +30,28 @@ PROMPT_ROWS = 32
 # Round 3 (gemv_triton.X2, bf16x2 unpacking): int4 2085 us of GEMV a step summed over Llama-2-7B's layers
 # against tinygemm's 2096 (a tie: not switched, the engine not re-measured); int8 2282 against 2698 (the int8
 # Triton path now runs X2 at Llama's shapes, gemv_triton.TUNED).
-DECODE_DEFAULT = {"int4": "legacy", "int8": "triton"}
+DECODE_DEFAULT = {"int4": "cuda", "int8": "triton"}
+
+# Tokens up to which a planar layer multiplies through the CUDA tensor-core GEMV (``gemv_cuda``, 8 tokens a
+# launch: a batch of decoding streams) instead of being written out in bf16 for cuBLAS.
+CUDA_ROWS = 16
+
+_SMS: dict = {}
+
+
+def _sms(device) -> int:
+    if device not in _SMS:
+        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS[device]
+
+
+def cuda_gemv_fits(planes: int | None, out_features: int, in_features: int, device=None) -> bool:
+    """Whether a planar layer of this shape can run on ``gemv_cuda`` here (16-word blocks, 16-row tiles)."""
+    if not planes or planes % 16 or out_features % 16 or in_features % 128:
+        return False
+    from localgpt.generation.fast import gemv_cuda
+
+    return gemv_cuda.available(device if device is not None else torch.cuda.current_device())
 
 
 class Int8Linear(nn.Module):
@@ -53,6 +74,16 @@ class Int8Linear(nn.Module):
             self.gemv_config, ws, lock = scratch("int8", self.out_features, self.in_features, weight.device)
             self.register_buffer("gemv_ws", ws, persistent=False)
             self.register_buffer("gemv_lock", lock, persistent=False)
+            # A few tokens at once (decoding streams of a batch): the CUDA tensor-core GEMV on the same words.
+            self.cuda_config = None
+            if cuda_gemv_fits(self.planes, self.out_features, self.in_features, weight.device):
+                from localgpt.generation.fast import gemv_cuda
+
+                cfg = gemv_cuda.config("int8", self.out_features, self.in_features, _sms(weight.device))
+                self.cuda_config = cfg[:7] + (False,)  # the Triton kernel reads the words: not tiled
+                ws, lock = gemv_cuda.scratch(self.out_features, cfg[2], cfg[0] * 16 * cfg[1], weight.device)
+                self.register_buffer("cuda_ws", ws, persistent=False)
+                self.register_buffer("cuda_lock", lock, persistent=False)
         else:
             self.register_buffer("weight", weight)  # int8 [out, in]
             self.register_buffer("words", None)
@@ -73,8 +104,15 @@ class Int8Linear(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
         if self.words is not None:
-            if x.numel() == x.shape[-1]:
+            if 1 < rows <= CUDA_ROWS and self.cuda_config is not None:
+                from localgpt.generation.fast.gemv_cuda import call
+
+                out = call(8, x.reshape(rows, self.in_features).to(torch.bfloat16).contiguous(), self.words, None,
+                           self.cuda_ws, self.cuda_lock, self.planes, self.cuda_config)
+                out = out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+            elif rows == 1:
                 bn, split, warps, dot = self.gemv_config
                 from localgpt.generation.fast.gemv_triton import int8_gemv_call
 
@@ -129,17 +167,34 @@ class Int4Linear(nn.Module):
         # The Triton kernel that dequantises this layer for prompts ("planar", or "tile" / "gather" for tinygemm's
         # layout), set by quantize_model once checked on this GPU; None: prompts also run on tinygemm.
         self.prompt_kernel: str | None = None
-        self.planes = int4_planes(self.in_features, groupsize) if layout == "planar" else None
+        if layout == "cuda" and not (nibbles.is_cuda and cuda_gemv_fits(int4_planes(self.in_features, groupsize),
+                                                                        self.out_features, self.in_features,
+                                                                        nibbles.device)):
+            layout = "tinygemm"  # a shape (or GPU) the CUDA GEMV does not take: what ran before
+        self.planes = int4_planes(self.in_features, groupsize) if layout in ("planar", "cuda") else None
         self.register_buffer("packed", None)
         self.register_buffer("words", None)
         self.register_buffer("nibbles", None)
+        self.tiled = False  # words in gemv_cuda.tile_words' order (the CUDA tensor-core GEMV)
         if nibbles.is_cuda and self.planes:
-            # The planar layout of the Triton decode GEMV (gemv_triton.py); prompts dequantise it for cuBLAS.
-            from localgpt.generation.fast.gemv_triton import scratch
-
+            # The planar layout of the decode GEMV kernels; prompts dequantise it for cuBLAS.
             self.layout = "planar"
-            self.words = pack_int4_planar(nibbles.contiguous(), self.planes)
-            self.gemv_config, ws, lock = scratch("int4", self.out_features, self.in_features, nibbles.device)
+            words = pack_int4_planar(nibbles.contiguous(), self.planes)
+            if layout == "cuda":
+                from localgpt.generation.fast import gemv_cuda
+
+                self.layout = "cuda"
+                self.tiled = True
+                words = gemv_cuda.tile_words(words, self.planes)
+                self.gemv_config = gemv_cuda.config("int4", self.out_features, self.in_features,
+                                                    _sms(nibbles.device))
+                ws, lock = gemv_cuda.scratch(self.out_features, self.gemv_config[2],
+                                             self.gemv_config[0] * 16 * self.gemv_config[1], nibbles.device)
+            else:
+                from localgpt.generation.fast.gemv_triton import scratch
+
+                self.gemv_config, ws, lock = scratch("int4", self.out_features, self.in_features, nibbles.device)
+            self.words = words
             self.register_buffer("gemv_ws", ws, persistent=False)
             self.register_buffer("gemv_lock", lock, persistent=False)
             self.prompt_kernel = "planar"
@@ -159,7 +214,12 @@ class Int4Linear(nn.Module):
         if self.nibbles is not None:
             return self.nibbles
         if self.words is not None:
-            return unpack_int4_planar(self.words, self.planes)
+            words = self.words
+            if self.tiled:
+                from localgpt.generation.fast.gemv_cuda import untile_words
+
+                words = untile_words(words, self.planes)
+            return unpack_int4_planar(words, self.planes)
         return unpack_int4_reference(self.packed, self.out_features)
 
     def dequantize(self) -> torch.Tensor:
@@ -179,13 +239,19 @@ class Int4Linear(nn.Module):
         if kernel == "planar":
             from localgpt.generation.fast.gemv_triton import int4_planar_dequant
 
-            return int4_planar_dequant(self.words, self.pairs(), self.groupsize, self.planes, out)
+            return int4_planar_dequant(self.words, self.pairs(), self.groupsize, self.planes, out, tiled=self.tiled)
         return dequantize_int4pack(self.packed, self.scales_and_zeros, self.groupsize, out, kernel=kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.words is not None:
             lead = x.shape[:-1]
-            if x.numel() == self.in_features:  # one token: the Triton GEMV
+            rows = x.numel() // self.in_features
+            if self.tiled and rows <= CUDA_ROWS:  # up to 16 tokens: the tensor-core GEMV, 8 tokens a launch
+                from localgpt.generation.fast.gemv_cuda import call
+
+                out = call(4, x.reshape(rows, self.in_features).to(torch.bfloat16).contiguous(), self.words,
+                           self.pairs(), self.gemv_ws, self.gemv_lock, self.planes, self.gemv_config)
+            elif rows == 1 and not self.tiled:  # one token: the Triton GEMV
                 bn, split, warps, dot = self.gemv_config
                 from localgpt.generation.fast.gemv_triton import int4_gemv_call
 
@@ -386,23 +452,26 @@ def _host(state: dict) -> dict:
     return {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
 
 
-def check_decode_kernel(layer: nn.Module, reference: torch.Tensor, *, tries: int = 2) -> bool:
+def check_decode_kernel(layer: nn.Module, reference: torch.Tensor, *, tries: int = 2, rows: int = 1) -> bool:
     """Whether ``layer``'s one-token path (a Triton GEMV) computes ``reference`` @ x here, for random x.
 
     ``reference``: the fp32 weight [out, in] the layer's bits mean. Allowed: bf16 rounding of the result plus
     fp32 summation-order error; a misread bit field is off by a whole quantisation step, ~10x more. Any
     failure (no Triton, a kernel that does not build, a wrong layout) is False: the caller falls back.
+    ``rows``: tokens at once (a batch of decoding streams takes other kernels than one token).
     """
     try:
         for _ in range(tries):
-            x = torch.randn(1, 1, reference.shape[1], device=reference.device, dtype=torch.bfloat16)
-            want = reference @ x.reshape(-1).float()
-            got = layer(x).reshape(-1).float()
+            x = torch.randn(1, rows, reference.shape[1], device=reference.device, dtype=torch.bfloat16)
+            want = x.reshape(rows, -1).float() @ reference.t()
+            got = layer(x).reshape(rows, -1).float()
             if layer.bias is not None:
                 got = got - layer.bias.float()
-            slack = want.abs() * 2**-7 + 1e-5 * (reference.abs() @ x.reshape(-1).float().abs()) + 1e-6
+            slack = want.abs() * 2**-7 + 1e-5 * (x.reshape(rows, -1).float().abs() @ reference.abs().t()) + 1e-6
             if not bool(((got - want).abs() <= slack).all()):
                 return False
+        if rows > 1:
+            return True
         # The prompt path of the same bits: the weight written out (int4) or the bytes in their order (int8).
         if isinstance(layer, Linear):
             return True
@@ -435,13 +504,16 @@ def quantize_model(model: nn.Module, mode: str, *, groupsize: int = 128, saved: 
     """
     if decode == "auto":
         decode = DECODE_DEFAULT[mode] if mode in DECODE_DEFAULT else "legacy"
+    if decode == "cuda" and mode == "int8":
+        decode = "triton"  # int8 runs one token on the Triton GEMV; batches of tokens on gemv_cuda either way
     kinds = {"int8": Int8Linear, "int4": Int4Linear}
     if mode not in kinds:
         raise ValueError(f"unknown weight-only mode {mode!r}")
     states: dict = {}
     prompt_kernel: str | None | bool = False  # checked on the first tinygemm-layout int4 layer on CUDA
-    planar: bool | None = None if decode == "triton" else False  # checked on the first layer on CUDA
+    planar: bool | None = None if decode in ("triton", "cuda") else False  # checked on the first layer on CUDA
     fma_only = False  # the first layer's tuned kernel failed its check: every layer on the FMA kernel
+    batched: bool | None = None  # int8: the first layer's several-token CUDA path, checked
     for parent, attr, name in list(_linears(model)):
         layer = getattr(parent, attr)
         device = layer.weight.device
@@ -461,23 +533,32 @@ def quantize_model(model: nn.Module, mode: str, *, groupsize: int = 128, saved: 
         del layer
         new = None
         if device.type == "cuda" and planar is not False:
-            new = kinds[mode].from_state(state, device, layout="planar")
-            if planar is None and new.layout == "planar":
+            new = kinds[mode].from_state(state, device, layout="cuda" if decode == "cuda" else "planar")
+            if planar is None and new.layout in ("planar", "cuda"):
                 if mode == "int4":
                     reference = dequantize_int4(state["nibbles"].to(device), new.scales_and_zeros, new.groupsize)
                 else:
                     reference = state["weight"].to(device).float() * new.scales.float()[:, None]
                 planar = check_decode_kernel(new, reference)
+                if not planar and new.layout == "cuda":
+                    # The CUDA tensor-core GEMV is wrong or does not build here: the Triton kernels.
+                    decode = "triton"
+                    new = kinds[mode].from_state(state, device, layout="planar")
+                    planar = check_decode_kernel(new, reference)
                 if not planar and new.gemv_config[3] != 0:
                     # The tuned kernel (bf16x2 or tensor-core) is wrong or does not build here: the FMA kernel.
                     fma_only = True
                     _use_fma_kernel(new, mode)
                     planar = check_decode_kernel(new, reference)
+                if planar and getattr(new, "cuda_config", None) is not None:
+                    batched = check_decode_kernel(new, reference, rows=3)
                 del reference
                 if not planar:
                     new = None
             elif fma_only and new.layout == "planar":
                 _use_fma_kernel(new, mode)
+            if new is not None and batched is False and getattr(new, "cuda_config", None) is not None:
+                new.cuda_config = None  # several tokens: bf16 through cuBLAS, as before
         if new is None:
             new = kinds[mode].from_state(state, device)
         setattr(parent, attr, new)
