@@ -142,7 +142,7 @@ def main() -> None:
                                if "cuda w%d s%d d%d%s" % (c[0], c[2], c[4], " c" if c[6] else "") == best_name)
                     ws, lock = C.scratch(n, cfg[2], cfg[0] * 16 * cfg[1], x.device)
                     tw_ = [C.tile_words(wd, planes) for wd in words_]
-                    for m in (3, 8, 16):
+                    for m in (3, 8, 12, 16):
                         xm = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                         if kind == "int4":
                             refm = xm.float() @ dequantize_int4(st["nibbles"], st["scales_and_zeros"], 128).t()
@@ -166,7 +166,7 @@ def main() -> None:
                         if wrong:
                             entry[f"cuda x{m}"] = wrong
                             continue
-                        if m == 3:
+                        if m in (3, 12):
                             continue
                         entry[f"cuda x{m}"] = graph_us(run, repeats=9)
                         if kind == "int4":

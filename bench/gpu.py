@@ -732,10 +732,9 @@ def run_concurrency(args, log, results: dict, key: str = "llama") -> None:
         try:
             with torch.inference_mode():
                 net = build_network(hf)
-                if variant == "int4":
-                    quantize_model(net, "int4")
-                elif variant == "int8":
-                    quantize_model(net, "int8")
+                base, _, decode = variant.partition("-")  # int4, int4-legacy (tinygemm), int8-triton, ...
+                if base in ("int4", "int8"):
+                    quantize_model(net, base, decode=decode or "auto")
                 if CUDA and getattr(net, "kind", "") == "transformer":
                     use_bf16_gemv(net)  # the bf16 layers' one-row path, as the generator sets it up
             free_cache()
@@ -797,7 +796,7 @@ def _concurrency_rows(entry: dict, rows: list, prefix: str = "") -> None:
         if h:
             rows.append(f"| {prefix}HF generate bf16 (padded batch) | {c} | {h['aggregate_tok_s']:.1f} | "
                         f"{1000 * c / h['itl_ms_mean']:.0f} | {1000 / h['itl_ms_mean']:.1f} | {h['itl_ms_mean']:.1f} (mean) | {h['ttft_ms']:.0f} (batch) |")
-    for variant in [v for base in ("bf16", "int8", "int4") for v in entry if v.split("/")[0] == base]:
+    for variant in [v for base in ("bf16", "int8", "int4") for v in entry if v.split("/")[0].split("-")[0] == base]:
         e = entry.get(variant)
         if not e:
             continue

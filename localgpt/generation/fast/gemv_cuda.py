@@ -73,7 +73,7 @@ __device__ __forceinline__ u16 f2bf(float f) { u16 h; asm("cvt.rn.bf16.f32 %0, %
 #define CHUNKS (P / 16)                 // 16-word chunks a block (a row's P words)
 #define COLS (P * FIELDS)               // columns a block
 #define ROWS (WARPS * 16 * TILES)       // rows a CTA
-#define MAXM 8                          // tokens (the mma's 8 columns)
+#define MAXM (8 * NT)                   // tokens: NT tiles of the mma's 8 columns
 
 // Rows of a tile are all in or all out (N % 16 == 0); a tile past N reads row g and writes nothing.
 __device__ __forceinline__ void load_block(uint4 (&v)[TILES][CHUNKS][2], u32 (&s)[TILES][2], const uint4* __restrict__ w,
@@ -102,16 +102,19 @@ __device__ __forceinline__ void load_block(uint4 (&v)[TILES][CHUNKS][2], u32 (&s
     }
 }
 
-// One block of every tile: c[0..3] = (row g, token 2t), (row g, token 2t + 1), (row g + 8, 2t), (row g + 8, 2t + 1).
+// One block of every tile. For each 8-token tile j: c[j][0..3] = (row g, token 8j + 2t), (row g, 8j + 2t + 1),
+// (row g + 8, 8j + 2t), (row g + 8, 8j + 2t + 1). The dequantised A fragments serve every token tile.
 __device__ __forceinline__ void mul_block(const uint4 (&v)[TILES][CHUNKS][2], const u32 (&sc)[TILES][2],
-                                          const uint4* xb, float xs0, float xs1, int t,
-                                          float (&acc)[TILES][4]) {
+                                          const uint4* const (&xb)[NT], const float (&xs0)[NT],
+                                          const float (&xs1)[NT], int t, float (&acc)[TILES][NT][4]) {
 #pragma unroll
     for (int tt = 0; tt < TILES; ++tt) {
 #if BITS == 4
-        float c[4] = {0.f, 0.f, 0.f, 0.f};
+        float c[NT][4];
+#pragma unroll
+        for (int j = 0; j < NT; ++j) c[j][0] = c[j][1] = c[j][2] = c[j][3] = 0.f;
 #else
-        float* c = acc[tt];  // int8: one chain over the whole row, unscaled
+        float (&c)[NT][4] = acc[tt];  // int8: one chain over the whole row, unscaled
 #endif
 #pragma unroll
         for (int ch = 0; ch < CHUNKS; ++ch) {
@@ -119,7 +122,9 @@ __device__ __forceinline__ void mul_block(const uint4 (&v)[TILES][CHUNKS][2], co
             const u32 w1v[4] = {v[tt][ch][1].x, v[tt][ch][1].y, v[tt][ch][1].z, v[tt][ch][1].w};
 #pragma unroll
             for (int s = 0; s < 4; ++s) {
-                const uint4 xq = xb[ch * 16 + 4 * t + s];
+                uint4 xq[NT];
+#pragma unroll
+                for (int j = 0; j < NT; ++j) xq[j] = xb[j][ch * 16 + 4 * t + s];
                 const u32 w0 = w0v[s], w1 = w1v[s];
 #if BITS == 4
 #if OFFSET
@@ -133,16 +138,22 @@ __device__ __forceinline__ void mul_block(const uint4 (&v)[TILES][CHUNKS][2], co
                 u32 a02 = bf2_add(nib_pair(w0 >> 8), m), a12 = bf2_add(nib_pair(w1 >> 8), m);
                 u32 a03 = bf2_add(nib_pair(w0 >> 12), m), a13 = bf2_add(nib_pair(w1 >> 12), m);
 #endif
-                mma16816(c, a00, a10, a01, a11, xq.x, xq.y);
-                mma16816(c, a02, a12, a03, a13, xq.z, xq.w);
+#pragma unroll
+                for (int j = 0; j < NT; ++j) {
+                    mma16816(c[j], a00, a10, a01, a11, xq[j].x, xq[j].y);
+                    mma16816(c[j], a02, a12, a03, a13, xq[j].z, xq[j].w);
+                }
 #else
                 const u32 lo = 0xC300C300u, hi = 0xC308C308u;  // -128 (lo nibble), -136 (hi nibble XOR 8)
                 u32 l00 = bf2_add(nib_pair(w0), lo), l10 = bf2_add(nib_pair(w1), lo);            // bytes 0, 2: lo
                 u32 h00 = bf2_add(nib_pair_flip(w0 >> 4), hi), h10 = bf2_add(nib_pair_flip(w1 >> 4), hi);
                 u32 l01 = bf2_add(nib_pair(w0 >> 8), lo), l11 = bf2_add(nib_pair(w1 >> 8), lo);  // bytes 1, 3: lo
                 u32 h01 = bf2_add(nib_pair_flip(w0 >> 12), hi), h11 = bf2_add(nib_pair_flip(w1 >> 12), hi);
-                mma16816(c, l00, l10, h00, h10, xq.x, xq.y);
-                mma16816(c, l01, l11, h01, h11, xq.z, xq.w);
+#pragma unroll
+                for (int j = 0; j < NT; ++j) {
+                    mma16816(c[j], l00, l10, h00, h10, xq[j].x, xq[j].y);
+                    mma16816(c[j], l01, l11, h01, h11, xq[j].z, xq[j].w);
+                }
 #endif
             }
         }
@@ -153,10 +164,13 @@ __device__ __forceinline__ void mul_block(const uint4 (&v)[TILES][CHUNKS][2], co
         z0 -= 136.f * s0;
         z1 -= 136.f * s1;
 #endif
-        acc[tt][0] += s0 * c[0] + z0 * xs0;
-        acc[tt][1] += s0 * c[1] + z0 * xs1;
-        acc[tt][2] += s1 * c[2] + z1 * xs0;
-        acc[tt][3] += s1 * c[3] + z1 * xs1;
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+            acc[tt][j][0] += s0 * c[j][0] + z0 * xs0[j];
+            acc[tt][j][1] += s0 * c[j][1] + z0 * xs1[j];
+            acc[tt][j][2] += s1 * c[j][2] + z1 * xs0[j];
+            acc[tt][j][3] += s1 * c[j][3] + z1 * xs1[j];
+        }
 #endif
     }
 }
@@ -172,7 +186,7 @@ __cluster_dims__(1, CLUSTER, 1)
 KERNEL_NAME(const u16* __restrict__ x, const uint4* __restrict__ w, const u32* __restrict__ sz,
             u16* __restrict__ out, float* __restrict__ ws, int* __restrict__ lock, int N, int K, int stride4,
             int split, int M) {
-    // x [M, K] bf16 (M <= 8 tokens), out [M, N] bf16; ws [split, M, N] fp32 and lock [row blocks] for split-K.
+    // x [M, K] bf16 (M <= 8 NT tokens), out [M, N] bf16; ws [split, M, N] fp32 and lock [row blocks] for split-K.
     extern __shared__ uint4 smem[];
     const int n_blocks = K / COLS;
     const int per = (n_blocks + split - 1) / split;
@@ -183,14 +197,15 @@ KERNEL_NAME(const u16* __restrict__ x, const uint4* __restrict__ w, const u32* _
     float* xs = (float*)(smem + M * per * P);           // [M, nb]: sum of x over a block (int4's zero points)
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
 
-    float acc[TILES][4];
+    float acc[TILES][NT][4];
     uint4 v[DEPTH][TILES][CHUNKS][2];
     u32 sc[DEPTH][TILES][2];
     int row0[TILES];
 #pragma unroll
     for (int tt = 0; tt < TILES; ++tt) {
         row0[tt] = blockIdx.x * ROWS + (warp * TILES + tt) * 16 + g;
-        acc[tt][0] = acc[tt][1] = acc[tt][2] = acc[tt][3] = 0.f;
+#pragma unroll
+        for (int j = 0; j < NT; ++j) acc[tt][j][0] = acc[tt][j][1] = acc[tt][j][2] = acc[tt][j][3] = 0.f;
     }
     // A ring of DEPTH register buffers: block b's words are loaded DEPTH - 1 blocks before they are multiplied.
     // The first ones are in flight while x is staged.
@@ -231,11 +246,18 @@ KERNEL_NAME(const u16* __restrict__ x, const uint4* __restrict__ w, const u32* _
     }
     __syncthreads();
 
-    // Column n of the mma is token n; a column past M multiplies token 0 again and is never written (the
-    // columns of an mma do not mix), so no thread needs a predicate.
-    const uint4* xg = xp + (g < M ? g : 0) * nb * P;
-    const int m0 = 2 * t < M ? 2 * t : -1, m1 = 2 * t + 1 < M ? 2 * t + 1 : -1;
-    const int x0 = max(m0, 0) * nb, x1 = max(m1, 0) * nb;
+    // Column n of token tile j is token 8j + n; a column past M multiplies token 0 again and is never written
+    // (the columns of an mma do not mix), so no thread needs a predicate.
+    const uint4* xg[NT];
+    int mt0[NT], mt1[NT], x0[NT], x1[NT];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+        xg[j] = xp + (8 * j + g < M ? 8 * j + g : 0) * nb * P;
+        mt0[j] = 8 * j + 2 * t < M ? 8 * j + 2 * t : -1;
+        mt1[j] = 8 * j + 2 * t + 1 < M ? 8 * j + 2 * t + 1 : -1;
+        x0[j] = max(mt0[j], 0) * nb;
+        x1[j] = max(mt1[j], 0) * nb;
+    }
     for (int blk = first; blk < last; blk += DEPTH) {
 #pragma unroll
         for (int d = 0; d < DEPTH; ++d) {
@@ -244,7 +266,11 @@ KERNEL_NAME(const u16* __restrict__ x, const uint4* __restrict__ w, const u32* _
                            N, stride4, g, t);
             if (blk + d < last) {
                 const int b = blk + d - first;
-                mul_block(v[d], sc[d], xg + b * P, xs[x0 + b], xs[x1 + b], t, acc);
+                const uint4* xb[NT];
+                float xs0[NT], xs1[NT];
+#pragma unroll
+                for (int j = 0; j < NT; ++j) { xb[j] = xg[j] + b * P; xs0[j] = xs[x0[j] + b]; xs1[j] = xs[x1[j] + b]; }
+                mul_block(v[d], sc[d], xb, xs0, xs1, t, acc);
             }
         }
     }
@@ -255,8 +281,12 @@ KERNEL_NAME(const u16* __restrict__ x, const uint4* __restrict__ w, const u32* _
 #pragma unroll
     for (int tt = 0; tt < TILES; ++tt) {
         const int lr = (warp * TILES + tt) * 16 + g;
-        if (m0 >= 0) { part_rows[m0 * ROWS + lr] = acc[tt][0]; part_rows[m0 * ROWS + lr + 8] = acc[tt][2]; }
-        if (m1 >= 0) { part_rows[m1 * ROWS + lr] = acc[tt][1]; part_rows[m1 * ROWS + lr + 8] = acc[tt][3]; }
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+            const int m0 = mt0[j], m1 = mt1[j];
+            if (m0 >= 0) { part_rows[m0 * ROWS + lr] = acc[tt][j][0]; part_rows[m0 * ROWS + lr + 8] = acc[tt][j][2]; }
+            if (m1 >= 0) { part_rows[m1 * ROWS + lr] = acc[tt][j][1]; part_rows[m1 * ROWS + lr + 8] = acc[tt][j][3]; }
+        }
     }
     cluster_sync();
     u32 rank;
@@ -286,8 +316,12 @@ KERNEL_NAME(const u16* __restrict__ x, const uint4* __restrict__ w, const u32* _
         for (int tt = 0; tt < TILES; ++tt) {
             const int r = row0[tt];
             if (r >= N) continue;
-            if (m0 >= 0) { out[(long)m0 * N + r] = f2bf(acc[tt][0]); out[(long)m0 * N + r + 8] = f2bf(acc[tt][2]); }
-            if (m1 >= 0) { out[(long)m1 * N + r] = f2bf(acc[tt][1]); out[(long)m1 * N + r + 8] = f2bf(acc[tt][3]); }
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+                const int m0 = mt0[j], m1 = mt1[j];
+                if (m0 >= 0) { out[(long)m0 * N + r] = f2bf(acc[tt][j][0]); out[(long)m0 * N + r + 8] = f2bf(acc[tt][j][2]); }
+                if (m1 >= 0) { out[(long)m1 * N + r] = f2bf(acc[tt][j][1]); out[(long)m1 * N + r + 8] = f2bf(acc[tt][j][3]); }
+            }
         }
         return;
     }
@@ -296,8 +330,12 @@ KERNEL_NAME(const u16* __restrict__ x, const uint4* __restrict__ w, const u32* _
     for (int tt = 0; tt < TILES; ++tt) {
         const int r = row0[tt];
         if (r >= N) continue;
-        if (m0 >= 0) { mine[(long)m0 * N + r] = acc[tt][0]; mine[(long)m0 * N + r + 8] = acc[tt][2]; }
-        if (m1 >= 0) { mine[(long)m1 * N + r] = acc[tt][1]; mine[(long)m1 * N + r + 8] = acc[tt][3]; }
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+            const int m0 = mt0[j], m1 = mt1[j];
+            if (m0 >= 0) { mine[(long)m0 * N + r] = acc[tt][j][0]; mine[(long)m0 * N + r + 8] = acc[tt][j][2]; }
+            if (m1 >= 0) { mine[(long)m1 * N + r] = acc[tt][j][1]; mine[(long)m1 * N + r + 8] = acc[tt][j][3]; }
+        }
     }
     __threadfence();
     __syncthreads();
@@ -327,13 +365,14 @@ Config = tuple
 
 
 def source(bits: int, planes: int, warps: int, tiles: int, offset: bool = False, depth: int = 2,
-           pref: bool = False, cluster: int = 0, tiled: bool = False) -> tuple[str, str]:
-    """(name, CUDA source) of one kernel configuration (``cluster``: the split-K parts, 0 for none)."""
+           pref: bool = False, cluster: int = 0, tiled: bool = False, nt: int = 1) -> tuple[str, str]:
+    """(name, CUDA source) of one kernel configuration (``cluster``: the split-K parts, 0 for none; ``nt``: tiles
+    of 8 tokens a launch takes, each A fragment multiplying all of them)."""
     name = (f"gemv_int{bits}_p{planes}_w{warps}_t{tiles}_d{depth}" + ("_o" if offset else "") + ("_l" if pref else "")
-            + (f"_c{cluster}" if cluster else "") + ("_tl" if tiled else ""))
+            + (f"_c{cluster}" if cluster else "") + ("_tl" if tiled else "") + (f"_m{8 * nt}" if nt > 1 else ""))
     head = (f"#define BITS {bits}\n#define P {planes}\n#define FIELDS {32 // bits}\n#define WARPS {warps}\n"
             f"#define TILES {tiles}\n#define OFFSET {int(offset)}\n#define DEPTH {depth}\n#define PREF {int(pref)}\n"
-            f"#define CLUSTER {cluster}\n#define TILED {int(tiled)}\n#define KERNEL_NAME {name}\n")
+            f"#define CLUSTER {cluster}\n#define TILED {int(tiled)}\n#define NT {nt}\n#define KERNEL_NAME {name}\n")
     return name, head + SOURCE
 
 
@@ -403,7 +442,9 @@ class _Kernel:
         self.func = ctypes.c_void_p()
         self._check(self.cuda.cuModuleGetFunction(ctypes.byref(self.func), self.module, name.encode()), "get function")
         self.threads = threads
-        self.smem_allowed = 48 * 1024
+        static = ctypes.c_int()
+        self._check(self.cuda.cuFuncGetAttribute(ctypes.byref(static), 1, self.func), "shared size")  # static bytes
+        self.smem_allowed = 48 * 1024 - static.value  # dynamic bytes a launch may ask for without opting in
 
     def allow_smem(self, nbytes: int) -> None:
         """Opt in to more than 48 KiB of dynamic shared memory (many tokens, few split-K parts)."""
@@ -425,23 +466,23 @@ class _Kernel:
 
 _KERNELS: dict = {}
 _LOCK = threading.Lock()
-MAXM = 8  # tokens a launch (the mma's 8 columns); more rows run in launches of 8
+MAXM = 16  # tokens a launch (two tiles of the mma's 8 columns); more rows run in launches of 16
 
 
-def kernel(bits: int, planes: int, device: torch.device, config: Config) -> _Kernel:
-    """The compiled kernel for this configuration and device (built once; cubins cached on disk)."""
+def kernel(bits: int, planes: int, device: torch.device, config: Config, nt: int = 1) -> _Kernel:
+    """The compiled kernel for this configuration, token tiles and device (built once; cubins cached on disk)."""
     warps, tiles, split, offset, depth, pref, cluster, tiled = config
     major, minor = torch.cuda.get_device_capability(device)
     arch = f"{major}{minor}"
     cluster = split if cluster and split > 1 else 0
-    key = (bits, planes, warps, tiles, bool(offset) and bits == 4, depth, bool(pref), cluster, bool(tiled), arch,
+    key = (bits, planes, warps, tiles, bool(offset) and bits == 4, depth, bool(pref), cluster, bool(tiled), nt, arch,
            device.index)
     with _LOCK:
         if key not in _KERNELS:
             if major < 8 or (cluster and major < 9):
                 raise RuntimeError("the CUDA GEMV needs bf16 mma (compute capability 8.0 or newer; 9.0 for "
                                    "thread block clusters)")
-            name, src = source(bits, planes, warps, tiles, key[4], depth, bool(pref), cluster, bool(tiled))
+            name, src = source(bits, planes, warps, tiles, key[4], depth, bool(pref), cluster, bool(tiled), nt)
             lib = _nvrtc()
             ver = (ctypes.c_int(), ctypes.c_int())
             lib.nvrtcVersion(ctypes.byref(ver[0]), ctypes.byref(ver[1]))
@@ -471,7 +512,7 @@ def smem_bytes(k: int, planes: int, bits: int, split: int, m: int) -> int:
 
 def gemv(bits: int, x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor | None, out: torch.Tensor,
          ws: torch.Tensor, lock: torch.Tensor, planes: int, config: Config) -> torch.Tensor:
-    """out [M, N] (bf16) = x W^T for M <= 8 tokens x [M, K] (bf16, contiguous; or one token [K] -> [N]); int4:
+    """out [M, N] (bf16) = x W^T for M <= 16 tokens x [M, K] (bf16, contiguous; or one token [K] -> [N]); int4:
     scaled (``sz``: [K/128, N] (scale, zero) bf16 pairs as int32), int8: unscaled row sums. ``ws`` fp32 [split *
     M * N] and ``lock`` int32 [row blocks] (zeros) for split-K without a cluster."""
     n, kw = words.shape
@@ -480,7 +521,7 @@ def gemv(bits: int, x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor | Non
     assert n % 16 == 0 and kw % 4 == 0 and planes % 16 == 0 and words.is_contiguous() and 1 <= m <= MAXM
     warps, tiles, split = config[:3]
     rows = warps * 16 * tiles
-    fn = kernel(bits, planes, x.device, config)
+    fn = kernel(bits, planes, x.device, config, 1 if m <= 8 else 2)
     smem = smem_bytes(k, planes, bits, split, m)
     fn.allow_smem(smem)
     fn(((n + rows - 1) // rows, split), smem,
@@ -557,7 +598,7 @@ def _eager(x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, ws: torch.Ten
 
 def call(bits: int, x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor | None, ws: torch.Tensor,
          lock: torch.Tensor, planes: int, config: Config) -> torch.Tensor:
-    """[M, N] bf16 = x W^T for x [M, K] bf16 (any M, launches of 8 tokens; int8: unscaled): the custom operator
+    """[M, N] bf16 = x W^T for x [M, K] bf16 (any M, launches of 16 tokens; int8: unscaled): the custom operator
     while torch.compile traces, a direct launch otherwise (the operator's eager wrapper would import
     torch._dynamo: gemv_triton's note)."""
     cfg = [int(c) for c in config]

@@ -32,7 +32,7 @@ PROMPT_ROWS = 32
 # Triton path now runs X2 at Llama's shapes, gemv_triton.TUNED).
 DECODE_DEFAULT = {"int4": "cuda", "int8": "triton"}
 
-# Tokens up to which a planar layer multiplies through the CUDA tensor-core GEMV (``gemv_cuda``, 8 tokens a
+# Tokens up to which a planar layer multiplies through the CUDA tensor-core GEMV (``gemv_cuda``, 16 tokens a
 # launch: a batch of decoding streams) instead of being written out in bf16 for cuBLAS.
 CUDA_ROWS = 16
 
@@ -246,7 +246,7 @@ class Int4Linear(nn.Module):
         if self.words is not None:
             lead = x.shape[:-1]
             rows = x.numel() // self.in_features
-            if self.tiled and rows <= CUDA_ROWS:  # up to 16 tokens: the tensor-core GEMV, 8 tokens a launch
+            if self.tiled and rows <= CUDA_ROWS:  # up to 16 tokens: the tensor-core GEMV, in one launch
                 from localgpt.generation.fast.gemv_cuda import call
 
                 out = call(4, x.reshape(rows, self.in_features).to(torch.bfloat16).contiguous(), self.words,
