@@ -150,15 +150,10 @@ def main() -> None:
                             refm = xm.float() @ q.float().t()
                         outm = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
                         if kind == "int4":
-                            run = [lambda i=i: C.int4_call(xm, tw_[i], sz_[i], ws, lock, planes, cfg)
+                            run = [lambda i=i: C.call(4, xm, tw_[i], sz_[i], ws, lock, planes, cfg)
                                    for i in range(copies)]
                         else:
-                            def run_i(i, xm=xm, outm=outm):
-                                for s0 in range(0, m, C.MAXM):
-                                    C.gemv(8, xm[s0:s0 + C.MAXM], tw_[i], None, outm[s0:s0 + C.MAXM], ws, lock,
-                                           planes, cfg)
-                                return outm
-                            run = [lambda i=i: run_i(i) for i in range(copies)]
+                            run = [lambda i=i: C.call(8, xm, tw_[i], None, ws, lock, planes, cfg) for i in range(copies)]
                         got = run[0]()
                         torch.cuda.synchronize()
                         tolm = 2 ** -7 * refm.abs() + 1e-5 * refm.abs().max().item() * 50 + 1e-3

@@ -24,12 +24,10 @@ from localgpt.generation.fast.transformer import Linear
 # dequantise + cuBLAS stays ~0.19 ms up to 128 rows).
 PROMPT_ROWS = 32
 
-# One-token kernels by mode for quantize_model(decode="auto"). H200, 2026-11-30: the Triton int4 GEMV
-# (planar layout) ran 288 tok/s against tinygemm's 348 on Llama-2-7B, so int4 stays on tinygemm; the Triton
-# int8 GEMV ran 289-299 tok/s (the compiler's int8 reduction was not re-measured on the H200: 223 on an H100).
-# Round 3 (gemv_triton.X2, bf16x2 unpacking): int4 2085 us of GEMV a step summed over Llama-2-7B's layers
-# against tinygemm's 2096 (a tie: not switched, the engine not re-measured); int8 2282 against 2698 (the int8
-# Triton path now runs X2 at Llama's shapes, gemv_triton.TUNED).
+# One-token kernels by mode for quantize_model(decode="auto"). int8: the Triton GEMV (gemv_triton.X2; 2282 us of
+# GEMV a Llama-2-7B step against 2698 for the FMA kernel, H200). int4, round 8 (2026-12-01, H200): the CUDA
+# tensor-core GEMV (gemv_cuda) 1507-1604 us a step against tinygemm's 2105 and the Triton X2 kernel's 2061;
+# the engine 434 tok/s against tinygemm's 378 (CUDA graph), Falcon-7B 304 vs 280, FalconMamba-7B 303 vs 266.
 DECODE_DEFAULT = {"int4": "cuda", "int8": "triton"}
 
 # Tokens up to which a planar layer multiplies through the CUDA tensor-core GEMV (``gemv_cuda``, 16 tokens a
@@ -497,10 +495,12 @@ def quantize_model(model: nn.Module, mode: str, *, groupsize: int = 128, saved: 
 
     ``saved``: layer states from ``load_quantized`` (no quantising then). Returns the device-neutral
     layer states when ``keep`` (for ``save_quantized``), else {}. Layers whose shape the int4 kernel
-    cannot take stay as they are. ``decode``: "triton" (on CUDA, the planar layouts and Triton GEMV kernels
-    of ``gemv_triton`` for one token, once the first layer's check passes), "legacy" (tinygemm for int4,
-    the compiler's reduction for int8: what ran before, and the fallback when the check fails) or "auto":
-    the faster one measured on the H200 (bench/gpu_notes.md): Triton for int8, tinygemm for int4.
+    cannot take stay as they are. ``decode``: "cuda" (int4 on CUDA: tiled planar words and the tensor-core
+    GEMV of ``gemv_cuda`` for up to 16 tokens, once the first layer's check passes; where it does not build
+    or fails, the Triton kernels), "triton" (the planar layouts and Triton GEMV kernels of ``gemv_triton``
+    for one token; int8 layers then take 2-16 tokens through ``gemv_cuda`` when its check passes), "legacy"
+    (tinygemm for int4, the compiler's reduction for int8: what ran before, and the last fallback) or
+    "auto": the faster one measured on the H200 (``DECODE_DEFAULT``): CUDA for int4, Triton for int8.
     """
     if decode == "auto":
         decode = DECODE_DEFAULT[mode] if mode in DECODE_DEFAULT else "legacy"
