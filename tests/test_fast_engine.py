@@ -544,8 +544,9 @@ def test_gpu_gemv_layers_pass_their_load_check_and_match_the_reference(mode):
 def test_gpu_tensor_core_gemv_matches_the_reference_for_1_to_16_tokens(mode, monkeypatch):
     """gemv_cuda (CUDA C by NVRTC, bf16 mma on dequantised registers): quantize_model's default puts int4 layers
     on it (tiled words) and int8 layers' batches of 2-16 tokens; every element within the load check's bounds
-    for 1, 3, 8 and 16 tokens at Llama-2-7B's shapes and several configs (split-K by workspace or cluster),
-    bit-identical CUDA-graph replays, the same bits for prompts and for the portable nibbles; a kernel that
+    for 1, 3, 8, 12 and 16 tokens at Llama-2-7B's shapes and several configs (split-K by workspace or cluster),
+    bit-identical CUDA-graph replays, a token's result the same whatever else is in the launch, the same bits
+    for prompts and for the portable nibbles; a kernel that
     fails its load check sends int4 back to the Triton kernels."""
     _needs_cuda()
     pytest.importorskip("triton")
@@ -587,6 +588,11 @@ def test_gpu_tensor_core_gemv_matches_the_reference_for_1_to_16_tokens(mode, mon
                 for _ in range(3):
                     graph.replay()
                     assert torch.equal(replayed.reshape(rows, n).float(), got)  # deterministic, counters reset
+        # A token's result does not depend on the others in the launch (a batch of streams answers as one alone).
+        x16 = torch.randn(1, 16, k, device="cuda", dtype=torch.bfloat16)
+        all16 = q(x16)
+        for rows in ((1, 3, 8, 9) if mode == "int4" else (3, 8, 9)):  # int8's single token: the Triton kernel
+            assert torch.equal(q(x16[:, :rows]), all16[:, :rows]), (mode, n, k, rows)
         xs = torch.randn(1, 40, k, device="cuda", dtype=torch.bfloat16)  # a prompt: the same bits, in bf16
         assert ((q(xs).float() - xs.float() @ ref.t()).norm() / (xs.float() @ ref.t()).norm()) < 1e-2
     if mode == "int4":

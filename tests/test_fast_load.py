@@ -367,10 +367,13 @@ GEMV_LAYERS = textwrap.dedent("""
     from localgpt.generation.fast.transformer import Linear
     torch.manual_seed(0)
     layers = {}
-    for mode in ("none", "int8", "int4"):
+    for mode in ("none", "int8", "int4", "int4-cuda"):
         net = torch.nn.Sequential(Linear((torch.randn(4096, 4096, device="cuda") * 0.02).to(torch.bfloat16)))
         if mode == "none":
             assert use_bf16_gemv(net) == 1
+        elif mode == "int4-cuda":  # the default: gemv_cuda's tensor-core kernel (localgpt::gemv_cuda)
+            quantize_model(net, "int4")
+            assert net[0].layout == "cuda"
         else:
             quantize_model(net, mode, decode="triton")
         layers[mode] = net
