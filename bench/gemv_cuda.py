@@ -47,7 +47,7 @@ def configs(kind: str, quick: bool):
 
 
 def cuda_call(bits, x, words, sz, out, planes, cfg):
-    ws, lock = C.scratch(words.shape[0], cfg[2], cfg[0] * 16 * cfg[1], x.device)
+    ws, lock = C.scratch(words.shape[0], cfg, x.device)
     if cfg[7]:
         words = C.tile_words(words, planes)
     return lambda: C.gemv(bits, x, words, sz, out, ws, lock, planes, cfg)
@@ -140,7 +140,7 @@ def main() -> None:
                     best_name = ok[0][1]
                     cfg = next(c for c in configs(kind, args.quick)
                                if "cuda w%d s%d d%d%s" % (c[0], c[2], c[4], " c" if c[6] else "") == best_name)
-                    ws, lock = C.scratch(n, cfg[2], cfg[0] * 16 * cfg[1], x.device)
+                    ws, lock = C.scratch(n, cfg, x.device)
                     tw_ = [C.tile_words(wd, planes) for wd in words_]
                     for m in (3, 8, 12, 16):
                         xm = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)

@@ -114,10 +114,13 @@ def copy_bandwidth() -> float:
 
 
 def decode_bytes(network, max_seq: int) -> int:
-    """Bytes one decode step reads: every weight except the embedding table (one row), plus the KV cache."""
+    """Bytes one decode step reads: every weight except the embedding table (one row), plus the KV cache. The
+    GEMV kernels' split-K scratch (workspaces sized for a batch, arrival counters) is not weights: left out."""
     total = 0
     for name, t in list(network.named_parameters()) + list(network.named_buffers()):
         if name in ("embed", "cos", "sin") or name.endswith(("k_cache", "v_cache", "conv_state", "ssm_state")):
+            continue
+        if name.endswith(("gemv_ws", "gemv_lock", "cuda_ws", "cuda_lock")):
             continue
         total += t.numel() * t.element_size()
     if getattr(network, "kind", "") == "transformer":

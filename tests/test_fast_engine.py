@@ -571,7 +571,7 @@ def test_gpu_tensor_core_gemv_matches_the_reference_for_1_to_16_tokens(mode, mon
                             [(8, 1, False), (4, 4, False), (8, 4, cluster_ok), (4, 8, cluster_ok)]]
         for cfg in configs:
             if cfg is not None:
-                ws, lock = gemv_cuda.scratch(n, cfg[2], cfg[0] * 16, "cuda")
+                ws, lock = gemv_cuda.scratch(n, cfg, "cuda")
                 if mode == "int4":
                     q.gemv_config, q.gemv_ws, q.gemv_lock = cfg, ws, lock
                 else:

@@ -569,11 +569,13 @@ TUNED: dict[tuple[str, int, int], Config] = {
 }
 
 
-def config(kind: str, n: int, k: int, sms: int) -> Config:
+def config(kind: str, n: int, k: int, sms: int, clusters: bool = True) -> Config:
     """The tuned configuration of a layer shape, or the rule: 8 warps of one tile (128 rows a CTA), split-K
-    until there are ~2 CTAs an SM (at most 16 parts, each at least 4 blocks), tiled, L2 prefetch, no cluster."""
+    until there are ~2 CTAs an SM (at most 16 parts, each at least 4 blocks), tiled, L2 prefetch, no cluster.
+    ``clusters=False`` (a GPU before Hopper): split-K parts meet in the workspace instead."""
     if (kind, n, k) in TUNED:
-        return TUNED[(kind, n, k)]
+        tuned = TUNED[(kind, n, k)]
+        return tuned if clusters else tuned[:6] + (False,) + tuned[7:]
     row_blocks = -(-n // 128)
     blocks = k // 128
     split = 1
@@ -582,11 +584,15 @@ def config(kind: str, n: int, k: int, sms: int) -> Config:
     return (8, 1, split, kind == "int4", 2, True, False, True)
 
 
-def scratch(n: int, split: int, rows: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The split-K workspace (MAXM tokens) and arrival counters of a layer."""
-    blocks = -(-n // rows)
-    ws = torch.empty(max(split, 1) * MAXM * n if split > 1 else 1, dtype=torch.float32, device=device)
-    return ws, torch.zeros(blocks if split > 1 else 1, dtype=torch.int32, device=device)
+def scratch(n: int, config: Config, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split-K workspace (MAXM tokens) and arrival counters a layer's configuration needs (none when its
+    parts meet in a cluster's shared memory, or there is one part)."""
+    warps, tiles, split, cluster = config[0], config[1], config[2], config[6]
+    if split <= 1 or cluster:
+        return (torch.empty(1, dtype=torch.float32, device=device), torch.zeros(1, dtype=torch.int32, device=device))
+    blocks = -(-n // (warps * 16 * tiles))
+    return (torch.empty(split * MAXM * n, dtype=torch.float32, device=device),
+            torch.zeros(blocks, dtype=torch.int32, device=device))
 
 
 def available(device) -> bool:

@@ -77,9 +77,10 @@ class Int8Linear(nn.Module):
             if cuda_gemv_fits(self.planes, self.out_features, self.in_features, weight.device):
                 from localgpt.generation.fast import gemv_cuda
 
-                cfg = gemv_cuda.config("int8", self.out_features, self.in_features, _sms(weight.device))
+                cfg = gemv_cuda.config("int8", self.out_features, self.in_features, _sms(weight.device),
+                                       torch.cuda.get_device_capability(weight.device)[0] >= 9)
                 self.cuda_config = cfg[:7] + (False,)  # the Triton kernel reads the words: not tiled
-                ws, lock = gemv_cuda.scratch(self.out_features, cfg[2], cfg[0] * 16 * cfg[1], weight.device)
+                ws, lock = gemv_cuda.scratch(self.out_features, self.cuda_config, weight.device)
                 self.register_buffer("cuda_ws", ws, persistent=False)
                 self.register_buffer("cuda_lock", lock, persistent=False)
         else:
@@ -185,9 +186,9 @@ class Int4Linear(nn.Module):
                 self.tiled = True
                 words = gemv_cuda.tile_words(words, self.planes)
                 self.gemv_config = gemv_cuda.config("int4", self.out_features, self.in_features,
-                                                    _sms(nibbles.device))
-                ws, lock = gemv_cuda.scratch(self.out_features, self.gemv_config[2],
-                                             self.gemv_config[0] * 16 * self.gemv_config[1], nibbles.device)
+                                                    _sms(nibbles.device),
+                                                    torch.cuda.get_device_capability(nibbles.device)[0] >= 9)
+                ws, lock = gemv_cuda.scratch(self.out_features, self.gemv_config, nibbles.device)
             else:
                 from localgpt.generation.fast.gemv_triton import scratch
 
