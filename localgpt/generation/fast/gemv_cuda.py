@@ -414,7 +414,6 @@ def compile_cubin(src: str, name: str, arch: str, nvrtc: ctypes.CDLL | None = No
 
     def check(code: int, what: str) -> None:
         if code != 0:
-            msg = ctypes.c_char_p()
             lib.nvrtcGetErrorString.restype = ctypes.c_char_p
             raise RuntimeError(f"NVRTC {what}: {lib.nvrtcGetErrorString(code).decode()}")
 
@@ -595,15 +594,23 @@ def scratch(n: int, config: Config, device) -> tuple[torch.Tensor, torch.Tensor]
             torch.zeros(blocks, dtype=torch.int32, device=device))
 
 
+_AVAILABLE: dict = {}
+
+
 def available(device) -> bool:
     """Whether this GPU can run these kernels (bf16 mma: compute capability 8.0+) and NVRTC loads here."""
-    try:
-        if torch.cuda.get_device_capability(device)[0] < 8:
-            return False
-        _nvrtc()
-        return True
-    except Exception:  # noqa: BLE001 - no CUDA, no NVRTC: the Triton kernels / tinygemm instead
-        return False
+    if device not in _AVAILABLE:
+        try:
+            _AVAILABLE[device] = torch.cuda.get_device_capability(device)[0] >= 8 and _nvrtc() is not None
+        except Exception:  # noqa: BLE001 - no CUDA, no NVRTC: the Triton kernels / tinygemm instead
+            _AVAILABLE[device] = False
+    return _AVAILABLE[device]
+
+
+def device_traits(device) -> tuple[int, bool]:
+    """(streaming multiprocessors, thread block clusters available) of a GPU, for ``config``."""
+    props = torch.cuda.get_device_properties(device)
+    return props.multi_processor_count, props.major >= 9
 
 
 _OPTIN: dict = {}

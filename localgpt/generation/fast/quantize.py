@@ -34,15 +34,6 @@ DECODE_DEFAULT = {"int4": "cuda", "int8": "triton"}
 # launch: a batch of decoding streams) instead of being written out in bf16 for cuBLAS.
 CUDA_ROWS = 16
 
-_SMS: dict = {}
-
-
-def _sms(device) -> int:
-    if device not in _SMS:
-        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _SMS[device]
-
-
 def cuda_gemv_fits(planes: int | None, out_features: int, in_features: int, device=None) -> bool:
     """Whether a planar layer of this shape can run on ``gemv_cuda`` here (16-word blocks, 16-row tiles)."""
     if not planes or planes % 16 or out_features % 16 or in_features % 128:
@@ -77,8 +68,8 @@ class Int8Linear(nn.Module):
             if cuda_gemv_fits(self.planes, self.out_features, self.in_features, weight.device):
                 from localgpt.generation.fast import gemv_cuda
 
-                cfg = gemv_cuda.config("int8", self.out_features, self.in_features, _sms(weight.device),
-                                       torch.cuda.get_device_capability(weight.device)[0] >= 9)
+                cfg = gemv_cuda.config("int8", self.out_features, self.in_features,
+                                       *gemv_cuda.device_traits(weight.device))
                 self.cuda_config = cfg[:7] + (False,)  # the Triton kernel reads the words: not tiled
                 ws, lock = gemv_cuda.scratch(self.out_features, self.cuda_config, weight.device)
                 self.register_buffer("cuda_ws", ws, persistent=False)
@@ -175,6 +166,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("words", None)
         self.register_buffer("nibbles", None)
         self.tiled = False  # words in gemv_cuda.tile_words' order (the CUDA tensor-core GEMV)
+        self.cuda_rows = 0  # tokens up to which one call runs on that GEMV (CUDA_ROWS; 1 if only one token passed)
         if nibbles.is_cuda and self.planes:
             # The planar layout of the decode GEMV kernels; prompts dequantise it for cuBLAS.
             self.layout = "planar"
@@ -184,10 +176,10 @@ class Int4Linear(nn.Module):
 
                 self.layout = "cuda"
                 self.tiled = True
+                self.cuda_rows = CUDA_ROWS
                 words = gemv_cuda.tile_words(words, self.planes)
                 self.gemv_config = gemv_cuda.config("int4", self.out_features, self.in_features,
-                                                    _sms(nibbles.device),
-                                                    torch.cuda.get_device_capability(nibbles.device)[0] >= 9)
+                                                    *gemv_cuda.device_traits(nibbles.device))
                 ws, lock = gemv_cuda.scratch(self.out_features, self.gemv_config, nibbles.device)
             else:
                 from localgpt.generation.fast.gemv_triton import scratch
@@ -245,7 +237,7 @@ class Int4Linear(nn.Module):
         if self.words is not None:
             lead = x.shape[:-1]
             rows = x.numel() // self.in_features
-            if self.tiled and rows <= CUDA_ROWS:  # up to 16 tokens: the tensor-core GEMV, in one launch
+            if rows <= self.cuda_rows:  # up to 16 tokens: the tensor-core GEMV, in one launch
                 from localgpt.generation.fast.gemv_cuda import call
 
                 out = call(4, x.reshape(rows, self.in_features).to(torch.bfloat16).contiguous(), self.words,
@@ -514,7 +506,7 @@ def quantize_model(model: nn.Module, mode: str, *, groupsize: int = 128, saved: 
     prompt_kernel: str | None | bool = False  # checked on the first tinygemm-layout int4 layer on CUDA
     planar: bool | None = None if decode in ("triton", "cuda") else False  # checked on the first layer on CUDA
     fma_only = False  # the first layer's tuned kernel failed its check: every layer on the FMA kernel
-    batched: bool | None = None  # int8: the first layer's several-token CUDA path, checked
+    batched: bool | None = None  # the first layer's several-token CUDA path (int4 cuda, int8 planar), checked
     for parent, attr, name in list(_linears(model)):
         layer = getattr(parent, attr)
         device = layer.weight.device
@@ -551,15 +543,18 @@ def quantize_model(model: nn.Module, mode: str, *, groupsize: int = 128, saved: 
                     fma_only = True
                     _use_fma_kernel(new, mode)
                     planar = check_decode_kernel(new, reference)
-                if planar and getattr(new, "cuda_config", None) is not None:
-                    batched = check_decode_kernel(new, reference, rows=3)
+                if planar and (new.layout == "cuda" or getattr(new, "cuda_config", None) is not None):
+                    batched = check_decode_kernel(new, reference, rows=12)  # both token tiles of a launch
                 del reference
                 if not planar:
                     new = None
             elif fma_only and new.layout == "planar":
                 _use_fma_kernel(new, mode)
-            if new is not None and batched is False and getattr(new, "cuda_config", None) is not None:
-                new.cuda_config = None  # several tokens: bf16 through cuBLAS, as before
+            if new is not None and batched is False:  # several tokens: bf16 through cuBLAS, as before
+                if new.layout == "cuda":
+                    new.cuda_rows = 1
+                else:
+                    new.cuda_config = None
         if new is None:
             new = kinds[mode].from_state(state, device)
         setattr(parent, attr, new)
