@@ -616,12 +616,14 @@ def device_traits(device) -> tuple[int, bool]:
 _OPTIN: dict = {}
 
 
-def tokens_a_launch(k: int, planes: int, bits: int, split: int, device) -> int:
-    """The most tokens (<= MAXM) whose staged x fits a CTA's shared memory on this GPU (x for every column of the
-    CTA's split-K part; the static part, < 10 KiB, left aside)."""
+def tokens_a_launch(k: int, planes: int, bits: int, config: Config, device) -> int:
+    """The most tokens (<= MAXM) whose staged x fits a CTA's shared memory on this GPU beside the kernel's static
+    part (a cluster kernel's per-row partial sums for MAXM tokens, else a flag)."""
     if device not in _OPTIN:
         _OPTIN[device] = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
-    room = _OPTIN[device] - 10 * 1024
+    warps, tiles, split, cluster = config[0], config[1], config[2], config[6]
+    static = (MAXM * warps * 16 * tiles * 4 if cluster and split > 1 else 0) + 16
+    room = _OPTIN[device] - static
     return max(1, min(MAXM, room // max(smem_bytes(k, planes, bits, split, 1), 1)))
 
 
@@ -631,7 +633,7 @@ def _eager(x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, ws: torch.Ten
     k = words.shape[1] * (32 // bits)
     rows = x.reshape(-1, k)
     out = torch.empty(rows.shape[0], n, dtype=torch.bfloat16, device=x.device)
-    step = tokens_a_launch(k, planes, bits, config[2], x.device)
+    step = tokens_a_launch(k, planes, bits, config, x.device)
     for start in range(0, rows.shape[0], step):
         gemv(bits, rows[start:start + step], words, sz if bits == 4 else None, out[start:start + step], ws, lock,
              planes, tuple(config))

@@ -444,7 +444,7 @@ def _host(state: dict) -> dict:
 
 
 def check_decode_kernel(layer: nn.Module, reference: torch.Tensor, *, tries: int = 2, rows: int = 1) -> bool:
-    """Whether ``layer``'s one-token path (a Triton GEMV) computes ``reference`` @ x here, for random x.
+    """Whether ``layer``'s decode path (a Triton or CUDA GEMV) computes x @ ``reference``^T here, for random x.
 
     ``reference``: the fp32 weight [out, in] the layer's bits mean. Allowed: bf16 rounding of the result plus
     fp32 summation-order error; a misread bit field is off by a whole quantisation step, ~10x more. Any
