@@ -9,6 +9,14 @@ lm_head) for the best configuration of each kernel; ``--json`` writes everything
 configs as a Python dict for ``gemv_cuda.TUNED``.
 
     python bench/gemv_cuda.py [--kinds int4,int8] [--quick]
+
+``--chain``: the GEMVs of a Llama-2-7B decode step as they run in the engine (32 layers of random weights in the
+"cuda" layouts, qkv -> o -> gate_up -> down; the attention left out: o reads q), one CUDA graph a step, µs a
+step: the residual adds + RMSNorms and silu·up as their own Triton kernels ("separate") against folded into
+the GEMVs' prologues ("prologue", ``quantize.prologue_gemv``), each without and with programmatic dependent
+launch and the L2 bulk prefetch. The results of the variants are compared with each other.
+
+    python bench/gemv_cuda.py --chain [--kinds int4,int8] [--layers 32]
 """
 
 from __future__ import annotations
@@ -63,12 +71,102 @@ def check(out, ref, tol, name):
     return None
 
 
+def chain(kinds: list[str], n_layers: int) -> dict:
+    """µs a decode step of GEMVs (see the module's note) per (kind, variant); prints a table."""
+    from localgpt.generation.fast import slot_triton
+    from localgpt.generation.fast.quantize import Int4Linear, Int8Linear, prologue_gemv
+    from localgpt.generation.fast.transformer import RMSNorm
+
+    dim, inner = 4096, 11008
+    shapes = {"wqkv": (3 * dim, dim), "wo": (dim, dim), "w_in": (2 * inner, dim), "w_out": (dim, inner)}
+    results = {}
+    for kind in kinds:
+        torch.manual_seed(0)
+        layers = []
+        for _ in range(n_layers):
+            blk = {}
+            for name, (n, k) in shapes.items():
+                if kind == "int4":
+                    st = int4_state(Linear(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02), 128, 8)
+                    blk[name] = Int4Linear.from_state(st, torch.device("cuda"), layout="cuda")
+                else:
+                    q = torch.randint(-128, 128, (n, k), device="cuda", dtype=torch.int8)
+                    sc = (torch.rand(n, device="cuda") * 2e-4 + 1e-4).to(torch.bfloat16)
+                    blk[name] = Int8Linear.from_state({"weight": q, "scales": sc, "bias": None}, torch.device("cuda"),
+                                                      layout="cuda")
+                assert blk[name].prologue_ok, (kind, name)
+            blk["n1"] = RMSNorm(1 + 0.1 * torch.randn(dim, device="cuda", dtype=torch.bfloat16), 1e-5)
+            blk["n2"] = RMSNorm(1 + 0.1 * torch.randn(dim, device="cuda", dtype=torch.bfloat16), 1e-5)
+            layers.append(blk)
+        x0 = torch.randn(1, dim, device="cuda", dtype=torch.bfloat16)
+        final = {}
+
+        def separate():
+            x, pend = x0, None
+            for b in layers:
+                if pend is None:
+                    h = slot_triton.rms_norm(x, b["n1"].weight, b["n1"].eps)
+                else:
+                    x, h = slot_triton.add_rms_norm(x, pend, b["n1"].weight, b["n1"].eps)
+                o = b["wo"](b["wqkv"](h)[:, :dim])
+                x, h = slot_triton.add_rms_norm(x, o, b["n2"].weight, b["n2"].eps)
+                pend = b["w_out"](slot_triton.silu_mul(b["w_in"](h)))
+            final["out"] = x + pend
+
+        def prologue():
+            x, pend = x0, None
+            for b in layers:
+                qkv, x = prologue_gemv(b["wqkv"], x, "rms", pend, b["n1"])
+                o = b["wo"](qkv[:, :dim])
+                h, x = prologue_gemv(b["w_in"], x, "rms", o, b["n2"])
+                pend, _ = prologue_gemv(b["w_out"], h, "swiglu")
+            final["out"] = x + pend
+
+        entry, outs = {}, {}
+        for name, fn in (("separate", separate), ("prologue", prologue)):
+            for pdl, l2pf in ((False, False), (True, False), (True, True)):
+                C.PDL, C.L2PF = pdl, l2pf
+                label = f"{name}{' +pdl' if pdl else ''}{' +l2pf' if l2pf else ''}"
+                try:
+                    entry[label] = graph_us([fn], repeats=15)
+                    torch.cuda.synchronize()
+                    outs[label] = final["out"].float().clone()
+                except Exception as exc:  # noqa: BLE001 - one variant failing leaves the others
+                    entry[label] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
+        C.PDL, C.L2PF = True, True
+        ref = outs.get("separate")
+        for label, v in entry.items():
+            diff = ((outs[label] - ref).abs().max().item() / ref.abs().max().item()) if label in outs and ref is not None else None
+            print(f"{kind} {label}: " + (f"{v:.0f} us a step" if isinstance(v, float) else v)
+                  + (f", max diff vs separate {diff:.2e} of max" if diff is not None else ""), flush=True)
+        results[kind] = entry
+        del layers
+        torch.cuda.empty_cache()
+    labels = list(next(iter(results.values())).keys()) if results else []
+    print("\n| kind | " + " | ".join(labels) + " |")
+    print("|---|" + "---|" * len(labels))
+    for kind, entry in results.items():
+        base = entry.get("separate")
+        print(f"| {kind} | " + " | ".join((f"{entry[lb]:.0f}" + (f" ({base / entry[lb]:.2f}x)" if isinstance(base, float) else ""))
+                                          if isinstance(entry[lb], float) else "failed" for lb in labels) + " |")
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--kinds", default="int4,int8")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--chain", action="store_true")
+    parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--json")
     args = parser.parse_args()
+    if args.chain:
+        with torch.inference_mode():
+            res = chain(args.kinds.split(","), args.layers)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1)
+        return
     results = {}
     t0 = time.time()
     with torch.inference_mode():

@@ -34,8 +34,8 @@ from localgpt.generation.fast.generator import build_network  # noqa: E402
 from localgpt.generation.fast.quantize import decode_kernels, quantize_model, use_bf16_gemv  # noqa: E402
 
 PROMPTS = (512, 2048, 8192)
-VARIANTS = ("bf16", "bf16-gemv", "int8-legacy", "int8-triton", "int8", "int4-legacy", "int4-triton", "int4", "nf4",
-            "bnb-int8")
+VARIANTS = ("bf16", "bf16-gemv", "int8-legacy", "int8-triton", "int8-cuda", "int8", "int4-legacy", "int4-triton",
+            "int4", "nf4", "bnb-int8")
 DECODE_PROMPT, DECODE_NEW = 512, 128
 
 
@@ -872,10 +872,13 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
     if args.tiny:
         contexts = (DECODE_PROMPT, 4 * DECODE_PROMPT) if key == "falcon-mamba" else (DECODE_PROMPT,)
     for i, name in enumerate(variants):
-        # A name may end in "+plain" (the batch-1 step without the fused kernels: Engine(fused=False)) and then
-        # "@graph" / "@compile" (that engine mode for this row instead of --mode).
+        # A name may end in "+plain" (the batch-1 step without the fused kernels: Engine(fused=False)), "+sep"
+        # (the norms and silu·up as their own kernels, not in the GEMVs' prologues), "+nopdl" (gemv_cuda without
+        # programmatic dependent launch or L2 prefetch), and then "@graph" / "@compile" (that engine mode for this
+        # row instead of --mode).
         name_mode = name.partition("@")
-        variant, plain = name_mode[0].removesuffix("+plain"), name_mode[0].endswith("+plain")
+        variant, *flags = name_mode[0].split("+")
+        plain = "plain" in flags
         try:
             # Each variant is built from the transformers model's weights; the model itself waits in host
             # memory, so the GPU holds one variant at a time and its peak memory is its own.
@@ -918,9 +921,16 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                 kernels = f"bf16 Triton GEMV ({count} layers)" if count else "cuBLAS (GEMV check failed)"
                 log(f"  {variant}: {kernels}")
             log(f"{label} {variant}: {torch.cuda.memory_allocated() / 2**30 if CUDA else 0:.2f} GiB on the GPU")
-            entry[name] = bench_engine(net, vocab, PROMPTS, mode, log, decode_contexts=contexts,
-                                       sampled=variant in args.sampled.split(",") and key == "llama",
-                                       profile=args.profile, fused=False if plain else None)
+            from localgpt.generation.fast import gemv_cuda, quantize
+
+            quantize.PROLOGUE = "sep" not in flags
+            gemv_cuda.PDL = gemv_cuda.L2PF = "nopdl" not in flags
+            try:
+                entry[name] = bench_engine(net, vocab, PROMPTS, mode, log, decode_contexts=contexts,
+                                           sampled=variant in args.sampled.split(",") and key == "llama",
+                                           profile=args.profile, fused=False if plain else None)
+            finally:
+                quantize.PROLOGUE, gemv_cuda.PDL, gemv_cuda.L2PF = True, True, True
             entry[name]["kernels"] = kernels
             entry[name]["mode"] = mode
         except Exception as exc:  # noqa: BLE001 - keep the rest of the run
@@ -959,8 +969,7 @@ def table(results: dict) -> str:
         check = entry.get("check", {})
         note = (f"prefill {check['prefill_rel_err']:.1e}, step {check['step_rel_err']:.1e}"
                 if "prefill_rel_err" in check else "")
-        names = [k for k in entry if isinstance(entry[k], dict) and k.partition("@")[0].removesuffix("+plain")
-                 in VARIANTS]
+        names = [k for k in entry if isinstance(entry[k], dict) and k.partition("@")[0].split("+")[0] in VARIANTS]
         for variant in names:
             e = entry.get(variant)
             if not e:

@@ -745,6 +745,65 @@ def test_gpu_ask_streams_through_the_fast_engine_end_to_end(tmp_path, subprocess
     assert not Path(subprocess_env["LOCALGPT_NETGUARD_LOG"]).exists()
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_gpu_gemv_prologues_equal_the_separate_kernels_and_replay(mode):
+    """quantize.prologue_gemv (the residual add + RMSNorm, or silu·up, inside gemv_cuda's GEMV; on Hopper launched
+    with programmatic dependent launch, so each GEMV starts while the one before drains) against the same layers
+    after slot_triton's kernels, chained as the engine's decode step chains them at Llama-2-7B's shapes: the
+    residual sum bit-identical, every output within bf16 rounding of the separate kernels', the int8 row scales
+    applied in the kernel, and CUDA-graph replays bit-identical to the eager run."""
+    _needs_cuda()
+    pytest.importorskip("triton")
+    from localgpt.generation.fast import slot_triton
+    from localgpt.generation.fast.quantize import prologue_gemv
+    from localgpt.generation.fast.transformer import RMSNorm
+
+    torch.manual_seed(0)
+    dim, inner = 4096, 11008
+    layers = {}
+    for name, (n, k) in {"q": (dim, dim), "up": (2 * inner, dim), "down": (dim, inner)}.items():
+        net = torch.nn.Sequential(Linear(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02))
+        quantize_model(net, mode, decode="cuda")
+        layers[name] = net[0]
+        assert net[0].layout == "cuda" and net[0].prologue_ok, (mode, name)
+    n1 = RMSNorm(1 + 0.1 * torch.randn(dim, device="cuda", dtype=torch.bfloat16), 1e-5)
+    n2 = RMSNorm(1 + 0.1 * torch.randn(dim, device="cuda", dtype=torch.bfloat16), 1e-6)
+    x = torch.randn(1, dim, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(1, dim, device="cuda", dtype=torch.bfloat16)
+
+    def fused():
+        a, x1 = prologue_gemv(layers["q"], x, "rms", y, n1)
+        h, x2 = prologue_gemv(layers["up"], x1, "rms", a, n2)
+        d, _ = prologue_gemv(layers["down"], h, "swiglu")
+        b, same = prologue_gemv(layers["q"], x2, "rms", None, n1)
+        assert same is x2
+        return x1, a, x2, h, d, b
+
+    def separate():
+        x1, hq = slot_triton.add_rms_norm(x, y, n1.weight, n1.eps)
+        a = layers["q"](hq)
+        x2, hu = slot_triton.add_rms_norm(x1, a, n2.weight, n2.eps)
+        h = layers["up"](hu)
+        d = layers["down"](slot_triton.silu_mul(h))
+        b = layers["q"](slot_triton.rms_norm(x2, n1.weight, n1.eps))
+        return x1, a, x2, h, d, b
+
+    with torch.inference_mode():
+        got, want = fused(), separate()
+        assert torch.equal(got[0], want[0])  # the residual sum: the same rounding
+        for name, g, w in zip(("x1", "a", "x2", "h", "d", "b"), got, want):
+            rel = float((g.float() - w.float()).norm() / w.float().norm())
+            assert rel < 1e-2, (mode, name, rel)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            replayed = fused()
+        for _ in range(3):
+            graph.replay()
+            for g, r in zip(got, replayed):
+                assert torch.equal(g, r)
+
+
 # --- the batch-1 decode step through the fused kernels (Transformer.use_fused_decode) ------------------------
 
 

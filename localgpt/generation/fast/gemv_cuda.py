@@ -81,6 +81,33 @@ __device__ __forceinline__ uint4 ld_weights(const uint4* p) {
 __device__ __forceinline__ float bf2f(u32 h) { return __uint_as_float(h << 16); }
 __device__ __forceinline__ u16 f2bf(float f) { u16 h; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
 
+// Token m's input at column col, as the launch's prologue makes it (XMODE): 0 x itself; 1 SwiGLU of x = [gate | up]
+// ([M, 2K]: silu(gate) rounded, times up, rounded: slot_triton.silu_mul's arithmetic); 2 RMSNorm of x (+ y): the
+// sum rounded, times the row's 1 / rms (``inv``) rounded, times the norm's weight rounded (add_rms_norm's).
+__device__ __forceinline__ u32 x_at(const u16* __restrict__ x, const u16* __restrict__ y, const u16* __restrict__ nw,
+                                    int m, int col, int K, float inv) {
+#if XMODE == 1
+    const u16* h = x + (long)m * 2 * K;
+    const float gate = bf2f(h[col]);
+    return f2bf(bf2f(f2bf(gate / (1.f + __expf(-gate)))) * bf2f(h[K + col]));
+#elif XMODE == 2
+    u32 v = x[(long)m * K + col];
+    if (y) v = f2bf(bf2f(v) + bf2f(y[(long)m * K + col]));
+    return f2bf(bf2f(nw[col]) * bf2f(f2bf(bf2f(v) * inv)));
+#else
+    return x[(long)m * K + col];
+#endif
+}
+__device__ __forceinline__ u32 add_pair(u32 a, u32 b) {  // two bf16 sums, each rounded from fp32 (as the eager add)
+    return (u32)f2bf(bf2f(a & 0xFFFFu) + bf2f(b & 0xFFFFu)) | ((u32)f2bf(bf2f(a >> 16) + bf2f(b >> 16)) << 16);
+}
+__device__ __forceinline__ float sq_pair(u32 a) { const float l = bf2f(a & 0xFFFFu), h = bf2f(a >> 16); return l * l + h * h; }
+// An output: rounded, and for int8 times the row's scale (``rs``, bf16), rounded again: the layer's ``out * scales``.
+__device__ __forceinline__ u16 out_val(float total, const u16* __restrict__ rs, int r) {
+    const u16 o = f2bf(total);
+    return rs ? f2bf(bf2f(o) * bf2f(rs[r])) : o;
+}
+
 #define CHUNKS (P / 16)                 // 16-word chunks a block (a row's P words)
 #define COLS (P * FIELDS)               // columns a block
 #define ROWS (WARPS * 16 * TILES)       // rows a CTA
@@ -196,8 +223,17 @@ __cluster_dims__(1, CLUSTER, 1)
 #endif
 KERNEL_NAME(const u16* __restrict__ x, const uint4* __restrict__ w, const u32* __restrict__ sz,
             u16* __restrict__ out, float* __restrict__ ws, int* __restrict__ lock, int N, int K, int stride4,
-            int split, int M) {
-    // x [M, K] bf16 (M <= 8 NT tokens), out [M, N] bf16; ws [split, M, N] fp32 and lock [row blocks] for split-K.
+            int split, int M, const u16* __restrict__ y, const u16* __restrict__ nw, u16* __restrict__ xsum,
+            const u16* __restrict__ rs, float eps) {
+    // x [M, K] bf16 (M <= 8 NT tokens; XMODE 1: [M, 2K]), out [M, N] bf16; ws [split, M, N] fp32 and lock [row
+    // blocks] for split-K. XMODE 2: y (or null) added to x first, the sum written to xsum by CTA (0, 0) (when
+    // both are given), nw the norm's weight [K], eps its epsilon. rs: int8's per-row scales [N] (or null).
+#if PDL
+    // Programmatic dependent launch (sm_90): the next kernel in the stream, if launched so, may start now. Its
+    // CTAs fill the SMs this grid leaves and load their weights while this one drains; they read nothing this
+    // one writes before their own griddepcontrol.wait.
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
     extern __shared__ uint4 smem[];
     const int n_blocks = K / COLS;
     const int per = (n_blocks + split - 1) / split;
@@ -223,20 +259,80 @@ KERNEL_NAME(const u16* __restrict__ x, const uint4* __restrict__ w, const u32* _
 #pragma unroll
     for (int d = 0; d < DEPTH - 1; ++d)
         if (first + d < last) load_block(v[d], sc[d], w, sz, row0, first + d, N, stride4, g, t);
+#if L2PF
+    // The rest of this CTA's words, into the L2 (one bulk prefetch per 16-row tile, or per row untiled).
+    if (last - first > DEPTH - 1) {
+#pragma unroll
+        for (int tt = 0; tt < TILES; ++tt) {
+            const int rt = blockIdx.x * ROWS + (warp * TILES + tt) * 16;
+            if (rt >= N) continue;
+#if TILED
+            if (lane == 0) {
+                const uint4* p = w + (long)(rt >> 4) * 16 * stride4 + (first + DEPTH - 1) * (4 * P);
+                asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(p), "r"((last - first - DEPTH + 1) * 64 * P) : "memory");
+            }
+#else
+            if (lane < 16) {
+                const uint4* p = w + (long)(rt + lane) * stride4 + (first + DEPTH - 1) * (P / 4);
+                asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(p), "r"((last - first - DEPTH + 1) * 4 * P) : "memory");
+            }
+#endif
+        }
+    }
+#endif
+#if PDL
+    // Everything above reads only the weights; from here on the inputs (and the outputs) of the kernels before.
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+#if XMODE == 2
+    // Each token's 1 / rms over the whole row (every CTA: its split-K columns need the row's norm); CTA (0, 0)
+    // stores the residual sum.
+    __shared__ float inv_rms[MAXM];
+    __shared__ float red[WARPS];
+    const bool store_sum = y != nullptr && xsum != nullptr && blockIdx.x == 0 && blockIdx.y == 0;
+    for (int m = 0; m < M; ++m) {
+        const uint4* xr = (const uint4*)(x + (long)m * K);
+        const uint4* yr = (const uint4*)(y + (long)m * K);
+        float ss = 0.f;
+        for (int i = tid; i < K / 8; i += WARPS * 32) {
+            uint4 a = xr[i];
+            if (y) {
+                const uint4 b = yr[i];
+                a = make_uint4(add_pair(a.x, b.x), add_pair(a.y, b.y), add_pair(a.z, b.z), add_pair(a.w, b.w));
+                if (store_sum) ((uint4*)(xsum + (long)m * K))[i] = a;
+            }
+            ss += sq_pair(a.x) + sq_pair(a.y) + sq_pair(a.z) + sq_pair(a.w);
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        if (lane == 0) red[warp] = ss;
+        __syncthreads();
+        if (tid == 0) {
+            float total = 0.f;
+            for (int i = 0; i < WARPS; ++i) total += red[i];
+            inv_rms[m] = rsqrtf(total / K + eps);
+        }
+        __syncthreads();
+    }
+#endif
 
     // Stage x for this CTA's columns: item (token m, block b, word i) -> 4 bf16 pairs (no division: P is a
     // power of two, the token an outer loop).
     for (int m = 0; m < M; ++m) {
-        const u16* xm = x + (long)m * K + first * COLS;
+#if XMODE == 2
+        const float inv = inv_rms[m];
+#else
+        const float inv = 0.f;
+#endif
         uint4* xpm = xp + m * nb * P;
         for (int base = 0; base < nb * P; base += WARPS * 32) {
             const int item = base + tid;
             float part = 0.f;
             if (item < nb * P) {
-                const u16* xb = xm + (item / P) * COLS + (item % P);
+                const int col = (first + item / P) * COLS + (item % P);
                 u32 f[FIELDS];
 #pragma unroll
-                for (int j = 0; j < FIELDS; ++j) { f[j] = xb[j * P]; part += bf2f(f[j]); }
+                for (int j = 0; j < FIELDS; ++j) { f[j] = x_at(x, y, nw, m, col + j * P, K, inv); part += bf2f(f[j]); }
 #if BITS == 4
                 // pair p = (field p, field p + 4): the nibbles lop3 puts in one register
                 xpm[item] = make_uint4(f[0] | (f[4] << 16), f[1] | (f[5] << 16), f[2] | (f[6] << 16), f[3] | (f[7] << 16));
@@ -316,7 +412,7 @@ KERNEL_NAME(const u16* __restrict__ x, const uint4* __restrict__ w, const u32* _
                 total += pv;
             }
             const int r = blockIdx.x * ROWS + idx % ROWS;
-            if (r < N) out[(long)(idx / ROWS) * N + r] = f2bf(total);
+            if (r < N) out[(long)(idx / ROWS) * N + r] = out_val(total, rs, r);
         }
     }
     cluster_sync();  // the others' shared memory stays until rank 0 has read it
@@ -330,8 +426,8 @@ KERNEL_NAME(const u16* __restrict__ x, const uint4* __restrict__ w, const u32* _
 #pragma unroll
             for (int j = 0; j < NT; ++j) {
                 const int m0 = mt0[j], m1 = mt1[j];
-                if (m0 >= 0) { out[(long)m0 * N + r] = f2bf(acc[tt][j][0]); out[(long)m0 * N + r + 8] = f2bf(acc[tt][j][2]); }
-                if (m1 >= 0) { out[(long)m1 * N + r] = f2bf(acc[tt][j][1]); out[(long)m1 * N + r + 8] = f2bf(acc[tt][j][3]); }
+                if (m0 >= 0) { out[(long)m0 * N + r] = out_val(acc[tt][j][0], rs, r); out[(long)m0 * N + r + 8] = out_val(acc[tt][j][2], rs, r + 8); }
+                if (m1 >= 0) { out[(long)m1 * N + r] = out_val(acc[tt][j][1], rs, r); out[(long)m1 * N + r + 8] = out_val(acc[tt][j][3], rs, r + 8); }
             }
         }
         return;
@@ -357,10 +453,11 @@ KERNEL_NAME(const u16* __restrict__ x, const uint4* __restrict__ w, const u32* _
     __threadfence();
     const int rows_here = min(ROWS, N - (int)blockIdx.x * ROWS);
     for (int idx = tid; idx < M * rows_here; idx += WARPS * 32) {
-        const long o = (long)(idx / rows_here) * N + blockIdx.x * ROWS + idx % rows_here;
+        const int r = blockIdx.x * ROWS + idx % rows_here;
+        const long o = (long)(idx / rows_here) * N + r;
         float total = 0.f;
         for (int k = 0; k < split; ++k) total += __ldcg(ws + (long)k * M * N + o);
-        out[o] = f2bf(total);
+        out[o] = out_val(total, rs, r);
     }
     if (tid == 0) atomicExch(lock + blockIdx.x, 0);
 }
@@ -376,14 +473,19 @@ Config = tuple
 
 
 def source(bits: int, planes: int, warps: int, tiles: int, offset: bool = False, depth: int = 2,
-           pref: bool = False, cluster: int = 0, tiled: bool = False, nt: int = 1) -> tuple[str, str]:
+           pref: bool = False, cluster: int = 0, tiled: bool = False, nt: int = 1, xmode: int = 0,
+           pdl: bool = False, l2pf: bool = False) -> tuple[str, str]:
     """(name, CUDA source) of one kernel configuration (``cluster``: the split-K parts, 0 for none; ``nt``: tiles
-    of 8 tokens a launch takes, each A fragment multiplying all of them)."""
+    of 8 tokens a launch takes, each A fragment multiplying all of them; ``xmode``: the input's prologue, one of
+    ``XMODES``; ``pdl``: programmatic dependent launch, sm_90; ``l2pf``: a CTA's later words bulk-prefetched into
+    the L2 before it waits for its inputs, sm_90)."""
     name = (f"gemv_int{bits}_p{planes}_w{warps}_t{tiles}_d{depth}" + ("_o" if offset else "") + ("_l" if pref else "")
-            + (f"_c{cluster}" if cluster else "") + ("_tl" if tiled else "") + (f"_m{8 * nt}" if nt > 1 else ""))
+            + (f"_c{cluster}" if cluster else "") + ("_tl" if tiled else "") + (f"_m{8 * nt}" if nt > 1 else "")
+            + (f"_x{xmode}" if xmode else "") + ("_pdl" if pdl else "") + ("_pf" if l2pf else ""))
     head = (f"#define BITS {bits}\n#define P {planes}\n#define FIELDS {32 // bits}\n#define WARPS {warps}\n"
             f"#define TILES {tiles}\n#define OFFSET {int(offset)}\n#define DEPTH {depth}\n#define PREF {int(pref)}\n"
-            f"#define CLUSTER {cluster}\n#define TILED {int(tiled)}\n#define NT {nt}\n#define KERNEL_NAME {name}\n")
+            f"#define CLUSTER {cluster}\n#define TILED {int(tiled)}\n#define NT {nt}\n#define XMODE {xmode}\n"
+            f"#define PDL {int(pdl)}\n#define L2PF {int(l2pf)}\n#define KERNEL_NAME {name}\n")
     return name, head + SOURCE
 
 
@@ -440,11 +542,27 @@ def _cache_dir() -> Path:
     return Path(root) / "fast" / "cuda"
 
 
+class _AttrValue(ctypes.Structure):  # CUlaunchAttributeValue: a 64-byte union; its first int is what we set
+    _fields_ = [("value", ctypes.c_int), ("pad", ctypes.c_char * 60)]
+
+
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: id, 4 bytes of padding, the value
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_int), ("value", _AttrValue)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("grid_x", ctypes.c_uint), ("grid_y", ctypes.c_uint), ("grid_z", ctypes.c_uint),
+                ("block_x", ctypes.c_uint), ("block_y", ctypes.c_uint), ("block_z", ctypes.c_uint),
+                ("smem", ctypes.c_uint), ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)),
+                ("n_attrs", ctypes.c_uint)]
+
+
 class _Kernel:
     """A loaded kernel and a launcher that passes pointers and ints straight to ``cuLaunchKernel``."""
 
-    def __init__(self, cubin: bytes, name: str, threads: int):
+    def __init__(self, cubin: bytes, name: str, threads: int, pdl: bool = False):
         self.cuda = ctypes.CDLL("libcuda.so.1")
+        self.pdl = pdl
         torch.cuda.init()
         torch.cuda.current_stream()  # a context is current
         self.module = ctypes.c_void_p()
@@ -466,15 +584,22 @@ class _Kernel:
         if code != 0:
             raise RuntimeError(f"CUDA driver error {code} ({what})")
 
-    def __call__(self, grid: tuple[int, int], smem: int, ptrs: list[int], ints: list[int], device) -> None:
-        vals = [ctypes.c_void_p(p) for p in ptrs] + [ctypes.c_int(i) for i in ints]
+    def __call__(self, grid: tuple[int, int], smem: int, vals: list, device) -> None:
+        """Launch on the current stream of ``device``; ``vals``: the kernel's parameters as ctypes values."""
         args = (ctypes.c_void_p * len(vals))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in vals])
         if device.index is not None and device.index != torch.cuda.current_device():
             with torch.cuda.device(device):  # the module lives in that GPU's context: make it current
-                return self(grid, smem, ptrs, ints, device)
+                return self(grid, smem, vals, device)
         stream = ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
-        self._check(self.cuda.cuLaunchKernel(self.func, grid[0], grid[1], 1, self.threads, 1, 1, smem, stream,
-                                             args, None), "launch")
+        if not self.pdl:
+            self._check(self.cuda.cuLaunchKernel(self.func, grid[0], grid[1], 1, self.threads, 1, 1, smem, stream,
+                                                 args, None), "launch")
+            return
+        # cuLaunchKernelEx with CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION (6) = 1: this grid may
+        # start while the kernel before it drains (it waits for that one's results in griddepcontrol.wait).
+        attr = _LaunchAttribute(6, 0, _AttrValue(1))
+        cfg = _LaunchConfig(grid[0], grid[1], 1, self.threads, 1, 1, smem, stream, ctypes.pointer(attr), 1)
+        self._check(self.cuda.cuLaunchKernelEx(ctypes.byref(cfg), self.func, args, None), "launch (PDL)")
 
 
 _KERNELS: dict = {}
@@ -484,20 +609,32 @@ _LOCK = threading.Lock()
 MAXM = 16
 
 
-def kernel(bits: int, planes: int, device: torch.device, config: Config, nt: int = 1) -> _Kernel:
-    """The compiled kernel for this configuration, token tiles and device (built once; cubins cached on disk)."""
+# The input's prologue (``XMODE`` in the source): the kernels before a GEMV that only reshape its input, done by
+# every CTA for its own columns instead of by a launch of their own (bench/gemv_cuda.py --chain measures the step).
+XMODES = {"plain": 0, "swiglu": 1, "rms": 2}
+# Programmatic dependent launch and the L2 bulk prefetch (sm_90+): LOCALGPT_GEMV_PDL=0 / LOCALGPT_GEMV_L2PF=0
+# turn them off (the bench compares).
+PDL = os.environ.get("LOCALGPT_GEMV_PDL", "1") != "0"
+L2PF = os.environ.get("LOCALGPT_GEMV_L2PF", "1") != "0"
+
+
+def kernel(bits: int, planes: int, device: torch.device, config: Config, nt: int = 1, xmode: int = 0) -> _Kernel:
+    """The compiled kernel for this configuration, token tiles, prologue and device (built once; cubins cached
+    on disk)."""
     warps, tiles, split, offset, depth, pref, cluster, tiled = config
     major, minor = torch.cuda.get_device_capability(device)
     arch = f"{major}{minor}"
     cluster = split if cluster and split > 1 else 0
+    pdl, l2pf = PDL and major >= 9, L2PF and major >= 9
     key = (bits, planes, warps, tiles, bool(offset) and bits == 4, depth, bool(pref), cluster, bool(tiled), nt, arch,
-           device.index)
+           device.index, xmode, pdl, l2pf)
     with _LOCK:
         if key not in _KERNELS:
             if major < 8 or (cluster and major < 9):
                 raise RuntimeError("the CUDA GEMV needs bf16 mma (compute capability 8.0 or newer; 9.0 for "
                                    "thread block clusters)")
-            name, src = source(bits, planes, warps, tiles, key[4], depth, bool(pref), cluster, bool(tiled), nt)
+            name, src = source(bits, planes, warps, tiles, key[4], depth, bool(pref), cluster, bool(tiled), nt,
+                               xmode, pdl, l2pf)
             lib = _nvrtc()
             ver = (ctypes.c_int(), ctypes.c_int())
             lib.nvrtcVersion(ctypes.byref(ver[0]), ctypes.byref(ver[1]))
@@ -514,7 +651,7 @@ def kernel(bits: int, planes: int, device: torch.device, config: Config, nt: int
                 except OSError:
                     pass  # a read-only home: compile again next time
             with torch.cuda.device(device):
-                _KERNELS[key] = _Kernel(cubin, name, warps * 32)
+                _KERNELS[key] = _Kernel(cubin, name, warps * 32, pdl)
         return _KERNELS[key]
 
 
@@ -526,22 +663,31 @@ def smem_bytes(k: int, planes: int, bits: int, split: int, m: int) -> int:
 
 
 def gemv(bits: int, x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor | None, out: torch.Tensor,
-         ws: torch.Tensor, lock: torch.Tensor, planes: int, config: Config) -> torch.Tensor:
+         ws: torch.Tensor, lock: torch.Tensor, planes: int, config: Config, *, xmode: int = 0,
+         y: torch.Tensor | None = None, norm: torch.Tensor | None = None, eps: float = 0.0,
+         xsum: torch.Tensor | None = None, scales: torch.Tensor | None = None) -> torch.Tensor:
     """out [M, N] (bf16) = x W^T for M <= 16 tokens x [M, K] (bf16, contiguous; or one token [K] -> [N]); int4:
-    scaled (``sz``: [K/128, N] (scale, zero) bf16 pairs as int32), int8: unscaled row sums. ``ws`` fp32 [split *
-    M * N] and ``lock`` int32 [row blocks] (zeros) for split-K without a cluster."""
+    scaled (``sz``: [K/128, N] (scale, zero) bf16 pairs as int32), int8: unscaled row sums, or times ``scales``
+    [N] (bf16) when given. ``ws`` fp32 [split * M * N] and ``lock`` int32 [row blocks] (zeros) for split-K
+    without a cluster. ``xmode`` (``XMODES``) 1: x is [M, 2K] = [gate | up] and the GEMV multiplies
+    silu(gate) * up; 2: it multiplies RMSNorm(x + y) (``norm`` the weight [K], ``eps``; y may be None) and writes
+    x + y to ``xsum`` [M, K]. Inputs are 16-byte aligned rows (``fused_inputs_ok``)."""
     n, kw = words.shape
     k = kw * (32 // bits)
-    m = x.numel() // k
+    m = x.numel() // (2 * k if xmode == 1 else k)
     assert n % 16 == 0 and kw % 4 == 0 and planes % 16 == 0 and words.is_contiguous() and 1 <= m <= MAXM
     warps, tiles, split = config[:3]
     rows = warps * 16 * tiles
-    fn = kernel(bits, planes, x.device, config, 1 if m <= 8 else 2)
+    fn = kernel(bits, planes, x.device, config, 1 if m <= 8 else 2, xmode)
     smem = smem_bytes(k, planes, bits, split, m)
     fn.allow_smem(smem)
+    def ptr(t):
+        return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
+
     fn(((n + rows - 1) // rows, split), smem,
-       [x.data_ptr(), words.data_ptr(), (sz if sz is not None else words).data_ptr(), out.data_ptr(),
-        ws.data_ptr(), lock.data_ptr()], [n, k, kw // 4, split, m], x.device)
+       [ptr(x), ptr(words), ptr(sz if sz is not None else words), ptr(out), ptr(ws), ptr(lock)]
+       + [ctypes.c_int(i) for i in (n, k, kw // 4, split, m)]
+       + [ptr(y), ptr(norm), ptr(xsum), ptr(scales), ctypes.c_float(eps)], x.device)
     return out
 
 
@@ -622,13 +768,14 @@ def tokens_a_launch(k: int, planes: int, bits: int, config: Config, device) -> i
     if device not in _OPTIN:
         _OPTIN[device] = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
     warps, tiles, split, cluster = config[0], config[1], config[2], config[6]
-    static = (MAXM * warps * 16 * tiles * 4 if cluster and split > 1 else 0) + 16
+    # (+ 1280: the prologue's per-token 1 / rms and per-warp sums, the split-K flag, and the 1 KiB sm_90 keeps)
+    static = (MAXM * warps * 16 * tiles * 4 if cluster and split > 1 else 0) + 1280
     room = _OPTIN[device] - static
     return max(1, min(MAXM, room // max(smem_bytes(k, planes, bits, split, 1), 1)))
 
 
 def _eager(x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, ws: torch.Tensor, lock: torch.Tensor,
-           bits: int, planes: int, config: list[int]) -> torch.Tensor:
+           bits: int, planes: int, config: list[int], scales: torch.Tensor | None = None) -> torch.Tensor:
     n = words.shape[0]
     k = words.shape[1] * (32 // bits)
     rows = x.reshape(-1, k)
@@ -636,20 +783,21 @@ def _eager(x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, ws: torch.Ten
     step = tokens_a_launch(k, planes, bits, config, x.device)
     for start in range(0, rows.shape[0], step):
         gemv(bits, rows[start:start + step], words, sz if bits == 4 else None, out[start:start + step], ws, lock,
-             planes, tuple(config))
+             planes, tuple(config), scales=scales)
     return out
 
 
 def call(bits: int, x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor | None, ws: torch.Tensor,
-         lock: torch.Tensor, planes: int, config: Config) -> torch.Tensor:
-    """[M, N] bf16 = x W^T for x [M, K] bf16 (any M, launches of 16 tokens; int8: unscaled): the custom operator
-    while torch.compile traces, a direct launch otherwise (the operator's eager wrapper would import
-    torch._dynamo: gemv_triton's note)."""
+         lock: torch.Tensor, planes: int, config: Config, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """[M, N] bf16 = x W^T for x [M, K] bf16 (any M, launches of 16 tokens; int8: unscaled, or times its row
+    ``scales``): the custom operator while torch.compile traces (the scales a multiply inductor fuses), a direct
+    launch otherwise (the operator's eager wrapper would import torch._dynamo: gemv_triton's note)."""
     cfg = [int(c) for c in config]
     sz = sz if sz is not None else words[:0, 0]
     if torch.compiler.is_compiling():
-        return torch.ops.localgpt.gemv_cuda(x, words, sz, ws, lock, bits, planes, cfg)
-    return _eager(x, words, sz, ws, lock, bits, planes, cfg)
+        out = torch.ops.localgpt.gemv_cuda(x, words, sz, ws, lock, bits, planes, cfg)
+        return out if scales is None else out * scales
+    return _eager(x, words, sz, ws, lock, bits, planes, cfg, scales)
 
 
 @torch.library.custom_op("localgpt::gemv_cuda", mutates_args=())

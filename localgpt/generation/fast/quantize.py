@@ -11,6 +11,7 @@ dequantise-and-multiply. Quantised tensors are saved in a device-neutral layout
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -43,17 +44,60 @@ def cuda_gemv_fits(planes: int | None, out_features: int, in_features: int, devi
     return gemv_cuda.available(device if device is not None else torch.cuda.current_device())
 
 
+# Whether ``prologue_gemv`` folds the norms and silu·up into the GEMVs (LOCALGPT_GEMV_PROLOGUE=0: separate kernels).
+PROLOGUE = os.environ.get("LOCALGPT_GEMV_PROLOGUE", "1") != "0"
+
+
+def prologue_gemv(layer: nn.Module, x: torch.Tensor, xmode: str, y: torch.Tensor | None = None,
+                  norm: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One token through ``layer`` with the kernels before it folded into its GEMV's prologue (``gemv_cuda``):
+    xmode "swiglu": ``layer(silu(gate) * up)`` for x = [gate | up]; "rms": ``layer(norm(x + y))`` (y may be None),
+    and x + y, the next residual. Returns (out [1, N], x + y or x or None). A layer without the CUDA GEMV (or with
+    a bias) runs the same arithmetic as separate kernels (``slot_triton``)."""
+    if PROLOGUE and getattr(layer, "prologue_ok", False) and x.is_contiguous() and x.data_ptr() % 16 == 0 and (
+            y is None or (y.is_contiguous() and y.data_ptr() % 16 == 0)):
+        from localgpt.generation.fast import gemv_cuda
+
+        bits = 4 if isinstance(layer, Int4Linear) else 8
+        x = x.reshape(1, -1)
+        total = torch.empty_like(x) if xmode == "rms" and y is not None else None
+        out = torch.empty(1, layer.out_features, dtype=torch.bfloat16, device=x.device)
+        cfg = layer.gemv_config if bits == 4 else layer.cuda_config
+        ws, lock = (layer.gemv_ws, layer.gemv_lock) if bits == 4 else (layer.cuda_ws, layer.cuda_lock)
+        gemv_cuda.gemv(bits, x, layer.words, layer.pairs() if bits == 4 else None, out, ws, lock, layer.planes,
+                       cfg, xmode=gemv_cuda.XMODES[xmode], y=None if y is None else y.reshape(1, -1),
+                       norm=None if norm is None else norm.weight, eps=0.0 if norm is None else float(norm.eps),
+                       xsum=total, scales=None if bits == 4 else layer.scales)
+        return out, (total if total is not None else x if xmode == "rms" else None)
+    from localgpt.generation.fast import slot_triton
+
+    if xmode == "swiglu":
+        return layer(slot_triton.silu_mul(x)), None
+    if y is None:
+        return layer(slot_triton.rms_norm(x, norm.weight, norm.eps)), x
+    total, h = slot_triton.add_rms_norm(x, y, norm.weight, norm.eps)
+    return layer(h), total
+
+
+def _prologue_fits(words: torch.Tensor, in_features: int, bias) -> bool:
+    # The prologue reads rows of 8 bf16 at a time (16-byte aligned: in_features % 8 == 0), no bias.
+    return bias is None and in_features % 8 == 0 and words.is_cuda
+
+
 class Int8Linear(nn.Module):
     """Per-channel int8. ``layout``: "plain" (int8 [out, in]; one token runs as the compiler's generated
-    reduction) or "planar" (CUDA: int32 words for the Triton GEMV, ``gemv_triton``; prompts multiply the
-    same bytes viewed as int8, with x's columns put in their order)."""
+    reduction), "planar" (CUDA: int32 words for the Triton GEMV, ``gemv_triton``; 2-16 tokens on the CUDA
+    tensor-core GEMV, ``gemv_cuda``; prompts multiply the same bytes viewed as int8, with x's columns put in
+    their order) or "cuda" (planar words, one token on ``gemv_cuda`` too, the row scales applied in it)."""
+
+    cuda_rows = 0  # tokens up to which a call runs on gemv_cuda (from 2, or from 1 in the "cuda" layout)
 
     def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, layout: str = "plain"):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.register_buffer("scales", scales)  # [out], activation dtype
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.planes = int8_planes(self.in_features) if layout == "planar" else None
+        self.planes = int8_planes(self.in_features) if layout in ("planar", "cuda") else None
         self.layout = "planar" if self.planes and weight.is_cuda else "plain"
         if self.layout == "planar":
             from localgpt.generation.fast.gemv_triton import scratch
@@ -74,6 +118,9 @@ class Int8Linear(nn.Module):
                 ws, lock = gemv_cuda.scratch(self.out_features, self.cuda_config, weight.device)
                 self.register_buffer("cuda_ws", ws, persistent=False)
                 self.register_buffer("cuda_lock", lock, persistent=False)
+                self.cuda_rows = CUDA_ROWS
+                if layout == "cuda":
+                    self.layout = "cuda"
         else:
             self.register_buffer("weight", weight)  # int8 [out, in]
             self.register_buffer("words", None)
@@ -93,15 +140,22 @@ class Int8Linear(nn.Module):
         out[:, cols] = self.words.view(torch.int8)
         return out
 
+    @property
+    def prologue_ok(self) -> bool:
+        """Whether one token can take ``prologue_gemv``'s fused prologue (the "cuda" layout)."""
+        return self.layout == "cuda" and self.cuda_rows >= 1 and _prologue_fits(self.words, self.in_features,
+                                                                                  self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if self.words is not None:
-            if 1 < rows <= CUDA_ROWS and self.cuda_config is not None:
+            if (2 if self.layout == "planar" else 1) <= rows <= self.cuda_rows and self.cuda_config is not None:
                 from localgpt.generation.fast.gemv_cuda import call
 
                 out = call(8, x.reshape(rows, self.in_features).to(torch.bfloat16).contiguous(), self.words, None,
-                           self.cuda_ws, self.cuda_lock, self.planes, self.cuda_config)
+                           self.cuda_ws, self.cuda_lock, self.planes, self.cuda_config, scales=self.scales)
                 out = out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+                return out if self.bias is None else out + self.bias
             elif rows == 1:
                 bn, split, warps, dot = self.gemv_config
                 from localgpt.generation.fast.gemv_triton import int8_gemv_call
@@ -232,6 +286,12 @@ class Int4Linear(nn.Module):
 
             return int4_planar_dequant(self.words, self.pairs(), self.groupsize, self.planes, out, tiled=self.tiled)
         return dequantize_int4pack(self.packed, self.scales_and_zeros, self.groupsize, out, kernel=kernel)
+
+    @property
+    def prologue_ok(self) -> bool:
+        """Whether one token can take ``prologue_gemv``'s fused prologue (the "cuda" layout)."""
+        return (self.words is not None and self.layout == "cuda" and self.cuda_rows >= 1
+                and _prologue_fits(self.words, self.in_features, self.bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.words is not None:
@@ -493,12 +553,11 @@ def quantize_model(model: nn.Module, mode: str, *, groupsize: int = 128, saved: 
     or fails, the Triton kernels), "triton" (the planar layouts and Triton GEMV kernels of ``gemv_triton``
     for one token; int8 layers then take 2-16 tokens through ``gemv_cuda`` when its check passes), "legacy"
     (tinygemm for int4, the compiler's reduction for int8: what ran before, and the last fallback) or
-    "auto": the faster one measured on the H200 (``DECODE_DEFAULT``): CUDA for int4, Triton for int8.
+    "auto": the faster one measured on the H200 (``DECODE_DEFAULT``). int8 "cuda": one token on ``gemv_cuda``
+    as well (the "cuda" layout), its row scales applied in the kernel.
     """
     if decode == "auto":
         decode = DECODE_DEFAULT[mode] if mode in DECODE_DEFAULT else "legacy"
-    if decode == "cuda" and mode == "int8":
-        decode = "triton"  # int8 runs one token on the Triton GEMV; batches of tokens on gemv_cuda either way
     kinds = {"int8": Int8Linear, "int4": Int4Linear}
     if mode not in kinds:
         raise ValueError(f"unknown weight-only mode {mode!r}")
@@ -555,6 +614,7 @@ def quantize_model(model: nn.Module, mode: str, *, groupsize: int = 128, saved: 
                     new.cuda_rows = 1
                 else:
                     new.cuda_config = None
+                    new.cuda_rows = 0
         if new is None:
             new = kinds[mode].from_state(state, device)
         setattr(parent, attr, new)

@@ -155,6 +155,14 @@ class Block(nn.Module):
 
     # --- slots (continuous batching, ``batch.BatchEngine``): a cache per slot, separate from the one above ----
 
+    def attend_qkv(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """The attention of one decode step from its projections qkv [1, (heads + 2 kv heads) head_dim], before
+        ``wo``: rotary + cache write in one kernel, the split decode attention over positions 0..input_pos."""
+        from localgpt.generation.fast import slot_triton
+
+        q = slot_triton.rope_store(qkv.view(1, -1), cos, sin, input_pos, self.k_cache, self.v_cache, self.shape.n_heads)
+        return slot_triton.decode_attention_call(q, self.k_cache, self.v_cache, input_pos, -1).view(1, -1)
+
     def attention_step_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                              input_pos: torch.Tensor) -> torch.Tensor:
         """``attention`` for one decode step (x [1, 1, dim]) through ``slot_triton``: the static cache is a slot cache of
@@ -409,6 +417,8 @@ class Transformer(nn.Module):
                 return block.mlp(h)
             return block.w_out(slot_triton.silu_mul(block.w_in(h)))
 
+        if not compiling:
+            return self._step_prologues(token, input_pos)
         x = F.embedding(token, self.embed)  # [1, 1, dim]
         pending = None
         for block in self.blocks:
@@ -421,6 +431,23 @@ class Transformer(nn.Module):
             pending = mlp(block, h)
         _, h = add_norm(x, pending, self.norm)
         return self.lm_head(h)[:, -1].float()
+
+    def _step_prologues(self, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """``_step_fused`` without torch.compile: each residual add + RMSNorm and each silu·up folded into the
+        prologue of the GEMV that reads it where the layer runs on ``gemv_cuda`` (int4 / int8 "cuda" layouts;
+        ``quantize.prologue_gemv``), else the same arithmetic in ``slot_triton``'s kernels. A Llama layer is
+        then four GEMVs and the attention's three kernels (was ten launches)."""
+        from localgpt.generation.fast.quantize import prologue_gemv
+
+        x = F.embedding(token, self.embed).view(1, -1)  # the residual [1, dim]
+        pending = None
+        for block in self.blocks:
+            qkv, x = prologue_gemv(block.wqkv, x, "rms", pending, block.norm1)
+            o = block.wo(block.attend_qkv(qkv, self.cos, self.sin, input_pos))
+            h, x = prologue_gemv(block.w_in, x, "rms", o, block.norm2)
+            pending, _ = prologue_gemv(block.w_out, h, "swiglu")
+        logits, _ = prologue_gemv(self.lm_head, x, "rms", pending, self.norm)
+        return logits.view(1, -1).float()
 
     # --- slots (continuous batching): see batch.BatchEngine ---------------------------------------------------
 
