@@ -14,7 +14,8 @@ configs as a Python dict for ``gemv_cuda.TUNED``.
 "cuda" layouts, qkv -> o -> gate_up -> down; the attention left out: o reads q), one CUDA graph a step, µs a
 step: the residual adds + RMSNorms and silu·up as their own Triton kernels ("separate") against folded into
 the GEMVs' prologues ("prologue", ``quantize.prologue_gemv``), each without and with programmatic dependent
-launch and the L2 bulk prefetch. The results of the variants are compared with each other.
+launch (pdl1: the next grid may start once this one's CTAs have all started; pdl2: once they have all loaded
+their weights). The results of the variants are compared with each other.
 
     python bench/gemv_cuda.py --chain [--kinds int4,int8] [--layers 32]
 """
@@ -124,16 +125,16 @@ def chain(kinds: list[str], n_layers: int) -> dict:
 
         entry, outs = {}, {}
         for name, fn in (("separate", separate), ("prologue", prologue)):
-            for pdl, l2pf in ((False, False), (True, False), (True, True)):
-                C.PDL, C.L2PF = pdl, l2pf
-                label = f"{name}{' +pdl' if pdl else ''}{' +l2pf' if l2pf else ''}"
+            for pdl in (0, 1, 2):
+                C.PDL = pdl
+                label = f"{name}{f' +pdl{pdl}' if pdl else ''}"
                 try:
                     entry[label] = graph_us([fn], repeats=15)
                     torch.cuda.synchronize()
                     outs[label] = final["out"].float().clone()
                 except Exception as exc:  # noqa: BLE001 - one variant failing leaves the others
                     entry[label] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
-        C.PDL, C.L2PF = True, True
+        C.PDL = 2
         ref = outs.get("separate")
         for label, v in entry.items():
             diff = ((outs[label] - ref).abs().max().item() / ref.abs().max().item()) if label in outs and ref is not None else None

@@ -228,10 +228,10 @@ KERNEL_NAME(const u16* __restrict__ x, const uint4* __restrict__ w, const u32* _
     // x [M, K] bf16 (M <= 8 NT tokens; XMODE 1: [M, 2K]), out [M, N] bf16; ws [split, M, N] fp32 and lock [row
     // blocks] for split-K. XMODE 2: y (or null) added to x first, the sum written to xsum by CTA (0, 0) (when
     // both are given), nw the norm's weight [K], eps its epsilon. rs: int8's per-row scales [N] (or null).
-#if PDL
-    // Programmatic dependent launch (sm_90): the next kernel in the stream, if launched so, may start now. Its
-    // CTAs fill the SMs this grid leaves and load their weights while this one drains; they read nothing this
-    // one writes before their own griddepcontrol.wait.
+#if PDL == 1
+    // Programmatic dependent launch (sm_90): the next kernel in the stream, if launched so, may start once every
+    // CTA of this grid has passed here. Its CTAs fill the SMs this grid leaves and load their first weights while
+    // this one drains; they read nothing this one writes before their own griddepcontrol.wait.
     asm volatile("griddepcontrol.launch_dependents;");
 #endif
     extern __shared__ uint4 smem[];
@@ -259,27 +259,6 @@ KERNEL_NAME(const u16* __restrict__ x, const uint4* __restrict__ w, const u32* _
 #pragma unroll
     for (int d = 0; d < DEPTH - 1; ++d)
         if (first + d < last) load_block(v[d], sc[d], w, sz, row0, first + d, N, stride4, g, t);
-#if L2PF
-    // The rest of this CTA's words, into the L2 (one bulk prefetch per 16-row tile, or per row untiled).
-    if (last - first > DEPTH - 1) {
-#pragma unroll
-        for (int tt = 0; tt < TILES; ++tt) {
-            const int rt = blockIdx.x * ROWS + (warp * TILES + tt) * 16;
-            if (rt >= N) continue;
-#if TILED
-            if (lane == 0) {
-                const uint4* p = w + (long)(rt >> 4) * 16 * stride4 + (first + DEPTH - 1) * (4 * P);
-                asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(p), "r"((last - first - DEPTH + 1) * 64 * P) : "memory");
-            }
-#else
-            if (lane < 16) {
-                const uint4* p = w + (long)(rt + lane) * stride4 + (first + DEPTH - 1) * (P / 4);
-                asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(p), "r"((last - first - DEPTH + 1) * 4 * P) : "memory");
-            }
-#endif
-        }
-    }
-#endif
 #if PDL
     // Everything above reads only the weights; from here on the inputs (and the outputs) of the kernels before.
     asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -381,6 +360,10 @@ KERNEL_NAME(const u16* __restrict__ x, const uint4* __restrict__ w, const u32* _
             }
         }
     }
+#if PDL == 2
+    // (as above, once every CTA has loaded all its weights)
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
 #if CLUSTER
     // Split-K inside a thread block cluster (Hopper): the parts meet in CTA rank 0's view of the others'
     // shared memory, added in rank order (deterministic); no global workspace, no counter.
@@ -474,18 +457,18 @@ Config = tuple
 
 def source(bits: int, planes: int, warps: int, tiles: int, offset: bool = False, depth: int = 2,
            pref: bool = False, cluster: int = 0, tiled: bool = False, nt: int = 1, xmode: int = 0,
-           pdl: bool = False, l2pf: bool = False) -> tuple[str, str]:
+           pdl: int = 0) -> tuple[str, str]:
     """(name, CUDA source) of one kernel configuration (``cluster``: the split-K parts, 0 for none; ``nt``: tiles
     of 8 tokens a launch takes, each A fragment multiplying all of them; ``xmode``: the input's prologue, one of
-    ``XMODES``; ``pdl``: programmatic dependent launch, sm_90; ``l2pf``: a CTA's later words bulk-prefetched into
-    the L2 before it waits for its inputs, sm_90)."""
+    ``XMODES``; ``pdl``: programmatic dependent launch (sm_90), 0 none, 1 the next kernel may start once this
+    one's CTAs have all started, 2 once they have all loaded their weights)."""
     name = (f"gemv_int{bits}_p{planes}_w{warps}_t{tiles}_d{depth}" + ("_o" if offset else "") + ("_l" if pref else "")
             + (f"_c{cluster}" if cluster else "") + ("_tl" if tiled else "") + (f"_m{8 * nt}" if nt > 1 else "")
-            + (f"_x{xmode}" if xmode else "") + ("_pdl" if pdl else "") + ("_pf" if l2pf else ""))
+            + (f"_x{xmode}" if xmode else "") + (f"_pdl{pdl}" if pdl else ""))
     head = (f"#define BITS {bits}\n#define P {planes}\n#define FIELDS {32 // bits}\n#define WARPS {warps}\n"
             f"#define TILES {tiles}\n#define OFFSET {int(offset)}\n#define DEPTH {depth}\n#define PREF {int(pref)}\n"
             f"#define CLUSTER {cluster}\n#define TILED {int(tiled)}\n#define NT {nt}\n#define XMODE {xmode}\n"
-            f"#define PDL {int(pdl)}\n#define L2PF {int(l2pf)}\n#define KERNEL_NAME {name}\n")
+            f"#define PDL {int(pdl)}\n#define KERNEL_NAME {name}\n")
     return name, head + SOURCE
 
 
@@ -612,10 +595,9 @@ MAXM = 16
 # The input's prologue (``XMODE`` in the source): the kernels before a GEMV that only reshape its input, done by
 # every CTA for its own columns instead of by a launch of their own (bench/gemv_cuda.py --chain measures the step).
 XMODES = {"plain": 0, "swiglu": 1, "rms": 2}
-# Programmatic dependent launch and the L2 bulk prefetch (sm_90+): LOCALGPT_GEMV_PDL=0 / LOCALGPT_GEMV_L2PF=0
-# turn them off (the bench compares).
-PDL = os.environ.get("LOCALGPT_GEMV_PDL", "1") != "0"
-L2PF = os.environ.get("LOCALGPT_GEMV_L2PF", "1") != "0"
+# Programmatic dependent launch (sm_90+; ``source``'s ``pdl``): LOCALGPT_GEMV_PDL=0 turns it off, 1 / 2 pick where
+# a grid lets the next one start (bench/gemv_cuda.py --chain compares).
+PDL = int(os.environ.get("LOCALGPT_GEMV_PDL", "2"))
 
 
 def kernel(bits: int, planes: int, device: torch.device, config: Config, nt: int = 1, xmode: int = 0) -> _Kernel:
@@ -625,16 +607,16 @@ def kernel(bits: int, planes: int, device: torch.device, config: Config, nt: int
     major, minor = torch.cuda.get_device_capability(device)
     arch = f"{major}{minor}"
     cluster = split if cluster and split > 1 else 0
-    pdl, l2pf = PDL and major >= 9, L2PF and major >= 9
+    pdl = PDL if major >= 9 else 0
     key = (bits, planes, warps, tiles, bool(offset) and bits == 4, depth, bool(pref), cluster, bool(tiled), nt, arch,
-           device.index, xmode, pdl, l2pf)
+           device.index, xmode, pdl)
     with _LOCK:
         if key not in _KERNELS:
             if major < 8 or (cluster and major < 9):
                 raise RuntimeError("the CUDA GEMV needs bf16 mma (compute capability 8.0 or newer; 9.0 for "
                                    "thread block clusters)")
             name, src = source(bits, planes, warps, tiles, key[4], depth, bool(pref), cluster, bool(tiled), nt,
-                               xmode, pdl, l2pf)
+                               xmode, pdl)
             lib = _nvrtc()
             ver = (ctypes.c_int(), ctypes.c_int())
             lib.nvrtcVersion(ctypes.byref(ver[0]), ctypes.byref(ver[1]))
@@ -651,7 +633,7 @@ def kernel(bits: int, planes: int, device: torch.device, config: Config, nt: int
                 except OSError:
                     pass  # a read-only home: compile again next time
             with torch.cuda.device(device):
-                _KERNELS[key] = _Kernel(cubin, name, warps * 32, pdl)
+                _KERNELS[key] = _Kernel(cubin, name, warps * 32, bool(pdl))
         return _KERNELS[key]
 
 
