@@ -45,12 +45,12 @@ from gpu import graph_us  # noqa: E402
 SHAPES = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (32000, 4096)]
 
 
-def configs(kind: str, quick: bool):
+def configs(kind: str, quick: bool, depths: tuple[int, ...] | None = None):
     """(warps, tiles, split, offset, depth, L2 prefetch, cluster, tiled) to try: the tiled layout with L2 prefetch
     won every int4 shape in the first sweeps (bench/RESULTS.md, round 8), so those are fixed here."""
     for w in ((4,) if quick else (4, 8)):
         for s in ((1, 2, 4, 8) if quick else (1, 2, 4, 8, 16)):
-            for d in (2,) if kind == "int4" else (2, 3):
+            for d in depths or ((2,) if kind == "int4" else (2, 3)):
                 for cl in ((False, True) if 2 <= s <= 8 else (False,)):
                     yield (w, 1, s, kind == "int4", d, True, cl, True)
 
@@ -72,7 +72,7 @@ def check(out, ref, tol, name):
     return None
 
 
-def chain(kinds: list[str], n_layers: int) -> dict:
+def chain(kinds: list[str], n_layers: int, depths: tuple[int, ...] = (2,)) -> dict:
     """µs a decode step of GEMVs (see the module's note) per (kind, variant); prints a table."""
     from localgpt.generation.fast import slot_triton
     from localgpt.generation.fast.quantize import Int4Linear, Int8Linear, prologue_gemv
@@ -124,10 +124,24 @@ def chain(kinds: list[str], n_layers: int) -> dict:
             final["out"] = x + pend
 
         entry, outs = {}, {}
-        for name, fn in (("separate", separate), ("prologue", prologue)):
-            for pdl in (0, 1, 2):
+
+        def set_depth(depth):
+            for b in layers:
+                for name in shapes:
+                    lin = b[name]
+                    if kind == "int4":
+                        lin.gemv_config = lin.gemv_config[:4] + (depth,) + lin.gemv_config[5:]
+                    else:
+                        lin.cuda_config = lin.cuda_config[:4] + (depth,) + lin.cuda_config[5:]
+
+        runs = [("separate", separate, 0, depths[0]), ("prologue", prologue, 0, depths[0]),
+                ("prologue", prologue, 1, depths[0]), ("prologue", prologue, 2, depths[0])]
+        runs += [("prologue", prologue, pdl, d) for d in depths[1:] for pdl in (0, 2)]
+        for name, fn, pdl, depth in runs:
+            if True:
                 C.PDL = pdl
-                label = f"{name}{f' +pdl{pdl}' if pdl else ''}"
+                set_depth(depth)
+                label = f"{name} d{depth}{f' +pdl{pdl}' if pdl else ''}"
                 try:
                     entry[label] = graph_us([fn], repeats=15)
                     torch.cuda.synchronize()
@@ -135,7 +149,7 @@ def chain(kinds: list[str], n_layers: int) -> dict:
                 except Exception as exc:  # noqa: BLE001 - one variant failing leaves the others
                     entry[label] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
         C.PDL = 2
-        ref = outs.get("separate")
+        ref = outs.get(f"separate d{depths[0]}")
         for label, v in entry.items():
             diff = ((outs[label] - ref).abs().max().item() / ref.abs().max().item()) if label in outs and ref is not None else None
             print(f"{kind} {label}: " + (f"{v:.0f} us a step" if isinstance(v, float) else v)
@@ -147,7 +161,7 @@ def chain(kinds: list[str], n_layers: int) -> dict:
     print("\n| kind | " + " | ".join(labels) + " |")
     print("|---|" + "---|" * len(labels))
     for kind, entry in results.items():
-        base = entry.get("separate")
+        base = entry.get(f"separate d{depths[0]}")
         print(f"| {kind} | " + " | ".join((f"{entry[lb]:.0f}" + (f" ({base / entry[lb]:.2f}x)" if isinstance(base, float) else ""))
                                           if isinstance(entry[lb], float) else "failed" for lb in labels) + " |")
     return results
@@ -159,11 +173,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--chain", action="store_true")
     parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--depths", default="", help="register depths to try (e.g. 2,3,4; first = the baseline's)")
     parser.add_argument("--json")
     args = parser.parse_args()
     if args.chain:
         with torch.inference_mode():
-            res = chain(args.kinds.split(","), args.layers)
+            res = chain(args.kinds.split(","), args.layers,
+                        tuple(int(d) for d in args.depths.split(",")) if args.depths else (2,))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(res, f, indent=1)
@@ -214,7 +230,8 @@ def main() -> None:
                     trit = [lambda i=i: G.int8_gemv(x, words_[i], planes, out, tws,
                                                     dot=G.TUNED[("int8", n, k)][4]) for i in range(copies)]
                 entry["triton"] = graph_us(trit, repeats=9)
-                for cfg in configs(kind, args.quick):
+                depths = tuple(int(d) for d in args.depths.split(",")) if args.depths else None
+                for cfg in configs(kind, args.quick, depths):
                     name = "cuda w%d s%d d%d%s" % (cfg[0], cfg[2], cfg[4], " c" if cfg[6] else "")
                     if cfg[2] > k // 128:
                         continue
@@ -237,7 +254,7 @@ def main() -> None:
                 ok = sorted((v, name) for name, v in entry.items() if isinstance(v, float) and name.startswith("cuda w"))
                 if ok:
                     best_name = ok[0][1]
-                    cfg = next(c for c in configs(kind, args.quick)
+                    cfg = next(c for c in configs(kind, args.quick, depths)
                                if "cuda w%d s%d d%d%s" % (c[0], c[2], c[4], " c" if c[6] else "") == best_name)
                     ws, lock = C.scratch(n, cfg, x.device)
                     tw_ = [C.tile_words(wd, planes) for wd in words_]

@@ -700,6 +700,12 @@ def config(kind: str, n: int, k: int, sms: int, clusters: bool = True) -> Config
     """The tuned configuration of a layer shape, or the rule: 8 warps of one tile (128 rows a CTA), split-K
     until there are ~2 CTAs an SM (at most 16 parts, each at least 4 blocks), tiled, L2 prefetch, no cluster.
     ``clusters=False`` (a GPU before Hopper): split-K parts meet in the workspace instead."""
+    depth = int(os.environ.get("LOCALGPT_GEMV_DEPTH", "0"))  # a bench's register depth for every layer
+    cfg = _config(kind, n, k, sms, clusters)
+    return cfg[:4] + (depth,) + cfg[5:] if depth else cfg
+
+
+def _config(kind: str, n: int, k: int, sms: int, clusters: bool) -> Config:
     if (kind, n, k) in TUNED:
         tuned = TUNED[(kind, n, k)]
         return tuned if clusters else tuned[:6] + (False,) + tuned[7:]
