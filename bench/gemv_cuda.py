@@ -13,9 +13,8 @@ configs as a Python dict for ``gemv_cuda.TUNED``.
 ``--chain``: the GEMVs of a Llama-2-7B decode step as they run in the engine (32 layers of random weights in the
 "cuda" layouts, qkv -> o -> gate_up -> down; the attention left out: o reads q), one CUDA graph a step, µs a
 step: the residual adds + RMSNorms and silu·up as their own Triton kernels ("separate") against folded into
-the GEMVs' prologues ("prologue", ``quantize.prologue_gemv``), each without and with programmatic dependent
-launch (pdl1: the next grid may start once this one's CTAs have all started; pdl2: once they have all loaded
-their weights). The results of the variants are compared with each other.
+the GEMVs' prologues ("prologue", ``quantize.prologue_gemv``), at the register depths ``--depths`` names (the
+tuned configurations' otherwise). The results of the variants are compared with each other.
 
     python bench/gemv_cuda.py --chain [--kinds int4,int8] [--layers 32]
 """
@@ -72,7 +71,18 @@ def check(out, ref, tol, name):
     return None
 
 
-def chain(kinds: list[str], n_layers: int, depths: tuple[int, ...] = (2,)) -> dict:
+def chain_candidates(kind: str, k: int):
+    """Configurations a layer's sweep inside the chain tries: warps, tiles, split-K (cluster or workspace)."""
+    for w in (4, 8):
+        for tiles in (1, 2):
+            for split in (1, 2, 4, 8, 16):
+                if split > k // 128 // 2:
+                    continue
+                for cl in ((False, True) if 2 <= split <= 8 else (False,)):
+                    yield (w, tiles, split, kind == "int4", 2, True, cl, kind == "int4")
+
+
+def chain(kinds: list[str], n_layers: int, depths: tuple[int, ...] = (2,), sweep: bool = False) -> dict:
     """µs a decode step of GEMVs (see the module's note) per (kind, variant); prints a table."""
     from localgpt.generation.fast import slot_triton
     from localgpt.generation.fast.quantize import Int4Linear, Int8Linear, prologue_gemv
@@ -134,27 +144,62 @@ def chain(kinds: list[str], n_layers: int, depths: tuple[int, ...] = (2,)) -> di
                     else:
                         lin.cuda_config = lin.cuda_config[:4] + (depth,) + lin.cuda_config[5:]
 
-        runs = [("separate", separate, 0, depths[0]), ("prologue", prologue, 0, depths[0]),
-                ("prologue", prologue, 1, depths[0]), ("prologue", prologue, 2, depths[0])]
-        runs += [("prologue", prologue, pdl, d) for d in depths[1:] for pdl in (0, 2)]
-        for name, fn, pdl, depth in runs:
-            if True:
-                C.PDL = pdl
-                set_depth(depth)
-                label = f"{name} d{depth}{f' +pdl{pdl}' if pdl else ''}"
-                try:
-                    entry[label] = graph_us([fn], repeats=15)
-                    torch.cuda.synchronize()
-                    outs[label] = final["out"].float().clone()
-                except Exception as exc:  # noqa: BLE001 - one variant failing leaves the others
-                    entry[label] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
-        C.PDL = 2
+        runs = [("separate", separate, depths[0])] + [("prologue", prologue, d) for d in depths]
+        for name, fn, depth in runs:
+            set_depth(depth)
+            label = f"{name} d{depth}"
+            try:
+                entry[label] = graph_us([fn], repeats=15)
+                torch.cuda.synchronize()
+                outs[label] = final["out"].float().clone()
+            except Exception as exc:  # noqa: BLE001 - one variant failing leaves the others
+                entry[label] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
         ref = outs.get(f"separate d{depths[0]}")
         for label, v in entry.items():
             diff = ((outs[label] - ref).abs().max().item() / ref.abs().max().item()) if label in outs and ref is not None else None
             print(f"{kind} {label}: " + (f"{v:.0f} us a step" if isinstance(v, float) else v)
                   + (f", max diff vs separate {diff:.2e} of max" if diff is not None else ""), flush=True)
         results[kind] = entry
+        if sweep:
+            # Each layer shape's configuration swept in place (the others as tuned), checked against the
+            # separate kernels' result, then all the best together.
+            set_depth(depths[0])
+            best_cfgs = {}
+            for name, (n, k) in shapes.items():
+                attr = ("gemv_config", "gemv_ws", "gemv_lock") if kind == "int4" else ("cuda_config", "cuda_ws", "cuda_lock")
+                held = [tuple(getattr(b[name], a) for a in attr) for b in layers]
+                timed = []
+                for cfg in chain_candidates(kind, k):
+                    for b in layers:
+                        ws, lock = C.scratch(n, cfg, "cuda")
+                        setattr(b[name], attr[0], cfg)
+                        setattr(b[name], attr[1], ws)
+                        setattr(b[name], attr[2], lock)
+                    try:
+                        us = graph_us([prologue], repeats=9)
+                        torch.cuda.synchronize()
+                        diff = (final["out"].float() - ref).abs().max().item() / ref.abs().max().item()
+                        if diff < 1e-2:
+                            timed.append((us, cfg))
+                    except Exception as exc:  # noqa: BLE001 - a configuration that does not build or fit
+                        print(f"  {kind} {name} {cfg}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+                for b, vals in zip(layers, held):
+                    for a, v in zip(attr, vals):
+                        setattr(b[name], a, v)
+                timed.sort()
+                best_cfgs[name] = timed[0][1] if timed else held[0][0]
+                print(f"{kind} sweep {name} {n}x{k}: tuned {held[0][0]}; best " + ", ".join(
+                    f"{us:.0f} us {cfg}" for us, cfg in timed[:4]), flush=True)
+            for name, (n, k) in shapes.items():
+                for b in layers:
+                    ws, lock = C.scratch(n, best_cfgs[name], "cuda")
+                    if kind == "int4":
+                        b[name].gemv_config, b[name].gemv_ws, b[name].gemv_lock = best_cfgs[name], ws, lock
+                    else:
+                        b[name].cuda_config, b[name].cuda_ws, b[name].cuda_lock = best_cfgs[name], ws, lock
+            entry["prologue swept"] = graph_us([prologue], repeats=15)
+            print(f"{kind} prologue with every best: {entry['prologue swept']:.0f} us a step; TUNED entries: "
+                  + repr({(kind, *shapes[name]): cfg for name, cfg in best_cfgs.items()}), flush=True)
         del layers
         torch.cuda.empty_cache()
     labels = list(next(iter(results.values())).keys()) if results else []
@@ -173,13 +218,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--chain", action="store_true")
     parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--sweep", action="store_true", help="--chain: sweep each layer's configuration in it")
     parser.add_argument("--depths", default="", help="register depths to try (e.g. 2,3,4; first = the baseline's)")
     parser.add_argument("--json")
     args = parser.parse_args()
     if args.chain:
         with torch.inference_mode():
             res = chain(args.kinds.split(","), args.layers,
-                        tuple(int(d) for d in args.depths.split(",")) if args.depths else (2,))
+                        tuple(int(d) for d in args.depths.split(",")) if args.depths else (2,), args.sweep)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(res, f, indent=1)

@@ -873,8 +873,7 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
         contexts = (DECODE_PROMPT, 4 * DECODE_PROMPT) if key == "falcon-mamba" else (DECODE_PROMPT,)
     for i, name in enumerate(variants):
         # A name may end in "+plain" (the batch-1 step without the fused kernels: Engine(fused=False)), "+sep"
-        # (the norms and silu·up as their own kernels, not in the GEMVs' prologues), "+nopdl" / "+pdl1" (gemv_cuda
-        # without programmatic dependent launch / the next grid started once this one's CTAs have all started), and then "@graph" / "@compile" (that engine mode for this
+        # (the norms and silu·up as their own kernels, not in the GEMVs' prologues), and then "@graph" / "@compile" (that engine mode for this
         # row instead of --mode).
         name_mode = name.partition("@")
         variant, *flags = name_mode[0].split("+")
@@ -921,16 +920,15 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                 kernels = f"bf16 Triton GEMV ({count} layers)" if count else "cuBLAS (GEMV check failed)"
                 log(f"  {variant}: {kernels}")
             log(f"{label} {variant}: {torch.cuda.memory_allocated() / 2**30 if CUDA else 0:.2f} GiB on the GPU")
-            from localgpt.generation.fast import gemv_cuda, quantize
+            from localgpt.generation.fast import quantize
 
             quantize.PROLOGUE = "sep" not in flags
-            gemv_cuda.PDL = 0 if "nopdl" in flags else 1 if "pdl1" in flags else 2
             try:
                 entry[name] = bench_engine(net, vocab, PROMPTS, mode, log, decode_contexts=contexts,
                                            sampled=variant in args.sampled.split(",") and key == "llama",
                                            profile=args.profile, fused=False if plain else None)
             finally:
-                quantize.PROLOGUE, gemv_cuda.PDL = True, 2
+                quantize.PROLOGUE = True
             entry[name]["kernels"] = kernels
             entry[name]["mode"] = mode
         except Exception as exc:  # noqa: BLE001 - keep the rest of the run

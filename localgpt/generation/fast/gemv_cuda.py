@@ -228,12 +228,6 @@ KERNEL_NAME(const u16* __restrict__ x, const uint4* __restrict__ w, const u32* _
     // x [M, K] bf16 (M <= 8 NT tokens; XMODE 1: [M, 2K]), out [M, N] bf16; ws [split, M, N] fp32 and lock [row
     // blocks] for split-K. XMODE 2: y (or null) added to x first, the sum written to xsum by CTA (0, 0) (when
     // both are given), nw the norm's weight [K], eps its epsilon. rs: int8's per-row scales [N] (or null).
-#if PDL == 1
-    // Programmatic dependent launch (sm_90): the next kernel in the stream, if launched so, may start once every
-    // CTA of this grid has passed here. Its CTAs fill the SMs this grid leaves and load their first weights while
-    // this one drains; they read nothing this one writes before their own griddepcontrol.wait.
-    asm volatile("griddepcontrol.launch_dependents;");
-#endif
     extern __shared__ uint4 smem[];
     const int n_blocks = K / COLS;
     const int per = (n_blocks + split - 1) / split;
@@ -259,10 +253,6 @@ KERNEL_NAME(const u16* __restrict__ x, const uint4* __restrict__ w, const u32* _
 #pragma unroll
     for (int d = 0; d < DEPTH - 1; ++d)
         if (first + d < last) load_block(v[d], sc[d], w, sz, row0, first + d, N, stride4, g, t);
-#if PDL
-    // Everything above reads only the weights; from here on the inputs (and the outputs) of the kernels before.
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
 #if XMODE == 2
     // Each token's 1 / rms over the whole row (every CTA: its split-K columns need the row's norm); CTA (0, 0)
     // stores the residual sum.
@@ -360,10 +350,6 @@ KERNEL_NAME(const u16* __restrict__ x, const uint4* __restrict__ w, const u32* _
             }
         }
     }
-#if PDL == 2
-    // (as above, once every CTA has loaded all its weights)
-    asm volatile("griddepcontrol.launch_dependents;");
-#endif
 #if CLUSTER
     // Split-K inside a thread block cluster (Hopper): the parts meet in CTA rank 0's view of the others'
     // shared memory, added in rank order (deterministic); no global workspace, no counter.
@@ -456,19 +442,17 @@ Config = tuple
 
 
 def source(bits: int, planes: int, warps: int, tiles: int, offset: bool = False, depth: int = 2,
-           pref: bool = False, cluster: int = 0, tiled: bool = False, nt: int = 1, xmode: int = 0,
-           pdl: int = 0) -> tuple[str, str]:
+           pref: bool = False, cluster: int = 0, tiled: bool = False, nt: int = 1, xmode: int = 0) -> tuple[str, str]:
     """(name, CUDA source) of one kernel configuration (``cluster``: the split-K parts, 0 for none; ``nt``: tiles
     of 8 tokens a launch takes, each A fragment multiplying all of them; ``xmode``: the input's prologue, one of
-    ``XMODES``; ``pdl``: programmatic dependent launch (sm_90), 0 none, 1 the next kernel may start once this
-    one's CTAs have all started, 2 once they have all loaded their weights)."""
+    ``XMODES``)."""
     name = (f"gemv_int{bits}_p{planes}_w{warps}_t{tiles}_d{depth}" + ("_o" if offset else "") + ("_l" if pref else "")
             + (f"_c{cluster}" if cluster else "") + ("_tl" if tiled else "") + (f"_m{8 * nt}" if nt > 1 else "")
-            + (f"_x{xmode}" if xmode else "") + (f"_pdl{pdl}" if pdl else ""))
+            + (f"_x{xmode}" if xmode else ""))
     head = (f"#define BITS {bits}\n#define P {planes}\n#define FIELDS {32 // bits}\n#define WARPS {warps}\n"
             f"#define TILES {tiles}\n#define OFFSET {int(offset)}\n#define DEPTH {depth}\n#define PREF {int(pref)}\n"
             f"#define CLUSTER {cluster}\n#define TILED {int(tiled)}\n#define NT {nt}\n#define XMODE {xmode}\n"
-            f"#define PDL {int(pdl)}\n#define KERNEL_NAME {name}\n")
+            f"#define KERNEL_NAME {name}\n")
     return name, head + SOURCE
 
 
@@ -525,27 +509,11 @@ def _cache_dir() -> Path:
     return Path(root) / "fast" / "cuda"
 
 
-class _AttrValue(ctypes.Structure):  # CUlaunchAttributeValue: a 64-byte union; its first int is what we set
-    _fields_ = [("value", ctypes.c_int), ("pad", ctypes.c_char * 60)]
-
-
-class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: id, 4 bytes of padding, the value
-    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_int), ("value", _AttrValue)]
-
-
-class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
-    _fields_ = [("grid_x", ctypes.c_uint), ("grid_y", ctypes.c_uint), ("grid_z", ctypes.c_uint),
-                ("block_x", ctypes.c_uint), ("block_y", ctypes.c_uint), ("block_z", ctypes.c_uint),
-                ("smem", ctypes.c_uint), ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)),
-                ("n_attrs", ctypes.c_uint)]
-
-
 class _Kernel:
     """A loaded kernel and a launcher that passes pointers and ints straight to ``cuLaunchKernel``."""
 
-    def __init__(self, cubin: bytes, name: str, threads: int, pdl: bool = False):
+    def __init__(self, cubin: bytes, name: str, threads: int):
         self.cuda = ctypes.CDLL("libcuda.so.1")
-        self.pdl = pdl
         torch.cuda.init()
         torch.cuda.current_stream()  # a context is current
         self.module = ctypes.c_void_p()
@@ -574,15 +542,8 @@ class _Kernel:
             with torch.cuda.device(device):  # the module lives in that GPU's context: make it current
                 return self(grid, smem, vals, device)
         stream = ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
-        if not self.pdl:
-            self._check(self.cuda.cuLaunchKernel(self.func, grid[0], grid[1], 1, self.threads, 1, 1, smem, stream,
-                                                 args, None), "launch")
-            return
-        # cuLaunchKernelEx with CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION (6) = 1: this grid may
-        # start while the kernel before it drains (it waits for that one's results in griddepcontrol.wait).
-        attr = _LaunchAttribute(6, 0, _AttrValue(1))
-        cfg = _LaunchConfig(grid[0], grid[1], 1, self.threads, 1, 1, smem, stream, ctypes.pointer(attr), 1)
-        self._check(self.cuda.cuLaunchKernelEx(ctypes.byref(cfg), self.func, args, None), "launch (PDL)")
+        self._check(self.cuda.cuLaunchKernel(self.func, grid[0], grid[1], 1, self.threads, 1, 1, smem, stream,
+                                             args, None), "launch")
 
 
 _KERNELS: dict = {}
@@ -595,9 +556,6 @@ MAXM = 16
 # The input's prologue (``XMODE`` in the source): the kernels before a GEMV that only reshape its input, done by
 # every CTA for its own columns instead of by a launch of their own (bench/gemv_cuda.py --chain measures the step).
 XMODES = {"plain": 0, "swiglu": 1, "rms": 2}
-# Programmatic dependent launch (sm_90+; ``source``'s ``pdl``): LOCALGPT_GEMV_PDL=0 turns it off, 1 / 2 pick where
-# a grid lets the next one start (bench/gemv_cuda.py --chain compares).
-PDL = int(os.environ.get("LOCALGPT_GEMV_PDL", "2"))
 
 
 def kernel(bits: int, planes: int, device: torch.device, config: Config, nt: int = 1, xmode: int = 0) -> _Kernel:
@@ -607,16 +565,15 @@ def kernel(bits: int, planes: int, device: torch.device, config: Config, nt: int
     major, minor = torch.cuda.get_device_capability(device)
     arch = f"{major}{minor}"
     cluster = split if cluster and split > 1 else 0
-    pdl = PDL if major >= 9 else 0
     key = (bits, planes, warps, tiles, bool(offset) and bits == 4, depth, bool(pref), cluster, bool(tiled), nt, arch,
-           device.index, xmode, pdl)
+           device.index, xmode)
     with _LOCK:
         if key not in _KERNELS:
             if major < 8 or (cluster and major < 9):
                 raise RuntimeError("the CUDA GEMV needs bf16 mma (compute capability 8.0 or newer; 9.0 for "
                                    "thread block clusters)")
             name, src = source(bits, planes, warps, tiles, key[4], depth, bool(pref), cluster, bool(tiled), nt,
-                               xmode, pdl)
+                               xmode)
             lib = _nvrtc()
             ver = (ctypes.c_int(), ctypes.c_int())
             lib.nvrtcVersion(ctypes.byref(ver[0]), ctypes.byref(ver[1]))
@@ -633,7 +590,7 @@ def kernel(bits: int, planes: int, device: torch.device, config: Config, nt: int
                 except OSError:
                     pass  # a read-only home: compile again next time
             with torch.cuda.device(device):
-                _KERNELS[key] = _Kernel(cubin, name, warps * 32, bool(pdl))
+                _KERNELS[key] = _Kernel(cubin, name, warps * 32)
         return _KERNELS[key]
 
 
