@@ -61,6 +61,15 @@ def prologue_gemv(layer: nn.Module, x: torch.Tensor, xmode: str, y: torch.Tensor
         bits = 4 if isinstance(layer, Int4Linear) else 8
         x = x.reshape(1, -1)
         total = torch.empty_like(x) if xmode == "rms" and y is not None else None
+        if bits == 8 and layer.layout == "planar":  # the Triton X2 kernel's prologue
+            from localgpt.generation.fast.gemv_triton import int8_gemv_scaled
+
+            bn, split, warps, dot = layer.gemv_config
+            out = int8_gemv_scaled(x.view(-1), layer.words, layer.gemv_ws, layer.gemv_lock, layer.planes, bn, split,
+                                   warps, dot, layer.scales, xmode=gemv_cuda.XMODES[xmode],
+                                   y=None if y is None else y.reshape(-1), norm=None if norm is None else norm.weight,
+                                   eps=0.0 if norm is None else float(norm.eps), xsum=total)
+            return out.view(1, -1), (total if total is not None else x if xmode == "rms" else None)
         out = torch.empty(1, layer.out_features, dtype=torch.bfloat16, device=x.device)
         cfg = layer.gemv_config if bits == 4 else layer.cuda_config
         ws, lock = (layer.gemv_ws, layer.gemv_lock) if bits == 4 else (layer.cuda_ws, layer.cuda_lock)
@@ -77,6 +86,13 @@ def prologue_gemv(layer: nn.Module, x: torch.Tensor, xmode: str, y: torch.Tensor
         return layer(slot_triton.rms_norm(x, norm.weight, norm.eps)), x
     total, h = slot_triton.add_rms_norm(x, y, norm.weight, norm.eps)
     return layer(h), total
+
+
+def _x2_kernel(code: int) -> bool:
+    """Whether a Triton GEMV config's kernel is the bf16x2 one (which takes the prologue and the row scales)."""
+    from localgpt.generation.fast.gemv_triton import X2, X2_AHEAD
+
+    return int(code) in (X2, X2_AHEAD)
 
 
 def _prologue_fits(words: torch.Tensor, in_features: int, bias) -> bool:
@@ -142,13 +158,26 @@ class Int8Linear(nn.Module):
 
     @property
     def prologue_ok(self) -> bool:
-        """Whether one token can take ``prologue_gemv``'s fused prologue (the "cuda" layout)."""
-        return self.layout == "cuda" and self.cuda_rows >= 1 and _prologue_fits(self.words, self.in_features,
-                                                                                  self.bias)
+        """Whether one token can take ``prologue_gemv``'s fused prologue: the "cuda" layout (``gemv_cuda``) or
+        the planar one on the Triton X2 kernel."""
+        if self.words is None or not _prologue_fits(self.words, self.in_features, self.bias):
+            return False
+        if self.layout == "cuda":
+            return self.cuda_rows >= 1
+        return self.layout == "planar" and _x2_kernel(self.gemv_config[3])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if self.words is not None:
+            if rows == 1 and self.layout == "planar" and _x2_kernel(self.gemv_config[3]) and (
+                    not torch.compiler.is_compiling()):
+                bn, split, warps, dot = self.gemv_config
+                from localgpt.generation.fast.gemv_triton import int8_gemv_scaled
+
+                out = int8_gemv_scaled(x.reshape(-1).to(torch.bfloat16).contiguous(), self.words, self.gemv_ws,
+                                       self.gemv_lock, self.planes, bn, split, warps, dot, self.scales)
+                out = out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+                return out if self.bias is None else out + self.bias
             if (2 if self.layout == "planar" else 1) <= rows <= self.cuda_rows and self.cuda_config is not None:
                 from localgpt.generation.fast.gemv_cuda import call
 
