@@ -254,50 +254,13 @@ def _int8_fields(words, b: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _x_in(x_ptr, y_ptr, nw_ptr, idx, inv, K, XMODE: tl.constexpr, HAS_Y: tl.constexpr):
-    """x at columns ``idx`` as the prologue makes it (gemv_cuda.XMODES): 0 x; 1 silu(gate) * up of x = [gate | up]
-    (slot_triton.silu_mul's arithmetic); 2 RMSNorm(x + y) with the row's 1 / rms ``inv`` (add_rms_norm's)."""
-    if XMODE == 1:
-        gate = tl.load(x_ptr + idx).to(tl.float32)
-        act = (gate / (1.0 + tl.exp(-gate))).to(tl.bfloat16).to(tl.float32)
-        return (act * tl.load(x_ptr + K + idx).to(tl.float32)).to(tl.bfloat16).to(tl.float32)
-    elif XMODE == 2:
-        v = tl.load(x_ptr + idx).to(tl.float32)
-        if HAS_Y:
-            v = (v + tl.load(y_ptr + idx).to(tl.float32)).to(tl.bfloat16).to(tl.float32)
-        h = (v * inv).to(tl.bfloat16).to(tl.float32)
-        return (tl.load(nw_ptr + idx).to(tl.float32) * h).to(tl.bfloat16).to(tl.float32)
-    else:
-        return tl.load(x_ptr + idx).to(tl.float32)
-
-
-@triton.jit
-def _row_inv_rms(x_ptr, y_ptr, xsum_ptr, K, eps, HAS_Y: tl.constexpr, KB: tl.constexpr):
-    """1 / rms of x (+ y) over the whole row (every program: its split-K part needs the row's norm); program
-    (0, 0) stores the sum x + y, the next residual."""
-    kc = tl.arange(0, KB)
-    km = kc < K
-    v = tl.load(x_ptr + kc, mask=km, other=0.0).to(tl.float32)
-    if HAS_Y:
-        total = (v + tl.load(y_ptr + kc, mask=km, other=0.0).to(tl.float32)).to(tl.bfloat16)
-        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
-            tl.store(xsum_ptr + kc, total, mask=km)
-        v = total.to(tl.float32)
-    return tl.rsqrt(tl.sum(v * v, axis=0) / K + eps)
-
-
-@triton.jit
 def _int8_x2_kernel(x_ptr, w_ptr, out_ptr, ws_ptr, lock_ptr, N, K, stride,
                     P: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr, ASM: tl.constexpr = True,
-                    FULL: tl.constexpr = False, AHEAD: tl.constexpr = False, y_ptr=None, nw_ptr=None,
-                    xsum_ptr=None, sc_ptr=None, eps=0.0, XMODE: tl.constexpr = 0, HAS_Y: tl.constexpr = False,
-                    SCALED: tl.constexpr = False, KB: tl.constexpr = 1):
+                    FULL: tl.constexpr = False, AHEAD: tl.constexpr = False, sc_ptr=None,
+                    SCALED: tl.constexpr = False):
     # _int8_gemv_kernel with each byte made an fp32 by one ``prmt`` (2^23 + u, u = v + 128), one add removing
-    # 2^23 + 128 exactly, and the FMA: three instructions a weight. XMODE: the input's prologue (``_x_in``);
-    # SCALED: the rows' scales applied to the result (``_out_value``).
-    inv = 0.0
-    if XMODE == 2:
-        inv = _row_inv_rms(x_ptr, y_ptr, xsum_ptr, K, eps, HAS_Y, KB)
+    # 2^23 + 128 exactly, and the FMA: three instructions a weight. SCALED: the rows' scales applied to the
+    # result (``_out_value``).
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     live = rows < N
     cols = tl.arange(0, P)
@@ -316,7 +279,7 @@ def _int8_x2_kernel(x_ptr, w_ptr, out_ptr, ws_ptr, lock_ptr, N, K, stride,
         else:
             words = _load_words(w_row + blk * P, live, True, FULL) ^ -2139062144
         for b in tl.static_range(4):
-            x = _x_in(x_ptr, y_ptr, nw_ptr, blk * (4 * P) + b * P + cols, inv, K, XMODE, HAS_Y)[None, :]
+            x = tl.load(x_ptr + blk * (4 * P) + b * P + cols).to(tl.float32)[None, :]
             acc += (_int8_fields(words, b, ASM) - (MAGIC + 128.0)) * x
     _finish(acc, rows, live, out_ptr, ws_ptr, lock_ptr, N, SPLIT, sc_ptr, SCALED)
 
@@ -528,17 +491,14 @@ def _int4_launch(kernel: int, grid, x, words, sz, out, ws, lock, n, k, group, pl
 
 
 def _int8_launch(kernel: int, grid, x, words, out, ws, lock, n, k, planes, bn, split, warps, stages=1, *,
-                 xmode: int = 0, y=None, norm=None, eps: float = 0.0, xsum=None, scales=None):
+                 scales=None):
     if int(kernel) in (X2, X2_AHEAD):
         _int8_x2_kernel[grid](x, words, out, ws, lock, n, k, words.stride(0), P=planes, BN=bn, SPLIT=split,
                               ASM=x.is_cuda, FULL=n % bn == 0, AHEAD=int(kernel) == X2_AHEAD,
-                              y_ptr=y if y is not None else x, nw_ptr=norm if norm is not None else x,
-                              xsum_ptr=xsum if xsum is not None else x, sc_ptr=scales if scales is not None else x,
-                              eps=eps, XMODE=xmode, HAS_Y=y is not None, SCALED=scales is not None,
-                              KB=triton.next_power_of_2(k) if xmode == 2 else 1, num_warps=warps,
-                              num_stages=stages)
+                              sc_ptr=scales if scales is not None else x, SCALED=scales is not None,
+                              num_warps=warps, num_stages=stages)
         return
-    assert xmode == 0 and scales is None, "the prologue and the scales are the X2 kernel's"
+    assert scales is None, "the row scales are the X2 kernel's"
     if int(kernel) == DOT:
         _int8_dot_kernel[grid](x, words, out, ws, lock, n, k, words.stride(0), P=planes, BN=bn, SPLIT=split,
                                DOT_BF16=x.is_cuda, num_warps=warps, num_stages=stages)
@@ -654,16 +614,16 @@ def _int8_gemv_eager(x: torch.Tensor, words: torch.Tensor, ws: torch.Tensor, loc
 
 
 def int8_gemv_scaled(x: torch.Tensor, words: torch.Tensor, ws: torch.Tensor, lock: torch.Tensor, planes: int,
-                     bn: int, split: int, warps: int, dot: int, scales: torch.Tensor, *, xmode: int = 0,
-                     y: torch.Tensor | None = None, norm: torch.Tensor | None = None, eps: float = 0.0,
-                     xsum: torch.Tensor | None = None) -> torch.Tensor:
-    """One token through the int8 X2 kernel with the rows' ``scales`` applied in it, and the input's prologue
-    (``xmode``, as ``gemv_cuda.gemv``: 1 silu(gate) * up of x = [gate | up]; 2 RMSNorm(x + y) with weight
-    ``norm``, x + y written to ``xsum``). A direct launch: not for torch.compile's graphs."""
+                     bn: int, split: int, warps: int, dot: int, scales: torch.Tensor) -> torch.Tensor:
+    """One token through the int8 X2 kernel with the rows' ``scales`` applied in it (the layer's multiply
+    after the kernel was a launch of its own: Llama-2-7B int8 331 -> 358 tok/s on the H200, graph mode). A
+    direct launch: not for torch.compile's graphs, where the multiply fuses anyway. (Folding the norms and
+    silu·up into this kernel as ``gemv_cuda`` does cost more than it saved: 290 tok/s; each program of this
+    kernel would redo them for its block of x.)"""
     n, kw = words.shape
     out = torch.empty(n, dtype=torch.bfloat16, device=x.device)
     _int8_launch(dot, (triton.cdiv(n, bn), split), x, words, out, ws, lock, n, kw * 4, planes, bn, split, warps,
-                 xmode=xmode, y=y, norm=norm, eps=eps, xsum=xsum, scales=scales)
+                 scales=scales)
     return out
 
 

@@ -61,15 +61,6 @@ def prologue_gemv(layer: nn.Module, x: torch.Tensor, xmode: str, y: torch.Tensor
         bits = 4 if isinstance(layer, Int4Linear) else 8
         x = x.reshape(1, -1)
         total = torch.empty_like(x) if xmode == "rms" and y is not None else None
-        if bits == 8 and layer.layout == "planar":  # the Triton X2 kernel's prologue
-            from localgpt.generation.fast.gemv_triton import int8_gemv_scaled
-
-            bn, split, warps, dot = layer.gemv_config
-            out = int8_gemv_scaled(x.view(-1), layer.words, layer.gemv_ws, layer.gemv_lock, layer.planes, bn, split,
-                                   warps, dot, layer.scales, xmode=gemv_cuda.XMODES[xmode],
-                                   y=None if y is None else y.reshape(-1), norm=None if norm is None else norm.weight,
-                                   eps=0.0 if norm is None else float(norm.eps), xsum=total)
-            return out.view(1, -1), (total if total is not None else x if xmode == "rms" else None)
         out = torch.empty(1, layer.out_features, dtype=torch.bfloat16, device=x.device)
         cfg = layer.gemv_config if bits == 4 else layer.cuda_config
         ws, lock = (layer.gemv_ws, layer.gemv_lock) if bits == 4 else (layer.cuda_ws, layer.cuda_lock)
@@ -158,13 +149,9 @@ class Int8Linear(nn.Module):
 
     @property
     def prologue_ok(self) -> bool:
-        """Whether one token can take ``prologue_gemv``'s fused prologue: the "cuda" layout (``gemv_cuda``) or
-        the planar one on the Triton X2 kernel."""
-        if self.words is None or not _prologue_fits(self.words, self.in_features, self.bias):
-            return False
-        if self.layout == "cuda":
-            return self.cuda_rows >= 1
-        return self.layout == "planar" and _x2_kernel(self.gemv_config[3])
+        """Whether one token can take ``prologue_gemv``'s fused prologue (the "cuda" layout)."""
+        return self.layout == "cuda" and self.cuda_rows >= 1 and _prologue_fits(self.words, self.in_features,
+                                                                                  self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
