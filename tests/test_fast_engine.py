@@ -288,7 +288,8 @@ def _int8_scaled_check(gemv, q8, x, config) -> None:
     got = gemv.int8_gemv_scaled(x, pack_int8_planar(q8, planes), ws, lock, planes, bn, split, warps, config[4],
                                 scales).float()
     want = ((q8.float() @ x.float()).to(torch.bfloat16).float() * scales.float()).to(torch.bfloat16).float()
-    assert ((got - want).abs() <= want.abs() * 2**-7 + 1e-4 * want.abs().max()).all(), config
+    # two bf16 roundings, each under 2^-7 of the value (the interpreter truncates where the GPU rounds to nearest)
+    assert ((got - want).abs() <= want.abs() * 2**-6 + 1e-4 * want.abs().max()).all(), config
     assert int(lock.sum()) == 0
 
 
