@@ -180,3 +180,21 @@ def ingested_collection(base, docs: dict[str, str], collection: str, **settings)
     report = ingest_folder(folder, s)
     assert not report.skipped, report.skipped
     return s
+
+
+def interpreter_scalar_index():
+    """Triton 3.6's interpreter turns a scalar tensor into an int with ``int(array of one element)`` (the kernels'
+    ``range(first, last)``), which NumPy 2.4 made an error; read the one element instead."""
+    import triton.runtime.interpreter as interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "scalar_index", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0])
+                       if self.handle.data.size == 1 else int(self.handle.data))
+
+    patched.scalar_index = True
+    interpreter._patch_lang_tensor = patched

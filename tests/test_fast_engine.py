@@ -259,24 +259,6 @@ def test_gemv_kernels_in_the_triton_interpreter(subprocess_env):
                               "gemv interpreter check passed")
 
 
-def _interpreter_scalar_index():
-    """Triton 3.6's interpreter turns a scalar tensor into an int with ``int(array of one element)`` (the kernels'
-    ``range(first, last)``), which NumPy 2.4 made an error; read the one element instead."""
-    import triton.runtime.interpreter as interpreter
-
-    original = interpreter._patch_lang_tensor
-    if getattr(original, "scalar_index", False):
-        return
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0])
-                       if self.handle.data.size == 1 else int(self.handle.data))
-
-    patched.scalar_index = True
-    interpreter._patch_lang_tensor = patched
-
-
 def _int8_scaled_check(gemv, q8, x, config) -> None:
     """The int8 X2 kernel with the rows' scales applied in it (int8_gemv_scaled) against the layer's own
     arithmetic: the sum rounded to bf16, times the scale, rounded."""
@@ -295,7 +277,9 @@ def _int8_scaled_check(gemv, q8, x, config) -> None:
 
 def gemv_interpreter_check():
     """Every GEMV kernel and the planar dequantiser, run by Triton's interpreter on the CPU, against PyTorch."""
-    _interpreter_scalar_index()
+    from conftest import interpreter_scalar_index
+
+    interpreter_scalar_index()
     import localgpt.generation.fast.gemv_triton as gemv
 
     for n, k, group, state in _gemv_cases():
@@ -856,6 +840,10 @@ def fused_batch1_step_check(device: str = "cpu", dtype: torch.dtype = torch.floa
     from localgpt.generation.fast.engine import Engine
     from localgpt.generation.fast.transformer import from_falcon, from_llama
 
+    if device == "cpu":
+        from conftest import interpreter_scalar_index
+
+        interpreter_scalar_index()  # attention_fused's loop over the splits: range() of a kernel argument
     root = Path(tempfile.mkdtemp())
     held = dict(slot_triton.ATTENTION)
     try:
