@@ -878,8 +878,8 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
         contexts = (DECODE_PROMPT, 4 * DECODE_PROMPT) if key == "falcon-mamba" else (DECODE_PROMPT,)
     for i, name in enumerate(variants):
         # A name may end in "+plain" (the batch-1 step without the fused kernels: Engine(fused=False)), "+sep"
-        # (the norms and silu·up as their own kernels, not in the GEMVs' prologues), "+unfused" (that and the
-        # attention in three kernels: the step as it was before either), and then "@graph" / "@compile" (that engine mode for this
+        # (the norms and silu·up as their own kernels, not in the GEMVs' prologues), "+sepattn" (the attention in
+        # three kernels, not ``attention_fused``), "+unfused" (both: the step as it was before either), and then "@graph" / "@compile" (that engine mode for this
         # row instead of --mode).
         name_mode = name.partition("@")
         variant, *flags = name_mode[0].split("+")
@@ -932,7 +932,7 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
             if CUDA:
                 from localgpt.generation.fast import slot_triton
 
-                slot_triton.FUSED_ATTENTION = "unfused" not in flags
+                slot_triton.FUSED_ATTENTION = "unfused" not in flags and "sepattn" not in flags
             try:
                 entry[name] = bench_engine(net, vocab, PROMPTS, mode, log, decode_contexts=contexts,
                                            sampled=variant in args.sampled.split(",") and key == "llama",
