@@ -27,6 +27,7 @@ ATTENTION = {"split": 64, "block_n": 64, "warps": 4, "dot": True}
 # Whether the decode steps use ``attention_fused`` (one launch a layer; with the tensor-core variant) or the three
 # kernels (LOCALGPT_FUSED_ATTENTION=0; bench/gpu.py's "+unfused" rows).
 FUSED_ATTENTION = os.environ.get("LOCALGPT_FUSED_ATTENTION", "1") != "0"
+COMBINE_CHUNK = 16  # splits attention_fused's combine loads at once (tests make it small to merge several chunks)
 
 
 @triton.jit
@@ -324,7 +325,7 @@ def _rotate(row_ptr, heads, rlive, d, dlive, cos, sin, HD: tl.constexpr, HALF: t
 def _attention_fused_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, acc_ptr, ml_ptr, lock_ptr, out_ptr,
                             H, KV, L, SCRATCH, scale, NSPLIT, REP: tl.constexpr, REP_P: tl.constexpr,
                             HD: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                            SPLIT: tl.constexpr, FP32_DOT: tl.constexpr):
+                            SPLIT: tl.constexpr, FP32_DOT: tl.constexpr, CH: tl.constexpr):
     # Program (b, g, s): kv head g of slot b over cache positions [s * SPLIT, (s + 1) * SPLIT). Each program
     # rotates its group's REP query heads from the raw qkv row (rounded to the activations' dtype, as rope_store
     # stores them); the program whose split holds the slot's position also rotates k and writes k and v there
@@ -385,23 +386,33 @@ def _attention_fused_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, ac
     tl.store(ml_ptr + slot * 2 + 1, l, mask=rlive)
     tl.debug_barrier()  # every thread's partial is written before the counter moves
     arrived = tl.atomic_add(lock_ptr + b * KV + g, 1, sem="acq_rel")
-    if arrived == NSPLIT - 1:  # the last split: _attention_combine_kernel's arithmetic for the group's heads
-        first_slot = (b * H + heads) * NSPLIT
-        m_all = tl.full((REP_P,), float("-inf"), tl.float32)
-        for t in range(NSPLIT):
-            m_all = tl.maximum(m_all, tl.load(ml_ptr + (first_slot + t) * 2, mask=rlive, other=0.0,
-                                              cache_modifier=".cg"))
-        total = tl.zeros((REP_P, BLOCK_D), tl.float32)
-        l_all = tl.zeros((REP_P,), tl.float32)
-        for t in range(NSPLIT):
-            ms = tl.load(ml_ptr + (first_slot + t) * 2, mask=rlive, other=0.0, cache_modifier=".cg")
-            w = tl.where(ms == float("-inf"), 0.0, tl.exp(ms - m_all))
-            l_all += w * tl.load(ml_ptr + (first_slot + t) * 2 + 1, mask=rlive, other=0.0, cache_modifier=".cg")
-            total += w[:, None] * tl.load(acc_ptr + (first_slot + t)[:, None] * HD + d[None, :],
-                                          mask=rlive[:, None] & dlive[None, :], other=0.0, cache_modifier=".cg")
-        l_all = tl.where(rlive, l_all, 1.0)
-        tl.store(out_ptr + (b * H + heads)[:, None] * HD + d[None, :], (total / l_all[:, None]).to(
-            out_ptr.dtype.element_ty), mask=rlive[:, None] & dlive[None, :])
+    if arrived == NSPLIT - 1:
+        # The last split combines the group's heads: the splits up to the slot's position only (the rest saw
+        # nothing), CH at a time, their loads issued together; merged across chunks as flash-decoding merges
+        # splits (a serial walk over the splits, one L2 round trip each, cost more than the launch it saved).
+        live = tl.minimum(pos // SPLIT + 1, NSPLIT)
+        c = tl.arange(0, CH)
+        for rr in tl.static_range(REP):
+            first_slot = (b * H + g * REP + rr) * NSPLIT
+            m_run = tl.full((), float("-inf"), tl.float32)
+            l_run = tl.zeros((), tl.float32)
+            total = tl.zeros((BLOCK_D,), tl.float32)
+            for t0 in range(0, live, CH):
+                t = t0 + c
+                tlive = t < live
+                ms = tl.load(ml_ptr + (first_slot + t) * 2, mask=tlive, other=float("-inf"), cache_modifier=".cg")
+                ls = tl.load(ml_ptr + (first_slot + t) * 2 + 1, mask=tlive, other=0.0, cache_modifier=".cg")
+                parts = tl.load(acc_ptr + (first_slot + t)[:, None] * HD + d[None, :],
+                                mask=tlive[:, None] & dlive[None, :], other=0.0, cache_modifier=".cg")
+                m_new = tl.maximum(m_run, tl.max(ms, axis=0))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                keep = tl.exp(m_run - m_safe)
+                w = tl.where(ms == float("-inf"), 0.0, tl.exp(ms - m_safe))
+                l_run = l_run * keep + tl.sum(w * ls, axis=0)
+                total = total * keep + tl.sum(w[:, None] * parts, axis=0)
+                m_run = m_new
+            tl.store(out_ptr + (b * H + g * REP + rr) * HD + d, (total / l_run).to(out_ptr.dtype.element_ty),
+                     mask=dlive)
         tl.atomic_xchg(lock_ptr + b * KV + g, 0)  # ready for the next call (a CUDA graph replays it)
 
 
@@ -425,7 +436,7 @@ def attention_fused(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos
         qkv, cos, sin, positions, k_slots, v_slots, acc, ml, lock, out, n_heads, kv, length, scratch, hd ** -0.5,
         nsplit, REP=rep, REP_P=max(16, triton.next_power_of_2(rep)), HD=hd, HALF=hd // 2,
         BLOCK_D=max(16, triton.next_power_of_2(hd)), BLOCK_N=min(block_n, split), SPLIT=split,
-        FP32_DOT=os.environ.get("TRITON_INTERPRET") == "1", num_warps=warps)
+        FP32_DOT=os.environ.get("TRITON_INTERPRET") == "1", CH=COMBINE_CHUNK, num_warps=warps)
     return out
 
 
