@@ -735,12 +735,7 @@ def run_concurrency(args, log, results: dict, key: str = "llama") -> None:
         try:
             with torch.inference_mode():
                 net = build_network(hf)
-                # int4, int4-legacy (tinygemm), int8-triton, ...; "+unfused": the attention in three kernels
-                base, _, decode = variant.split("+")[0].partition("-")
-                if CUDA:
-                    from localgpt.generation.fast import slot_triton
-
-                    slot_triton.FUSED_ATTENTION = "+unfused" not in variant
+                base, _, decode = variant.partition("-")  # int4, int4-legacy (tinygemm), int8-triton, ...
                 if base in ("int4", "int8"):
                     quantize_model(net, base, decode=decode or "auto")
                 if CUDA and getattr(net, "kind", "") == "transformer":
@@ -878,8 +873,7 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
         contexts = (DECODE_PROMPT, 4 * DECODE_PROMPT) if key == "falcon-mamba" else (DECODE_PROMPT,)
     for i, name in enumerate(variants):
         # A name may end in "+plain" (the batch-1 step without the fused kernels: Engine(fused=False)), "+sep"
-        # (the norms and silu·up as their own kernels, not in the GEMVs' prologues), "+sepattn" (the attention in
-        # three kernels, not ``attention_fused``), "+unfused" (both: the step as it was before either), and then "@graph" / "@compile" (that engine mode for this
+        # (the norms and silu·up as their own kernels, not in the GEMVs' prologues), and then "@graph" / "@compile" (that engine mode for this
         # row instead of --mode).
         name_mode = name.partition("@")
         variant, *flags = name_mode[0].split("+")
@@ -928,19 +922,13 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
             log(f"{label} {variant}: {torch.cuda.memory_allocated() / 2**30 if CUDA else 0:.2f} GiB on the GPU")
             from localgpt.generation.fast import quantize
 
-            quantize.PROLOGUE = "sep" not in flags and "unfused" not in flags
-            if CUDA:
-                from localgpt.generation.fast import slot_triton
-
-                slot_triton.FUSED_ATTENTION = "unfused" not in flags and "sepattn" not in flags
+            quantize.PROLOGUE = "sep" not in flags
             try:
                 entry[name] = bench_engine(net, vocab, PROMPTS, mode, log, decode_contexts=contexts,
                                            sampled=variant in args.sampled.split(",") and key == "llama",
                                            profile=args.profile, fused=False if plain else None)
             finally:
                 quantize.PROLOGUE = True
-                if CUDA:
-                    slot_triton.FUSED_ATTENTION = True
             entry[name]["kernels"] = kernels
             entry[name]["mode"] = mode
         except Exception as exc:  # noqa: BLE001 - keep the rest of the run

@@ -840,13 +840,8 @@ def fused_batch1_step_check(device: str = "cpu", dtype: torch.dtype = torch.floa
     from localgpt.generation.fast.engine import Engine
     from localgpt.generation.fast.transformer import from_falcon, from_llama
 
-    if device == "cpu":
-        from conftest import interpreter_scalar_index
-
-        interpreter_scalar_index()  # attention_fused's loop over the splits: range() of a kernel argument
     root = Path(tempfile.mkdtemp())
     held = dict(slot_triton.ATTENTION)
-    slot_triton.COMBINE_CHUNK = 2  # attention_fused's combine merges chunks of splits
     try:
         for dot in (False, True):
             slot_triton.ATTENTION.update(split=32, block_n=16, dot=dot)  # several splits at a small cache
@@ -893,7 +888,6 @@ def fused_batch1_step_check(device: str = "cpu", dtype: torch.dtype = torch.floa
         assert not Engine(falcon, mode="eager", max_seq=32).fused
     finally:
         slot_triton.ATTENTION.update(held)
-        slot_triton.COMBINE_CHUNK = 16
     print("fused batch-1 step check passed")
 
 

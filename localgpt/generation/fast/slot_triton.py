@@ -5,8 +5,7 @@ tensors; in eager PyTorch each small operation is its own kernel (RMSNorm alone 
 each still costs a few microseconds. These fuse them: ``rms_norm`` (one kernel), ``rope_store`` (rotary
 embedding of q and k, and k / v written into each slot's cache at its own position), ``decode_attention``
 (flash-decoding: each slot reads its cache only up to its own position, in splits that meet in a second small
-kernel; ``attention_fused``: rotary, cache write and both in one launch, for the batch-1 step) and ``silu_mul``.
-Imported on CUDA only (or under ``TRITON_INTERPRET=1`` in tests); never allocates
+kernel) and ``silu_mul``. Imported on CUDA only (or under ``TRITON_INTERPRET=1`` in tests); never allocates
 inside a captured step except its outputs, which the CUDA graph's pool owns.
 """
 
@@ -24,10 +23,6 @@ import triton.language as tl
 # --concurrency --profile sweeps them; (64, 64, 4, dot) was the best on an H200 at Llama-2-7B's heads (x16 51.9 us
 # a layer at 384 positions against 65.6 for (128, 64, 4, no dot), x1 11.4 against 14.8; bench/RESULTS.md round 6).
 ATTENTION = {"split": 64, "block_n": 64, "warps": 4, "dot": True}
-# Whether the decode steps use ``attention_fused`` (one launch a layer; with the tensor-core variant) or the three
-# kernels (LOCALGPT_FUSED_ATTENTION=0; bench/gpu.py's "+unfused" rows).
-FUSED_ATTENTION = os.environ.get("LOCALGPT_FUSED_ATTENTION", "1") != "0"
-COMBINE_CHUNK = 16  # splits attention_fused's combine loads at once (tests make it small to merge several chunks)
 
 
 @triton.jit
@@ -304,140 +299,6 @@ def decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posit
 @decode_attention_op.register_fake
 def _(q, k, v, positions, scratch):
     return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
-
-
-# --- rotary + cache write + split attention + combine in one launch (the batch-1 step, ``Block.attend_qkv``) -------
-
-
-@triton.jit
-def _rotate(row_ptr, heads, rlive, d, dlive, cos, sin, HD: tl.constexpr, HALF: tl.constexpr):
-    """Rows ``heads`` of a [*, HD] block at ``row_ptr`` rotated by (cos, sin), in fp32 (``_rope_store_head``'s
-    arithmetic)."""
-    partner = tl.where(d < HALF, d + HALF, d - HALF)
-    sign = tl.where(d < HALF, -1.0, 1.0)
-    both = rlive[:, None] & dlive[None, :]
-    x = tl.load(row_ptr + heads[:, None] * HD + d[None, :], mask=both, other=0.0).to(tl.float32)
-    other = tl.load(row_ptr + heads[:, None] * HD + partner[None, :], mask=both, other=0.0).to(tl.float32)
-    return x * cos[None, :] + sign[None, :] * other * sin[None, :]
-
-
-@triton.jit
-def _attention_fused_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, acc_ptr, ml_ptr, lock_ptr, out_ptr,
-                            H, KV, L, SCRATCH, scale, NSPLIT, REP: tl.constexpr, REP_P: tl.constexpr,
-                            HD: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                            SPLIT: tl.constexpr, FP32_DOT: tl.constexpr, CH: tl.constexpr):
-    # Program (b, g, s): kv head g of slot b over cache positions [s * SPLIT, (s + 1) * SPLIT). Each program
-    # rotates its group's REP query heads from the raw qkv row (rounded to the activations' dtype, as rope_store
-    # stores them); the program whose split holds the slot's position also rotates k and writes k and v there
-    # (then a barrier: its own loads below read them). The splits' partial softmax sums meet as in split-K: the
-    # last program of (b, g) to arrive combines them in split order (deterministic) and resets the counter.
-    b = tl.program_id(0)
-    g = tl.program_id(1)
-    s = tl.program_id(2)
-    pos = tl.load(pos_ptr + b)
-    r = tl.arange(0, REP_P)
-    rlive = r < REP
-    d = tl.arange(0, BLOCK_D)
-    dlive = d < HD
-    heads = g * REP + r
-    row = qkv_ptr + b * (H + 2 * KV) * HD
-    cos = tl.load(cos_ptr + pos * HD + d, mask=dlive, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + pos * HD + d, mask=dlive, other=0.0).to(tl.float32)
-    q = _rotate(row, heads, rlive, d, dlive, cos, sin, HD, HALF).to(k_ptr.dtype.element_ty)
-    q = q.to(tl.float32) if FP32_DOT else q
-    base = (b * KV + g) * L * HD
-    if s == pos // SPLIT:
-        one = r < 1
-        k_new = _rotate(row + H * HD, g + r * 0, one, d, dlive, cos, sin, HD, HALF)
-        v_new = tl.load(row + (H + KV + g) * HD + r[:, None] * 0 + d[None, :], mask=one[:, None] & dlive[None, :],
-                        other=0.0)
-        at = base + pos * HD + r[:, None] * 0 + d[None, :]
-        tl.store(k_ptr + at, k_new.to(k_ptr.dtype.element_ty), mask=one[:, None] & dlive[None, :])
-        tl.store(v_ptr + at, v_new.to(v_ptr.dtype.element_ty), mask=one[:, None] & dlive[None, :])
-    tl.debug_barrier()
-    first = tl.where(pos == SCRATCH, pos, 0)
-    lo = tl.maximum(s * SPLIT, first)
-    hi = tl.minimum((s + 1) * SPLIT, pos + 1)
-    m = tl.full((REP_P,), float("-inf"), tl.float32)
-    l = tl.zeros((REP_P,), tl.float32)
-    acc = tl.zeros((REP_P, BLOCK_D), tl.float32)
-    for i in range(0, SPLIT, BLOCK_N):
-        n = s * SPLIT + i + tl.arange(0, BLOCK_N)
-        nlive = (n >= lo) & (n < hi)
-        offs = base + n[:, None] * HD + d[None, :]
-        both = nlive[:, None] & dlive[None, :]
-        k = tl.load(k_ptr + offs, mask=both, other=0.0, cache_modifier=".cg")  # (L2: the row written above)
-        k = k.to(tl.float32) if FP32_DOT else k
-        scores = tl.dot(q, tl.trans(k)) * scale
-        scores = tl.where(nlive[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_safe)
-        p = tl.exp(scores - m_safe[:, None])
-        v = tl.load(v_ptr + offs, mask=both, other=0.0, cache_modifier=".cg")
-        pv = p if FP32_DOT else p.to(v.dtype)
-        v = v.to(tl.float32) if FP32_DOT else v
-        acc = acc * alpha[:, None] + tl.dot(pv, v)
-        l = l * alpha + tl.sum(p, axis=1)
-        m = m_new
-    slot = (b * H + heads) * NSPLIT + s
-    tl.store(acc_ptr + slot[:, None] * HD + d[None, :], acc, mask=rlive[:, None] & dlive[None, :])
-    tl.store(ml_ptr + slot * 2, m, mask=rlive)
-    tl.store(ml_ptr + slot * 2 + 1, l, mask=rlive)
-    tl.debug_barrier()  # every thread's partial is written before the counter moves
-    arrived = tl.atomic_add(lock_ptr + b * KV + g, 1, sem="acq_rel")
-    if arrived == NSPLIT - 1:
-        # The last split combines the group's heads: the splits up to the slot's position only (the rest saw
-        # nothing), CH at a time, their loads issued together; merged across chunks as flash-decoding merges
-        # splits (a serial walk over the splits, one L2 round trip each, cost more than the launch it saved).
-        live = tl.minimum(pos // SPLIT + 1, NSPLIT)
-        c = tl.arange(0, CH)
-        for rr in tl.static_range(REP):
-            first_slot = (b * H + g * REP + rr) * NSPLIT
-            m_run = tl.full((), float("-inf"), tl.float32)
-            l_run = tl.zeros((), tl.float32)
-            total = tl.zeros((BLOCK_D,), tl.float32)
-            for t0 in range(0, live, CH):
-                t = t0 + c
-                tlive = t < live
-                ms = tl.load(ml_ptr + (first_slot + t) * 2, mask=tlive, other=float("-inf"), cache_modifier=".cg")
-                ls = tl.load(ml_ptr + (first_slot + t) * 2 + 1, mask=tlive, other=0.0, cache_modifier=".cg")
-                parts = tl.load(acc_ptr + (first_slot + t)[:, None] * HD + d[None, :],
-                                mask=tlive[:, None] & dlive[None, :], other=0.0, cache_modifier=".cg")
-                m_new = tl.maximum(m_run, tl.max(ms, axis=0))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                keep = tl.exp(m_run - m_safe)
-                w = tl.where(ms == float("-inf"), 0.0, tl.exp(ms - m_safe))
-                l_run = l_run * keep + tl.sum(w * ls, axis=0)
-                total = total * keep + tl.sum(w[:, None] * parts, axis=0)
-                m_run = m_new
-            tl.store(out_ptr + (b * H + g * REP + rr) * HD + d, (total / l_run).to(out_ptr.dtype.element_ty),
-                     mask=dlive)
-        tl.atomic_xchg(lock_ptr + b * KV + g, 0)  # ready for the next call (a CUDA graph replays it)
-
-
-def attention_fused(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                    k_slots: torch.Tensor, v_slots: torch.Tensor, n_heads: int, lock: torch.Tensor,
-                    scratch: int = -1) -> torch.Tensor:
-    """``rope_store`` + ``decode_attention`` in one launch: qkv [B, (H + 2 KV) hd] of B slots' tokens at
-    ``positions`` [B] (cos / sin [positions, hd] tables); k and v written into each slot's cache at its position,
-    the attention over positions 0..positions[b]. ``lock``: int32 zeros [>= B * KV], kept by the caller (each call
-    leaves them zero). Returns [B, H * hd]. The tensor-core variant of ``ATTENTION`` (its split and block size)."""
-    b = qkv.shape[0]
-    kv, length, hd = k_slots.shape[1], k_slots.shape[2], k_slots.shape[3]
-    qkv = qkv.reshape(b, -1).contiguous()
-    split, block_n, warps = ATTENTION["split"], ATTENTION["block_n"], ATTENTION["warps"]
-    nsplit = triton.cdiv(length, split)
-    acc = torch.empty(b * n_heads * nsplit, hd, dtype=torch.float32, device=qkv.device)
-    ml = torch.empty(b * n_heads * nsplit, 2, dtype=torch.float32, device=qkv.device)
-    out = torch.empty(b, n_heads * hd, dtype=qkv.dtype, device=qkv.device)
-    rep = n_heads // kv
-    _attention_fused_kernel[(b, kv, nsplit)](
-        qkv, cos, sin, positions, k_slots, v_slots, acc, ml, lock, out, n_heads, kv, length, scratch, hd ** -0.5,
-        nsplit, REP=rep, REP_P=max(16, triton.next_power_of_2(rep)), HD=hd, HALF=hd // 2,
-        BLOCK_D=max(16, triton.next_power_of_2(hd)), BLOCK_N=min(block_n, split), SPLIT=split,
-        FP32_DOT=os.environ.get("TRITON_INTERPRET") == "1", CH=COMBINE_CHUNK, num_warps=warps)
-    return out
 
 
 # --- one request's prompt chunk at a fixed row count (BatchEngine's captured prompt pass) ---------------------

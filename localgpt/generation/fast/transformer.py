@@ -113,8 +113,6 @@ class Block(nn.Module):
         size = (1, s.n_kv_heads, max_seq, s.head_dim)
         self.k_cache = torch.zeros(size, dtype=dtype, device=device)
         self.v_cache = torch.zeros(size, dtype=dtype, device=device)
-        # arrival counters of slot_triton.attention_fused (one a kv head; each call leaves them zero)
-        self.attn_lock = torch.zeros(s.n_kv_heads, dtype=torch.int32, device=device)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         h = self.w_in(x)
@@ -159,14 +157,10 @@ class Block(nn.Module):
 
     def attend_qkv(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """The attention of one decode step from its projections qkv [1, (heads + 2 kv heads) head_dim], before
-        ``wo``: rotary, cache write and the split decode attention over positions 0..input_pos in one launch
-        (``slot_triton.attention_fused``; with the attention's CUDA-core variant, ``ATTENTION["dot"]`` off: rotary
-        + cache write in one kernel, the attention in two)."""
+        ``wo``: rotary + cache write in one kernel, the split decode attention over positions 0..input_pos in two
+        (one launch for all three ran no faster on an H200: bench/gpu_notes.md, round 9)."""
         from localgpt.generation.fast import slot_triton
 
-        if slot_triton.ATTENTION["dot"] and slot_triton.FUSED_ATTENTION:
-            return slot_triton.attention_fused(qkv.view(1, -1), cos, sin, input_pos, self.k_cache, self.v_cache,
-                                               self.shape.n_heads, self.attn_lock)
         q = slot_triton.rope_store(qkv.view(1, -1), cos, sin, input_pos, self.k_cache, self.v_cache, self.shape.n_heads)
         return slot_triton.decode_attention_call(q, self.k_cache, self.v_cache, input_pos, -1).view(1, -1)
 
@@ -199,7 +193,6 @@ class Block(nn.Module):
         self.k_slots = torch.zeros(size, dtype=dtype, device=device)
         self.v_slots = torch.zeros(size, dtype=dtype, device=device)
         self.scratch = max_seq
-        self.slot_lock = torch.zeros(slots * s.n_kv_heads, dtype=torch.int32, device=device)  # attention_fused's
 
     def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         s = self.shape
@@ -227,17 +220,12 @@ class Block(nn.Module):
 
     def attention_slots_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                               positions: torch.Tensor) -> torch.Tensor:
-        """``attention_slots`` through ``slot_triton``: rotary, cache write and the attention over each slot's own
-        positions only, in one launch (``attention_fused``; three with ``ATTENTION["dot"]`` off). cos / sin: the
-        whole [positions, head_dim] tables."""
+        """``attention_slots`` in three Triton kernels (``slot_triton``): rotary + cache write, then attention
+        over each slot's own positions only. cos / sin: the whole [positions, head_dim] tables."""
         from localgpt.generation.fast import slot_triton
 
         s = self.shape
         b = x.shape[0]
-        if slot_triton.ATTENTION["dot"] and slot_triton.FUSED_ATTENTION:
-            out = slot_triton.attention_fused(self.wqkv(x).view(b, -1), cos, sin, positions, self.k_slots,
-                                              self.v_slots, s.n_heads, self.slot_lock, self.scratch)
-            return self.wo(out.view(b, 1, -1))
         q = slot_triton.rope_store(self.wqkv(x).view(b, -1), cos, sin, positions, self.k_slots, self.v_slots,
                                    s.n_heads)
         out = slot_triton.decode_attention(q, self.k_slots, self.v_slots, positions, self.scratch)
