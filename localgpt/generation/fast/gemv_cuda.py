@@ -26,6 +26,13 @@ int4 words are stored tiled ([N/16, blocks, 16 rows, P words], ``tile_words``): 
 is one contiguous 1 KiB span. Up to 8 tokens a launch cost little more than one: token j is column j of the
 mma's B (a column past the batch is never written), so a batch of decoding streams reads the weights once.
 
+Prologues (``XMODES``): the kernels that only reshape a GEMV's input run inside it, each CTA for its own columns
+as it stages x: "rms" is RMSNorm(x + y) (every CTA reads the whole row for the norm; CTA (0, 0) writes the sum,
+the next residual), "swiglu" is silu(gate) * up, both with the separate kernels' rounding steps. With them a
+Llama layer's batch-1 step is four GEMVs and the attention's three kernels instead of ten launches
+(``quantize.prologue_gemv``). int8's per-row scales can be applied in the epilogue (``scales``), rounded as the
+layer's own multiply after the kernel was.
+
 Split-K: the Triton kernels' workspace (deterministic: the last CTA of a row block adds the parts in order and
 resets its counter, so a CUDA graph can replay it), or on Hopper a thread block cluster whose CTAs add their
 parts through distributed shared memory. GPU only; every layer is checked at load
@@ -35,7 +42,9 @@ Measured on an H200 (bench/RESULTS.md, "GPU engine round 8"; ``bench/gemv_cuda.p
 Llama-2-7B's shapes, 1507-1604 us of GEMV a decode step against tinygemm's 2105 (engine 434 against 378 tok/s),
 8 tokens 1.3-2.5x faster than tinygemm's; int8 one token 0.82-1.03x the Triton X2 kernel (so int8's one token
 stays there), 8 tokens 3.8-5.3x faster than multiplying the bytes as bf16. What bounds it: a kernel that only
-loads the tiled words reaches 2.6-3.5 TB/s on these layer sizes (copy rate 4.2): fixed costs a launch.
+loads the tiled words reaches 2.6-3.5 TB/s on these layer sizes (copy rate 4.2): fixed costs a launch. Round 9:
+the prologues took the engine to 464 tok/s; programmatic dependent launch, an L2 bulk prefetch of each CTA's
+words and deeper register rings all lost (bench/gpu_notes.md).
 """
 
 from __future__ import annotations

@@ -28,7 +28,9 @@ PROMPT_ROWS = 32
 # One-token kernels by mode for quantize_model(decode="auto"). int8: the Triton GEMV (gemv_triton.X2; 2282 us of
 # GEMV a Llama-2-7B step against 2698 for the FMA kernel, H200). int4, round 8 (2026-12-01, H200): the CUDA
 # tensor-core GEMV (gemv_cuda) 1507-1604 us a step against tinygemm's 2105 and the Triton X2 kernel's 2061;
-# the engine 434 tok/s against tinygemm's 378 (CUDA graph), Falcon-7B 304 vs 280, FalconMamba-7B 303 vs 266.
+# the engine 434 tok/s against tinygemm's 378 (CUDA graph), Falcon-7B 304 vs 280, FalconMamba-7B 303 vs 266;
+# round 9, with the norms in the GEMVs' prologues (``prologue_gemv``): 464 tok/s. int8 "cuda" (one token on
+# gemv_cuda too, prologues included) ran 304-310 tok/s against Triton X2's 358 with the scales in it.
 DECODE_DEFAULT = {"int4": "cuda", "int8": "triton"}
 
 # Tokens up to which a planar layer multiplies through the CUDA tensor-core GEMV (``gemv_cuda``, 16 tokens a
