@@ -749,15 +749,16 @@ def test_gpu_ask_streams_through_the_fast_engine_end_to_end(tmp_path, subprocess
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["int4", "int8"])
-def test_gpu_gemv_prologues_equal_the_separate_kernels_and_replay(mode):
+def test_gpu_gemv_prologues_equal_the_separate_kernels_and_replay(mode, monkeypatch):
     """quantize.prologue_gemv (the residual add + RMSNorm, or silu·up, inside gemv_cuda's GEMV; on Hopper launched
     with programmatic dependent launch, so each GEMV starts while the one before drains) against the same layers
     after slot_triton's kernels, chained as the engine's decode step chains them at Llama-2-7B's shapes: the
     residual sum bit-identical, every output within bf16 rounding of the separate kernels', the int8 row scales
-    applied in the kernel, and CUDA-graph replays bit-identical to the eager run."""
+    applied in the kernel, and CUDA-graph replays bit-identical to the eager run. quantize_model checks them
+    at load; where they fail (here: they do not build), the layers run those steps as separate kernels."""
     _needs_cuda()
     pytest.importorskip("triton")
-    from localgpt.generation.fast import slot_triton
+    from localgpt.generation.fast import gemv_cuda, slot_triton
     from localgpt.generation.fast.quantize import prologue_gemv
     from localgpt.generation.fast.transformer import RMSNorm
 
@@ -768,7 +769,7 @@ def test_gpu_gemv_prologues_equal_the_separate_kernels_and_replay(mode):
         net = torch.nn.Sequential(Linear(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02))
         quantize_model(net, mode, decode="cuda")
         layers[name] = net[0]
-        assert net[0].layout == "cuda" and net[0].prologue_ok, (mode, name)
+        assert net[0].layout == "cuda" and net[0].prologues and net[0].prologue_ok, (mode, name)
     n1 = RMSNorm(1 + 0.1 * torch.randn(dim, device="cuda", dtype=torch.bfloat16), 1e-5)
     n2 = RMSNorm(1 + 0.1 * torch.randn(dim, device="cuda", dtype=torch.bfloat16), 1e-6)
     x = torch.randn(1, dim, device="cuda", dtype=torch.bfloat16)
@@ -804,6 +805,21 @@ def test_gpu_gemv_prologues_equal_the_separate_kernels_and_replay(mode):
             graph.replay()
             for g, r in zip(got, replayed):
                 assert torch.equal(g, r)
+    real = gemv_cuda.gemv
+
+    def without_prologues(*args, xmode=0, **kw):
+        if xmode:
+            raise RuntimeError("this prologue does not build here")
+        return real(*args, xmode=xmode, **kw)
+
+    monkeypatch.setattr(gemv_cuda, "gemv", without_prologues)
+    net = torch.nn.Sequential(Linear(torch.randn(dim, dim, device="cuda", dtype=torch.bfloat16) * 0.02))
+    quantize_model(net, mode, decode="cuda")
+    assert net[0].layout == "cuda" and not net[0].prologues and not net[0].prologue_ok
+    with torch.inference_mode():
+        got, total = prologue_gemv(net[0], x, "rms", y, n1)  # the separate kernels, same result
+        want_total, h = slot_triton.add_rms_norm(x, y, n1.weight, n1.eps)
+        assert torch.equal(total, want_total) and torch.equal(got, net[0](h))
 
 
 # --- the batch-1 decode step through the fused kernels (Transformer.use_fused_decode) ------------------------

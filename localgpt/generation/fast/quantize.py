@@ -149,11 +149,13 @@ class Int8Linear(nn.Module):
         out[:, cols] = self.words.view(torch.int8)
         return out
 
+    prologues = True  # False when quantize_model's check of the prologues failed on this GPU
+
     @property
     def prologue_ok(self) -> bool:
         """Whether one token can take ``prologue_gemv``'s fused prologue (the "cuda" layout)."""
-        return self.layout == "cuda" and self.cuda_rows >= 1 and _prologue_fits(self.words, self.in_features,
-                                                                                  self.bias)
+        return (self.prologues and self.layout == "cuda" and self.cuda_rows >= 1
+                and _prologue_fits(self.words, self.in_features, self.bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
@@ -305,10 +307,12 @@ class Int4Linear(nn.Module):
             return int4_planar_dequant(self.words, self.pairs(), self.groupsize, self.planes, out, tiled=self.tiled)
         return dequantize_int4pack(self.packed, self.scales_and_zeros, self.groupsize, out, kernel=kernel)
 
+    prologues = True  # False when quantize_model's check of the prologues failed on this GPU
+
     @property
     def prologue_ok(self) -> bool:
         """Whether one token can take ``prologue_gemv``'s fused prologue (the "cuda" layout)."""
-        return (self.words is not None and self.layout == "cuda" and self.cuda_rows >= 1
+        return (self.prologues and self.words is not None and self.layout == "cuda" and self.cuda_rows >= 1
                 and _prologue_fits(self.words, self.in_features, self.bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -492,6 +496,35 @@ def int4_gemv_reference(x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, 
     return ((q * scale + zero) * x.float()[None, :]).sum(-1)
 
 
+def check_prologues(layer: nn.Module) -> bool:
+    """Whether ``prologue_gemv`` on ``layer`` (its GEMV with RMSNorm(x + y) or silu·up folded in) gives what the
+    separate kernels and the layer's plain GEMV give, for random inputs: the residual sum bit-identical, the
+    outputs within bf16 rounding of the normed / activated input. Any failure (a kernel that does not build, a
+    wrong result) is False: the model then runs those steps as separate kernels."""
+    try:
+        from localgpt.generation.fast import slot_triton
+        from localgpt.generation.fast.transformer import RMSNorm
+
+        k, dev = layer.in_features, layer.words.device
+        x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
+        y = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
+        norm = RMSNorm((1 + 0.1 * torch.randn(k, device=dev)).to(torch.bfloat16), 1e-5)
+        gate_up = torch.randn(1, 2 * k, device=dev, dtype=torch.bfloat16)
+
+        def close(got, want):
+            return bool(((got.float() - want.float()).norm() <= 1e-2 * want.float().norm()).item())
+
+        got, total = prologue_gemv(layer, x, "rms", y, norm)
+        want_total, h = slot_triton.add_rms_norm(x, y, norm.weight, norm.eps)
+        ok = torch.equal(total, want_total) and close(got, layer(h))
+        got, _ = prologue_gemv(layer, x, "rms", None, norm)
+        ok = ok and close(got, layer(slot_triton.rms_norm(x, norm.weight, norm.eps)))
+        got, _ = prologue_gemv(layer, gate_up, "swiglu")
+        return ok and close(got, layer(slot_triton.silu_mul(gate_up)))
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def check_prompt_kernel(layer: "Int4Linear", nibbles: torch.Tensor) -> str | None:
     """The first Triton kernel that turns ``layer.packed`` into exactly the weight its nibbles mean, here.
 
@@ -584,6 +617,7 @@ def quantize_model(model: nn.Module, mode: str, *, groupsize: int = 128, saved: 
     planar: bool | None = None if decode in ("triton", "cuda") else False  # checked on the first layer on CUDA
     fma_only = False  # the first layer's tuned kernel failed its check: every layer on the FMA kernel
     batched: bool | None = None  # the first layer's several-token CUDA path (int4 cuda, int8 planar), checked
+    prologues: bool | None = None  # the first prologue-capable layer's norms / silu·up in gemv_cuda, checked
     for parent, attr, name in list(_linears(model)):
         layer = getattr(parent, attr)
         device = layer.weight.device
@@ -636,6 +670,10 @@ def quantize_model(model: nn.Module, mode: str, *, groupsize: int = 128, saved: 
         if new is None:
             new = kinds[mode].from_state(state, device)
         setattr(parent, attr, new)
+        if getattr(new, "prologue_ok", False):
+            if prologues is None:  # the first layer that can: its prologues against the separate kernels
+                prologues = check_prologues(new)
+            new.prologues = prologues
         if mode == "int4" and new.packed is not None:
             if prompt_kernel is False:
                 prompt_kernel = check_prompt_kernel(new, state["nibbles"])
