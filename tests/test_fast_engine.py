@@ -805,6 +805,12 @@ def test_gpu_gemv_prologues_equal_the_separate_kernels_and_replay(mode, monkeypa
             graph.replay()
             for g, r in zip(got, replayed):
                 assert torch.equal(g, r)
+        # split-K parts meeting through one acq_rel atomic (LOCALGPT_GEMV_SPLITK=acqrel): the same bits
+        monkeypatch.setattr(gemv_cuda, "SPLITK_ACQREL", True)
+        for _ in range(3):
+            for g, r in zip(got, fused()):
+                assert torch.equal(g, r)
+        monkeypatch.setattr(gemv_cuda, "SPLITK_ACQREL", False)
     real = gemv_cuda.gemv
 
     def without_prologues(*args, xmode=0, **kw):

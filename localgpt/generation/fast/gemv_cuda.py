@@ -422,13 +422,28 @@ KERNEL_NAME(const u16* __restrict__ x, const uint4* __restrict__ w, const u32* _
             if (m1 >= 0) { mine[(long)m1 * N + r] = acc[tt][j][1]; mine[(long)m1 * N + r + 8] = acc[tt][j][3]; }
         }
     }
+    __shared__ int is_last;
+#if ACQREL
+    // The CTA's parts written, a barrier, then one thread's acq_rel atomic at GPU scope: its release covers the
+    // others' writes (they happen before it through the barrier), the last CTA's acquire covers what it reads
+    // after the next barrier. (As CUTLASS's semaphore and the Triton kernels' _finish do; one MEMBAR.ALL.GPU
+    // for thread 0 instead of two MEMBAR.SC.GPU for every thread.)
+    __syncthreads();
+    if (tid == 0) {
+        int prev;
+        asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(prev) : "l"(lock + blockIdx.x) : "memory");
+        is_last = prev == split - 1;
+    }
+    __syncthreads();
+    if (!is_last) return;
+#else
     __threadfence();
     __syncthreads();
-    __shared__ int is_last;
     if (tid == 0) is_last = atomicAdd(lock + blockIdx.x, 1) == split - 1;
     __syncthreads();
     if (!is_last) return;
     __threadfence();
+#endif
     const int rows_here = min(ROWS, N - (int)blockIdx.x * ROWS);
     for (int idx = tid; idx < M * rows_here; idx += WARPS * 32) {
         const int r = blockIdx.x * ROWS + idx % rows_here;
@@ -451,17 +466,18 @@ Config = tuple
 
 
 def source(bits: int, planes: int, warps: int, tiles: int, offset: bool = False, depth: int = 2,
-           pref: bool = False, cluster: int = 0, tiled: bool = False, nt: int = 1, xmode: int = 0) -> tuple[str, str]:
+           pref: bool = False, cluster: int = 0, tiled: bool = False, nt: int = 1, xmode: int = 0,
+           acqrel: bool = False) -> tuple[str, str]:
     """(name, CUDA source) of one kernel configuration (``cluster``: the split-K parts, 0 for none; ``nt``: tiles
     of 8 tokens a launch takes, each A fragment multiplying all of them; ``xmode``: the input's prologue, one of
-    ``XMODES``)."""
+    ``XMODES``; ``acqrel``: the split-K parts meet through one acq_rel atomic instead of two fences a thread)."""
     name = (f"gemv_int{bits}_p{planes}_w{warps}_t{tiles}_d{depth}" + ("_o" if offset else "") + ("_l" if pref else "")
             + (f"_c{cluster}" if cluster else "") + ("_tl" if tiled else "") + (f"_m{8 * nt}" if nt > 1 else "")
-            + (f"_x{xmode}" if xmode else ""))
+            + (f"_x{xmode}" if xmode else "") + ("_ar" if acqrel else ""))
     head = (f"#define BITS {bits}\n#define P {planes}\n#define FIELDS {32 // bits}\n#define WARPS {warps}\n"
             f"#define TILES {tiles}\n#define OFFSET {int(offset)}\n#define DEPTH {depth}\n#define PREF {int(pref)}\n"
             f"#define CLUSTER {cluster}\n#define TILED {int(tiled)}\n#define NT {nt}\n#define XMODE {xmode}\n"
-            f"#define KERNEL_NAME {name}\n")
+            f"#define ACQREL {int(acqrel)}\n#define KERNEL_NAME {name}\n")
     return name, head + SOURCE
 
 
@@ -567,6 +583,12 @@ MAXM = 16
 XMODES = {"plain": 0, "swiglu": 1, "rms": 2}
 
 
+# How a split-K launch's parts meet in the workspace: two __threadfence()s a thread (MEMBAR.SC.GPU, measured so
+# far) or one acq_rel atomic (LOCALGPT_GEMV_SPLITK=acqrel; not yet measured on a GPU: bench/gemv_cuda.py --chain
+# compares both and checks they give the same bits).
+SPLITK_ACQREL = os.environ.get("LOCALGPT_GEMV_SPLITK", "sc") == "acqrel"
+
+
 def kernel(bits: int, planes: int, device: torch.device, config: Config, nt: int = 1, xmode: int = 0) -> _Kernel:
     """The compiled kernel for this configuration, token tiles, prologue and device (built once; cubins cached
     on disk)."""
@@ -575,14 +597,14 @@ def kernel(bits: int, planes: int, device: torch.device, config: Config, nt: int
     arch = f"{major}{minor}"
     cluster = split if cluster and split > 1 else 0
     key = (bits, planes, warps, tiles, bool(offset) and bits == 4, depth, bool(pref), cluster, bool(tiled), nt, arch,
-           device.index, xmode)
+           device.index, xmode, SPLITK_ACQREL)
     with _LOCK:
         if key not in _KERNELS:
             if major < 8 or (cluster and major < 9):
                 raise RuntimeError("the CUDA GEMV needs bf16 mma (compute capability 8.0 or newer; 9.0 for "
                                    "thread block clusters)")
             name, src = source(bits, planes, warps, tiles, key[4], depth, bool(pref), cluster, bool(tiled), nt,
-                               xmode)
+                               xmode, SPLITK_ACQREL)
             lib = _nvrtc()
             ver = (ctypes.c_int(), ctypes.c_int())
             lib.nvrtcVersion(ctypes.byref(ver[0]), ctypes.byref(ver[1]))
