@@ -913,7 +913,7 @@ def fused_batch1_step_check(device: str = "cpu", dtype: torch.dtype = torch.floa
     print("fused batch-1 step check passed")
 
 
-def test_default_engine_mode_graphs_the_fused_bf16_step_and_compiles_the_rest():
+def test_default_engine_mode_graphs_the_fused_step_and_compiles_the_rest():
     from localgpt.generation.fast.generator import default_engine_mode
 
     class Net:
@@ -923,9 +923,8 @@ def test_default_engine_mode_graphs_the_fused_bf16_step_and_compiles_the_rest():
         def use_fused_decode(self, on=True):
             return self.fused and on
 
-    assert default_engine_mode(Net(True), "cpu", "torch", None) == "eager"
-    assert default_engine_mode(Net(True), "cuda", "torch", None) == "graph"
-    assert default_engine_mode(Net(True), "cuda", "torch", "int8") == "compile"
-    assert default_engine_mode(Net(False), "cuda", "torch", None) == "compile"
-    assert default_engine_mode(object(), "cuda", "torch", None) == "compile"  # Mamba: no fused step
-    assert default_engine_mode(Net(False), "cuda", "bitsandbytes", None) == "graph"
+    assert default_engine_mode(Net(True), "cpu", "torch") == "eager"
+    assert default_engine_mode(Net(True), "cuda", "torch") == "graph"  # bf16, int8 and int4 Llama-style networks
+    assert default_engine_mode(Net(False), "cuda", "torch") == "compile"  # Falcon: no fused step
+    assert default_engine_mode(object(), "cuda", "torch") == "compile"  # Mamba: no fused step
+    assert default_engine_mode(Net(False), "cuda", "bitsandbytes") == "graph"

@@ -209,17 +209,19 @@ def _tokenizer(path: Path, cache_dir: Path | None = None):
     return load_tokenizer(path, cache_dir, stop_tokens=stops)
 
 
-def default_engine_mode(network: Any, device: str, kernels: str, weight_mode: str | None) -> str:
+def default_engine_mode(network: Any, device: str, kernels: str) -> str:
     """How the decode step runs when the caller does not say: "eager" on the CPU; on CUDA a plain CUDA graph of the
-    fused step for bf16 Llama-style networks (Llama-2-7B on an H200: 248 tok/s = 0.82 of the bandwidth limit, 1 s
-    warm-up, against 241 tok/s and 44 s compiled; bench/RESULTS.md round 7), torch.compile for the rest (int8 there:
-    compiled 346 tok/s against 330 as a graph, inductor fusing the per-row scales away), a graph for bitsandbytes."""
+    fused step for Llama-style networks, bf16 or quantised (Llama-2-7B on an H200, bench/RESULTS.md: bf16 248 tok/s
+    = 0.82 of the bandwidth limit with a 1 s warm-up against 241 tok/s and 44 s compiled, round 7; int4 464 tok/s
+    with the norms in the GEMVs' prologues, which only the graph step has, against 418 compiled, rounds 8-9; int8
+    358 with its row scales in the kernel against 346 compiled, rounds 7 and 9), torch.compile for the rest
+    (Falcon, Mamba), a graph for bitsandbytes."""
     if device != "cuda":
         return "eager"
     if kernels != "torch":
         return "graph"
     fused = getattr(network, "use_fused_decode", None)
-    return "graph" if weight_mode is None and fused is not None and fused(True) else "compile"
+    return "graph" if fused is not None and fused(True) else "compile"
 
 
 def load_fast_generator(settings: Any, *, mode: str | None = None, max_seq: int | None = None,
@@ -229,7 +231,7 @@ def load_fast_generator(settings: Any, *, mode: str | None = None, max_seq: int 
     ``settings.quantization``: "none" (bf16 on CUDA, fp32 on CPU), "8bit" (int8 weight-only) or "4bit"
     (int4, groups of 128), quantised at load and cached under ``cache_dir`` (default
     ``~/.cache/localgpt/fast``). ``kernels="bitsandbytes"`` keeps bitsandbytes NF4/int8 layers instead.
-    ``mode``: "compile" (default on CUDA), "graph" or "eager" (CPU). ``max_seq``: KV-cache positions
+    ``mode``: "compile", "graph" or "eager" (default: ``default_engine_mode``). ``max_seq``: KV-cache positions
     (default: the model's context window). Raises ``ModelNotFound`` / ``ConfigError``; never downloads.
     """
     import torch
@@ -329,7 +331,7 @@ def load_fast_generator(settings: Any, *, mode: str | None = None, max_seq: int 
         raise ConfigError(f"unknown model family {family_name!r}; choose one of: {', '.join(FAMILIES)}")
     context_window = int(settings.context_window or getattr(config, "max_position_embeddings", None)
                          or family.context_window)
-    engine_mode = mode or default_engine_mode(network, device, kernels, weight_mode)
+    engine_mode = mode or default_engine_mode(network, device, kernels)
     engine = Engine(network, mode=engine_mode, max_seq=max_seq or context_window)
     warm_s = 0.0
     if warm_up if warm_up is not None else device == "cuda":
