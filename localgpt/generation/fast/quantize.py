@@ -82,7 +82,7 @@ def prologue_gemv(layer: nn.Module, x: torch.Tensor, xmode: str, y: torch.Tensor
 
 
 def _x2_kernel(code: int) -> bool:
-    """Whether a Triton GEMV config's kernel is the bf16x2 one (which takes the prologue and the row scales)."""
+    """Whether a Triton GEMV config's kernel is the bf16x2 one (which applies the row scales itself)."""
     from localgpt.generation.fast.gemv_triton import X2, X2_AHEAD
 
     return int(code) in (X2, X2_AHEAD)
