@@ -166,23 +166,18 @@ class Block(nn.Module):
 
     def attention_step_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                              input_pos: torch.Tensor) -> torch.Tensor:
-        """``attention`` for one decode step (x [1, 1, dim]) through ``slot_triton``: the static cache is a slot cache of
-        one slot, so rotary + cache write is one kernel and the attention reads positions 0..input_pos only (not the
-        whole cache under a mask). cos / sin: the whole [max_seq, head_dim] tables. Under torch.compile the rotary and
-        the cache write stay PyTorch (inductor fuses them; a cache-mutating operator would be opaque to it) and the
-        attention is the ``localgpt::decode_attention`` operator."""
+        """``attention`` for one decode step (x [1, 1, dim]) as torch.compile traces the fused step: the rotary and
+        the cache write in PyTorch (inductor fuses them; a cache-mutating operator would be opaque to it), the
+        attention over positions 0..input_pos only the ``localgpt::decode_attention`` operator. cos / sin: the whole
+        [max_seq, head_dim] tables. (Without the compiler the step takes ``attend_qkv``.)"""
         from localgpt.generation.fast import slot_triton
 
         s = self.shape
-        if torch.compiler.is_compiling():
-            q, k, v = self._qkv(x, cos[input_pos], sin[input_pos])  # [1, heads, 1, head_dim]
-            self.k_cache.index_copy_(2, input_pos, k)
-            self.v_cache.index_copy_(2, input_pos, v)
-            q = q.reshape(1, s.n_heads, s.head_dim)
-        else:
-            q = slot_triton.rope_store(self.wqkv(x).view(1, -1), cos, sin, input_pos, self.k_cache, self.v_cache,
-                                       s.n_heads)
-        out = slot_triton.decode_attention_call(q, self.k_cache, self.v_cache, input_pos, -1)
+        q, k, v = self._qkv(x, cos[input_pos], sin[input_pos])  # [1, heads, 1, head_dim]
+        self.k_cache.index_copy_(2, input_pos, k)
+        self.v_cache.index_copy_(2, input_pos, v)
+        out = slot_triton.decode_attention_call(q.reshape(1, s.n_heads, s.head_dim), self.k_cache, self.v_cache,
+                                                input_pos, -1)
         return self.wo(out.view(1, 1, -1))
 
     def setup_slots(self, slots: int, max_seq: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -398,39 +393,18 @@ class Transformer(nn.Module):
         return self.fused_decode
 
     def _step_fused(self, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        """``step`` as the batch engine's one-slot fused step (``_step_slots_llama``) does it: each residual add in
-        one kernel with the RMSNorm after it (the MLP's add with the next block's first norm), silu·up in one,
-        rotary + cache write in one, and the split decode attention over positions 0..input_pos
-        (``Block.attention_step_fused``). Under torch.compile the norms and silu·up are PyTorch, which inductor
-        fuses itself, and the attention an operator."""
-        from localgpt.generation.fast import slot_triton
-
-        compiling = torch.compiler.is_compiling()
-
-        def add_norm(x, y, norm):
-            if compiling:
-                x = x + y
-                return x, norm(x)
-            return slot_triton.add_rms_norm(x, y, norm.weight, norm.eps)
-
-        def mlp(block, h):
-            if compiling:
-                return block.mlp(h)
-            return block.w_out(slot_triton.silu_mul(block.w_in(h)))
-
-        if not compiling:
+        """``step`` with the decode attention over positions 0..input_pos only (not the whole cache under a mask):
+        ``_step_prologues`` (the norms and silu·up in the GEMVs' prologues, or ``slot_triton``'s kernels); under
+        torch.compile the norms and silu·up are PyTorch, which inductor fuses itself, and the attention an
+        operator (``Block.attention_step_fused``)."""
+        if not torch.compiler.is_compiling():
             return self._step_prologues(token, input_pos)
         x = F.embedding(token, self.embed)  # [1, 1, dim]
-        pending = None
-        for block in self.blocks:
-            n1 = block.norm1
-            if pending is None:
-                h = n1(x) if compiling else slot_triton.rms_norm(x, n1.weight, n1.eps)
-            else:
-                x, h = add_norm(x, pending, n1)
-            x, h = add_norm(x, block.attention_step_fused(h, self.cos, self.sin, input_pos), block.norm2)
-            pending = mlp(block, h)
-        _, h = add_norm(x, pending, self.norm)
+        h = self.blocks[0].norm1(x)
+        for i, block in enumerate(self.blocks):
+            x = x + block.attention_step_fused(h, self.cos, self.sin, input_pos)
+            x = x + block.mlp(block.norm2(x))
+            h = self.blocks[i + 1].norm1(x) if i + 1 < len(self.blocks) else self.norm(x)
         return self.lm_head(h)[:, -1].float()
 
     def _step_prologues(self, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
