@@ -260,15 +260,15 @@ def test_gemv_kernels_in_the_triton_interpreter(subprocess_env):
 
 
 def _int8_scaled_check(gemv, q8, x, config) -> None:
-    """The int8 X2 kernel with the rows' scales applied in it (int8_gemv_scaled) against the layer's own
+    """The int8 X2 kernel with the rows' scales applied in it (int8_gemv_call) against the layer's own
     arithmetic: the sum rounded to bf16, times the scale, rounded."""
     n, k = q8.shape
     planes = int8_planes(k)
     bn, split, warps = config[:3]
     scales = (torch.rand(n) * 0.01 + 0.001).to(torch.bfloat16)
     ws, lock = torch.empty(split * n), torch.zeros(-(-n // bn), dtype=torch.int32)
-    got = gemv.int8_gemv_scaled(x, pack_int8_planar(q8, planes), ws, lock, planes, bn, split, warps, config[4],
-                                scales).float()
+    got = gemv.int8_gemv_call(x, pack_int8_planar(q8, planes), ws, lock, planes, bn, split, warps, config[4],
+                              scales=scales).float()
     want = ((q8.float() @ x.float()).to(torch.bfloat16).float() * scales.float()).to(torch.bfloat16).float()
     # two bf16 roundings, each under 2^-7 of the value (the interpreter truncates where the GPU rounds to nearest)
     assert ((got - want).abs() <= want.abs() * 2**-6 + 1e-4 * want.abs().max()).all(), config

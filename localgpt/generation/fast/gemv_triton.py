@@ -606,20 +606,8 @@ def _int4_gemv_eager(x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, ws:
 
 
 def _int8_gemv_eager(x: torch.Tensor, words: torch.Tensor, ws: torch.Tensor, lock: torch.Tensor,
-                     planes: int, bn: int, split: int, warps: int, dot: int) -> torch.Tensor:
-    n, kw = words.shape
-    out = torch.empty(n, dtype=torch.bfloat16, device=x.device)
-    _int8_launch(dot, (triton.cdiv(n, bn), split), x, words, out, ws, lock, n, kw * 4, planes, bn, split, warps)
-    return out
-
-
-def int8_gemv_scaled(x: torch.Tensor, words: torch.Tensor, ws: torch.Tensor, lock: torch.Tensor, planes: int,
-                     bn: int, split: int, warps: int, dot: int, scales: torch.Tensor) -> torch.Tensor:
-    """One token through the int8 X2 kernel with the rows' ``scales`` applied in it (the layer's multiply
-    after the kernel was a launch of its own: Llama-2-7B int8 331 -> 358 tok/s on the H200, graph mode). A
-    direct launch: not for torch.compile's graphs, where the multiply fuses anyway. (Folding the norms and
-    silu·up into this kernel as ``gemv_cuda`` does cost more than it saved: 290 tok/s; each program of this
-    kernel would redo them for its block of x.)"""
+                     planes: int, bn: int, split: int, warps: int, dot: int,
+                     scales: torch.Tensor | None = None) -> torch.Tensor:
     n, kw = words.shape
     out = torch.empty(n, dtype=torch.bfloat16, device=x.device)
     _int8_launch(dot, (triton.cdiv(n, bn), split), x, words, out, ws, lock, n, kw * 4, planes, bn, split, warps,
@@ -640,8 +628,20 @@ def int4_gemv_call(*args) -> torch.Tensor:
     return torch.ops.localgpt.int4_gemv(*args) if torch.compiler.is_compiling() else _int4_gemv_eager(*args)
 
 
-def int8_gemv_call(*args) -> torch.Tensor:
-    return torch.ops.localgpt.int8_gemv(*args) if torch.compiler.is_compiling() else _int8_gemv_eager(*args)
+def int8_gemv_call(*args, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """The int8 one-token GEMV (args: x, words, ws, lock, planes, bn, split, warps, kernel), times the rows'
+    ``scales`` when given: the X2 kernel applies them itself (the multiply after it was a launch of its own:
+    Llama-2-7B int8 331 -> 358 tok/s on the H200, graph mode); under torch.compile, and for the other kernels,
+    a multiply after, with the same roundings. (Folding the norms and silu·up into the X2 kernel as
+    ``gemv_cuda`` does cost more than it saved, 290 tok/s: each of its programs would redo them for its block
+    of x.)"""
+    if torch.compiler.is_compiling():
+        out = torch.ops.localgpt.int8_gemv(*args)
+    elif scales is not None and int(args[-1]) in (X2, X2_AHEAD):
+        return _int8_gemv_eager(*args, scales=scales)
+    else:
+        out = _int8_gemv_eager(*args)
+    return out if scales is None else out * scales
 
 
 def bf16_gemv_call(*args) -> torch.Tensor:

@@ -81,13 +81,6 @@ def prologue_gemv(layer: nn.Module, x: torch.Tensor, xmode: str, y: torch.Tensor
     return layer(h), total
 
 
-def _x2_kernel(code: int) -> bool:
-    """Whether a Triton GEMV config's kernel is the bf16x2 one (which applies the row scales itself)."""
-    from localgpt.generation.fast.gemv_triton import X2, X2_AHEAD
-
-    return int(code) in (X2, X2_AHEAD)
-
-
 def _prologue_fits(words: torch.Tensor, in_features: int, bias) -> bool:
     # The prologue reads rows of 8 bf16 at a time (16-byte aligned: in_features % 8 == 0), no bias.
     return bias is None and in_features % 8 == 0 and words.is_cuda
@@ -160,15 +153,6 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if self.words is not None:
-            if rows == 1 and self.layout == "planar" and _x2_kernel(self.gemv_config[3]) and (
-                    not torch.compiler.is_compiling()):
-                bn, split, warps, dot = self.gemv_config
-                from localgpt.generation.fast.gemv_triton import int8_gemv_scaled
-
-                out = int8_gemv_scaled(x.reshape(-1).to(torch.bfloat16).contiguous(), self.words, self.gemv_ws,
-                                       self.gemv_lock, self.planes, bn, split, warps, dot, self.scales)
-                out = out.view(*x.shape[:-1], self.out_features).to(x.dtype)
-                return out if self.bias is None else out + self.bias
             if (2 if self.layout == "planar" else 1) <= rows <= self.cuda_rows and self.cuda_config is not None:
                 from localgpt.generation.fast.gemv_cuda import call
 
@@ -176,13 +160,15 @@ class Int8Linear(nn.Module):
                            self.cuda_ws, self.cuda_lock, self.planes, self.cuda_config, scales=self.scales)
                 out = out.view(*x.shape[:-1], self.out_features).to(x.dtype)
                 return out if self.bias is None else out + self.bias
-            elif rows == 1:
+            elif rows == 1:  # the Triton GEMV, the row scales in it
                 bn, split, warps, dot = self.gemv_config
                 from localgpt.generation.fast.gemv_triton import int8_gemv_call
 
                 out = int8_gemv_call(x.reshape(-1).to(torch.bfloat16).contiguous(), self.words,
-                                     self.gemv_ws, self.gemv_lock, self.planes, bn, split, warps, dot)
+                                     self.gemv_ws, self.gemv_lock, self.planes, bn, split, warps, dot,
+                                     scales=self.scales)
                 out = out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+                return out if self.bias is None else out + self.bias
             else:
                 cols = int8_planar_columns(self.in_features, self.planes, x.device)
                 out = F.linear(x[..., cols], self.words.view(torch.int8).to(x.dtype))

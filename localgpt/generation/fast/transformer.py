@@ -153,8 +153,6 @@ class Block(nn.Module):
         out = out.reshape(1, s.n_heads, t, s.head_dim).transpose(1, 2).reshape(1, t, s.n_heads * s.head_dim)
         return self.wo(out)
 
-    # --- slots (continuous batching, ``batch.BatchEngine``): a cache per slot, separate from the one above ----
-
     def attend_qkv(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """The attention of one decode step from its projections qkv [1, (heads + 2 kv heads) head_dim], before
         ``wo``: rotary + cache write in one kernel, the split decode attention over positions 0..input_pos in two
@@ -179,6 +177,8 @@ class Block(nn.Module):
         out = slot_triton.decode_attention_call(q.reshape(1, s.n_heads, s.head_dim), self.k_cache, self.v_cache,
                                                 input_pos, -1)
         return self.wo(out.view(1, 1, -1))
+
+    # --- slots (continuous batching, ``batch.BatchEngine``): a cache per slot, separate from the one above ----
 
     def setup_slots(self, slots: int, max_seq: int, dtype: torch.dtype, device: torch.device) -> None:
         s = self.shape
