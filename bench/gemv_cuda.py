@@ -144,19 +144,19 @@ def chain(kinds: list[str], n_layers: int, depths: tuple[int, ...] = (2,), sweep
                     else:
                         lin.cuda_config = lin.cuda_config[:4] + (depth,) + lin.cuda_config[5:]
 
-        runs = [("separate", separate, depths[0], False)] + [("prologue", prologue, d, False) for d in depths]
-        runs.append(("prologue", prologue, depths[0], True))
+        runs = [("separate", separate, depths[0], True)] + [("prologue", prologue, d, True) for d in depths]
+        runs.append(("prologue", prologue, depths[0], False))
         for name, fn, depth, acqrel in runs:
             set_depth(depth)
             C.SPLITK_ACQREL = acqrel
-            label = f"{name} d{depth}" + (" acq_rel split-K" if acqrel else "")
+            label = f"{name} d{depth}" + ("" if acqrel else " fenced split-K")
             try:
                 entry[label] = graph_us([fn], repeats=15)
                 torch.cuda.synchronize()
                 outs[label] = final["out"].float().clone()
             except Exception as exc:  # noqa: BLE001 - one variant failing leaves the others
                 entry[label] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
-        C.SPLITK_ACQREL = False
+        C.SPLITK_ACQREL = True
         ref = outs.get(f"separate d{depths[0]}")
         for label, v in entry.items():
             diff = ((outs[label] - ref).abs().max().item() / ref.abs().max().item()) if label in outs and ref is not None else None

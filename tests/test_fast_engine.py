@@ -805,12 +805,13 @@ def test_gpu_gemv_prologues_equal_the_separate_kernels_and_replay(mode, monkeypa
             graph.replay()
             for g, r in zip(got, replayed):
                 assert torch.equal(g, r)
-        # split-K parts meeting through one acq_rel atomic (LOCALGPT_GEMV_SPLITK=acqrel): the same bits
-        monkeypatch.setattr(gemv_cuda, "SPLITK_ACQREL", True)
+        # split-K parts meeting through two fences a thread (LOCALGPT_GEMV_SPLITK=sc) instead of the default
+        # acq_rel atomic: the same bits
+        monkeypatch.setattr(gemv_cuda, "SPLITK_ACQREL", not gemv_cuda.SPLITK_ACQREL)
         for _ in range(3):
             for g, r in zip(got, fused()):
                 assert torch.equal(g, r)
-        monkeypatch.setattr(gemv_cuda, "SPLITK_ACQREL", False)
+        monkeypatch.undo()
     real = gemv_cuda.gemv
 
     def without_prologues(*args, xmode=0, **kw):

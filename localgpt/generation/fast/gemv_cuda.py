@@ -583,10 +583,10 @@ MAXM = 16
 XMODES = {"plain": 0, "swiglu": 1, "rms": 2}
 
 
-# How a split-K launch's parts meet in the workspace: two __threadfence()s a thread (MEMBAR.SC.GPU, measured so
-# far) or one acq_rel atomic (LOCALGPT_GEMV_SPLITK=acqrel; not yet measured on a GPU: bench/gemv_cuda.py --chain
-# compares both and checks they give the same bits).
-SPLITK_ACQREL = os.environ.get("LOCALGPT_GEMV_SPLITK", "sc") == "acqrel"
+# How a split-K launch's parts meet in the workspace: one acq_rel atomic of thread 0 (the default) or two
+# __threadfence()s a thread (LOCALGPT_GEMV_SPLITK=sc). Same bits; the step's GEMVs 1,762 -> 1,728 us (int4) and
+# 2,813 -> 2,782 (int8) with the atomic (H200, bench/gemv_cuda.py --chain, round 10).
+SPLITK_ACQREL = os.environ.get("LOCALGPT_GEMV_SPLITK", "acqrel") == "acqrel"
 
 
 def kernel(bits: int, planes: int, device: torch.device, config: Config, nt: int = 1, xmode: int = 0) -> _Kernel:
