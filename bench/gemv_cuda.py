@@ -14,7 +14,8 @@ configs as a Python dict for ``gemv_cuda.TUNED``.
 "cuda" layouts, qkv -> o -> gate_up -> down; the attention left out: o reads q), one CUDA graph a step, µs a
 step: the residual adds + RMSNorms and silu·up as their own Triton kernels ("separate") against folded into
 the GEMVs' prologues ("prologue", ``quantize.prologue_gemv``), at the register depths ``--depths`` names (the
-tuned configurations' otherwise). The results of the variants are compared with each other.
+tuned configurations' otherwise), and against ``gemv_chain``'s persistent launch a layer ("chain w. d. b.":
+warps, ring depth, blocks an item). The results of the variants are compared with each other.
 
     python bench/gemv_cuda.py --chain [--kinds int4,int8] [--layers 32]
 """
@@ -82,9 +83,15 @@ def chain_candidates(kind: str, k: int):
                     yield (w, tiles, split, kind == "int4", 2, True, cl, kind == "int4")
 
 
+# gemv_chain's (warps, ring depth, blocks an item) the chain bench tries
+CHAIN_SHAPES = {"int4": [(8, 6, 2), (8, 4, 2), (8, 8, 2), (4, 12, 2), (16, 3, 2), (8, 10, 1)],
+                "int8": [(8, 3, 2), (8, 2, 2), (8, 6, 1), (4, 6, 2), (16, 2, 1)]}
+
+
 def chain(kinds: list[str], n_layers: int, depths: tuple[int, ...] = (2,), sweep: bool = False) -> dict:
     """µs a decode step of GEMVs (see the module's note) per (kind, variant); prints a table."""
     from localgpt.generation.fast import slot_triton
+    from localgpt.generation.fast.gemv_chain import Chain
     from localgpt.generation.fast.quantize import Int4Linear, Int8Linear, prologue_gemv
     from localgpt.generation.fast.transformer import RMSNorm
 
@@ -144,12 +151,41 @@ def chain(kinds: list[str], n_layers: int, depths: tuple[int, ...] = (2,), sweep
                     else:
                         lin.cuda_config = lin.cuda_config[:4] + (depth,) + lin.cuda_config[5:]
 
+        def persistent(shape):
+            # gemv_chain: wo -> w_in -> w_out -> the next wqkv in one launch a layer (the buffers fixed)
+            bufs = {k: torch.zeros(n, device="cuda", dtype=torch.bfloat16) for k, n in (
+                ("qkv", 3 * dim), ("o", dim), ("ra", dim), ("rb", dim), ("gu", 2 * inner), ("d", dim))}
+            chains = [Chain([dict(layer=layers[0]["wqkv"], x=bufs["ra"], out=bufs["qkv"], xmode="rms",
+                                  norm=layers[0]["n1"])], torch.device("cuda"), *shape)]
+            for i, b in enumerate(layers):
+                ph = [dict(layer=b["wo"], x=bufs["qkv"][:dim], out=bufs["o"]),
+                      dict(layer=b["w_in"], x=bufs["ra"], y=bufs["o"], norm=b["n2"], xsum=bufs["rb"],
+                           out=bufs["gu"], xmode="rms"),
+                      dict(layer=b["w_out"], x=bufs["gu"], out=bufs["d"], xmode="swiglu")]
+                if i + 1 < len(layers):
+                    ph.append(dict(layer=layers[i + 1]["wqkv"], x=bufs["rb"], y=bufs["d"], norm=layers[i + 1]["n1"],
+                                   xsum=bufs["ra"], out=bufs["qkv"], xmode="rms"))
+                chains.append(Chain(ph, torch.device("cuda"), *shape))
+
+            def run():
+                bufs["ra"].copy_(x0.view(-1))
+                for c in chains:
+                    c()
+                final["out"] = (bufs["rb"] + bufs["d"]).view(1, -1)
+            return run
+
         runs = [("separate", separate, depths[0], True)] + [("prologue", prologue, d, True) for d in depths]
         runs.append(("prologue", prologue, depths[0], False))
+        for shape in CHAIN_SHAPES[kind]:
+            try:
+                runs.append((f"chain w{shape[0]} d{shape[1]} b{shape[2]}", persistent(shape), None, True))
+            except Exception as exc:  # noqa: BLE001 - a shape that does not fit this GPU
+                print(f"{kind} chain {shape}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
         for name, fn, depth, acqrel in runs:
-            set_depth(depth)
+            if depth is not None:
+                set_depth(depth)
             C.SPLITK_ACQREL = acqrel
-            label = f"{name} d{depth}" + ("" if acqrel else " fenced split-K")
+            label = name if depth is None else f"{name} d{depth}" + ("" if acqrel else " fenced split-K")
             try:
                 entry[label] = graph_us([fn], repeats=15)
                 torch.cuda.synchronize()

@@ -749,6 +749,70 @@ def test_gpu_ask_streams_through_the_fast_engine_end_to_end(tmp_path, subprocess
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_gpu_chain_runs_a_layers_gemvs_in_one_launch_as_the_prologue_kernels_do(mode):
+    """gemv_chain.Chain (the GEMVs from one attention to the next in one persistent launch: every warp streams its
+    share of all of them, a grid barrier between) against quantize.prologue_gemv's launch a GEMV, at Llama-2-7B's
+    shapes: the residual sum bit-identical, every output within bf16 rounding (the parts of a row are added in
+    another order), launches again and CUDA-graph replays bit-identical to the first run (the barrier and the
+    row counters reset themselves; the sums' order is fixed)."""
+    _needs_cuda()
+    pytest.importorskip("triton")
+    from localgpt.generation.fast.gemv_chain import Chain
+    from localgpt.generation.fast.quantize import prologue_gemv
+    from localgpt.generation.fast.transformer import RMSNorm
+
+    torch.manual_seed(0)
+    dim, inner = 4096, 11008
+    layers = {}
+    for name, (n, k) in {"q": (dim, dim), "up": (2 * inner, dim), "down": (dim, inner)}.items():
+        net = torch.nn.Sequential(Linear(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02))
+        quantize_model(net, mode, decode="cuda")
+        layers[name] = net[0]
+    n1 = RMSNorm(1 + 0.1 * torch.randn(dim, device="cuda", dtype=torch.bfloat16), 1e-5)
+    n2 = RMSNorm(1 + 0.1 * torch.randn(dim, device="cuda", dtype=torch.bfloat16), 1e-6)
+    x = torch.randn(dim, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(dim, device="cuda", dtype=torch.bfloat16)
+    buf = {k: torch.zeros(n, device="cuda", dtype=torch.bfloat16)
+           for k, n in (("x1", dim), ("a", dim), ("x2", dim), ("h", 2 * inner), ("d", dim), ("b", dim))}
+    chain = Chain([dict(layer=layers["q"], x=x, y=y, norm=n1, xsum=buf["x1"], out=buf["a"], xmode="rms"),
+                   dict(layer=layers["up"], x=buf["x1"], y=buf["a"], norm=n2, xsum=buf["x2"], out=buf["h"],
+                        xmode="rms"),
+                   dict(layer=layers["down"], x=buf["h"], out=buf["d"], xmode="swiglu"),
+                   dict(layer=layers["q"], x=buf["x2"], norm=n1, out=buf["b"], xmode="rms")], torch.device("cuda"))
+    names = ("x1", "a", "x2", "h", "d", "b")
+    with torch.inference_mode():
+        a, x1 = prologue_gemv(layers["q"], x.view(1, -1), "rms", y.view(1, -1), n1)
+        h, x2 = prologue_gemv(layers["up"], x1, "rms", a, n2)
+        d, _ = prologue_gemv(layers["down"], h, "swiglu")
+        b, _ = prologue_gemv(layers["q"], x2, "rms", None, n1)
+        want = dict(zip(names, (x1, a, x2, h, d, b)))
+        chain()
+        torch.cuda.synchronize()
+        first = {k: v.clone() for k, v in buf.items()}
+        assert torch.equal(first["x1"], want["x1"].view(-1))
+        for name in names:
+            w = want[name].float().view(-1)
+            rel = float((first[name].float() - w).norm() / w.norm())
+            assert rel < 1e-2, (mode, name, rel)
+        for v in buf.values():
+            v.zero_()
+        chain()
+        for name in names:
+            assert torch.equal(buf[name], first[name]), name
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            chain()
+        for _ in range(3):
+            for v in buf.values():
+                v.zero_()
+            graph.replay()
+            torch.cuda.synchronize()
+            for name in names:
+                assert torch.equal(buf[name], first[name]), name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["int4", "int8"])
 def test_gpu_gemv_prologues_equal_the_separate_kernels_and_replay(mode, monkeypatch):
     """quantize.prologue_gemv (the residual add + RMSNorm, or silu·up, inside gemv_cuda's GEMV; on Hopper launched
     with programmatic dependent launch, so each GEMV starts while the one before drains) against the same layers

@@ -58,7 +58,8 @@ from pathlib import Path
 
 import torch
 
-SOURCE = r"""
+# The device helpers (also the persistent chain kernel's, ``gemv_chain``) and the GEMV kernel.
+HELPERS = r"""
 typedef unsigned int u32;
 typedef unsigned short u16;
 
@@ -117,7 +118,9 @@ __device__ __forceinline__ u16 out_val(float total, const u16* __restrict__ rs, 
     return rs ? f2bf(bf2f(o) * bf2f(rs[r])) : o;
 }
 
-#define CHUNKS (P / 16)                 // 16-word chunks a block (a row's P words)
+"""
+
+SOURCE = HELPERS + r"""#define CHUNKS (P / 16)                 // 16-word chunks a block (a row's P words)
 #define COLS (P * FIELDS)               // columns a block
 #define ROWS (WARPS * 16 * TILES)       // rows a CTA
 #define MAXM (8 * NT)                   // tokens: NT tiles of the mma's 8 columns
@@ -605,24 +608,31 @@ def kernel(bits: int, planes: int, device: torch.device, config: Config, nt: int
                                    "thread block clusters)")
             name, src = source(bits, planes, warps, tiles, key[4], depth, bool(pref), cluster, bool(tiled), nt,
                                xmode, SPLITK_ACQREL)
-            lib = _nvrtc()
-            ver = (ctypes.c_int(), ctypes.c_int())
-            lib.nvrtcVersion(ctypes.byref(ver[0]), ctypes.byref(ver[1]))
-            digest = hashlib.sha256(f"{src}|{arch}|{ver[0].value}.{ver[1].value}".encode()).hexdigest()[:20]
-            path = _cache_dir() / f"{name}-sm{arch}-{digest}.cubin"
-            cubin = path.read_bytes() if path.is_file() else None
-            if cubin is None:
-                cubin = compile_cubin(src, name, arch, lib)
-                try:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = path.with_suffix(f".tmp{os.getpid()}")
-                    tmp.write_bytes(cubin)
-                    tmp.replace(path)
-                except OSError:
-                    pass  # a read-only home: compile again next time
-            with torch.cuda.device(device):
-                _KERNELS[key] = _Kernel(cubin, name, warps * 32)
+            _KERNELS[key] = build(name, src, device, warps * 32)
         return _KERNELS[key]
+
+
+def build(name: str, src: str, device: torch.device, threads: int) -> _Kernel:
+    """NVRTC's cubin of ``src`` for this GPU (cached on disk by source, architecture and NVRTC version), loaded."""
+    major, minor = torch.cuda.get_device_capability(device)
+    arch = f"{major}{minor}"
+    lib = _nvrtc()
+    ver = (ctypes.c_int(), ctypes.c_int())
+    lib.nvrtcVersion(ctypes.byref(ver[0]), ctypes.byref(ver[1]))
+    digest = hashlib.sha256(f"{src}|{arch}|{ver[0].value}.{ver[1].value}".encode()).hexdigest()[:20]
+    path = _cache_dir() / f"{name}-sm{arch}-{digest}.cubin"
+    cubin = path.read_bytes() if path.is_file() else None
+    if cubin is None:
+        cubin = compile_cubin(src, name, arch, lib)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_bytes(cubin)
+            tmp.replace(path)
+        except OSError:
+            pass  # a read-only home: compile again next time
+    with torch.cuda.device(device):
+        return _Kernel(cubin, name, threads)
 
 
 def smem_bytes(k: int, planes: int, bits: int, split: int, m: int) -> int:
