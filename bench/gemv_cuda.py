@@ -84,13 +84,14 @@ def chain_candidates(kind: str, k: int):
 
 
 # gemv_chain's (warps, ring depth, blocks an item) the chain bench tries
-CHAIN_SHAPES = {"int4": [(8, 6, 2), (8, 4, 2), (8, 8, 2), (4, 12, 2), (16, 3, 2), (8, 10, 1)],
-                "int8": [(8, 3, 2), (8, 2, 2), (8, 6, 1), (4, 6, 2), (16, 2, 1)]}
+CHAIN_SHAPES = {"int4": [(16, 2, 2), (8, 6, 2), (16, 3, 2), (12, 4, 2), (16, 4, 1), (24, 2, 1)],
+                "int8": [(16, 2, 1), (16, 3, 1), (8, 3, 2), (24, 1, 1)]}
 
 
-def chain(kinds: list[str], n_layers: int, depths: tuple[int, ...] = (2,), sweep: bool = False) -> dict:
+def chain(kinds: list[str], n_layers: int, depths: tuple[int, ...] = (2,), sweep: bool = False,
+          diag: bool = False) -> dict:
     """µs a decode step of GEMVs (see the module's note) per (kind, variant); prints a table."""
-    from localgpt.generation.fast import slot_triton
+    from localgpt.generation.fast import gemv_chain, slot_triton
     from localgpt.generation.fast.gemv_chain import Chain
     from localgpt.generation.fast.quantize import Int4Linear, Int8Linear, prologue_gemv
     from localgpt.generation.fast.transformer import RMSNorm
@@ -174,13 +175,36 @@ def chain(kinds: list[str], n_layers: int, depths: tuple[int, ...] = (2,), sweep
                 final["out"] = (bufs["rb"] + bufs["d"]).view(1, -1)
             return run
 
+        def single(name, shape=None):
+            # one layer shape alone, 32 launches: gemv_chain's one-phase chain, or prologue_gemv's launch
+            n, k = shapes[name]
+            xin = torch.randn(k, device="cuda", dtype=torch.bfloat16)
+            out = torch.empty(n, device="cuda", dtype=torch.bfloat16)
+            if shape is None:
+                return lambda: [prologue_gemv(b[name], xin.view(1, -1), "plain") for b in layers]
+            chains = [Chain([dict(layer=b[name], x=xin, out=out)], torch.device("cuda"), *shape) for b in layers]
+            return lambda: [c() for c in chains]
+
         runs = [("separate", separate, depths[0], True)] + [("prologue", prologue, d, True) for d in depths]
         runs.append(("prologue", prologue, depths[0], False))
-        for shape in CHAIN_SHAPES[kind]:
-            try:
-                runs.append((f"chain w{shape[0]} d{shape[1]} b{shape[2]}", persistent(shape), None, True))
-            except Exception as exc:  # noqa: BLE001 - a shape that does not fit this GPU
-                print(f"{kind} chain {shape}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+        for shape in CHAIN_SHAPES[kind] if not diag else CHAIN_SHAPES[kind][:1]:
+            for dg in (0, 1, 2, 3, 7, 11, 15) if diag else (0,):
+                gemv_chain.DIAG = dg
+                try:
+                    runs.append((f"chain w{shape[0]} d{shape[1]} b{shape[2]}" + (f" diag{dg}" if dg else ""),
+                                 persistent(shape), None, True))
+                except Exception as exc:  # noqa: BLE001 - a shape that does not fit this GPU
+                    print(f"{kind} chain {shape}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+            gemv_chain.DIAG = 0
+            if diag:
+                for name in ("w_in", "wo"):
+                    runs.append((f"{name} alone: gemv_cuda", single(name), None, True))
+                    runs.append((f"{name} alone: chain w{shape[0]} d{shape[1]} b{shape[2]}", single(name, shape), None, True))
+                    gemv_chain.DIAG = 3
+                    runs.append((f"{name} alone: chain w{shape[0]} d{shape[1]} b{shape[2]} diag3", single(name, shape), None, True))
+                    gemv_chain.DIAG = 11
+                    runs.append((f"{name} alone: chain w{shape[0]} d{shape[1]} b{shape[2]} diag11", single(name, shape), None, True))
+                    gemv_chain.DIAG = 0
         for name, fn, depth, acqrel in runs:
             if depth is not None:
                 set_depth(depth)
@@ -247,7 +271,7 @@ def chain(kinds: list[str], n_layers: int, depths: tuple[int, ...] = (2,), sweep
     for kind, entry in results.items():
         base = entry.get(f"separate d{depths[0]}")
         print(f"| {kind} | " + " | ".join((f"{entry[lb]:.0f}" + (f" ({base / entry[lb]:.2f}x)" if isinstance(base, float) else ""))
-                                          if isinstance(entry[lb], float) else "failed" for lb in labels) + " |")
+                                          if isinstance(entry.get(lb), float) else "-" for lb in labels) + " |")
     return results
 
 
@@ -258,13 +282,16 @@ def main() -> None:
     parser.add_argument("--chain", action="store_true")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--sweep", action="store_true", help="--chain: sweep each layer's configuration in it")
+    parser.add_argument("--chain-diag", action="store_true",
+                        help="--chain: gemv_chain without its multiply / staging, and each shape alone")
     parser.add_argument("--depths", default="", help="register depths to try (e.g. 2,3,4; first = the baseline's)")
     parser.add_argument("--json")
     args = parser.parse_args()
     if args.chain:
         with torch.inference_mode():
             res = chain(args.kinds.split(","), args.layers,
-                        tuple(int(d) for d in args.depths.split(",")) if args.depths else (2,), args.sweep)
+                        tuple(int(d) for d in args.depths.split(",")) if args.depths else (2,), args.sweep,
+                        args.chain_diag)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(res, f, indent=1)

@@ -873,8 +873,9 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
         contexts = (DECODE_PROMPT, 4 * DECODE_PROMPT) if key == "falcon-mamba" else (DECODE_PROMPT,)
     for i, name in enumerate(variants):
         # A name may end in "+plain" (the batch-1 step without the fused kernels: Engine(fused=False)), "+sep"
-        # (the norms and silu·up as their own kernels, not in the GEMVs' prologues), and then "@graph" / "@compile" (that engine mode for this
-        # row instead of --mode).
+        # (the norms and silu·up as their own kernels, not in the GEMVs' prologues), "+nochain" (a launch a GEMV,
+        # not gemv_chain's one a layer), and then "@graph" / "@compile" (that engine mode for this row instead of
+        # --mode).
         name_mode = name.partition("@")
         variant, *flags = name_mode[0].split("+")
         plain = "plain" in flags
@@ -922,14 +923,18 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
             log(f"{label} {variant}: {torch.cuda.memory_allocated() / 2**30 if CUDA else 0:.2f} GiB on the GPU")
             from localgpt.generation.fast import quantize
 
+            from localgpt.generation.fast import transformer
+
             quantize.PROLOGUE = "sep" not in flags
+            transformer.CHAIN = "nochain" not in flags and "sep" not in flags
             try:
                 entry[name] = bench_engine(net, vocab, PROMPTS, mode, log, decode_contexts=contexts,
                                            sampled=variant in args.sampled.split(",") and key == "llama",
                                            profile=args.profile, fused=False if plain else None)
             finally:
                 quantize.PROLOGUE = True
-            entry[name]["kernels"] = kernels
+                transformer.CHAIN = True
+            entry[name]["kernels"] = kernels + ("; the step's GEMVs in gemv_chain" if getattr(net, "_chain", None) else "")
             entry[name]["mode"] = mode
         except Exception as exc:  # noqa: BLE001 - keep the rest of the run
             entry[name] = {"error": repr(exc)}

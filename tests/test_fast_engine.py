@@ -908,6 +908,56 @@ def test_fused_batch1_step_matches_the_plain_step_in_the_triton_interpreter(subp
 
 
 @pytest.mark.gpu
+def test_gpu_chained_step_matches_a_launch_a_gemv_and_generates_the_same_in_a_graph(tmp_path, monkeypatch):
+    """Transformer._step_chain (a layer's GEMVs in one gemv_chain launch over fixed buffers) on an int4 Llama whose
+    layers fit it: from the same caches, the logits and the cache rows it writes equal _step_prologues' within bf16
+    rounding, at the first position, inside the cache and at its last; the Engine's CUDA graph of it generates the
+    same greedy tokens as its eager run; LOCALGPT_GEMV_CHAIN=0 (transformer.CHAIN) goes back to a launch a GEMV."""
+    _needs_cuda()
+    pytest.importorskip("triton")
+    from transformers import AutoModelForCausalLM
+
+    from localgpt.generation.fast import transformer
+    from localgpt.generation.fast.engine import Engine
+    from localgpt.generation.fast.transformer import from_llama
+
+    hf = AutoModelForCausalLM.from_pretrained(
+        build_tiny_model("llama2", tmp_path / "llama", hidden_size=512, intermediate_size=1024, num_attention_heads=8,
+                         num_key_value_heads=2, num_hidden_layers=3, initializer_range=0.05), dtype=torch.bfloat16)
+    net = from_llama(hf.to("cuda").eval())
+    quantize_model(net, "int4", decode="cuda")
+    max_seq = 64
+    net.setup_cache(max_seq)
+    assert net.use_fused_decode(True)
+    torch.manual_seed(0)
+    for block in net.blocks:
+        block.k_cache.normal_()
+        block.v_cache.normal_()
+    start = [(b.k_cache.clone(), b.v_cache.clone()) for b in net.blocks]
+    with torch.inference_mode():
+        for pos in (0, 9, max_seq - 1):
+            token = torch.tensor([[11 + pos]], device="cuda")
+            where = torch.tensor([pos], device="cuda")
+            results = []
+            for chain in (False, True):
+                monkeypatch.setattr(transformer, "CHAIN", chain)
+                for b, (k, v) in zip(net.blocks, start):
+                    b.k_cache.copy_(k)
+                    b.v_cache.copy_(v)
+                results.append((net.step(token, where).float(), [b.k_cache[:, :, pos].float() for b in net.blocks]))
+            assert net._chain, "the chained step was not built for layers that fit it"
+            (want, want_rows), (got, got_rows) = results
+            assert float((got - want).norm() / want.norm()) < 2e-2, pos
+            for g, w in zip(got_rows, want_rows):
+                assert float((g - w).norm() / w.norm()) < 2e-2, pos
+    monkeypatch.setattr(transformer, "CHAIN", True)
+    prompt = [1, 5, 9, 13, 17]
+    eager = list(Engine(net, mode="eager", max_seq=max_seq).generate(prompt, 12))
+    graph = list(Engine(net, mode="graph", max_seq=max_seq).generate(prompt, 12))
+    assert graph == eager and len(eager) == 12
+
+
+@pytest.mark.gpu
 def test_gpu_fused_batch1_step_matches_the_plain_step():
     _needs_cuda()
     fused_batch1_step_check("cuda", torch.bfloat16)

@@ -57,22 +57,27 @@ __device__ __forceinline__ void cp4(void* dst, const void* src) {
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(DEPTH - 1) : "memory"); }
 
-__device__ __forceinline__ int items_of(const Phase& ph) { return (ph.N / 16) * (ph.K / (COLS * BPI)); }
-// The warp whose range [w I / W, (w + 1) I / W) holds item u (every range is non-empty: I >= W).
-__device__ __forceinline__ int owner(long u, long I, int W) { return (int)(((u + 1) * W - 1) / I); }
+// A phase's tiles are cut into equal contiguous runs, one a CTA (whole tiles: a tile's parts meet in its shared
+// memory, not in global memory), and a CTA's items (tile, BPI blocks) into equal contiguous runs, one a warp.
+__device__ __forceinline__ void cta_tiles(const Phase& ph, int& t0, int& t1) {
+    const long T = ph.N / 16;
+    t0 = (int)(blockIdx.x * T / gridDim.x);
+    t1 = (int)((blockIdx.x + 1) * T / gridDim.x);
+}
 
-// The next item a warp loads: phase p, item it = (tile, its blk-th block) of its range [it, end) there (no
-// division a step).
-struct Cursor { int p, it, end, tile, blk, nb; };
-__device__ __forceinline__ void cursor_seek(Cursor& c, const Phase* sp, int n, int W, int gw) {
+// The next item a warp loads: phase p, local item it of its run [it, end) there = (tile, block blk), per items
+// a tile (no division a step).
+struct Cursor { int p, it, end, tile, blk, per; };
+__device__ __forceinline__ void cursor_seek(Cursor& c, const Phase* sp, int n, int warp) {
     for (; c.p < n; ++c.p) {
-        const long I = items_of(sp[c.p]);
-        c.it = (int)(gw * I / W);
-        c.end = (int)((gw + 1) * I / W);
-        c.nb = sp[c.p].K / COLS;
-        const int per = c.nb / BPI;
-        c.tile = c.it / per;
-        c.blk = (c.it % per) * BPI;
+        int t0, t1;
+        cta_tiles(sp[c.p], t0, t1);
+        c.per = sp[c.p].K / (COLS * BPI);
+        const int items = (t1 - t0) * c.per;
+        c.it = warp * items / WARPS;
+        c.end = (warp + 1) * items / WARPS;
+        c.tile = t0 + c.it / c.per;
+        c.blk = (c.it % c.per) * BPI;
         if (c.it < c.end) return;
     }
 }
@@ -109,10 +114,10 @@ __device__ __forceinline__ void issue(uint4* slot, const Phase& ph, int tile, in
     }
 }
 
-__device__ __forceinline__ void advance(Cursor& c, const Phase* sp, int n, int W, int gw) {
+__device__ __forceinline__ void advance(Cursor& c, const Phase* sp, int n, int warp) {
     c.blk += BPI;
-    if (c.blk == c.nb) { c.blk = 0; ++c.tile; }
-    if (++c.it == c.end) { ++c.p; cursor_seek(c, sp, n, W, gw); }
+    if (c.blk == c.per * BPI) { c.blk = 0; ++c.tile; }
+    if (++c.it == c.end) { ++c.p; cursor_seek(c, sp, n, warp); }
 }
 
 __device__ __forceinline__ u32 ld_acquire(const unsigned* p) {
@@ -148,70 +153,98 @@ __device__ __forceinline__ u32 norm_pair(u32 v, u32 w, float inv) {  // add_rms_
          | ((u32)f2bf(bf2f(w >> 16) * bf2f(f2bf(bf2f(v >> 16) * inv))) << 16);
 }
 
-// The phase's input after its prologue, staged whole in every CTA: xr [K] bf16, then xp (each word's x pairs in
-// gemv_cuda's order) and int4's block sums xs. x and y may have been written by this launch: read through L2.
-__device__ void stage(const Phase& ph, u16* xr, uint4* xp, float* xs, float* red, float* inv_s, bool cta0) {
+// The phase's input after its prologue, staged whole in every CTA straight into xp (each word's x pairs in
+// gemv_cuda's order) and, int4, its block sums xs. A thread takes 8 consecutive columns (one 16-byte load of x,
+// of y or up, of the norm weight), SV of them a round, every load of a round issued before any is used: one L2
+// round trip a round ("rms": one round, the values kept in registers while the row's sum of squares is reduced).
+// x and y may have been written by this launch: read through L2. Also clears the tiles' parts.
+#define SV 4
+__device__ __forceinline__ void put_cols(uint4* xp, float* xs, int i, bool in, const u32 (&f)[8]) {
+    // columns 8i .. 8i + 7: one field of 8 consecutive items (int4: field (c % 128) / 16 of items c / 16 * 16
+    // + c % 16 ..; int8: field (c % 128) / 32 of items c / 32 * 32 + c % 32 ..)
+    const int c = 8 * i, blk = c / COLS, cc = c % COLS, field = cc / P, item0 = blk * P + cc % P;
+    u16* x16 = (u16*)xp;
+    float part = 0.f;
+    if (in) {
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            part += bf2f(f[k]);
+#if BITS == 4
+            x16[(item0 + k) * 8 + (field < 4 ? 2 * field : 2 * (field - 4) + 1)] = (u16)f[k];
+#else
+            // (f0 | f2 << 16, 16 f0 | 16 f2 << 16, f1 | f3 << 16, 16 f1 | 16 f3 << 16)
+            const int pos = (field & 1) * 4 + (field >> 1);
+            x16[(item0 + k) * 8 + pos] = (u16)f[k];
+            x16[(item0 + k) * 8 + pos + 2] = f2bf(16.f * bf2f(f[k]));
+#endif
+        }
+    }
+#if BITS == 4
+    // a block's 128 columns are 16 consecutive threads
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+    if (in && (threadIdx.x & 15) == 0) xs[blk] = part;
+#endif
+}
+
+__device__ __forceinline__ void stage(const Phase& ph, uint4* xp, float* xs, float* red, float* parts, int nparts,
+                                      bool cta0) {
     const int K = ph.K, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const uint4* x4 = (const uint4*)ph.x;
-    uint4* xr4 = (uint4*)xr;
-    float ss = 0.f;
-    for (int i = tid; i < K / 8; i += WARPS * 32) {
-        uint4 a = __ldcg(x4 + i);
-        if (ph.xmode == 1) {
-            const uint4 u = __ldcg(x4 + K / 8 + i);
-            a = make_uint4(silu_mul_pair(a.x, u.x), silu_mul_pair(a.y, u.y), silu_mul_pair(a.z, u.z),
-                           silu_mul_pair(a.w, u.w));
-        } else if (ph.xmode == 2) {
-            if (ph.y) {
-                const uint4 b = __ldcg((const uint4*)ph.y + i);
-                a = make_uint4(add_pair(a.x, b.x), add_pair(a.y, b.y), add_pair(a.z, b.z), add_pair(a.w, b.w));
-                if (cta0 && ph.xsum) ((uint4*)ph.xsum)[i] = a;
+    const uint4* y4 = (const uint4*)(ph.xmode == 1 ? ph.x + K : ph.y);
+    const bool two = ph.xmode == 1 || (ph.xmode == 2 && ph.y != nullptr);
+    for (int i = tid; i < nparts; i += WARPS * 32) parts[i] = 0.f;
+    for (int base = 0; base < K / 8; base += SV * WARPS * 32) {
+        uint4 a[SV], b[SV], w[SV];
+#pragma unroll
+        for (int j = 0; j < SV; ++j) {
+            const int i = base + j * WARPS * 32 + tid;
+            if (i < K / 8) {
+                a[j] = __ldcg(x4 + i);
+                if (two) b[j] = __ldcg(y4 + i);
+                if (ph.xmode == 2) w[j] = __ldg((const uint4*)ph.nw + i);
             }
-            ss += sq_pair(a.x) + sq_pair(a.y) + sq_pair(a.z) + sq_pair(a.w);
         }
-        xr4[i] = a;
-    }
-    if (ph.xmode == 2) {
+        float inv = 0.f;
+        if (ph.xmode == 2) {  // K <= 8 SV threads (the launcher checks): this is the only round
+            float ss = 0.f;
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-        if (lane == 0) red[warp] = ss;
-        __syncthreads();
-        if (tid == 0) {
+            for (int j = 0; j < SV; ++j) {
+                const int i = base + j * WARPS * 32 + tid;
+                if (i >= K / 8) continue;
+                if (two) {
+                    a[j] = make_uint4(add_pair(a[j].x, b[j].x), add_pair(a[j].y, b[j].y), add_pair(a[j].z, b[j].z),
+                                      add_pair(a[j].w, b[j].w));
+                    if (cta0 && ph.xsum) ((uint4*)ph.xsum)[i] = a[j];
+                }
+                ss += sq_pair(a[j].x) + sq_pair(a[j].y) + sq_pair(a[j].z) + sq_pair(a[j].w);
+            }
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+            if (lane == 0) red[warp] = ss;
+            __syncthreads();
             float total = 0.f;
-            for (int i = 0; i < WARPS; ++i) total += red[i];
-            *inv_s = rsqrtf(total / K + ph.eps);
+            for (int k = 0; k < WARPS; ++k) total += red[k];  // every thread, in the same order
+            inv = rsqrtf(total / K + ph.eps);
         }
-        __syncthreads();
-        const float inv = *inv_s;
-        const uint4* nw4 = (const uint4*)ph.nw;
-        for (int i = tid; i < K / 8; i += WARPS * 32) {
-            const uint4 a = xr4[i], w = __ldg(nw4 + i);
-            xr4[i] = make_uint4(norm_pair(a.x, w.x, inv), norm_pair(a.y, w.y, inv), norm_pair(a.z, w.z, inv),
-                                norm_pair(a.w, w.w, inv));
-        }
-    }
-    __syncthreads();
-    for (int base = 0; base < K / FIELDS; base += WARPS * 32) {
-        const int item = base + tid;
-        float part = 0.f;
-        if (item < K / FIELDS) {
-            const int col = (item / P) * COLS + (item % P);
-            u32 f[FIELDS];
 #pragma unroll
-            for (int j = 0; j < FIELDS; ++j) { f[j] = xr[col + j * P]; part += bf2f(f[j]); }
-#if BITS == 4
-            xp[item] = make_uint4(f[0] | (f[4] << 16), f[1] | (f[5] << 16), f[2] | (f[6] << 16), f[3] | (f[7] << 16));
-#else
-            u32 s0 = f2bf(16.f * bf2f(f[0])), s1 = f2bf(16.f * bf2f(f[1]));
-            u32 s2 = f2bf(16.f * bf2f(f[2])), s3 = f2bf(16.f * bf2f(f[3]));
-            xp[item] = make_uint4(f[0] | (f[2] << 16), s0 | (s2 << 16), f[1] | (f[3] << 16), s1 | (s3 << 16));
-#endif
-        }
-#if BITS == 4
+        for (int j = 0; j < SV; ++j) {
+            const int i = base + j * WARPS * 32 + tid;
+            const bool in = i < K / 8;
+            u32 f[8];
+            const u32 av[4] = {a[j].x, a[j].y, a[j].z, a[j].w};
+            const u32 bv[4] = {b[j].x, b[j].y, b[j].z, b[j].w};
+            const u32 wv[4] = {w[j].x, w[j].y, w[j].z, w[j].w};
 #pragma unroll
-        for (int o = P / 2; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
-        if (item < K / FIELDS && item % P == 0) xs[item / P] = part;
-#endif
+            for (int h = 0; h < 4; ++h) {
+                u32 r = av[h];
+                if (ph.xmode == 1) r = silu_mul_pair(av[h], bv[h]);
+                else if (ph.xmode == 2) r = norm_pair(av[h], wv[h], inv);
+                f[2 * h] = r & 0xFFFFu;
+                f[2 * h + 1] = r >> 16;
+            }
+            put_cols(xp, xs, i, in, f);
+        }
     }
     __syncthreads();
 }
@@ -258,62 +291,36 @@ __device__ __forceinline__ void mul_item(const uint4 (&v)[CHUNKS][2], u32 sc0, u
 #endif
 }
 
-// A warp's part of a tile done: the whole tile -> its rows; else the part into the tile's slot, and the last
-// part to arrive adds them in slot (warp) order and resets the tile's counter.
-__device__ __forceinline__ void flush(const Phase& ph, int tile, const float (&acc)[4], long I, int W, int gw, int per,
-                                      float* ws, int* cnt, int slots, int lane, int g, int t) {
-    const long u0 = (long)tile * per;  // per: items a tile
-    const int o0 = owner(u0, I, W), o1 = owner(u0 + per - 1, I, W);
-    if (o0 == o1) {
-        const int r = tile * 16 + g;
-        if (t == 0) { ph.out[r] = out_val(acc[0], ph.rs, r); ph.out[r + 8] = out_val(acc[2], ph.rs, r + 8); }
-        return;
-    }
-    float* part = ws + ((long)tile * slots + (gw - o0)) * 16;
-    if (t == 0) { __stcg(part + g, acc[0]); __stcg(part + g + 8, acc[2]); }
-    __syncwarp();
-    int last = 0;
-    if (lane == 0) {
-        int prev;
-        asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(prev) : "l"(cnt + tile) : "memory");
-        last = prev == o1 - o0;
-    }
-    last = __shfl_sync(0xffffffffu, last, 0);
-    __syncwarp();
-    if (last) {
-        if (lane < 16) {
-            float total = 0.f;
-            for (int k = 0; k <= o1 - o0; ++k) total += __ldcg(ws + ((long)tile * slots + k) * 16 + lane);
-            ph.out[tile * 16 + lane] = out_val(total, ph.rs, tile * 16 + lane);
-        }
-        if (lane == 0) atomicExch(cnt + tile, 0);
+// A warp's part of a tile into the CTA's slot for (tile, warp): lanes t = 0 hold rows g and g + 8.
+__device__ __forceinline__ void flush(float* parts, int tl, const float (&acc)[4], int warp, int g, int t) {
+    if (t == 0) {
+        parts[(tl * WARPS + warp) * 16 + g] = acc[0];
+        parts[(tl * WARPS + warp) * 16 + g + 8] = acc[2];
     }
 }
 
 extern "C" __global__ void __launch_bounds__(WARPS * 32, 1)
-KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, float* ws, int* cnt, unsigned* bar, int slots, int kmax) {
+KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int maxt, int kmax) {
     extern __shared__ uint4 smem[];
     __shared__ Phase sp[MAXPH];
     __shared__ float red[WARPS];
-    __shared__ float inv_s;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-    const int W = gridDim.x * WARPS, gw = blockIdx.x * WARPS + warp;
     for (int i = tid; i < n_phases * (int)(sizeof(Phase) / 4); i += WARPS * 32)
         ((int*)sp)[i] = ((const int*)phases)[i];
     __syncthreads();
     uint4* ring = smem + warp * RING * SLOT_U4;
     uint4* xp = smem + WARPS * RING * SLOT_U4;           // [kmax / FIELDS]
-    u16* xr = (u16*)(xp + kmax / FIELDS);                // [kmax]
-    float* xs = (float*)(xr + kmax);                     // [kmax / COLS]
+    float* xs = (float*)(xp + kmax / FIELDS);            // [kmax / COLS]
+    float* parts = xs + kmax / COLS;                     // [maxt][WARPS][16]
 
     // DEPTH items in flight from the start, through every phase's words
     Cursor cur = {0, 0, 0, 0, 0, 1};
-    cursor_seek(cur, sp, n_phases, W, gw);
+    cursor_seek(cur, sp, n_phases, warp);
 #pragma unroll 1
     for (int d = 0; d < DEPTH; ++d) {
         if (cur.p < n_phases) {
             issue(ring + d * SLOT_U4, sp[cur.p], cur.tile, cur.blk, lane, g, t);
-            advance(cur, sp, n_phases, W, gw);
+            advance(cur, sp, n_phases, warp);
         }
         cp_commit();
     }
@@ -321,12 +328,19 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, float* ws, int* cnt,
 #pragma unroll 1
     for (int p = 0; p < n_phases; ++p) {
         const Phase& ph = sp[p];
+#if DIAG & 4
+        __syncthreads();
+#else
         if (p > 0) grid_sync(bar, (unsigned)p * gridDim.x);
-        stage(ph, xr, xp, xs, red, &inv_s, blockIdx.x == 0);
-        const long I = items_of(ph);
-        const int first = (int)(gw * I / W), last = (int)((gw + 1) * I / W);
-        const int nb = ph.K / COLS;
-        int tile = -1, tl = first / (nb / BPI), blk = first % (nb / BPI) * BPI;
+#endif
+#if !(DIAG & 2)
+        stage(ph, xp, xs, red, parts, maxt * WARPS * 16, blockIdx.x == 0);
+#endif
+        int t0, t1;
+        cta_tiles(ph, t0, t1);
+        const int per = ph.K / (COLS * BPI), items = (t1 - t0) * per;
+        const int first = warp * items / WARPS, last = (warp + 1) * items / WARPS;
+        int tile = -1, tl = first / per, blk = first % per * BPI;
         float acc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll 1
         for (int it = first; it < last; ++it) {
@@ -350,23 +364,40 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, float* ws, int* cnt,
             // the slot multiplied one item ago is free (its words are in registers long since): the next load
             if (cur.p < n_phases) {
                 issue(ring + put * SLOT_U4, sp[cur.p], cur.tile, cur.blk, lane, g, t);
-                advance(cur, sp, n_phases, W, gw);
+                advance(cur, sp, n_phases, warp);
             }
             cp_commit();
             take = take == RING - 1 ? 0 : take + 1;
             put = put == RING - 1 ? 0 : put + 1;
             if (tl != tile) {
-                if (tile >= 0) flush(ph, tile, acc, I, W, gw, nb / BPI, ws, cnt, slots, lane, g, t);
+                if (tile >= 0) flush(parts, tile, acc, warp, g, t);
                 tile = tl;
                 acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
             }
 #pragma unroll
-            for (int b = 0; b < BPI; ++b)
+            for (int b = 0; b < BPI; ++b) {
+#if DIAG & 1
+                acc[0] += __uint_as_float(v[b][0][0].x & v[b][0][1].y & sc[b].x & 0x3FFFFF);  // the loads, no multiply
+#else
                 mul_item(v[b], sc[b].x, sc[b].y, xp + (blk + b) * P, BITS == 4 ? xs[blk + b] : 0.f, t, acc);
+#endif
+            }
             blk += BPI;
-            if (blk == nb) { blk = 0; ++tl; }
+            if (blk == per * BPI) { blk = 0; ++tl; }
         }
-        if (tile >= 0) flush(ph, tile, acc, I, W, gw, nb / BPI, ws, cnt, slots, lane, g, t);
+        if (tile >= 0) flush(parts, tile, acc, warp, g, t);
+        // the CTA's rows: each the sum of its warps' parts in warp order (a warp with no part of it added 0)
+        __syncthreads();
+#if !(DIAG & 8)
+        for (int r = tid; r < (t1 - t0) * 16; r += WARPS * 32) {
+            const float* pr = parts + (r >> 4) * WARPS * 16 + (r & 15);
+            float total = 0.f;
+#pragma unroll
+            for (int w = 0; w < WARPS; ++w) total += pr[w * 16];
+            const int row = t0 * 16 + r;
+            ph.out[row] = out_val(total, ph.rs, row);
+        }
+#endif
     }
     // the last CTA out resets the barrier for the next launch (every CTA is past its last wait)
     __syncthreads();
@@ -387,18 +418,25 @@ class _Phase(ctypes.Structure):
 
 
 MAXPH = 8
+STAGE_WORDS = 4  # SV: 16-byte words of the input a thread stages a round
 # Warps a CTA, items in flight a warp (ring depth) and blocks an item (2: the per-item bookkeeping over twice the
 # words): int4 blocks are 1 KiB, int8 2 KiB; ~100 KiB of words in flight a multiprocessor, the rest of its shared
 # memory for the staged input.
-DEFAULTS = {4: (8, 6, 2), 8: (8, 3, 2)}
+DEFAULTS = {4: (16, 2, 2), 8: (16, 2, 1)}
+
+
+# bench/gemv_cuda.py --chain-diag: bits leaving out 1 the multiply, 2 the staging of the input, 4 the grid barrier,
+# 8 the adding of a tile's parts (wrong results: timing only)
+DIAG = 0
 
 
 def source(bits: int, planes: int, warps: int, depth: int, tiled: bool, bpi: int = 2) -> tuple[str, str]:
     """(name, CUDA source) of the chain kernel for one weight format, CTA size, ring depth and blocks an item."""
-    name = f"gemv_chain_int{bits}_p{planes}_w{warps}_d{depth}_b{bpi}" + ("_tl" if tiled else "")
+    name = (f"gemv_chain_int{bits}_p{planes}_w{warps}_d{depth}_b{bpi}" + ("_tl" if tiled else "")
+            + (f"_diag{DIAG}" if DIAG else ""))
     head = (f"#define BITS {bits}\n#define P {planes}\n#define FIELDS {32 // bits}\n#define WARPS {warps}\n"
             f"#define DEPTH {depth}\n#define BPI {bpi}\n#define TILED {int(tiled)}\n#define XMODE 0\n"
-            f"#define PREF 0\n#define KERNEL_NAME {name}\n")
+            f"#define PREF 0\n#define DIAG {DIAG}\n#define KERNEL_NAME {name}\n")
     return name, head + gemv_cuda.HELPERS + CHAIN_SOURCE
 
 
@@ -406,7 +444,7 @@ _KERNELS: dict = {}
 
 
 def kernel(bits: int, planes: int, device: torch.device, warps: int, depth: int, tiled: bool, bpi: int):
-    key = (bits, planes, warps, depth, tiled, bpi, device.index)
+    key = (bits, planes, warps, depth, tiled, bpi, device.index, DIAG)
     if key not in _KERNELS:
         if torch.cuda.get_device_capability(device)[0] < 8:
             raise RuntimeError("the chain kernel needs bf16 mma and cp.async (compute capability 8.0 or newer)")
@@ -415,11 +453,12 @@ def kernel(bits: int, planes: int, device: torch.device, warps: int, depth: int,
     return _KERNELS[key]
 
 
-def smem_bytes(bits: int, planes: int, warps: int, depth: int, bpi: int, kmax: int) -> int:
-    """Dynamic shared memory: the warps' rings, then the staged input (pairs, bf16 row, block sums)."""
+def smem_bytes(bits: int, planes: int, warps: int, depth: int, bpi: int, kmax: int, maxt: int) -> int:
+    """Dynamic shared memory: the warps' rings, the staged input (pairs and block sums) and the parts of the CTA's
+    tiles (``maxt`` tiles, one part a warp)."""
     slot = bpi * (32 * 2 * (planes // 16) + (16 if bits == 4 else 0))
     fields = 32 // bits
-    return warps * (depth + 1) * slot * 16 + kmax // fields * 16 + kmax * 2 + kmax // (planes * fields) * 4
+    return warps * (depth + 1) * slot * 16 + kmax // fields * 16 + kmax // (planes * fields) * 4 + maxt * warps * 64
 
 
 def layer_fits(layer) -> bool:
@@ -468,8 +507,11 @@ class Chain:
         if any(layer.in_features // (planes * fields) % bpi for layer in layers):
             bpi = 1
         self.fn = kernel(bits, planes, device, warps, depth, bits == 4, bpi)
+        # every CTA resident at once (the grid barrier waits for all of them): one a multiprocessor
+        self.grid = torch.cuda.get_device_properties(device).multi_processor_count
         kmax = max(layer.in_features for layer in layers)
-        self.smem = smem_bytes(bits, planes, warps, depth, bpi, kmax)
+        maxt = max(-(-layer.out_features // 16 // self.grid) for layer in layers)
+        self.smem = smem_bytes(bits, planes, warps, depth, bpi, kmax, maxt)
         optin = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
         if self.smem + 2048 > optin:
             raise ValueError(f"the chain needs {self.smem} bytes of shared memory; this GPU gives {optin}")
@@ -479,11 +521,7 @@ class Chain:
             ctypes.byref(blocks), self.fn.func, warps * 32, ctypes.c_size_t(self.smem)), "occupancy")
         if blocks.value < 1:
             raise ValueError("the chain kernel does not fit a multiprocessor")
-        # every CTA resident at once (the grid barrier waits for all of them): one a multiprocessor
-        self.grid = torch.cuda.get_device_properties(device).multi_processor_count
-        big_w = self.grid * warps
         table = (_Phase * len(phases))()
-        slots, tiles = 1, 1
         self.keep = []
 
         def ptr(t):
@@ -492,19 +530,11 @@ class Chain:
         for i, ph in enumerate(phases):
             layer = ph["layer"]
             n, k = layer.out_features, layer.in_features
-            nb = k // (planes * fields) // bpi  # items a tile
-            items = n // 16 * nb
-            if items < big_w:
-                raise ValueError(f"a {n}x{k} layer has {items} items, fewer than the grid's {big_w} warps")
-            u0 = torch.arange(n // 16, dtype=torch.int64) * nb
-            o0 = ((u0 + 1) * big_w - 1) // items
-            o1 = ((u0 + nb) * big_w - 1) // items
-            slots = max(slots, int((o1 - o0 + 1).max()))
-            tiles = max(tiles, n // 16)
             mode = gemv_cuda.XMODES[ph.get("xmode", "plain")]
             x, out, y, xsum = ph["x"], ph["out"], ph.get("y"), ph.get("xsum")
             norm = ph.get("norm")
-            for tensor in (x, out, y, xsum):
+            nw = norm.weight if mode == 2 else None
+            for tensor in (x, out, y, xsum, nw):
                 if tensor is not None and (tensor.dtype != torch.bfloat16 or not tensor.is_contiguous()
                                            or tensor.data_ptr() % 16):
                     raise ValueError("chain buffers are contiguous, 16-byte aligned bf16")
@@ -512,16 +542,15 @@ class Chain:
                 raise ValueError(f"phase {i}: x has {x.numel()} values, out {out.numel()}, for a {n}x{k} layer")
             if mode == 2 and norm is None:
                 raise ValueError(f"phase {i}: rms needs the norm")
+            if mode == 2 and k > 8 * STAGE_WORDS * warps * 32:
+                raise ValueError(f"phase {i}: an RMSNorm over {k} columns is more than one staging round")
             sz = layer.pairs() if bits == 4 else None
             rs = None if bits == 4 else layer.scales
-            nw = norm.weight if mode == 2 else None
             self.keep += [layer.words, sz, rs, nw, x, out, y, xsum]
             table[i] = _Phase(ptr(layer.words), ptr(sz), ptr(x), ptr(y), ptr(nw), ptr(xsum), ptr(out), ptr(rs),
                               n, k, mode, 0, float(norm.eps) if mode == 2 else 0.0, 0, 0, 0)
-        self.n_phases, self.slots, self.kmax = len(phases), slots, kmax
+        self.n_phases, self.maxt, self.kmax = len(phases), maxt, kmax
         self.table = torch.frombuffer(bytearray(bytes(table)), dtype=torch.uint8).to(device)
-        self.ws = torch.empty(tiles * slots * 16, dtype=torch.float32, device=device)
-        self.cnt = torch.zeros(tiles, dtype=torch.int32, device=device)
         self.bar = torch.zeros(2, dtype=torch.int32, device=device)
 
     def __call__(self) -> None:
@@ -529,6 +558,5 @@ class Chain:
         def p(t):
             return ctypes.c_void_p(t.data_ptr())
 
-        self.fn((self.grid, 1), self.smem, [p(self.table), ctypes.c_int(self.n_phases), p(self.ws), p(self.cnt),
-                                            p(self.bar), ctypes.c_int(self.slots), ctypes.c_int(self.kmax)],
-                self.device)
+        self.fn((self.grid, 1), self.smem, [p(self.table), ctypes.c_int(self.n_phases), p(self.bar),
+                                            ctypes.c_int(self.maxt), ctypes.c_int(self.kmax)], self.device)

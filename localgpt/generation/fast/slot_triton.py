@@ -251,9 +251,10 @@ def _attention_combine_kernel(acc_ptr, ml_ptr, out_ptr, NSPLIT: tl.constexpr, HD
 
 
 def decode_attention(q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tensor, positions: torch.Tensor,
-                     scratch: int, config: tuple | None = None) -> torch.Tensor:
+                     scratch: int, config: tuple | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """One query a slot: q [B, H, hd] against slot b's cache positions 0..positions[b] (a slot at ``scratch``,
-    idle, against that position alone). k_slots / v_slots [slots >= B, KV, L, hd]. Returns [B, H * hd]."""
+    idle, against that position alone). k_slots / v_slots [slots >= B, KV, L, hd]. Returns [B, H * hd] (in
+    ``out`` when given: contiguous, the query's dtype)."""
     b, n_heads, hd = q.shape
     q = q.contiguous()
     kv, length = k_slots.shape[1], k_slots.shape[2]
@@ -273,7 +274,8 @@ def decode_attention(q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tens
         _attention_split_kernel[(b, n_heads, nsplit)](
             q, k_slots, v_slots, positions, acc, ml, n_heads, kv, length, scratch, hd ** -0.5, REP=rep, HD=hd,
             BLOCK_D=block_d, BLOCK_N=min(block_n, split), SPLIT=split, num_warps=warps)
-    out = torch.empty(b, n_heads * hd, dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty(b, n_heads * hd, dtype=q.dtype, device=q.device)
     _attention_combine_kernel[(b * n_heads,)](acc, ml, out, NSPLIT=nsplit, HD=hd, BLOCK_D=block_d, num_warps=1)
     return out
 

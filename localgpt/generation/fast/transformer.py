@@ -7,6 +7,7 @@ decode reads every weight once per token in few launches); the forward pass is p
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,10 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from localgpt.errors import ConfigError
+
+# The batch-1 step's GEMVs one persistent launch a layer where the weights allow (``gemv_chain``);
+# LOCALGPT_GEMV_CHAIN=0 keeps a launch a GEMV (``_step_prologues``).
+CHAIN = os.environ.get("LOCALGPT_GEMV_CHAIN", "1") != "0"
 
 # Prompt chunks of the slot path (batch.BatchEngine): kernels that need no per-shape plan.
 _CHUNK_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -153,13 +158,17 @@ class Block(nn.Module):
         out = out.reshape(1, s.n_heads, t, s.head_dim).transpose(1, 2).reshape(1, t, s.n_heads * s.head_dim)
         return self.wo(out)
 
-    def attend_qkv(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    def attend_qkv(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
         """The attention of one decode step from its projections qkv [1, (heads + 2 kv heads) head_dim], before
         ``wo``: rotary + cache write in one kernel, the split decode attention over positions 0..input_pos in two
-        (one launch for all three ran no faster on an H200: bench/gpu_notes.md, round 9)."""
+        (one launch for all three ran no faster on an H200: bench/gpu_notes.md, round 9). ``out``: a fixed
+        [1, heads head_dim] buffer to write it in (the chained step's)."""
         from localgpt.generation.fast import slot_triton
 
         q = slot_triton.rope_store(qkv.view(1, -1), cos, sin, input_pos, self.k_cache, self.v_cache, self.shape.n_heads)
+        if out is not None:
+            return slot_triton.decode_attention(q, self.k_cache, self.v_cache, input_pos, -1, out=out)
         return slot_triton.decode_attention_call(q, self.k_cache, self.v_cache, input_pos, -1).view(1, -1)
 
     def attention_step_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -398,6 +407,8 @@ class Transformer(nn.Module):
         torch.compile the norms and silu·up are PyTorch, which inductor fuses itself, and the attention an
         operator (``Block.attention_step_fused``)."""
         if not torch.compiler.is_compiling():
+            if CHAIN and self._chain_ready():
+                return self._step_chain(token, input_pos)
             return self._step_prologues(token, input_pos)
         x = F.embedding(token, self.embed)  # [1, 1, dim]
         h = self.blocks[0].norm1(x)
@@ -422,6 +433,106 @@ class Transformer(nn.Module):
             h, x = prologue_gemv(block.w_in, x, "rms", o, block.norm2)
             pending, _ = prologue_gemv(block.w_out, h, "swiglu")
         logits, _ = prologue_gemv(self.lm_head, x, "rms", pending, self.norm)
+        return logits.view(1, -1).float()
+
+    # --- the batch-1 step with each layer's GEMVs in one persistent launch (gemv_chain) ---------------------------
+
+    _chain = None  # None: not tried yet; False: the network cannot take it; else the step's chains and buffers
+
+    def _chain_ready(self) -> bool:
+        """Whether ``_step_chain`` runs this network's step: every GEMV of the blocks (and the LM head, or it runs
+        on its own) on ``gemv_chain``'s words, bf16, and the first layer's chain equal to the separate GEMVs
+        (``_chain_check``). Built at the first step outside a CUDA graph capture (the engine's warm-up)."""
+        if self._chain is None:
+            if self.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+                return False
+            try:
+                self._chain = self._build_chain() or False
+            except Exception as exc:  # noqa: BLE001 - a kernel that does not build or fit: the step as before
+                import logging
+
+                logging.getLogger(__name__).info("gemv_chain not used: %s", exc)
+                self._chain = False
+        return bool(self._chain)
+
+    def _build_chain(self):
+        from types import SimpleNamespace
+
+        from localgpt.generation.fast import gemv_chain
+
+        blocks = list(self.blocks)
+        if self.dtype != torch.bfloat16 or not all(
+                gemv_chain.layer_fits(m) for b in blocks for m in (b.wqkv, b.wo, b.w_in, b.w_out)):
+            return None
+        b0, dev = blocks[0], self.device
+
+        def buf(n):
+            return torch.zeros(n, dtype=torch.bfloat16, device=dev)
+
+        dim = self.embed.shape[1]
+        c = SimpleNamespace(ra=buf(dim), rb=buf(dim), qkv=buf(b0.wqkv.out_features), att=buf(b0.wo.in_features),
+                            o=buf(dim), gu=buf(b0.w_in.out_features), d=buf(dim),
+                            logits=buf(self.lm_head.out_features))
+        c.head_in_chain = gemv_chain.layer_fits(self.lm_head)
+        c.head = gemv_chain.Chain([dict(layer=b0.wqkv, x=c.ra, out=c.qkv, xmode="rms", norm=b0.norm1)], dev)
+        c.chains = []
+        for i, b in enumerate(blocks):
+            phases = [dict(layer=b.wo, x=c.att, out=c.o),
+                      dict(layer=b.w_in, x=c.ra, y=c.o, norm=b.norm2, xsum=c.rb, out=c.gu, xmode="rms"),
+                      dict(layer=b.w_out, x=c.gu, out=c.d, xmode="swiglu")]
+            if i + 1 < len(blocks):
+                nxt = blocks[i + 1]
+                phases.append(dict(layer=nxt.wqkv, x=c.rb, y=c.d, norm=nxt.norm1, xsum=c.ra, out=c.qkv, xmode="rms"))
+            elif c.head_in_chain:
+                phases.append(dict(layer=self.lm_head, x=c.rb, y=c.d, norm=self.norm, out=c.logits, xmode="rms"))
+            c.chains.append(gemv_chain.Chain(phases, dev))
+        return c if self._chain_check(c) else None
+
+    def _chain_check(self, c) -> bool:
+        """The first layer's chain against ``quantize.prologue_gemv``'s launches (or the separate kernels) on
+        random inputs: every output within bf16 rounding (the parts of a row meet in another order)."""
+        from localgpt.generation.fast.quantize import prologue_gemv
+
+        b0, b1 = self.blocks[0], self.blocks[1] if len(self.blocks) > 1 else None
+        gen = torch.Generator(device=self.device).manual_seed(0)
+        with torch.inference_mode():
+            x = torch.randn(c.ra.shape, generator=gen, device=self.device).to(torch.bfloat16)
+            att = torch.randn(c.att.shape, generator=gen, device=self.device).to(torch.bfloat16)
+            c.ra.copy_(x)
+            c.att.copy_(att)
+            c.chains[0]()
+            o = b0.wo(att.view(1, -1))
+            h, x1 = prologue_gemv(b0.w_in, x.view(1, -1), "rms", o, b0.norm2)
+            d, _ = prologue_gemv(b0.w_out, h, "swiglu")
+            want = [(c.o, o), (c.rb, x1), (c.gu, h), (c.d, d)]
+            if b1 is not None:
+                q, x2 = prologue_gemv(b1.wqkv, x1, "rms", d, b1.norm1)
+                want += [(c.qkv, q), (c.ra, x2)]
+            elif c.head_in_chain:
+                logits, _ = prologue_gemv(self.lm_head, x1, "rms", d, self.norm)
+                want.append((c.logits, logits))
+            for got, ref in want:
+                ref = ref.float().view(-1)
+                if not bool(torch.isfinite(got.float()).all()) or float(
+                        (got.float() - ref).norm() / ref.norm().clamp(min=1e-12)) > 1e-2:
+                    return False
+        return True
+
+    def _step_chain(self, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """``_step_prologues`` with the GEMVs from one attention to the next in one persistent launch
+        (``gemv_chain``: wo, w_in with the residual add + RMSNorm, w_out with silu·up, then the next layer's wqkv
+        or the LM head), over fixed buffers: a Llama layer is four launches (was seven)."""
+        c = self._chain
+        torch.index_select(self.embed, 0, token.view(-1), out=c.ra.view(1, -1))
+        c.head()
+        for block, chain in zip(self.blocks, c.chains):
+            block.attend_qkv(c.qkv.view(1, -1), self.cos, self.sin, input_pos, out=c.att.view(1, -1))
+            chain()
+        if c.head_in_chain:
+            return c.logits.view(1, -1).float()
+        from localgpt.generation.fast.quantize import prologue_gemv
+
+        logits, _ = prologue_gemv(self.lm_head, c.rb.view(1, -1), "rms", c.d.view(1, -1), self.norm)
         return logits.view(1, -1).float()
 
     # --- slots (continuous batching): see batch.BatchEngine ---------------------------------------------------
