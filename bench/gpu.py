@@ -935,6 +935,8 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                 quantize.PROLOGUE = True
                 transformer.CHAIN = True
             entry[name]["kernels"] = kernels + ("; the step's GEMVs in gemv_chain" if getattr(net, "_chain", None) else "")
+            if getattr(net, "chain_note", ""):
+                log(f"  gemv_chain not used: {net.chain_note}")
             entry[name]["mode"] = mode
         except Exception as exc:  # noqa: BLE001 - keep the rest of the run
             entry[name] = {"error": repr(exc)}

@@ -665,6 +665,8 @@ def quantize_model(model: nn.Module, mode: str, *, groupsize: int = 128, saved: 
                 prompt_kernel = check_prompt_kernel(new, state["nibbles"])
             new.prompt_kernel = prompt_kernel
         del state, new
+    if getattr(model, "_chain", None) is not None:
+        model._chain = None  # the chained step (Transformer._step_chain) decided again for the new layers
     return states
 
 

@@ -438,6 +438,7 @@ class Transformer(nn.Module):
     # --- the batch-1 step with each layer's GEMVs in one persistent launch (gemv_chain) ---------------------------
 
     _chain = None  # None: not tried yet; False: the network cannot take it; else the step's chains and buffers
+    chain_note = ""  # why the chained step is not used (logged; bench/gpu.py prints it)
 
     def _chain_ready(self) -> bool:
         """Whether ``_step_chain`` runs this network's step: every GEMV of the blocks (and the LM head, or it runs
@@ -449,10 +450,12 @@ class Transformer(nn.Module):
             try:
                 self._chain = self._build_chain() or False
             except Exception as exc:  # noqa: BLE001 - a kernel that does not build or fit: the step as before
+                self.chain_note = f"{type(exc).__name__}: {exc}"
+                self._chain = False
+            if not self._chain:
                 import logging
 
-                logging.getLogger(__name__).info("gemv_chain not used: %s", exc)
-                self._chain = False
+                logging.getLogger(__name__).info("gemv_chain not used: %s", self.chain_note)
         return bool(self._chain)
 
     def _build_chain(self):
@@ -461,8 +464,12 @@ class Transformer(nn.Module):
         from localgpt.generation.fast import gemv_chain
 
         blocks = list(self.blocks)
-        if self.dtype != torch.bfloat16 or not all(
-                gemv_chain.layer_fits(m) for b in blocks for m in (b.wqkv, b.wo, b.w_in, b.w_out)):
+        if self.dtype != torch.bfloat16:
+            self.chain_note = f"activations in {self.dtype}"
+            return None
+        unfit = [type(m).__name__ for b in blocks for m in (b.wqkv, b.wo, b.w_in, b.w_out) if not gemv_chain.layer_fits(m)]
+        if unfit:
+            self.chain_note = f"{len(unfit)} layers do not fit it (e.g. {unfit[0]})"
             return None
         b0, dev = blocks[0], self.device
 
@@ -471,9 +478,9 @@ class Transformer(nn.Module):
 
         dim = self.embed.shape[1]
         c = SimpleNamespace(ra=buf(dim), rb=buf(dim), qkv=buf(b0.wqkv.out_features), att=buf(b0.wo.in_features),
-                            o=buf(dim), gu=buf(b0.w_in.out_features), d=buf(dim),
-                            logits=buf(self.lm_head.out_features))
-        c.head_in_chain = gemv_chain.layer_fits(self.lm_head)
+                            o=buf(dim), gu=buf(b0.w_in.out_features), d=buf(dim))
+        c.head_in_chain = gemv_chain.layer_fits(self.lm_head)  # else (a bf16 head, say) a launch of its own
+        c.logits = buf(self.lm_head.out_features) if c.head_in_chain else None
         c.head = gemv_chain.Chain([dict(layer=b0.wqkv, x=c.ra, out=c.qkv, xmode="rms", norm=b0.norm1)], dev)
         c.chains = []
         for i, b in enumerate(blocks):
@@ -486,11 +493,13 @@ class Transformer(nn.Module):
             elif c.head_in_chain:
                 phases.append(dict(layer=self.lm_head, x=c.rb, y=c.d, norm=self.norm, out=c.logits, xmode="rms"))
             c.chains.append(gemv_chain.Chain(phases, dev))
-        return c if self._chain_check(c) else None
+        self.chain_note = self._chain_check(c)
+        return None if self.chain_note else c
 
-    def _chain_check(self, c) -> bool:
+    def _chain_check(self, c) -> str:
         """The first layer's chain against ``quantize.prologue_gemv``'s launches (or the separate kernels) on
-        random inputs: every output within bf16 rounding (the parts of a row meet in another order)."""
+        random inputs: every output within bf16 rounding (the parts of a row meet in another order). Returns ""
+        or what differs."""
         from localgpt.generation.fast.quantize import prologue_gemv
 
         b0, b1 = self.blocks[0], self.blocks[1] if len(self.blocks) > 1 else None
@@ -504,19 +513,19 @@ class Transformer(nn.Module):
             o = b0.wo(att.view(1, -1))
             h, x1 = prologue_gemv(b0.w_in, x.view(1, -1), "rms", o, b0.norm2)
             d, _ = prologue_gemv(b0.w_out, h, "swiglu")
-            want = [(c.o, o), (c.rb, x1), (c.gu, h), (c.d, d)]
+            want = [("wo", c.o, o), ("residual", c.rb, x1), ("w_in", c.gu, h), ("w_out", c.d, d)]
             if b1 is not None:
                 q, x2 = prologue_gemv(b1.wqkv, x1, "rms", d, b1.norm1)
-                want += [(c.qkv, q), (c.ra, x2)]
+                want += [("wqkv", c.qkv, q), ("residual 2", c.ra, x2)]
             elif c.head_in_chain:
                 logits, _ = prologue_gemv(self.lm_head, x1, "rms", d, self.norm)
-                want.append((c.logits, logits))
-            for got, ref in want:
+                want.append(("lm_head", c.logits, logits))
+            for name, got, ref in want:
                 ref = ref.float().view(-1)
-                if not bool(torch.isfinite(got.float()).all()) or float(
-                        (got.float() - ref).norm() / ref.norm().clamp(min=1e-12)) > 1e-2:
-                    return False
-        return True
+                rel = float((got.float() - ref).norm() / ref.norm().clamp(min=1e-12))
+                if not bool(torch.isfinite(got.float()).all()) or rel > 1e-2:
+                    return f"the check failed at {name} (relative error {rel:.2e})"
+        return ""
 
     def _step_chain(self, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """``_step_prologues`` with the GEMVs from one attention to the next in one persistent launch
