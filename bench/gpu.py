@@ -874,7 +874,7 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
     for i, name in enumerate(variants):
         # A name may end in "+plain" (the batch-1 step without the fused kernels: Engine(fused=False)), "+sep"
         # (the norms and silu·up as their own kernels, not in the GEMVs' prologues), "+nochain" (a launch a GEMV,
-        # not gemv_chain's one a layer), and then "@graph" / "@compile" (that engine mode for this row instead of
+        # not gemv_chain's one a layer; "+chain": int8 layers chained too), and then "@graph" / "@compile" (that engine mode for this row instead of
         # --mode).
         name_mode = name.partition("@")
         variant, *flags = name_mode[0].split("+")
@@ -927,13 +927,14 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
 
             quantize.PROLOGUE = "sep" not in flags
             transformer.CHAIN = "nochain" not in flags and "sep" not in flags
+            transformer.CHAIN_INT8 = "chain" in flags  # int8 chained only on request ("int8+chain")
             try:
                 entry[name] = bench_engine(net, vocab, PROMPTS, mode, log, decode_contexts=contexts,
                                            sampled=variant in args.sampled.split(",") and key == "llama",
                                            profile=args.profile, fused=False if plain else None)
             finally:
                 quantize.PROLOGUE = True
-                transformer.CHAIN = True
+                transformer.CHAIN, transformer.CHAIN_INT8 = True, False
             entry[name]["kernels"] = kernels + ("; the step's GEMVs in gemv_chain" if getattr(net, "_chain", None) else "")
             if getattr(net, "chain_note", ""):
                 log(f"  gemv_chain not used: {net.chain_note}")
