@@ -1,26 +1,31 @@
 """The GEMVs between two attentions of a batch-1 decode step in one persistent launch (CUDA C, NVRTC).
 
-Why: ``gemv_cuda``'s kernels stream a layer's packed weights at 1.9 TB/s over a whole step against a copy rate of
-4.2 (H200, bench/gpu_notes.md rounds 8-9). A kernel that only loads the same words reaches 2.6-3.5 TB/s on these
-9-45 MB layers: every launch pays a ramp-up (its first loads), a tail (the last CTAs alone) and the drain and
-launch before the next, and nothing is in flight in between. Overlapping launches (programmatic dependent launch)
-did not pay. Here one launch runs the phases ``wo -> w_in -> w_out -> the next layer's wqkv`` (or ``lm_head``):
+Why: ``gemv_cuda``'s kernels stream a step's packed weights at 1.9 TB/s against a copy rate of 4.2 (H200,
+bench/gpu_notes.md rounds 8-9): every launch pays a ramp-up, a tail and the drain and launch before the next.
+Here one launch runs the phases ``wo -> w_in -> w_out -> the next layer's wqkv`` (or ``lm_head``):
 
 - Weights do not depend on the activations, so each warp streams its share of *all* phases' words through a ring
-  of ``DEPTH`` items in shared memory (``cp.async``; an item is a 16-row tile's block of 128 columns, 1 KiB for
-  int4, 2 KiB for int8), running ahead into the next phase while this one finishes and while the grid waits at
-  the barrier between them. The memory system is never idle between two GEMVs.
-- A phase's items (tiles x blocks) are cut into equal contiguous ranges, one a warp of the grid (±1 item: no
-  tail of idle SMs). A tile cut between warps has its parts added in warp order by the last one to finish
-  (deterministic, as ``gemv_cuda``'s split-K: an acq_rel counter reset by that warp).
-- Between phases a grid barrier (all CTAs are resident: one a streaming multiprocessor), then every CTA stages the
-  whole next input in shared memory with the phase's prologue (``XMODES``: RMSNorm(x + y) writing the residual
-  sum, or silu(gate) * up), the arithmetic and rounding of ``gemv_cuda``'s prologues.
+  of ``DEPTH`` items in shared memory (``cp.async``; an item is ``BPI`` blocks of 128 columns of a 16-row tile,
+  1 KiB a block for int4, 2 KiB for int8), running ahead into the next phase while this one finishes.
+- A phase's tiles are cut into equal runs, one a CTA (one CTA a multiprocessor, all resident), and a CTA's items
+  into equal runs, one a warp; the warps' parts of a tile meet in the CTA's shared memory and are added in warp
+  order (deterministic, no global split-K workspace).
+- Between phases a grid barrier, then every CTA stages the whole next input in shared memory with the phase's
+  prologue (``XMODES``: RMSNorm(x + y) writing the residual sum, or silu(gate) * up), the arithmetic and rounding
+  of ``gemv_cuda``'s prologues.
 
 The multiply of an item is ``gemv_cuda``'s (the same ``HELPERS``): nibble pairs made bf16 by one ``lop3`` are the
 A fragments of ``mma.sync.m16n8k16``, x the B fragments. One token (the batch-1 step; batches take
-``gemv_cuda``). Checked against the separate launches at load (``check``) and in the GPU tests; the step that uses
-it is ``Transformer._step_chain``.
+``gemv_cuda``). Checked against the separate launches when the step is built (``Transformer._chain_check``) and in
+the GPU tests; the step that uses it is ``Transformer._step_chain``.
+
+Measured on an H200 (bench/gemv_cuda.py --chain, Llama-2-7B's 32 layers; bench/gpu_notes.md round 10): int4
+1,641-1,702 us a step of GEMVs against 1,723-1,738 for ``gemv_cuda`` with prologues, engine 482 against 471 tok/s;
+int8 2,345-2,466 against 2,730-2,776, but the engine's int8 step (Triton X2 for one token) stays faster (354
+against 349), so int8 is chained only with LOCALGPT_GEMV_CHAIN=all. Where the time goes (``DIAG``): streaming the
+words alone 917 us (3.6 TB/s); the staging of each phase's input ~2.4 us a phase (308 us a step), the grid
+barrier ~2 us (207 us), the multiply's issue ~136 us. The ring absorbs latency, not these waits: a deeper ring,
+and L2 prefetches of the items after it before each wait, were no faster (the prefetches slower).
 """
 
 from __future__ import annotations
