@@ -747,6 +747,23 @@ def test_gpu_ask_streams_through_the_fast_engine_end_to_end(tmp_path, subprocess
     assert not Path(subprocess_env["LOCALGPT_NETGUARD_LOG"]).exists()
 
 
+def _llama_layer_gemvs(mode: str, dim: int, inner: int):
+    """Random Llama-layer GEMVs quantised (``mode``) in the "cuda" layout with their prologues on: {"q": dim x dim,
+    "up": 2 inner x dim, "down": dim x inner} and two RMSNorms of ``dim``."""
+    from localgpt.generation.fast.transformer import RMSNorm
+
+    torch.manual_seed(0)
+    layers = {}
+    for name, (n, k) in {"q": (dim, dim), "up": (2 * inner, dim), "down": (dim, inner)}.items():
+        net = torch.nn.Sequential(Linear(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02))
+        quantize_model(net, mode, decode="cuda")
+        layers[name] = net[0]
+        assert net[0].layout == "cuda" and net[0].prologues and net[0].prologue_ok, (mode, name)
+    n1 = RMSNorm(1 + 0.1 * torch.randn(dim, device="cuda", dtype=torch.bfloat16), 1e-5)
+    n2 = RMSNorm(1 + 0.1 * torch.randn(dim, device="cuda", dtype=torch.bfloat16), 1e-6)
+    return layers, n1, n2
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["int4", "int8"])
 def test_gpu_chain_runs_a_layers_gemvs_in_one_launch_as_the_prologue_kernels_do(mode):
@@ -759,17 +776,9 @@ def test_gpu_chain_runs_a_layers_gemvs_in_one_launch_as_the_prologue_kernels_do(
     pytest.importorskip("triton")
     from localgpt.generation.fast.gemv_chain import Chain
     from localgpt.generation.fast.quantize import prologue_gemv
-    from localgpt.generation.fast.transformer import RMSNorm
 
-    torch.manual_seed(0)
     dim, inner = 4096, 11008
-    layers = {}
-    for name, (n, k) in {"q": (dim, dim), "up": (2 * inner, dim), "down": (dim, inner)}.items():
-        net = torch.nn.Sequential(Linear(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02))
-        quantize_model(net, mode, decode="cuda")
-        layers[name] = net[0]
-    n1 = RMSNorm(1 + 0.1 * torch.randn(dim, device="cuda", dtype=torch.bfloat16), 1e-5)
-    n2 = RMSNorm(1 + 0.1 * torch.randn(dim, device="cuda", dtype=torch.bfloat16), 1e-6)
+    layers, n1, n2 = _llama_layer_gemvs(mode, dim, inner)
     x = torch.randn(dim, device="cuda", dtype=torch.bfloat16)
     y = torch.randn(dim, device="cuda", dtype=torch.bfloat16)
     buf = {k: torch.zeros(n, device="cuda", dtype=torch.bfloat16)
@@ -824,18 +833,9 @@ def test_gpu_gemv_prologues_equal_the_separate_kernels_and_replay(mode, monkeypa
     pytest.importorskip("triton")
     from localgpt.generation.fast import gemv_cuda, slot_triton
     from localgpt.generation.fast.quantize import prologue_gemv
-    from localgpt.generation.fast.transformer import RMSNorm
 
-    torch.manual_seed(0)
     dim, inner = 4096, 11008
-    layers = {}
-    for name, (n, k) in {"q": (dim, dim), "up": (2 * inner, dim), "down": (dim, inner)}.items():
-        net = torch.nn.Sequential(Linear(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02))
-        quantize_model(net, mode, decode="cuda")
-        layers[name] = net[0]
-        assert net[0].layout == "cuda" and net[0].prologues and net[0].prologue_ok, (mode, name)
-    n1 = RMSNorm(1 + 0.1 * torch.randn(dim, device="cuda", dtype=torch.bfloat16), 1e-5)
-    n2 = RMSNorm(1 + 0.1 * torch.randn(dim, device="cuda", dtype=torch.bfloat16), 1e-6)
+    layers, n1, n2 = _llama_layer_gemvs(mode, dim, inner)
     x = torch.randn(1, dim, device="cuda", dtype=torch.bfloat16)
     y = torch.randn(1, dim, device="cuda", dtype=torch.bfloat16)
 
