@@ -485,6 +485,26 @@ def layer_fits(layer) -> bool:
     return ok and n % 16 == 0 and k % (layer.planes * fields) == 0 and k % 8 == 0
 
 
+class _ExecAffinity(ctypes.Structure):
+    """CUexecAffinityParam with its SM-count member (CU_EXEC_AFFINITY_TYPE_SM_COUNT = 0)."""
+
+    _fields_ = [("type", ctypes.c_int), ("sm_count", ctypes.c_uint)]
+
+
+def _usable_sms(fn, device: torch.device) -> int:
+    """Multiprocessors this CUDA context may run on: the device's, or fewer where MPS gives the process a share
+    (``cuCtxGetExecAffinity``); a grid larger than that would wait at its first barrier for CTAs that never run."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    affinity = _ExecAffinity()
+    try:
+        with torch.cuda.device(device):
+            if fn.cuda.cuCtxGetExecAffinity(ctypes.byref(affinity), 0) == 0 and 0 < affinity.sm_count < sms:
+                return int(affinity.sm_count)
+    except AttributeError:  # a driver before CUDA 11.4
+        pass
+    return sms
+
+
 class Chain:
     """One launch of several GEMVs of one token, each reading the one before (see the module's note).
 
@@ -512,8 +532,9 @@ class Chain:
         if any(layer.in_features // (planes * fields) % bpi for layer in layers):
             bpi = 1
         self.fn = kernel(bits, planes, device, warps, depth, bits == 4, bpi)
-        # every CTA resident at once (the grid barrier waits for all of them): one a multiprocessor
-        self.grid = torch.cuda.get_device_properties(device).multi_processor_count
+        # every CTA resident at once (the grid barrier waits for all of them): one a multiprocessor this context
+        # may use (all of them, or an MPS client's share)
+        self.grid = _usable_sms(self.fn, device)
         kmax = max(layer.in_features for layer in layers)
         maxt = max(-(-layer.out_features // 16 // self.grid) for layer in layers)
         self.smem = smem_bytes(bits, planes, warps, depth, bpi, kmax, maxt)
