@@ -20,11 +20,11 @@ A fragments of ``mma.sync.m16n8k16``, x the B fragments. One token (the batch-1 
 the GPU tests; the step that uses it is ``Transformer._step_chain``.
 
 Measured on an H200 (bench/gemv_cuda.py --chain, Llama-2-7B's 32 layers; bench/gpu_notes.md round 10): int4
-1,641-1,702 us a step of GEMVs against 1,723-1,738 for ``gemv_cuda`` with prologues, engine 482 against 471 tok/s;
-int8 2,345-2,466 against 2,730-2,776, but the engine's int8 step (Triton X2 for one token) stays faster (354
-against 349), so int8 is chained only with LOCALGPT_GEMV_CHAIN=all. Where the time goes (``DIAG``): streaming the
+1,641-1,702 us a step of GEMVs against 1,723-1,738 for ``gemv_cuda`` with prologues, engine 482-487 against 471
+tok/s; int8 2,345-2,466 against 2,730-2,776, but the engine's int8 step (Triton X2 for one token) stays faster
+(354 against 349), so int8 is chained only with LOCALGPT_GEMV_CHAIN=all. Where the time goes (``DIAG``): streaming the
 words alone 917 us (3.6 TB/s); the staging of each phase's input ~2.4 us a phase (308 us a step), the grid
-barrier ~2 us (207 us), the multiply's issue ~136 us. The ring absorbs latency, not these waits: a deeper ring,
+barrier ~2 us (207 us; 26 us less with release / acquire than with fence.sc), the multiply's issue ~136 us. The ring absorbs latency, not these waits: a deeper ring,
 and L2 prefetches of the items after it before each wait, were no faster (the prefetches slower).
 """
 

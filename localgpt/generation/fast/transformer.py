@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from localgpt.errors import ConfigError
 
-# The batch-1 step's GEMVs one persistent launch a layer (``gemv_chain``) for int4 layers: 482 against 471 tok/s
+# The batch-1 step's GEMVs one persistent launch a layer (``gemv_chain``) for int4 layers: 482-487 against 471 tok/s
 # on the H200 (Llama-2-7B). int8 layers only with LOCALGPT_GEMV_CHAIN=all (349 against 354: Triton's X2 kernel
 # and the separate prologues stay faster); LOCALGPT_GEMV_CHAIN=0 keeps a launch a GEMV (``_step_prologues``).
 CHAIN = os.environ.get("LOCALGPT_GEMV_CHAIN", "1") != "0"
