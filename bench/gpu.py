@@ -925,6 +925,10 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
 
             from localgpt.generation.fast import transformer
 
+            if mode == "default":
+                from localgpt.generation.fast.generator import default_engine_mode
+
+                mode = default_engine_mode(net, "cuda" if CUDA else "cpu", "torch")
             quantize.PROLOGUE = "sep" not in flags
             transformer.CHAIN = "nochain" not in flags and "sep" not in flags
             transformer.CHAIN_INT8 = "chain" in flags  # int8 chained only on request ("int8+chain")
@@ -1002,7 +1006,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="llama,falcon,falcon-mamba")
     parser.add_argument("--variants", default="bf16,int8,int4")
-    parser.add_argument("--mode", default="compile", choices=["compile", "graph"])
+    parser.add_argument("--mode", default="default", choices=["default", "compile", "graph"],
+                        help="the engine's step: 'default' is what the engine picks (generator.default_engine_mode)")
     parser.add_argument("--hf-new", type=int, default=32, help="new tokens for HF generate's decode rate")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--sampled", default="bf16", help="variants whose sampled decode is measured too (llama)")
@@ -1103,7 +1108,8 @@ def main() -> None:
             f"Batch 1, random weights at the real shapes, bf16 activations; decode = {DECODE_NEW} new tokens after a "
             f"{DECODE_PROMPT}-token prompt (FalconMamba: after 1k / 16k tokens); TTFT = prompt to first token on the "
             f"host. Bandwidth limit = measured copy rate {results['copy_bandwidth_tb_s']:.2f} TB/s / bytes a decode "
-            f"step reads. Engine step mode: {args.mode}.\n"
+            f"step reads. Engine step mode: {args.mode}"
+            + (" (the engine's own choice: each row says)" if args.mode == "default" else "") + ".\n"
             f"Command: `python bench/gpu.py --models {args.models} --variants {args.variants}`\n\n" + table(results))
     log(text)
     dump(results, args)
