@@ -132,7 +132,8 @@ __device__ __forceinline__ u32 ld_acquire(const unsigned* p) {
 // Every CTA's writes before it visible to every CTA after it. Thread 0's release add covers the CTA's writes
 // (they happen before it through the barrier) and its acquire load what the CTA reads after the next barrier (as
 // gemv_cuda's split-K finish; no fence.sc a side). All CTAs are resident (one a multiprocessor the context may
-// use, ``_usable_sms``); a wait past ~2 s traps instead of hanging.
+// use, ``_usable_sms``); a wait past 2^35 cycles (~17 s, far past any preemption by another context) traps
+// instead of hanging.
 __device__ __forceinline__ void grid_sync(unsigned* bar, unsigned target) {
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -144,7 +145,7 @@ __device__ __forceinline__ void grid_sync(unsigned* bar, unsigned target) {
 #endif
         const long long t0 = clock64();
         while (ld_acquire(bar) < target)
-            if (clock64() - t0 > (1LL << 32)) __trap();
+            if (clock64() - t0 > (1LL << 35)) __trap();
 #if BARRIER_SC
         __threadfence();
 #endif
