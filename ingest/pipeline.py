@@ -327,10 +327,16 @@ class _Parsers:
             proc.kill()
 
     def stop(self, wait: bool = False) -> None:
+        manager = getattr(self.executor, "_executor_manager_thread", None)
         if not wait:  # Ctrl-C, a dead or overdue parser: the others' files are given up or re-run
             for proc in list((getattr(self.executor, "_processes", None) or {}).values()):
                 proc.terminate()
         self.executor.shutdown(wait=wait, cancel_futures=not wait)
+        if manager is not None and not wait:
+            # The pool's manager thread sees its parsers gone and closes its wake-up pipe; until it has, Python's
+            # exit hook for process pools may write to that pipe as it closes (3.11: "OSError: Bad file
+            # descriptor" printed after a Ctrl-C). It takes milliseconds once the parsers are terminated.
+            manager.join(timeout=10)
         self._starts_r.close()
         self._starts_w.close()
 
