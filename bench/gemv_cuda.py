@@ -197,9 +197,6 @@ def chain(kinds: list[str], n_layers: int, depths: tuple[int, ...] = (2,), sweep
                     print(f"{kind} chain {shape}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
             gemv_chain.DIAG = 0
             if diag:
-                gemv_chain.BARRIER_SC = 1
-                runs.append((f"chain w{shape[0]} d{shape[1]} b{shape[2]} fence.sc barrier", persistent(shape), None, True))
-                gemv_chain.BARRIER_SC = 0
                 for name in ("w_in", "wo"):
                     runs.append((f"{name} alone: gemv_cuda", single(name), None, True))
                     runs.append((f"{name} alone: chain w{shape[0]} d{shape[1]} b{shape[2]}", single(name, shape), None, True))

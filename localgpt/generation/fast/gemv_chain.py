@@ -131,24 +131,16 @@ __device__ __forceinline__ u32 ld_acquire(const unsigned* p) {
 
 // Every CTA's writes before it visible to every CTA after it. Thread 0's release add covers the CTA's writes
 // (they happen before it through the barrier) and its acquire load what the CTA reads after the next barrier (as
-// gemv_cuda's split-K finish; no fence.sc a side). All CTAs are resident (one a multiprocessor the context may
-// use, ``_usable_sms``); a wait past 2^35 cycles (~17 s, far past any preemption by another context) traps
-// instead of hanging.
+// gemv_cuda's split-K finish; 26 us a step less than cooperative groups' fence.sc on each side, round 10). All
+// CTAs are resident (one a multiprocessor the context may use, ``_usable_sms``); a wait past 2^35 cycles (~17 s,
+// far past any preemption by another context) traps instead of hanging.
 __device__ __forceinline__ void grid_sync(unsigned* bar, unsigned target) {
     __syncthreads();
     if (threadIdx.x == 0) {
-#if BARRIER_SC
-        __threadfence();
-        atomicAdd(bar, 1u);
-#else
         asm volatile("red.release.gpu.global.add.u32 [%0], 1;" :: "l"(bar) : "memory");
-#endif
         const long long t0 = clock64();
         while (ld_acquire(bar) < target)
             if (clock64() - t0 > (1LL << 35)) __trap();
-#if BARRIER_SC
-        __threadfence();
-#endif
     }
     __syncthreads();
 }
@@ -439,9 +431,6 @@ STAGE_WORDS = 4  # SV: 16-byte words of the input a thread stages a round
 DEFAULTS = {4: (16, 2, 2), 8: (16, 2, 1)}
 
 
-# The grid barrier's ordering: a release add and acquire loads (0), or cooperative groups' fence.sc on each side
-# (1; bench/gemv_cuda.py --chain-diag compares them)
-BARRIER_SC = 0
 # bench/gemv_cuda.py --chain-diag: bits leaving out 1 the multiply, 2 the staging of the input, 4 the grid barrier,
 # 8 the adding of a tile's parts (wrong results: timing only)
 DIAG = 0
@@ -450,10 +439,10 @@ DIAG = 0
 def source(bits: int, planes: int, warps: int, depth: int, tiled: bool, bpi: int = 2) -> tuple[str, str]:
     """(name, CUDA source) of the chain kernel for one weight format, CTA size, ring depth and blocks an item."""
     name = (f"gemv_chain_int{bits}_p{planes}_w{warps}_d{depth}_b{bpi}" + ("_tl" if tiled else "")
-            + (f"_diag{DIAG}" if DIAG else "") + ("_sc" if BARRIER_SC else ""))
+            + (f"_diag{DIAG}" if DIAG else ""))
     head = (f"#define BITS {bits}\n#define P {planes}\n#define FIELDS {32 // bits}\n#define WARPS {warps}\n"
             f"#define DEPTH {depth}\n#define BPI {bpi}\n#define TILED {int(tiled)}\n#define XMODE 0\n"
-            f"#define PREF 0\n#define DIAG {DIAG}\n#define BARRIER_SC {BARRIER_SC}\n#define KERNEL_NAME {name}\n")
+            f"#define PREF 0\n#define DIAG {DIAG}\n#define KERNEL_NAME {name}\n")
     return name, head + gemv_cuda.HELPERS + CHAIN_SOURCE
 
 
@@ -461,7 +450,7 @@ _KERNELS: dict = {}
 
 
 def kernel(bits: int, planes: int, device: torch.device, warps: int, depth: int, tiled: bool, bpi: int):
-    key = (bits, planes, warps, depth, tiled, bpi, device.index, DIAG, BARRIER_SC)
+    key = (bits, planes, warps, depth, tiled, bpi, device.index, DIAG)
     if key not in _KERNELS:
         if torch.cuda.get_device_capability(device)[0] < 8:
             raise RuntimeError("the chain kernel needs bf16 mma and cp.async (compute capability 8.0 or newer)")
