@@ -37,8 +37,6 @@ import torch
 from localgpt.generation.fast import gemv_cuda
 
 CHAIN_SOURCE = r"""
-#define CHUNKS (P / 16)                  // 16-word chunks a block
-#define COLS (P * FIELDS)                // columns a block
 #define BLK_U4 (2 * CHUNKS)              // a thread's 16-byte words of a block (rows g and g + 8)
 #define RING (DEPTH + 1)                 // ring slots of a warp: DEPTH items in flight, the one being multiplied
 // a slot (an item: BPI blocks of a tile): words [BPI][BLK_U4][32 lanes], then int4's (scale, zero) [BPI][32][2]
@@ -255,46 +253,15 @@ __device__ __forceinline__ void stage(const Phase& ph, uint4* xp, float* xs, flo
     __syncthreads();
 }
 
-// One item: acc[0] / acc[2] (lanes t = 0) gather rows g / g + 8 of the token (column 0 of the mma; the other
-// columns repeat it). int4: each block's sum scaled by its group; int8: one unscaled chain.
-__device__ __forceinline__ void mul_item(const uint4 (&v)[CHUNKS][2], u32 sc0, u32 sc1, const uint4* __restrict__ xb,
-                                         float xsb, int t, float (&acc)[4]) {
-#if BITS == 4
-    float c[4] = {0.f, 0.f, 0.f, 0.f};
-#else
-    float (&c)[4] = acc;
-#endif
-#pragma unroll
-    for (int ch = 0; ch < CHUNKS; ++ch) {
-        const u32 w0v[4] = {v[ch][0].x, v[ch][0].y, v[ch][0].z, v[ch][0].w};
-        const u32 w1v[4] = {v[ch][1].x, v[ch][1].y, v[ch][1].z, v[ch][1].w};
-#pragma unroll
-        for (int s = 0; s < 4; ++s) {
-            const uint4 xq = xb[ch * 16 + 4 * t + s];
-            const u32 w0 = w0v[s], w1 = w1v[s];
-#if BITS == 4
-            // (128 + q) as it is; the 136 * sum(x) it adds is taken out with the group's scale below
-            const u32 a00 = nib_pair(w0), a10 = nib_pair(w1), a01 = nib_pair(w0 >> 4), a11 = nib_pair(w1 >> 4);
-            const u32 a02 = nib_pair(w0 >> 8), a12 = nib_pair(w1 >> 8), a03 = nib_pair(w0 >> 12), a13 = nib_pair(w1 >> 12);
-            mma16816(c, a00, a10, a01, a11, xq.x, xq.y);
-            mma16816(c, a02, a12, a03, a13, xq.z, xq.w);
-#else
-            const u32 lo = 0xC300C300u, hi = 0xC308C308u;
-            const u32 l00 = bf2_add(nib_pair(w0), lo), l10 = bf2_add(nib_pair(w1), lo);
-            const u32 h00 = bf2_add(nib_pair_flip(w0 >> 4), hi), h10 = bf2_add(nib_pair_flip(w1 >> 4), hi);
-            const u32 l01 = bf2_add(nib_pair(w0 >> 8), lo), l11 = bf2_add(nib_pair(w1 >> 8), lo);
-            const u32 h01 = bf2_add(nib_pair_flip(w0 >> 12), hi), h11 = bf2_add(nib_pair_flip(w1 >> 12), hi);
-            mma16816(c, l00, l10, h00, h10, xq.x, xq.y);
-            mma16816(c, l01, l11, h01, h11, xq.z, xq.w);
-#endif
-        }
-    }
-#if BITS == 4
-    const float s0 = bf2f(sc0), s1 = bf2f(sc1);
-    const float z0 = __uint_as_float(sc0 & 0xFFFF0000u) - 136.f * s0, z1 = __uint_as_float(sc1 & 0xFFFF0000u) - 136.f * s1;
-    acc[0] += s0 * c[0] + z0 * xsb;
-    acc[2] += s1 * c[2] + z1 * xsb;
-#endif
+// One block of an item: gemv_cuda's mul_block for one tile and one token (TILES = NT = 1). acc[0] / acc[2] (lanes
+// t = 0) gather rows g / g + 8 of the token; the other columns of the mma repeat it.
+__device__ __forceinline__ void mul_item(const uint4 (&v)[CHUNKS][2], uint2 sc, const uint4* xb, float xsb, int t,
+                                         float (&acc)[4]) {
+    const u32 s2[1][2] = {{sc.x, sc.y}};
+    const uint4* const xbs[1] = {xb};
+    const float xs[1] = {xsb};
+    mul_block(reinterpret_cast<const uint4 (&)[1][CHUNKS][2]>(v), s2, xbs, xs, xs, t,
+              reinterpret_cast<float (&)[1][1][4]>(acc));
 }
 
 // A warp's part of a tile into the CTA's slot for (tile, warp): lanes t = 0 hold rows g and g + 8.
@@ -385,7 +352,7 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
 #if DIAG & 1
                 acc[0] += __uint_as_float(v[b][0][0].x & v[b][0][1].y & sc[b].x & 0x3FFFFF);  // the loads, no multiply
 #else
-                mul_item(v[b], sc[b].x, sc[b].y, xp + (blk + b) * P, BITS == 4 ? xs[blk + b] : 0.f, t, acc);
+                mul_item(v[b], sc[b], xp + (blk + b) * P, BITS == 4 ? xs[blk + b] : 0.f, t, acc);
 #endif
             }
             blk += BPI;
@@ -441,7 +408,7 @@ def source(bits: int, planes: int, warps: int, depth: int, tiled: bool, bpi: int
     name = (f"gemv_chain_int{bits}_p{planes}_w{warps}_d{depth}_b{bpi}" + ("_tl" if tiled else "")
             + (f"_diag{DIAG}" if DIAG else ""))
     head = (f"#define BITS {bits}\n#define P {planes}\n#define FIELDS {32 // bits}\n#define WARPS {warps}\n"
-            f"#define DEPTH {depth}\n#define BPI {bpi}\n#define TILED {int(tiled)}\n#define XMODE 0\n"
+            f"#define DEPTH {depth}\n#define BPI {bpi}\n#define TILES 1\n#define NT 1\n#define OFFSET 1\n#define TILED {int(tiled)}\n#define XMODE 0\n"
             f"#define PREF 0\n#define DIAG {DIAG}\n#define KERNEL_NAME {name}\n")
     return name, head + gemv_cuda.HELPERS + CHAIN_SOURCE
 

@@ -118,39 +118,8 @@ __device__ __forceinline__ u16 out_val(float total, const u16* __restrict__ rs, 
     return rs ? f2bf(bf2f(o) * bf2f(rs[r])) : o;
 }
 
-"""
-
-SOURCE = HELPERS + r"""#define CHUNKS (P / 16)                 // 16-word chunks a block (a row's P words)
+#define CHUNKS (P / 16)                 // 16-word chunks a block (a row's P words)
 #define COLS (P * FIELDS)               // columns a block
-#define ROWS (WARPS * 16 * TILES)       // rows a CTA
-#define MAXM (8 * NT)                   // tokens: NT tiles of the mma's 8 columns
-
-// Rows of a tile are all in or all out (N % 16 == 0); a tile past N reads row g and writes nothing.
-__device__ __forceinline__ void load_block(uint4 (&v)[TILES][CHUNKS][2], u32 (&s)[TILES][2], const uint4* __restrict__ w,
-                                           const u32* __restrict__ sz, const int (&row0)[TILES], int blk, int N,
-                                           int stride4, int g, int t) {
-#pragma unroll
-    for (int tt = 0; tt < TILES; ++tt) {
-        const int r = row0[tt] < N ? row0[tt] : g;
-#if TILED
-        // [N / 16, blocks, 16 rows, P words]: a warp's block of a 16-row tile is one contiguous span
-        const uint4* p0 = w + (long)(r >> 4) * 16 * stride4 + blk * (4 * P) + (r & 15) * (P / 4) + t;
-        const long next8 = 8 * (P / 4);
-#else
-        const uint4* p0 = w + (long)r * stride4 + blk * (P / 4) + t;
-        const long next8 = 8 * (long)stride4;
-#endif
-#pragma unroll
-        for (int ch = 0; ch < CHUNKS; ++ch) {
-            v[tt][ch][0] = ld_weights(p0 + ch * 4);
-            v[tt][ch][1] = ld_weights(p0 + next8 + ch * 4);
-        }
-#if BITS == 4
-        s[tt][0] = __ldg(sz + (long)blk * N + r);
-        s[tt][1] = __ldg(sz + (long)blk * N + r + 8);
-#endif
-    }
-}
 
 // One block of every tile. For each 8-token tile j: c[j][0..3] = (row g, token 8j + 2t), (row g, 8j + 2t + 1),
 // (row g + 8, 8j + 2t), (row g + 8, 8j + 2t + 1). The dequantised A fragments serve every token tile.
@@ -221,6 +190,38 @@ __device__ __forceinline__ void mul_block(const uint4 (&v)[TILES][CHUNKS][2], co
             acc[tt][j][2] += s1 * c[j][2] + z1 * xs0[j];
             acc[tt][j][3] += s1 * c[j][3] + z1 * xs1[j];
         }
+#endif
+    }
+}
+
+"""
+
+SOURCE = HELPERS + r"""#define ROWS (WARPS * 16 * TILES)       // rows a CTA
+#define MAXM (8 * NT)                   // tokens: NT tiles of the mma's 8 columns
+
+// Rows of a tile are all in or all out (N % 16 == 0); a tile past N reads row g and writes nothing.
+__device__ __forceinline__ void load_block(uint4 (&v)[TILES][CHUNKS][2], u32 (&s)[TILES][2], const uint4* __restrict__ w,
+                                           const u32* __restrict__ sz, const int (&row0)[TILES], int blk, int N,
+                                           int stride4, int g, int t) {
+#pragma unroll
+    for (int tt = 0; tt < TILES; ++tt) {
+        const int r = row0[tt] < N ? row0[tt] : g;
+#if TILED
+        // [N / 16, blocks, 16 rows, P words]: a warp's block of a 16-row tile is one contiguous span
+        const uint4* p0 = w + (long)(r >> 4) * 16 * stride4 + blk * (4 * P) + (r & 15) * (P / 4) + t;
+        const long next8 = 8 * (P / 4);
+#else
+        const uint4* p0 = w + (long)r * stride4 + blk * (P / 4) + t;
+        const long next8 = 8 * (long)stride4;
+#endif
+#pragma unroll
+        for (int ch = 0; ch < CHUNKS; ++ch) {
+            v[tt][ch][0] = ld_weights(p0 + ch * 4);
+            v[tt][ch][1] = ld_weights(p0 + next8 + ch * 4);
+        }
+#if BITS == 4
+        s[tt][0] = __ldg(sz + (long)blk * N + r);
+        s[tt][1] = __ldg(sz + (long)blk * N + r + 8);
 #endif
     }
 }
