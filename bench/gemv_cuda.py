@@ -84,12 +84,41 @@ def chain_candidates(kind: str, k: int):
 
 
 # gemv_chain's (warps, ring depth, blocks an item) the chain bench tries
-CHAIN_SHAPES = {"int4": [(16, 2, 2), (8, 6, 2), (16, 3, 2), (12, 4, 2), (16, 4, 1), (24, 2, 1)],
+# (a fourth True: the bulk-copy kernel, its depth None: as many stages as fit)
+CHAIN_SHAPES = {"int4": [(16, 2, 2), (16, None, 1, True), (16, None, 2, True), (8, None, 2, True),
+                         (16, 6, 1, True), (24, None, 1, True), (16, 2, 2, True)],
                 "int8": [(16, 2, 1), (16, 3, 1), (8, 3, 2), (24, 1, 1)]}
 
 
+def shape_label(shape) -> str:
+    return ("chain tma" if len(shape) > 3 and shape[3] else "chain") + (
+        f" w{shape[0]} d{shape[1] or 'max'} b{shape[2]}")
+
+
+def trace_summary(label: str, trace: torch.Tensor, n_phases: int = 4) -> str:
+    """Where a layer's launch spends its time, from gemv_chain's DIAG & 16 stamps [CTA, phase, point] (ns):
+    per phase the barrier wait, the staging and the multiply (mean and max over the CTAs), the spread of the
+    CTAs' ends (the slowest against the fastest) and the bulk-copy producer's lead (its last copy of the phase
+    issued, before the multiply ended)."""
+    t = trace.double().cpu()
+    base = t[:, 0, 0].min()
+    t = (t - base) / 1000.0  # µs from the first CTA past its start
+    lines = [f"{label}: trace (µs; mean / max over {t.shape[0]} CTAs)"]
+    for p in range(n_phases):
+        wait = (t[:, p, 0] - t[:, p - 1, 2]) if p else t[:, p, 0]
+        stage, mult = t[:, p, 1] - t[:, p, 0], t[:, p, 2] - t[:, p, 1]
+        ends = t[:, p, 2]
+        lead = t[:, p, 2] - t[:, p, 3] if bool((trace[:, p, 3] != 0).any()) else None
+        slow = torch.topk(ends, 3).indices.tolist()
+        lines.append(f"  phase {p}: wait {wait.mean():.2f}/{wait.max():.2f}  stage {stage.mean():.2f}/{stage.max():.2f}"
+                     f"  multiply {mult.mean():.2f}/{mult.max():.2f} (min {mult.min():.2f})"
+                     f"  ends {ends.min():.2f}..{ends.max():.2f} (slowest CTAs {slow})"
+                     + (f"  producer lead {lead.mean():.2f} (min {lead.min():.2f})" if lead is not None else ""))
+    return "\n".join(lines)
+
+
 def chain(kinds: list[str], n_layers: int, depths: tuple[int, ...] = (2,), sweep: bool = False,
-          diag: bool = False) -> dict:
+          diag: bool = False, chain_shapes: str = "", diags: tuple[int, ...] = ()) -> dict:
     """µs a decode step of GEMVs (see the module's note) per (kind, variant); prints a table."""
     from localgpt.generation.fast import gemv_chain, slot_triton
     from localgpt.generation.fast.gemv_chain import Chain
@@ -157,7 +186,7 @@ def chain(kinds: list[str], n_layers: int, depths: tuple[int, ...] = (2,), sweep
             bufs = {k: torch.zeros(n, device="cuda", dtype=torch.bfloat16) for k, n in (
                 ("qkv", 3 * dim), ("o", dim), ("ra", dim), ("rb", dim), ("gu", 2 * inner), ("d", dim))}
             chains = [Chain([dict(layer=layers[0]["wqkv"], x=bufs["ra"], out=bufs["qkv"], xmode="rms",
-                                  norm=layers[0]["n1"])], torch.device("cuda"), *shape)]
+                                  norm=layers[0]["n1"])], torch.device("cuda"), *shape[:3], tma=tma_of(shape))]
             for i, b in enumerate(layers):
                 ph = [dict(layer=b["wo"], x=bufs["qkv"][:dim], out=bufs["o"]),
                       dict(layer=b["w_in"], x=bufs["ra"], y=bufs["o"], norm=b["n2"], xsum=bufs["rb"],
@@ -166,13 +195,14 @@ def chain(kinds: list[str], n_layers: int, depths: tuple[int, ...] = (2,), sweep
                 if i + 1 < len(layers):
                     ph.append(dict(layer=layers[i + 1]["wqkv"], x=bufs["rb"], y=bufs["d"], norm=layers[i + 1]["n1"],
                                    xsum=bufs["ra"], out=bufs["qkv"], xmode="rms"))
-                chains.append(Chain(ph, torch.device("cuda"), *shape))
+                chains.append(Chain(ph, torch.device("cuda"), *shape[:3], tma=tma_of(shape)))
 
             def run():
                 bufs["ra"].copy_(x0.view(-1))
                 for c in chains:
                     c()
                 final["out"] = (bufs["rb"] + bufs["d"]).view(1, -1)
+            run.chains = chains
             return run
 
         def single(name, shape=None):
@@ -182,16 +212,23 @@ def chain(kinds: list[str], n_layers: int, depths: tuple[int, ...] = (2,), sweep
             out = torch.empty(n, device="cuda", dtype=torch.bfloat16)
             if shape is None:
                 return lambda: [prologue_gemv(b[name], xin.view(1, -1), "plain") for b in layers]
-            chains = [Chain([dict(layer=b[name], x=xin, out=out)], torch.device("cuda"), *shape) for b in layers]
+            chains = [Chain([dict(layer=b[name], x=xin, out=out)], torch.device("cuda"), *shape[:3],
+                            tma=tma_of(shape)) for b in layers]
             return lambda: [c() for c in chains]
 
         runs = [("separate", separate, depths[0], True)] + [("prologue", prologue, d, True) for d in depths]
         runs.append(("prologue", prologue, depths[0], False))
-        for shape in CHAIN_SHAPES[kind] if not diag else CHAIN_SHAPES[kind][:1]:
-            for dg in (0, 1, 2, 3, 7, 11, 15) if diag else (0,):
+        def tma_of(shape):
+            return bool(len(shape) > 3 and shape[3])
+
+        shapes_run = CHAIN_SHAPES[kind] if not diag else CHAIN_SHAPES[kind][:2]
+        if chain_shapes:
+            shapes_run = [tuple(int(v) if v != "max" else None for v in c.split(",")) for c in chain_shapes.split(";")]
+        for shape in shapes_run:
+            for dg in diags or ((0, 1, 2, 3, 7, 11, 15) if diag else (0,)):
                 gemv_chain.DIAG = dg
                 try:
-                    runs.append((f"chain w{shape[0]} d{shape[1]} b{shape[2]}" + (f" diag{dg}" if dg else ""),
+                    runs.append((shape_label(shape) + (f" diag{dg}" if dg else ""),
                                  persistent(shape), None, True))
                 except Exception as exc:  # noqa: BLE001 - a shape that does not fit this GPU
                     print(f"{kind} chain {shape}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
@@ -199,11 +236,11 @@ def chain(kinds: list[str], n_layers: int, depths: tuple[int, ...] = (2,), sweep
             if diag:
                 for name in ("w_in", "wo"):
                     runs.append((f"{name} alone: gemv_cuda", single(name), None, True))
-                    runs.append((f"{name} alone: chain w{shape[0]} d{shape[1]} b{shape[2]}", single(name, shape), None, True))
+                    runs.append((f"{name} alone: {shape_label(shape)}", single(name, shape), None, True))
                     gemv_chain.DIAG = 3
-                    runs.append((f"{name} alone: chain w{shape[0]} d{shape[1]} b{shape[2]} diag3", single(name, shape), None, True))
+                    runs.append((f"{name} alone: {shape_label(shape)} diag3", single(name, shape), None, True))
                     gemv_chain.DIAG = 11
-                    runs.append((f"{name} alone: chain w{shape[0]} d{shape[1]} b{shape[2]} diag11", single(name, shape), None, True))
+                    runs.append((f"{name} alone: {shape_label(shape)} diag11", single(name, shape), None, True))
                     gemv_chain.DIAG = 0
         for name, fn, depth, acqrel in runs:
             if depth is not None:
@@ -213,6 +250,8 @@ def chain(kinds: list[str], n_layers: int, depths: tuple[int, ...] = (2,), sweep
             try:
                 entry[label] = graph_us([fn], repeats=15)
                 torch.cuda.synchronize()
+                if getattr(fn, "chains", None) and fn.chains[1].trace is not None:
+                    print(trace_summary(f"{kind} {label}", fn.chains[1].trace), flush=True)
                 outs[label] = final["out"].float().clone()
             except Exception as exc:  # noqa: BLE001 - one variant failing leaves the others
                 entry[label] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
@@ -284,6 +323,9 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="--chain: sweep each layer's configuration in it")
     parser.add_argument("--chain-diag", action="store_true",
                         help="--chain: gemv_chain without its multiply / staging, and each shape alone")
+    parser.add_argument("--chain-shapes", default="",
+                        help='--chain: "warps,depth,bpi[,tma];..." instead of CHAIN_SHAPES (depth "max": all that fit)')
+    parser.add_argument("--chain-diags", default="", help="--chain: these DIAG values for each shape (e.g. 0,15)")
     parser.add_argument("--depths", default="", help="register depths to try (e.g. 2,3,4; first = the baseline's)")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -291,7 +333,8 @@ def main() -> None:
         with torch.inference_mode():
             res = chain(args.kinds.split(","), args.layers,
                         tuple(int(d) for d in args.depths.split(",")) if args.depths else (2,), args.sweep,
-                        args.chain_diag)
+                        args.chain_diag, args.chain_shapes,
+                        tuple(int(d) for d in args.chain_diags.split(",")) if args.chain_diags else ())
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(res, f, indent=1)

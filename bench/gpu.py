@@ -874,7 +874,8 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
     for i, name in enumerate(variants):
         # A name may end in "+plain" (the batch-1 step without the fused kernels: Engine(fused=False)), "+sep"
         # (the norms and silu·up as their own kernels, not in the GEMVs' prologues), "+nochain" (a launch a GEMV,
-        # not gemv_chain's one a layer; "+chain": int8 layers chained too), and then "@graph" / "@compile" (that engine mode for this row instead of
+        # not gemv_chain's one a layer; "+chain": int8 layers chained too; "+ring": the chain's cp.async ring kernel,
+        # not the bulk-copy one, on Hopper), and then "@graph" / "@compile" (that engine mode for this row instead of
         # --mode).
         name_mode = name.partition("@")
         variant, *flags = name_mode[0].split("+")
@@ -923,7 +924,7 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
             log(f"{label} {variant}: {torch.cuda.memory_allocated() / 2**30 if CUDA else 0:.2f} GiB on the GPU")
             from localgpt.generation.fast import quantize
 
-            from localgpt.generation.fast import transformer
+            from localgpt.generation.fast import gemv_chain, transformer
 
             if mode == "default":
                 from localgpt.generation.fast.generator import default_engine_mode
@@ -932,6 +933,7 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
             quantize.PROLOGUE = "sep" not in flags
             transformer.CHAIN = "nochain" not in flags and "sep" not in flags
             transformer.CHAIN_INT8 = "chain" in flags  # int8 chained only on request ("int8+chain")
+            gemv_chain.TMA = "ring" not in flags  # "+ring": the chain's cp.async ring kernel on Hopper too
             try:
                 entry[name] = bench_engine(net, vocab, PROMPTS, mode, log, decode_contexts=contexts,
                                            sampled=variant in args.sampled.split(",") and key == "llama",
@@ -939,9 +941,12 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
             finally:
                 quantize.PROLOGUE = True
                 transformer.CHAIN, transformer.CHAIN_INT8 = True, False
-            entry[name]["kernels"] = kernels + ("; the step's GEMVs in gemv_chain" if getattr(net, "_chain", None) else "")
+                gemv_chain.TMA = True
+            entry[name]["kernels"] = kernels + (f"; the step's GEMVs in gemv_chain ({net.chain_kernel})" if getattr(net, "_chain", None) else "")
             if getattr(net, "chain_note", ""):
                 log(f"  gemv_chain not used: {net.chain_note}")
+            elif getattr(net, "chain_kernel", ""):
+                log(f"  gemv_chain: the {net.chain_kernel} kernel")
             entry[name]["mode"] = mode
         except Exception as exc:  # noqa: BLE001 - keep the rest of the run
             entry[name] = {"error": repr(exc)}

@@ -765,15 +765,18 @@ def _llama_layer_gemvs(mode: str, dim: int, inner: int):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["int4", "int8"])
-def test_gpu_chain_runs_a_layers_gemvs_in_one_launch_as_the_prologue_kernels_do(mode):
-    """gemv_chain.Chain (the GEMVs from one attention to the next in one persistent launch: every warp streams its
-    share of all of them, a grid barrier between) against quantize.prologue_gemv's launch a GEMV, at Llama-2-7B's
+@pytest.mark.parametrize("mode,tma", [("int4", False), ("int4", True), ("int8", False)])
+def test_gpu_chain_runs_a_layers_gemvs_in_one_launch_as_the_prologue_kernels_do(mode, tma):
+    """gemv_chain.Chain (the GEMVs from one attention to the next in one persistent launch: the words of all of
+    them streamed through shared memory, by every warp's cp.async ring or, tma, by one producer thread's bulk
+    copies on Hopper; a grid barrier between) against quantize.prologue_gemv's launch a GEMV, at Llama-2-7B's
     shapes: the residual sum bit-identical, every output within bf16 rounding (the parts of a row are added in
     another order), launches again and CUDA-graph replays bit-identical to the first run (the barrier and the
     row counters reset themselves; the sums' order is fixed)."""
     _needs_cuda()
     pytest.importorskip("triton")
+    if tma and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the bulk-copy chain needs Hopper (compute capability 9.0)")
     from localgpt.generation.fast.gemv_chain import Chain
     from localgpt.generation.fast.quantize import prologue_gemv
 
@@ -787,7 +790,9 @@ def test_gpu_chain_runs_a_layers_gemvs_in_one_launch_as_the_prologue_kernels_do(
                    dict(layer=layers["up"], x=buf["x1"], y=buf["a"], norm=n2, xsum=buf["x2"], out=buf["h"],
                         xmode="rms"),
                    dict(layer=layers["down"], x=buf["h"], out=buf["d"], xmode="swiglu"),
-                   dict(layer=layers["q"], x=buf["x2"], norm=n1, out=buf["b"], xmode="rms")], torch.device("cuda"))
+                   dict(layer=layers["q"], x=buf["x2"], norm=n1, out=buf["b"], xmode="rms")], torch.device("cuda"),
+                  tma=tma)
+    assert chain.tma == tma
     names = ("x1", "a", "x2", "h", "d", "b")
     with torch.inference_mode():
         a, x1 = prologue_gemv(layers["q"], x.view(1, -1), "rms", y.view(1, -1), n1)
@@ -908,16 +913,23 @@ def test_fused_batch1_step_matches_the_plain_step_in_the_triton_interpreter(subp
 
 
 @pytest.mark.gpu
-def test_gpu_chained_step_matches_a_launch_a_gemv_and_generates_the_same_in_a_graph(tmp_path, monkeypatch):
+@pytest.mark.parametrize("tma", [True, False])
+def test_gpu_chained_step_matches_a_launch_a_gemv_and_generates_the_same_in_a_graph(tmp_path, monkeypatch, tma):
     """Transformer._step_chain (a layer's GEMVs in one gemv_chain launch over fixed buffers) on an int4 Llama whose
     layers fit it: from the same caches, the logits and the cache rows it writes equal _step_prologues' within bf16
     rounding, at the first position, inside the cache and at its last; the Engine's CUDA graph of it generates the
-    same greedy tokens as its eager run; LOCALGPT_GEMV_CHAIN=0 (transformer.CHAIN) goes back to a launch a GEMV."""
+    same greedy tokens as its eager run; LOCALGPT_GEMV_CHAIN=0 (transformer.CHAIN) goes back to a launch a GEMV.
+    tma: the bulk-copy kernel, Hopper's default (here its stages straddle tiles: 4 blocks a tile, 16 a stage), or
+    the ring kernel (LOCALGPT_GEMV_CHAIN_TMA=0)."""
     _needs_cuda()
     pytest.importorskip("triton")
+    if tma and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the bulk-copy chain needs Hopper (compute capability 9.0)")
     from transformers import AutoModelForCausalLM
 
-    from localgpt.generation.fast import transformer
+    from localgpt.generation.fast import gemv_chain, transformer
+
+    monkeypatch.setattr(gemv_chain, "TMA", tma)
     from localgpt.generation.fast.engine import Engine
     from localgpt.generation.fast.transformer import from_llama
 
@@ -946,6 +958,7 @@ def test_gpu_chained_step_matches_a_launch_a_gemv_and_generates_the_same_in_a_gr
                     b.v_cache.copy_(v)
                 results.append((net.step(token, where).float(), [b.k_cache[:, :, pos].float() for b in net.blocks]))
             assert net._chain, net.chain_note
+            assert net.chain_kernel == ("bulk-copy" if tma else "ring")
             (want, want_rows), (got, got_rows) = results
             assert float((got - want).norm() / want.norm()) < 2e-2, pos
             for g, w in zip(got_rows, want_rows):

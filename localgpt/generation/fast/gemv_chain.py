@@ -31,16 +31,13 @@ and L2 prefetches of the items after it before each wait, were no faster (the pr
 from __future__ import annotations
 
 import ctypes
+import os
 
 import torch
 
 from localgpt.generation.fast import gemv_cuda
 
-CHAIN_SOURCE = r"""
-#define BLK_U4 (2 * CHUNKS)              // a thread's 16-byte words of a block (rows g and g + 8)
-#define RING (DEPTH + 1)                 // ring slots of a warp: DEPTH items in flight, the one being multiplied
-// a slot (an item: BPI blocks of a tile): words [BPI][BLK_U4][32 lanes], then int4's (scale, zero) [BPI][32][2]
-#define SLOT_U4 (BPI * 32 * BLK_U4 + (BITS == 4 ? BPI * 16 : 0))
+COMMON_SOURCE = r"""
 #define MAXPH 8
 
 struct Phase {
@@ -51,15 +48,6 @@ struct Phase {
 };
 
 __device__ __forceinline__ u32 saddr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
-__device__ __forceinline__ void cp16(void* dst, const void* src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(saddr(dst)), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp4(void* dst, const void* src) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" :: "r"(saddr(dst)), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(DEPTH - 1) : "memory"); }
-
 // A phase's tiles are cut into equal contiguous runs, one a CTA (whole tiles: a tile's parts meet in its shared
 // memory, not in global memory), and a CTA's items (tile, BPI blocks) into equal contiguous runs, one a warp.
 __device__ __forceinline__ void cta_tiles(const Phase& ph, int& t0, int& t1) {
@@ -68,59 +56,14 @@ __device__ __forceinline__ void cta_tiles(const Phase& ph, int& t0, int& t1) {
     t1 = (int)((blockIdx.x + 1) * T / gridDim.x);
 }
 
-// The next item a warp loads: phase p, local item it of its run [it, end) there = (tile, block blk), per items
-// a tile (no division a step).
-struct Cursor { int p, it, end, tile, blk, per; };
-__device__ __forceinline__ void cursor_seek(Cursor& c, const Phase* sp, int n, int warp) {
-    for (; c.p < n; ++c.p) {
-        int t0, t1;
-        cta_tiles(sp[c.p], t0, t1);
-        c.per = sp[c.p].K / (COLS * BPI);
-        const int items = (t1 - t0) * c.per;
-        c.it = warp * items / WARPS;
-        c.end = (warp + 1) * items / WARPS;
-        c.tile = t0 + c.it / c.per;
-        c.blk = (c.it % c.per) * BPI;
-        if (c.it < c.end) return;
-    }
-}
-
-// Item (tile, block) of a phase into a ring slot: the thread's words of rows g and g + 8 and, int4, their groups'
-// (scale, zero) pairs. Each thread later reads only what it copied itself (no barrier between lanes).
-__device__ __forceinline__ void issue(uint4* slot, const Phase& ph, int tile, int blk, int lane, int g, int t) {
-    const int stride4 = ph.K / FIELDS / 4;
-#if TILED
-    const uint4* p0 = ph.w + (long)tile * 16 * stride4 + blk * (4 * P) + g * (P / 4) + t;
-    const long next8 = 8 * (P / 4);
-#else
-    const uint4* p0 = ph.w + (long)(tile * 16 + g) * stride4 + blk * (P / 4) + t;
-    const long next8 = 8 * (long)stride4;
+// DIAG & 16: thread 0 of each CTA notes %globaltimer (ns) at points of each phase: trace[cta][phase][point]
+// (0 the barrier passed, 1 the input staged, 2 the tiles multiplied, 3 the producer's last copy issued)
+__device__ __forceinline__ void note(long long* trace, int p, int point) {
+#if DIAG & 16
+    long long t;
+    asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
+    trace[((long)blockIdx.x * MAXPH + p) * 4 + point] = t;
 #endif
-#pragma unroll
-    for (int b = 0; b < BPI; ++b) {
-#pragma unroll
-        for (int ch = 0; ch < CHUNKS; ++ch) {
-#if TILED
-            const uint4* pb = p0 + b * (4 * P) + ch * 4;
-#else
-            const uint4* pb = p0 + b * (P / 4) + ch * 4;
-#endif
-            cp16(slot + ((b * CHUNKS + ch) * 2) * 32 + lane, pb);
-            cp16(slot + ((b * CHUNKS + ch) * 2 + 1) * 32 + lane, pb + next8);
-        }
-#if BITS == 4
-        u32* s = (u32*)(slot + BPI * BLK_U4 * 32 + b * 16) + 2 * lane;
-        const u32* zs = ph.sz + (long)(blk + b) * ph.N + tile * 16 + g;
-        cp4(s, zs);
-        cp4(s + 1, zs + 8);
-#endif
-    }
-}
-
-__device__ __forceinline__ void advance(Cursor& c, const Phase* sp, int n, int warp) {
-    c.blk += BPI;
-    if (c.blk == c.per * BPI) { c.blk = 0; ++c.tile; }
-    if (++c.it == c.end) { ++c.p; cursor_seek(c, sp, n, warp); }
 }
 
 __device__ __forceinline__ u32 ld_acquire(const unsigned* p) {
@@ -133,14 +76,14 @@ __device__ __forceinline__ u32 ld_acquire(const unsigned* p) {
 // CTAs are resident (one a multiprocessor the context may use, ``_usable_sms``); a wait past 2^35 cycles (~17 s,
 // far past any preemption by another context) traps instead of hanging.
 __device__ __forceinline__ void grid_sync(unsigned* bar, unsigned target) {
-    __syncthreads();
+    CSYNC();
     if (threadIdx.x == 0) {
         asm volatile("red.release.gpu.global.add.u32 [%0], 1;" :: "l"(bar) : "memory");
         const long long t0 = clock64();
         while (ld_acquire(bar) < target)
             if (clock64() - t0 > (1LL << 35)) __trap();
     }
-    __syncthreads();
+    CSYNC();
 }
 
 __device__ __forceinline__ u32 silu_mul_pair(u32 gate, u32 up) {  // slot_triton.silu_mul's rounding, two columns
@@ -226,7 +169,7 @@ __device__ __forceinline__ void stage(const Phase& ph, uint4* xp, float* xs, flo
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
             if (lane == 0) red[warp] = ss;
-            __syncthreads();
+            CSYNC();
             float total = 0.f;
             for (int k = 0; k < WARPS; ++k) total += red[k];  // every thread, in the same order
             inv = rsqrtf(total / K + ph.eps);
@@ -250,7 +193,7 @@ __device__ __forceinline__ void stage(const Phase& ph, uint4* xp, float* xs, flo
             put_cols(xp, xs, i, in, f);
         }
     }
-    __syncthreads();
+    CSYNC();
 }
 
 // One block of an item: gemv_cuda's mul_block for one tile and one token (TILES = NT = 1). acc[0] / acc[2] (lanes
@@ -272,8 +215,82 @@ __device__ __forceinline__ void flush(float* parts, int tl, const float (&acc)[4
     }
 }
 
+"""
+
+# The ring kernel: every warp loads its own items with cp.async (any GPU from sm_80).
+RING_SOURCE = r"""
+#define BLK_U4 (2 * CHUNKS)              // a thread's 16-byte words of a block (rows g and g + 8)
+#define RING (DEPTH + 1)                 // ring slots of a warp: DEPTH items in flight, the one being multiplied
+// a slot (an item: BPI blocks of a tile): words [BPI][BLK_U4][32 lanes], then int4's (scale, zero) [BPI][32][2]
+#define SLOT_U4 (BPI * 32 * BLK_U4 + (BITS == 4 ? BPI * 16 : 0))
+
+__device__ __forceinline__ void cp16(void* dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(saddr(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp4(void* dst, const void* src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" :: "r"(saddr(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(DEPTH - 1) : "memory"); }
+
+// The next item a warp loads: phase p, local item it of its run [it, end) there = (tile, block blk), per items
+// a tile (no division a step).
+struct Cursor { int p, it, end, tile, blk, per; };
+__device__ __forceinline__ void cursor_seek(Cursor& c, const Phase* sp, int n, int warp) {
+    for (; c.p < n; ++c.p) {
+        int t0, t1;
+        cta_tiles(sp[c.p], t0, t1);
+        c.per = sp[c.p].K / (COLS * BPI);
+        const int items = (t1 - t0) * c.per;
+        c.it = warp * items / WARPS;
+        c.end = (warp + 1) * items / WARPS;
+        c.tile = t0 + c.it / c.per;
+        c.blk = (c.it % c.per) * BPI;
+        if (c.it < c.end) return;
+    }
+}
+
+// Item (tile, block) of a phase into a ring slot: the thread's words of rows g and g + 8 and, int4, their groups'
+// (scale, zero) pairs. Each thread later reads only what it copied itself (no barrier between lanes).
+__device__ __forceinline__ void issue(uint4* slot, const Phase& ph, int tile, int blk, int lane, int g, int t) {
+    const int stride4 = ph.K / FIELDS / 4;
+#if TILED
+    const uint4* p0 = ph.w + (long)tile * 16 * stride4 + blk * (4 * P) + g * (P / 4) + t;
+    const long next8 = 8 * (P / 4);
+#else
+    const uint4* p0 = ph.w + (long)(tile * 16 + g) * stride4 + blk * (P / 4) + t;
+    const long next8 = 8 * (long)stride4;
+#endif
+#pragma unroll
+    for (int b = 0; b < BPI; ++b) {
+#pragma unroll
+        for (int ch = 0; ch < CHUNKS; ++ch) {
+#if TILED
+            const uint4* pb = p0 + b * (4 * P) + ch * 4;
+#else
+            const uint4* pb = p0 + b * (P / 4) + ch * 4;
+#endif
+            cp16(slot + ((b * CHUNKS + ch) * 2) * 32 + lane, pb);
+            cp16(slot + ((b * CHUNKS + ch) * 2 + 1) * 32 + lane, pb + next8);
+        }
+#if BITS == 4
+        u32* s = (u32*)(slot + BPI * BLK_U4 * 32 + b * 16) + 2 * lane;
+        const u32* zs = ph.sz + (long)(blk + b) * ph.N + tile * 16 + g;
+        cp4(s, zs);
+        cp4(s + 1, zs + 8);
+#endif
+    }
+}
+
+__device__ __forceinline__ void advance(Cursor& c, const Phase* sp, int n, int warp) {
+    c.blk += BPI;
+    if (c.blk == c.per * BPI) { c.blk = 0; ++c.tile; }
+    if (++c.it == c.end) { ++c.p; cursor_seek(c, sp, n, warp); }
+}
+
 extern "C" __global__ void __launch_bounds__(WARPS * 32, 1)
-KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int maxt, int kmax) {
+KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int maxt, int kmax,
+            long long* trace) {
     extern __shared__ uint4 smem[];
     __shared__ Phase sp[MAXPH];
     __shared__ float red[WARPS];
@@ -306,9 +323,11 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
 #else
         if (p > 0) grid_sync(bar, (unsigned)p * gridDim.x);
 #endif
+        if (tid == 0) note(trace, p, 0);
 #if !(DIAG & 2)
         stage(ph, xp, xs, red, parts, maxt * WARPS * 16, blockIdx.x == 0);
 #endif
+        if (tid == 0) note(trace, p, 1);
         int t0, t1;
         cta_tiles(ph, t0, t1);
         const int per = ph.K / (COLS * BPI), items = (t1 - t0) * per;
@@ -361,6 +380,7 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
         if (tile >= 0) flush(parts, tile, acc, warp, g, t);
         // the CTA's rows: each the sum of its warps' parts in warp order (a warp with no part of it added 0)
         __syncthreads();
+        if (tid == 0) note(trace, p, 2);
 #if !(DIAG & 8)
         for (int r = tid; r < (t1 - t0) * 16; r += WARPS * 32) {
             const float* pr = parts + (r >> 4) * WARPS * 16 + (r & 15);
@@ -374,6 +394,173 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
     }
     // the last CTA out resets the barrier for the next launch (every CTA is past its last wait)
     __syncthreads();
+    if (tid == 0) {
+        __threadfence();
+        if (atomicAdd(bar + 1, 1u) == gridDim.x - 1) { atomicExch(bar, 0u); atomicExch(bar + 1, 0u); }
+    }
+}
+"""
+
+
+# The bulk-copy kernel (sm_90, int4 tiled words): one producer thread streams the CTA's words through a ring of
+# DEPTH stages with the copy engine, and never waits for a grid barrier or a staging, only for a free stage.
+TMA_SOURCE = r"""
+#define SBLK (WARPS * BPI)                // blocks a stage: BPI a consumer warp
+#define SBLK_U4 (SBLK * 64)               // a stage's words (1 KiB a block), then its blocks' (scale, zero) rows
+#define STAGE_U4 (SBLK_U4 + SBLK * 4)     // (16 rows x 4 bytes a block)
+typedef unsigned long long u64;
+
+__device__ __forceinline__ void mb_init(u64* b, u32 n) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(saddr(b)), "r"(n) : "memory");
+}
+__device__ __forceinline__ bool mb_test(u64* b, u32 parity) {
+    u32 ok;
+    asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}"
+                 : "=r"(ok) : "r"(saddr(b)), "r"(parity) : "memory");
+    return ok != 0;
+}
+__device__ __forceinline__ void mb_wait(u64* b, u32 parity) { while (!mb_test(b, parity)) {} }
+__device__ __forceinline__ void mb_arrive(u64* b) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(saddr(b)) : "memory");
+}
+__device__ __forceinline__ void mb_expect(u64* b, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(saddr(b)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void bulk(void* dst, const void* src, u32 bytes, u64* b, u64 policy) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;"
+                 :: "r"(saddr(dst)), "l"(src), "r"(bytes), "r"(saddr(b)), "l"(policy) : "memory");
+}
+
+extern "C" __global__ void __launch_bounds__((WARPS + 1) * 32, 1)
+KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int maxt, int kmax,
+            long long* trace) {
+    extern __shared__ uint4 smem[];
+    __shared__ Phase sp[MAXPH];
+    __shared__ float red[WARPS];
+    __shared__ u64 full[DEPTH], empty[DEPTH];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+    for (int i = tid; i < n_phases * (int)(sizeof(Phase) / 4); i += (WARPS + 1) * 32)
+        ((int*)sp)[i] = ((const int*)phases)[i];
+    if (tid == 0) {
+        for (int s = 0; s < DEPTH; ++s) { mb_init(&full[s], 1); mb_init(&empty[s], WARPS); }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+    uint4* ring = smem;                                  // [DEPTH][STAGE_U4]
+    uint4* xp = smem + DEPTH * STAGE_U4;                 // [kmax / FIELDS]
+    float* xs = (float*)(xp + kmax / FIELDS);            // [kmax / COLS]
+    float* parts = xs + kmax / COLS;                     // [maxt][WARPS][16]
+
+    if (warp == WARPS) {
+        // The producer: each phase's run of tiles is one contiguous span of words (tiled layout) and one of
+        // (scale, zero) rows (the chain's tile-major copy), cut into stages of SBLK blocks.
+        if (lane == 0) {
+            u64 policy;  // HINT 1: the words are read once a step: first out of the L2, the activations stay
+#if HINT == 1
+            asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+#else
+            asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(policy));
+#endif
+            int s = 0;
+            u32 r = 0;
+            for (int p = 0; p < n_phases; ++p) {
+                const Phase& ph = sp[p];
+                int t0, t1;
+                cta_tiles(ph, t0, t1);
+                const int per = ph.K / COLS, nb = (t1 - t0) * per;
+                const char* ws = (const char*)ph.w + (long)t0 * per * 1024;
+                const char* ss = (const char*)ph.sz + (long)t0 * per * 64;
+                for (int c = 0; c < nb; c += SBLK) {
+                    const int n = min(SBLK, nb - c);
+                    mb_wait(&empty[s], r ^ 1);  // the consumers are done with its last fill (a new one: at once)
+                    uint4* st = ring + s * STAGE_U4;
+                    mb_expect(&full[s], n * 1088);
+                    bulk(st, ws + (long)c * 1024, n * 1024, &full[s], policy);
+                    bulk(st + SBLK_U4, ss + (long)c * 64, n * 64, &full[s], policy);
+                    if (++s == DEPTH) { s = 0; r ^= 1; }
+                }
+                note(trace, p, 3);
+            }
+        }
+        return;
+    }
+
+    int s = 0;
+    u32 r = 0;
+#pragma unroll 1
+    for (int p = 0; p < n_phases; ++p) {
+        const Phase& ph = sp[p];
+#if DIAG & 4
+        CSYNC();
+#else
+        if (p > 0) grid_sync(bar, (unsigned)p * gridDim.x);
+#endif
+        if (tid == 0) note(trace, p, 0);
+#if !(DIAG & 2)
+        stage(ph, xp, xs, red, parts, maxt * WARPS * 16, blockIdx.x == 0);
+#endif
+        if (tid == 0) note(trace, p, 1);
+        int t0, t1;
+        cta_tiles(ph, t0, t1);
+        const int per = ph.K / COLS, nb = (t1 - t0) * per;
+        // block j = warp BPI + b of each stage: local tile tl[b], block blk[b] of it, advanced SBLK a stage
+        int tl[BPI], blk[BPI];
+#pragma unroll
+        for (int b = 0; b < BPI; ++b) { tl[b] = (warp * BPI + b) / per; blk[b] = (warp * BPI + b) % per; }
+        int tile = -1;
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 1
+        for (int c = 0; c < nb; c += SBLK) {
+            mb_wait(&full[s], r);
+            const uint4* st = ring + s * STAGE_U4;
+            uint4 v[BPI][CHUNKS][2];
+            uint2 sc[BPI];
+#pragma unroll
+            for (int b = 0; b < BPI; ++b) {
+                const int j = warp * BPI + b;
+                if (c + j < nb) {
+                    v[b][0][0] = st[j * 64 + lane];
+                    v[b][0][1] = st[j * 64 + 32 + lane];
+                    const u32* z = (const u32*)(st + SBLK_U4) + j * 16;
+                    sc[b] = make_uint2(z[g], z[g + 8]);
+                }
+            }
+            __syncwarp();
+            if (lane == 0) mb_arrive(&empty[s]);  // its words are in registers: the producer may refill it
+            if (++s == DEPTH) { s = 0; r ^= 1; }
+#pragma unroll
+            for (int b = 0; b < BPI; ++b) {
+                if (c + warp * BPI + b < nb) {
+                    if (tl[b] != tile) {
+                        if (tile >= 0) flush(parts, tile, acc, warp, g, t);
+                        tile = tl[b];
+                        acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
+                    }
+#if DIAG & 1
+                    acc[0] += __uint_as_float(v[b][0][0].x & v[b][0][1].y & sc[b].x & 0x3FFFFF);
+#else
+                    mul_item(v[b], sc[b], xp + blk[b] * P, xs[blk[b]], t, acc);
+#endif
+                }
+                blk[b] += SBLK;
+                while (blk[b] >= per) { blk[b] -= per; ++tl[b]; }
+            }
+        }
+        if (tile >= 0) flush(parts, tile, acc, warp, g, t);
+        CSYNC();
+        if (tid == 0) note(trace, p, 2);
+#if !(DIAG & 8)
+        for (int q = tid; q < (t1 - t0) * 16; q += WARPS * 32) {
+            const float* pr = parts + (q >> 4) * WARPS * 16 + (q & 15);
+            float total = 0.f;
+#pragma unroll
+            for (int w = 0; w < WARPS; ++w) total += pr[w * 16];
+            const int row = t0 * 16 + q;
+            ph.out[row] = out_val(total, ph.rs, row);
+        }
+#endif
+    }
+    CSYNC();
     if (tid == 0) {
         __threadfence();
         if (atomicAdd(bar + 1, 1u) == gridDim.x - 1) { atomicExch(bar, 0u); atomicExch(bar + 1, 0u); }
@@ -396,6 +583,14 @@ STAGE_WORDS = 4  # SV: 16-byte words of the input a thread stages a round
 # words): int4 blocks are 1 KiB, int8 2 KiB; ~100 KiB of words in flight a multiprocessor, the rest of its shared
 # memory for the staged input.
 DEFAULTS = {4: (16, 2, 2), 8: (16, 2, 1)}
+# The bulk-copy kernel's (consumer warps, most stages, blocks a warp a stage): the stages fill the shared memory
+# the staged input leaves (~190 KiB on an H200: ~7 us of the multiprocessor's share of the bandwidth). TMA:
+# LOCALGPT_GEMV_CHAIN_TMA=0 takes the ring kernel on Hopper too.
+TMA_DEFAULTS = (16, 16, 1)
+MAX_STAGES = 32
+TMA = os.environ.get("LOCALGPT_GEMV_CHAIN_TMA", "1") != "0"
+# The bulk copies' L2 policy: 1 evict_first, 0 evict_normal (bench/gemv_cuda.py compares them)
+HINT = int(os.environ.get("LOCALGPT_GEMV_CHAIN_HINT", "1"))
 
 
 # bench/gemv_cuda.py --chain-diag: bits leaving out 1 the multiply, 2 the staging of the input, 4 the grid barrier,
@@ -403,35 +598,47 @@ DEFAULTS = {4: (16, 2, 2), 8: (16, 2, 1)}
 DIAG = 0
 
 
-def source(bits: int, planes: int, warps: int, depth: int, tiled: bool, bpi: int = 2) -> tuple[str, str]:
-    """(name, CUDA source) of the chain kernel for one weight format, CTA size, ring depth and blocks an item."""
+def source(bits: int, planes: int, warps: int, depth: int, tiled: bool, bpi: int = 2,
+           tma: bool = False) -> tuple[str, str]:
+    """(name, CUDA source) of the chain kernel for one weight format, CTA size (consumer warps), ring depth (items
+    a warp, or stages of the bulk-copy ring) and blocks an item (a consumer warp's blocks a stage)."""
     name = (f"gemv_chain_int{bits}_p{planes}_w{warps}_d{depth}_b{bpi}" + ("_tl" if tiled else "")
-            + (f"_diag{DIAG}" if DIAG else ""))
+            + (f"_tma_h{HINT}" if tma else "") + (f"_diag{DIAG}" if DIAG else ""))
     head = (f"#define BITS {bits}\n#define P {planes}\n#define FIELDS {32 // bits}\n#define WARPS {warps}\n"
             f"#define DEPTH {depth}\n#define BPI {bpi}\n#define TILES 1\n#define NT 1\n#define OFFSET 1\n#define TILED {int(tiled)}\n#define XMODE 0\n"
-            f"#define PREF 0\n#define DIAG {DIAG}\n#define KERNEL_NAME {name}\n")
-    return name, head + gemv_cuda.HELPERS + CHAIN_SOURCE
+            f"#define PREF 0\n#define DIAG {DIAG}\n#define HINT {HINT}\n#define KERNEL_NAME {name}\n")
+    body = TMA_SOURCE if tma else RING_SOURCE
+    # a barrier of the CTA's threads that multiply (the bulk-copy kernel's producer warp stays out of it)
+    head += ('#define CSYNC() asm volatile("bar.sync 1, %0;" :: "n"(WARPS * 32) : "memory")\n' if tma
+             else "#define CSYNC() __syncthreads()\n")
+    return name, head + gemv_cuda.HELPERS + COMMON_SOURCE + body
 
 
 _KERNELS: dict = {}
 
 
-def kernel(bits: int, planes: int, device: torch.device, warps: int, depth: int, tiled: bool, bpi: int):
-    key = (bits, planes, warps, depth, tiled, bpi, device.index, DIAG)
+def kernel(bits: int, planes: int, device: torch.device, warps: int, depth: int, tiled: bool, bpi: int,
+           tma: bool = False):
+    key = (bits, planes, warps, depth, tiled, bpi, tma, device.index, DIAG, HINT)
     if key not in _KERNELS:
-        if torch.cuda.get_device_capability(device)[0] < 8:
-            raise RuntimeError("the chain kernel needs bf16 mma and cp.async (compute capability 8.0 or newer)")
-        name, src = source(bits, planes, warps, depth, tiled, bpi)
-        _KERNELS[key] = gemv_cuda.build(name, src, device, warps * 32)
+        if torch.cuda.get_device_capability(device)[0] < (9 if tma else 8):
+            raise RuntimeError("the chain kernel needs bf16 mma and cp.async (compute capability 8.0 or newer; "
+                               "9.0 for the bulk-copy one)")
+        name, src = source(bits, planes, warps, depth, tiled, bpi, tma)
+        _KERNELS[key] = gemv_cuda.build(name, src, device, (warps + int(tma)) * 32)
     return _KERNELS[key]
 
 
-def smem_bytes(bits: int, planes: int, warps: int, depth: int, bpi: int, kmax: int, maxt: int) -> int:
-    """Dynamic shared memory: the warps' rings, the staged input (pairs and block sums) and the parts of the CTA's
-    tiles (``maxt`` tiles, one part a warp)."""
-    slot = bpi * (32 * 2 * (planes // 16) + (16 if bits == 4 else 0))
+def smem_bytes(bits: int, planes: int, warps: int, depth: int, bpi: int, kmax: int, maxt: int,
+               tma: bool = False) -> int:
+    """Dynamic shared memory: the warps' rings (or the bulk-copy ring's stages), the staged input (pairs and block
+    sums) and the parts of the CTA's tiles (``maxt`` tiles, one part a warp)."""
     fields = 32 // bits
-    return warps * (depth + 1) * slot * 16 + kmax // fields * 16 + kmax // (planes * fields) * 4 + maxt * warps * 64
+    if tma:
+        ring = depth * warps * bpi * (planes * 4 * 16 + 64)
+    else:
+        ring = warps * (depth + 1) * bpi * (32 * 2 * (planes // 16) + (16 if bits == 4 else 0)) * 16
+    return ring + kmax // fields * 16 + kmax // (planes * fields) * 4 + maxt * warps * 64
 
 
 def layer_fits(layer) -> bool:
@@ -459,14 +666,15 @@ class _ExecAffinity(ctypes.Structure):
     _fields_ = [("type", ctypes.c_int), ("sm_count", ctypes.c_uint)]
 
 
-def _usable_sms(fn, device: torch.device) -> int:
+def _usable_sms(device: torch.device) -> int:
     """Multiprocessors this CUDA context may run on: the device's, or fewer where MPS gives the process a share
     (``cuCtxGetExecAffinity``); a grid larger than that would wait at its first barrier for CTAs that never run."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     affinity = _ExecAffinity()
     try:
         with torch.cuda.device(device):
-            if fn.cuda.cuCtxGetExecAffinity(ctypes.byref(affinity), 0) == 0 and 0 < affinity.sm_count < sms:
+            if (ctypes.CDLL("libcuda.so.1").cuCtxGetExecAffinity(ctypes.byref(affinity), 0) == 0
+                    and 0 < affinity.sm_count < sms):
                 return int(affinity.sm_count)
     except AttributeError:  # a driver before CUDA 11.4
         pass
@@ -482,7 +690,7 @@ class Chain:
     decode step's static buffers), so calling it replays the same GEMVs on whatever they hold."""
 
     def __init__(self, phases: list[dict], device: torch.device, warps: int | None = None,
-                 depth: int | None = None, bpi: int | None = None):
+                 depth: int | None = None, bpi: int | None = None, tma: bool | None = None):
         from localgpt.generation.fast.quantize import Int4Linear
 
         if not 1 <= len(phases) <= MAXPH:
@@ -496,25 +704,36 @@ class Chain:
             raise ValueError("one weight format a chain")
         self.device = device
         fields = 32 // bits
-        warps, depth, bpi = warps or DEFAULTS[bits][0], depth or DEFAULTS[bits][1], bpi or DEFAULTS[bits][2]
-        if any(layer.in_features // (planes * fields) % bpi for layer in layers):
+        if tma is None:
+            tma = TMA and bits == 4 and torch.cuda.get_device_capability(device)[0] >= 9
+        elif tma and bits != 4:
+            raise ValueError("the bulk-copy chain takes int4 words")
+        self.tma = tma
+        defaults = TMA_DEFAULTS if tma else DEFAULTS[bits]
+        warps, bpi = warps or defaults[0], bpi or defaults[2]
+        if any(layer.in_features // (planes * fields) % bpi for layer in layers) and not tma:
             bpi = 1
-        self.fn = kernel(bits, planes, device, warps, depth, bits == 4, bpi)
         # every CTA resident at once (the grid barrier waits for all of them): one a multiprocessor this context
         # may use (all of them, or an MPS client's share)
-        self.grid = _usable_sms(self.fn, device)
+        self.grid = _usable_sms(device)
         kmax = max(layer.in_features for layer in layers)
         maxt = max(-(-layer.out_features // 16 // self.grid) for layer in layers)
-        self.smem = smem_bytes(bits, planes, warps, depth, bpi, kmax, maxt)
         optin = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
-        if self.smem + 2048 > optin:
+        if tma and depth is None:  # as many stages as the shared memory holds, up to TMA_DEFAULTS' depth
+            rest = smem_bytes(bits, planes, warps, 0, bpi, kmax, maxt, tma=True) + 2048 + 16 * MAX_STAGES
+            depth = max(2, min(defaults[1], (optin - rest) // smem_bytes(bits, planes, warps, 1, bpi, 0, 0, True)))
+        depth = depth or defaults[1]
+        self.fn = kernel(bits, planes, device, warps, depth, bits == 4, bpi, tma)
+        self.smem = smem_bytes(bits, planes, warps, depth, bpi, kmax, maxt, tma)
+        if self.smem + 2048 + (16 * depth if tma else 0) > optin:
             raise ValueError(f"the chain needs {self.smem} bytes of shared memory; this GPU gives {optin}")
         self.fn.allow_smem(self.smem)
         blocks = ctypes.c_int()
         self.fn._check(self.fn.cuda.cuOccupancyMaxActiveBlocksPerMultiprocessor(
-            ctypes.byref(blocks), self.fn.func, warps * 32, ctypes.c_size_t(self.smem)), "occupancy")
+            ctypes.byref(blocks), self.fn.func, (warps + int(tma)) * 32, ctypes.c_size_t(self.smem)), "occupancy")
         if blocks.value < 1:
             raise ValueError("the chain kernel does not fit a multiprocessor")
+        self.shape = (warps, depth, bpi)
         table = (_Phase * len(phases))()
         self.keep = []
 
@@ -539,6 +758,8 @@ class Chain:
             if mode == 2 and k > 8 * STAGE_WORDS * warps * 32:
                 raise ValueError(f"phase {i}: an RMSNorm over {k} columns is more than one staging round")
             sz = layer.pairs() if bits == 4 else None
+            if tma:  # (scale, zero) rows tile-major, [N / 16, blocks, 16]: a CTA's run of tiles is one span
+                sz = sz.view(k // (planes * fields), n // 16, 16).transpose(0, 1).contiguous()
             rs = None if bits == 4 else layer.scales
             self.keep += [layer.words, sz, rs, nw, x, out, y, xsum]
             table[i] = _Phase(ptr(layer.words), ptr(sz), ptr(x), ptr(y), ptr(nw), ptr(xsum), ptr(out), ptr(rs),
@@ -546,6 +767,8 @@ class Chain:
         self.n_phases, self.maxt, self.kmax = len(phases), maxt, kmax
         self.table = torch.frombuffer(bytearray(bytes(table)), dtype=torch.uint8).to(device)
         self.bar = torch.zeros(2, dtype=torch.int32, device=device)
+        # DIAG & 16 (bench/gemv_cuda.py --chain-trace): ns stamps [CTA, phase, point] of the last launch
+        self.trace = torch.zeros(self.grid, MAXPH, 4, dtype=torch.int64, device=device) if DIAG & 16 else None
 
     def __call__(self) -> None:
         """Launch on the current stream (graph-capturable)."""
@@ -553,4 +776,6 @@ class Chain:
             return ctypes.c_void_p(t.data_ptr())
 
         self.fn((self.grid, 1), self.smem, [p(self.table), ctypes.c_int(self.n_phases), p(self.bar),
-                                            ctypes.c_int(self.maxt), ctypes.c_int(self.kmax)], self.device)
+                                            ctypes.c_int(self.maxt), ctypes.c_int(self.kmax),
+                                            ctypes.c_void_p(self.trace.data_ptr() if self.trace is not None else 0)],
+                self.device)

@@ -441,6 +441,7 @@ class Transformer(nn.Module):
 
     _chain = None  # None: not tried yet; False: the network cannot take it; else the step's chains and buffers
     chain_note = ""  # why the chained step is not used (logged; bench/gpu.py prints it)
+    chain_kernel = ""  # the chain's kernel when it is: "bulk-copy" (Hopper, int4) or "ring"
 
     def _chain_ready(self) -> bool:
         """Whether ``_step_chain`` runs this network's step: every GEMV of the blocks (and the LM head, or it runs
@@ -486,20 +487,38 @@ class Transformer(nn.Module):
                             o=buf(dim), gu=buf(b0.w_in.out_features), d=buf(dim))
         c.head_in_chain = gemv_chain.layer_fits(self.lm_head)  # else (a bf16 head, say) a launch of its own
         c.logits = buf(self.lm_head.out_features) if c.head_in_chain else None
-        c.head = gemv_chain.Chain([dict(layer=b0.wqkv, x=c.ra, out=c.qkv, xmode="rms", norm=b0.norm1)], dev)
-        c.chains = []
-        for i, b in enumerate(blocks):
-            phases = [dict(layer=b.wo, x=c.att, out=c.o),
-                      dict(layer=b.w_in, x=c.ra, y=c.o, norm=b.norm2, xsum=c.rb, out=c.gu, xmode="rms"),
-                      dict(layer=b.w_out, x=c.gu, out=c.d, xmode="swiglu")]
-            if i + 1 < len(blocks):
-                nxt = blocks[i + 1]
-                phases.append(dict(layer=nxt.wqkv, x=c.rb, y=c.d, norm=nxt.norm1, xsum=c.ra, out=c.qkv, xmode="rms"))
-            elif c.head_in_chain:
-                phases.append(dict(layer=self.lm_head, x=c.rb, y=c.d, norm=self.norm, out=c.logits, xmode="rms"))
-            c.chains.append(gemv_chain.Chain(phases, dev))
-        self.chain_note = self._chain_check(c)
-        return None if self.chain_note else c
+        # the bulk-copy kernel where the GPU has it (Hopper, int4), else or if it fails its check the ring one
+        for tma in (None, False):
+            try:
+                c.head = gemv_chain.Chain([dict(layer=b0.wqkv, x=c.ra, out=c.qkv, xmode="rms", norm=b0.norm1)], dev,
+                                          tma=tma)
+                c.chains = []
+                for i, b in enumerate(blocks):
+                    phases = [dict(layer=b.wo, x=c.att, out=c.o),
+                              dict(layer=b.w_in, x=c.ra, y=c.o, norm=b.norm2, xsum=c.rb, out=c.gu, xmode="rms"),
+                              dict(layer=b.w_out, x=c.gu, out=c.d, xmode="swiglu")]
+                    if i + 1 < len(blocks):
+                        nxt = blocks[i + 1]
+                        phases.append(dict(layer=nxt.wqkv, x=c.rb, y=c.d, norm=nxt.norm1, xsum=c.ra, out=c.qkv,
+                                           xmode="rms"))
+                    elif c.head_in_chain:
+                        phases.append(dict(layer=self.lm_head, x=c.rb, y=c.d, norm=self.norm, out=c.logits,
+                                           xmode="rms"))
+                    c.chains.append(gemv_chain.Chain(phases, dev, tma=tma))
+                self.chain_note = self._chain_check(c)
+            except Exception as exc:  # noqa: BLE001 - the bulk-copy kernel failing to build: the ring one
+                if tma is False or not gemv_chain.TMA:
+                    raise
+                self.chain_note = f"{type(exc).__name__}: {exc}"
+            if not self.chain_note:
+                self.chain_kernel = "bulk-copy" if c.chains[0].tma else "ring"
+                return c
+            if tma is False or not gemv_chain.TMA or not getattr(getattr(c, "head", None), "tma", True):
+                break
+            import logging
+
+            logging.getLogger(__name__).warning("gemv_chain's bulk-copy kernel not used: %s", self.chain_note)
+        return None
 
     def _chain_check(self, c) -> str:
         """The first layer's chain against ``quantize.prologue_gemv``'s launches (or the separate kernels) on
