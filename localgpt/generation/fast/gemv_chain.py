@@ -355,7 +355,9 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
             }
             // the slot multiplied one item ago is free (its words are in registers long since): the next load
             if (cur.p < n_phases) {
+#if !(DIAG & 32)
                 issue(ring + put * SLOT_U4, sp[cur.p], cur.tile, cur.blk, lane, g, t);
+#endif
                 advance(cur, sp, n_phases, warp);
             }
             cp_commit();
@@ -474,9 +476,13 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
                     const int n = min(SBLK, nb - c);
                     mb_wait(&empty[s], r ^ 1);  // the consumers are done with its last fill (a new one: at once)
                     uint4* st = ring + s * STAGE_U4;
+#if DIAG & 32
+                    mb_arrive(&full[s]);  // no words: the consumers' own cost
+#else
                     mb_expect(&full[s], n * 1088);
                     bulk(st, ws + (long)c * 1024, n * 1024, &full[s], policy);
                     bulk(st + SBLK_U4, ss + (long)c * 64, n * 64, &full[s], policy);
+#endif
                     if (++s == DEPTH) { s = 0; r ^= 1; }
                 }
                 note(trace, p, 3);
@@ -586,15 +592,19 @@ DEFAULTS = {4: (16, 2, 2), 8: (16, 2, 1)}
 # The bulk-copy kernel's (consumer warps, most stages, blocks a warp a stage): the stages fill the shared memory
 # the staged input leaves (~190 KiB on an H200: ~7 us of the multiprocessor's share of the bandwidth). TMA:
 # LOCALGPT_GEMV_CHAIN_TMA=0 takes the ring kernel on Hopper too.
-TMA_DEFAULTS = (16, 16, 1)
+TMA_DEFAULTS = (16, 4, 1)
 MAX_STAGES = 32
 TMA = os.environ.get("LOCALGPT_GEMV_CHAIN_TMA", "1") != "0"
 # The bulk copies' L2 policy: 1 evict_first, 0 evict_normal (bench/gemv_cuda.py compares them)
 HINT = int(os.environ.get("LOCALGPT_GEMV_CHAIN_HINT", "1"))
+# int4: independent mma accumulators a block (gemv_cuda's mul_block ACC; 1, 2, 4 or 8): 2-8 were no faster (the
+# multiply is not bound by the chain of 8 dependent mma; bench/gpu_notes.md round 11)
+ACC = int(os.environ.get("LOCALGPT_GEMV_CHAIN_ACC", "1"))
 
 
 # bench/gemv_cuda.py --chain-diag: bits leaving out 1 the multiply, 2 the staging of the input, 4 the grid barrier,
-# 8 the adding of a tile's parts (wrong results: timing only)
+# 8 the adding of a tile's parts, 32 the loads of the words after the first ring (the multiply of whatever is in
+# shared memory: the consumers' own rate) (wrong results: timing only); 16 adds per-CTA timestamps (``trace``)
 DIAG = 0
 
 
@@ -603,10 +613,12 @@ def source(bits: int, planes: int, warps: int, depth: int, tiled: bool, bpi: int
     """(name, CUDA source) of the chain kernel for one weight format, CTA size (consumer warps), ring depth (items
     a warp, or stages of the bulk-copy ring) and blocks an item (a consumer warp's blocks a stage)."""
     name = (f"gemv_chain_int{bits}_p{planes}_w{warps}_d{depth}_b{bpi}" + ("_tl" if tiled else "")
-            + (f"_tma_h{HINT}" if tma else "") + (f"_diag{DIAG}" if DIAG else ""))
+            + (f"_tma_h{HINT}" if tma else "") + (f"_acc{ACC}" if ACC != 1 and bits == 4 else "")
+            + (f"_diag{DIAG}" if DIAG else ""))
     head = (f"#define BITS {bits}\n#define P {planes}\n#define FIELDS {32 // bits}\n#define WARPS {warps}\n"
             f"#define DEPTH {depth}\n#define BPI {bpi}\n#define TILES 1\n#define NT 1\n#define OFFSET 1\n#define TILED {int(tiled)}\n#define XMODE 0\n"
-            f"#define PREF 0\n#define DIAG {DIAG}\n#define HINT {HINT}\n#define KERNEL_NAME {name}\n")
+            f"#define PREF 0\n#define DIAG {DIAG}\n#define HINT {HINT}\n#define ACC {ACC if bits == 4 else 1}\n"
+            f"#define KERNEL_NAME {name}\n")
     body = TMA_SOURCE if tma else RING_SOURCE
     # a barrier of the CTA's threads that multiply (the bulk-copy kernel's producer warp stays out of it)
     head += ('#define CSYNC() asm volatile("bar.sync 1, %0;" :: "n"(WARPS * 32) : "memory")\n' if tma
@@ -619,7 +631,7 @@ _KERNELS: dict = {}
 
 def kernel(bits: int, planes: int, device: torch.device, warps: int, depth: int, tiled: bool, bpi: int,
            tma: bool = False):
-    key = (bits, planes, warps, depth, tiled, bpi, tma, device.index, DIAG, HINT)
+    key = (bits, planes, warps, depth, tiled, bpi, tma, device.index, DIAG, HINT, ACC)
     if key not in _KERNELS:
         if torch.cuda.get_device_capability(device)[0] < (9 if tma else 8):
             raise RuntimeError("the chain kernel needs bf16 mma and cp.async (compute capability 8.0 or newer; "
