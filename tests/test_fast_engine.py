@@ -826,6 +826,76 @@ def test_gpu_chain_runs_a_layers_gemvs_in_one_launch_as_the_prologue_kernels_do(
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("tma", [False, True])
+def test_gpu_chain_attention_phase_matches_the_attention_kernels(tma):
+    """gemv_chain's attention phase (rotary, cache write, attention over positions 0..pos split in chunks across the
+    CTAs, merged in the next GEMV's staging) at Llama-2-7B's shapes (32 heads of 128, a 600-position cache) against
+    Block.attend_qkv (slot_triton's three kernels), at the first position, one inside and the last: the attention
+    within bf16 rounding, the k / v rows it writes equal to theirs within rounding and no other row touched, wo
+    of it as the separate GEMV gives; a CUDA-graph replay bit-identical (the position read from its buffer)."""
+    _needs_cuda()
+    pytest.importorskip("triton")
+    if tma and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the bulk-copy chain needs Hopper (compute capability 9.0)")
+    from localgpt.generation.fast.gemv_chain import Chain, attention_chunks, _usable_sms
+    from localgpt.generation.fast.transformer import Block, TransformerShape
+
+    heads, kv, hd, length = 32, 32, 128, 600
+    dim = heads * hd
+    layers, _, _ = _llama_layer_gemvs("int4", dim, 256)
+    wo = layers["q"]
+    shape = TransformerShape(n_layers=1, dim=dim, n_heads=heads, n_kv_heads=kv, head_dim=hd, vocab_size=32000,
+                             norm="rms", norm_eps=1e-5, parallel=False, two_norms=False, mlp="swiglu")
+    block = Block(shape, wqkv=wo, wo=wo, w_in=wo, w_out=wo, norm1=None, norm2=None)
+    block.setup_cache(length, torch.bfloat16, torch.device("cuda"))
+    block.k_cache.normal_()
+    block.v_cache.normal_()
+    angles = torch.arange(length, device="cuda")[:, None] * (10000 ** (-torch.arange(0, hd, 2, device="cuda") / hd))
+    angles = torch.cat([angles, angles], -1)
+    cos, sin = angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16)
+    qkv = torch.zeros((heads + 2 * kv) * hd, device="cuda", dtype=torch.bfloat16)
+    pos = torch.zeros(1, dtype=torch.long, device="cuda")
+    ws = torch.zeros(heads * 8 * (hd + 2), device="cuda")
+    att = torch.zeros(dim, device="cuda", dtype=torch.bfloat16)
+    out = torch.zeros(dim, device="cuda", dtype=torch.bfloat16)
+    chain = Chain([dict(xmode="attn", x=qkv, k_cache=block.k_cache, v_cache=block.v_cache, cos=cos, sin=sin, pos=pos,
+                        heads=heads, kv=kv, hd=hd, ws=ws),
+                   dict(layer=wo, out=out, xmode="attn_combine", xsum=att)], torch.device("cuda"), tma=tma)
+    assert chain.tma == tma and attention_chunks(heads, _usable_sms(torch.device("cuda"))) > 1
+    start = (block.k_cache.clone(), block.v_cache.clone())
+    with torch.inference_mode():
+        for p in (0, 317, length - 1):
+            qkv.copy_(torch.randn_like(qkv, dtype=torch.float32).to(torch.bfloat16))
+            block.k_cache.copy_(start[0])
+            block.v_cache.copy_(start[1])
+            where = torch.tensor([p], device="cuda")
+            want = block.attend_qkv(qkv.view(1, -1), cos, sin, where).view(-1).float()
+            want_k, want_v = block.k_cache.clone(), block.v_cache.clone()
+            block.k_cache.copy_(start[0])
+            block.v_cache.copy_(start[1])
+            pos.fill_(p)
+            chain()
+            torch.cuda.synchronize()
+            assert float((att.float() - want).norm() / want.norm()) < 1e-2, p
+            for got, ref in ((block.k_cache, want_k), (block.v_cache, want_v)):
+                rows = torch.arange(length, device="cuda") != p
+                assert torch.equal(got[:, :, rows], ref[:, :, rows]), p  # no other row written
+                assert float((got[:, :, p].float() - ref[:, :, p].float()).norm() / ref[:, :, p].float().norm()) < 1e-2
+            ref_out = wo(att.view(1, -1)).view(-1).float()
+            assert float((out.float() - ref_out).norm() / ref_out.norm()) < 1e-2, p
+        first = (att.clone(), out.clone(), block.k_cache.clone())
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            chain()
+        for _ in range(2):
+            att.zero_()
+            out.zero_()
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(att, first[0]) and torch.equal(out, first[1]) and torch.equal(block.k_cache, first[2])
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["int4", "int8"])
 def test_gpu_gemv_prologues_equal_the_separate_kernels_and_replay(mode, monkeypatch):
     """quantize.prologue_gemv (the residual add + RMSNorm, or silu·up, inside gemv_cuda's GEMV; on Hopper launched

@@ -45,6 +45,10 @@ struct Phase {
     int N, K, xmode, pad0;
     float eps;
     int pad1, pad2, pad3;
+    // the attention (xmode 3: x = the qkv row) and the next phase's combine of its parts (xmode 4: ws)
+    u16* kc; u16* vc; const u16* cos; const u16* sin; const long long* pos; float* ws;
+    int heads, kv, hd, len, chunks, pad4;
+    float scale, pad5;
 };
 
 __device__ __forceinline__ u32 saddr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
@@ -134,9 +138,181 @@ __device__ __forceinline__ void put_cols(uint4* xp, float* xs, int i, bool in, c
 #endif
 }
 
+
+// --- the attention of one decode step as a phase (xmode 3), and its parts' combine as the next one's input (4) ---
+// Work item (head h, chunk c) of heads x chunks, one CTA at a time: query head h (rotated, rounded to bf16, as
+// slot_triton.rope_store) against cache positions [c cs, (c + 1) cs) of 0..pos of its kv head, the position pos
+// itself from the qkv row (its k rotated and rounded; the item of the kv group's first head and the last chunk
+// writes k and v into the caches). Each warp keeps a running (max, sum, out) over its positions, the CTA merges
+// its warps' into ws[h][c] = (m, l, o[hd]) in fp32; the next phase's staging merges the chunks (as
+// _attention_combine_kernel) into bf16 and the GEMV input. A lane holds hd / 32 consecutive dims (hd 64 or 128).
+#define ADL 4  // most dims a lane
+#define NEG_INF __int_as_float(0xff800000)
+
+__device__ __forceinline__ void rope_lane(const u16* row, const u16* cs, const u16* sn, int lane, int dl, int half,
+                                          float (&out)[ADL]) {
+    float x[ADL];
+#pragma unroll
+    for (int e = 0; e < ADL; ++e) x[e] = e < dl ? bf2f(__ldcg(row + lane * dl + e)) : 0.f;
+#pragma unroll
+    for (int e = 0; e < ADL; ++e) {
+        const int d = lane * dl + e;
+        const float other = __shfl_xor_sync(0xffffffffu, x[e], 16);  // dim d + half (d < half) or d - half
+        float r = 0.f;
+        if (e < dl) r = d < half ? x[e] * bf2f(cs[d]) - other * bf2f(sn[d]) : x[e] * bf2f(cs[d]) + other * bf2f(sn[d]);
+        out[e] = e < dl ? bf2f(f2bf(r)) : 0.f;
+    }
+}
+
+// a lane's dims of a cache row, packed (4 bf16 for hd 128, 2 for 64): unpacked where used
+__device__ __forceinline__ uint2 load_row(const u16* p, int dl) {
+    if (dl == 4) return __ldcg((const uint2*)p);
+    return make_uint2(__ldcg((const u32*)p), 0u);
+}
+__device__ __forceinline__ void unpack_row(uint2 u, float (&v)[ADL]) {
+    v[0] = bf2f(u.x & 0xFFFFu); v[1] = bf2f(u.x >> 16); v[2] = bf2f(u.y & 0xFFFFu); v[3] = bf2f(u.y >> 16);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// a score s and value row v into a warp's running (m, l, o)
+__device__ __forceinline__ void online(float sc, const float (&v)[ADL], float& m, float& l, float (&o)[ADL]) {
+    const float mn = fmaxf(m, sc);
+    const float alpha = __expf(m - mn), p = __expf(sc - mn);  // m = -inf at first: alpha 0
+    l = l * alpha + p;
+#pragma unroll
+    for (int e = 0; e < ADL; ++e) o[e] = o[e] * alpha + p * v[e];
+    m = mn;
+}
+
+#define AU 4  // positions a warp loads before it uses them
+
+__device__ __forceinline__ void attention(const Phase& ph, float* scr) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int H = ph.heads, KV = ph.kv, HD = ph.hd, C = ph.chunks, dl = HD / 32, half = HD / 2, rep = H / KV;
+    const int pos = (int)__ldcg(ph.pos), L = pos + 1, cs = (L + C - 1) / C;
+    const u16* cosr = ph.cos + (long)pos * HD;
+    const u16* sinr = ph.sin + (long)pos * HD;
+    for (int item = blockIdx.x; item < H * C; item += gridDim.x) {
+        const int h = item / C, c = item % C, kh = h / rep;
+        const int lo = c * cs, hi = min(L, lo + cs);
+        float q[ADL];
+        rope_lane(ph.x + (long)h * HD, cosr, sinr, lane, dl, half, q);
+#pragma unroll
+        for (int e = 0; e < ADL; ++e) q[e] *= ph.scale;
+        float m = NEG_INF, l = 0.f, o[ADL] = {0.f, 0.f, 0.f, 0.f};
+        const u16* kb = ph.kc + (long)kh * ph.len * HD + lane * dl;
+        const u16* vb = ph.vc + (long)kh * ph.len * HD + lane * dl;
+        const int end = min(hi, pos);  // the cached positions of the chunk; pos itself below
+        for (int base = lo + warp; base < end; base += WARPS * AU) {
+            uint2 kr[AU], vr[AU];
+#pragma unroll
+            for (int u = 0; u < AU; ++u) {
+                const int i = base + u * WARPS;
+                if (i < end) {
+                    kr[u] = load_row(kb + (long)i * HD, dl);
+                    vr[u] = load_row(vb + (long)i * HD, dl);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < AU; ++u) {
+                if (base + u * WARPS < end) {
+                    float kv[ADL], vv[ADL], d = 0.f;
+                    unpack_row(kr[u], kv);
+                    unpack_row(vr[u], vv);
+#pragma unroll
+                    for (int e = 0; e < ADL; ++e) d += q[e] * kv[e];
+                    online(warp_sum(d), vv, m, l, o);
+                }
+            }
+        }
+        if (pos >= lo && pos < hi && warp == 0) {  // the new position, from the qkv row
+            float kn[ADL], vn[ADL];
+            rope_lane(ph.x + (long)(H + kh) * HD, cosr, sinr, lane, dl, half, kn);
+#pragma unroll
+            for (int e = 0; e < ADL; ++e) vn[e] = e < dl ? bf2f(__ldcg(ph.x + (long)(H + KV + kh) * HD + lane * dl + e)) : 0.f;
+            if (h % rep == 0) {
+#pragma unroll
+                for (int e = 0; e < ADL; ++e) {
+                    if (e < dl) {
+                        ph.kc[((long)kh * ph.len + pos) * HD + lane * dl + e] = f2bf(kn[e]);
+                        ph.vc[((long)kh * ph.len + pos) * HD + lane * dl + e] = f2bf(vn[e]);
+                    }
+                }
+            }
+            float d = 0.f;
+#pragma unroll
+            for (int e = 0; e < ADL; ++e) d += q[e] * kn[e];
+            online(warp_sum(d), vn, m, l, o);
+        }
+        // the warps' (m, l, o) into the CTA's, then ws[h][c]
+        float* mine = scr + warp * (HD + 2);
+        if (lane == 0) { mine[0] = m; mine[1] = l; }
+#pragma unroll
+        for (int e = 0; e < ADL; ++e) if (e < dl) mine[2 + lane * dl + e] = o[e];
+        CSYNC();
+        float* dst = ph.ws + (long)(h * C + c) * (HD + 2);
+        for (int d = tid; d < HD + 2; d += WARPS * 32) {
+            float M = NEG_INF;
+            for (int w = 0; w < WARPS; ++w) M = fmaxf(M, scr[w * (HD + 2)]);
+            float tot = 0.f;
+            for (int w = 0; w < WARPS; ++w) {
+                const float mw = scr[w * (HD + 2)];
+                const float f = mw == NEG_INF ? 0.f : __expf(mw - M);
+                tot += f * scr[w * (HD + 2) + (d == 0 ? 1 : d)];
+            }
+            dst[d] = d == 0 ? M : tot;  // (m, l, o[hd]); an empty chunk: (-inf, 0, 0)
+        }
+        CSYNC();
+    }
+}
+
+// xmode 4: the attention's chunks merged (slot_triton's combine: the chunks' outputs weighted by exp(m - M), over
+// their weighted sums) and rounded to bf16, staged as a plain input; CTA 0 keeps the row in xsum.
+__device__ __forceinline__ void stage_combine(const Phase& ph, uint4* xp, float* xs, float* parts, int nparts,
+                                              bool cta0) {
+    const int tid = threadIdx.x, HD = ph.hd, C = ph.chunks;
+    for (int i = tid; i < nparts; i += WARPS * 32) parts[i] = 0.f;
+    for (int base = 0; base < ph.K / 8; base += WARPS * 32) {  // every lane through put_cols' shuffles
+        const int i = base + tid;
+        const bool in = i < ph.K / 8;
+        u32 f[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};
+        if (in) {
+            const int h = 8 * i / HD, d0 = 8 * i % HD;
+            const float* hb = ph.ws + (long)h * C * (HD + 2);
+            float M = NEG_INF;
+            for (int c = 0; c < C; ++c) M = fmaxf(M, __ldcg(hb + c * (HD + 2)));
+            float l = 0.f, acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+            for (int c = 0; c < C; ++c) {
+                const float* part = hb + c * (HD + 2);
+                const float mc = __ldcg(part);
+                const float wgt = mc == NEG_INF ? 0.f : __expf(mc - M);
+                l += wgt * __ldcg(part + 1);
+#pragma unroll
+                for (int k = 0; k < 8; ++k) acc[k] += wgt * __ldcg(part + 2 + d0 + k);
+            }
+#pragma unroll
+            for (int k = 0; k < 8; ++k) f[k] = f2bf(acc[k] / l);
+            if (cta0 && ph.xsum)
+                ((uint4*)ph.xsum)[i] = make_uint4(f[0] | f[1] << 16, f[2] | f[3] << 16, f[4] | f[5] << 16,
+                                                  f[6] | f[7] << 16);
+        }
+        put_cols(xp, xs, i, in, f);
+    }
+    CSYNC();
+}
+
 __device__ __forceinline__ void stage(const Phase& ph, uint4* xp, float* xs, float* red, float* parts, int nparts,
                                       bool cta0) {
     const int K = ph.K, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    if (ph.xmode == 4) {
+        stage_combine(ph, xp, xs, parts, nparts, cta0);
+        return;
+    }
     const uint4* x4 = (const uint4*)ph.x;
     const uint4* y4 = (const uint4*)(ph.xmode == 1 ? ph.x + K : ph.y);
     const bool two = ph.xmode == 1 || (ph.xmode == 2 && ph.y != nullptr);
@@ -315,8 +491,15 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
         cp_commit();
     }
     int take = 0, put = DEPTH;  // the ring slot multiplied next, and the one loaded next (the one multiplied last)
+    // the attention (phase 0 only: out of the loop, whose registers it would crowd) while the ring fills
+    const int first = sp[0].xmode == 3 ? 1 : 0;
+    if (first) {
+        if (tid == 0) note(trace, 0, 0);
+        attention(sp[0], parts + maxt * WARPS * 16);
+        if (tid == 0) { note(trace, 0, 1); note(trace, 0, 2); }
+    }
 #pragma unroll 1
-    for (int p = 0; p < n_phases; ++p) {
+    for (int p = first; p < n_phases; ++p) {
         const Phase& ph = sp[p];
 #if DIAG & 4
         __syncthreads();
@@ -412,25 +595,26 @@ TMA_SOURCE = r"""
 #define STAGE_U4 (SBLK_U4 + SBLK * 4)     // (16 rows x 4 bytes a block)
 typedef unsigned long long u64;
 
-__device__ __forceinline__ void mb_init(u64* b, u32 n) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(saddr(b)), "r"(n) : "memory");
+// mbarriers by their shared-memory address (computed once: converting a generic pointer each time costs)
+__device__ __forceinline__ void mb_init(u32 b, u32 n) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(b), "r"(n) : "memory");
 }
-__device__ __forceinline__ bool mb_test(u64* b, u32 parity) {
+__device__ __forceinline__ bool mb_test(u32 b, u32 parity) {
     u32 ok;
     asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}"
-                 : "=r"(ok) : "r"(saddr(b)), "r"(parity) : "memory");
+                 : "=r"(ok) : "r"(b), "r"(parity) : "memory");
     return ok != 0;
 }
-__device__ __forceinline__ void mb_wait(u64* b, u32 parity) { while (!mb_test(b, parity)) {} }
-__device__ __forceinline__ void mb_arrive(u64* b) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(saddr(b)) : "memory");
+__device__ __forceinline__ void mb_wait(u32 b, u32 parity) { while (!mb_test(b, parity)) {} }
+__device__ __forceinline__ void mb_arrive(u32 b) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(b) : "memory");
 }
-__device__ __forceinline__ void mb_expect(u64* b, u32 bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(saddr(b)), "r"(bytes) : "memory");
+__device__ __forceinline__ void mb_expect(u32 b, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(b), "r"(bytes) : "memory");
 }
-__device__ __forceinline__ void bulk(void* dst, const void* src, u32 bytes, u64* b, u64 policy) {
+__device__ __forceinline__ void bulk(u32 dst, const void* src, u32 bytes, u32 b, u64 policy) {
     asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;"
-                 :: "r"(saddr(dst)), "l"(src), "r"(bytes), "r"(saddr(b)), "l"(policy) : "memory");
+                 :: "r"(dst), "l"(src), "r"(bytes), "r"(b), "l"(policy) : "memory");
 }
 
 extern "C" __global__ void __launch_bounds__((WARPS + 1) * 32, 1)
@@ -444,7 +628,7 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
     for (int i = tid; i < n_phases * (int)(sizeof(Phase) / 4); i += (WARPS + 1) * 32)
         ((int*)sp)[i] = ((const int*)phases)[i];
     if (tid == 0) {
-        for (int s = 0; s < DEPTH; ++s) { mb_init(&full[s], 1); mb_init(&empty[s], WARPS); }
+        for (int s = 0; s < DEPTH; ++s) { mb_init(saddr(&full[s]), 1); mb_init(saddr(&empty[s]), WARPS); }
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();
@@ -452,6 +636,7 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
     uint4* xp = smem + DEPTH * STAGE_U4;                 // [kmax / FIELDS]
     float* xs = (float*)(xp + kmax / FIELDS);            // [kmax / COLS]
     float* parts = xs + kmax / COLS;                     // [maxt][WARPS][16]
+    const u32 full0 = saddr(full), empty0 = saddr(empty), ring0 = saddr(ring);
 
     if (warp == WARPS) {
         // The producer: each phase's run of tiles is one contiguous span of words (tiled layout) and one of
@@ -474,14 +659,14 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
                 const char* ss = (const char*)ph.sz + (long)t0 * per * 64;
                 for (int c = 0; c < nb; c += SBLK) {
                     const int n = min(SBLK, nb - c);
-                    mb_wait(&empty[s], r ^ 1);  // the consumers are done with its last fill (a new one: at once)
-                    uint4* st = ring + s * STAGE_U4;
+                    mb_wait(empty0 + 8 * s, r ^ 1);  // the consumers are done with its last fill (a new one: at once)
+                    const u32 st = ring0 + s * STAGE_U4 * 16;
 #if DIAG & 32
-                    mb_arrive(&full[s]);  // no words: the consumers' own cost
+                    mb_arrive(full0 + 8 * s);  // no words: the consumers' own cost
 #else
-                    mb_expect(&full[s], n * 1088);
-                    bulk(st, ws + (long)c * 1024, n * 1024, &full[s], policy);
-                    bulk(st + SBLK_U4, ss + (long)c * 64, n * 64, &full[s], policy);
+                    mb_expect(full0 + 8 * s, n * 1088);
+                    bulk(st, ws + (long)c * 1024, n * 1024, full0 + 8 * s, policy);
+                    bulk(st + SBLK_U4 * 16, ss + (long)c * 64, n * 64, full0 + 8 * s, policy);
 #endif
                     if (++s == DEPTH) { s = 0; r ^= 1; }
                 }
@@ -493,8 +678,15 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
 
     int s = 0;
     u32 r = 0;
+    // the attention (phase 0 only: out of the loop, whose registers it would crowd) while the ring fills
+    const int first = sp[0].xmode == 3 ? 1 : 0;
+    if (first) {
+        if (tid == 0) note(trace, 0, 0);
+        attention(sp[0], parts + maxt * WARPS * 16);
+        if (tid == 0) { note(trace, 0, 1); note(trace, 0, 2); }
+    }
 #pragma unroll 1
-    for (int p = 0; p < n_phases; ++p) {
+    for (int p = first; p < n_phases; ++p) {
         const Phase& ph = sp[p];
 #if DIAG & 4
         CSYNC();
@@ -517,7 +709,7 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
         float acc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll 1
         for (int c = 0; c < nb; c += SBLK) {
-            mb_wait(&full[s], r);
+            mb_wait(full0 + 8 * s, r);
             const uint4* st = ring + s * STAGE_U4;
             uint4 v[BPI][CHUNKS][2];
             uint2 sc[BPI];
@@ -532,7 +724,7 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
                 }
             }
             __syncwarp();
-            if (lane == 0) mb_arrive(&empty[s]);  // its words are in registers: the producer may refill it
+            if (lane == 0) mb_arrive(empty0 + 8 * s);  // its words are in registers: the producer may refill it
             if (++s == DEPTH) { s = 0; r ^= 1; }
 #pragma unroll
             for (int b = 0; b < BPI; ++b) {
@@ -576,11 +768,24 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
 
 
 class _Phase(ctypes.Structure):
-    """The kernel's ``struct Phase`` (96 bytes)."""
+    """The kernel's ``struct Phase`` (176 bytes)."""
 
     _fields_ = [(n, ctypes.c_void_p) for n in ("w", "sz", "x", "y", "nw", "xsum", "out", "rs")] + [
         ("N", ctypes.c_int), ("K", ctypes.c_int), ("xmode", ctypes.c_int), ("pad0", ctypes.c_int),
-        ("eps", ctypes.c_float), ("pad1", ctypes.c_int), ("pad2", ctypes.c_int), ("pad3", ctypes.c_int)]
+        ("eps", ctypes.c_float), ("pad1", ctypes.c_int), ("pad2", ctypes.c_int), ("pad3", ctypes.c_int)] + [
+        (n, ctypes.c_void_p) for n in ("kc", "vc", "cos", "sin", "pos", "ws")] + [
+        (n, ctypes.c_int) for n in ("heads", "kv", "hd", "len", "chunks", "pad4")] + [
+        ("scale", ctypes.c_float), ("pad5", ctypes.c_float)]
+
+
+# the chain's own prologues past gemv_cuda's XMODES (plain 0, swiglu 1, rms 2): the attention of a decode step
+# (phase 0 only) and its chunks' merge as the next GEMV's input
+CHAIN_XMODES = {**gemv_cuda.XMODES, "attn": 3, "attn_combine": 4}
+
+
+def attention_chunks(heads: int, grid: int) -> int:
+    """Chunks of positions a head's attention is cut into: about one work item a CTA (1 to 8)."""
+    return max(1, min(8, grid // heads))
 
 
 MAXPH = 8
@@ -589,10 +794,11 @@ STAGE_WORDS = 4  # SV: 16-byte words of the input a thread stages a round
 # words): int4 blocks are 1 KiB, int8 2 KiB; ~100 KiB of words in flight a multiprocessor, the rest of its shared
 # memory for the staged input.
 DEFAULTS = {4: (16, 2, 2), 8: (16, 2, 1)}
-# The bulk-copy kernel's (consumer warps, most stages, blocks a warp a stage): the stages fill the shared memory
-# the staged input leaves (~190 KiB on an H200: ~7 us of the multiprocessor's share of the bandwidth). TMA:
-# LOCALGPT_GEMV_CHAIN_TMA=0 takes the ring kernel on Hopper too.
-TMA_DEFAULTS = (16, 4, 1)
+# The bulk-copy kernel's (consumer warps, stages, blocks a warp a stage): 15 warps and the producer's are 512
+# threads, so 128 registers a thread (16 + 1 warps get 96, and spilled with 2 blocks); 4 stages of 30 KiB
+# (bench/gemv_cuda.py --chain: 1,537 us a step against 1,587 for (16, 4, 1), 1,596 with 5 stages, 1,693 for the
+# ring kernel). LOCALGPT_GEMV_CHAIN_TMA=0 takes the ring kernel on Hopper too.
+TMA_DEFAULTS = (15, 4, 2)
 MAX_STAGES = 32
 TMA = os.environ.get("LOCALGPT_GEMV_CHAIN_TMA", "1") != "0"
 # The bulk copies' L2 policy: 1 evict_first, 0 evict_normal (bench/gemv_cuda.py compares them)
@@ -707,7 +913,12 @@ class Chain:
 
         if not 1 <= len(phases) <= MAXPH:
             raise ValueError(f"a chain has 1 to {MAXPH} phases")
-        layers = [ph["layer"] for ph in phases]
+        attn = phases[0] if phases[0].get("xmode") == "attn" else None
+        if any(ph.get("xmode") == "attn" for ph in phases[1:]):
+            raise ValueError("the attention is a chain's first phase or none")
+        if attn is not None and (len(phases) < 2 or phases[1].get("xmode") != "attn_combine"):
+            raise ValueError("the attention's phase is followed by a GEMV of its output (xmode attn_combine)")
+        layers = [ph["layer"] for ph in phases if ph.get("xmode") != "attn"]
         if not all(layer_fits(layer) for layer in layers):
             raise ValueError("a layer's words do not fit the chain kernel")
         bits = 4 if isinstance(layers[0], Int4Linear) else 8
@@ -731,12 +942,14 @@ class Chain:
         kmax = max(layer.in_features for layer in layers)
         maxt = max(-(-layer.out_features // 16 // self.grid) for layer in layers)
         optin = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+        # the attention's scratch after the tiles' parts: one (m, l, out[hd]) a warp
+        ascr = warps * (attn["hd"] + 2) * 4 if attn is not None else 0
         if tma and depth is None:  # as many stages as the shared memory holds, up to TMA_DEFAULTS' depth
-            rest = smem_bytes(bits, planes, warps, 0, bpi, kmax, maxt, tma=True) + 2048 + 16 * MAX_STAGES
+            rest = smem_bytes(bits, planes, warps, 0, bpi, kmax, maxt, tma=True) + ascr + 2048 + 16 * MAX_STAGES
             depth = max(2, min(defaults[1], (optin - rest) // smem_bytes(bits, planes, warps, 1, bpi, 0, 0, True)))
         depth = depth or defaults[1]
         self.fn = kernel(bits, planes, device, warps, depth, bits == 4, bpi, tma)
-        self.smem = smem_bytes(bits, planes, warps, depth, bpi, kmax, maxt, tma)
+        self.smem = smem_bytes(bits, planes, warps, depth, bpi, kmax, maxt, tma) + ascr
         if self.smem + 2048 + (16 * depth if tma else 0) > optin:
             raise ValueError(f"the chain needs {self.smem} bytes of shared memory; this GPU gives {optin}")
         self.fn.allow_smem(self.smem)
@@ -753,17 +966,23 @@ class Chain:
             return t.data_ptr() if t is not None else 0
 
         for i, ph in enumerate(phases):
+            if ph.get("xmode") == "attn":
+                table[i] = self._attention_phase(ph)
+                continue
             layer = ph["layer"]
             n, k = layer.out_features, layer.in_features
-            mode = gemv_cuda.XMODES[ph.get("xmode", "plain")]
-            x, out, y, xsum = ph["x"], ph["out"], ph.get("y"), ph.get("xsum")
+            mode = CHAIN_XMODES[ph.get("xmode", "plain")]
+            x, out, y, xsum = ph.get("x"), ph["out"], ph.get("y"), ph.get("xsum")
             norm = ph.get("norm")
             nw = norm.weight if mode == 2 else None
             for tensor in (x, out, y, xsum, nw):
                 if tensor is not None and (tensor.dtype != torch.bfloat16 or not tensor.is_contiguous()
                                            or tensor.data_ptr() % 16):
                     raise ValueError("chain buffers are contiguous, 16-byte aligned bf16")
-            if x.numel() != (2 * k if mode == 1 else k) or out.numel() != n:
+            if mode == 4:
+                if k != attn["heads"] * attn["hd"] or out.numel() != n:
+                    raise ValueError(f"phase {i}: a {n}x{k} layer after {attn['heads']} heads of {attn['hd']}")
+            elif x.numel() != (2 * k if mode == 1 else k) or out.numel() != n:
                 raise ValueError(f"phase {i}: x has {x.numel()} values, out {out.numel()}, for a {n}x{k} layer")
             if mode == 2 and norm is None:
                 raise ValueError(f"phase {i}: rms needs the norm")
@@ -776,11 +995,41 @@ class Chain:
             self.keep += [layer.words, sz, rs, nw, x, out, y, xsum]
             table[i] = _Phase(ptr(layer.words), ptr(sz), ptr(x), ptr(y), ptr(nw), ptr(xsum), ptr(out), ptr(rs),
                               n, k, mode, 0, float(norm.eps) if mode == 2 else 0.0, 0, 0, 0)
+            if mode == 4:  # the attention's parts, where its phase left them
+                for name in ("ws", "heads", "hd", "chunks"):
+                    setattr(table[i], name, getattr(table[0], name))
         self.n_phases, self.maxt, self.kmax = len(phases), maxt, kmax
         self.table = torch.frombuffer(bytearray(bytes(table)), dtype=torch.uint8).to(device)
         self.bar = torch.zeros(2, dtype=torch.int32, device=device)
         # DIAG & 16 (bench/gemv_cuda.py --chain-trace): ns stamps [CTA, phase, point] of the last launch
         self.trace = torch.zeros(self.grid, MAXPH, 4, dtype=torch.int64, device=device) if DIAG & 16 else None
+
+    def _attention_phase(self, ph: dict) -> _Phase:
+        """The table entry of an attention phase: ``x`` the qkv row ([(heads + 2 kv) hd] bf16), ``k_cache`` /
+        ``v_cache`` ([1, kv, len, hd] bf16, written at ``pos``), ``cos`` / ``sin`` ([len, hd] bf16 tables), ``pos``
+        (an int64 [1] on the device: the step's position, read by the launch), ``heads``, ``kv``, ``hd`` (64 or
+        128) and ``ws`` (float32 [heads, chunks, hd + 2], chunks = ``attention_chunks``)."""
+        x, kc, vc, cos, sin, pos, ws = (ph[k] for k in ("x", "k_cache", "v_cache", "cos", "sin", "pos", "ws"))
+        heads, kv, hd = ph["heads"], ph["kv"], ph["hd"]
+        chunks = attention_chunks(heads, self.grid)
+        length = kc.shape[2]
+        if hd not in (64, 128) or heads % kv:
+            raise ValueError(f"the chain's attention takes head dims 64 or 128 and whole kv groups (hd {hd})")
+        if kc.shape != (1, kv, length, hd) or vc.shape != kc.shape or cos.shape != (length, hd) or sin.shape != cos.shape:
+            raise ValueError("the chain's attention: caches [1, kv, len, hd] and cos / sin tables [len, hd]")
+        for t in (x, kc, vc, cos, sin):
+            if t.dtype != torch.bfloat16 or not t.is_contiguous():
+                raise ValueError("the chain's attention: contiguous bf16 qkv, caches and tables")
+        if x.numel() != (heads + 2 * kv) * hd or pos.dtype != torch.int64 or ws.dtype != torch.float32 \
+                or ws.numel() < heads * chunks * (hd + 2):
+            raise ValueError("the chain's attention: qkv of (heads + 2 kv) hd, an int64 position, float32 ws")
+        self.keep += [x, kc, vc, cos, sin, pos, ws]
+        entry = _Phase()
+        entry.x, entry.kc, entry.vc, entry.cos, entry.sin, entry.pos, entry.ws = (
+            t.data_ptr() for t in (x, kc, vc, cos, sin, pos, ws))
+        entry.xmode, entry.heads, entry.kv, entry.hd, entry.len, entry.chunks = 3, heads, kv, hd, length, chunks
+        entry.scale = hd ** -0.5
+        return entry
 
     def __call__(self) -> None:
         """Launch on the current stream (graph-capturable)."""

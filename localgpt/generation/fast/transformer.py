@@ -23,6 +23,9 @@ from localgpt.errors import ConfigError
 # and the separate prologues stay faster); LOCALGPT_GEMV_CHAIN=0 keeps a launch a GEMV (``_step_prologues``).
 CHAIN = os.environ.get("LOCALGPT_GEMV_CHAIN", "1") != "0"
 CHAIN_INT8 = os.environ.get("LOCALGPT_GEMV_CHAIN", "1") == "all"
+# The decode attention as the first phase of each layer's chain (rotary, cache write, the attention over positions
+# 0..pos): a layer one launch instead of four. LOCALGPT_GEMV_CHAIN_ATTN=0: the attention's own three kernels.
+CHAIN_ATTN = os.environ.get("LOCALGPT_GEMV_CHAIN_ATTN", "1") != "0"
 
 # Prompt chunks of the slot path (batch.BatchEngine): kernels that need no per-shape plan.
 _CHUNK_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -368,6 +371,8 @@ class Transformer(nn.Module):
         self.max_seq = max_seq
         for block in self.blocks:
             block.setup_cache(max_seq, self.dtype, self.device)
+        if self._chain:  # its attention phases hold the old caches' and tables' addresses: built again
+            self._chain = None
         positions = torch.arange(max_seq, device=self.device)[None]
         cos, sin = self.rope(torch.empty(0, dtype=self.dtype, device=self.device), positions)
         self.cos, self.sin = cos[0].to(self.dtype), sin[0].to(self.dtype)  # [max_seq, head_dim]
@@ -486,6 +491,12 @@ class Transformer(nn.Module):
         c = SimpleNamespace(ra=buf(dim), rb=buf(dim), qkv=buf(b0.wqkv.out_features), att=buf(b0.wo.in_features),
                             o=buf(dim), gu=buf(b0.w_in.out_features), d=buf(dim))
         c.head_in_chain = gemv_chain.layer_fits(self.lm_head)  # else (a bf16 head, say) a launch of its own
+        s = b0.shape
+        c.attn = (CHAIN_ATTN and s.head_dim in (64, 128) and s.n_heads % s.n_kv_heads == 0
+                  and getattr(b0, "k_cache", None) is not None and b0.k_cache.dtype == torch.bfloat16
+                  and self.cos.dtype == torch.bfloat16)
+        c.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        c.ws = torch.zeros(s.n_heads * 8 * (s.head_dim + 2), dtype=torch.float32, device=dev)
         c.logits = buf(self.lm_head.out_features) if c.head_in_chain else None
         # the bulk-copy kernel where the GPU has it (Hopper, int4), else or if it fails its check the ring one
         for tma in (None, False):
@@ -494,8 +505,13 @@ class Transformer(nn.Module):
                                           tma=tma)
                 c.chains = []
                 for i, b in enumerate(blocks):
-                    phases = [dict(layer=b.wo, x=c.att, out=c.o),
-                              dict(layer=b.w_in, x=c.ra, y=c.o, norm=b.norm2, xsum=c.rb, out=c.gu, xmode="rms"),
+                    phases = [dict(layer=b.wo, x=c.att, out=c.o)]
+                    if c.attn:  # the attention first, its output (c.att: CTA 0 keeps it) the input of wo
+                        phases = [dict(xmode="attn", x=c.qkv, k_cache=b.k_cache, v_cache=b.v_cache, cos=self.cos,
+                                       sin=self.sin, pos=c.pos, heads=s.n_heads, kv=s.n_kv_heads, hd=s.head_dim,
+                                       ws=c.ws),
+                                  dict(layer=b.wo, out=c.o, xmode="attn_combine", xsum=c.att)]
+                    phases += [dict(layer=b.w_in, x=c.ra, y=c.o, norm=b.norm2, xsum=c.rb, out=c.gu, xmode="rms"),
                               dict(layer=b.w_out, x=c.gu, out=c.d, xmode="swiglu")]
                     if i + 1 < len(blocks):
                         nxt = blocks[i + 1]
@@ -520,6 +536,35 @@ class Transformer(nn.Module):
             logging.getLogger(__name__).warning("gemv_chain's bulk-copy kernel not used: %s", self.chain_note)
         return None
 
+    def _chain_attention_run(self, c, gen) -> str:
+        """The first layer's chain run with its attention at a position inside the cache, against
+        ``Block.attend_qkv`` (slot_triton's rotary + cache write and split attention) on a random qkv row: the
+        attention's output and the cache rows it writes within bf16 rounding. The rows at that position are put
+        back after (the cache may hold a prompt's). Returns "" or what differs."""
+        b0 = self.blocks[0]
+        pos = min(5, b0.k_cache.shape[2] - 1)
+        where = torch.tensor([pos], device=self.device)
+        saved = (b0.k_cache[:, :, pos].clone(), b0.v_cache[:, :, pos].clone())
+        try:
+            qkv = torch.randn(c.qkv.shape, generator=gen, device=self.device).to(torch.bfloat16)
+            ref = b0.attend_qkv(qkv.view(1, -1), self.cos, self.sin, where).view(-1).float()
+            ref_rows = (b0.k_cache[:, :, pos].float(), b0.v_cache[:, :, pos].float())
+            b0.k_cache[:, :, pos] = saved[0]
+            b0.v_cache[:, :, pos] = saved[1]
+            c.qkv.copy_(qkv)
+            c.pos.fill_(pos)
+            c.chains[0]()
+            got_rows = (b0.k_cache[:, :, pos].float(), b0.v_cache[:, :, pos].float())
+            for name, got, want in (("attention", c.att.float(), ref), ("k row", got_rows[0], ref_rows[0]),
+                                    ("v row", got_rows[1], ref_rows[1])):
+                rel = float((got - want).norm() / want.norm().clamp(min=1e-12))
+                if not bool(torch.isfinite(got).all()) or rel > 1e-2:
+                    return f"the check failed at {name} (relative error {rel:.2e})"
+            return ""
+        finally:
+            b0.k_cache[:, :, pos] = saved[0]
+            b0.v_cache[:, :, pos] = saved[1]
+
     def _chain_check(self, c) -> str:
         """The first layer's chain against ``quantize.prologue_gemv``'s launches (or the separate kernels) on
         random inputs: every output within bf16 rounding (the parts of a row meet in another order). Returns ""
@@ -533,7 +578,13 @@ class Transformer(nn.Module):
             att = torch.randn(c.att.shape, generator=gen, device=self.device).to(torch.bfloat16)
             c.ra.copy_(x)
             c.att.copy_(att)
-            c.chains[0]()
+            if c.attn:
+                note = self._chain_attention_run(c, gen)
+                if note:
+                    return note
+                att = c.att.clone()  # what the chain's wo took
+            else:
+                c.chains[0]()
             o = b0.wo(att.view(1, -1))
             h, x1 = prologue_gemv(b0.w_in, x.view(1, -1), "rms", o, b0.norm2)
             d, _ = prologue_gemv(b0.w_out, h, "swiglu")
@@ -558,8 +609,11 @@ class Transformer(nn.Module):
         c = self._chain
         torch.index_select(self.embed, 0, token.view(-1), out=c.ra.view(1, -1))
         c.head()
+        if c.attn:
+            c.pos.copy_(input_pos.view(-1))  # the chains read the position from their fixed buffer
         for block, chain in zip(self.blocks, c.chains):
-            block.attend_qkv(c.qkv.view(1, -1), self.cos, self.sin, input_pos, out=c.att.view(1, -1))
+            if not c.attn:
+                block.attend_qkv(c.qkv.view(1, -1), self.cos, self.sin, input_pos, out=c.att.view(1, -1))
             chain()
         if c.head_in_chain:
             return c.logits.view(1, -1).float()
