@@ -189,7 +189,7 @@ __device__ __forceinline__ void online(float sc, const float (&v)[ADL], float& m
     m = mn;
 }
 
-#define AU 4  // positions a warp loads before it uses them
+#define AU 8  // positions a warp loads before it uses them (128 a CTA a round)
 
 __device__ __forceinline__ void attention(const Phase& ph, float* scr) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -623,11 +623,12 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
     extern __shared__ uint4 smem[];
     __shared__ Phase sp[MAXPH];
     __shared__ float red[WARPS];
-    __shared__ u64 full[DEPTH], empty[DEPTH];
+    __shared__ u64 full[DEPTH], empty[DEPTH], go;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
     for (int i = tid; i < n_phases * (int)(sizeof(Phase) / 4); i += (WARPS + 1) * 32)
         ((int*)sp)[i] = ((const int*)phases)[i];
     if (tid == 0) {
+        mb_init(saddr(&go), WARPS);
         for (int s = 0; s < DEPTH; ++s) { mb_init(saddr(&full[s]), 1); mb_init(saddr(&empty[s]), WARPS); }
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
@@ -642,6 +643,10 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
         // The producer: each phase's run of tiles is one contiguous span of words (tiled layout) and one of
         // (scale, zero) rows (the chain's tile-major copy), cut into stages of SBLK blocks.
         if (lane == 0) {
+#if !EARLY
+            // an attention first: its loads of the caches before the words' (it is on the critical path)
+            if (sp[0].xmode == 3) mb_wait(saddr(&go), 0);
+#endif
             u64 policy;  // HINT 1: the words are read once a step: first out of the L2, the activations stay
 #if HINT == 1
             asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
@@ -684,6 +689,7 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
         if (tid == 0) note(trace, 0, 0);
         attention(sp[0], parts + maxt * WARPS * 16);
         if (tid == 0) { note(trace, 0, 1); note(trace, 0, 2); }
+        if (lane == 0) mb_arrive(saddr(&go));  // the producer may start
     }
 #pragma unroll 1
     for (int p = first; p < n_phases; ++p) {
@@ -806,6 +812,9 @@ HINT = int(os.environ.get("LOCALGPT_GEMV_CHAIN_HINT", "1"))
 # int4: independent mma accumulators a block (gemv_cuda's mul_block ACC; 1, 2, 4 or 8): 2-8 were no faster (the
 # multiply is not bound by the chain of 8 dependent mma; bench/gpu_notes.md round 11)
 ACC = int(os.environ.get("LOCALGPT_GEMV_CHAIN_ACC", "1"))
+# The bulk-copy producer of a chain that starts with the attention: 0 waits for it (its cache loads alone on the
+# memory), 1 streams the words from the start
+EARLY = int(os.environ.get("LOCALGPT_GEMV_CHAIN_EARLY", "0"))
 
 
 # bench/gemv_cuda.py --chain-diag: bits leaving out 1 the multiply, 2 the staging of the input, 4 the grid barrier,
@@ -819,11 +828,12 @@ def source(bits: int, planes: int, warps: int, depth: int, tiled: bool, bpi: int
     """(name, CUDA source) of the chain kernel for one weight format, CTA size (consumer warps), ring depth (items
     a warp, or stages of the bulk-copy ring) and blocks an item (a consumer warp's blocks a stage)."""
     name = (f"gemv_chain_int{bits}_p{planes}_w{warps}_d{depth}_b{bpi}" + ("_tl" if tiled else "")
-            + (f"_tma_h{HINT}" if tma else "") + (f"_acc{ACC}" if ACC != 1 and bits == 4 else "")
+            + (f"_tma_h{HINT}" if tma else "") + ("_early" if EARLY and tma else "") + (f"_acc{ACC}" if ACC != 1 and bits == 4 else "")
             + (f"_diag{DIAG}" if DIAG else ""))
     head = (f"#define BITS {bits}\n#define P {planes}\n#define FIELDS {32 // bits}\n#define WARPS {warps}\n"
             f"#define DEPTH {depth}\n#define BPI {bpi}\n#define TILES 1\n#define NT 1\n#define OFFSET 1\n#define TILED {int(tiled)}\n#define XMODE 0\n"
             f"#define PREF 0\n#define DIAG {DIAG}\n#define HINT {HINT}\n#define ACC {ACC if bits == 4 else 1}\n"
+            f"#define EARLY {EARLY}\n"
             f"#define KERNEL_NAME {name}\n")
     body = TMA_SOURCE if tma else RING_SOURCE
     # a barrier of the CTA's threads that multiply (the bulk-copy kernel's producer warp stays out of it)
@@ -837,7 +847,7 @@ _KERNELS: dict = {}
 
 def kernel(bits: int, planes: int, device: torch.device, warps: int, depth: int, tiled: bool, bpi: int,
            tma: bool = False):
-    key = (bits, planes, warps, depth, tiled, bpi, tma, device.index, DIAG, HINT, ACC)
+    key = (bits, planes, warps, depth, tiled, bpi, tma, device.index, DIAG, HINT, ACC, EARLY)
     if key not in _KERNELS:
         if torch.cuda.get_device_capability(device)[0] < (9 if tma else 8):
             raise RuntimeError("the chain kernel needs bf16 mma and cp.async (compute capability 8.0 or newer; "
