@@ -118,7 +118,7 @@ def trace_summary(label: str, trace: torch.Tensor, n_phases: int = 4) -> str:
 
 
 def chain(kinds: list[str], n_layers: int, depths: tuple[int, ...] = (2,), sweep: bool = False,
-          diag: bool = False, chain_shapes: str = "", diags: tuple[int, ...] = ()) -> dict:
+          diag: bool = False, chain_shapes: str = "", diags: tuple[int, ...] = (), chain_attn: int = 0) -> dict:
     """µs a decode step of GEMVs (see the module's note) per (kind, variant); prints a table."""
     from localgpt.generation.fast import gemv_chain, slot_triton
     from localgpt.generation.fast.gemv_chain import Chain
@@ -181,17 +181,42 @@ def chain(kinds: list[str], n_layers: int, depths: tuple[int, ...] = (2,), sweep
                     else:
                         lin.cuda_config = lin.cuda_config[:4] + (depth,) + lin.cuda_config[5:]
 
-        def persistent(shape):
-            # gemv_chain: wo -> w_in -> w_out -> the next wqkv in one launch a layer (the buffers fixed)
+        attn_state = {}
+
+        def attention_state():
+            # --chain-attn POS: each layer's caches (POS + 64 positions, random), the rotary tables, the position
+            if not attn_state:
+                heads, hd, length = dim // 128, 128, chain_attn + 64
+                angles = torch.arange(length, device="cuda")[:, None] * (
+                    10000 ** (-torch.arange(0, hd, 2, device="cuda") / hd))
+                angles = torch.cat([angles, angles], -1)
+                attn_state.update(
+                    heads=heads, hd=hd, cos=angles.cos().to(torch.bfloat16), sin=angles.sin().to(torch.bfloat16),
+                    pos=torch.full((1,), chain_attn, dtype=torch.long, device="cuda"),
+                    ws=torch.zeros(heads * 8 * (hd + 2), device="cuda"),
+                    att=torch.zeros(dim, device="cuda", dtype=torch.bfloat16),
+                    caches=[(torch.randn(1, heads, length, hd, device="cuda").to(torch.bfloat16),
+                             torch.randn(1, heads, length, hd, device="cuda").to(torch.bfloat16)) for _ in layers])
+            return attn_state
+
+        def persistent(shape, attn=""):
+            # gemv_chain: wo -> w_in -> w_out -> the next wqkv in one launch a layer (the buffers fixed); attn
+            # "phase": the attention as each launch's first phase, "kernels": slot_triton's three kernels before it
             bufs = {k: torch.zeros(n, device="cuda", dtype=torch.bfloat16) for k, n in (
                 ("qkv", 3 * dim), ("o", dim), ("ra", dim), ("rb", dim), ("gu", 2 * inner), ("d", dim))}
             chains = [Chain([dict(layer=layers[0]["wqkv"], x=bufs["ra"], out=bufs["qkv"], xmode="rms",
                                   norm=layers[0]["n1"])], torch.device("cuda"), *shape[:3], tma=tma_of(shape))]
+            st = attention_state() if attn else {}
             for i, b in enumerate(layers):
-                ph = [dict(layer=b["wo"], x=bufs["qkv"][:dim], out=bufs["o"]),
-                      dict(layer=b["w_in"], x=bufs["ra"], y=bufs["o"], norm=b["n2"], xsum=bufs["rb"],
-                           out=bufs["gu"], xmode="rms"),
-                      dict(layer=b["w_out"], x=bufs["gu"], out=bufs["d"], xmode="swiglu")]
+                ph = [dict(layer=b["wo"], x=st["att"] if attn else bufs["qkv"][:dim], out=bufs["o"])]
+                if attn == "phase":
+                    kc, vc = st["caches"][i]
+                    ph = [dict(xmode="attn", x=bufs["qkv"], k_cache=kc, v_cache=vc, cos=st["cos"], sin=st["sin"],
+                               pos=st["pos"], heads=st["heads"], kv=st["heads"], hd=st["hd"], ws=st["ws"]),
+                          dict(layer=b["wo"], out=bufs["o"], xmode="attn_combine", xsum=st["att"])]
+                ph += [dict(layer=b["w_in"], x=bufs["ra"], y=bufs["o"], norm=b["n2"], xsum=bufs["rb"],
+                            out=bufs["gu"], xmode="rms"),
+                       dict(layer=b["w_out"], x=bufs["gu"], out=bufs["d"], xmode="swiglu")]
                 if i + 1 < len(layers):
                     ph.append(dict(layer=layers[i + 1]["wqkv"], x=bufs["rb"], y=bufs["d"], norm=layers[i + 1]["n1"],
                                    xsum=bufs["ra"], out=bufs["qkv"], xmode="rms"))
@@ -199,7 +224,13 @@ def chain(kinds: list[str], n_layers: int, depths: tuple[int, ...] = (2,), sweep
 
             def run():
                 bufs["ra"].copy_(x0.view(-1))
-                for c in chains:
+                chains[0]()
+                for i, c in enumerate(chains[1:]):
+                    if attn == "kernels":
+                        kc, vc = st["caches"][i]
+                        q = slot_triton.rope_store(bufs["qkv"].view(1, -1), st["cos"], st["sin"], st["pos"], kc, vc,
+                                                   st["heads"])
+                        slot_triton.decode_attention(q, kc, vc, st["pos"], -1, out=st["att"].view(1, -1))
                     c()
                 final["out"] = (bufs["rb"] + bufs["d"]).view(1, -1)
             run.chains = chains
@@ -228,8 +259,9 @@ def chain(kinds: list[str], n_layers: int, depths: tuple[int, ...] = (2,), sweep
             for dg in diags or ((0, 1, 2, 3, 7, 11, 15) if diag else (0,)):
                 gemv_chain.DIAG = dg
                 try:
-                    runs.append((shape_label(shape) + (f" diag{dg}" if dg else ""),
-                                 persistent(shape), None, True))
+                    for attn in (("", "kernels", "phase") if chain_attn else ("",)):
+                        runs.append((shape_label(shape) + (f" attn {attn}" if attn else "") + (f" diag{dg}" if dg else ""),
+                                     persistent(shape, attn), None, True))
                 except Exception as exc:  # noqa: BLE001 - a shape that does not fit this GPU
                     print(f"{kind} chain {shape}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
             gemv_chain.DIAG = 0
@@ -251,7 +283,7 @@ def chain(kinds: list[str], n_layers: int, depths: tuple[int, ...] = (2,), sweep
                 entry[label] = graph_us([fn], repeats=15)
                 torch.cuda.synchronize()
                 if getattr(fn, "chains", None) and fn.chains[1].trace is not None:
-                    print(trace_summary(f"{kind} {label}", fn.chains[1].trace), flush=True)
+                    print(trace_summary(f"{kind} {label}", fn.chains[1].trace, fn.chains[1].n_phases), flush=True)
                 outs[label] = final["out"].float().clone()
             except Exception as exc:  # noqa: BLE001 - one variant failing leaves the others
                 entry[label] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
@@ -325,6 +357,8 @@ def main() -> None:
                         help="--chain: gemv_chain without its multiply / staging, and each shape alone")
     parser.add_argument("--chain-shapes", default="",
                         help='--chain: "warps,depth,bpi[,tma];..." instead of CHAIN_SHAPES (depth "max": all that fit)')
+    parser.add_argument("--chain-attn", type=int, default=0,
+                        help="--chain: also with the attention at this position, as a phase and as its own kernels")
     parser.add_argument("--chain-diags", default="", help="--chain: these DIAG values for each shape (e.g. 0,15)")
     parser.add_argument("--depths", default="", help="register depths to try (e.g. 2,3,4; first = the baseline's)")
     parser.add_argument("--json")
@@ -334,7 +368,8 @@ def main() -> None:
             res = chain(args.kinds.split(","), args.layers,
                         tuple(int(d) for d in args.depths.split(",")) if args.depths else (2,), args.sweep,
                         args.chain_diag, args.chain_shapes,
-                        tuple(int(d) for d in args.chain_diags.split(",")) if args.chain_diags else ())
+                        tuple(int(d) for d in args.chain_diags.split(",")) if args.chain_diags else (),
+                        args.chain_attn)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(res, f, indent=1)

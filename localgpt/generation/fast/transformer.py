@@ -25,7 +25,7 @@ CHAIN = os.environ.get("LOCALGPT_GEMV_CHAIN", "1") != "0"
 CHAIN_INT8 = os.environ.get("LOCALGPT_GEMV_CHAIN", "1") == "all"
 # The decode attention as the first phase of each layer's chain (rotary, cache write, the attention over positions
 # 0..pos): a layer one launch instead of four. LOCALGPT_GEMV_CHAIN_ATTN=0: the attention's own three kernels.
-CHAIN_ATTN = os.environ.get("LOCALGPT_GEMV_CHAIN_ATTN", "1") != "0"
+CHAIN_ATTN = os.environ.get("LOCALGPT_GEMV_CHAIN_ATTN", "0") == "1"
 
 # Prompt chunks of the slot path (batch.BatchEngine): kernels that need no per-shape plan.
 _CHUNK_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
