@@ -193,7 +193,7 @@ def chain(kinds: list[str], n_layers: int, depths: tuple[int, ...] = (2,), sweep
                 attn_state.update(
                     heads=heads, hd=hd, cos=angles.cos().to(torch.bfloat16), sin=angles.sin().to(torch.bfloat16),
                     pos=torch.full((1,), chain_attn, dtype=torch.long, device="cuda"),
-                    ws=torch.zeros(heads * 8 * (hd + 2), device="cuda"),
+                    ws=torch.zeros(heads * 8 * (hd + 4), device="cuda"),
                     att=torch.zeros(dim, device="cuda", dtype=torch.bfloat16),
                     caches=[(torch.randn(1, heads, length, hd, device="cuda").to(torch.bfloat16),
                              torch.randn(1, heads, length, hd, device="cuda").to(torch.bfloat16)) for _ in layers])
@@ -211,9 +211,9 @@ def chain(kinds: list[str], n_layers: int, depths: tuple[int, ...] = (2,), sweep
                 ph = [dict(layer=b["wo"], x=st["att"] if attn else bufs["qkv"][:dim], out=bufs["o"])]
                 if attn == "phase":
                     kc, vc = st["caches"][i]
-                    ph = [dict(xmode="attn", x=bufs["qkv"], k_cache=kc, v_cache=vc, cos=st["cos"], sin=st["sin"],
-                               pos=st["pos"], heads=st["heads"], kv=st["heads"], hd=st["hd"], ws=st["ws"]),
-                          dict(layer=b["wo"], out=bufs["o"], xmode="attn_combine", xsum=st["att"])]
+                    ph.insert(0, dict(xmode="attn", x=bufs["qkv"], out=st["att"], k_cache=kc, v_cache=vc,
+                                      cos=st["cos"], sin=st["sin"], pos=st["pos"], heads=st["heads"], kv=st["heads"],
+                                      hd=st["hd"], ws=st["ws"]))
                 ph += [dict(layer=b["w_in"], x=bufs["ra"], y=bufs["o"], norm=b["n2"], xsum=bufs["rb"],
                             out=bufs["gu"], xmode="rms"),
                        dict(layer=b["w_out"], x=bufs["gu"], out=bufs["d"], xmode="swiglu")]

@@ -829,7 +829,7 @@ def test_gpu_chain_runs_a_layers_gemvs_in_one_launch_as_the_prologue_kernels_do(
 @pytest.mark.parametrize("tma", [False, True])
 def test_gpu_chain_attention_phase_matches_the_attention_kernels(tma):
     """gemv_chain's attention phase (rotary, cache write, attention over positions 0..pos split in chunks across the
-    CTAs, merged in the next GEMV's staging) at Llama-2-7B's shapes (32 heads of 128, a 600-position cache) against
+    CTAs, the last chunk of a head merging them) at Llama-2-7B's shapes (32 heads of 128, a 600-position cache) against
     Block.attend_qkv (slot_triton's three kernels), at the first position, one inside and the last: the attention
     within bf16 rounding, the k / v rows it writes equal to theirs within rounding and no other row touched, wo
     of it as the separate GEMV gives; a CUDA-graph replay bit-identical (the position read from its buffer)."""
@@ -855,12 +855,12 @@ def test_gpu_chain_attention_phase_matches_the_attention_kernels(tma):
     cos, sin = angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16)
     qkv = torch.zeros((heads + 2 * kv) * hd, device="cuda", dtype=torch.bfloat16)
     pos = torch.zeros(1, dtype=torch.long, device="cuda")
-    ws = torch.zeros(heads * 8 * (hd + 2), device="cuda")
+    ws = torch.zeros(heads * 8 * (hd + 4), device="cuda")
     att = torch.zeros(dim, device="cuda", dtype=torch.bfloat16)
     out = torch.zeros(dim, device="cuda", dtype=torch.bfloat16)
-    chain = Chain([dict(xmode="attn", x=qkv, k_cache=block.k_cache, v_cache=block.v_cache, cos=cos, sin=sin, pos=pos,
-                        heads=heads, kv=kv, hd=hd, ws=ws),
-                   dict(layer=wo, out=out, xmode="attn_combine", xsum=att)], torch.device("cuda"), tma=tma)
+    chain = Chain([dict(xmode="attn", x=qkv, out=att, k_cache=block.k_cache, v_cache=block.v_cache, cos=cos, sin=sin,
+                        pos=pos, heads=heads, kv=kv, hd=hd, ws=ws),
+                   dict(layer=wo, x=att, out=out)], torch.device("cuda"), tma=tma)
     assert chain.tma == tma and attention_chunks(heads, _usable_sms(torch.device("cuda"))) > 1
     start = (block.k_cache.clone(), block.v_cache.clone())
     with torch.inference_mode():

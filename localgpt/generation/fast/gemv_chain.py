@@ -45,8 +45,8 @@ struct Phase {
     int N, K, xmode, pad0;
     float eps;
     int pad1, pad2, pad3;
-    // the attention (xmode 3: x = the qkv row) and the next phase's combine of its parts (xmode 4: ws)
-    u16* kc; u16* vc; const u16* cos; const u16* sin; const long long* pos; float* ws;
+    // the attention (xmode 3: x the qkv row, out its output row; ws its chunks' parts, cnt a count a head)
+    u16* kc; u16* vc; const u16* cos; const u16* sin; const long long* pos; float* ws; unsigned* cnt;
     int heads, kv, hd, len, chunks, pad4;
     float scale, pad5;
 };
@@ -194,28 +194,40 @@ __device__ __forceinline__ void online(float sc, const float (&v)[ADL], float& m
 __device__ __forceinline__ void attention(const Phase& ph, float* scr) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int H = ph.heads, KV = ph.kv, HD = ph.hd, C = ph.chunks, dl = HD / 32, half = HD / 2, rep = H / KV;
-    const int pos = (int)__ldcg(ph.pos), L = pos + 1, cs = (L + C - 1) / C;
+    const int pos = (int)__ldcg(ph.pos), L = pos + 1, cs = (L + C - 1) / C, WS = HD + 4;
     const u16* cosr = ph.cos + (long)pos * HD;
     const u16* sinr = ph.sin + (long)pos * HD;
+    __shared__ int last;
     for (int item = blockIdx.x; item < H * C; item += gridDim.x) {
         const int h = item / C, c = item % C, kh = h / rep;
         const int lo = c * cs, hi = min(L, lo + cs);
+        const u16* kb = ph.kc + (long)kh * ph.len * HD + lane * dl;
+        const u16* vb = ph.vc + (long)kh * ph.len * HD + lane * dl;
+        const int end = min(hi, pos);  // the cached positions of the chunk; pos itself below
+        // the first round's cache rows asked for before the query's rotary (their latencies overlap)
+        uint2 kr[AU], vr[AU];
+#pragma unroll
+        for (int u = 0; u < AU; ++u) {
+            const int i = lo + warp + u * WARPS;
+            if (i < end) {
+                kr[u] = load_row(kb + (long)i * HD, dl);
+                vr[u] = load_row(vb + (long)i * HD, dl);
+            }
+        }
         float q[ADL];
         rope_lane(ph.x + (long)h * HD, cosr, sinr, lane, dl, half, q);
 #pragma unroll
         for (int e = 0; e < ADL; ++e) q[e] *= ph.scale;
         float m = NEG_INF, l = 0.f, o[ADL] = {0.f, 0.f, 0.f, 0.f};
-        const u16* kb = ph.kc + (long)kh * ph.len * HD + lane * dl;
-        const u16* vb = ph.vc + (long)kh * ph.len * HD + lane * dl;
-        const int end = min(hi, pos);  // the cached positions of the chunk; pos itself below
         for (int base = lo + warp; base < end; base += WARPS * AU) {
-            uint2 kr[AU], vr[AU];
+            if (base != lo + warp) {
 #pragma unroll
-            for (int u = 0; u < AU; ++u) {
-                const int i = base + u * WARPS;
-                if (i < end) {
-                    kr[u] = load_row(kb + (long)i * HD, dl);
-                    vr[u] = load_row(vb + (long)i * HD, dl);
+                for (int u = 0; u < AU; ++u) {
+                    const int i = base + u * WARPS;
+                    if (i < end) {
+                        kr[u] = load_row(kb + (long)i * HD, dl);
+                        vr[u] = load_row(vb + (long)i * HD, dl);
+                    }
                 }
             }
 #pragma unroll
@@ -249,13 +261,13 @@ __device__ __forceinline__ void attention(const Phase& ph, float* scr) {
             for (int e = 0; e < ADL; ++e) d += q[e] * kn[e];
             online(warp_sum(d), vn, m, l, o);
         }
-        // the warps' (m, l, o) into the CTA's, then ws[h][c]
+        // the warps' (m, l, o) into the CTA's, then ws[h][c] = (m, l, -, -, o[hd])
         float* mine = scr + warp * (HD + 2);
         if (lane == 0) { mine[0] = m; mine[1] = l; }
 #pragma unroll
         for (int e = 0; e < ADL; ++e) if (e < dl) mine[2 + lane * dl + e] = o[e];
         CSYNC();
-        float* dst = ph.ws + (long)(h * C + c) * (HD + 2);
+        float* dst = ph.ws + (long)(h * C + c) * WS;
         for (int d = tid; d < HD + 2; d += WARPS * 32) {
             float M = NEG_INF;
             for (int w = 0; w < WARPS; ++w) M = fmaxf(M, scr[w * (HD + 2)]);
@@ -265,54 +277,43 @@ __device__ __forceinline__ void attention(const Phase& ph, float* scr) {
                 const float f = mw == NEG_INF ? 0.f : __expf(mw - M);
                 tot += f * scr[w * (HD + 2) + (d == 0 ? 1 : d)];
             }
-            dst[d] = d == 0 ? M : tot;  // (m, l, o[hd]); an empty chunk: (-inf, 0, 0)
+            dst[d < 2 ? d : d + 2] = d == 0 ? M : tot;  // an empty chunk: (-inf, 0, 0)
+        }
+        // the last of a head's chunks merges them (slot_triton's combine: each chunk's sums weighted by
+        // exp(m - M), over the weighted l) into the head's bf16 row of ``out``, and resets the head's count
+        CSYNC();
+        if (tid == 0) {
+            __threadfence();
+            last = atomicAdd(ph.cnt + h, 1u) == (unsigned)(C - 1);
+            if (last) { __threadfence(); ph.cnt[h] = 0u; }
         }
         CSYNC();
-    }
-}
-
-// xmode 4: the attention's chunks merged (slot_triton's combine: the chunks' outputs weighted by exp(m - M), over
-// their weighted sums) and rounded to bf16, staged as a plain input; CTA 0 keeps the row in xsum.
-__device__ __forceinline__ void stage_combine(const Phase& ph, uint4* xp, float* xs, float* parts, int nparts,
-                                              bool cta0) {
-    const int tid = threadIdx.x, HD = ph.hd, C = ph.chunks;
-    for (int i = tid; i < nparts; i += WARPS * 32) parts[i] = 0.f;
-    for (int base = 0; base < ph.K / 8; base += WARPS * 32) {  // every lane through put_cols' shuffles
-        const int i = base + tid;
-        const bool in = i < ph.K / 8;
-        u32 f[8] = {0u, 0u, 0u, 0u, 0u, 0u, 0u, 0u};
-        if (in) {
-            const int h = 8 * i / HD, d0 = 8 * i % HD;
-            const float* hb = ph.ws + (long)h * C * (HD + 2);
+        if (last && tid < HD / 8) {
+            const float* hb = ph.ws + (long)h * C * WS;
             float M = NEG_INF;
-            for (int c = 0; c < C; ++c) M = fmaxf(M, __ldcg(hb + c * (HD + 2)));
-            float l = 0.f, acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-            for (int c = 0; c < C; ++c) {
-                const float* part = hb + c * (HD + 2);
-                const float mc = __ldcg(part);
-                const float wgt = mc == NEG_INF ? 0.f : __expf(mc - M);
-                l += wgt * __ldcg(part + 1);
-#pragma unroll
-                for (int k = 0; k < 8; ++k) acc[k] += wgt * __ldcg(part + 2 + d0 + k);
+            for (int k = 0; k < C; ++k) M = fmaxf(M, __ldcg(hb + k * WS));
+            float tl = 0.f, acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+            for (int k = 0; k < C; ++k) {
+                const float mk = __ldcg(hb + k * WS), wgt = mk == NEG_INF ? 0.f : __expf(mk - M);
+                tl += wgt * __ldcg(hb + k * WS + 1);
+                const float4 o0 = __ldcg((const float4*)(hb + k * WS + 4) + 2 * tid);
+                const float4 o1 = __ldcg((const float4*)(hb + k * WS + 4) + 2 * tid + 1);
+                acc[0] += wgt * o0.x; acc[1] += wgt * o0.y; acc[2] += wgt * o0.z; acc[3] += wgt * o0.w;
+                acc[4] += wgt * o1.x; acc[5] += wgt * o1.y; acc[6] += wgt * o1.z; acc[7] += wgt * o1.w;
             }
+            u32 f[8];
 #pragma unroll
-            for (int k = 0; k < 8; ++k) f[k] = f2bf(acc[k] / l);
-            if (cta0 && ph.xsum)
-                ((uint4*)ph.xsum)[i] = make_uint4(f[0] | f[1] << 16, f[2] | f[3] << 16, f[4] | f[5] << 16,
-                                                  f[6] | f[7] << 16);
+            for (int k = 0; k < 8; ++k) f[k] = f2bf(acc[k] / tl);
+            ((uint4*)(ph.out + (long)h * HD))[tid] = make_uint4(f[0] | f[1] << 16, f[2] | f[3] << 16,
+                                                                f[4] | f[5] << 16, f[6] | f[7] << 16);
         }
-        put_cols(xp, xs, i, in, f);
+        CSYNC();  // ``last`` and the scratch are the next item's
     }
-    CSYNC();
 }
 
 __device__ __forceinline__ void stage(const Phase& ph, uint4* xp, float* xs, float* red, float* parts, int nparts,
                                       bool cta0) {
     const int K = ph.K, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    if (ph.xmode == 4) {
-        stage_combine(ph, xp, xs, parts, nparts, cta0);
-        return;
-    }
     const uint4* x4 = (const uint4*)ph.x;
     const uint4* y4 = (const uint4*)(ph.xmode == 1 ? ph.x + K : ph.y);
     const bool two = ph.xmode == 1 || (ph.xmode == 2 && ph.y != nullptr);
@@ -774,19 +775,19 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
 
 
 class _Phase(ctypes.Structure):
-    """The kernel's ``struct Phase`` (176 bytes)."""
+    """The kernel's ``struct Phase`` (184 bytes)."""
 
     _fields_ = [(n, ctypes.c_void_p) for n in ("w", "sz", "x", "y", "nw", "xsum", "out", "rs")] + [
         ("N", ctypes.c_int), ("K", ctypes.c_int), ("xmode", ctypes.c_int), ("pad0", ctypes.c_int),
         ("eps", ctypes.c_float), ("pad1", ctypes.c_int), ("pad2", ctypes.c_int), ("pad3", ctypes.c_int)] + [
-        (n, ctypes.c_void_p) for n in ("kc", "vc", "cos", "sin", "pos", "ws")] + [
+        (n, ctypes.c_void_p) for n in ("kc", "vc", "cos", "sin", "pos", "ws", "cnt")] + [
         (n, ctypes.c_int) for n in ("heads", "kv", "hd", "len", "chunks", "pad4")] + [
         ("scale", ctypes.c_float), ("pad5", ctypes.c_float)]
 
 
-# the chain's own prologues past gemv_cuda's XMODES (plain 0, swiglu 1, rms 2): the attention of a decode step
-# (phase 0 only) and its chunks' merge as the next GEMV's input
-CHAIN_XMODES = {**gemv_cuda.XMODES, "attn": 3, "attn_combine": 4}
+# the chain's phases past gemv_cuda's XMODES (plain 0, swiglu 1, rms 2): the attention of a decode step (phase 0
+# only; its output row the next GEMV's plain input)
+CHAIN_XMODES = {**gemv_cuda.XMODES, "attn": 3}
 
 
 def attention_chunks(heads: int, grid: int) -> int:
@@ -926,8 +927,6 @@ class Chain:
         attn = phases[0] if phases[0].get("xmode") == "attn" else None
         if any(ph.get("xmode") == "attn" for ph in phases[1:]):
             raise ValueError("the attention is a chain's first phase or none")
-        if attn is not None and (len(phases) < 2 or phases[1].get("xmode") != "attn_combine"):
-            raise ValueError("the attention's phase is followed by a GEMV of its output (xmode attn_combine)")
         layers = [ph["layer"] for ph in phases if ph.get("xmode") != "attn"]
         if not all(layer_fits(layer) for layer in layers):
             raise ValueError("a layer's words do not fit the chain kernel")
@@ -954,6 +953,7 @@ class Chain:
         optin = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
         # the attention's scratch after the tiles' parts: one (m, l, out[hd]) a warp
         ascr = warps * (attn["hd"] + 2) * 4 if attn is not None else 0
+        self.cnt = torch.zeros(attn["heads"] if attn is not None else 1, dtype=torch.int32, device=device)
         if tma and depth is None:  # as many stages as the shared memory holds, up to TMA_DEFAULTS' depth
             rest = smem_bytes(bits, planes, warps, 0, bpi, kmax, maxt, tma=True) + ascr + 2048 + 16 * MAX_STAGES
             depth = max(2, min(defaults[1], (optin - rest) // smem_bytes(bits, planes, warps, 1, bpi, 0, 0, True)))
@@ -989,10 +989,7 @@ class Chain:
                 if tensor is not None and (tensor.dtype != torch.bfloat16 or not tensor.is_contiguous()
                                            or tensor.data_ptr() % 16):
                     raise ValueError("chain buffers are contiguous, 16-byte aligned bf16")
-            if mode == 4:
-                if k != attn["heads"] * attn["hd"] or out.numel() != n:
-                    raise ValueError(f"phase {i}: a {n}x{k} layer after {attn['heads']} heads of {attn['hd']}")
-            elif x.numel() != (2 * k if mode == 1 else k) or out.numel() != n:
+            if x.numel() != (2 * k if mode == 1 else k) or out.numel() != n:
                 raise ValueError(f"phase {i}: x has {x.numel()} values, out {out.numel()}, for a {n}x{k} layer")
             if mode == 2 and norm is None:
                 raise ValueError(f"phase {i}: rms needs the norm")
@@ -1005,9 +1002,6 @@ class Chain:
             self.keep += [layer.words, sz, rs, nw, x, out, y, xsum]
             table[i] = _Phase(ptr(layer.words), ptr(sz), ptr(x), ptr(y), ptr(nw), ptr(xsum), ptr(out), ptr(rs),
                               n, k, mode, 0, float(norm.eps) if mode == 2 else 0.0, 0, 0, 0)
-            if mode == 4:  # the attention's parts, where its phase left them
-                for name in ("ws", "heads", "hd", "chunks"):
-                    setattr(table[i], name, getattr(table[0], name))
         self.n_phases, self.maxt, self.kmax = len(phases), maxt, kmax
         self.table = torch.frombuffer(bytearray(bytes(table)), dtype=torch.uint8).to(device)
         self.bar = torch.zeros(2, dtype=torch.int32, device=device)
@@ -1015,11 +1009,13 @@ class Chain:
         self.trace = torch.zeros(self.grid, MAXPH, 4, dtype=torch.int64, device=device) if DIAG & 16 else None
 
     def _attention_phase(self, ph: dict) -> _Phase:
-        """The table entry of an attention phase: ``x`` the qkv row ([(heads + 2 kv) hd] bf16), ``k_cache`` /
-        ``v_cache`` ([1, kv, len, hd] bf16, written at ``pos``), ``cos`` / ``sin`` ([len, hd] bf16 tables), ``pos``
-        (an int64 [1] on the device: the step's position, read by the launch), ``heads``, ``kv``, ``hd`` (64 or
-        128) and ``ws`` (float32 [heads, chunks, hd + 2], chunks = ``attention_chunks``)."""
-        x, kc, vc, cos, sin, pos, ws = (ph[k] for k in ("x", "k_cache", "v_cache", "cos", "sin", "pos", "ws"))
+        """The table entry of an attention phase: ``x`` the qkv row ([(heads + 2 kv) hd] bf16), ``out`` the
+        attention's row ([heads hd] bf16, the next phase's input), ``k_cache`` / ``v_cache`` ([1, kv, len, hd] bf16,
+        written at ``pos``), ``cos`` / ``sin`` ([len, hd] bf16 tables), ``pos`` (an int64 [1] on the device: the
+        step's position, read by the launch), ``heads``, ``kv``, ``hd`` (64 or 128) and ``ws`` (float32
+        [heads, chunks, hd + 4], chunks = ``attention_chunks``)."""
+        x, out, kc, vc, cos, sin, pos, ws = (ph[k] for k in ("x", "out", "k_cache", "v_cache", "cos", "sin", "pos",
+                                                              "ws"))
         heads, kv, hd = ph["heads"], ph["kv"], ph["hd"]
         chunks = attention_chunks(heads, self.grid)
         length = kc.shape[2]
@@ -1027,16 +1023,17 @@ class Chain:
             raise ValueError(f"the chain's attention takes head dims 64 or 128 and whole kv groups (hd {hd})")
         if kc.shape != (1, kv, length, hd) or vc.shape != kc.shape or cos.shape != (length, hd) or sin.shape != cos.shape:
             raise ValueError("the chain's attention: caches [1, kv, len, hd] and cos / sin tables [len, hd]")
-        for t in (x, kc, vc, cos, sin):
-            if t.dtype != torch.bfloat16 or not t.is_contiguous():
-                raise ValueError("the chain's attention: contiguous bf16 qkv, caches and tables")
-        if x.numel() != (heads + 2 * kv) * hd or pos.dtype != torch.int64 or ws.dtype != torch.float32 \
-                or ws.numel() < heads * chunks * (hd + 2):
-            raise ValueError("the chain's attention: qkv of (heads + 2 kv) hd, an int64 position, float32 ws")
-        self.keep += [x, kc, vc, cos, sin, pos, ws]
+        for t in (x, out, kc, vc, cos, sin):
+            if t.dtype != torch.bfloat16 or not t.is_contiguous() or t.data_ptr() % 16:
+                raise ValueError("the chain's attention: contiguous, 16-byte aligned bf16 rows, caches and tables")
+        if x.numel() != (heads + 2 * kv) * hd or out.numel() != heads * hd or pos.dtype != torch.int64 \
+                or ws.dtype != torch.float32 or ws.numel() < heads * chunks * (hd + 4) or ws.data_ptr() % 16:
+            raise ValueError("the chain's attention: qkv of (heads + 2 kv) hd, out of heads hd, an int64 position, "
+                             "float32 ws")
+        self.keep += [x, out, kc, vc, cos, sin, pos, ws]
         entry = _Phase()
-        entry.x, entry.kc, entry.vc, entry.cos, entry.sin, entry.pos, entry.ws = (
-            t.data_ptr() for t in (x, kc, vc, cos, sin, pos, ws))
+        entry.x, entry.out, entry.kc, entry.vc, entry.cos, entry.sin, entry.pos, entry.ws, entry.cnt = (
+            t.data_ptr() for t in (x, out, kc, vc, cos, sin, pos, ws, self.cnt))
         entry.xmode, entry.heads, entry.kv, entry.hd, entry.len, entry.chunks = 3, heads, kv, hd, length, chunks
         entry.scale = hd ** -0.5
         return entry

@@ -496,7 +496,7 @@ class Transformer(nn.Module):
                   and getattr(b0, "k_cache", None) is not None and b0.k_cache.dtype == torch.bfloat16
                   and self.cos.dtype == torch.bfloat16)
         c.pos = torch.zeros(1, dtype=torch.long, device=dev)
-        c.ws = torch.zeros(s.n_heads * 8 * (s.head_dim + 2), dtype=torch.float32, device=dev)
+        c.ws = torch.zeros(s.n_heads * 8 * (s.head_dim + 4), dtype=torch.float32, device=dev)
         c.logits = buf(self.lm_head.out_features) if c.head_in_chain else None
         # the bulk-copy kernel where the GPU has it (Hopper, int4), else or if it fails its check the ring one
         for tma in (None, False):
@@ -506,11 +506,10 @@ class Transformer(nn.Module):
                 c.chains = []
                 for i, b in enumerate(blocks):
                     phases = [dict(layer=b.wo, x=c.att, out=c.o)]
-                    if c.attn:  # the attention first, its output (c.att: CTA 0 keeps it) the input of wo
-                        phases = [dict(xmode="attn", x=c.qkv, k_cache=b.k_cache, v_cache=b.v_cache, cos=self.cos,
-                                       sin=self.sin, pos=c.pos, heads=s.n_heads, kv=s.n_kv_heads, hd=s.head_dim,
-                                       ws=c.ws),
-                                  dict(layer=b.wo, out=c.o, xmode="attn_combine", xsum=c.att)]
+                    if c.attn:  # the attention first, its output row c.att the input of wo
+                        phases.insert(0, dict(xmode="attn", x=c.qkv, out=c.att, k_cache=b.k_cache, v_cache=b.v_cache,
+                                              cos=self.cos, sin=self.sin, pos=c.pos, heads=s.n_heads,
+                                              kv=s.n_kv_heads, hd=s.head_dim, ws=c.ws))
                     phases += [dict(layer=b.w_in, x=c.ra, y=c.o, norm=b.norm2, xsum=c.rb, out=c.gu, xmode="rms"),
                               dict(layer=b.w_out, x=c.gu, out=c.d, xmode="swiglu")]
                     if i + 1 < len(blocks):
