@@ -4,28 +4,38 @@ Why: ``gemv_cuda``'s kernels stream a step's packed weights at 1.9 TB/s against 
 bench/gpu_notes.md rounds 8-9): every launch pays a ramp-up, a tail and the drain and launch before the next.
 Here one launch runs the phases ``wo -> w_in -> w_out -> the next layer's wqkv`` (or ``lm_head``):
 
-- Weights do not depend on the activations, so each warp streams its share of *all* phases' words through a ring
-  of ``DEPTH`` items in shared memory (``cp.async``; an item is ``BPI`` blocks of 128 columns of a 16-row tile,
-  1 KiB a block for int4, 2 KiB for int8), running ahead into the next phase while this one finishes.
-- A phase's tiles are cut into equal runs, one a CTA (one CTA a multiprocessor, all resident), and a CTA's items
-  into equal runs, one a warp; the warps' parts of a tile meet in the CTA's shared memory and are added in warp
-  order (deterministic, no global split-K workspace).
+- Weights do not depend on the activations, so their words stream into shared memory ahead of the multiply, into
+  the next phases while this one finishes and while the CTA waits at a barrier or stages an input. Two kernels:
+  the bulk-copy one (Hopper, int4; ``TMA_SOURCE``): one producer thread copies each phase's run of the CTA's tiles
+  (one contiguous span of words in the tiled layout, one of (scale, zero) rows in a tile-major copy made for the
+  chain) in stages of ``WARPS * BPI`` blocks with ``cp.async.bulk`` onto mbarriers, ``DEPTH`` stages deep, and
+  the consumer warps release each stage when its words are in registers; the ring one (any GPU from sm_80, int8;
+  ``RING_SOURCE``): each warp streams its own share through a ring of ``DEPTH`` items (``cp.async``; an item is
+  ``BPI`` blocks of 128 columns of a 16-row tile, 1 KiB a block for int4, 2 KiB for int8).
+- A phase's tiles are cut into equal runs, one a CTA (one CTA a multiprocessor, all resident); the warps' parts of
+  a tile meet in the CTA's shared memory and are added in warp order (deterministic, no global split-K workspace).
 - Between phases a grid barrier, then every CTA stages the whole next input in shared memory with the phase's
   prologue (``XMODES``: RMSNorm(x + y) writing the residual sum, or silu(gate) * up), the arithmetic and rounding
   of ``gemv_cuda``'s prologues.
+- Optionally (``Transformer``'s LOCALGPT_GEMV_CHAIN_ATTN=1) the decode attention is the launch's first phase:
+  rotary and cache write, the attention over positions 0..pos in chunks across the CTAs, the last chunk of a head
+  merging them (``attention``).
 
-The multiply of an item is ``gemv_cuda``'s (the same ``HELPERS``): nibble pairs made bf16 by one ``lop3`` are the
+The multiply of a block is ``gemv_cuda``'s (the same ``HELPERS``): nibble pairs made bf16 by one ``lop3`` are the
 A fragments of ``mma.sync.m16n8k16``, x the B fragments. One token (the batch-1 step; batches take
 ``gemv_cuda``). Checked against the separate launches when the step is built (``Transformer._chain_check``) and in
 the GPU tests; the step that uses it is ``Transformer._step_chain``.
 
-Measured on an H200 (bench/gemv_cuda.py --chain, Llama-2-7B's 32 layers; bench/gpu_notes.md round 10): int4
-1,641-1,702 us a step of GEMVs against 1,723-1,738 for ``gemv_cuda`` with prologues, engine 482-487 against 471
-tok/s; int8 2,345-2,466 against 2,730-2,776, but the engine's int8 step (Triton X2 for one token) stays faster
-(354 against 349), so int8 is chained only with LOCALGPT_GEMV_CHAIN=all. Where the time goes (``DIAG``): streaming the
-words alone 917 us (3.6 TB/s); the staging of each phase's input ~2.4 us a phase (308 us a step), the grid
-barrier ~2 us (207 us; 26 us less with release / acquire than with fence.sc), the multiply's issue ~136 us. The ring absorbs latency, not these waits: a deeper ring,
-and L2 prefetches of the items after it before each wait, were no faster (the prefetches slower).
+Measured on an H200 (bench/gemv_cuda.py --chain, Llama-2-7B's 32 layers; bench/gpu_notes.md rounds 10-11): int4
+bulk-copy 1,537-1,586 us a step of GEMVs against the ring's 1,675-1,693 and ``gemv_cuda``'s 1,723-1,738 with
+prologues; engine 507-510 tok/s against 486-490 (ring) and 471 (a launch a GEMV). int8 (ring) 2,345-2,466 against
+2,730-2,776, but the engine's int8 step (Triton X2 for one token) stays faster (354 against 349), so int8 is chained
+only with LOCALGPT_GEMV_CHAIN=all. What bounds it (Nsight Compute, ``DIAG``, ``trace``; round 11): the warps'
+own work. Without any word loads (DIAG 32) a layer's launch takes as long as with them (bulk-copy) or 82 % of it
+(ring): ~136-176 SASS instructions a 1 KiB block (56 of them the nibbles' lop3 / shifts), 16 warps a
+multiprocessor at 128 registers, issue slots 43-49 % busy; and ~2.5 us a phase of staging and ~2 us of barrier,
+which the warps, not the memory, wait out. The attention as a phase: 2,067 against 2,021 us a step with
+slot_triton's three kernels (pos 512), its slowest CTA 11 us.
 """
 
 from __future__ import annotations

@@ -18,13 +18,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from localgpt.errors import ConfigError
 
-# The batch-1 step's GEMVs one persistent launch a layer (``gemv_chain``) for int4 layers: 482-487 against 471 tok/s
-# on the H200 (Llama-2-7B). int8 layers only with LOCALGPT_GEMV_CHAIN=all (349 against 354: Triton's X2 kernel
+# The batch-1 step's GEMVs one persistent launch a layer (``gemv_chain``) for int4 layers: 507-510 tok/s (its
+# bulk-copy kernel; 486-490 with the ring one, LOCALGPT_GEMV_CHAIN_TMA=0) against 471 on the H200 (Llama-2-7B). int8 layers only with LOCALGPT_GEMV_CHAIN=all (349 against 354: Triton's X2 kernel
 # and the separate prologues stay faster); LOCALGPT_GEMV_CHAIN=0 keeps a launch a GEMV (``_step_prologues``).
 CHAIN = os.environ.get("LOCALGPT_GEMV_CHAIN", "1") != "0"
 CHAIN_INT8 = os.environ.get("LOCALGPT_GEMV_CHAIN", "1") == "all"
 # The decode attention as the first phase of each layer's chain (rotary, cache write, the attention over positions
-# 0..pos): a layer one launch instead of four. LOCALGPT_GEMV_CHAIN_ATTN=0: the attention's own three kernels.
+# 0..pos): a layer one launch instead of four, with LOCALGPT_GEMV_CHAIN_ATTN=1. Off by default: 2% slower than
+# slot_triton's three kernels on an H200 (bench/gpu_notes.md round 11).
 CHAIN_ATTN = os.environ.get("LOCALGPT_GEMV_CHAIN_ATTN", "0") == "1"
 
 # Prompt chunks of the slot path (batch.BatchEngine): kernels that need no per-shape plan.
