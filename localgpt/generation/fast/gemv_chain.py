@@ -820,9 +820,6 @@ MAX_STAGES = 32
 TMA = os.environ.get("LOCALGPT_GEMV_CHAIN_TMA", "1") != "0"
 # The bulk copies' L2 policy: 1 evict_first, 0 evict_normal (bench/gemv_cuda.py compares them)
 HINT = int(os.environ.get("LOCALGPT_GEMV_CHAIN_HINT", "1"))
-# int4: independent mma accumulators a block (gemv_cuda's mul_block ACC; 1, 2, 4 or 8): 2-8 were no faster (the
-# multiply is not bound by the chain of 8 dependent mma; bench/gpu_notes.md round 11)
-ACC = int(os.environ.get("LOCALGPT_GEMV_CHAIN_ACC", "1"))
 # The bulk-copy producer of a chain that starts with the attention: 0 waits for it (its cache loads alone on the
 # memory), 1 streams the words from the start
 EARLY = int(os.environ.get("LOCALGPT_GEMV_CHAIN_EARLY", "0"))
@@ -839,11 +836,11 @@ def source(bits: int, planes: int, warps: int, depth: int, tiled: bool, bpi: int
     """(name, CUDA source) of the chain kernel for one weight format, CTA size (consumer warps), ring depth (items
     a warp, or stages of the bulk-copy ring) and blocks an item (a consumer warp's blocks a stage)."""
     name = (f"gemv_chain_int{bits}_p{planes}_w{warps}_d{depth}_b{bpi}" + ("_tl" if tiled else "")
-            + (f"_tma_h{HINT}" if tma else "") + ("_early" if EARLY and tma else "") + (f"_acc{ACC}" if ACC != 1 and bits == 4 else "")
+            + (f"_tma_h{HINT}" if tma else "") + ("_early" if EARLY and tma else "")
             + (f"_diag{DIAG}" if DIAG else ""))
     head = (f"#define BITS {bits}\n#define P {planes}\n#define FIELDS {32 // bits}\n#define WARPS {warps}\n"
             f"#define DEPTH {depth}\n#define BPI {bpi}\n#define TILES 1\n#define NT 1\n#define OFFSET 1\n#define TILED {int(tiled)}\n#define XMODE 0\n"
-            f"#define PREF 0\n#define DIAG {DIAG}\n#define HINT {HINT}\n#define ACC {ACC if bits == 4 else 1}\n"
+            f"#define PREF 0\n#define DIAG {DIAG}\n#define HINT {HINT}\n"
             f"#define EARLY {EARLY}\n"
             f"#define KERNEL_NAME {name}\n")
     body = TMA_SOURCE if tma else RING_SOURCE
@@ -858,7 +855,7 @@ _KERNELS: dict = {}
 
 def kernel(bits: int, planes: int, device: torch.device, warps: int, depth: int, tiled: bool, bpi: int,
            tma: bool = False):
-    key = (bits, planes, warps, depth, tiled, bpi, tma, device.index, DIAG, HINT, ACC, EARLY)
+    key = (bits, planes, warps, depth, tiled, bpi, tma, device.index, DIAG, HINT, EARLY)
     if key not in _KERNELS:
         if torch.cuda.get_device_capability(device)[0] < (9 if tma else 8):
             raise RuntimeError("the chain kernel needs bf16 mma and cp.async (compute capability 8.0 or newer; "

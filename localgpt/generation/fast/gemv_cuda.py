@@ -119,9 +119,6 @@ __device__ __forceinline__ u16 out_val(float total, const u16* __restrict__ rs, 
 }
 
 #define CHUNKS (P / 16)                 // 16-word chunks a block (a row's P words)
-#ifndef ACC
-#define ACC 1                           // int4: independent mma accumulators a block (the chain's mma latency / ACC)
-#endif
 #define COLS (P * FIELDS)               // columns a block
 
 // One block of every tile. For each 8-token tile j: c[j][0..3] = (row g, token 8j + 2t), (row g, 8j + 2t + 1),
@@ -132,11 +129,11 @@ __device__ __forceinline__ void mul_block(const uint4 (&v)[TILES][CHUNKS][2], co
 #pragma unroll
     for (int tt = 0; tt < TILES; ++tt) {
 #if BITS == 4
-        float ca[ACC][NT][4];  // mma m of the block adds into ca[m % ACC]; they are summed in order at the end
+        float c[NT][4];
 #pragma unroll
-        for (int a = 0; a < ACC; ++a)
-#pragma unroll
-            for (int j = 0; j < NT; ++j) ca[a][j][0] = ca[a][j][1] = ca[a][j][2] = ca[a][j][3] = 0.f;
+        for (int j = 0; j < NT; ++j) c[j][0] = c[j][1] = c[j][2] = c[j][3] = 0.f;
+#else
+        float (&c)[NT][4] = acc[tt];  // int8: one chain over the whole row, unscaled
 #endif
 #pragma unroll
         for (int ch = 0; ch < CHUNKS; ++ch) {
@@ -160,15 +157,12 @@ __device__ __forceinline__ void mul_block(const uint4 (&v)[TILES][CHUNKS][2], co
                 u32 a02 = bf2_add(nib_pair(w0 >> 8), m), a12 = bf2_add(nib_pair(w1 >> 8), m);
                 u32 a03 = bf2_add(nib_pair(w0 >> 12), m), a13 = bf2_add(nib_pair(w1 >> 12), m);
 #endif
-                float (&c0)[NT][4] = ca[((ch * 4 + s) * 2) % ACC];
-                float (&c1)[NT][4] = ca[((ch * 4 + s) * 2 + 1) % ACC];
 #pragma unroll
                 for (int j = 0; j < NT; ++j) {
-                    mma16816(c0[j], a00, a10, a01, a11, xq[j].x, xq[j].y);
-                    mma16816(c1[j], a02, a12, a03, a13, xq[j].z, xq[j].w);
+                    mma16816(c[j], a00, a10, a01, a11, xq[j].x, xq[j].y);
+                    mma16816(c[j], a02, a12, a03, a13, xq[j].z, xq[j].w);
                 }
 #else
-                float (&c)[NT][4] = acc[tt];  // int8: one chain over the whole row, unscaled
                 const u32 lo = 0xC300C300u, hi = 0xC308C308u;  // -128 (lo nibble), -136 (hi nibble XOR 8)
                 u32 l00 = bf2_add(nib_pair(w0), lo), l10 = bf2_add(nib_pair(w1), lo);            // bytes 0, 2: lo
                 u32 h00 = bf2_add(nib_pair_flip(w0 >> 4), hi), h10 = bf2_add(nib_pair_flip(w1 >> 4), hi);
@@ -183,13 +177,6 @@ __device__ __forceinline__ void mul_block(const uint4 (&v)[TILES][CHUNKS][2], co
             }
         }
 #if BITS == 4
-#pragma unroll
-        for (int a = 1; a < ACC; ++a)
-#pragma unroll
-            for (int j = 0; j < NT; ++j)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) ca[0][j][e] += ca[a][j][e];
-        float (&c)[NT][4] = ca[0];
         const float s0 = bf2f(sc[tt][0]), s1 = bf2f(sc[tt][1]);
         float z0 = __uint_as_float(sc[tt][0] & 0xFFFF0000u), z1 = __uint_as_float(sc[tt][1] & 0xFFFF0000u);
 #if OFFSET
