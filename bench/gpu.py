@@ -875,8 +875,8 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
         # A name may end in "+plain" (the batch-1 step without the fused kernels: Engine(fused=False)), "+sep"
         # (the norms and silu·up as their own kernels, not in the GEMVs' prologues), "+nochain" (a launch a GEMV,
         # not gemv_chain's one a layer; "+chain": int8 layers chained too; "+ring": the chain's cp.async ring kernel,
-        # not the bulk-copy one, on Hopper; "+attn": the attention as the chain's first phase, not its own kernels), and then "@graph" / "@compile" (that engine mode for this row instead of
-        # --mode).
+        # not the bulk-copy one, on Hopper; "+attn": the attention as the chain's first phase, not its own kernels),
+        # and then "@graph" / "@compile" (that engine mode for this row instead of --mode).
         name_mode = name.partition("@")
         variant, *flags = name_mode[0].split("+")
         plain = "plain" in flags
@@ -935,7 +935,6 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
             transformer.CHAIN_INT8 = "chain" in flags  # int8 chained only on request ("int8+chain")
             gemv_chain.TMA = "ring" not in flags  # "+ring": the chain's cp.async ring kernel on Hopper too
             transformer.CHAIN_ATTN = "attn" in flags  # "+attn": the attention as the chain's first phase (opt-in)
-            gemv_chain.EARLY = int("early" in flags)  # "+early": the bulk-copy producer streams during the attention
             try:
                 entry[name] = bench_engine(net, vocab, PROMPTS, mode, log, decode_contexts=contexts,
                                            sampled=variant in args.sampled.split(",") and key == "llama",
@@ -945,7 +944,6 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                 transformer.CHAIN, transformer.CHAIN_INT8 = True, False
                 gemv_chain.TMA = True
                 transformer.CHAIN_ATTN = False
-                gemv_chain.EARLY = 0
             entry[name]["kernels"] = kernels + (f"; the step's GEMVs in gemv_chain ({net.chain_kernel}"
                                                   + (", attention in it)" if net._chain.attn else ")")
                                                   if getattr(net, "_chain", None) else "")

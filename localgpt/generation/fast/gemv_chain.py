@@ -654,16 +654,11 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
         // The producer: each phase's run of tiles is one contiguous span of words (tiled layout) and one of
         // (scale, zero) rows (the chain's tile-major copy), cut into stages of SBLK blocks.
         if (lane == 0) {
-#if !EARLY
-            // an attention first: its loads of the caches before the words' (it is on the critical path)
+            // an attention first: its loads of the caches before the words' (it is on the critical path; streaming
+            // the words during it was slower, round 11)
             if (sp[0].xmode == 3) mb_wait(saddr(&go), 0);
-#endif
-            u64 policy;  // HINT 1: the words are read once a step: first out of the L2, the activations stay
-#if HINT == 1
+            u64 policy;  // the words are read once a step: first out of the L2 (1-8 % faster than evict-normal)
             asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
-#else
-            asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(policy));
-#endif
             int s = 0;
             u32 r = 0;
             for (int p = 0; p < n_phases; ++p) {
@@ -818,11 +813,6 @@ DEFAULTS = {4: (16, 2, 2), 8: (16, 2, 1)}
 TMA_DEFAULTS = (15, 4, 2)
 MAX_STAGES = 32
 TMA = os.environ.get("LOCALGPT_GEMV_CHAIN_TMA", "1") != "0"
-# The bulk copies' L2 policy: 1 evict_first, 0 evict_normal (bench/gemv_cuda.py compares them)
-HINT = int(os.environ.get("LOCALGPT_GEMV_CHAIN_HINT", "1"))
-# The bulk-copy producer of a chain that starts with the attention: 0 waits for it (its cache loads alone on the
-# memory), 1 streams the words from the start
-EARLY = int(os.environ.get("LOCALGPT_GEMV_CHAIN_EARLY", "0"))
 
 
 # bench/gemv_cuda.py --chain-diag: bits leaving out 1 the multiply, 2 the staging of the input, 4 the grid barrier,
@@ -836,12 +826,11 @@ def source(bits: int, planes: int, warps: int, depth: int, tiled: bool, bpi: int
     """(name, CUDA source) of the chain kernel for one weight format, CTA size (consumer warps), ring depth (items
     a warp, or stages of the bulk-copy ring) and blocks an item (a consumer warp's blocks a stage)."""
     name = (f"gemv_chain_int{bits}_p{planes}_w{warps}_d{depth}_b{bpi}" + ("_tl" if tiled else "")
-            + (f"_tma_h{HINT}" if tma else "") + ("_early" if EARLY and tma else "")
+            + ("_tma" if tma else "")
             + (f"_diag{DIAG}" if DIAG else ""))
     head = (f"#define BITS {bits}\n#define P {planes}\n#define FIELDS {32 // bits}\n#define WARPS {warps}\n"
             f"#define DEPTH {depth}\n#define BPI {bpi}\n#define TILES 1\n#define NT 1\n#define OFFSET 1\n#define TILED {int(tiled)}\n#define XMODE 0\n"
-            f"#define PREF 0\n#define DIAG {DIAG}\n#define HINT {HINT}\n"
-            f"#define EARLY {EARLY}\n"
+            f"#define PREF 0\n#define DIAG {DIAG}\n"
             f"#define KERNEL_NAME {name}\n")
     body = TMA_SOURCE if tma else RING_SOURCE
     # a barrier of the CTA's threads that multiply (the bulk-copy kernel's producer warp stays out of it)
@@ -855,7 +844,7 @@ _KERNELS: dict = {}
 
 def kernel(bits: int, planes: int, device: torch.device, warps: int, depth: int, tiled: bool, bpi: int,
            tma: bool = False):
-    key = (bits, planes, warps, depth, tiled, bpi, tma, device.index, DIAG, HINT, EARLY)
+    key = (bits, planes, warps, depth, tiled, bpi, tma, device.index, DIAG)
     if key not in _KERNELS:
         if torch.cuda.get_device_capability(device)[0] < (9 if tma else 8):
             raise RuntimeError("the chain kernel needs bf16 mma and cp.async (compute capability 8.0 or newer; "

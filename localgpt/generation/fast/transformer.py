@@ -18,9 +18,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from localgpt.errors import ConfigError
 
-# The batch-1 step's GEMVs one persistent launch a layer (``gemv_chain``) for int4 layers: 507-510 tok/s (its
-# bulk-copy kernel; 486-490 with the ring one, LOCALGPT_GEMV_CHAIN_TMA=0) against 471 on the H200 (Llama-2-7B). int8 layers only with LOCALGPT_GEMV_CHAIN=all (349 against 354: Triton's X2 kernel
-# and the separate prologues stay faster); LOCALGPT_GEMV_CHAIN=0 keeps a launch a GEMV (``_step_prologues``).
+# The batch-1 step's GEMVs one persistent launch a layer (``gemv_chain``) for int4 layers: 489-510 tok/s (its
+# bulk-copy kernel; 486-490 with the ring one, LOCALGPT_GEMV_CHAIN_TMA=0) against 471 on the H200 (Llama-2-7B).
+# int8 layers only with LOCALGPT_GEMV_CHAIN=all (349 against 354: Triton's X2 kernel and the separate prologues stay
+# faster); LOCALGPT_GEMV_CHAIN=0 keeps a launch a GEMV (``_step_prologues``).
 CHAIN = os.environ.get("LOCALGPT_GEMV_CHAIN", "1") != "0"
 CHAIN_INT8 = os.environ.get("LOCALGPT_GEMV_CHAIN", "1") == "all"
 # The decode attention as the first phase of each layer's chain (rotary, cache write, the attention over positions
@@ -496,8 +497,9 @@ class Transformer(nn.Module):
         c.attn = (CHAIN_ATTN and s.head_dim in (64, 128) and s.n_heads % s.n_kv_heads == 0
                   and getattr(b0, "k_cache", None) is not None and b0.k_cache.dtype == torch.bfloat16
                   and self.cos.dtype == torch.bfloat16)
-        c.pos = torch.zeros(1, dtype=torch.long, device=dev)
-        c.ws = torch.zeros(s.n_heads * 8 * (s.head_dim + 4), dtype=torch.float32, device=dev)
+        if c.attn:  # the step's position, read by the launches, and the attention's chunk parts
+            c.pos = torch.zeros(1, dtype=torch.long, device=dev)
+            c.ws = torch.zeros(s.n_heads * 8 * (s.head_dim + 4), dtype=torch.float32, device=dev)
         c.logits = buf(self.lm_head.out_features) if c.head_in_chain else None
         # the bulk-copy kernel where the GPU has it (Hopper, int4), else or if it fails its check the ring one
         for tma in (None, False):
