@@ -875,7 +875,8 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
         # A name may end in "+plain" (the batch-1 step without the fused kernels: Engine(fused=False)), "+sep"
         # (the norms and silu·up as their own kernels, not in the GEMVs' prologues), "+nochain" (a launch a GEMV,
         # not gemv_chain's one a layer; "+chain": int8 layers chained too; "+ring": the chain's cp.async ring kernel,
-        # not the bulk-copy one, on Hopper; "+attn": the attention as the chain's first phase, not its own kernels),
+        # not the bulk-copy one, on Hopper; "+attn": the attention as the chain's first phase, not its own kernels;
+        # "+f16" / "+bf16": the chain's mma operands fp16 for int4 too / bf16 for int8 too),
         # and then "@graph" / "@compile" (that engine mode for this row instead of --mode).
         name_mode = name.partition("@")
         variant, *flags = name_mode[0].split("+")
@@ -935,6 +936,9 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
             transformer.CHAIN_INT8 = "chain" in flags  # int8 chained only on request ("int8+chain")
             gemv_chain.TMA = "ring" not in flags  # "+ring": the chain's cp.async ring kernel on Hopper too
             transformer.CHAIN_ATTN = "attn" in flags  # "+attn": the attention as the chain's first phase (opt-in)
+            # "+f16": the chain's mma operands in fp16 for int4 too; "+bf16": in bf16 for int8 too
+            gemv_chain.F16_BITS = (4, 8) if "f16" in flags else () if "bf16" in flags else (8,)
+            gemv_chain.F16 = bool(gemv_chain.F16_BITS)
             try:
                 entry[name] = bench_engine(net, vocab, PROMPTS, mode, log, decode_contexts=contexts,
                                            sampled=variant in args.sampled.split(",") and key == "llama",

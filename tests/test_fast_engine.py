@@ -765,14 +765,17 @@ def _llama_layer_gemvs(mode: str, dim: int, inner: int):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode,tma", [("int4", False), ("int4", True), ("int8", False)])
-def test_gpu_chain_runs_a_layers_gemvs_in_one_launch_as_the_prologue_kernels_do(mode, tma):
+@pytest.mark.parametrize("mode,tma,f16", [("int4", False, True), ("int4", True, True), ("int4", True, False),
+                                         ("int8", False, True), ("int8", False, False)])
+def test_gpu_chain_runs_a_layers_gemvs_in_one_launch_as_the_prologue_kernels_do(mode, tma, f16):
     """gemv_chain.Chain (the GEMVs from one attention to the next in one persistent launch: the words of all of
     them streamed through shared memory, by every warp's cp.async ring or, tma, by one producer thread's bulk
     copies on Hopper; a grid barrier between) against quantize.prologue_gemv's launch a GEMV, at Llama-2-7B's
     shapes: the residual sum bit-identical, every output within bf16 rounding (the parts of a row are added in
     another order), launches again and CUDA-graph replays bit-identical to the first run (the barrier and the
-    row counters reset themselves; the sums' order is fixed)."""
+    row counters reset themselves; the sums' order is fixed). f16: fp16 mma operands (int8's default) or bf16
+    (int4's); with fp16, inputs past fp16's range (a block scaled by a power of two) and below its normal range as
+    well."""
     _needs_cuda()
     pytest.importorskip("triton")
     if tma and torch.cuda.get_device_capability()[0] < 9:
@@ -791,8 +794,8 @@ def test_gpu_chain_runs_a_layers_gemvs_in_one_launch_as_the_prologue_kernels_do(
                         xmode="rms"),
                    dict(layer=layers["down"], x=buf["h"], out=buf["d"], xmode="swiglu"),
                    dict(layer=layers["q"], x=buf["x2"], norm=n1, out=buf["b"], xmode="rms")], torch.device("cuda"),
-                  tma=tma)
-    assert chain.tma == tma
+                  tma=tma, f16=f16)
+    assert chain.tma == tma and chain.f16 == f16
     names = ("x1", "a", "x2", "h", "d", "b")
     with torch.inference_mode():
         a, x1 = prologue_gemv(layers["q"], x.view(1, -1), "rms", y.view(1, -1), n1)
@@ -823,6 +826,15 @@ def test_gpu_chain_runs_a_layers_gemvs_in_one_launch_as_the_prologue_kernels_do(
             torch.cuda.synchronize()
             for name in names:
                 assert torch.equal(buf[name], first[name]), name
+        # a plain input with values fp16 cannot hold (a block of them scaled), tiny ones and ordinary ones
+        big = torch.randn(dim, device="cuda", dtype=torch.bfloat16)
+        big[3], big[200], big[1000] = 7.0e4, -3.0e5, 4.0e4
+        big[2048:2176] *= 1e-6
+        one = Chain([dict(layer=layers["q"], x=big, out=buf["b"])], torch.device("cuda"), tma=tma, f16=f16)
+        one()
+        w = prologue_gemv(layers["q"], big.view(1, -1), "plain")[0].float().view(-1)
+        rel = float((buf["b"].float() - w).norm() / w.norm())
+        assert bool(torch.isfinite(buf["b"].float()).all()) and rel < 1e-2, (mode, rel)
 
 
 @pytest.mark.gpu
@@ -983,14 +995,16 @@ def test_fused_batch1_step_matches_the_plain_step_in_the_triton_interpreter(subp
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tma", [True, False])
-def test_gpu_chained_step_matches_a_launch_a_gemv_and_generates_the_same_in_a_graph(tmp_path, monkeypatch, tma):
+@pytest.mark.parametrize("tma,f16", [(True, True), (False, True), (True, False)])
+def test_gpu_chained_step_matches_a_launch_a_gemv_and_generates_the_same_in_a_graph(tmp_path, monkeypatch, tma,
+                                                                                     f16):
     """Transformer._step_chain (a layer's GEMVs in one gemv_chain launch over fixed buffers) on an int4 Llama whose
     layers fit it: from the same caches, the logits and the cache rows it writes equal _step_prologues' within bf16
     rounding, at the first position, inside the cache and at its last; the Engine's CUDA graph of it generates the
     same greedy tokens as its eager run; LOCALGPT_GEMV_CHAIN=0 (transformer.CHAIN) goes back to a launch a GEMV.
     tma: the bulk-copy kernel, Hopper's default (here its stages straddle tiles: 4 blocks a tile, 16 a stage), or
-    the ring kernel (LOCALGPT_GEMV_CHAIN_TMA=0)."""
+    the ring kernel (LOCALGPT_GEMV_CHAIN_TMA=0); f16: fp16 mma operands (LOCALGPT_GEMV_CHAIN_F16=all; int4's
+    default is bf16)."""
     _needs_cuda()
     pytest.importorskip("triton")
     if tma and torch.cuda.get_device_capability()[0] < 9:
@@ -1000,6 +1014,8 @@ def test_gpu_chained_step_matches_a_launch_a_gemv_and_generates_the_same_in_a_gr
     from localgpt.generation.fast import gemv_chain, transformer
 
     monkeypatch.setattr(gemv_chain, "TMA", tma)
+    monkeypatch.setattr(gemv_chain, "F16_BITS", (4, 8) if f16 else ())
+    monkeypatch.setattr(gemv_chain, "F16", f16)
     from localgpt.generation.fast.engine import Engine
     from localgpt.generation.fast.transformer import from_llama
 
@@ -1028,7 +1044,7 @@ def test_gpu_chained_step_matches_a_launch_a_gemv_and_generates_the_same_in_a_gr
                     b.v_cache.copy_(v)
                 results.append((net.step(token, where).float(), [b.k_cache[:, :, pos].float() for b in net.blocks]))
             assert net._chain, net.chain_note
-            assert net.chain_kernel == ("bulk-copy" if tma else "ring")
+            assert net.chain_kernel == ("bulk-copy" if tma else "ring") + (", fp16" if f16 else "")
             (want, want_rows), (got, got_rows) = results
             assert float((got - want).norm() / want.norm()) < 2e-2, pos
             for g, w in zip(got_rows, want_rows):

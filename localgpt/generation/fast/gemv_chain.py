@@ -49,6 +49,21 @@ from localgpt.generation.fast import gemv_cuda
 
 COMMON_SOURCE = r"""
 #define MAXPH 8
+// the staged input's item (a word's x values: int4 8, int8 4 with fp16 operands, else 8 with the hi nibbles' 16 x)
+// and block sums (F16: (sum x, offset sum, f, 0); bf16 int4: sum x; int8: none)
+#if F16
+#define XS_T float4
+#define XSB(xs, i) xs[i]
+#if BITS == 8
+#define XITEM uint2
+#else
+#define XITEM uint4
+#endif
+#else
+#define XS_T float
+#define XITEM uint4
+#define XSB(xs, i) (BITS == 4 ? xs[i] : 0.f)
+#endif
 
 struct Phase {
     const uint4* w; const u32* sz; const u16* x; const u16* y; const u16* nw; u16* xsum; u16* out; const u16* rs;
@@ -120,7 +135,59 @@ __device__ __forceinline__ u32 norm_pair(u32 v, u32 w, float inv) {  // add_rms_
 // round trip a round ("rms": one round, the values kept in registers while the row's sum of squares is reduced).
 // x and y may have been written by this launch: read through L2. Also clears the tiles' parts.
 #define SV 4
-__device__ __forceinline__ void put_cols(uint4* xp, float* xs, int i, bool in, const u32 (&f)[8]) {
+#if F16
+// fp16 operands (F16): a word's nibbles (int4) or bytes (int8) become fp16 with one lop3 for two of them and no
+// shift for the odd nibbles: (w & 0x000F000F) | 0x64006400 is the pair (1024 + q) of fields 0 and 4, (w &
+// 0x00F000F0) | 0x64006400 the pair (1024 + 16 q) of fields 1 and 5 (fp16's 10-bit mantissa holds both; bf16's 7
+// bits only the first), the same on w >> 8 for fields 2, 6 and 3, 7; an int8 byte is (w & 0x00FF00FF) ^
+// 0x64806480, the pair (1152 + v) of bytes 0 and 2. The odd nibbles' x is staged divided by 16, so every product is
+// 1024 b + q x (exact, accumulated in fp32), and the block's 1024 sum(b) (int8: 1152 sum(b)) is taken out after the
+// mma. A block's x is staged divided by f, a power of two that brings its largest |x| under 2^15 (fp16's range; 1
+// unless a value is that large), and the block's mma sum multiplied back by it: the bf16 values, scaled by powers
+// of two, are exact in fp16 down to 2^-14 (smaller ones lose low bits, far below the output's rounding).
+// xs[block] = (sum x, offset sum, f, 0).
+__device__ __forceinline__ u16 f2h(float f) { u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
+__device__ __forceinline__ void put_cols(XITEM* xp, float4* xs, int i, bool in, const u32 (&f)[8]) {
+    const int c = 8 * i, blk = c / COLS, cc = c % COLS, field = cc / P, item0 = blk * P + cc % P;
+    u16* x16 = (u16*)xp;
+    float v[8], m = 0.f, part = 0.f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+        v[k] = in ? bf2f(f[k]) : 0.f;
+        m = fmaxf(m, fabsf(v[k]));
+        part += v[k];
+    }
+    // f for the warp's two blocks (one instruction: |x|'s bits order as its values)
+    const int e = (int)(__reduce_max_sync(0xffffffffu, __float_as_uint(m)) >> 23) - 127 - 14;  // |x| < 2^15: e < 1
+    const float fs = e > 0 ? __uint_as_float((u32)(127 + e) << 23) : 1.f;
+    float mul = e > 0 ? __uint_as_float((u32)(127 - e) << 23) : 1.f;
+#if BITS == 4
+    if (field & 1) mul *= 0.0625f;
+    const int pos = field < 4 ? 2 * field : 2 * (field - 4) + 1;
+#else
+    const int pos = (field & 1) * 2 + (field >> 1);  // (x_f0, x_f2, x_f1, x_f3): B's two registers
+#endif
+    if (in) {
+#pragma unroll
+        for (int k = 0; k < 8; ++k) x16[(item0 + k) * (BITS == 4 ? 8 : 4) + pos] = f2h(v[k] * mul);
+    }
+    // a block's 128 columns are 16 consecutive threads, two a field: the sums over the threads of the field's
+    // parity (bit 1 of the thread) first, then the other parity's in one more shuffle
+    part += __shfl_xor_sync(0xffffffffu, part, 1);
+    part += __shfl_xor_sync(0xffffffffu, part, 4);
+    part += __shfl_xor_sync(0xffffffffu, part, 8);
+    const float other = __shfl_xor_sync(0xffffffffu, part, 2);
+#if BITS == 4
+    // the offset f sum(b), b = x / f (even fields) or x / 16 f (odd ones): fp16's rounding of b left out (it moves
+    // only values under 2^-14, by less than their own rounding)
+    const float off = field & 1 ? 64.f * part + 1024.f * other : 1024.f * part + 64.f * other;
+#else
+    const float off = 1152.f * (part + other);
+#endif
+    if (in && (threadIdx.x & 15) == 0) xs[blk] = make_float4(part + other, off, fs, 0.f);
+}
+#else
+__device__ __forceinline__ void put_cols(XITEM* xp, float* xs, int i, bool in, const u32 (&f)[8]) {
     // columns 8i .. 8i + 7: one field of 8 consecutive items (int4: field (c % 128) / 16 of items c / 16 * 16
     // + c % 16 ..; int8: field (c % 128) / 32 of items c / 32 * 32 + c % 32 ..)
     const int c = 8 * i, blk = c / COLS, cc = c % COLS, field = cc / P, item0 = blk * P + cc % P;
@@ -147,6 +214,7 @@ __device__ __forceinline__ void put_cols(uint4* xp, float* xs, int i, bool in, c
     if (in && (threadIdx.x & 15) == 0) xs[blk] = part;
 #endif
 }
+#endif
 
 
 // --- the attention of one decode step as a phase (xmode 3), and its parts' combine as the next one's input (4) ---
@@ -321,7 +389,7 @@ __device__ __forceinline__ void attention(const Phase& ph, float* scr) {
     }
 }
 
-__device__ __forceinline__ void stage(const Phase& ph, uint4* xp, float* xs, float* red, float* parts, int nparts,
+__device__ __forceinline__ void stage(const Phase& ph, XITEM* xp, XS_T* xs, float* red, float* parts, int nparts,
                                       bool cta0) {
     const int K = ph.K, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const uint4* x4 = (const uint4*)ph.x;
@@ -363,6 +431,7 @@ __device__ __forceinline__ void stage(const Phase& ph, uint4* xp, float* xs, flo
         }
 #pragma unroll
         for (int j = 0; j < SV; ++j) {
+            if (base + j * WARPS * 32 + warp * 32 >= K / 8) break;  // the warp's columns are all staged
             const int i = base + j * WARPS * 32 + tid;
             const bool in = i < K / 8;
             u32 f[8];
@@ -385,6 +454,50 @@ __device__ __forceinline__ void stage(const Phase& ph, uint4* xp, float* xs, flo
 
 // One block of an item: gemv_cuda's mul_block for one tile and one token (TILES = NT = 1). acc[0] / acc[2] (lanes
 // t = 0) gather rows g / g + 8 of the token; the other columns of the mma repeat it.
+#if F16
+__device__ __forceinline__ void mma16816h(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+template <u32 MASK, u32 MAGIC, int LUT>
+__device__ __forceinline__ u32 to_half2(u32 w) {
+    u32 d; asm("lop3.b32 %0, %1, %2, %3, %4;" : "=r"(d) : "r"(w), "n"(MASK), "n"(MAGIC), "n"(LUT)); return d;
+}
+#define LO4(w) to_half2<0x000F000Fu, 0x64006400u, 0xEA>(w)   // (1024 + q) of fields 0, 4
+#define HI4(w) to_half2<0x00F000F0u, 0x64006400u, 0xEA>(w)   // (1024 + 16 q) of fields 1, 5
+#define BYTE8(w) to_half2<0x00FF00FFu, 0x64806480u, 0x6A>(w)  // (1152 + v) of bytes 0, 2
+__device__ __forceinline__ void mul_item(const uint4 (&v)[CHUNKS][2], uint2 sc, const XITEM* xb, float4 xsb, int t,
+                                         float (&acc)[4]) {
+    float c[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int ch = 0; ch < CHUNKS; ++ch) {
+        const u32 w0v[4] = {v[ch][0].x, v[ch][0].y, v[ch][0].z, v[ch][0].w};
+        const u32 w1v[4] = {v[ch][1].x, v[ch][1].y, v[ch][1].z, v[ch][1].w};
+#pragma unroll
+        for (int s = 0; s < 4; ++s) {
+            const XITEM xq = xb[ch * 16 + 4 * t + s];
+            const u32 w0 = w0v[s], w1 = w1v[s], w08 = w0 >> 8, w18 = w1 >> 8;
+#if BITS == 4
+            mma16816h(c, LO4(w0), LO4(w1), HI4(w0), HI4(w1), xq.x, xq.y);
+            mma16816h(c, LO4(w08), LO4(w18), HI4(w08), HI4(w18), xq.z, xq.w);
+#else
+            mma16816h(c, BYTE8(w0), BYTE8(w1), BYTE8(w08), BYTE8(w18), xq.x, xq.y);
+#endif
+        }
+    }
+#if BITS == 4
+    // w = s (q - 8) + z: s (f c - offset) + (z - 8 s) sum(x)
+    const float s0 = bf2f(sc.x), s1 = bf2f(sc.y);
+    const float z0 = __uint_as_float(sc.x & 0xFFFF0000u) - 8.f * s0, z1 = __uint_as_float(sc.y & 0xFFFF0000u) - 8.f * s1;
+    acc[0] += s0 * (xsb.z * c[0] - xsb.y) + z0 * xsb.x;
+    acc[2] += s1 * (xsb.z * c[2] - xsb.y) + z1 * xsb.x;
+#else
+    acc[0] += xsb.z * c[0] - xsb.y;  // int8: unscaled (the row's scale comes last)
+    acc[2] += xsb.z * c[2] - xsb.y;
+#endif
+}
+#else
 __device__ __forceinline__ void mul_item(const uint4 (&v)[CHUNKS][2], uint2 sc, const uint4* xb, float xsb, int t,
                                          float (&acc)[4]) {
     const u32 s2[1][2] = {{sc.x, sc.y}};
@@ -393,6 +506,7 @@ __device__ __forceinline__ void mul_item(const uint4 (&v)[CHUNKS][2], uint2 sc, 
     mul_block(reinterpret_cast<const uint4 (&)[1][CHUNKS][2]>(v), s2, xbs, xs, xs, t,
               reinterpret_cast<float (&)[1][1][4]>(acc));
 }
+#endif
 
 // A warp's part of a tile into the CTA's slot for (tile, warp): lanes t = 0 hold rows g and g + 8.
 __device__ __forceinline__ void flush(float* parts, int tl, const float (&acc)[4], int warp, int g, int t) {
@@ -486,9 +600,10 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
         ((int*)sp)[i] = ((const int*)phases)[i];
     __syncthreads();
     uint4* ring = smem + warp * RING * SLOT_U4;
-    uint4* xp = smem + WARPS * RING * SLOT_U4;           // [kmax / FIELDS]
-    float* xs = (float*)(xp + kmax / FIELDS);            // [kmax / COLS]
-    float* parts = xs + kmax / COLS;                     // [maxt][WARPS][16]
+    uint4* xp16 = smem + WARPS * RING * SLOT_U4;
+    XITEM* xp = (XITEM*)xp16;                            // [kmax / FIELDS]
+    XS_T* xs = (XS_T*)(xp + kmax / FIELDS);              // [kmax / COLS]
+    float* parts = (float*)(xs + kmax / COLS);           // [maxt][WARPS][16]
 
     // DEPTH items in flight from the start, through every phase's words
     Cursor cur = {0, 0, 0, 0, 0, 1};
@@ -567,7 +682,7 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
 #if DIAG & 1
                 acc[0] += __uint_as_float(v[b][0][0].x & v[b][0][1].y & sc[b].x & 0x3FFFFF);  // the loads, no multiply
 #else
-                mul_item(v[b], sc[b], xp + (blk + b) * P, BITS == 4 ? xs[blk + b] : 0.f, t, acc);
+                mul_item(v[b], sc[b], xp + (blk + b) * P, XSB(xs, blk + b), t, acc);
 #endif
             }
             blk += BPI;
@@ -645,9 +760,10 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
     }
     __syncthreads();
     uint4* ring = smem;                                  // [DEPTH][STAGE_U4]
-    uint4* xp = smem + DEPTH * STAGE_U4;                 // [kmax / FIELDS]
-    float* xs = (float*)(xp + kmax / FIELDS);            // [kmax / COLS]
-    float* parts = xs + kmax / COLS;                     // [maxt][WARPS][16]
+    uint4* xp16 = smem + DEPTH * STAGE_U4;
+    XITEM* xp = (XITEM*)xp16;                            // [kmax / FIELDS]
+    XS_T* xs = (XS_T*)(xp + kmax / FIELDS);              // [kmax / COLS]
+    float* parts = (float*)(xs + kmax / COLS);           // [maxt][WARPS][16]
     const u32 full0 = saddr(full), empty0 = saddr(empty), ring0 = saddr(ring);
 
     if (warp == WARPS) {
@@ -749,7 +865,7 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
 #if DIAG & 1
                     acc[0] += __uint_as_float(v[b][0][0].x & v[b][0][1].y & sc[b].x & 0x3FFFFF);
 #else
-                    mul_item(v[b], sc[b], xp + blk[b] * P, xs[blk[b]], t, acc);
+                    mul_item(v[b], sc[b], xp + blk[b] * P, XSB(xs, blk[b]), t, acc);
 #endif
                 }
                 blk[b] += SBLK;
@@ -813,6 +929,11 @@ DEFAULTS = {4: (16, 2, 2), 8: (16, 2, 1)}
 TMA_DEFAULTS = (15, 4, 2)
 MAX_STAGES = 32
 TMA = os.environ.get("LOCALGPT_GEMV_CHAIN_TMA", "1") != "0"
+# fp16 mma operands (F16 in the source, see put_cols) for these weight formats: int8 by default (a block's
+# instructions 412 -> 270, the chain of a step 6 % faster); int4 with them lost 2 % (its loop 272 -> 244
+# instructions, but the staging does more). LOCALGPT_GEMV_CHAIN_F16: "int8" (default), "all" or "0".
+F16_BITS = {"0": (), "all": (4, 8), "1": (4, 8)}.get(os.environ.get("LOCALGPT_GEMV_CHAIN_F16", "int8"), (8,))
+F16 = bool(F16_BITS)  # some format takes them (the engine's fallback to bf16 operands tries it)
 
 
 # bench/gemv_cuda.py --chain-diag: bits leaving out 1 the multiply, 2 the staging of the input, 4 the grid barrier,
@@ -822,15 +943,15 @@ DIAG = 0
 
 
 def source(bits: int, planes: int, warps: int, depth: int, tiled: bool, bpi: int = 2,
-           tma: bool = False) -> tuple[str, str]:
+           tma: bool = False, f16: bool = False) -> tuple[str, str]:
     """(name, CUDA source) of the chain kernel for one weight format, CTA size (consumer warps), ring depth (items
     a warp, or stages of the bulk-copy ring) and blocks an item (a consumer warp's blocks a stage)."""
     name = (f"gemv_chain_int{bits}_p{planes}_w{warps}_d{depth}_b{bpi}" + ("_tl" if tiled else "")
-            + ("_tma" if tma else "")
+            + ("_tma" if tma else "") + ("_h" if f16 else "")
             + (f"_diag{DIAG}" if DIAG else ""))
     head = (f"#define BITS {bits}\n#define P {planes}\n#define FIELDS {32 // bits}\n#define WARPS {warps}\n"
             f"#define DEPTH {depth}\n#define BPI {bpi}\n#define TILES 1\n#define NT 1\n#define OFFSET 1\n#define TILED {int(tiled)}\n#define XMODE 0\n"
-            f"#define PREF 0\n#define DIAG {DIAG}\n"
+            f"#define PREF 0\n#define DIAG {DIAG}\n#define F16 {int(f16)}\n"
             f"#define KERNEL_NAME {name}\n")
     body = TMA_SOURCE if tma else RING_SOURCE
     # a barrier of the CTA's threads that multiply (the bulk-copy kernel's producer warp stays out of it)
@@ -843,19 +964,19 @@ _KERNELS: dict = {}
 
 
 def kernel(bits: int, planes: int, device: torch.device, warps: int, depth: int, tiled: bool, bpi: int,
-           tma: bool = False):
-    key = (bits, planes, warps, depth, tiled, bpi, tma, device.index, DIAG)
+           tma: bool = False, f16: bool = False):
+    key = (bits, planes, warps, depth, tiled, bpi, tma, f16, device.index, DIAG)
     if key not in _KERNELS:
         if torch.cuda.get_device_capability(device)[0] < (9 if tma else 8):
             raise RuntimeError("the chain kernel needs bf16 mma and cp.async (compute capability 8.0 or newer; "
                                "9.0 for the bulk-copy one)")
-        name, src = source(bits, planes, warps, depth, tiled, bpi, tma)
+        name, src = source(bits, planes, warps, depth, tiled, bpi, tma, f16)
         _KERNELS[key] = gemv_cuda.build(name, src, device, (warps + int(tma)) * 32)
     return _KERNELS[key]
 
 
 def smem_bytes(bits: int, planes: int, warps: int, depth: int, bpi: int, kmax: int, maxt: int,
-               tma: bool = False) -> int:
+               tma: bool = False, f16: bool = False) -> int:
     """Dynamic shared memory: the warps' rings (or the bulk-copy ring's stages), the staged input (pairs and block
     sums) and the parts of the CTA's tiles (``maxt`` tiles, one part a warp)."""
     fields = 32 // bits
@@ -863,7 +984,8 @@ def smem_bytes(bits: int, planes: int, warps: int, depth: int, bpi: int, kmax: i
         ring = depth * warps * bpi * (planes * 4 * 16 + 64)
     else:
         ring = warps * (depth + 1) * bpi * (32 * 2 * (planes // 16) + (16 if bits == 4 else 0)) * 16
-    return ring + kmax // fields * 16 + kmax // (planes * fields) * 4 + maxt * warps * 64
+    item, sums = (8 if bits == 8 else 16, 16) if f16 else (16, 4)
+    return ring + kmax // fields * item + kmax // (planes * fields) * sums + maxt * warps * 64
 
 
 def layer_fits(layer) -> bool:
@@ -915,7 +1037,8 @@ class Chain:
     decode step's static buffers), so calling it replays the same GEMVs on whatever they hold."""
 
     def __init__(self, phases: list[dict], device: torch.device, warps: int | None = None,
-                 depth: int | None = None, bpi: int | None = None, tma: bool | None = None):
+                 depth: int | None = None, bpi: int | None = None, tma: bool | None = None,
+                 f16: bool | None = None):
         from localgpt.generation.fast.quantize import Int4Linear
 
         if not 1 <= len(phases) <= MAXPH:
@@ -937,6 +1060,8 @@ class Chain:
         elif tma and bits != 4:
             raise ValueError("the bulk-copy chain takes int4 words")
         self.tma = tma
+        self.f16 = (F16 and bits in F16_BITS) if f16 is None else f16
+        f16 = self.f16
         defaults = TMA_DEFAULTS if tma else DEFAULTS[bits]
         warps, bpi = warps or defaults[0], bpi or defaults[2]
         if any(layer.in_features // (planes * fields) % bpi for layer in layers) and not tma:
@@ -951,11 +1076,11 @@ class Chain:
         ascr = warps * (attn["hd"] + 2) * 4 if attn is not None else 0
         self.cnt = torch.zeros(attn["heads"] if attn is not None else 1, dtype=torch.int32, device=device)
         if tma and depth is None:  # as many stages as the shared memory holds, up to TMA_DEFAULTS' depth
-            rest = smem_bytes(bits, planes, warps, 0, bpi, kmax, maxt, tma=True) + ascr + 2048 + 16 * MAX_STAGES
+            rest = smem_bytes(bits, planes, warps, 0, bpi, kmax, maxt, True, f16) + ascr + 2048 + 16 * MAX_STAGES
             depth = max(2, min(defaults[1], (optin - rest) // smem_bytes(bits, planes, warps, 1, bpi, 0, 0, True)))
         depth = depth or defaults[1]
-        self.fn = kernel(bits, planes, device, warps, depth, bits == 4, bpi, tma)
-        self.smem = smem_bytes(bits, planes, warps, depth, bpi, kmax, maxt, tma) + ascr
+        self.fn = kernel(bits, planes, device, warps, depth, bits == 4, bpi, tma, f16)
+        self.smem = smem_bytes(bits, planes, warps, depth, bpi, kmax, maxt, tma, f16) + ascr
         if self.smem + 2048 + (16 * depth if tma else 0) > optin:
             raise ValueError(f"the chain needs {self.smem} bytes of shared memory; this GPU gives {optin}")
         self.fn.allow_smem(self.smem)

@@ -448,7 +448,7 @@ class Transformer(nn.Module):
 
     _chain = None  # None: not tried yet; False: the network cannot take it; else the step's chains and buffers
     chain_note = ""  # why the chained step is not used (logged; bench/gpu.py prints it)
-    chain_kernel = ""  # the chain's kernel when it is: "bulk-copy" (Hopper, int4) or "ring"
+    chain_kernel = ""  # the chain's kernel when it is: "bulk-copy" (Hopper, int4) or "ring", ", fp16" (operands)
 
     def _chain_ready(self) -> bool:
         """Whether ``_step_chain`` runs this network's step: every GEMV of the blocks (and the LM head, or it runs
@@ -501,11 +501,18 @@ class Transformer(nn.Module):
             c.pos = torch.zeros(1, dtype=torch.long, device=dev)
             c.ws = torch.zeros(s.n_heads * 8 * (s.head_dim + 4), dtype=torch.float32, device=dev)
         c.logits = buf(self.lm_head.out_features) if c.head_in_chain else None
-        # the bulk-copy kernel where the GPU has it (Hopper, int4), else or if it fails its check the ring one
-        for tma in (None, False):
+        # the bulk-copy kernel where the GPU has it (Hopper, int4), else or if it fails its check the ring one;
+        # fp16 operands (gemv_chain.F16), and if the ring one fails with them, bf16 ones
+        tries = [(None, None), (False, None)] + ([(False, False)] if gemv_chain.F16 else [])
+        tried = set()
+        for n, (tma, f16) in enumerate(tries):
+            last = n == len(tries) - 1
             try:
                 c.head = gemv_chain.Chain([dict(layer=b0.wqkv, x=c.ra, out=c.qkv, xmode="rms", norm=b0.norm1)], dev,
-                                          tma=tma)
+                                          tma=tma, f16=f16)
+                if (c.head.tma, c.head.f16) in tried:  # what the try before built (no bulk-copy kernel here)
+                    continue
+                tried.add((c.head.tma, c.head.f16))
                 c.chains = []
                 for i, b in enumerate(blocks):
                     phases = [dict(layer=b.wo, x=c.att, out=c.o)]
@@ -522,20 +529,22 @@ class Transformer(nn.Module):
                     elif c.head_in_chain:
                         phases.append(dict(layer=self.lm_head, x=c.rb, y=c.d, norm=self.norm, out=c.logits,
                                            xmode="rms"))
-                    c.chains.append(gemv_chain.Chain(phases, dev, tma=tma))
+                    c.chains.append(gemv_chain.Chain(phases, dev, tma=tma, f16=f16))
                 self.chain_note = self._chain_check(c)
-            except Exception as exc:  # noqa: BLE001 - the bulk-copy kernel failing to build: the ring one
-                if tma is False or not gemv_chain.TMA:
+            except Exception as exc:  # noqa: BLE001 - the bulk-copy (or fp16) kernel failing to build: the next
+                if last:
                     raise
                 self.chain_note = f"{type(exc).__name__}: {exc}"
             if not self.chain_note:
-                self.chain_kernel = "bulk-copy" if c.chains[0].tma else "ring"
+                self.chain_kernel = ("bulk-copy" if c.chains[0].tma else "ring") + (", fp16" if c.chains[0].f16 else "")
                 return c
-            if tma is False or not gemv_chain.TMA or not getattr(getattr(c, "head", None), "tma", True):
+            if last:
                 break
             import logging
 
-            logging.getLogger(__name__).warning("gemv_chain's bulk-copy kernel not used: %s", self.chain_note)
+            logging.getLogger(__name__).warning("gemv_chain kernel (bulk-copy %s, fp16 %s) not used: %s",
+                                                getattr(getattr(c, "head", None), "tma", tma),
+                                                getattr(getattr(c, "head", None), "f16", f16), self.chain_note)
         return None
 
     def _chain_attention_run(self, c, gen) -> str:
