@@ -51,6 +51,9 @@ COMMON_SOURCE = r"""
 #define MAXPH 8
 // the staged input's item (a word's x values: int4 8, int8 4 with fp16 operands, else 8 with the hi nibbles' 16 x)
 // and block sums (F16: (sum x, offset sum, f, 0); bf16 int4: sum x; int8: none)
+#ifndef XIDX
+#define XIDX(ch, t, s) ((ch) * 16 + 4 * (t) + (s))  // the word of a row's block thread t multiplies in sub-step s
+#endif
 #if F16
 #define XS_T float4
 #define XSB(xs, i) xs[i]
@@ -74,6 +77,7 @@ struct Phase {
     u16* kc; u16* vc; const u16* cos; const u16* sin; const long long* pos; float* ws; unsigned* cnt;
     int heads, kv, hd, len, chunks, pad4;
     float scale, pad5;
+    const void* tmap;  // the bulk-copy kernel's int8 words: a tensor map of [N, K] bytes, boxes of one block
 };
 
 __device__ __forceinline__ u32 saddr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
@@ -476,7 +480,7 @@ __device__ __forceinline__ void mul_item(const uint4 (&v)[CHUNKS][2], uint2 sc, 
         const u32 w1v[4] = {v[ch][1].x, v[ch][1].y, v[ch][1].z, v[ch][1].w};
 #pragma unroll
         for (int s = 0; s < 4; ++s) {
-            const XITEM xq = xb[ch * 16 + 4 * t + s];
+            const XITEM xq = xb[XIDX(ch, t, s)];
             const u32 w0 = w0v[s], w1 = w1v[s], w08 = w0 >> 8, w18 = w1 >> 8;
 #if BITS == 4
             mma16816h(c, LO4(w0), LO4(w1), HI4(w0), HI4(w1), xq.x, xq.y);
@@ -717,8 +721,15 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
 # DEPTH stages with the copy engine, and never waits for a grid barrier or a staging, only for a free stage.
 TMA_SOURCE = r"""
 #define SBLK (WARPS * BPI)                // blocks a stage: BPI a consumer warp
-#define SBLK_U4 (SBLK * 64)               // a stage's words (1 KiB a block), then its blocks' (scale, zero) rows
+#if BITS == 4
+#define BLKB 1024                         // a block's bytes: 16 rows of P words
+#define SBLK_U4 (SBLK * 64)               // a stage's words, then its blocks' (scale, zero) rows
 #define STAGE_U4 (SBLK_U4 + SBLK * 4)     // (16 rows x 4 bytes a block)
+#else
+#define BLKB 2048                         // int8 (P = 32): a block is a tensor-map box of 16 rows of 128 bytes, the
+#define SBLK_U4 (SBLK * 128)              // 16-byte chunks of a row swizzled (chunk ^ row % 8: no bank conflicts)
+#define STAGE_U4 SBLK_U4
+#endif
 typedef unsigned long long u64;
 
 // mbarriers by their shared-memory address (computed once: converting a generic pointer each time costs)
@@ -737,6 +748,11 @@ __device__ __forceinline__ void mb_arrive(u32 b) {
 }
 __device__ __forceinline__ void mb_expect(u32 b, u32 bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(b), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void box(u32 dst, const void* map, int x, int y, u32 b, u64 policy) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint"
+                 " [%0], [%1, {%2, %3}], [%4], %5;"
+                 :: "r"(dst), "l"(map), "r"(x), "r"(y), "r"(b), "l"(policy) : "memory");
 }
 __device__ __forceinline__ void bulk(u32 dst, const void* src, u32 bytes, u32 b, u64 policy) {
     asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;"
@@ -759,8 +775,9 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();
-    uint4* ring = smem;                                  // [DEPTH][STAGE_U4]
-    uint4* xp16 = smem + DEPTH * STAGE_U4;
+    // [DEPTH][STAGE_U4] from a 1 KiB boundary (the swizzle of int8's boxes is of the shared address)
+    uint4* ring = smem + ((1024 - (saddr(smem) & 1023)) & 1023) / 16;
+    uint4* xp16 = ring + DEPTH * STAGE_U4;
     XITEM* xp = (XITEM*)xp16;                            // [kmax / FIELDS]
     XS_T* xs = (XS_T*)(xp + kmax / FIELDS);              // [kmax / COLS]
     float* parts = (float*)(xs + kmax / COLS);           // [maxt][WARPS][16]
@@ -784,16 +801,23 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
                 const int per = ph.K / COLS, nb = (t1 - t0) * per;
                 const char* ws = (const char*)ph.w + (long)t0 * per * 1024;
                 const char* ss = (const char*)ph.sz + (long)t0 * per * 64;
+                int tt = t0, bb = 0;
                 for (int c = 0; c < nb; c += SBLK) {
                     const int n = min(SBLK, nb - c);
                     mb_wait(empty0 + 8 * s, r ^ 1);  // the consumers are done with its last fill (a new one: at once)
                     const u32 st = ring0 + s * STAGE_U4 * 16;
 #if DIAG & 32
                     mb_arrive(full0 + 8 * s);  // no words: the consumers' own cost
-#else
+#elif BITS == 4
                     mb_expect(full0 + 8 * s, n * 1088);
                     bulk(st, ws + (long)c * 1024, n * 1024, full0 + 8 * s, policy);
                     bulk(st + SBLK_U4 * 16, ss + (long)c * 64, n * 64, full0 + 8 * s, policy);
+#else
+                    mb_expect(full0 + 8 * s, n * BLKB);
+                    for (int k = 0; k < n; ++k) {  // block (tile tt, bb) of the run: rows 16 tt, bytes 128 bb
+                        box(st + k * BLKB, ph.tmap, bb * 128, tt * 16, full0 + 8 * s, policy);
+                        if (++bb == per) { bb = 0; ++tt; }
+                    }
 #endif
                     if (++s == DEPTH) { s = 0; r ^= 1; }
                 }
@@ -845,10 +869,20 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
             for (int b = 0; b < BPI; ++b) {
                 const int j = warp * BPI + b;
                 if (c + j < nb) {
+#if BITS == 4
                     v[b][0][0] = st[j * 64 + lane];
                     v[b][0][1] = st[j * 64 + 32 + lane];
                     const u32* z = (const u32*)(st + SBLK_U4) + j * 16;
                     sc[b] = make_uint2(z[g], z[g + 8]);
+#else
+                    // thread t's words of a row: chunks 2t, 2t + 1 (XIDX), where the swizzle put them
+#pragma unroll
+                    for (int ch = 0; ch < CHUNKS; ++ch) {
+                        v[b][ch][0] = st[j * 128 + g * 8 + ((2 * t + ch) ^ g)];
+                        v[b][ch][1] = st[j * 128 + (g + 8) * 8 + ((2 * t + ch) ^ g)];
+                    }
+                    sc[b] = make_uint2(0u, 0u);
+#endif
                 }
             }
             __syncwarp();
@@ -896,14 +930,14 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
 
 
 class _Phase(ctypes.Structure):
-    """The kernel's ``struct Phase`` (184 bytes)."""
+    """The kernel's ``struct Phase`` (192 bytes)."""
 
     _fields_ = [(n, ctypes.c_void_p) for n in ("w", "sz", "x", "y", "nw", "xsum", "out", "rs")] + [
         ("N", ctypes.c_int), ("K", ctypes.c_int), ("xmode", ctypes.c_int), ("pad0", ctypes.c_int),
         ("eps", ctypes.c_float), ("pad1", ctypes.c_int), ("pad2", ctypes.c_int), ("pad3", ctypes.c_int)] + [
         (n, ctypes.c_void_p) for n in ("kc", "vc", "cos", "sin", "pos", "ws", "cnt")] + [
         (n, ctypes.c_int) for n in ("heads", "kv", "hd", "len", "chunks", "pad4")] + [
-        ("scale", ctypes.c_float), ("pad5", ctypes.c_float)]
+        ("scale", ctypes.c_float), ("pad5", ctypes.c_float), ("tmap", ctypes.c_void_p)]
 
 
 # the chain's phases past gemv_cuda's XMODES (plain 0, swiglu 1, rms 2): the attention of a decode step (phase 0
@@ -926,7 +960,7 @@ DEFAULTS = {4: (16, 2, 2), 8: (16, 2, 1)}
 # threads, so 128 registers a thread (16 + 1 warps get 96, and spilled with 2 blocks); 4 stages of 30 KiB
 # (bench/gemv_cuda.py --chain: 1,537 us a step against 1,587 for (16, 4, 1), 1,596 with 5 stages, 1,693 for the
 # ring kernel). LOCALGPT_GEMV_CHAIN_TMA=0 takes the ring kernel on Hopper too.
-TMA_DEFAULTS = (15, 4, 2)
+TMA_DEFAULTS = {4: (15, 4, 2), 8: (15, 4, 1)}  # int8: a block is 2 KiB, so one a warp makes the same stage
 MAX_STAGES = 32
 TMA = os.environ.get("LOCALGPT_GEMV_CHAIN_TMA", "1") != "0"
 # fp16 mma operands (F16 in the source, see put_cols) for these weight formats: int8 by default (a block's
@@ -953,6 +987,8 @@ def source(bits: int, planes: int, warps: int, depth: int, tiled: bool, bpi: int
             f"#define DEPTH {depth}\n#define BPI {bpi}\n#define TILES 1\n#define NT 1\n#define OFFSET 1\n#define TILED {int(tiled)}\n#define XMODE 0\n"
             f"#define PREF 0\n#define DIAG {DIAG}\n#define F16 {int(f16)}\n"
             f"#define KERNEL_NAME {name}\n")
+    if tma and bits == 8:  # thread t's words of a block row: chunks 2t and 2t + 1 (see TMA_SOURCE's loads)
+        head += "#define XIDX(ch, t, s) (8 * (t) + 4 * (ch) + (s))\n"
     body = TMA_SOURCE if tma else RING_SOURCE
     # a barrier of the CTA's threads that multiply (the bulk-copy kernel's producer warp stays out of it)
     head += ('#define CSYNC() asm volatile("bar.sync 1, %0;" :: "n"(WARPS * 32) : "memory")\n' if tma
@@ -975,13 +1011,18 @@ def kernel(bits: int, planes: int, device: torch.device, warps: int, depth: int,
     return _KERNELS[key]
 
 
+def stage_bytes(bits: int, planes: int, warps: int, bpi: int) -> int:
+    """A bulk-copy stage: BPI blocks a consumer warp (16 rows of ``planes`` words), int4's (scale, zero) rows."""
+    return warps * bpi * (planes * 4 * 16 + (64 if bits == 4 else 0))
+
+
 def smem_bytes(bits: int, planes: int, warps: int, depth: int, bpi: int, kmax: int, maxt: int,
                tma: bool = False, f16: bool = False) -> int:
     """Dynamic shared memory: the warps' rings (or the bulk-copy ring's stages), the staged input (pairs and block
     sums) and the parts of the CTA's tiles (``maxt`` tiles, one part a warp)."""
     fields = 32 // bits
-    if tma:
-        ring = depth * warps * bpi * (planes * 4 * 16 + 64)
+    if tma:  # from a 1 KiB boundary (up to 1 KiB skipped)
+        ring = 1024 + depth * stage_bytes(bits, planes, warps, bpi)
     else:
         ring = warps * (depth + 1) * bpi * (32 * 2 * (planes // 16) + (16 if bits == 4 else 0)) * 16
     item, sums = (8 if bits == 8 else 16, 16) if f16 else (16, 4)
@@ -1005,6 +1046,22 @@ def layer_fits(layer) -> bool:
         return False
     fields = 8 if isinstance(layer, Int4Linear) else 4
     return ok and n % 16 == 0 and k % (layer.planes * fields) == 0 and k % 8 == 0
+
+
+def _tensor_map(words: torch.Tensor, n: int, k: int) -> bytes:
+    """A CUtensorMap (128 bytes) of int8 words as [n rows, k bytes], boxes of 16 rows x 128 bytes (a block), the 16-byte
+    chunks of a box's rows swizzled (128-byte swizzle: chunk ^ row % 8), L2 fetches of 256 bytes."""
+    raw = ctypes.create_string_buffer(128 + 64)  # the host's object 64-byte aligned, as CUtensorMap is
+    at = -ctypes.addressof(raw) % 64
+    dims, strides = (ctypes.c_uint64 * 2)(k, n), (ctypes.c_uint64 * 1)(k)
+    box, steps = (ctypes.c_uint32 * 2)(128, 16), (ctypes.c_uint32 * 2)(1, 1)
+    # data type UINT8 (0), rank 2, no interleave (0), 128-byte swizzle (3), L2 promotion 256 bytes (3), no fill (0)
+    code = ctypes.CDLL("libcuda.so.1").cuTensorMapEncodeTiled(
+        ctypes.c_void_p(ctypes.addressof(raw) + at), 0, 2, ctypes.c_void_p(words.data_ptr()), dims, strides, box,
+        steps, 0, 3, 3, 0)
+    if code != 0:
+        raise RuntimeError(f"CUDA driver error {code} (cuTensorMapEncodeTiled)")
+    return raw.raw[at:at + 128]
 
 
 class _ExecAffinity(ctypes.Structure):
@@ -1055,14 +1112,14 @@ class Chain:
             raise ValueError("one weight format a chain")
         self.device = device
         fields = 32 // bits
+        self.f16 = f16 = (F16 and bits in F16_BITS) if f16 is None else f16
         if tma is None:
-            tma = TMA and bits == 4 and torch.cuda.get_device_capability(device)[0] >= 9
-        elif tma and bits != 4:
-            raise ValueError("the bulk-copy chain takes int4 words")
+            tma = (TMA and torch.cuda.get_device_capability(device)[0] >= 9
+                   and (bits == 4 or (f16 and planes == 32)))
+        elif tma and bits == 8 and not (f16 and planes == 32):
+            raise ValueError("the bulk-copy chain takes int8 words with fp16 operands, 32 words a block")
         self.tma = tma
-        self.f16 = (F16 and bits in F16_BITS) if f16 is None else f16
-        f16 = self.f16
-        defaults = TMA_DEFAULTS if tma else DEFAULTS[bits]
+        defaults = TMA_DEFAULTS[bits] if tma else DEFAULTS[bits]
         warps, bpi = warps or defaults[0], bpi or defaults[2]
         if any(layer.in_features // (planes * fields) % bpi for layer in layers) and not tma:
             bpi = 1
@@ -1077,7 +1134,7 @@ class Chain:
         self.cnt = torch.zeros(attn["heads"] if attn is not None else 1, dtype=torch.int32, device=device)
         if tma and depth is None:  # as many stages as the shared memory holds, up to TMA_DEFAULTS' depth
             rest = smem_bytes(bits, planes, warps, 0, bpi, kmax, maxt, True, f16) + ascr + 2048 + 16 * MAX_STAGES
-            depth = max(2, min(defaults[1], (optin - rest) // smem_bytes(bits, planes, warps, 1, bpi, 0, 0, True)))
+            depth = max(2, min(defaults[1], (optin - rest) // stage_bytes(bits, planes, warps, bpi)))
         depth = depth or defaults[1]
         self.fn = kernel(bits, planes, device, warps, depth, bits == 4, bpi, tma, f16)
         self.smem = smem_bytes(bits, planes, warps, depth, bpi, kmax, maxt, tma, f16) + ascr
@@ -1092,6 +1149,8 @@ class Chain:
         self.shape = (warps, depth, bpi)
         table = (_Phase * len(phases))()
         self.keep = []
+        # int8 words by the copy engine: a tensor map a phase, in device memory (128 bytes, 64-byte aligned)
+        self.maps = torch.zeros(len(phases), 128, dtype=torch.uint8, device=device) if tma and bits == 8 else None
 
         def ptr(t):
             return t.data_ptr() if t is not None else 0
@@ -1117,12 +1176,15 @@ class Chain:
             if mode == 2 and k > 8 * STAGE_WORDS * warps * 32:
                 raise ValueError(f"phase {i}: an RMSNorm over {k} columns is more than one staging round")
             sz = layer.pairs() if bits == 4 else None
-            if tma:  # (scale, zero) rows tile-major, [N / 16, blocks, 16]: a CTA's run of tiles is one span
+            if tma and bits == 4:  # (scale, zero) rows tile-major, [N / 16, blocks, 16]: a CTA's run of tiles is one span
                 sz = sz.view(k // (planes * fields), n // 16, 16).transpose(0, 1).contiguous()
             rs = None if bits == 4 else layer.scales
             self.keep += [layer.words, sz, rs, nw, x, out, y, xsum]
             table[i] = _Phase(ptr(layer.words), ptr(sz), ptr(x), ptr(y), ptr(nw), ptr(xsum), ptr(out), ptr(rs),
                               n, k, mode, 0, float(norm.eps) if mode == 2 else 0.0, 0, 0, 0)
+            if self.maps is not None:
+                self.maps[i].copy_(torch.frombuffer(bytearray(_tensor_map(layer.words, n, k)), dtype=torch.uint8))
+                table[i].tmap = self.maps[i].data_ptr()
         self.n_phases, self.maxt, self.kmax = len(phases), maxt, kmax
         self.table = torch.frombuffer(bytearray(bytes(table)), dtype=torch.uint8).to(device)
         self.bar = torch.zeros(2, dtype=torch.int32, device=device)
