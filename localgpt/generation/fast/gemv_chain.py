@@ -6,12 +6,13 @@ Here one launch runs the phases ``wo -> w_in -> w_out -> the next layer's wqkv``
 
 - Weights do not depend on the activations, so their words stream into shared memory ahead of the multiply, into
   the next phases while this one finishes and while the CTA waits at a barrier or stages an input. Two kernels:
-  the bulk-copy one (Hopper, int4; ``TMA_SOURCE``): one producer thread copies each phase's run of the CTA's tiles
-  (one contiguous span of words in the tiled layout, one of (scale, zero) rows in a tile-major copy made for the
-  chain) in stages of ``WARPS * BPI`` blocks with ``cp.async.bulk`` onto mbarriers, ``DEPTH`` stages deep, and
-  the consumer warps release each stage when its words are in registers; the ring one (any GPU from sm_80, int8;
-  ``RING_SOURCE``): each warp streams its own share through a ring of ``DEPTH`` items (``cp.async``; an item is
-  ``BPI`` blocks of 128 columns of a 16-row tile, 1 KiB a block for int4, 2 KiB for int8).
+  the bulk-copy one (Hopper; ``TMA_SOURCE``): one producer thread copies each phase's run of the CTA's tiles in
+  stages of ``WARPS * BPI`` blocks onto mbarriers, ``DEPTH`` stages deep, and the consumer warps release each stage
+  when its words are in registers. int4: one contiguous span of words in the tiled layout and one of (scale, zero)
+  rows in a tile-major copy made for the chain, by ``cp.async.bulk``; int8 (fp16 operands): one 2-D box of a
+  tensor map a block (16 rows of 128 bytes of the planar words, 128-byte swizzle). The ring one (any GPU from
+  sm_80; ``RING_SOURCE``): each warp streams its own share through a ring of ``DEPTH`` items (``cp.async``; an
+  item is ``BPI`` blocks of 128 columns of a 16-row tile, 1 KiB a block for int4, 2 KiB for int8).
 - A phase's tiles are cut into equal runs, one a CTA (one CTA a multiprocessor, all resident); the warps' parts of
   a tile meet in the CTA's shared memory and are added in warp order (deterministic, no global split-K workspace).
 - Between phases a grid barrier, then every CTA stages the whole next input in shared memory with the phase's
@@ -22,19 +23,24 @@ Here one launch runs the phases ``wo -> w_in -> w_out -> the next layer's wqkv``
   merging them (``attention``).
 
 The multiply of a block is ``gemv_cuda``'s (the same ``HELPERS``): nibble pairs made bf16 by one ``lop3`` are the
-A fragments of ``mma.sync.m16n8k16``, x the B fragments. One token (the batch-1 step; batches take
+A fragments of ``mma.sync.m16n8k16``, x the B fragments; or with fp16 operands (``F16``, int8's default, see
+``put_cols``) a byte pair made fp16 by one ``lop3``, so an int8 block is half the mma and a third of the
+instructions (the nibble split and its fma gone). One token (the batch-1 step; batches take
 ``gemv_cuda``). Checked against the separate launches when the step is built (``Transformer._chain_check``) and in
 the GPU tests; the step that uses it is ``Transformer._step_chain``.
 
-Measured on an H200 (bench/gemv_cuda.py --chain, Llama-2-7B's 32 layers; bench/gpu_notes.md rounds 10-11): int4
-bulk-copy 1,537-1,586 us a step of GEMVs against the ring's 1,675-1,693 and ``gemv_cuda``'s 1,723-1,738 with
-prologues; engine 507-510 tok/s against 486-490 (ring) and 471 (a launch a GEMV). int8 (ring) 2,345-2,466 against
-2,730-2,776, but the engine's int8 step (Triton X2 for one token) stays faster (354 against 349), so int8 is chained
-only with LOCALGPT_GEMV_CHAIN=all. What bounds it (Nsight Compute, ``DIAG``, ``trace``; round 11): the warps'
-own work. Without any word loads (DIAG 32) a layer's launch takes as long as with them (bulk-copy) or 82 % of it
+Measured on an H200 (bench/gemv_cuda.py --chain, Llama-2-7B's 32 layers; bench/gpu_notes.md rounds 10-12): int4
+bulk-copy 1,524-1,636 us a step of GEMVs against the ring's 1,669-1,745 and ``gemv_cuda``'s 1,721-1,736 with
+prologues; engine 500-522 tok/s against 486-490 (ring) and 471 (a launch a GEMV). int8 bulk-copy with fp16 operands
+2,336-2,363 us against 2,713 (ring, fp16), 2,892-2,947 (ring, bf16) and 2,721-2,760 with prologues, its multiplies
+at the copy rate; the engine's int8 step the same either way (357.9 against 355.8 tok/s for Triton's X2 and the
+separate prologues), so int8 is chained only with LOCALGPT_GEMV_CHAIN=all. What bounds int4 (Nsight Compute,
+``DIAG``, ``trace``; round 11): the warps' own work. Without any word loads (DIAG 32) a layer's launch takes as long as with them (bulk-copy) or 82 % of it
 (ring): ~136-176 SASS instructions a 1 KiB block (56 of them the nibbles' lop3 / shifts), 16 warps a
 multiprocessor at 128 registers, issue slots 43-49 % busy; and ~2.5 us a phase of staging and ~2 us of barrier,
-which the warps, not the memory, wait out. The attention as a phase: 2,067 against 2,021 us a step with
+which the warps, not the memory, wait out (round 12: fp16 operands cut int4's loop 272 -> 244 instructions a
+two-block stage and were 2 % slower; tiles taken from a counter as the phase goes, 5 % slower). The attention as
+a phase: 2,067 against 2,021 us a step with
 slot_triton's three kernels (pos 512), its slowest CTA 11 us.
 """
 
