@@ -31,7 +31,7 @@ the GPU tests; the step that uses it is ``Transformer._step_chain``.
 
 Measured on an H200 (bench/gemv_cuda.py --chain, Llama-2-7B's 32 layers; bench/gpu_notes.md rounds 10-12): int4
 bulk-copy 1,524-1,636 us a step of GEMVs against the ring's 1,669-1,745 and ``gemv_cuda``'s 1,721-1,736 with
-prologues; engine 500-522 tok/s against 486-490 (ring) and 471 (a launch a GEMV). int8 bulk-copy with fp16 operands
+prologues; engine 500-532 tok/s against 486-490 (ring) and 471 (a launch a GEMV). int8 bulk-copy with fp16 operands
 2,336-2,363 us against 2,713 (ring, fp16), 2,892-2,947 (ring, bf16) and 2,721-2,760 with prologues, its multiplies
 at the copy rate; the engine's int8 step the same either way (357.9 against 355.8 tok/s for Triton's X2 and the
 separate prologues), so int8 is chained only with LOCALGPT_GEMV_CHAIN=all. What bounds int4 (Nsight Compute,

@@ -212,7 +212,7 @@ def _tokenizer(path: Path, cache_dir: Path | None = None):
 def default_engine_mode(network: Any, device: str, kernels: str) -> str:
     """How the decode step runs when the caller does not say: "eager" on the CPU; on CUDA a plain CUDA graph of the
     fused step for Llama-style networks, bf16 or quantised (Llama-2-7B on an H200, bench/RESULTS.md: bf16 248 tok/s
-    = 0.82 of the bandwidth limit with a 1 s warm-up against 241 tok/s and 44 s compiled, round 7; int4 500-522 tok/s
+    = 0.82 of the bandwidth limit with a 1 s warm-up against 241 tok/s and 44 s compiled, round 7; int4 500-532 tok/s
     with a layer's GEMVs in one launch and its words by bulk copies (rounds 11-12; 487 by a ring of cp.async, round 10;
     464 with the norms in the GEMVs' prologues, round 9), which only
     the graph step has, against 418 compiled; int8 358 with its row scales in the kernel against 346 compiled,

@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from localgpt.errors import ConfigError
 
-# The batch-1 step's GEMVs one persistent launch a layer (``gemv_chain``) for int4 layers: 500-522 tok/s (its
+# The batch-1 step's GEMVs one persistent launch a layer (``gemv_chain``) for int4 layers: 500-532 tok/s (its
 # bulk-copy kernel; 486-490 with the ring one, LOCALGPT_GEMV_CHAIN_TMA=0) against 471 on the H200 (Llama-2-7B).
 # int8 layers only with LOCALGPT_GEMV_CHAIN=all (357.9 against 355.8 with the bulk-copy kernel and fp16 operands,
 # round 12: no faster than Triton's X2 kernel and the separate prologues); LOCALGPT_GEMV_CHAIN=0 keeps a launch a
