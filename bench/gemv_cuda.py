@@ -361,8 +361,8 @@ def main() -> None:
     parser.add_argument("--chain-diag", action="store_true",
                         help="--chain: gemv_chain without its multiply / staging, and each shape alone")
     parser.add_argument("--chain-shapes", default="",
-                        help='--chain: "warps,depth,bpi[,tma[,f16]];..." instead of CHAIN_SHAPES (depth "max": all that '
-                             'fit; f16 1 / 0: fp16 / bf16 operands)')
+                        help='--chain: "warps,depth,bpi[,tma[,f16]];..." instead of CHAIN_SHAPES (depth "max": '
+                             'all that fit; f16 1 / 0: fp16 / bf16 operands)')
     parser.add_argument("--chain-attn", type=int, default=0,
                         help="--chain: also with the attention at this position, as a phase and as its own kernels")
     parser.add_argument("--chain-diags", default="", help="--chain: these DIAG values for each shape (e.g. 0,15)")

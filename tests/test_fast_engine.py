@@ -768,14 +768,14 @@ def _llama_layer_gemvs(mode: str, dim: int, inner: int):
 @pytest.mark.parametrize("mode,tma,f16", [("int4", False, True), ("int4", True, True), ("int4", True, False),
                                          ("int8", False, True), ("int8", False, False), ("int8", True, True)])
 def test_gpu_chain_runs_a_layers_gemvs_in_one_launch_as_the_prologue_kernels_do(mode, tma, f16):
-    """gemv_chain.Chain (the GEMVs from one attention to the next in one persistent launch: the words of all of
-    them streamed through shared memory, by every warp's cp.async ring or, tma, by one producer thread's bulk
-    copies on Hopper (int8's by a tensor map a phase); a grid barrier between) against quantize.prologue_gemv's launch a GEMV, at Llama-2-7B's
-    shapes: the residual sum bit-identical, every output within bf16 rounding (the parts of a row are added in
-    another order), launches again and CUDA-graph replays bit-identical to the first run (the barrier and the
-    row counters reset themselves; the sums' order is fixed). f16: fp16 mma operands (int8's default) or bf16
-    (int4's); with fp16, inputs past fp16's range (a block scaled by a power of two) and below its normal range as
-    well."""
+    """gemv_chain.Chain (the GEMVs from one attention to the next in one persistent launch: the words of all of them
+    streamed through shared memory, by every warp's cp.async ring or, tma, by one producer thread's bulk copies
+    on Hopper, int8's by a tensor map a phase; a grid barrier between) against quantize.prologue_gemv's launch a
+    GEMV, at Llama-2-7B's shapes: the residual sum bit-identical, every output within bf16 rounding (the parts
+    of a row are added in another order), launches again and CUDA-graph replays bit-identical to the first run
+    (the barrier and the row counters reset themselves; the sums' order is fixed). f16: fp16 mma operands
+    (int8's default) or bf16 (int4's); with fp16, inputs past fp16's range (a block scaled by a power of two)
+    and below its normal range as well."""
     _needs_cuda()
     pytest.importorskip("triton")
     if tma and torch.cuda.get_device_capability()[0] < 9:

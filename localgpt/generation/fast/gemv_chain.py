@@ -35,13 +35,13 @@ prologues; engine 500-532 tok/s against 486-490 (ring) and 471 (a launch a GEMV)
 2,336-2,363 us against 2,713 (ring, fp16), 2,892-2,947 (ring, bf16) and 2,721-2,760 with prologues, its multiplies
 at the copy rate; the engine's int8 step the same either way (357.9 against 355.8 tok/s for Triton's X2 and the
 separate prologues), so int8 is chained only with LOCALGPT_GEMV_CHAIN=all. What bounds int4 (Nsight Compute,
-``DIAG``, ``trace``; round 11): the warps' own work. Without any word loads (DIAG 32) a layer's launch takes as long as with them (bulk-copy) or 82 % of it
-(ring): ~136-176 SASS instructions a 1 KiB block (56 of them the nibbles' lop3 / shifts), 16 warps a
-multiprocessor at 128 registers, issue slots 43-49 % busy; and ~2.5 us a phase of staging and ~2 us of barrier,
-which the warps, not the memory, wait out (round 12: fp16 operands cut int4's loop 272 -> 244 instructions a
-two-block stage and were 2 % slower; tiles taken from a counter as the phase goes, 5 % slower). The attention as
-a phase: 2,067 against 2,021 us a step with
-slot_triton's three kernels (pos 512), its slowest CTA 11 us.
+``DIAG``, ``trace``; round 11): the warps' own work. Without any word loads (DIAG 32) a layer's launch takes as long
+as with them (bulk-copy) or 82 % of it (ring): ~136-176 SASS instructions a 1 KiB block (56 of them the nibbles'
+lop3 / shifts), 16 warps a multiprocessor at 128 registers, issue slots 43-49 % busy; and ~2.5 us a phase of staging
+and ~2 us of barrier, which the warps, not the memory, wait out (round 12: fp16 operands cut int4's loop 272 -> 244
+instructions a two-block stage and were 2 % slower; tiles taken from a counter as the phase goes, 5 % slower). The
+attention as a phase: 2,067 against 2,021 us a step with slot_triton's three kernels (pos 512), its slowest CTA 11
+us.
 """
 
 from __future__ import annotations
@@ -466,7 +466,8 @@ __device__ __forceinline__ void stage(const Phase& ph, XITEM* xp, XS_T* xs, floa
 // t = 0) gather rows g / g + 8 of the token; the other columns of the mma repeat it.
 #if F16
 __device__ __forceinline__ void mma16816h(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
+                 " {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
@@ -499,7 +500,8 @@ __device__ __forceinline__ void mul_item(const uint4 (&v)[CHUNKS][2], uint2 sc, 
 #if BITS == 4
     // w = s (q - 8) + z: s (f c - offset) + (z - 8 s) sum(x)
     const float s0 = bf2f(sc.x), s1 = bf2f(sc.y);
-    const float z0 = __uint_as_float(sc.x & 0xFFFF0000u) - 8.f * s0, z1 = __uint_as_float(sc.y & 0xFFFF0000u) - 8.f * s1;
+    const float z0 = __uint_as_float(sc.x & 0xFFFF0000u) - 8.f * s0;
+    const float z1 = __uint_as_float(sc.y & 0xFFFF0000u) - 8.f * s1;
     acc[0] += s0 * (xsb.z * c[0] - xsb.y) + z0 * xsb.x;
     acc[2] += s1 * (xsb.z * c[2] - xsb.y) + z1 * xsb.x;
 #else
@@ -1182,7 +1184,7 @@ class Chain:
             if mode == 2 and k > 8 * STAGE_WORDS * warps * 32:
                 raise ValueError(f"phase {i}: an RMSNorm over {k} columns is more than one staging round")
             sz = layer.pairs() if bits == 4 else None
-            if tma and bits == 4:  # (scale, zero) rows tile-major, [N / 16, blocks, 16]: a CTA's run of tiles is one span
+            if tma and bits == 4:  # (scale, zero) rows tile-major, [N / 16, blocks, 16]: a CTA's tiles one span
                 sz = sz.view(k // (planes * fields), n // 16, 16).transpose(0, 1).contiguous()
             rs = None if bits == 4 else layer.scales
             self.keep += [layer.words, sz, rs, nw, x, out, y, xsum]
