@@ -462,6 +462,21 @@ __device__ __forceinline__ void stage(const Phase& ph, XITEM* xp, XS_T* xs, floa
     CSYNC();
 }
 
+// A phase's start in either kernel: the grid barrier (none before the first), then its input staged.
+__device__ __forceinline__ void begin_phase(const Phase& ph, int p, unsigned* bar, long long* trace, XITEM* xp,
+                                            XS_T* xs, float* red, float* parts, int nparts) {
+#if DIAG & 4
+    CSYNC();
+#else
+    if (p > 0) grid_sync(bar, (unsigned)p * gridDim.x);
+#endif
+    if (threadIdx.x == 0) note(trace, p, 0);
+#if !(DIAG & 2)
+    stage(ph, xp, xs, red, parts, nparts, blockIdx.x == 0);
+#endif
+    if (threadIdx.x == 0) note(trace, p, 1);
+}
+
 // One block of an item: gemv_cuda's mul_block for one tile and one token (TILES = NT = 1). acc[0] / acc[2] (lanes
 // t = 0) gather rows g / g + 8 of the token; the other columns of the mma repeat it.
 #if F16
@@ -639,16 +654,7 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
 #pragma unroll 1
     for (int p = first; p < n_phases; ++p) {
         const Phase& ph = sp[p];
-#if DIAG & 4
-        __syncthreads();
-#else
-        if (p > 0) grid_sync(bar, (unsigned)p * gridDim.x);
-#endif
-        if (tid == 0) note(trace, p, 0);
-#if !(DIAG & 2)
-        stage(ph, xp, xs, red, parts, maxt * WARPS * 16, blockIdx.x == 0);
-#endif
-        if (tid == 0) note(trace, p, 1);
+        begin_phase(ph, p, bar, trace, xp, xs, red, parts, maxt * WARPS * 16);
         int t0, t1;
         cta_tiles(ph, t0, t1);
         const int per = ph.K / (COLS * BPI), items = (t1 - t0) * per;
@@ -848,16 +854,7 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
 #pragma unroll 1
     for (int p = first; p < n_phases; ++p) {
         const Phase& ph = sp[p];
-#if DIAG & 4
-        CSYNC();
-#else
-        if (p > 0) grid_sync(bar, (unsigned)p * gridDim.x);
-#endif
-        if (tid == 0) note(trace, p, 0);
-#if !(DIAG & 2)
-        stage(ph, xp, xs, red, parts, maxt * WARPS * 16, blockIdx.x == 0);
-#endif
-        if (tid == 0) note(trace, p, 1);
+        begin_phase(ph, p, bar, trace, xp, xs, red, parts, maxt * WARPS * 16);
         int t0, t1;
         cta_tiles(ph, t0, t1);
         const int per = ph.K / COLS, nb = (t1 - t0) * per;
