@@ -119,8 +119,10 @@ def trace_summary(label: str, trace: torch.Tensor, n_phases: int = 4) -> str:
 
 
 def chain(kinds: list[str], n_layers: int, depths: tuple[int, ...] = (2,), sweep: bool = False,
-          diag: bool = False, chain_shapes: str = "", diags: tuple[int, ...] = (), chain_attn: int = 0) -> dict:
-    """µs a decode step of GEMVs (see the module's note) per (kind, variant); prints a table."""
+          diag: bool = False, chain_shapes: str = "", diags: tuple[int, ...] = (), chain_attn: int = 0,
+          alt: str = "") -> dict:
+    """µs a decode step of GEMVs (see the module's note) per (kind, variant); prints a table. ``alt``: a git
+    revision or file of gemv_chain.py whose chains run too, after each of the working tree's ("... alt" rows)."""
     from localgpt.generation.fast import gemv_chain, slot_triton
     from localgpt.generation.fast.gemv_chain import Chain
     from localgpt.generation.fast.quantize import Int4Linear, Int8Linear, prologue_gemv
@@ -129,6 +131,11 @@ def chain(kinds: list[str], n_layers: int, depths: tuple[int, ...] = (2,), sweep
     dim, inner = 4096, 11008
     shapes = {"wqkv": (3 * dim, dim), "wo": (dim, dim), "w_in": (2 * inner, dim), "w_out": (dim, inner)}
     results = {}
+    alt_mod = None
+    if alt:
+        from alt_chain import module_at
+
+        alt_mod = module_at(alt)
     for kind in kinds:
         torch.manual_seed(0)
         layers = []
@@ -200,7 +207,8 @@ def chain(kinds: list[str], n_layers: int, depths: tuple[int, ...] = (2,), sweep
                              torch.randn(1, heads, length, hd, device="cuda").to(torch.bfloat16)) for _ in layers])
             return attn_state
 
-        def persistent(shape, attn=""):
+        def persistent(shape, attn="", mod=None):
+            Chain = (mod or gemv_chain).Chain  # noqa: N806 - the working tree's class or the --chain-alt one
             # gemv_chain: wo -> w_in -> w_out -> the next wqkv in one launch a layer (the buffers fixed); attn
             # "phase": the attention as each launch's first phase, "kernels": slot_triton's three kernels before it
             bufs = {k: torch.zeros(n, device="cuda", dtype=torch.bfloat16) for k, n in (
@@ -250,6 +258,14 @@ def chain(kinds: list[str], n_layers: int, depths: tuple[int, ...] = (2,), sweep
             return lambda: [c() for c in chains]
 
         runs = [("separate", separate, depths[0], True)] + [("prologue", prologue, d, True) for d in depths]
+
+        def unique(label):  # a shape asked for twice (alternating rows of an A/B) gets " #2", ...
+            taken = {r[0] for r in runs}
+            n, out = 1, label
+            while out in taken:
+                n += 1
+                out = f"{label} #{n}"
+            return out
         runs.append(("prologue", prologue, depths[0], False))
         def tma_of(shape):
             return bool(len(shape) > 3 and shape[3])
@@ -262,14 +278,16 @@ def chain(kinds: list[str], n_layers: int, depths: tuple[int, ...] = (2,), sweep
             shapes_run = [tuple(int(v) if v != "max" else None for v in c.split(",")) for c in chain_shapes.split(";")]
         for shape in shapes_run:
             for dg in diags or ((0, 1, 2, 3, 7, 11, 15) if diag else (0,)):
-                gemv_chain.DIAG = dg
-                try:
-                    for attn in (("", "kernels", "phase") if chain_attn else ("",)):
-                        runs.append((shape_label(shape) + (f" attn {attn}" if attn else "") + (f" diag{dg}" if dg else ""),
-                                     persistent(shape, attn), None, True))
-                except Exception as exc:  # noqa: BLE001 - a shape that does not fit this GPU
-                    print(f"{kind} chain {shape}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
-            gemv_chain.DIAG = 0
+                for mod in [gemv_chain] + ([alt_mod] if alt_mod else []):
+                    mod.DIAG = dg
+                    try:
+                        for attn in (("", "kernels", "phase") if chain_attn else ("",)):
+                            runs.append((unique(shape_label(shape) + (f" attn {attn}" if attn else "")
+                                                + (f" diag{dg}" if dg else "") + (" alt" if mod is alt_mod else "")),
+                                         persistent(shape, attn, mod), None, True))
+                    except Exception as exc:  # noqa: BLE001 - a shape that does not fit this GPU
+                        print(f"{kind} chain {shape}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+                    mod.DIAG = 0
             if diag:
                 for name in ("w_in", "wo"):
                     runs.append((f"{name} alone: gemv_cuda", single(name), None, True))
@@ -366,6 +384,8 @@ def main() -> None:
     parser.add_argument("--chain-attn", type=int, default=0,
                         help="--chain: also with the attention at this position, as a phase and as its own kernels")
     parser.add_argument("--chain-diags", default="", help="--chain: these DIAG values for each shape (e.g. 0,15)")
+    parser.add_argument("--chain-alt", default="", help="--chain: a git revision or file of gemv_chain.py run too, "
+                                                          "each shape after the working tree's (same-call A/B)")
     parser.add_argument("--depths", default="", help="register depths to try (e.g. 2,3,4; first = the baseline's)")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -375,7 +395,7 @@ def main() -> None:
                         tuple(int(d) for d in args.depths.split(",")) if args.depths else (2,), args.sweep,
                         args.chain_diag, args.chain_shapes,
                         tuple(int(d) for d in args.chain_diags.split(",")) if args.chain_diags else (),
-                        args.chain_attn)
+                        args.chain_attn, args.chain_alt)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(res, f, indent=1)

@@ -33,6 +33,10 @@ from localgpt.generation.fast.engine import Engine  # noqa: E402
 from localgpt.generation.fast.generator import build_network  # noqa: E402
 from localgpt.generation.fast.quantize import decode_kernels, quantize_model, use_bf16_gemv  # noqa: E402
 
+import alt_chain  # noqa: E402  (bench/, this script's folder)
+
+ALT_CHAIN = {"mod": None}  # --alt-chain's gemv_chain module, for the "+alt" rows
+
 PROMPTS = (512, 2048, 8192)
 VARIANTS = ("bf16", "bf16-gemv", "int8-legacy", "int8-triton", "int8-cuda", "int8", "int4-legacy", "int4-triton",
             "int4", "nf4", "bnb-int8")
@@ -876,7 +880,8 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
         # (the norms and silu·up as their own kernels, not in the GEMVs' prologues), "+nochain" (a launch a GEMV,
         # not gemv_chain's one a layer; "+chain": int8 layers chained too; "+ring": the chain's cp.async ring kernel,
         # not the bulk-copy one, on Hopper; "+attn": the attention as the chain's first phase, not its own kernels;
-        # "+f16" / "+bf16": the chain's mma operands fp16 for int4 too / bf16 for int8 too),
+        # "+f16" / "+bf16": the chain's mma operands fp16 for int4 too / bf16 for int8 too; "+alt": the chain of
+        # --alt-chain's gemv_chain.py, for a same-call A/B),
         # and then "@graph" / "@compile" (that engine mode for this row instead of --mode).
         name_mode = name.partition("@")
         variant, *flags = name_mode[0].split("+")
@@ -925,29 +930,31 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
             log(f"{label} {variant}: {torch.cuda.memory_allocated() / 2**30 if CUDA else 0:.2f} GiB on the GPU")
             from localgpt.generation.fast import quantize
 
-            from localgpt.generation.fast import gemv_chain, transformer
-
             if mode == "default":
                 from localgpt.generation.fast.generator import default_engine_mode
 
                 mode = default_engine_mode(net, "cuda" if CUDA else "cpu", "torch")
-            quantize.PROLOGUE = "sep" not in flags
-            transformer.CHAIN = "nochain" not in flags and "sep" not in flags
-            transformer.CHAIN_INT8 = "chain" in flags  # int8 chained only on request ("int8+chain")
-            gemv_chain.TMA = "ring" not in flags  # "+ring": the chain's cp.async ring kernel on Hopper too
-            transformer.CHAIN_ATTN = "attn" in flags  # "+attn": the attention as the chain's first phase (opt-in)
-            # "+f16": the chain's mma operands in fp16 for int4 too; "+bf16": in bf16 for int8 too
-            gemv_chain.F16_BITS = (4, 8) if "f16" in flags else () if "bf16" in flags else (8,)
-            gemv_chain.F16 = bool(gemv_chain.F16_BITS)
-            try:
-                entry[name] = bench_engine(net, vocab, PROMPTS, mode, log, decode_contexts=contexts,
-                                           sampled=variant in args.sampled.split(",") and key == "llama",
-                                           profile=args.profile, fused=False if plain else None)
-            finally:
-                quantize.PROLOGUE = True
-                transformer.CHAIN, transformer.CHAIN_INT8 = True, False
-                gemv_chain.TMA = True
-                transformer.CHAIN_ATTN = False
+            # "+alt": the chain from --alt-chain's gemv_chain.py (a git revision or a file) for this row
+            with alt_chain.swapped(ALT_CHAIN["mod"] if "alt" in flags else None):
+                from localgpt.generation.fast import gemv_chain, transformer
+
+                quantize.PROLOGUE = "sep" not in flags
+                transformer.CHAIN = "nochain" not in flags and "sep" not in flags
+                transformer.CHAIN_INT8 = "chain" in flags  # int8 chained only on request ("int8+chain")
+                gemv_chain.TMA = "ring" not in flags  # "+ring": the chain's cp.async ring kernel on Hopper too
+                transformer.CHAIN_ATTN = "attn" in flags  # "+attn": the attention as the chain's first phase
+                # "+f16": the chain's mma operands in fp16 for int4 too; "+bf16": in bf16 for int8 too
+                gemv_chain.F16_BITS = (4, 8) if "f16" in flags else () if "bf16" in flags else (8,)
+                gemv_chain.F16 = bool(gemv_chain.F16_BITS)
+                try:
+                    entry[name] = bench_engine(net, vocab, PROMPTS, mode, log, decode_contexts=contexts,
+                                               sampled=variant in args.sampled.split(",") and key == "llama",
+                                               profile=args.profile, fused=False if plain else None)
+                finally:
+                    quantize.PROLOGUE = True
+                    transformer.CHAIN, transformer.CHAIN_INT8 = True, False
+                    gemv_chain.TMA = True
+                    transformer.CHAIN_ATTN = False
             entry[name]["kernels"] = kernels + (f"; the step's GEMVs in gemv_chain ({net.chain_kernel}"
                                                   + (", attention in it)" if net._chain.attn else ")")
                                                   if getattr(net, "_chain", None) else "")
@@ -1056,7 +1063,13 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT"))
     parser.add_argument("--results", type=Path, help="append the table to this markdown file")
     parser.add_argument("--commit", default=os.environ.get("LOCALGPT_COMMIT", "unknown"))
+    parser.add_argument("--alt-chain", default="", help='a git revision or file of gemv_chain.py: the rows of '
+                                                        'variants with "+alt" run its chain (same-call A/B)')
     args = parser.parse_args()
+    if args.alt_chain:
+        ALT_CHAIN["mod"] = alt_chain.module_at(args.alt_chain)
+    elif any("+alt" in v for v in args.variants.split(",")):
+        parser.error('"+alt" rows need --alt-chain (a git revision or a gemv_chain.py file)')
     # HF's FalconMamba has no fused kernels here: its prompt loop is too slow for an 8k prompt in one call.
     args.hf_max_prompt = {"llama": 8192, "falcon": 8192, "falcon-mamba": 2048, "falcon-40b": 8192}
 
