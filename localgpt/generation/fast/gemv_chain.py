@@ -970,7 +970,7 @@ MAX_STAGES = 32
 TMA = os.environ.get("LOCALGPT_GEMV_CHAIN_TMA", "1") != "0"
 # fp16 mma operands (F16 in the source, see put_cols) for these weight formats: int8 by default (a block's
 # instructions 412 -> 270, the chain of a step 6 % faster); int4 with them lost 2 % (its loop 272 -> 244
-# instructions, but the staging does more). LOCALGPT_GEMV_CHAIN_F16: "int8" (default), "all" or "0".
+# instructions, but the staging does more). LOCALGPT_GEMV_CHAIN_F16: "int8" (default), "all" (or "1") or "0".
 F16_BITS = {"0": (), "all": (4, 8), "1": (4, 8)}.get(os.environ.get("LOCALGPT_GEMV_CHAIN_F16", "int8"), (8,))
 F16 = bool(F16_BITS)  # some format takes them (the engine's fallback to bf16 operands tries it)
 
