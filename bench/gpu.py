@@ -41,6 +41,7 @@ PROMPTS = (512, 2048, 8192)
 VARIANTS = ("bf16", "bf16-gemv", "int8-legacy", "int8-triton", "int8-cuda", "int8", "int4-legacy", "int4-triton",
             "int4", "nf4", "bnb-int8")
 DECODE_PROMPT, DECODE_NEW = 512, 128
+DECODE_CACHE = 0  # --decode-cache
 
 
 def configs(tiny: bool = False):
@@ -216,9 +217,13 @@ def bench_engine(network, vocab: int, prompts, mode: str, log, *, decode_context
     del eng
     # Decode: a cache sized to the longest context measured, the compiled step, 128 new tokens.
     cache = max(decode_contexts) + DECODE_NEW + 64
-    network.setup_cache(cache)
+    # --decode-cache: a longer cache (as the product sizes it: the context window), the limit still counting the
+    # KV of the positions decoded (the step reads no more)
+    network.setup_cache(max(cache, DECODE_CACHE))
     free_cache()
-    eng = Engine(network, mode=mode, max_seq=cache, fused=fused)
+    eng = Engine(network, mode=mode, max_seq=max(cache, DECODE_CACHE), fused=fused)
+    if DECODE_CACHE > cache:
+        log(f"  decode cache: {DECODE_CACHE} positions")
     out["fused_step"] = eng.fused
     t0 = time.perf_counter()
     eng.warm_up(steps=4)
@@ -881,7 +886,8 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
         # not gemv_chain's one a layer; "+chain": int8 layers chained too; "+ring": the chain's cp.async ring kernel,
         # not the bulk-copy one, on Hopper; "+attn": the attention as the chain's first phase, not its own kernels;
         # "+f16" / "+bf16": the chain's mma operands fp16 for int4 too / bf16 for int8 too; "+alt": the chain of
-        # --alt-chain's gemv_chain.py, for a same-call A/B),
+        # --alt-chain's gemv_chain.py, for a same-call A/B; "+oldattn": the step's attention by rope_store +
+        # decode_attention, not step_attention),
         # and then "@graph" / "@compile" (that engine mode for this row instead of --mode).
         name_mode = name.partition("@")
         variant, *flags = name_mode[0].split("+")
@@ -943,6 +949,7 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                 transformer.CHAIN_INT8 = "chain" in flags  # int8 chained only on request ("int8+chain")
                 gemv_chain.TMA = "ring" not in flags  # "+ring": the chain's cp.async ring kernel on Hopper too
                 transformer.CHAIN_ATTN = "attn" in flags  # "+attn": the attention as the chain's first phase
+                transformer.STEP_ATTN = "oldattn" not in flags  # "+oldattn": rope_store + decode_attention
                 # "+f16": the chain's mma operands in fp16 for int4 too; "+bf16": in bf16 for int8 too
                 gemv_chain.F16_BITS = (4, 8) if "f16" in flags else () if "bf16" in flags else (8,)
                 gemv_chain.F16 = bool(gemv_chain.F16_BITS)
@@ -1060,6 +1067,8 @@ def main() -> None:
                         "the engine's and localgpt serve's default) instead of buckets of the levels")
     parser.add_argument("--prompts", default="", help="TTFT prompt lengths, e.g. 512,2048 (default 512,2048,8192)")
     parser.add_argument("--tiny", action="store_true", help="tiny configs and prompts: check the script, not speed")
+    parser.add_argument("--decode-cache", type=int, default=0, help="KV-cache positions of the decode runs (default: "
+                        "the positions decoded + 64; the product sizes it to the context window, e.g. 4096)")
     parser.add_argument("--out", default=os.environ.get("OUT"))
     parser.add_argument("--results", type=Path, help="append the table to this markdown file")
     parser.add_argument("--commit", default=os.environ.get("LOCALGPT_COMMIT", "unknown"))
@@ -1085,7 +1094,8 @@ def main() -> None:
             logf.write(msg + "\n")
             logf.flush()
 
-    global PROMPTS, DECODE_PROMPT, DECODE_NEW
+    global PROMPTS, DECODE_PROMPT, DECODE_NEW, DECODE_CACHE
+    DECODE_CACHE = args.decode_cache
     if args.tiny:
         PROMPTS, DECODE_PROMPT, DECODE_NEW = (32, 64, 128), 32, 16
         args.hf_max_prompt = dict.fromkeys(args.hf_max_prompt, 128)

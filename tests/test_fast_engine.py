@@ -1056,6 +1056,58 @@ def test_gpu_chained_step_matches_a_launch_a_gemv_and_generates_the_same_in_a_gr
     assert graph == eager and len(eager) == 12
 
 
+def test_step_attention_matches_rope_store_and_decode_attention_in_the_triton_interpreter(subprocess_env):
+    """slot_triton.step_attention (rotary, cache write and attention in one kernel over runs of tiles that follow
+    the position) against rope_store + decode_attention, in Triton's interpreter on the CPU."""
+    pytest.importorskip("triton")
+    from conftest import run_in_triton_interpreter
+
+    run_in_triton_interpreter(subprocess_env, "test_fast_engine", "step_attention_check", "step attention check passed")
+
+
+@pytest.mark.gpu
+def test_gpu_step_attention_matches_rope_store_and_decode_attention():
+    _needs_cuda()
+    step_attention_check("cuda", torch.bfloat16)
+
+
+def step_attention_check(device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    """One kv head a query head, grouped and multi-query heads; the step's position in the first tile, inside the
+    cache (a program with several tiles, and tiles past the position) and at the cache's last; with the tensor-core
+    dots and without: the output and the cache rows it writes equal the two-launch path's (fp32 to 1e-4, bf16
+    within its rounding), the rest of the cache untouched; without the rotary (q given, the cache written) too."""
+    from localgpt.generation.fast import slot_triton as st
+
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=device).to(dtype)
+
+    length = 70
+    for heads, kv, hd in ((4, 4, 32), (4, 2, 32), (6, 1, 16)):
+        cos, sin = randn(length, hd), randn(length, hd)
+        for dot, (splits, block_n) in ((False, (3, 16)), (True, (2, 16)), (True, (4, 32))):
+            for pos in (0, 21, length - 1):
+                kc, vc, qkv = randn(1, kv, length, hd), randn(1, kv, length, hd), randn(1, (heads + 2 * kv) * hd)
+                where = torch.tensor([pos], device=device)
+                k1, v1 = kc.clone(), vc.clone()
+                q = st.rope_store(qkv, cos, sin, where, k1, v1, heads)
+                want = st.decode_attention(q, k1, v1, where, -1, (32, 16, 1, False)).float()
+                k2, v2 = kc.clone(), vc.clone()
+                cfg = (splits, block_n, 1, dot, 1)
+                got = st.step_attention(qkv, k2, v2, where, heads, cos, sin, cfg).float()
+                assert float((got - want).norm() / want.norm()) < tol, (heads, kv, dot, pos)
+                assert torch.equal(k2, k1) and torch.equal(v2, v1), (heads, kv, dot, pos)  # the row, nothing else
+                got = st.step_attention(q, k1, v1, where, heads, config=cfg).float()
+                assert float((got - want).norm() / want.norm()) < tol, ("q given", heads, kv, dot, pos)
+    # which path the step takes: short caches of one kv head a query head keep decode_attention
+    assert not st.use_step_attention(torch.empty(1, 32, 704, 1, device="meta"), 32)
+    assert st.use_step_attention(torch.empty(1, 32, 4096, 1, device="meta"), 32)
+    assert st.use_step_attention(torch.empty(1, 1, 704, 1, device="meta"), 71)
+    print("step attention check passed")
+
+
 @pytest.mark.gpu
 def test_gpu_fused_batch1_step_matches_the_plain_step():
     _needs_cuda()

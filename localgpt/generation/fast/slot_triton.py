@@ -280,6 +280,147 @@ def decode_attention(q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tens
     return out
 
 
+# --- the batch-1 decode step's attention (``Block.attend_qkv``): rotary, cache write and attention in one kernel ---
+# A program takes ROWS query heads (one, or with DOT a kv head's group through tensor-core dots) and every SPLITS-th
+# tile of BLOCK_N positions of 0..pos: the grid is the same at every position and a long cache costs nothing until
+# it is used (decode_attention's grid grows with the cache: 64 splits a head at 4,096 positions, most of them
+# empty). With ROPE the query, k and v of the step come straight from the qkv row: q and k rotated and rounded to
+# bf16 as ``rope_store`` does, k and v written into the cache at pos by the program whose tiles hold pos, after its
+# loads (no other program reads that position; that program takes the new row from registers), so rope_store's
+# launch and its q round trip are gone. The programs' parts meet in _attention_combine_kernel.
+# bench/attention_step.py sweeps (splits, block_n, warps, dot, stages).
+# Measured on an H200 (bench/RESULTS.md, round 13; µs a layer, 32 layers a graph): Llama-2-7B's heads at position
+# 512 of a 4,096-position cache 9.2 against 19.2 for rope_store + decode_attention, at 4,000 23.7 against 26.2;
+# Falcon-7B's (71 heads, one kv head) 6.1-6.2 against 6.8-9.3. One kv head a query head and a short cache is the
+# exception: at 704 positions decode_attention's 11 single-tile programs a head were 0.7 us faster (8.5 against
+# 9.2), so ``use_step_attention`` keeps it for caches up to STEP_ATTENTION_MIN_CACHE positions there.
+STEP_ATTENTION = {"splits": 16, "block_n": 64, "warps": 4, "dot": True, "stages": 1}
+STEP_ATTENTION_MIN_CACHE = 1024
+
+
+def use_step_attention(k_cache: torch.Tensor, n_heads: int) -> bool:
+    """Whether the batch-1 step's attention over this cache ([1, KV, L, hd]) is ``step_attention``'s (else
+    ``rope_store`` + ``decode_attention``)."""
+    return k_cache.shape[1] != n_heads or k_cache.shape[2] > STEP_ATTENTION_MIN_CACHE
+
+
+@triton.jit
+def _rotated(row_ptr, cos, sin, d, partner, sign, mask):
+    # a head's row (pointer at its first dim, per row of a block) rotated by the position's cos / sin: fp32
+    x = tl.load(row_ptr + d, mask=mask, other=0.0).to(tl.float32)
+    other = tl.load(row_ptr + partner, mask=mask, other=0.0).to(tl.float32)
+    return x * cos + sign * other * sin
+
+
+@triton.jit
+def _step_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, acc_ptr, ml_ptr, H, KV, L, scale,
+                           ROPE: tl.constexpr, REP: tl.constexpr, ROWS: tl.constexpr, DOT: tl.constexpr,
+                           HD: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                           FP32_DOT: tl.constexpr, STATIC: tl.constexpr, STAGES: tl.constexpr):
+    # Program (j, s): query heads j * G .. (G = REP with DOT, else 1) of kv head (j G) / REP over the tiles s,
+    # s + S, s + 2 S, .. (S programs a head, BLOCK_N positions a tile) of positions 0..pos. qkv_ptr: with ROPE the
+    # step's qkv row [(H + 2 KV) HD], else its rotated q [H, HD] (the cache written). The tiles' loads pipelined
+    # STAGES deep; the step's row written last (no load waits for that store).
+    j = tl.program_id(0)
+    s = tl.program_id(1)
+    nsplit = tl.num_programs(1)
+    pos = tl.load(pos_ptr).to(tl.int32)
+    G: tl.constexpr = REP if DOT else 1
+    g = (j * G) // REP
+    r = tl.arange(0, ROWS)
+    rlive = r < G
+    heads = j * G + r
+    d = tl.arange(0, BLOCK_D)
+    dlive = d < HD
+    qmask = rlive[:, None] & dlive[None, :]
+    base = g * L * HD
+    if ROPE:
+        partner = tl.where(d < HALF, d + HALF, d - HALF)
+        sign = tl.where(d < HALF, -1.0, 1.0)
+        cs = tl.load(cos_ptr + pos * HD + d, mask=dlive, other=0.0).to(tl.float32)
+        sn = tl.load(sin_ptr + pos * HD + d, mask=dlive, other=0.0).to(tl.float32)
+        q = _rotated(qkv_ptr + heads[:, None] * HD, cs[None, :], sn[None, :], d[None, :], partner[None, :],
+                     sign[None, :], qmask).to(k_ptr.dtype.element_ty)
+        k_new = _rotated(qkv_ptr + (H + g) * HD, cs, sn, d, partner, sign, dlive).to(k_ptr.dtype.element_ty)
+        v_new = tl.load(qkv_ptr + (H + KV + g) * HD + d, mask=dlive, other=0.0).to(v_ptr.dtype.element_ty)
+    else:
+        q = tl.load(qkv_ptr + heads[:, None] * HD + d[None, :], mask=qmask, other=0.0)
+    m = tl.full((ROWS,), float("-inf"), tl.float32)
+    l = tl.zeros((ROWS,), tl.float32)
+    acc = tl.zeros((ROWS, BLOCK_D), tl.float32)
+    qf = q.to(tl.float32) * scale
+    # Triton's interpreter cannot loop to a loaded bound: there, over the whole cache (STATIC), masked past pos
+    for i in tl.range(0, tl.cdiv(STATIC, BLOCK_N) if STATIC > 0 else tl.cdiv(tl.cdiv(pos + 1, BLOCK_N) - s, nsplit),
+                      num_stages=STAGES):
+        n = (s + i * nsplit) * BLOCK_N + tl.arange(0, BLOCK_N)
+        nlive = n <= pos
+        cached = (nlive & (n != pos)) if ROPE else nlive
+        k = tl.load(k_ptr + base + n[:, None] * HD + d[None, :], mask=cached[:, None] & dlive[None, :], other=0.0)
+        v = tl.load(v_ptr + base + n[:, None] * HD + d[None, :], mask=cached[:, None] & dlive[None, :], other=0.0)
+        if ROPE:
+            k = tl.where((n == pos)[:, None], k_new[None, :], k)
+            v = tl.where((n == pos)[:, None], v_new[None, :], v)
+        if DOT:
+            if FP32_DOT:
+                scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee") * scale
+            else:
+                scores = tl.dot(q, tl.trans(k)) * scale  # [ROWS, BLOCK_N]
+        else:
+            scores = tl.sum(qf[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
+        scores = tl.where(nlive[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        p = tl.exp(scores - m_safe[:, None])
+        if DOT:
+            if FP32_DOT:
+                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+        else:
+            pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+        acc = acc * alpha[:, None] + pv
+        l = l * alpha + tl.sum(p, axis=1)
+        m = m_new
+    slot = heads * nsplit + s
+    tl.store(acc_ptr + slot[:, None] * HD + d[None, :], acc, mask=qmask)
+    tl.store(ml_ptr + slot * 2, m, mask=rlive)
+    tl.store(ml_ptr + slot * 2 + 1, l, mask=rlive)
+    if ROPE:
+        if ((j * G) % REP == 0) & ((pos // BLOCK_N) % nsplit == s):  # the program whose tiles hold pos, once a kv head
+            tl.store(k_ptr + base + pos * HD + d, k_new, mask=dlive)
+            tl.store(v_ptr + base + pos * HD + d, v_new, mask=dlive)
+
+
+def step_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+                   n_heads: int, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+                   config: tuple | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One decode step's attention at position ``positions`` [1] over cache positions 0..pos (k_cache / v_cache
+    [1, KV, L, hd]). With ``cos`` / ``sin`` ([L, hd] tables): ``qkv`` is the step's projections [1, (H + 2 KV) hd],
+    rotated here, its k / v written into the caches at pos (``rope_store`` + ``decode_attention`` in two launches);
+    without: ``qkv`` is the rotated q [1, H, hd] and the caches already hold pos. Returns [1, H hd] (in ``out``
+    when given). config: (splits, block_n, warps, dot, stages), default ``STEP_ATTENTION``."""
+    kv, length, hd = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    splits, block_n, warps, dot, stages = config or tuple(STEP_ATTENTION[k] for k in ("splits", "block_n", "warps",
+                                                                                      "dot", "stages"))
+    rope = cos is not None
+    rep = n_heads // kv
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    acc = torch.empty(n_heads * splits, hd, dtype=torch.float32, device=qkv.device)
+    ml = torch.empty(n_heads * splits, 2, dtype=torch.float32, device=qkv.device)
+    block_d = max(16, triton.next_power_of_2(hd))
+    rows = max(16, triton.next_power_of_2(rep)) if dot else 1
+    _step_attention_kernel[(kv if dot else n_heads, splits)](
+        qkv.contiguous(), cos if rope else qkv, sin if rope else qkv, positions, k_cache, v_cache, acc, ml, n_heads,
+        kv, length, hd ** -0.5, ROPE=rope, REP=rep, ROWS=rows, DOT=dot, HD=hd, HALF=hd // 2, BLOCK_D=block_d,
+        BLOCK_N=block_n, FP32_DOT=interpret, STATIC=length if interpret else 0, STAGES=stages, num_warps=warps)
+    if out is None:
+        out = torch.empty(1, n_heads * hd, dtype=k_cache.dtype, device=qkv.device)
+    _attention_combine_kernel[(n_heads,)](acc, ml, out, NSPLIT=splits, HD=hd, BLOCK_D=triton.next_power_of_2(hd),
+                                          num_warps=1)
+    return out
+
+
 # As a PyTorch operator for the compiled batch-1 step (``Block.attention_step_fused`` under torch.compile): opaque to
 # it, captured in its CUDA graph. Called directly otherwise (a ``custom_op`` call outside a compile imports
 # torch._dynamo: gemv_triton's note).
@@ -301,6 +442,26 @@ def decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posit
 @decode_attention_op.register_fake
 def _(q, k, v, positions, scratch):
     return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+
+
+def step_attention_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The attention of a rotated q [1, H, hd] over caches that hold the step's row (the compiled step's):
+    ``step_attention`` or, where ``use_step_attention`` says, ``decode_attention``."""
+    if not use_step_attention(k, q.shape[1]):
+        return decode_attention_call(q, k, v, positions, -1)
+    if torch.compiler.is_compiling():
+        return torch.ops.localgpt.step_attention(q, k, v, positions)
+    return step_attention(q, k, v, positions, q.shape[1])
+
+
+@torch.library.custom_op("localgpt::step_attention", mutates_args=())
+def step_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    return step_attention(q, k, v, positions, q.shape[1])
+
+
+@step_attention_op.register_fake
+def _(q, k, v, positions):
+    return q.new_empty(1, q.shape[1] * q.shape[2])
 
 
 # --- one request's prompt chunk at a fixed row count (BatchEngine's captured prompt pass) ---------------------

@@ -29,6 +29,9 @@ CHAIN_INT8 = os.environ.get("LOCALGPT_GEMV_CHAIN", "1") == "all"
 # 0..pos): a layer one launch instead of four, with LOCALGPT_GEMV_CHAIN_ATTN=1. Off by default: 2% slower than
 # slot_triton's three kernels on an H200 (bench/gpu_notes.md round 11).
 CHAIN_ATTN = os.environ.get("LOCALGPT_GEMV_CHAIN_ATTN", "0") == "1"
+# The batch-1 step's attention by ``slot_triton.step_attention`` (rotary, cache write and attention in one kernel,
+# runs that follow the position); LOCALGPT_STEP_ATTENTION=0: rope_store + decode_attention, as before.
+STEP_ATTN = os.environ.get("LOCALGPT_STEP_ATTENTION", "1") != "0"
 
 # Prompt chunks of the slot path (batch.BatchEngine): kernels that need no per-shape plan.
 _CHUNK_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -169,11 +172,15 @@ class Block(nn.Module):
     def attend_qkv(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor,
                    out: torch.Tensor | None = None) -> torch.Tensor:
         """The attention of one decode step from its projections qkv [1, (heads + 2 kv heads) head_dim], before
-        ``wo``: rotary + cache write in one kernel, the split decode attention over positions 0..input_pos in two
-        (one launch for all three ran no faster on an H200: bench/gpu_notes.md, round 9). ``out``: a fixed
-        [1, heads head_dim] buffer to write it in (the chained step's)."""
+        ``wo``: ``slot_triton.step_attention`` (rotary, cache write and the attention over positions 0..input_pos
+        in one kernel, its parts combined in a second) or, for a short cache of one kv head a query head
+        (``slot_triton.use_step_attention``), rotary + cache write in one kernel and the split attention in two.
+        ``out``: a fixed [1, heads head_dim] buffer to write it in (the chained step's)."""
         from localgpt.generation.fast import slot_triton
 
+        if STEP_ATTN and slot_triton.use_step_attention(self.k_cache, self.shape.n_heads):
+            return slot_triton.step_attention(qkv.view(1, -1), self.k_cache, self.v_cache, input_pos,
+                                              self.shape.n_heads, cos, sin, out=out)
         q = slot_triton.rope_store(qkv.view(1, -1), cos, sin, input_pos, self.k_cache, self.v_cache, self.shape.n_heads)
         if out is not None:
             return slot_triton.decode_attention(q, self.k_cache, self.v_cache, input_pos, -1, out=out)
@@ -191,8 +198,12 @@ class Block(nn.Module):
         q, k, v = self._qkv(x, cos[input_pos], sin[input_pos])  # [1, heads, 1, head_dim]
         self.k_cache.index_copy_(2, input_pos, k)
         self.v_cache.index_copy_(2, input_pos, v)
-        out = slot_triton.decode_attention_call(q.reshape(1, s.n_heads, s.head_dim), self.k_cache, self.v_cache,
-                                                input_pos, -1)
+        if STEP_ATTN:
+            out = slot_triton.step_attention_call(q.reshape(1, s.n_heads, s.head_dim), self.k_cache, self.v_cache,
+                                                  input_pos)
+        else:
+            out = slot_triton.decode_attention_call(q.reshape(1, s.n_heads, s.head_dim), self.k_cache, self.v_cache,
+                                                    input_pos, -1)
         return self.wo(out.view(1, 1, -1))
 
     # --- slots (continuous batching, ``batch.BatchEngine``): a cache per slot, separate from the one above ----
