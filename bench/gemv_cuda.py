@@ -43,6 +43,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 from gpu import graph_us  # noqa: E402
 
 SHAPES = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (32000, 4096)]
+# --shapes: the networks' layer shapes (N, K; Falcon-7B's inputs padded to whole 128-column blocks, as
+# quantize_model does for the CUDA GEMV)
+SHAPE_SETS = {"llama": SHAPES,
+              "falcon": [(4672, 4608), (4544, 4608), (18176, 4608), (4544, 18176), (65024, 4608)],
+              "falcon-mamba": [(16384, 4096), (288, 8192), (8192, 256), (4096, 8192), (65024, 4096)]}
 
 
 def configs(kind: str, quick: bool, depths: tuple[int, ...] | None = None):
@@ -387,8 +392,12 @@ def main() -> None:
     parser.add_argument("--chain-alt", default="", help="--chain: a git revision or file of gemv_chain.py run too, "
                                                           "each shape after the working tree's (same-call A/B)")
     parser.add_argument("--depths", default="", help="register depths to try (e.g. 2,3,4; first = the baseline's)")
+    parser.add_argument("--shapes", default="llama", help='layer shapes: "llama", "falcon", "falcon-mamba" (comma '
+                        'separated) or "N,K;N,K"')
     parser.add_argument("--json")
     args = parser.parse_args()
+    shapes = ([tuple(int(v) for v in part.split(",")) for part in args.shapes.split(";")] if ";" in args.shapes
+              or args.shapes[:1].isdigit() else [sh for name in args.shapes.split(",") for sh in SHAPE_SETS[name]])
     if args.chain:
         with torch.inference_mode():
             res = chain(args.kinds.split(","), args.layers,
@@ -405,7 +414,7 @@ def main() -> None:
     with torch.inference_mode():
         for kind in args.kinds.split(","):
             bits = 4 if kind == "int4" else 8
-            for n, k in SHAPES:
+            for n, k in shapes:
                 torch.manual_seed(n + k)
                 x = torch.randn(k, device="cuda", dtype=torch.bfloat16)
                 if kind == "int4":
@@ -441,11 +450,17 @@ def main() -> None:
                 tws = G.Workspace()
                 if kind == "int4":
                     trit = [lambda i=i: G.int4_gemv(x, words_[i], sz_[i], 128, planes, out, tws,
-                                                    dot=G.TUNED[("int4", n, k)][4]) for i in range(copies)]
+                                                    dot=G.TUNED.get(("int4", n, k), G.TUNED[("int4", 4096, 4096)])[4])
+                            for i in range(copies)]
                 else:
                     trit = [lambda i=i: G.int8_gemv(x, words_[i], planes, out, tws,
-                                                    dot=G.TUNED[("int8", n, k)][4]) for i in range(copies)]
-                entry["triton"] = graph_us(trit, repeats=9)
+                                                    dot=G.TUNED.get(("int8", n, k), G.TUNED[("int8", 4096, 4096)])[4])
+                            for i in range(copies)]
+                try:
+                    entry["triton"] = graph_us(trit, repeats=9)
+                except Exception as exc:  # noqa: BLE001 - a shape the Triton kernel does not take
+                    print(f"{kind} {n}x{k}: the Triton kernel failed ({type(exc).__name__}: {exc})"[:300])
+                    entry["triton"] = float("nan")
                 depths = tuple(int(d) for d in args.depths.split(",")) if args.depths else None
                 for cfg in configs(kind, args.quick, depths):
                     name = "cuda w%d s%d d%d%s" % (cfg[0], cfg[2], cfg[4], " c" if cfg[6] else "")

@@ -171,6 +171,26 @@ def test_int8_and_int4_weights_stay_close_to_the_originals():
     assert ((int4(x) - ref).norm() / ref.norm()) < 0.1
 
 
+def test_int4_padded_to_whole_blocks_multiplies_its_real_columns_and_keeps_its_width(tmp_path):
+    """A layer whose input is not a whole number of 128-column blocks (Falcon-7B's 4,544) quantised with zero
+    columns up to the next block: it takes inputs of its real width, its product is the unpadded weight's within
+    int4 error, and its saved state keeps the real width."""
+    from localgpt.generation.fast.quantize import load_quantized, save_quantized
+
+    torch.manual_seed(0)
+    layer = Linear(torch.randn(64, 192) * 0.02)
+    state = int4_state(layer, 128, 8, pad_to=256)
+    assert state["nibbles"].shape == (64, 128) and state["x_features"] == 192
+    save_quantized({"0": state}, tmp_path / "q.pt", mode="int4", source="s")
+    padded = Int4Linear.from_state(load_quantized(tmp_path / "q.pt", mode="int4", source="s")["0"], "cpu")
+    assert (padded.in_features, padded.x_features) == (256, 192)
+    x = torch.randn(3, 192)
+    ref = layer(x)
+    assert ((padded(x) - ref).norm() / ref.norm()) < 0.1
+    assert torch.equal(padded(x), x @ padded.dequantize()[:, :192].t())  # the padding's weights meet zeros only
+    assert int4_state(layer, 64, 4)["nibbles"].shape == (64, 96)  # no pad_to: as before
+
+
 def _aten_int4_word(nibbles: torch.Tensor, nt: int, kt: int, lane: int, pair: int, tiles: int) -> int:
     """One int32 of aten's CUDA matrix_to_m16n8k16_Bint4_layout, transcribed from its source, as unsigned."""
     n0 = nt * 8 + lane // 4
@@ -505,6 +525,35 @@ def _gemv_layer_and_reference(mode: str, n: int, k: int):
            else saved["weight"].cuda().float() * saved["scales"].cuda().float()[:, None])
     x = torch.randn(1, 1, k, device="cuda", dtype=torch.bfloat16)
     return net, ref, x, ref @ x.reshape(-1).float()
+
+
+@pytest.mark.gpu
+def test_gpu_int4_layer_of_4544_columns_runs_on_the_tensor_core_gemv_padded():
+    """Falcon-7B's input width (4,544, not whole 128-column blocks) quantised for the tensor-core GEMV: padded to
+    4,608 with zero columns, the "cuda" layout (was tinygemm), one token and 12 equal to the dequantised weight's
+    product within bf16 rounding, alone and in a CUDA graph."""
+    _needs_cuda()
+    from localgpt.generation.fast.quantize import decode_kernels
+
+    torch.manual_seed(0)
+    n, k = 4672, 4544
+    layer = Linear(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02)
+    net = torch.nn.Sequential(layer)
+    saved = quantize_model(net, "int4", keep=True, decode="cuda")["0"]
+    q = net[0]
+    assert (q.in_features, q.x_features, saved["x_features"]) == (4608, k, k)
+    assert q.layout == "cuda" and decode_kernels(net) == "int4 cuda"
+    ref = dequantize_int4(saved["nibbles"].cuda(), saved["scales_and_zeros"].cuda(), 128)[:, :k]
+    for rows in (1, 12):
+        x = torch.randn(1, rows, k, device="cuda", dtype=torch.bfloat16)
+        want = x.reshape(rows, k).float() @ ref.t()
+        got = q(x).reshape(rows, n).float()
+        assert ((got - want).norm() / want.norm()) < 5e-3, rows
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = q(x)
+    graph.replay()
+    assert torch.equal(replayed.reshape(rows, n).float(), got)
 
 
 @pytest.mark.gpu
@@ -1115,10 +1164,11 @@ def test_gpu_fused_batch1_step_matches_the_plain_step():
 
 
 def fused_batch1_step_check(device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
-    """Tiny Llama (grouped kv heads; falcon has no fused step): from the same caches, the fused and the plain step
-    give the same logits and write the same cache row (fp32 to 1e-4, bf16 within its rounding), at positions in the
-    first attention split, past it, and at the cache's last; greedy generation through the Engine gives the same
-    tokens (fp32); a Falcon network keeps the plain step."""
+    """Tiny Llama (grouped kv heads) and Falcon (multi-query, parallel blocks, LayerNorm): from the same caches, the
+    fused and the plain step give the same logits and write the same cache row (fp32 to 1e-4, bf16 within its
+    rounding), at positions in the first attention split, past it, and at the cache's last; greedy generation
+    through the Engine gives the same tokens (fp32). Falcon's fused step is its plain one with the attention over
+    positions 0..pos (``graph_step`` False: the engine compiles it)."""
     import tempfile
     from pathlib import Path
 
@@ -1129,13 +1179,16 @@ def fused_batch1_step_check(device: str = "cpu", dtype: torch.dtype = torch.floa
     from localgpt.generation.fast.transformer import from_falcon, from_llama
 
     root = Path(tempfile.mkdtemp())
-    held = dict(slot_triton.ATTENTION)
+    held = dict(slot_triton.ATTENTION), dict(slot_triton.STEP_ATTENTION)
     try:
-        for dot in (False, True):
+        for dot, family in ((False, "llama2"), (True, "llama2"), (True, "falcon")):
             slot_triton.ATTENTION.update(split=32, block_n=16, dot=dot)  # several splits at a small cache
-            hf = AutoModelForCausalLM.from_pretrained(
-                build_tiny_model("llama2", root / f"llama{dot}", num_key_value_heads=2), dtype=dtype)
-            net = from_llama(hf.to(device).eval())
+            slot_triton.STEP_ATTENTION.update(splits=2, block_n=16, dot=dot)  # and several tiles a program
+            extra = {"num_key_value_heads": 2} if family == "llama2" else {}
+            hf = AutoModelForCausalLM.from_pretrained(build_tiny_model(family, root / f"{family}{dot}", **extra),
+                                                      dtype=dtype)
+            net = (from_llama if family == "llama2" else from_falcon)(hf.to(device).eval())
+            assert net.graph_step == (family == "llama2")
             max_seq = 70
             net.setup_cache(max_seq)
             torch.manual_seed(0)
@@ -1171,11 +1224,9 @@ def fused_batch1_step_check(device: str = "cpu", dtype: torch.dtype = torch.floa
                     assert engine.fused == fused
                     tokens.append(list(engine.generate(ids, 40)))
                 assert tokens[0] == tokens[1], tokens
-        hf = AutoModelForCausalLM.from_pretrained(build_tiny_model("falcon", root / "falcon"), dtype=dtype)
-        falcon = from_falcon(hf.to(device).eval())
-        assert not Engine(falcon, mode="eager", max_seq=32).fused
     finally:
-        slot_triton.ATTENTION.update(held)
+        slot_triton.ATTENTION.update(held[0])
+        slot_triton.STEP_ATTENTION.update(held[1])
     print("fused batch-1 step check passed")
 
 
@@ -1191,6 +1242,9 @@ def test_default_engine_mode_graphs_the_fused_step_and_compiles_the_rest():
 
     assert default_engine_mode(Net(True), "cpu", "torch") == "eager"
     assert default_engine_mode(Net(True), "cuda", "torch") == "graph"  # bf16, int8 and int4 Llama-style networks
-    assert default_engine_mode(Net(False), "cuda", "torch") == "compile"  # Falcon: no fused step
+    assert default_engine_mode(Net(False), "cuda", "torch") == "compile"  # no fused step
+    falcon = Net(True)
+    falcon.graph_step = False  # its fused step's LayerNorm / GELU glue is the compiler's to fuse
+    assert default_engine_mode(falcon, "cuda", "torch") == "compile"
     assert default_engine_mode(object(), "cuda", "torch") == "compile"  # Mamba: no fused step
     assert default_engine_mode(Net(False), "cuda", "bitsandbytes") == "graph"

@@ -1042,6 +1042,8 @@ def layer_fits(layer) -> bool:
     words = getattr(layer, "words", None)
     if words is None or not words.is_cuda or getattr(layer, "bias", None) is not None:
         return False
+    if getattr(layer, "x_features", layer.in_features) != layer.in_features:  # a padded weight (int4_state)
+        return False
     n, k = layer.out_features, layer.in_features
     if isinstance(layer, Int4Linear):
         ok = layer.tiled and layer.planes == 16

@@ -222,7 +222,7 @@ def default_engine_mode(network: Any, device: str, kernels: str) -> str:
     if kernels != "torch":
         return "graph"
     fused = getattr(network, "use_fused_decode", None)
-    return "graph" if fused is not None and fused(True) else "compile"
+    return "graph" if fused is not None and fused(True) and getattr(network, "graph_step", True) else "compile"
 
 
 def load_fast_generator(settings: Any, *, mode: str | None = None, max_seq: int | None = None,

@@ -207,10 +207,13 @@ class Int4Linear(nn.Module):
     """Asymmetric int4 per group: w = (q - 8) * scale + zero, with (scale, zero) per group and channel."""
 
     def __init__(self, nibbles: torch.Tensor, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None,
-                 groupsize: int, inner_k_tiles: int, layout: str = "tinygemm"):
+                 groupsize: int, inner_k_tiles: int, layout: str = "tinygemm", x_features: int | None = None):
         super().__init__()
         self.out_features, half = nibbles.shape
-        self.in_features = half * 2
+        self.in_features = half * 2  # the words' columns
+        # the input's: fewer where the weight was padded with zero columns (``int4_state``'s pad_to); forward
+        # pads x to in_features with zeros, so the padding's weights multiply nothing
+        self.x_features = x_features or self.in_features
         self.groupsize, self.inner_k_tiles = groupsize, inner_k_tiles
         self.register_buffer("scales_and_zeros", scales_and_zeros)  # [in/group, out, 2], bf16
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
@@ -299,9 +302,11 @@ class Int4Linear(nn.Module):
     def prologue_ok(self) -> bool:
         """Whether one token can take ``prologue_gemv``'s fused prologue (the "cuda" layout)."""
         return (self.prologues and self.words is not None and self.layout == "cuda" and self.cuda_rows >= 1
-                and _prologue_fits(self.words, self.in_features, self.bias))
+                and self.x_features == self.in_features and _prologue_fits(self.words, self.in_features, self.bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:  # a padded weight (x_features wide inputs): zeros for its padding
+            x = F.pad(x, (0, self.in_features - x.shape[-1]))
         if self.words is not None:
             lead = x.shape[:-1]
             rows = x.numel() // self.in_features
@@ -338,12 +343,18 @@ class Int4Linear(nn.Module):
     def from_state(cls, state: dict, device, layout: str = "tinygemm") -> "Int4Linear":
         bias = state["bias"]
         return cls(state["nibbles"].to(device), state["scales_and_zeros"].to(device),
-                   None if bias is None else bias.to(device), state["groupsize"], state["inner_k_tiles"], layout=layout)
+                   None if bias is None else bias.to(device), state["groupsize"], state["inner_k_tiles"], layout=layout,
+                   x_features=state.get("x_features"))
 
 
-def int4_state(layer: Linear, groupsize: int, inner_k_tiles: int) -> dict:
-    """The portable int4 form of ``layer`` (computed where its weight lives)."""
+def int4_state(layer: Linear, groupsize: int, inner_k_tiles: int, pad_to: int = 0) -> dict:
+    """The portable int4 form of ``layer`` (computed where its weight lives). ``pad_to``: the weight's input
+    dimension padded with zero columns to this many (the tensor-core GEMV's 128-column blocks: Falcon-7B's 4,544
+    to 4,608); the layer then pads its input the same way (``Int4Linear.x_features``: the real width)."""
     w = layer.weight.data.float()
+    x_features = w.shape[1]
+    if pad_to > x_features:
+        w = F.pad(w, (0, pad_to - x_features))
     out_f, in_f = w.shape
     g = w.reshape(out_f, in_f // groupsize, groupsize)
     lo, hi = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
@@ -354,8 +365,11 @@ def int4_state(layer: Linear, groupsize: int, inner_k_tiles: int) -> dict:
     # tinygemm wants bf16 (scale, zero) pairs laid out [in/group, out, 2].
     sz = torch.cat([scales, zeros], dim=-1).to(torch.bfloat16).transpose(0, 1).contiguous()
     bias = None if layer.bias is None else layer.bias.data
-    return {"nibbles": nibbles, "scales_and_zeros": sz, "bias": bias, "groupsize": groupsize,
-            "inner_k_tiles": inner_k_tiles}
+    state = {"nibbles": nibbles, "scales_and_zeros": sz, "bias": bias, "groupsize": groupsize,
+             "inner_k_tiles": inner_k_tiles}
+    if in_f != x_features:
+        state["x_features"] = x_features
+    return state
 
 
 def dequantize_int4(nibbles: torch.Tensor, scales_and_zeros: torch.Tensor, groupsize: int) -> torch.Tensor:
@@ -614,10 +628,15 @@ def quantize_model(model: nn.Module, mode: str, *, groupsize: int = 128, saved: 
         elif mode == "int8":
             state = Int8Linear.quantize(layer).state()
         else:
-            layout = int4_layout(layer.weight.shape[1], layer.weight.shape[0], groupsize)
+            k = layer.weight.shape[1]
+            # For the tensor-core GEMV (128-column blocks of one group) an input that is not a whole number of
+            # blocks is padded with zero columns (Falcon-7B's 4,544 to 4,608: its layers were on tinygemm, ~1.6 ms
+            # of its 3.35 ms step on the H200); its other kernels take the padded layer too.
+            pad = -k % 128 if decode == "cuda" and device.type == "cuda" and groupsize == 128 else 0
+            layout = int4_layout(k + pad, layer.weight.shape[0], groupsize)
             if layout is None:
                 continue
-            state = int4_state(layer, *layout)
+            state = int4_state(layer, *layout, pad_to=k + pad)
         if keep:
             states[name] = _host(state)
         del layer

@@ -413,20 +413,33 @@ class Transformer(nn.Module):
     fused_decode = False  # set by ``use_fused_decode`` (engine.Engine does on CUDA)
 
     def use_fused_decode(self, on: bool = True) -> bool:
-        """Run ``step`` through ``slot_triton``'s kernels (``_step_fused``) where they apply: a Llama-style network
-        (RMSNorm, sequential blocks, SwiGLU) on CUDA with Triton (or under ``TRITON_INTERPRET=1``, for tests).
-        Returns whether the fused step is now on."""
+        """Run ``step`` through ``slot_triton``'s kernels (``_step_fused``) where they apply: on CUDA with Triton
+        (or under ``TRITON_INTERPRET=1``, for tests). A Llama-style network (RMSNorm, sequential blocks, SwiGLU)
+        takes them for every part (``graph_step``); others (Falcon) for the attention over positions 0..pos,
+        the rest as the plain step (which torch.compile fuses). Returns whether the fused step is now on."""
         import os
 
         where = self.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-        self.fused_decode = bool(on and where and _has_triton() and self._sequential_rms())
+        self.fused_decode = bool(on and where and _has_triton())
         return self.fused_decode
+
+    @property
+    def graph_step(self) -> bool:
+        """Whether the fused step is whole without the compiler (norms, rotary, attention, silu·up in fused kernels
+        or the GEMVs' prologues: a Llama-style network), so a plain CUDA graph of it is the engine's default mode
+        (``generator.default_engine_mode``); Falcon's LayerNorm / GELU glue wants torch.compile."""
+        return self._sequential_rms()
 
     def _step_fused(self, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """``step`` with the decode attention over positions 0..input_pos only (not the whole cache under a mask):
         ``_step_prologues`` (the norms and silu·up in the GEMVs' prologues, or ``slot_triton``'s kernels); under
         torch.compile the norms and silu·up are PyTorch, which inductor fuses itself, and the attention an
         operator (``Block.attention_step_fused``)."""
+        if not self._sequential_rms():  # Falcon: the plain step with the attention over positions 0..pos
+            x = F.embedding(token, self.embed)
+            for block in self.blocks:
+                x = block.forward_with(x, lambda h, b=block: b.attention_step_fused(h, self.cos, self.sin, input_pos))
+            return self.lm_head(self.norm(x))[:, -1].float()
         if not torch.compiler.is_compiling():
             if CHAIN and self._chain_ready():
                 return self._step_chain(token, input_pos)
