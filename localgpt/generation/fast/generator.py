@@ -216,7 +216,9 @@ def default_engine_mode(network: Any, device: str, kernels: str) -> str:
     with a layer's GEMVs in one launch and its words by bulk copies (rounds 11-12; 487 by a ring of cp.async, round 10;
     464 with the norms in the GEMVs' prologues, round 9), which only
     the graph step has, against 418 compiled; int8 358 with its row scales in the kernel against 346 compiled,
-    rounds 7 and 9), torch.compile for the rest (Falcon, Mamba), a graph for bitsandbytes."""
+    rounds 7 and 9), torch.compile for the rest (Falcon, whose fused step is its attention over positions 0..pos
+    and wants the compiler for its LayerNorm / GELU glue: ``Transformer.graph_step``; Mamba), a graph for
+    bitsandbytes."""
     if device != "cuda":
         return "eager"
     if kernels != "torch":
