@@ -887,7 +887,8 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
         # not the bulk-copy one, on Hopper; "+attn": the attention as the chain's first phase, not its own kernels;
         # "+f16" / "+bf16": the chain's mma operands fp16 for int4 too / bf16 for int8 too; "+alt": the chain of
         # --alt-chain's gemv_chain.py, for a same-call A/B; "+oldattn": the step's attention by rope_store +
-        # decode_attention, not step_attention),
+        # decode_attention, not step_attention; "+mambafused": Mamba / FalconMamba's step through mamba_triton's
+        # kernels, LOCALGPT_MAMBA_FUSED=1, with "@graph"),
         # and then "@graph" / "@compile" (that engine mode for this row instead of --mode).
         name_mode = name.partition("@")
         variant, *flags = name_mode[0].split("+")
@@ -942,7 +943,7 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                 mode = default_engine_mode(net, "cuda" if CUDA else "cpu", "torch")
             # "+alt": the chain from --alt-chain's gemv_chain.py (a git revision or a file) for this row
             with alt_chain.swapped(ALT_CHAIN["mod"] if "alt" in flags else None):
-                from localgpt.generation.fast import gemv_chain, transformer
+                from localgpt.generation.fast import gemv_chain, mamba, transformer
 
                 quantize.PROLOGUE = "sep" not in flags
                 transformer.CHAIN = "nochain" not in flags and "sep" not in flags
@@ -950,6 +951,7 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                 gemv_chain.TMA = "ring" not in flags  # "+ring": the chain's cp.async ring kernel on Hopper too
                 transformer.CHAIN_ATTN = "attn" in flags  # "+attn": the attention as the chain's first phase
                 transformer.STEP_ATTN = "oldattn" not in flags  # "+oldattn": rope_store + decode_attention
+                mamba.FUSED = "mambafused" in flags  # "+mambafused": Mamba's step through mamba_triton (@graph)
                 # "+f16": the chain's mma operands in fp16 for int4 too; "+bf16": in bf16 for int8 too
                 gemv_chain.F16_BITS = (4, 8) if "f16" in flags else () if "bf16" in flags else (8,)
                 gemv_chain.F16 = bool(gemv_chain.F16_BITS)

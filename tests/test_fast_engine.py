@@ -1230,6 +1230,81 @@ def fused_batch1_step_check(device: str = "cpu", dtype: torch.dtype = torch.floa
     print("fused batch-1 step check passed")
 
 
+def test_fused_mamba_step_matches_the_plain_step_in_the_triton_interpreter(subprocess_env):
+    """Mamba._step_fused (mamba_triton's kernels around the GEMVs: residual add + norm, conv step, the SSM step with
+    FalconMamba's dt / B / C norms, dt_proj, softplus, state update and gate) against the plain step, in Triton's
+    interpreter on the CPU."""
+    pytest.importorskip("triton")
+    from conftest import run_in_triton_interpreter
+
+    run_in_triton_interpreter(subprocess_env, "test_fast_engine", "fused_mamba_step_check",
+                              "fused mamba step check passed")
+
+
+@pytest.mark.gpu
+def test_gpu_fused_mamba_step_matches_the_plain_step():
+    _needs_cuda()
+    fused_mamba_step_check("cuda", torch.bfloat16)
+
+
+def fused_mamba_step_check(device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    """Tiny FalconMamba and Mamba (fp32 on the CPU; bf16 and int4 on a GPU): from the same states, five steps of the
+    fused and the plain step give the same logits and leave the same conv / SSM states (fp32 to 1e-4, bf16 within
+    its rounding), the fused step only with LOCALGPT_MAMBA_FUSED (mamba.FUSED); the engine's greedy tokens agree."""
+    import tempfile
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from localgpt.generation.fast import mamba
+    from localgpt.generation.fast.engine import Engine
+
+    root = Path(tempfile.mkdtemp())
+    held = mamba.FUSED
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    try:
+        for family in ("falcon-mamba", "mamba"):
+            hf = AutoModelForCausalLM.from_pretrained(build_tiny_model(family, root / family), dtype=dtype)
+            for quant in ((None, "int4") if device == "cuda" else (None,)):
+                net = mamba.from_mamba(hf.to(device).eval())
+                if quant:
+                    quantize_model(net, quant, decode="cuda")
+                net.setup_cache(64)
+                mamba.FUSED = False
+                assert not net.use_fused_decode(True)
+                mamba.FUSED = True
+                assert net.use_fused_decode(True) and net.graph_step
+                torch.manual_seed(0)
+                for layer in net.layers:
+                    layer.conv_state.normal_()
+                    layer.ssm_state.normal_()
+                start = [(la.conv_state.clone(), la.ssm_state.clone()) for la in net.layers]
+                runs = []
+                with torch.inference_mode():
+                    for fused in (False, True):
+                        net.fused_decode = fused
+                        for layer, (c, h) in zip(net.layers, start):
+                            layer.conv_state.copy_(c)
+                            layer.ssm_state.copy_(h)
+                        logits = [net.step(torch.tensor([[5 + 7 * i]], device=device), torch.tensor([i], device=device))
+                                  for i in range(5)]
+                        runs.append((torch.cat(logits).float(),
+                                     [(la.conv_state.float().clone(), la.ssm_state.clone()) for la in net.layers]))
+                (want, want_states), (got, got_states) = runs
+                rel = float((got - want).norm() / want.norm())
+                assert rel < tol, (family, quant, rel)
+                for (wc, wh), (gc, gh) in zip(want_states, got_states):
+                    for w, g in ((wc, gc), (wh, gh)):
+                        assert float((g - w).norm() / w.norm()) < tol, (family, quant)
+                if dtype == torch.float32:
+                    tokens = [list(Engine(net, mode="eager", max_seq=64, fused=f).generate([3, 9, 4], 12))
+                              for f in (False, True)]
+                    assert tokens[0] == tokens[1], tokens
+    finally:
+        mamba.FUSED = held
+    print("fused mamba step check passed")
+
+
 def test_default_engine_mode_graphs_the_fused_step_and_compiles_the_rest():
     from localgpt.generation.fast.generator import default_engine_mode
 

@@ -15,7 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from localgpt.generation.fast.transformer import Linear, RMSNorm, _linear
+import os
+
+from localgpt.generation.fast.transformer import Linear, RMSNorm, _has_triton, _linear
+
+# The batch-1 decode step through mamba_triton's kernels (``Mamba._step_fused``: a layer three kernels around its
+# GEMVs, a plain CUDA graph, no compiler): LOCALGPT_MAMBA_FUSED=1. Off by default until measured on a GPU (built
+# and checked in Triton's interpreter in round 13, when the session's GPU time was spent).
+FUSED = os.environ.get("LOCALGPT_MAMBA_FUSED", "0") == "1"
 
 
 @dataclass
@@ -202,8 +209,54 @@ class Mamba(nn.Module):
         return self.lm_head(self.norm(x[-1:]).to(self.dtype)).float()
 
     def step(self, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        if self.fused_decode and not torch.compiler.is_compiling():
+            return self._step_fused(token)
         x = self._run(token[0])
         return self.lm_head(self.norm(x).to(self.dtype)).float()
+
+    # --- the batch-1 step through mamba_triton's kernels ----------------------------------------------------
+
+    fused_decode = False  # set by ``use_fused_decode``
+    graph_step = True  # the fused step is whole without the compiler (generator.default_engine_mode: a CUDA graph)
+
+    def use_fused_decode(self, on: bool = True) -> bool:
+        """Run ``step`` through ``mamba_triton``'s kernels (``_step_fused``) where they apply: with FUSED
+        (LOCALGPT_MAMBA_FUSED=1), on CUDA with Triton (or under ``TRITON_INTERPRET=1``, for tests), a state size
+        that is a power of two and dt_proj weights it can read (bf16, int8 or int4; a bf16 copy of them is made
+        for the kernel, ~4 MB a FalconMamba-7B layer). Returns whether the fused step is now on."""
+        where = self.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+        s = self.shape
+        ok = bool(on and FUSED and where and _has_triton() and s.state & (s.state - 1) == 0)
+        if ok:
+            for layer in self.layers:
+                if getattr(layer, "dt_w", None) is None:
+                    w = _dense_weight(layer.dt_proj)
+                    if w is None:
+                        ok = False
+                        break
+                    layer.register_buffer("dt_w", w.to(self.dtype).contiguous(), persistent=False)
+        self.fused_decode = ok
+        return ok
+
+    def _step_fused(self, token: torch.Tensor) -> torch.Tensor:
+        """``step``: per layer the residual add + norm, in_proj, the conv step, x_proj, the SSM step (dt / B / C
+        norms, dt_proj, softplus, state update, gate) and out_proj; the same arithmetic as ``MambaLayer.forward`` at
+        t = 1 (mamba_triton's note)."""
+        from localgpt.generation.fast import mamba_triton as K
+
+        s = self.shape
+        x = F.embedding(token.view(1), self.embed)  # [1, dim]
+        res = x.float() if s.residual_fp32 else x
+        pending = None
+        for layer in self.layers:
+            res, h = K.add_norm(res, pending, layer.norm.weight, layer.norm.eps, cast_in=True)
+            xz = layer.in_proj(h)
+            xc = K.conv_step(xz, layer.conv_state, layer.conv_w, layer.conv_b)
+            y = K.ssm_step(layer.x_proj(xc), xz, xc, layer.dt_w, layer.dt_b, layer.A, layer.D, layer.ssm_state,
+                           s.bcdt_norm_eps)
+            pending = layer.out_proj(y)
+        _, h = K.add_norm(res, pending, self.norm.weight, self.norm.eps, cast_in=res.dtype != torch.float32)
+        return self.lm_head(h.to(self.dtype)).float()
 
     # --- slots (continuous batching): see batch.BatchEngine ---------------------------------------------------
 
@@ -236,6 +289,18 @@ class Mamba(nn.Module):
         for layer in self.layers:
             x = layer.forward_slot(x, slot)
         return self.lm_head(self.norm(x[-1:]).to(self.dtype)).float()
+
+
+def _dense_weight(layer: nn.Module) -> torch.Tensor | None:
+    """A linear layer's weight [out, in] as numbers (dequantised: int8 / int4), or None if it cannot say."""
+    from localgpt.generation.fast.quantize import Int4Linear, Int8Linear
+
+    if isinstance(layer, Int4Linear):
+        return layer.dequantize()[:, :layer.x_features]
+    if isinstance(layer, Int8Linear):
+        return layer.int8_weight().float() * layer.scales.float()[:, None]
+    weight = getattr(layer, "weight", None)
+    return weight if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.is_floating_point() else None
 
 
 def from_mamba(hf: nn.Module) -> Mamba:
