@@ -888,7 +888,8 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
         # "+f16" / "+bf16": the chain's mma operands fp16 for int4 too / bf16 for int8 too; "+alt": the chain of
         # --alt-chain's gemv_chain.py, for a same-call A/B; "+oldattn": the step's attention by rope_store +
         # decode_attention, not step_attention; "+mambafused": Mamba / FalconMamba's step through mamba_triton's
-        # kernels, LOCALGPT_MAMBA_FUSED=1, with "@graph"),
+        # kernels, LOCALGPT_MAMBA_FUSED=1, with "@graph"; "+falcongraph": Falcon's step without the compiler,
+        # LOCALGPT_FALCON_GRAPH=1, with "@graph"),
         # and then "@graph" / "@compile" (that engine mode for this row instead of --mode).
         name_mode = name.partition("@")
         variant, *flags = name_mode[0].split("+")
@@ -952,6 +953,7 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                 transformer.CHAIN_ATTN = "attn" in flags  # "+attn": the attention as the chain's first phase
                 transformer.STEP_ATTN = "oldattn" not in flags  # "+oldattn": rope_store + decode_attention
                 mamba.FUSED = "mambafused" in flags  # "+mambafused": Mamba's step through mamba_triton (@graph)
+                transformer.FALCON_GRAPH = "falcongraph" in flags  # "+falcongraph": Falcon's graph step (@graph)
                 # "+f16": the chain's mma operands in fp16 for int4 too; "+bf16": in bf16 for int8 too
                 gemv_chain.F16_BITS = (4, 8) if "f16" in flags else () if "bf16" in flags else (8,)
                 gemv_chain.F16 = bool(gemv_chain.F16_BITS)

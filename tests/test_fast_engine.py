@@ -1178,17 +1178,25 @@ def fused_batch1_step_check(device: str = "cpu", dtype: torch.dtype = torch.floa
     from localgpt.generation.fast.engine import Engine
     from localgpt.generation.fast.transformer import from_falcon, from_llama
 
+    from localgpt.generation.fast import transformer
+
     root = Path(tempfile.mkdtemp())
-    held = dict(slot_triton.ATTENTION), dict(slot_triton.STEP_ATTENTION)
+    held = dict(slot_triton.ATTENTION), dict(slot_triton.STEP_ATTENTION), transformer.FALCON_GRAPH
     try:
-        for dot, family in ((False, "llama2"), (True, "llama2"), (True, "falcon")):
+        # falcon: its compiled step's kernels as they run eagerly, then (FALCON_GRAPH) its graph step's
+        for dot, family, graph in ((False, "llama2", False), (True, "llama2", False), (True, "falcon", False),
+                                   (True, "falcon", True)):
+            transformer.FALCON_GRAPH = graph
             slot_triton.ATTENTION.update(split=32, block_n=16, dot=dot)  # several splits at a small cache
             slot_triton.STEP_ATTENTION.update(splits=2, block_n=16, dot=dot)  # and several tiles a program
             extra = {"num_key_value_heads": 2} if family == "llama2" else {}
-            hf = AutoModelForCausalLM.from_pretrained(build_tiny_model(family, root / f"{family}{dot}", **extra),
-                                                      dtype=dtype)
+            hf = AutoModelForCausalLM.from_pretrained(
+                build_tiny_model(family, root / f"{family}{dot}{graph}", **extra), dtype=dtype)
             net = (from_llama if family == "llama2" else from_falcon)(hf.to(device).eval())
-            assert net.graph_step == (family == "llama2")
+            if graph and device == "cuda":  # int4 layers padded to whole 128-column blocks (its 32-wide inputs)
+                quantize_model(net, "int4", decode="cuda")
+                assert net.blocks[0].wqkv.x_features == 32 and net.blocks[0].wqkv.in_features == 128
+            assert net.graph_step == (family == "llama2" or graph)
             max_seq = 70
             net.setup_cache(max_seq)
             torch.manual_seed(0)
@@ -1227,6 +1235,7 @@ def fused_batch1_step_check(device: str = "cpu", dtype: torch.dtype = torch.floa
     finally:
         slot_triton.ATTENTION.update(held[0])
         slot_triton.STEP_ATTENTION.update(held[1])
+        transformer.FALCON_GRAPH = held[2]
     print("fused batch-1 step check passed")
 
 

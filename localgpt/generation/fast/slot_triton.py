@@ -74,6 +74,59 @@ def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: fl
 
 
 @triton.jit
+def _add3_layer_norm_kernel(x_ptr, a_ptr, m_ptr, sum_ptr, w_ptr, b_ptr, out_ptr, D, OUT_D, eps, ADD: tl.constexpr,
+                            BLOCK: tl.constexpr):
+    # A parallel block's residual (x + (m + a), rounded as the eager step rounds each add) and the next LayerNorm of
+    # it, written OUT_D wide (zeros past D: the input of int4 layers padded to whole blocks)
+    cols = tl.arange(0, BLOCK)
+    live = cols < D
+    x = tl.load(x_ptr + cols, mask=live, other=0.0).to(tl.float32)
+    if ADD:
+        a = tl.load(a_ptr + cols, mask=live, other=0.0).to(tl.float32)
+        m = tl.load(m_ptr + cols, mask=live, other=0.0).to(tl.float32)
+        branch = (m + a).to(sum_ptr.dtype.element_ty).to(tl.float32)
+        x = (x + branch).to(sum_ptr.dtype.element_ty)
+        tl.store(sum_ptr + cols, x, mask=live)
+        x = x.to(tl.float32)
+    mean = tl.sum(x, axis=0) / D
+    dev = tl.where(live, x - mean, 0.0)
+    h = dev * tl.rsqrt(tl.sum(dev * dev, axis=0) / D + eps)
+    w = tl.load(w_ptr + cols, mask=live, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=live, other=0.0).to(tl.float32)
+    tl.store(out_ptr + cols, tl.where(live, h * w + b, 0.0).to(out_ptr.dtype.element_ty), mask=cols < OUT_D)
+
+
+def add3_layer_norm(x: torch.Tensor, a: torch.Tensor | None, m: torch.Tensor | None, norm: torch.nn.LayerNorm,
+                    out_width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + (m + a), LayerNorm of it) for one token (x, a, m [1, D]; without a / m: x and its LayerNorm), the norm
+    written ``out_width`` wide with zeros past D (default D)."""
+    d = x.shape[-1]
+    width = out_width or d
+    out = torch.empty(1, width, dtype=x.dtype, device=x.device)
+    total = torch.empty_like(x) if a is not None else x
+    _add3_layer_norm_kernel[(1,)](x, a if a is not None else x, m if m is not None else x, total, norm.weight,
+                                  norm.bias, out, d, width, norm.eps, ADD=a is not None,
+                                  BLOCK=triton.next_power_of_2(width), num_warps=8)
+    return total, out
+
+
+@triton.jit
+def _gelu_kernel(x_ptr, out_ptr, N, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    live = i < N
+    x = tl.load(x_ptr + i, mask=live, other=0.0).to(tl.float32)
+    tl.store(out_ptr + i, (0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))).to(out_ptr.dtype.element_ty),
+             mask=live)
+
+
+def gelu(x: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """F.gelu (exact, erf) of a contiguous tensor, one kernel."""
+    out = torch.empty_like(x)
+    _gelu_kernel[(triton.cdiv(x.numel(), block),)](x, out, x.numel(), BLOCK=block, num_warps=4)
+    return out
+
+
+@triton.jit
 def _silu_mul_kernel(h_ptr, out_ptr, INNER, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)

@@ -32,6 +32,11 @@ CHAIN_ATTN = os.environ.get("LOCALGPT_GEMV_CHAIN_ATTN", "0") == "1"
 # The batch-1 step's attention by ``slot_triton.step_attention`` (rotary, cache write and attention in one kernel,
 # runs that follow the position); LOCALGPT_STEP_ATTENTION=0: rope_store + decode_attention, as before.
 STEP_ATTN = os.environ.get("LOCALGPT_STEP_ATTENTION", "1") != "0"
+# Falcon's batch-1 step as a plain CUDA graph of fused kernels (``Transformer._step_parallel``: the residual adds
+# and LayerNorm in one kernel, the attention's in one, GELU in one; no compiler, so no ~45 s warm-up):
+# LOCALGPT_FALCON_GRAPH=1. Off by default until measured on a GPU (built in round 13 without one); the default
+# compiles its fused step.
+FALCON_GRAPH = os.environ.get("LOCALGPT_FALCON_GRAPH", "0") == "1"
 
 # Prompt chunks of the slot path (batch.BatchEngine): kernels that need no per-shape plan.
 _CHUNK_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -390,6 +395,8 @@ class Transformer(nn.Module):
         positions = torch.arange(max_seq, device=self.device)[None]
         cos, sin = self.rope(torch.empty(0, dtype=self.dtype, device=self.device), positions)
         self.cos, self.sin = cos[0].to(self.dtype), sin[0].to(self.dtype)  # [max_seq, head_dim]
+        # _step_parallel's attention row, as wide as wo's input (zeros past the heads: an int4 wo's padding)
+        self._att_row = torch.zeros(1, _in_width(self.blocks[0].wo), dtype=self.dtype, device=self.device)
 
     def _run(self, ids: torch.Tensor, cos, sin, input_pos) -> torch.Tensor:
         x = F.embedding(ids, self.embed)
@@ -426,9 +433,39 @@ class Transformer(nn.Module):
     @property
     def graph_step(self) -> bool:
         """Whether the fused step is whole without the compiler (norms, rotary, attention, silu·up in fused kernels
-        or the GEMVs' prologues: a Llama-style network), so a plain CUDA graph of it is the engine's default mode
-        (``generator.default_engine_mode``); Falcon's LayerNorm / GELU glue wants torch.compile."""
-        return self._sequential_rms()
+        or the GEMVs' prologues: a Llama-style network; Falcon's with FALCON_GRAPH), so a plain CUDA graph of it is
+        the engine's default mode (``generator.default_engine_mode``); else Falcon's LayerNorm / GELU glue wants
+        torch.compile."""
+        return self._sequential_rms() or (FALCON_GRAPH and self._parallel_gelu())
+
+    def _parallel_gelu(self) -> bool:
+        """A Falcon-style network: parallel blocks, LayerNorms, a GELU MLP (``_step_parallel``'s kernels)."""
+        s = self.shape
+        return (s.parallel and s.mlp == "gelu" and isinstance(self.norm, nn.LayerNorm)
+                and all(isinstance(b.norm1, nn.LayerNorm) and (b.norm2 is None or isinstance(b.norm2, nn.LayerNorm))
+                        for b in self.blocks))
+
+    def _step_parallel(self, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """Falcon's step through ``slot_triton``'s kernels, without the compiler: a layer is the previous layer's
+        residual adds with this one's LayerNorm (written as wide as its int4 layers' padded inputs), wqkv, the
+        attention (``Block.attend_qkv``) into a fixed row as wide as wo's input, wo, w_in, GELU and w_out."""
+        from localgpt.generation.fast import slot_triton
+
+        s = self.shape
+        x = F.embedding(token.view(-1), self.embed).view(1, -1)  # the residual [1, dim]
+        att = self._att_row
+        if att is None or att.shape[1] != _in_width(self.blocks[0].wo):  # quantised after the cache was set up
+            att = self._att_row = torch.zeros(1, _in_width(self.blocks[0].wo), dtype=self.dtype, device=self.device)
+        a = m = None
+        for block in self.blocks:
+            x, h1 = slot_triton.add3_layer_norm(x, a, m, block.norm1, _in_width(block.wqkv))
+            h2 = h1 if block.norm2 is None else slot_triton.add3_layer_norm(x, None, None, block.norm2,
+                                                                            _in_width(block.w_in))[1]
+            block.attend_qkv(block.wqkv(h1), self.cos, self.sin, input_pos, out=att[:, :s.n_heads * s.head_dim])
+            a = block.wo(att)
+            m = block.w_out(slot_triton.gelu(block.w_in(h2)))
+        _, h = slot_triton.add3_layer_norm(x, a, m, self.norm)
+        return self.lm_head(h).float()
 
     def _step_fused(self, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """``step`` with the decode attention over positions 0..input_pos only (not the whole cache under a mask):
@@ -436,6 +473,8 @@ class Transformer(nn.Module):
         torch.compile the norms and silu·up are PyTorch, which inductor fuses itself, and the attention an
         operator (``Block.attention_step_fused``)."""
         if not self._sequential_rms():  # Falcon: the plain step with the attention over positions 0..pos
+            if FALCON_GRAPH and self._parallel_gelu() and not torch.compiler.is_compiling():
+                return self._step_parallel(token, input_pos)
             x = F.embedding(token, self.embed)
             for block in self.blocks:
                 x = block.forward_with(x, lambda h, b=block: b.attention_step_fused(h, self.cos, self.sin, input_pos))
@@ -471,6 +510,7 @@ class Transformer(nn.Module):
 
     # --- the batch-1 step with each layer's GEMVs in one persistent launch (gemv_chain) ---------------------------
 
+    _att_row = None  # _step_parallel's attention row (setup_cache)
     _chain = None  # None: not tried yet; False: the network cannot take it; else the step's chains and buffers
     chain_note = ""  # why the chained step is not used (logged; bench/gpu.py prints it)
     chain_kernel = ""  # the chain's kernel when it is: "bulk-copy" (Hopper, int4) or "ring", ", fp16" (operands)
@@ -753,6 +793,12 @@ class Transformer(nn.Module):
                                                                                 positions, meta, fused), fused=fused)
         last = x[0].index_select(0, meta[2:3] - 1)  # the last valid row [1, dim]
         return self.lm_head(self.norm(last[None]))[0].float()
+
+
+def _in_width(layer: nn.Module) -> int:
+    """A linear layer's input width: its words' (an int4 layer padded to whole blocks: wider than its input)."""
+    width = getattr(layer, "in_features", None)
+    return int(width) if width else int(layer.weight.shape[1])
 
 
 def _has_triton() -> bool:
