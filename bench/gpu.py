@@ -42,6 +42,7 @@ VARIANTS = ("bf16", "bf16-gemv", "int8-legacy", "int8-triton", "int8-cuda", "int
             "int4", "nf4", "bnb-int8")
 DECODE_PROMPT, DECODE_NEW = 512, 128
 DECODE_CACHE = 0  # --decode-cache
+SLOT_CACHE = 0  # --slot-cache
 
 
 def configs(tiny: bool = False):
@@ -656,10 +657,14 @@ def bench_batched(network, vocab: int, levels, log, new: int, kernels: str | Non
     """The fast engine's continuous batching: c streams submitted together (prompts 128-512 tokens, prefilled in
     chunks between decode steps), each to ``new`` tokens. Aggregate tok/s over the whole run (prefill included),
     per-stream inter-token latency p50/p95 over every gap of every stream, and the decode rate of each stream."""
+    from localgpt.generation.fast import slot_triton
     from localgpt.generation.fast.batch import BatchEngine
 
+    # "fused-step": the fused kernels with step_attention for long caches (slot_triton.SLOT_STEP)
+    slot_triton.SLOT_STEP = kernels == "fused-step"
+    kernels = "fused" if kernels == "fused-step" else kernels
     slots = max(levels)
-    batch = BatchEngine(network, slots=slots, max_seq=CONC_PROMPTS[1] + new + 16,
+    batch = BatchEngine(network, slots=slots, max_seq=max(CONC_PROMPTS[1] + new + 16, SLOT_CACHE),
                         prefill_chunk=shared_chunk if share else own_chunk,  # None: the engine's default
                         buckets=None if one_shape else tuple(levels), kernels=kernels, share_prefill=share,
                         prompt_passes=prompt_passes, fixed_prompts=None if share else fixed)
@@ -1054,7 +1059,8 @@ def main() -> None:
     parser.add_argument("--concurrency-hf", default="llama", help="models whose HF generate batch runs with "
                         "--concurrency (HF's FalconMamba has no fused kernels here: minutes a level)")
     parser.add_argument("--slot-kernels", default="eager,fused", help="--concurrency, Llama / Falcon: decode-step "
-                        "kernels to measure, each a row (eager PyTorch, fused Triton); the last is the plain row")
+                        "kernels to measure, each a row (eager PyTorch, fused Triton, fused-step: fused with "
+                        "step_attention for caches over 1,024 positions); the last is the plain row")
     parser.add_argument("--share-prefill", default="off", help="--concurrency: off, on or off,on (each a row): "
                         "prompt chunks of several requests in one pass (BatchEngine share_prefill)")
     parser.add_argument("--shared-chunk", type=int, default=2048, help="prompt tokens a shared pass takes")
@@ -1073,6 +1079,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny configs and prompts: check the script, not speed")
     parser.add_argument("--decode-cache", type=int, default=0, help="KV-cache positions of the decode runs (default: "
                         "the positions decoded + 64; the product sizes it to the context window, e.g. 4096)")
+    parser.add_argument("--slot-cache", type=int, default=0, help="--concurrency: positions of each slot's cache "
+                        "(default: the longest prompt + the new tokens; the server sizes it to the context window)")
     parser.add_argument("--out", default=os.environ.get("OUT"))
     parser.add_argument("--results", type=Path, help="append the table to this markdown file")
     parser.add_argument("--commit", default=os.environ.get("LOCALGPT_COMMIT", "unknown"))
@@ -1098,8 +1106,8 @@ def main() -> None:
             logf.write(msg + "\n")
             logf.flush()
 
-    global PROMPTS, DECODE_PROMPT, DECODE_NEW, DECODE_CACHE
-    DECODE_CACHE = args.decode_cache
+    global PROMPTS, DECODE_PROMPT, DECODE_NEW, DECODE_CACHE, SLOT_CACHE
+    DECODE_CACHE, SLOT_CACHE = args.decode_cache, args.slot_cache
     if args.tiny:
         PROMPTS, DECODE_PROMPT, DECODE_NEW = (32, 64, 128), 32, 16
         args.hf_max_prompt = dict.fromkeys(args.hf_max_prompt, 128)

@@ -1150,6 +1150,25 @@ def step_attention_check(device: str = "cpu", dtype: torch.dtype = torch.float32
                 assert torch.equal(k2, k1) and torch.equal(v2, v1), (heads, kv, dot, pos)  # the row, nothing else
                 got = st.step_attention(q, k1, v1, where, heads, config=cfg).float()
                 assert float((got - want).norm() / want.norm()) < tol, ("q given", heads, kv, dot, pos)
+    # streams at their own positions, one idle at the scratch position (the slots' step; slot_attention routes a
+    # long cache there with SLOT_STEP)
+    heads, kv, hd, slots = 4, 2, 32, 4
+    kc, vc = randn(slots, kv, length, hd), randn(slots, kv, length, hd)
+    q = randn(3, heads, hd)
+    scratch = length - 1
+    where = torch.tensor([5, scratch, 40], device=device)
+    held = st.SLOT_STEP, st.STEP_ATTENTION_MIN_CACHE
+    try:
+        for dot in (False, True):
+            want = st.decode_attention(q, kc, vc, where, scratch, (32, 16, 1, dot)).float()
+            got = st.step_attention(q, kc, vc, where, heads, config=(3, 16, 1, dot, 1), scratch=scratch).float()
+            assert float((got - want).norm() / want.norm()) < tol, ("slots", dot)
+            st.SLOT_STEP, st.STEP_ATTENTION_MIN_CACHE = True, 16
+            got = st.slot_attention(q, kc, vc, where, scratch).float()
+            assert float((got - want).norm() / want.norm()) < tol, ("slot_attention", dot)
+            st.SLOT_STEP, st.STEP_ATTENTION_MIN_CACHE = held
+    finally:
+        st.SLOT_STEP, st.STEP_ATTENTION_MIN_CACHE = held
     # which path the step takes: short caches of one kv head a query head keep decode_attention
     assert not st.use_step_attention(torch.empty(1, 32, 704, 1, device="meta"), 32)
     assert st.use_step_attention(torch.empty(1, 32, 4096, 1, device="meta"), 32)

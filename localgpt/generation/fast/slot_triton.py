@@ -351,6 +351,25 @@ STEP_ATTENTION = {"splits": 16, "block_n": 64, "warps": 4, "dot": True, "stages"
 STEP_ATTENTION_MIN_CACHE = 1024
 
 
+# The slots' (continuous batching) decode step: step_attention for caches longer than STEP_ATTENTION_MIN_CACHE with
+# LOCALGPT_SLOT_STEP_ATTENTION=1 (``slot_attention``). Off by default until measured: built in round 13 without a
+# GPU; decode_attention's grid there is slots x heads x cache / 64 programs, most of them empty at a 4,096-position
+# cache (at batch 1 that cost 19.2 against 9.2 us a layer on an H200).
+SLOT_STEP = os.environ.get("LOCALGPT_SLOT_STEP_ATTENTION", "0") == "1"
+
+
+def slot_attention(q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tensor, positions: torch.Tensor,
+                   scratch: int) -> torch.Tensor:
+    """The slots' decode attention (``decode_attention``'s contract): ``step_attention`` where SLOT_STEP and the
+    cache is long (fewer runs a head the more slots: max(2, 16 / B)), else ``decode_attention``."""
+    b, n_heads, _ = q.shape
+    if SLOT_STEP and k_slots.shape[2] > STEP_ATTENTION_MIN_CACHE:
+        cfg = (max(2, 16 // b), STEP_ATTENTION["block_n"], STEP_ATTENTION["warps"], STEP_ATTENTION["dot"],
+               STEP_ATTENTION["stages"])
+        return step_attention(q, k_slots, v_slots, positions, n_heads, config=cfg, scratch=scratch)
+    return decode_attention(q, k_slots, v_slots, positions, scratch)
+
+
 def use_step_attention(k_cache: torch.Tensor, n_heads: int) -> bool:
     """Whether the batch-1 step's attention over this cache ([1, KV, L, hd]) is ``step_attention``'s (else
     ``rope_store`` + ``decode_attention``)."""
@@ -366,18 +385,20 @@ def _rotated(row_ptr, cos, sin, d, partner, sign, mask):
 
 
 @triton.jit
-def _step_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, acc_ptr, ml_ptr, H, KV, L, scale,
-                           ROPE: tl.constexpr, REP: tl.constexpr, ROWS: tl.constexpr, DOT: tl.constexpr,
+def _step_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, acc_ptr, ml_ptr, H, KV, L, SCRATCH,
+                           scale, ROPE: tl.constexpr, REP: tl.constexpr, ROWS: tl.constexpr, DOT: tl.constexpr,
                            HD: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                            FP32_DOT: tl.constexpr, STATIC: tl.constexpr, STAGES: tl.constexpr):
-    # Program (j, s): query heads j * G .. (G = REP with DOT, else 1) of kv head (j G) / REP over the tiles s,
-    # s + S, s + 2 S, .. (S programs a head, BLOCK_N positions a tile) of positions 0..pos. qkv_ptr: with ROPE the
-    # step's qkv row [(H + 2 KV) HD], else its rotated q [H, HD] (the cache written). The tiles' loads pipelined
-    # STAGES deep; the step's row written last (no load waits for that store).
+    # Program (j, s, b): query heads j * G .. (G = REP with DOT, else 1) of kv head (j G) / REP of slot b, over the
+    # tiles s, s + S, s + 2 S, .. (S programs a head, BLOCK_N positions a tile) of its positions 0..pos (a slot at
+    # SCRATCH, idle, sees that position alone). qkv_ptr: with ROPE the step's qkv rows [B, (H + 2 KV) HD], else
+    # its rotated q [B, H, HD] (the cache written). The step's row written last (no load waits for that store).
     j = tl.program_id(0)
     s = tl.program_id(1)
+    b = tl.program_id(2)
     nsplit = tl.num_programs(1)
-    pos = tl.load(pos_ptr).to(tl.int32)
+    pos = tl.load(pos_ptr + b).to(tl.int32)
+    first = tl.where(pos == SCRATCH, pos, 0)
     G: tl.constexpr = REP if DOT else 1
     g = (j * G) // REP
     r = tl.arange(0, ROWS)
@@ -386,7 +407,11 @@ def _step_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, acc
     d = tl.arange(0, BLOCK_D)
     dlive = d < HD
     qmask = rlive[:, None] & dlive[None, :]
-    base = g * L * HD
+    base = (b * KV + g) * L * HD
+    qkv_ptr += b * ((H + 2 * KV) * HD if ROPE else H * HD)
+    # this program's first tile: the first of s's residue class at or after the tile of ``first``
+    t0 = first // BLOCK_N
+    t0 = t0 + (s - t0 % nsplit + nsplit) % nsplit
     if ROPE:
         partner = tl.where(d < HALF, d + HALF, d - HALF)
         sign = tl.where(d < HALF, -1.0, 1.0)
@@ -403,10 +428,10 @@ def _step_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, acc
     acc = tl.zeros((ROWS, BLOCK_D), tl.float32)
     qf = q.to(tl.float32) * scale
     # Triton's interpreter cannot loop to a loaded bound: there, over the whole cache (STATIC), masked past pos
-    for i in tl.range(0, tl.cdiv(STATIC, BLOCK_N) if STATIC > 0 else tl.cdiv(tl.cdiv(pos + 1, BLOCK_N) - s, nsplit),
+    for i in tl.range(0, tl.cdiv(STATIC, BLOCK_N) if STATIC > 0 else tl.cdiv(tl.cdiv(pos + 1, BLOCK_N) - t0, nsplit),
                       num_stages=STAGES):
-        n = (s + i * nsplit) * BLOCK_N + tl.arange(0, BLOCK_N)
-        nlive = n <= pos
+        n = (t0 + i * nsplit) * BLOCK_N + tl.arange(0, BLOCK_N)
+        nlive = (n >= first) & (n <= pos)
         cached = (nlive & (n != pos)) if ROPE else nlive
         k = tl.load(k_ptr + base + n[:, None] * HD + d[None, :], mask=cached[:, None] & dlive[None, :], other=0.0)
         v = tl.load(v_ptr + base + n[:, None] * HD + d[None, :], mask=cached[:, None] & dlive[None, :], other=0.0)
@@ -435,7 +460,7 @@ def _step_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, acc
         acc = acc * alpha[:, None] + pv
         l = l * alpha + tl.sum(p, axis=1)
         m = m_new
-    slot = heads * nsplit + s
+    slot = (b * H + heads) * nsplit + s
     tl.store(acc_ptr + slot[:, None] * HD + d[None, :], acc, mask=qmask)
     tl.store(ml_ptr + slot * 2, m, mask=rlive)
     tl.store(ml_ptr + slot * 2 + 1, l, mask=rlive)
@@ -447,30 +472,33 @@ def _step_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, acc
 
 def step_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
                    n_heads: int, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
-                   config: tuple | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """One decode step's attention at position ``positions`` [1] over cache positions 0..pos (k_cache / v_cache
-    [1, KV, L, hd]). With ``cos`` / ``sin`` ([L, hd] tables): ``qkv`` is the step's projections [1, (H + 2 KV) hd],
-    rotated here, its k / v written into the caches at pos (``rope_store`` + ``decode_attention`` in two launches);
-    without: ``qkv`` is the rotated q [1, H, hd] and the caches already hold pos. Returns [1, H hd] (in ``out``
-    when given). config: (splits, block_n, warps, dot, stages), default ``STEP_ATTENTION``."""
+                   config: tuple | None = None, out: torch.Tensor | None = None, scratch: int = -1) -> torch.Tensor:
+    """One decode step's attention of B streams at ``positions`` [B] over cache positions 0..pos of each (k_cache /
+    v_cache [slots >= B, KV, L, hd]: slot b the stream b's; one at ``scratch``, idle, sees that position alone).
+    With ``cos`` / ``sin`` ([L, hd] tables): ``qkv`` is the step's projections [B, (H + 2 KV) hd], rotated here, its
+    k / v written into the caches at pos (``rope_store`` + ``decode_attention`` in two launches); without: ``qkv`` is
+    the rotated q [B, H, hd] and the caches already hold pos. Returns [B, H hd] (in ``out`` when given). config:
+    (splits, block_n, warps, dot, stages), default ``STEP_ATTENTION``."""
     kv, length, hd = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    b = positions.shape[0]
     splits, block_n, warps, dot, stages = config or tuple(STEP_ATTENTION[k] for k in ("splits", "block_n", "warps",
                                                                                       "dot", "stages"))
     rope = cos is not None
     rep = n_heads // kv
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    acc = torch.empty(n_heads * splits, hd, dtype=torch.float32, device=qkv.device)
-    ml = torch.empty(n_heads * splits, 2, dtype=torch.float32, device=qkv.device)
+    acc = torch.empty(b * n_heads * splits, hd, dtype=torch.float32, device=qkv.device)
+    ml = torch.empty(b * n_heads * splits, 2, dtype=torch.float32, device=qkv.device)
     block_d = max(16, triton.next_power_of_2(hd))
     rows = max(16, triton.next_power_of_2(rep)) if dot else 1
-    _step_attention_kernel[(kv if dot else n_heads, splits)](
+    _step_attention_kernel[(kv if dot else n_heads, splits, b)](
         qkv.contiguous(), cos if rope else qkv, sin if rope else qkv, positions, k_cache, v_cache, acc, ml, n_heads,
-        kv, length, hd ** -0.5, ROPE=rope, REP=rep, ROWS=rows, DOT=dot, HD=hd, HALF=hd // 2, BLOCK_D=block_d,
-        BLOCK_N=block_n, FP32_DOT=interpret, STATIC=length if interpret else 0, STAGES=stages, num_warps=warps)
+        kv, length, scratch, hd ** -0.5, ROPE=rope, REP=rep, ROWS=rows, DOT=dot, HD=hd, HALF=hd // 2,
+        BLOCK_D=block_d, BLOCK_N=block_n, FP32_DOT=interpret, STATIC=length if interpret else 0, STAGES=stages,
+        num_warps=warps)
     if out is None:
-        out = torch.empty(1, n_heads * hd, dtype=k_cache.dtype, device=qkv.device)
-    _attention_combine_kernel[(n_heads,)](acc, ml, out, NSPLIT=splits, HD=hd, BLOCK_D=triton.next_power_of_2(hd),
-                                          num_warps=1)
+        out = torch.empty(b, n_heads * hd, dtype=k_cache.dtype, device=qkv.device)
+    _attention_combine_kernel[(b * n_heads,)](acc, ml, out, NSPLIT=splits, HD=hd,
+                                              BLOCK_D=triton.next_power_of_2(hd), num_warps=1)
     return out
 
 

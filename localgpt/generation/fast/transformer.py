@@ -256,7 +256,7 @@ class Block(nn.Module):
         b = x.shape[0]
         q = slot_triton.rope_store(self.wqkv(x).view(b, -1), cos, sin, positions, self.k_slots, self.v_slots,
                                    s.n_heads)
-        out = slot_triton.decode_attention(q, self.k_slots, self.v_slots, positions, self.scratch)
+        out = slot_triton.slot_attention(q, self.k_slots, self.v_slots, positions, self.scratch)
         return self.wo(out.view(b, 1, -1))
 
     def forward_slots_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
