@@ -333,7 +333,8 @@ def decode_attention(q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tens
     return out
 
 
-# --- the batch-1 decode step's attention (``Block.attend_qkv``): rotary, cache write and attention in one kernel ---
+# --- a decode step's attention in one kernel whose grid does not grow with the cache (``step_attention``) -------
+# The batch-1 step's (``Block.attend_qkv``: with its rotary and cache write) and, with SLOT_STEP, the slots'.
 # A program takes ROWS query heads (one, or with DOT a kv head's group through tensor-core dots) and every SPLITS-th
 # tile of BLOCK_N positions of 0..pos: the grid is the same at every position and a long cache costs nothing until
 # it is used (decode_attention's grid grows with the cache: 64 splits a head at 4,096 positions, most of them
