@@ -9,13 +9,12 @@ prompt longer than memory allows still runs, in sequential chunks. Never loads f
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-import os
 
 from localgpt.generation.fast.transformer import Linear, RMSNorm, _has_triton, _linear
 

@@ -305,8 +305,8 @@ class Int4Linear(nn.Module):
                 and self.x_features == self.in_features and _prologue_fits(self.words, self.in_features, self.bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:  # a padded weight (x_features wide inputs): zeros for its padding
-            x = F.pad(x, (0, self.in_features - x.shape[-1]))
+        if x.shape[-1] == self.x_features != self.in_features:  # a padded weight: zeros for its padding
+            x = F.pad(x, (0, self.in_features - self.x_features))
         if self.words is not None:
             lead = x.shape[:-1]
             rows = x.numel() // self.in_features

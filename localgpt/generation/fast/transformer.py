@@ -395,8 +395,6 @@ class Transformer(nn.Module):
         positions = torch.arange(max_seq, device=self.device)[None]
         cos, sin = self.rope(torch.empty(0, dtype=self.dtype, device=self.device), positions)
         self.cos, self.sin = cos[0].to(self.dtype), sin[0].to(self.dtype)  # [max_seq, head_dim]
-        # _step_parallel's attention row, as wide as wo's input (zeros past the heads: an int4 wo's padding)
-        self._att_row = torch.zeros(1, _in_width(self.blocks[0].wo), dtype=self.dtype, device=self.device)
 
     def _run(self, ids: torch.Tensor, cos, sin, input_pos) -> torch.Tensor:
         x = F.embedding(ids, self.embed)
@@ -453,8 +451,8 @@ class Transformer(nn.Module):
 
         s = self.shape
         x = F.embedding(token.view(-1), self.embed).view(1, -1)  # the residual [1, dim]
-        att = self._att_row
-        if att is None or att.shape[1] != _in_width(self.blocks[0].wo):  # quantised after the cache was set up
+        att = self._att_row  # as wide as wo's input: zeros past the heads (an int4 wo's padding)
+        if att is None or att.shape[1] != _in_width(self.blocks[0].wo):
             att = self._att_row = torch.zeros(1, _in_width(self.blocks[0].wo), dtype=self.dtype, device=self.device)
         a = m = None
         for block in self.blocks:
@@ -510,7 +508,7 @@ class Transformer(nn.Module):
 
     # --- the batch-1 step with each layer's GEMVs in one persistent launch (gemv_chain) ---------------------------
 
-    _att_row = None  # _step_parallel's attention row (setup_cache)
+    _att_row = None  # _step_parallel's attention row (made at its first step)
     _chain = None  # None: not tried yet; False: the network cannot take it; else the step's chains and buffers
     chain_note = ""  # why the chained step is not used (logged; bench/gpu.py prints it)
     chain_kernel = ""  # the chain's kernel when it is: "bulk-copy" (Hopper, int4) or "ring", ", fp16" (operands)
