@@ -148,6 +148,14 @@ def silu_mul(h: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def _rotated(row_ptr, cos, sin, d, partner, sign, mask):
+    # a head's row (pointer at its first dim, per row of a block) rotated by the position's cos / sin: fp32
+    x = tl.load(row_ptr + d, mask=mask, other=0.0).to(tl.float32)
+    other = tl.load(row_ptr + partner, mask=mask, other=0.0).to(tl.float32)
+    return x * cos + sign * other * sin
+
+
+@triton.jit
 def _rope_store_head(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, r, slot, pos, j, H, KV, L,
                      HD: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr):
     # Head j of qkv row r [q heads | k heads | v heads] at position pos: q and k rotated, q to q_ptr [rows, H, HD],
@@ -155,19 +163,18 @@ def _rope_store_head(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, r, slot, po
     d = tl.arange(0, BLOCK)
     live = d < HD
     row = qkv_ptr + r * (H + 2 * KV) * HD + j * HD
-    x = tl.load(row + d, mask=live, other=0.0).to(tl.float32)
     if j < H + KV:
         partner = tl.where(d < HALF, d + HALF, d - HALF)
         sign = tl.where(d < HALF, -1.0, 1.0)
-        other = tl.load(row + partner, mask=live, other=0.0).to(tl.float32)
         cos = tl.load(cos_ptr + pos * HD + d, mask=live, other=0.0).to(tl.float32)
         sin = tl.load(sin_ptr + pos * HD + d, mask=live, other=0.0).to(tl.float32)
-        x = x * cos + sign * other * sin
+        x = _rotated(row, cos, sin, d, partner, sign, live)
         if j < H:
             tl.store(q_ptr + (r * H + j) * HD + d, x.to(q_ptr.dtype.element_ty), mask=live)
         else:
             tl.store(k_ptr + ((slot * KV + j - H) * L + pos) * HD + d, x.to(k_ptr.dtype.element_ty), mask=live)
     else:
+        x = tl.load(row + d, mask=live, other=0.0).to(tl.float32)
         tl.store(v_ptr + ((slot * KV + j - H - KV) * L + pos) * HD + d, x.to(v_ptr.dtype.element_ty), mask=live)
 
 
@@ -375,14 +382,6 @@ def use_step_attention(k_cache: torch.Tensor, n_heads: int) -> bool:
     """Whether the batch-1 step's attention over this cache ([1, KV, L, hd]) is ``step_attention``'s (else
     ``rope_store`` + ``decode_attention``)."""
     return k_cache.shape[1] != n_heads or k_cache.shape[2] > STEP_ATTENTION_MIN_CACHE
-
-
-@triton.jit
-def _rotated(row_ptr, cos, sin, d, partner, sign, mask):
-    # a head's row (pointer at its first dim, per row of a block) rotated by the position's cos / sin: fp32
-    x = tl.load(row_ptr + d, mask=mask, other=0.0).to(tl.float32)
-    other = tl.load(row_ptr + partner, mask=mask, other=0.0).to(tl.float32)
-    return x * cos + sign * other * sin
 
 
 @triton.jit
