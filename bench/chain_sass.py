@@ -39,7 +39,8 @@ CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
 # (bits, planes, consumer warps, depth, blocks a warp, bulk-copy, fp16 operands): the defaults of each kernel
 KERNELS = [(4, 16, *gemv_chain.TMA_DEFAULTS[4], True, False), (4, 16, *gemv_chain.DEFAULTS[4], False, False),
            (8, 32, *gemv_chain.TMA_DEFAULTS[8], True, True), (8, 32, *gemv_chain.DEFAULTS[8], False, True),
-           (8, 32, *gemv_chain.DEFAULTS[8], False, False), (4, 16, *gemv_chain.TMA_DEFAULTS[4], True, True)]
+           (8, 32, *gemv_chain.DEFAULTS[8], False, False), (4, 16, *gemv_chain.TMA_DEFAULTS[4], True, True),
+           (4, 16, *gemv_chain.TMA_DEFAULTS[4], True, False, True)]  # the last: a parallel block's (ln / gelu)
 
 
 def nvrtc_library(path: str | None) -> ctypes.CDLL:
@@ -57,9 +58,13 @@ def nvrtc_library(path: str | None) -> ctypes.CDLL:
 
 def sass(chain_mod, cuda_mod, kernel: tuple, diag: int, lib) -> tuple[str, list[str], str]:
     """(name, instructions without addresses and encodings, resource usage) of one kernel."""
-    bits, planes, warps, depth, bpi, tma, f16 = kernel
+    bits, planes, warps, depth, bpi, tma, f16, *ln = kernel
     chain_mod.DIAG = diag
     args = {"tma": tma}
+    if ln and ln[0]:
+        if "ln_gelu" not in chain_mod.source.__code__.co_varnames:
+            raise ValueError("no such kernel at that revision (a parallel block's ln / gelu prologues)")
+        args["ln_gelu"] = True
     if "f16" in chain_mod.source.__code__.co_varnames:
         args["f16"] = f16
     elif f16 or (tma and bits == 8):
@@ -124,7 +129,8 @@ def main() -> None:
                     same = before == ins
                     differ += not same
                     line += f" | against {args.against}: " + ("same SASS" if same else
-                                                             f"DIFFERENT ({len(before)} instructions there)")
+                                                             f"DIFFERENT ({len(before)} instructions there, loop "
+                                                             f"{len(loop_body(before))})")
                 except Exception as exc:  # noqa: BLE001 - a kernel the revision does not have
                     line += f" | against {args.against}: {type(exc).__name__}: {str(exc)[:120]}"
             print(line, flush=True)

@@ -660,9 +660,10 @@ def bench_batched(network, vocab: int, levels, log, new: int, kernels: str | Non
     from localgpt.generation.fast import slot_triton
     from localgpt.generation.fast.batch import BatchEngine
 
-    # "fused-step": the fused kernels with step_attention for long caches (slot_triton.SLOT_STEP)
-    slot_triton.SLOT_STEP = kernels == "fused-step"
-    kernels = "fused" if kernels == "fused-step" else kernels
+    # "fused": the fused kernels with step_attention for long caches (slot_triton.SLOT_STEP, the default);
+    # "fused-old": with decode_attention at every cache length
+    slot_triton.SLOT_STEP = kernels != "fused-old"
+    kernels = "fused" if kernels == "fused-old" else kernels
     slots = max(levels)
     batch = BatchEngine(network, slots=slots, max_seq=max(CONC_PROMPTS[1] + new + 16, SLOT_CACHE),
                         prefill_chunk=shared_chunk if share else own_chunk,  # None: the engine's default
@@ -676,7 +677,10 @@ def bench_batched(network, vocab: int, levels, log, new: int, kernels: str | Non
         f"{batch.prompt_passes} prompt passes a step at most, graphs captured in {warm:.1f} s")
     out: dict = {"capture_s": warm, "kernels": kernels, "share_prefill": share, "prefill_chunk": batch.prefill_chunk,
                  "fixed_prompts": batch.fixed_prompts, "prompt_rows": batch.prompt_rows,
-                 "prompt_passes": batch.prompt_passes, "buckets": batch.buckets}
+                 "prompt_passes": batch.prompt_passes, "buckets": batch.buckets, "slot_cache": batch.max_seq,
+                 "attention": ("step_attention" if kernels == "fused" and slot_triton.SLOT_STEP
+                               and batch.max_seq > slot_triton.STEP_ATTENTION_MIN_CACHE else "decode_attention"
+                               if kernels == "fused" else "eager")}
     for c in levels:
         asks = conc_prompts(c, vocab)
         batch.submit(asks[0], 4)  # one short request first: page in anything lazy
@@ -824,7 +828,8 @@ def _concurrency_rows(entry: dict, rows: list, prefix: str = "") -> None:
                 prompts = (f", own {e['prefill_chunk']}-token chunks"
                            + (" in fixed-shape graph passes" if e.get("fixed_prompts") else ", eager passes"))
             passes = e.get("prompt_passes", 1)
-            variant = (f"{variant.split('/')[0]} ({e['kernels']} step{prompts}"
+            attention = f", {e['attention']} over {e['slot_cache']}-position caches" if "attention" in e else ""
+            variant = (f"{variant.split('/')[0]} ({e['kernels']} step{attention}{prompts}"
                        + (f", {passes} prompt passes a step" if passes > 1 else "")
                        + (", one decode shape" if e.get("buckets") and len(e["buckets"]) == 1 else "") + ")")
         if "error" in e:
@@ -892,9 +897,9 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
         # not the bulk-copy one, on Hopper; "+attn": the attention as the chain's first phase, not its own kernels;
         # "+f16" / "+bf16": the chain's mma operands fp16 for int4 too / bf16 for int8 too; "+alt": the chain of
         # --alt-chain's gemv_chain.py, for a same-call A/B; "+oldattn": the step's attention by rope_store +
-        # decode_attention, not step_attention; "+mambafused": Mamba / FalconMamba's step through mamba_triton's
-        # kernels, LOCALGPT_MAMBA_FUSED=1, with "@graph"; "+falcongraph": Falcon's step without the compiler,
-        # LOCALGPT_FALCON_GRAPH=1, with "@graph"),
+        # decode_attention, not step_attention; "+nomambafused": Mamba / FalconMamba's step compiled, not through
+        # mamba_triton's kernels (LOCALGPT_MAMBA_FUSED=0, with "@compile"); "+nofalcongraph": Falcon's fused step
+        # compiled, not its graph step (LOCALGPT_FALCON_GRAPH=0, with "@compile")),
         # and then "@graph" / "@compile" (that engine mode for this row instead of --mode).
         name_mode = name.partition("@")
         variant, *flags = name_mode[0].split("+")
@@ -957,8 +962,8 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                 gemv_chain.TMA = "ring" not in flags  # "+ring": the chain's cp.async ring kernel on Hopper too
                 transformer.CHAIN_ATTN = "attn" in flags  # "+attn": the attention as the chain's first phase
                 transformer.STEP_ATTN = "oldattn" not in flags  # "+oldattn": rope_store + decode_attention
-                mamba.FUSED = "mambafused" in flags  # "+mambafused": Mamba's step through mamba_triton (@graph)
-                transformer.FALCON_GRAPH = "falcongraph" in flags  # "+falcongraph": Falcon's graph step (@graph)
+                mamba.FUSED = "nomambafused" not in flags  # "+nomambafused": Mamba's step compiled (@compile)
+                transformer.FALCON_GRAPH = "nofalcongraph" not in flags  # "+nofalcongraph": compiled (@compile)
                 # "+f16": the chain's mma operands in fp16 for int4 too; "+bf16": in bf16 for int8 too
                 gemv_chain.F16_BITS = (4, 8) if "f16" in flags else () if "bf16" in flags else (8,)
                 gemv_chain.F16 = bool(gemv_chain.F16_BITS)
@@ -1059,8 +1064,9 @@ def main() -> None:
     parser.add_argument("--concurrency-hf", default="llama", help="models whose HF generate batch runs with "
                         "--concurrency (HF's FalconMamba has no fused kernels here: minutes a level)")
     parser.add_argument("--slot-kernels", default="eager,fused", help="--concurrency, Llama / Falcon: decode-step "
-                        "kernels to measure, each a row (eager PyTorch, fused Triton, fused-step: fused with "
-                        "step_attention for caches over 1,024 positions); the last is the plain row")
+                        "kernels to measure, each a row (eager PyTorch, fused Triton: with step_attention for caches "
+                        "over 1,024 positions, fused-old: with decode_attention at every length); the last is the "
+                        "plain row")
     parser.add_argument("--share-prefill", default="off", help="--concurrency: off, on or off,on (each a row): "
                         "prompt chunks of several requests in one pass (BatchEngine share_prefill)")
     parser.add_argument("--shared-chunk", type=int, default=2048, help="prompt tokens a shared pass takes")

@@ -1105,6 +1105,62 @@ def test_gpu_chained_step_matches_a_launch_a_gemv_and_generates_the_same_in_a_gr
     assert graph == eager and len(eager) == 12
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("layers,vocab", [(2, 512), (3, 520)])
+def test_gpu_falcon_chained_step_matches_its_graph_step_and_generates_the_same(tmp_path, monkeypatch, layers, vocab):
+    """Transformer._step_parallel_chain (a Falcon layer's wo and GELU + w_out, then the residual adds + LayerNorm
+    with the next layer's wqkv and w_in, in one gemv_chain launch) on an int4 Falcon whose inputs are padded to
+    whole blocks (576 -> 640 columns): from the same caches its logits and cache rows equal _step_parallel's (a
+    launch a GEMV) within bf16 rounding; the Engine's CUDA graph of it generates the same greedy tokens as its eager
+    run. An even and an odd number of layers (the residual's two buffers), the LM head in the chain (512 rows) and
+    on its own (520: not whole 16-row tiles)."""
+    _needs_cuda()
+    pytest.importorskip("triton")
+    from transformers import AutoModelForCausalLM
+
+    from localgpt.generation.fast import transformer
+    from localgpt.generation.fast.engine import Engine
+    from localgpt.generation.fast.transformer import from_falcon
+
+    monkeypatch.setattr(transformer, "FALCON_GRAPH", True)
+    hf = AutoModelForCausalLM.from_pretrained(
+        build_tiny_model("falcon", tmp_path / "falcon", hidden_size=576, num_attention_heads=9,
+                         num_hidden_layers=layers, vocab_size=vocab, initializer_range=0.05), dtype=torch.bfloat16)
+    net = from_falcon(hf.to("cuda").eval())
+    quantize_model(net, "int4", decode="cuda")
+    assert net.blocks[0].wqkv.x_features == 576 and net.blocks[0].wqkv.in_features == 640
+    max_seq = 64
+    net.setup_cache(max_seq)
+    assert net.use_fused_decode(True) and net.graph_step
+    torch.manual_seed(0)
+    for block in net.blocks:
+        block.k_cache.normal_()
+        block.v_cache.normal_()
+    start = [(b.k_cache.clone(), b.v_cache.clone()) for b in net.blocks]
+    with torch.inference_mode():
+        for pos in (0, 9, max_seq - 1):
+            token = torch.tensor([[11 + pos]], device="cuda")
+            where = torch.tensor([pos], device="cuda")
+            results = []
+            for chain in (False, True):
+                monkeypatch.setattr(transformer, "CHAIN", chain)
+                for b, (k, v) in zip(net.blocks, start):
+                    b.k_cache.copy_(k)
+                    b.v_cache.copy_(v)
+                results.append((net.step(token, where).float(), [b.k_cache[:, :, pos].float() for b in net.blocks]))
+            assert net._chain, net.chain_note
+            assert net._chain.head_in_chain == (vocab % 16 == 0)
+            (want, want_rows), (got, got_rows) = results
+            assert float((got - want).norm() / want.norm()) < 2e-2, pos
+            for g, w in zip(got_rows, want_rows):
+                assert float((g - w).norm() / w.norm()) < 2e-2, pos
+    monkeypatch.setattr(transformer, "CHAIN", True)
+    prompt = [1, 5, 9, 13, 17]
+    eager = list(Engine(net, mode="eager", max_seq=max_seq).generate(prompt, 12))
+    graph = list(Engine(net, mode="graph", max_seq=max_seq).generate(prompt, 12))
+    assert graph == eager and len(eager) == 12
+
+
 def test_step_attention_matches_rope_store_and_decode_attention_in_the_triton_interpreter(subprocess_env):
     """slot_triton.step_attention (rotary, cache write and attention in one kernel over runs of tiles that follow
     the position) against rope_store + decode_attention, in Triton's interpreter on the CPU."""

@@ -76,20 +76,32 @@ COMMON_SOURCE = r"""
 
 struct Phase {
     const uint4* w; const u32* sz; const u16* x; const u16* y; const u16* nw; u16* xsum; u16* out; const u16* rs;
-    int N, K, xmode, pad0;
+    int N, K, xmode, D;  // D: an "ln" phase's real width (its input padded with zeros to K)
     float eps;
-    int pad1, pad2, pad3;
+    int flags, pad2, pad3;  // flags: NOBAR (no grid barrier before the phase), SAME (the previous phase's input)
     // the attention (xmode 3: x the qkv row, out its output row; ws its chunks' parts, cnt a count a head)
     u16* kc; u16* vc; const u16* cos; const u16* sin; const long long* pos; float* ws; unsigned* cnt;
     int heads, kv, hd, len, chunks, pad4;
     float scale, pad5;
     const void* tmap;  // the bulk-copy kernel's int8 words: a tensor map of [N, K] bytes, boxes of one block
+    const u16* y2; const u16* nb;  // "ln": the residual's second branch (x + (y2 + y)); the LayerNorm's bias
+    const int* cut;  // the CTAs' tile runs [grid][2] (t0, t1) where the launcher balanced them, or null: equal runs
 };
+#define NOBAR 1     // no grid barrier before the phase (its input is not written in this launch)
+#define SAME 2      // the previous phase's staged input
+#define GELU_OUT 4  // the output rows through GELU (exact) as they are written (a parallel block's w_in)
 
 __device__ __forceinline__ u32 saddr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
 // A phase's tiles are cut into equal contiguous runs, one a CTA (whole tiles: a tile's parts meet in its shared
 // memory, not in global memory), and a CTA's items (tile, BPI blocks) into equal contiguous runs, one a warp.
 __device__ __forceinline__ void cta_tiles(const Phase& ph, int& t0, int& t1) {
+#if LN_GELU
+    if (ph.cut != nullptr) {  // phases without a barrier between them share out their blocks together (Chain)
+        t0 = __ldg(ph.cut + 2 * blockIdx.x);
+        t1 = __ldg(ph.cut + 2 * blockIdx.x + 1);
+        return;
+    }
+#endif
     const long T = ph.N / 16;
     t0 = (int)(blockIdx.x * T / gridDim.x);
     t1 = (int)((blockIdx.x + 1) * T / gridDim.x);
@@ -138,6 +150,9 @@ __device__ __forceinline__ u32 norm_pair(u32 v, u32 w, float inv) {  // add_rms_
     return (u32)f2bf(bf2f(w & 0xFFFFu) * bf2f(f2bf(bf2f(v & 0xFFFFu) * inv)))
          | ((u32)f2bf(bf2f(w >> 16) * bf2f(f2bf(bf2f(v >> 16) * inv))) << 16);
 }
+
+// slot_triton.gelu's (exact, erf)
+__device__ __forceinline__ float gelu1(float x) { return 0.5f * x * (1.f + erff(x * 0.7071067811865476f)); }
 
 // The phase's input after its prologue, staged whole in every CTA straight into xp (each word's x pairs in
 // gemv_cuda's order) and, int4, its block sums xs. A thread takes 8 consecutive columns (one 16-byte load of x,
@@ -462,17 +477,109 @@ __device__ __forceinline__ void stage(const Phase& ph, XITEM* xp, XS_T* xs, floa
     CSYNC();
 }
 
-// A phase's start in either kernel: the grid barrier (none before the first), then its input staged.
-__device__ __forceinline__ void begin_phase(const Phase& ph, int p, unsigned* bar, long long* trace, XITEM* xp,
-                                            XS_T* xs, float* red, float* parts, int nparts) {
+// the sum of every thread's v, in every thread (the same order everywhere); red: WARPS floats of its own
+__device__ __forceinline__ float cta_sum(float v, float* red) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+    CSYNC();
+    float total = 0.f;
+    for (int k = 0; k < WARPS; ++k) total += red[k];
+    return total;
+}
+
+// xmode 4 ("ln", a parallel block's step, slot_triton.add3_layer_norm's arithmetic): the residual x + (y2 + y)
+// (each add rounded to bf16; CTA 0 writes it to xsum; without y, x itself) and its LayerNorm (weight nw, bias nb)
+// over its D columns, staged K wide (zeros past D: an int4 layer's padded input). K <= 8 SV threads (one round).
+__device__ __forceinline__ void stage_ln(const Phase& ph, XITEM* xp, XS_T* xs, float* red, float* parts, int nparts,
+                                         bool cta0) {
+    const int K = ph.K, D8 = ph.D / 8, tid = threadIdx.x, warp = tid >> 5;
+    for (int i = tid; i < nparts; i += WARPS * 32) parts[i] = 0.f;
+    uint4 a[SV], b[SV], c[SV];
+#pragma unroll
+    for (int j = 0; j < SV; ++j) {
+        const int i = j * WARPS * 32 + tid;
+        a[j] = b[j] = c[j] = make_uint4(0u, 0u, 0u, 0u);
+        if (i < D8) {
+            a[j] = __ldcg((const uint4*)ph.x + i);
+            if (ph.y != nullptr) {
+                b[j] = __ldcg((const uint4*)ph.y + i);
+                c[j] = __ldcg((const uint4*)ph.y2 + i);
+            }
+        }
+    }
+    float part = 0.f;
+#pragma unroll
+    for (int j = 0; j < SV; ++j) {
+        const int i = j * WARPS * 32 + tid;
+        if (i >= D8) continue;
+        if (ph.y != nullptr) {
+            a[j] = make_uint4(add_pair(a[j].x, add_pair(c[j].x, b[j].x)), add_pair(a[j].y, add_pair(c[j].y, b[j].y)),
+                              add_pair(a[j].z, add_pair(c[j].z, b[j].z)), add_pair(a[j].w, add_pair(c[j].w, b[j].w)));
+            if (cta0 && ph.xsum) ((uint4*)ph.xsum)[i] = a[j];
+        }
+        const u32 av[4] = {a[j].x, a[j].y, a[j].z, a[j].w};
+#pragma unroll
+        for (int h = 0; h < 4; ++h) part += bf2f(av[h] & 0xFFFFu) + bf2f(av[h] >> 16);
+    }
+    const float mean = cta_sum(part, red) / ph.D;
+    float sq = 0.f;
+#pragma unroll
+    for (int j = 0; j < SV; ++j) {
+        const int i = j * WARPS * 32 + tid;
+        if (i >= D8) continue;
+        const u32 av[4] = {a[j].x, a[j].y, a[j].z, a[j].w};
+#pragma unroll
+        for (int h = 0; h < 4; ++h) {
+            const float d0 = bf2f(av[h] & 0xFFFFu) - mean, d1 = bf2f(av[h] >> 16) - mean;
+            sq += d0 * d0 + d1 * d1;
+        }
+    }
+    const float inv = rsqrtf(cta_sum(sq, red + WARPS) / ph.D + ph.eps);
+#pragma unroll
+    for (int j = 0; j < SV; ++j) {
+        if (j * WARPS * 32 + warp * 32 >= K / 8) break;  // the warp's columns are all staged
+        const int i = j * WARPS * 32 + tid;
+        u32 f[8];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) f[k] = 0u;
+        if (i < D8) {
+            const uint4 w4 = __ldg((const uint4*)ph.nw + i), b4 = __ldg((const uint4*)ph.nb + i);
+            const u32 av[4] = {a[j].x, a[j].y, a[j].z, a[j].w};
+            const u32 wv[4] = {w4.x, w4.y, w4.z, w4.w}, bv[4] = {b4.x, b4.y, b4.z, b4.w};
+#pragma unroll
+            for (int h = 0; h < 4; ++h) {
+                f[2 * h] = f2bf(fmaf((bf2f(av[h] & 0xFFFFu) - mean) * inv, bf2f(wv[h] & 0xFFFFu), bf2f(bv[h] & 0xFFFFu)));
+                f[2 * h + 1] = f2bf(fmaf((bf2f(av[h] >> 16) - mean) * inv, bf2f(wv[h] >> 16), bf2f(bv[h] >> 16)));
+            }
+        }
+        put_cols(xp, xs, i, i < K / 8, f);
+    }
+    CSYNC();
+}
+
+// A phase's start in either kernel: the grid barrier (none before the first, nor before a NOBAR phase, whose
+// input no other CTA of this launch writes), then its input staged (a SAME phase's is the one staged before).
+__device__ __forceinline__ void begin_phase(const Phase& ph, int p, unsigned* bar, int& nbar, long long* trace,
+                                            XITEM* xp, XS_T* xs, float* red, float* parts, int nparts) {
 #if DIAG & 4
     CSYNC();
 #else
-    if (p > 0) grid_sync(bar, (unsigned)p * gridDim.x);
+    if (p > 0 && !(ph.flags & NOBAR)) grid_sync(bar, (unsigned)++nbar * gridDim.x);
+    else CSYNC();  // the CTA's threads are done with the staged input and the parts
 #endif
     if (threadIdx.x == 0) note(trace, p, 0);
 #if !(DIAG & 2)
-    stage(ph, xp, xs, red, parts, nparts, blockIdx.x == 0);
+    if (ph.flags & SAME) {
+        for (int i = threadIdx.x; i < nparts; i += WARPS * 32) parts[i] = 0.f;
+        CSYNC();
+#if LN_GELU
+    } else if (ph.xmode == 4) {
+        stage_ln(ph, xp, xs, red, parts, nparts, blockIdx.x == 0);
+#endif
+    } else {
+        stage(ph, xp, xs, red, parts, nparts, blockIdx.x == 0);
+    }
 #endif
     if (threadIdx.x == 0) note(trace, p, 1);
 }
@@ -621,7 +728,7 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
             long long* trace) {
     extern __shared__ uint4 smem[];
     __shared__ Phase sp[MAXPH];
-    __shared__ float red[WARPS];
+    __shared__ float red[2 * WARPS];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
     for (int i = tid; i < n_phases * (int)(sizeof(Phase) / 4); i += WARPS * 32)
         ((int*)sp)[i] = ((const int*)phases)[i];
@@ -651,10 +758,11 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
         attention(sp[0], parts + maxt * WARPS * 16);
         if (tid == 0) { note(trace, 0, 1); note(trace, 0, 2); }
     }
+    int nbar = 0;  // grid barriers passed
 #pragma unroll 1
     for (int p = first; p < n_phases; ++p) {
         const Phase& ph = sp[p];
-        begin_phase(ph, p, bar, trace, xp, xs, red, parts, maxt * WARPS * 16);
+        begin_phase(ph, p, bar, nbar, trace, xp, xs, red, parts, maxt * WARPS * 16);
         int t0, t1;
         cta_tiles(ph, t0, t1);
         const int per = ph.K / (COLS * BPI), items = (t1 - t0) * per;
@@ -717,7 +825,11 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
 #pragma unroll
             for (int w = 0; w < WARPS; ++w) total += pr[w * 16];
             const int row = t0 * 16 + r;
-            ph.out[row] = out_val(total, ph.rs, row);
+            u16 v = out_val(total, ph.rs, row);
+#if LN_GELU
+            if (ph.flags & GELU_OUT) v = f2bf(gelu1(bf2f(v)));
+#endif
+            ph.out[row] = v;
         }
 #endif
     }
@@ -778,7 +890,7 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
             long long* trace) {
     extern __shared__ uint4 smem[];
     __shared__ Phase sp[MAXPH];
-    __shared__ float red[WARPS];
+    __shared__ float red[2 * WARPS];
     __shared__ u64 full[DEPTH], empty[DEPTH], go;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
     for (int i = tid; i < n_phases * (int)(sizeof(Phase) / 4); i += (WARPS + 1) * 32)
@@ -851,10 +963,11 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
         if (tid == 0) { note(trace, 0, 1); note(trace, 0, 2); }
         if (lane == 0) mb_arrive(saddr(&go));  // the producer may start
     }
+    int nbar = 0;  // grid barriers passed
 #pragma unroll 1
     for (int p = first; p < n_phases; ++p) {
         const Phase& ph = sp[p];
-        begin_phase(ph, p, bar, trace, xp, xs, red, parts, maxt * WARPS * 16);
+        begin_phase(ph, p, bar, nbar, trace, xp, xs, red, parts, maxt * WARPS * 16);
         int t0, t1;
         cta_tiles(ph, t0, t1);
         const int per = ph.K / COLS, nb = (t1 - t0) * per;
@@ -921,7 +1034,11 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
 #pragma unroll
             for (int w = 0; w < WARPS; ++w) total += pr[w * 16];
             const int row = t0 * 16 + q;
-            ph.out[row] = out_val(total, ph.rs, row);
+            u16 v = out_val(total, ph.rs, row);
+#if LN_GELU
+            if (ph.flags & GELU_OUT) v = f2bf(gelu1(bf2f(v)));
+#endif
+            ph.out[row] = v;
         }
 #endif
     }
@@ -935,19 +1052,48 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
 
 
 class _Phase(ctypes.Structure):
-    """The kernel's ``struct Phase`` (192 bytes)."""
+    """The kernel's ``struct Phase`` (216 bytes)."""
 
     _fields_ = [(n, ctypes.c_void_p) for n in ("w", "sz", "x", "y", "nw", "xsum", "out", "rs")] + [
-        ("N", ctypes.c_int), ("K", ctypes.c_int), ("xmode", ctypes.c_int), ("pad0", ctypes.c_int),
-        ("eps", ctypes.c_float), ("pad1", ctypes.c_int), ("pad2", ctypes.c_int), ("pad3", ctypes.c_int)] + [
+        ("N", ctypes.c_int), ("K", ctypes.c_int), ("xmode", ctypes.c_int), ("D", ctypes.c_int),
+        ("eps", ctypes.c_float), ("flags", ctypes.c_int), ("pad2", ctypes.c_int), ("pad3", ctypes.c_int)] + [
         (n, ctypes.c_void_p) for n in ("kc", "vc", "cos", "sin", "pos", "ws", "cnt")] + [
         (n, ctypes.c_int) for n in ("heads", "kv", "hd", "len", "chunks", "pad4")] + [
-        ("scale", ctypes.c_float), ("pad5", ctypes.c_float), ("tmap", ctypes.c_void_p)]
+        ("scale", ctypes.c_float), ("pad5", ctypes.c_float), ("tmap", ctypes.c_void_p), ("y2", ctypes.c_void_p),
+        ("nb", ctypes.c_void_p), ("cut", ctypes.c_void_p)]
 
 
 # the chain's phases past gemv_cuda's XMODES (plain 0, swiglu 1, rms 2): the attention of a decode step (phase 0
-# only; its output row the next GEMV's plain input)
-CHAIN_XMODES = {**gemv_cuda.XMODES, "attn": 3}
+# only; its output row the next GEMV's plain input) and a parallel block's residual adds + LayerNorm (Falcon;
+# staged as wide as the layer's padded input)
+CHAIN_XMODES = {**gemv_cuda.XMODES, "attn": 3, "ln": 4}
+# a phase's flags (the kernel's): no grid barrier before it; the previous phase's staged input; GELU on its output
+NOBAR, SAME, GELU_OUT = 1, 2, 4
+
+
+def balanced_cuts(tiles: list[int], blocks: list[int], grid: int) -> list[list[tuple[int, int]]]:
+    """Each CTA's run of tiles (t0, t1) in each of a group of phases with no grid barrier between them (``tiles``
+    of ``blocks`` blocks each), so that the CTAs' total blocks are even: the largest tiles first, each to the CTA
+    with the fewest blocks so far (longest-processing-time first). Equal runs a phase leave a CTA with an extra
+    tile of each phase behind the others (Falcon-7B's wo and w_out: 284 tiles each on 132 CTAs, the slowest CTA
+    39 % over the mean; balanced, 11 %)."""
+    import heapq
+
+    counts = [[0] * grid for _ in tiles]
+    load = [(0, i) for i in range(grid)]
+    for p in sorted(range(len(tiles)), key=lambda q: -blocks[q]):
+        for _ in range(tiles[p]):
+            total, i = heapq.heappop(load)
+            counts[p][i] += 1
+            heapq.heappush(load, (total + blocks[p], i))
+    cuts = []
+    for p in range(len(tiles)):
+        runs, t = [], 0
+        for i in range(grid):
+            runs.append((t, t + counts[p][i]))
+            t += counts[p][i]
+        cuts.append(runs)
+    return cuts
 
 
 def attention_chunks(heads: int, grid: int) -> int:
@@ -982,15 +1128,17 @@ DIAG = 0
 
 
 def source(bits: int, planes: int, warps: int, depth: int, tiled: bool, bpi: int = 2,
-           tma: bool = False, f16: bool = False) -> tuple[str, str]:
+           tma: bool = False, f16: bool = False, ln_gelu: bool = False) -> tuple[str, str]:
     """(name, CUDA source) of the chain kernel for one weight format, CTA size (consumer warps), ring depth (items
-    a warp, or stages of the bulk-copy ring) and blocks an item (a consumer warp's blocks a stage)."""
+    a warp, or stages of the bulk-copy ring) and blocks an item (a consumer warp's blocks a stage); ``ln_gelu``:
+    with the "ln" prologue, GELU_OUT and balanced runs of tiles (a parallel block's chain; left out of the others'
+    kernels)."""
     name = (f"gemv_chain_int{bits}_p{planes}_w{warps}_d{depth}_b{bpi}" + ("_tl" if tiled else "")
-            + ("_tma" if tma else "") + ("_h" if f16 else "")
+            + ("_tma" if tma else "") + ("_h" if f16 else "") + ("_ln" if ln_gelu else "")
             + (f"_diag{DIAG}" if DIAG else ""))
     head = (f"#define BITS {bits}\n#define P {planes}\n#define FIELDS {32 // bits}\n#define WARPS {warps}\n"
             f"#define DEPTH {depth}\n#define BPI {bpi}\n#define TILES 1\n#define NT 1\n#define OFFSET 1\n#define TILED {int(tiled)}\n#define XMODE 0\n"
-            f"#define PREF 0\n#define DIAG {DIAG}\n#define F16 {int(f16)}\n"
+            f"#define PREF 0\n#define DIAG {DIAG}\n#define F16 {int(f16)}\n#define LN_GELU {int(ln_gelu)}\n"
             f"#define KERNEL_NAME {name}\n")
     if tma and bits == 8:  # thread t's words of a block row: chunks 2t and 2t + 1 (see TMA_SOURCE's loads)
         head += "#define XIDX(ch, t, s) (8 * (t) + 4 * (ch) + (s))\n"
@@ -1005,13 +1153,13 @@ _KERNELS: dict = {}
 
 
 def kernel(bits: int, planes: int, device: torch.device, warps: int, depth: int, tiled: bool, bpi: int,
-           tma: bool = False, f16: bool = False):
-    key = (bits, planes, warps, depth, tiled, bpi, tma, f16, device.index, DIAG)
+           tma: bool = False, f16: bool = False, ln_gelu: bool = False):
+    key = (bits, planes, warps, depth, tiled, bpi, tma, f16, ln_gelu, device.index, DIAG)
     if key not in _KERNELS:
         if torch.cuda.get_device_capability(device)[0] < (9 if tma else 8):
             raise RuntimeError("the chain kernel needs bf16 mma and cp.async (compute capability 8.0 or newer; "
                                "9.0 for the bulk-copy one)")
-        name, src = source(bits, planes, warps, depth, tiled, bpi, tma, f16)
+        name, src = source(bits, planes, warps, depth, tiled, bpi, tma, f16, ln_gelu)
         _KERNELS[key] = gemv_cuda.build(name, src, device, (warps + int(tma)) * 32)
     return _KERNELS[key]
 
@@ -1034,15 +1182,17 @@ def smem_bytes(bits: int, planes: int, warps: int, depth: int, bpi: int, kmax: i
     return ring + kmax // fields * item + kmax // (planes * fields) * sums + maxt * warps * 64
 
 
-def layer_fits(layer) -> bool:
+def layer_fits(layer, padded: bool = False) -> bool:
     """Whether a layer's words can go through the chain: ``gemv_cuda``'s int4 (tiled) or int8 (planar) words,
-    no bias, blocks of 128 columns, rows in 16s, inputs in 8s."""
+    no bias, blocks of 128 columns, rows in 16s, inputs in 8s. ``padded``: also an int4 layer whose input is
+    padded with zero columns to whole blocks (``int4_state(pad_to=)``; its chain input is as wide as its words:
+    an "ln" phase stages the zeros, a plain one reads a row that holds them)."""
     from localgpt.generation.fast.quantize import Int4Linear, Int8Linear
 
     words = getattr(layer, "words", None)
     if words is None or not words.is_cuda or getattr(layer, "bias", None) is not None:
         return False
-    if getattr(layer, "x_features", layer.in_features) != layer.in_features:  # a padded weight (int4_state)
+    if getattr(layer, "x_features", layer.in_features) != layer.in_features and not padded:
         return False
     n, k = layer.out_features, layer.in_features
     if isinstance(layer, Int4Linear):
@@ -1095,10 +1245,15 @@ def _usable_sms(device: torch.device) -> int:
 class Chain:
     """One launch of several GEMVs of one token, each reading the one before (see the module's note).
 
-    ``phases``: dicts with ``layer`` (``layer_fits``), ``x`` (its input, bf16; [2K] for "swiglu"), ``out`` ([N]
-    bf16), ``xmode`` ("plain", "swiglu" or "rms"), and for "rms" ``norm`` (an RMSNorm), ``y`` (added to x first, or
-    None) and ``xsum`` (where x + y goes, or None). Every tensor is fixed: the launch keeps their addresses (a
-    decode step's static buffers), so calling it replays the same GEMVs on whatever they hold."""
+    ``phases``: dicts with ``layer`` (``layer_fits``, padded inputs allowed), ``x`` (its input, bf16; [2K] for
+    "swiglu"), ``out`` ([N] bf16), ``xmode`` ("plain", "swiglu", "rms" or "ln"), for "rms" ``norm`` (an
+    RMSNorm), ``y`` (added to x first, or None) and ``xsum`` (where x + y goes, or None), for "ln" ``norm`` (a
+    LayerNorm of D columns, x [D], K >= D: zeros staged past D), ``y`` and ``y2`` (x + (y2 + y) first, or both None)
+    and ``xsum``; ``nobar``: no grid barrier before the phase (its input is not written in this launch), ``same``:
+    its input is the previous phase's, already staged (``x`` and ``xmode`` not given); ``gelu_out``: GELU of each
+    output row as it is written (kernels with ln / gelu only). Every tensor is fixed: the
+    launch keeps their addresses (a decode step's static buffers), so calling it replays the same GEMVs on
+    whatever they hold."""
 
     def __init__(self, phases: list[dict], device: torch.device, warps: int | None = None,
                  depth: int | None = None, bpi: int | None = None, tma: bool | None = None,
@@ -1111,7 +1266,7 @@ class Chain:
         if any(ph.get("xmode") == "attn" for ph in phases[1:]):
             raise ValueError("the attention is a chain's first phase or none")
         layers = [ph["layer"] for ph in phases if ph.get("xmode") != "attn"]
-        if not all(layer_fits(layer) for layer in layers):
+        if not all(layer_fits(layer, padded=True) for layer in layers):
             raise ValueError("a layer's words do not fit the chain kernel")
         bits = 4 if isinstance(layers[0], Int4Linear) else 8
         planes = layers[0].planes
@@ -1134,7 +1289,26 @@ class Chain:
         # may use (all of them, or an MPS client's share)
         self.grid = _usable_sms(device)
         kmax = max(layer.in_features for layer in layers)
-        maxt = max(-(-layer.out_features // 16 // self.grid) for layer in layers)
+        # phases with no grid barrier between them share out their blocks together (balanced_cuts); the others
+        # (and every phase of a Llama chain) in equal runs of tiles
+        groups: list[list[int]] = []
+        for i, ph in enumerate(phases):
+            if ph.get("xmode") == "attn":
+                continue
+            if (ph.get("nobar") or ph.get("same")) and groups:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        cuts: dict[int, list[tuple[int, int]]] = {}
+        for group in (g for g in groups if len(g) > 1):
+            runs = balanced_cuts([phases[i]["layer"].out_features // 16 for i in group],
+                                 [phases[i]["layer"].in_features // (planes * fields) for i in group], self.grid)
+            cuts.update(zip(group, runs))
+        self.cut = (torch.tensor([cuts.get(i, [(0, 0)] * self.grid) for i in range(len(phases))], dtype=torch.int32,
+                                 device=device) if cuts else None)
+        maxt = max(max(t1 - t0 for t0, t1 in cuts[i]) if i in cuts else
+                   -(-ph["layer"].out_features // 16 // self.grid)
+                   for i, ph in enumerate(phases) if ph.get("xmode") != "attn")
         optin = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
         # the attention's scratch after the tiles' parts: one (m, l, out[hd]) a warp
         ascr = warps * (attn["hd"] + 2) * 4 if attn is not None else 0
@@ -1143,7 +1317,10 @@ class Chain:
             rest = smem_bytes(bits, planes, warps, 0, bpi, kmax, maxt, True, f16) + ascr + 2048 + 16 * MAX_STAGES
             depth = max(2, min(defaults[1], (optin - rest) // stage_bytes(bits, planes, warps, bpi)))
         depth = depth or defaults[1]
-        self.fn = kernel(bits, planes, device, warps, depth, bits == 4, bpi, tma, f16)
+        # the kernel with the parallel block's parts: "ln", GELU_OUT and the balanced runs of a barrier-free group
+        ln_gelu = any(ph.get("xmode") == "ln" or ph.get("gelu_out") or ph.get("nobar") or ph.get("same")
+                      for ph in phases)
+        self.fn = kernel(bits, planes, device, warps, depth, bits == 4, bpi, tma, f16, ln_gelu)
         self.smem = smem_bytes(bits, planes, warps, depth, bpi, kmax, maxt, tma, f16) + ascr
         if self.smem + 2048 + (16 * depth if tma else 0) > optin:
             raise ValueError(f"the chain needs {self.smem} bytes of shared memory; this GPU gives {optin}")
@@ -1162,33 +1339,54 @@ class Chain:
         def ptr(t):
             return t.data_ptr() if t is not None else 0
 
+        resolved: list[dict] = []  # the phases with a SAME phase's input filled in from the one before
         for i, ph in enumerate(phases):
             if ph.get("xmode") == "attn":
                 table[i] = self._attention_phase(ph)
+                resolved.append(ph)
                 continue
             layer = ph["layer"]
             n, k = layer.out_features, layer.in_features
+            same = bool(ph.get("same"))
+            flags = ((NOBAR if ph.get("nobar") or same else 0) | (SAME if same else 0)
+                     | (GELU_OUT if ph.get("gelu_out") else 0))
+            if flags & (NOBAR | SAME) and i == 0:
+                raise ValueError("a chain's first phase stages its input after no barrier: no nobar / same")
+            if same:  # the previous phase's staged input: as wide, nothing to read
+                if phases[i - 1].get("xmode") == "attn" or phases[i - 1]["layer"].in_features != k:
+                    raise ValueError(f"phase {i}: same input as a GEMV phase of {k} columns before it")
+                ph = {**resolved[i - 1], "layer": layer, "out": ph["out"], "xsum": None}
+            resolved.append(ph)
             mode = CHAIN_XMODES[ph.get("xmode", "plain")]
-            x, out, y, xsum = ph.get("x"), ph["out"], ph.get("y"), ph.get("xsum")
+            x, out, y, y2, xsum = ph.get("x"), ph["out"], ph.get("y"), ph.get("y2"), ph.get("xsum")
             norm = ph.get("norm")
-            nw = norm.weight if mode == 2 else None
-            for tensor in (x, out, y, xsum, nw):
+            nw = norm.weight if mode in (2, 4) else None
+            nb = norm.bias if mode == 4 else None
+            width = x.numel() if mode == 4 else k
+            for tensor in (x, out, y, y2, xsum, nw, nb):
                 if tensor is not None and (tensor.dtype != torch.bfloat16 or not tensor.is_contiguous()
                                            or tensor.data_ptr() % 16):
                     raise ValueError("chain buffers are contiguous, 16-byte aligned bf16")
-            if x.numel() != (2 * k if mode == 1 else k) or out.numel() != n:
+            if x.numel() != (2 * k if mode == 1 else width) or out.numel() != n:
                 raise ValueError(f"phase {i}: x has {x.numel()} values, out {out.numel()}, for a {n}x{k} layer")
-            if mode == 2 and norm is None:
-                raise ValueError(f"phase {i}: rms needs the norm")
-            if mode == 2 and k > 8 * STAGE_WORDS * warps * 32:
-                raise ValueError(f"phase {i}: an RMSNorm over {k} columns is more than one staging round")
+            if mode in (2, 4) and norm is None:
+                raise ValueError(f"phase {i}: {'rms' if mode == 2 else 'ln'} needs the norm")
+            if mode in (2, 4) and k > 8 * STAGE_WORDS * warps * 32:
+                raise ValueError(f"phase {i}: a norm over {k} columns is more than one staging round")
+            if mode == 4 and (width % 8 or width > k or nb is None or nw.numel() != width or nb.numel() != width
+                              or (y is None) != (y2 is None) or any(t is not None and t.numel() != width
+                                                                    for t in (y, y2, xsum))):
+                raise ValueError(f"phase {i}: ln takes x, y, y2, xsum and the norm's weight and bias of one width "
+                                 f"(a multiple of 8, at most the layer's {k}; y and y2 both or neither)")
             sz = layer.pairs() if bits == 4 else None
             if tma and bits == 4:  # (scale, zero) rows tile-major, [N / 16, blocks, 16]: a CTA's tiles one span
                 sz = sz.view(k // (planes * fields), n // 16, 16).transpose(0, 1).contiguous()
             rs = None if bits == 4 else layer.scales
-            self.keep += [layer.words, sz, rs, nw, x, out, y, xsum]
+            self.keep += [layer.words, sz, rs, nw, nb, x, out, y, y2, xsum]
             table[i] = _Phase(ptr(layer.words), ptr(sz), ptr(x), ptr(y), ptr(nw), ptr(xsum), ptr(out), ptr(rs),
-                              n, k, mode, 0, float(norm.eps) if mode == 2 else 0.0, 0, 0, 0)
+                              n, k, mode, width, float(norm.eps) if mode in (2, 4) else 0.0, flags, 0, 0)
+            table[i].y2, table[i].nb = ptr(y2), ptr(nb)
+            table[i].cut = self.cut[i].data_ptr() if i in cuts else 0
             if self.maps is not None:
                 self.maps[i].copy_(torch.frombuffer(bytearray(_tensor_map(layer.words, n, k)), dtype=torch.uint8))
                 table[i].tmap = self.maps[i].data_ptr()

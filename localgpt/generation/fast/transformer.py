@@ -7,6 +7,7 @@ decode reads every weight once per token in few launches); the forward pass is p
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -34,9 +35,9 @@ CHAIN_ATTN = os.environ.get("LOCALGPT_GEMV_CHAIN_ATTN", "0") == "1"
 STEP_ATTN = os.environ.get("LOCALGPT_STEP_ATTENTION", "1") != "0"
 # Falcon's batch-1 step as a plain CUDA graph of fused kernels (``Transformer._step_parallel``: the residual adds
 # and LayerNorm in one kernel, the attention's in one, GELU in one; no compiler, so no ~45 s warm-up):
-# LOCALGPT_FALCON_GRAPH=1. Off by default until measured on a GPU (built in round 13 without one); the default
-# compiles its fused step.
-FALCON_GRAPH = os.environ.get("LOCALGPT_FALCON_GRAPH", "0") == "1"
+# on by default since round 14 (H200, Falcon-7B int4 in one call: 462 against 417 tok/s compiled, TTFT at 512 27
+# against 44 ms, warm-up 2.3 against ~45 s); LOCALGPT_FALCON_GRAPH=0 compiles its fused step instead.
+FALCON_GRAPH = os.environ.get("LOCALGPT_FALCON_GRAPH", "1") != "0"
 
 # Prompt chunks of the slot path (batch.BatchEngine): kernels that need no per-shape plan.
 _CHUNK_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -472,6 +473,8 @@ class Transformer(nn.Module):
         operator (``Block.attention_step_fused``)."""
         if not self._sequential_rms():  # Falcon: the plain step with the attention over positions 0..pos
             if FALCON_GRAPH and self._parallel_gelu() and not torch.compiler.is_compiling():
+                if CHAIN and self._chain_ready():
+                    return self._step_parallel_chain(token, input_pos)
                 return self._step_parallel(token, input_pos)
             x = F.embedding(token, self.embed)
             for block in self.blocks:
@@ -540,8 +543,13 @@ class Transformer(nn.Module):
         if self.dtype != torch.bfloat16:
             self.chain_note = f"activations in {self.dtype}"
             return None
+        parallel = not self._sequential_rms()
+        if parallel and not (self._parallel_gelu() and all(b.norm2 is None for b in blocks)):
+            self.chain_note = "a parallel block with two LayerNorms (Falcon-40B style)"
+            return None
         b0, dev = blocks[0], self.device
-        unfit = [type(m).__name__ for b in blocks for m in (b.wqkv, b.wo, b.w_in, b.w_out) if not gemv_chain.layer_fits(m)]
+        fits = functools.partial(gemv_chain.layer_fits, padded=True) if parallel else gemv_chain.layer_fits
+        unfit = [type(m).__name__ for b in blocks for m in (b.wqkv, b.wo, b.w_in, b.w_out) if not fits(m)]
         if unfit:
             self.chain_note = f"{len(unfit)} layers do not fit it (e.g. {unfit[0]})"
             return None
@@ -555,7 +563,10 @@ class Transformer(nn.Module):
         dim = self.embed.shape[1]
         c = SimpleNamespace(ra=buf(dim), rb=buf(dim), qkv=buf(b0.wqkv.out_features), att=buf(b0.wo.in_features),
                             o=buf(dim), gu=buf(b0.w_in.out_features), d=buf(dim))
-        c.head_in_chain = gemv_chain.layer_fits(self.lm_head)  # else (a bf16 head, say) a launch of its own
+        # else (a bf16 head, say) a launch of its own
+        c.head_in_chain = fits(self.lm_head)
+        if parallel:
+            return self._build_parallel_chain(c)
         s = b0.shape
         c.attn = (CHAIN_ATTN and s.head_dim in (64, 128) and s.n_heads % s.n_kv_heads == 0
                   and getattr(b0, "k_cache", None) is not None and b0.k_cache.dtype == torch.bfloat16
@@ -609,6 +620,112 @@ class Transformer(nn.Module):
                                                 getattr(getattr(c, "head", None), "tma", tma),
                                                 getattr(getattr(c, "head", None), "f16", f16), self.chain_note)
         return None
+
+    def _build_parallel_chain(self, c):
+        """``_build_chain`` for a parallel block with one LayerNorm and a GELU MLP (Falcon-7B): a launch is wo and
+        w_out (independent: no barrier between them, their blocks shared out together), then the residual's adds
+        with the next LayerNorm and the next layer's wqkv and w_in on that one staged input (or the LM head); the
+        attention's kernels between launches. ``c.gu`` holds GELU of w_in's output (applied as its rows are
+        written), ``c.att`` the attention's row as wide as wo's (padded) input. Returns the buffers and chains,
+        or None (``chain_note`` says why)."""
+        from localgpt.generation.fast import gemv_chain
+
+        blocks, dev = list(self.blocks), self.device
+        b0 = blocks[0]
+        c.attn = False
+        c.logits = (torch.zeros(self.lm_head.out_features, dtype=torch.bfloat16, device=dev)
+                    if c.head_in_chain else None)
+        tries = [(None, None), (False, None)]
+        for n, (tma, f16) in enumerate(tries):
+            last = n == len(tries) - 1
+            try:
+                c.head = gemv_chain.Chain([dict(layer=b0.wqkv, x=c.ra, out=c.qkv, xmode="ln", norm=b0.norm1),
+                                           dict(layer=b0.w_in, out=c.gu, same=True, gelu_out=True)], dev, tma=tma,
+                                          f16=f16)
+                c.chains = []
+                for i, b in enumerate(blocks):
+                    r_in, r_out = (c.ra, c.rb) if i % 2 == 0 else (c.rb, c.ra)
+                    phases = [dict(layer=b.wo, x=c.att, out=c.o), dict(layer=b.w_out, x=c.gu, out=c.d, nobar=True)]
+                    if i + 1 < len(blocks):
+                        nxt = blocks[i + 1]
+                        phases += [dict(layer=nxt.wqkv, x=r_in, y=c.o, y2=c.d, xsum=r_out, norm=nxt.norm1, out=c.qkv,
+                                        xmode="ln"),
+                                   dict(layer=nxt.w_in, out=c.gu, same=True, gelu_out=True)]
+                    elif c.head_in_chain:
+                        phases.append(dict(layer=self.lm_head, x=r_in, y=c.o, y2=c.d, norm=self.norm, out=c.logits,
+                                           xmode="ln"))
+                    c.chains.append(gemv_chain.Chain(phases, dev, tma=tma, f16=f16))
+                c.last_residual = c.ra if len(blocks) % 2 == 1 else c.rb  # the last launch's r_in
+                self.chain_note = self._parallel_chain_check(c)
+            except Exception as exc:  # noqa: BLE001 - the bulk-copy kernel failing to build: the ring one
+                if last:
+                    raise
+                self.chain_note = f"{type(exc).__name__}: {exc}"
+            if not self.chain_note:
+                self.chain_kernel = ("bulk-copy" if c.chains[0].tma else "ring") + (", fp16" if c.chains[0].f16 else "")
+                return c
+        return None
+
+    def _parallel_chain_check(self, c) -> str:
+        """The head launch and the first layer's chain against ``_step_parallel``'s kernels (``add3_layer_norm``,
+        the layers' own GEMVs, ``gelu``) on random inputs: every output within bf16 rounding. Returns "" or what
+        differs."""
+        from localgpt.generation.fast import slot_triton
+
+        b0, b1 = self.blocks[0], self.blocks[1] if len(self.blocks) > 1 else None
+        gen = torch.Generator(device=self.device).manual_seed(0)
+        s = self.shape
+        width = s.n_heads * s.head_dim
+
+        def rand(n, scale=1.0):
+            return (scale * torch.randn(n, generator=gen, device=self.device)).to(torch.bfloat16)
+
+        with torch.inference_mode():
+            x, att, up = rand(c.ra.numel()), rand(width), rand(c.gu.numel())
+            c.ra.copy_(x)
+            c.head()
+            _, h = slot_triton.add3_layer_norm(x.view(1, -1), None, None, b0.norm1, _in_width(b0.wqkv))
+            want = [("head wqkv", c.qkv.clone(), b0.wqkv(h)),
+                    ("head w_in", c.gu.clone(), slot_triton.gelu(b0.w_in(h)))]
+            c.att.zero_()
+            c.att[:width].copy_(att)
+            c.gu.copy_(up)
+            c.chains[0]()
+            a = b0.wo(c.att.view(1, -1))
+            m = b0.w_out(up.view(1, -1))
+            want += [("wo", c.o, a), ("w_out", c.d, m)]
+            if b1 is not None:
+                x1, h1 = slot_triton.add3_layer_norm(x.view(1, -1), a, m, b1.norm1, _in_width(b1.wqkv))
+                want += [("residual", c.rb, x1), ("wqkv", c.qkv, b1.wqkv(h1)),
+                         ("w_in", c.gu, slot_triton.gelu(b1.w_in(h1)))]
+            elif c.head_in_chain:
+                _, hf = slot_triton.add3_layer_norm(x.view(1, -1), a, m, self.norm, _in_width(self.lm_head))
+                want.append(("lm_head", c.logits, self.lm_head(hf)))
+            for name, got, ref in want:
+                ref = ref.float().view(-1)
+                rel = float((got.float() - ref).norm() / ref.norm().clamp(min=1e-12))
+                if not bool(torch.isfinite(got.float()).all()) or rel > 1e-2:
+                    return f"the check failed at {name} (relative error {rel:.2e})"
+        return ""
+
+    def _step_parallel_chain(self, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """``_step_parallel`` with a layer's GEMVs in persistent launches (``_build_parallel_chain``): the head
+        launch (the first LayerNorm, wqkv, w_in), then a layer is its attention's kernels and one launch."""
+        c = self._chain
+        torch.index_select(self.embed, 0, token.view(-1), out=c.ra.view(1, -1))
+        c.head()
+        s = self.shape
+        att = c.att.view(1, -1)[:, :s.n_heads * s.head_dim]
+        for block, chain in zip(self.blocks, c.chains):
+            block.attend_qkv(c.qkv.view(1, -1), self.cos, self.sin, input_pos, out=att)
+            chain()
+        if c.head_in_chain:
+            return c.logits.view(1, -1).float()
+        from localgpt.generation.fast import slot_triton
+
+        _, h = slot_triton.add3_layer_norm(c.last_residual.view(1, -1), c.o.view(1, -1), c.d.view(1, -1), self.norm,
+                                           _in_width(self.lm_head))
+        return self.lm_head(h).view(1, -1).float()
 
     def _chain_attention_run(self, c, gen) -> str:
         """The first layer's chain run with its attention at a position inside the cache, against
