@@ -40,7 +40,7 @@ CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
 KERNELS = [(4, 16, *gemv_chain.TMA_DEFAULTS[4], True, False), (4, 16, *gemv_chain.DEFAULTS[4], False, False),
            (8, 32, *gemv_chain.TMA_DEFAULTS[8], True, True), (8, 32, *gemv_chain.DEFAULTS[8], False, True),
            (8, 32, *gemv_chain.DEFAULTS[8], False, False), (4, 16, *gemv_chain.TMA_DEFAULTS[4], True, True),
-           (4, 16, *gemv_chain.TMA_DEFAULTS[4], True, False, True)]  # the last: a parallel block's (ln / gelu)
+           (4, 16, *gemv_chain.TMA_DEFAULTS[4], True, False, 1)]  # the last: Falcon's (EXTRA)
 
 
 def nvrtc_library(path: str | None) -> ctypes.CDLL:
@@ -62,9 +62,9 @@ def sass(chain_mod, cuda_mod, kernel: tuple, diag: int, lib) -> tuple[str, list[
     chain_mod.DIAG = diag
     args = {"tma": tma}
     if ln and ln[0]:
-        if "ln_gelu" not in chain_mod.source.__code__.co_varnames:
+        if "extra" not in chain_mod.source.__code__.co_varnames:
             raise ValueError("no such kernel at that revision (a parallel block's ln / gelu prologues)")
-        args["ln_gelu"] = True
+        args["extra"] = ln[0]
     if "f16" in chain_mod.source.__code__.co_varnames:
         args["f16"] = f16
     elif f16 or (tma and bits == 8):

@@ -95,7 +95,7 @@ __device__ __forceinline__ u32 saddr(const void* p) { return (u32)__cvta_generic
 // A phase's tiles are cut into equal contiguous runs, one a CTA (whole tiles: a tile's parts meet in its shared
 // memory, not in global memory), and a CTA's items (tile, BPI blocks) into equal contiguous runs, one a warp.
 __device__ __forceinline__ void cta_tiles(const Phase& ph, int& t0, int& t1) {
-#if LN_GELU
+#if EXTRA
     if (ph.cut != nullptr) {  // phases without a barrier between them share out their blocks together (Chain)
         t0 = __ldg(ph.cut + 2 * blockIdx.x);
         t1 = __ldg(ph.cut + 2 * blockIdx.x + 1);
@@ -573,7 +573,7 @@ __device__ __forceinline__ void begin_phase(const Phase& ph, int p, unsigned* ba
     if (ph.flags & SAME) {
         for (int i = threadIdx.x; i < nparts; i += WARPS * 32) parts[i] = 0.f;
         CSYNC();
-#if LN_GELU
+#if EXTRA
     } else if (ph.xmode == 4) {
         stage_ln(ph, xp, xs, red, parts, nparts, blockIdx.x == 0);
 #endif
@@ -826,7 +826,7 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
             for (int w = 0; w < WARPS; ++w) total += pr[w * 16];
             const int row = t0 * 16 + r;
             u16 v = out_val(total, ph.rs, row);
-#if LN_GELU
+#if EXTRA
             if (ph.flags & GELU_OUT) v = f2bf(gelu1(bf2f(v)));
 #endif
             ph.out[row] = v;
@@ -1035,7 +1035,7 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
             for (int w = 0; w < WARPS; ++w) total += pr[w * 16];
             const int row = t0 * 16 + q;
             u16 v = out_val(total, ph.rs, row);
-#if LN_GELU
+#if EXTRA
             if (ph.flags & GELU_OUT) v = f2bf(gelu1(bf2f(v)));
 #endif
             ph.out[row] = v;
@@ -1128,17 +1128,17 @@ DIAG = 0
 
 
 def source(bits: int, planes: int, warps: int, depth: int, tiled: bool, bpi: int = 2,
-           tma: bool = False, f16: bool = False, ln_gelu: bool = False) -> tuple[str, str]:
+           tma: bool = False, f16: bool = False, extra: int = 0) -> tuple[str, str]:
     """(name, CUDA source) of the chain kernel for one weight format, CTA size (consumer warps), ring depth (items
-    a warp, or stages of the bulk-copy ring) and blocks an item (a consumer warp's blocks a stage); ``ln_gelu``:
-    with the "ln" prologue, GELU_OUT and balanced runs of tiles (a parallel block's chain; left out of the others'
-    kernels)."""
+    a warp, or stages of the bulk-copy ring) and blocks an item (a consumer warp's blocks a stage); ``extra``:
+    1 for the parts Llama's kernels leave out: the "ln" prologue, GELU_OUT and balanced runs of tiles (Falcon's
+    chain)."""
     name = (f"gemv_chain_int{bits}_p{planes}_w{warps}_d{depth}_b{bpi}" + ("_tl" if tiled else "")
-            + ("_tma" if tma else "") + ("_h" if f16 else "") + ("_ln" if ln_gelu else "")
+            + ("_tma" if tma else "") + ("_h" if f16 else "") + (f"_x{extra}" if extra else "")
             + (f"_diag{DIAG}" if DIAG else ""))
     head = (f"#define BITS {bits}\n#define P {planes}\n#define FIELDS {32 // bits}\n#define WARPS {warps}\n"
             f"#define DEPTH {depth}\n#define BPI {bpi}\n#define TILES 1\n#define NT 1\n#define OFFSET 1\n#define TILED {int(tiled)}\n#define XMODE 0\n"
-            f"#define PREF 0\n#define DIAG {DIAG}\n#define F16 {int(f16)}\n#define LN_GELU {int(ln_gelu)}\n"
+            f"#define PREF 0\n#define DIAG {DIAG}\n#define F16 {int(f16)}\n#define EXTRA {int(extra)}\n"
             f"#define KERNEL_NAME {name}\n")
     if tma and bits == 8:  # thread t's words of a block row: chunks 2t and 2t + 1 (see TMA_SOURCE's loads)
         head += "#define XIDX(ch, t, s) (8 * (t) + 4 * (ch) + (s))\n"
@@ -1153,13 +1153,13 @@ _KERNELS: dict = {}
 
 
 def kernel(bits: int, planes: int, device: torch.device, warps: int, depth: int, tiled: bool, bpi: int,
-           tma: bool = False, f16: bool = False, ln_gelu: bool = False):
-    key = (bits, planes, warps, depth, tiled, bpi, tma, f16, ln_gelu, device.index, DIAG)
+           tma: bool = False, f16: bool = False, extra: int = 0):
+    key = (bits, planes, warps, depth, tiled, bpi, tma, f16, extra, device.index, DIAG)
     if key not in _KERNELS:
         if torch.cuda.get_device_capability(device)[0] < (9 if tma else 8):
             raise RuntimeError("the chain kernel needs bf16 mma and cp.async (compute capability 8.0 or newer; "
                                "9.0 for the bulk-copy one)")
-        name, src = source(bits, planes, warps, depth, tiled, bpi, tma, f16, ln_gelu)
+        name, src = source(bits, planes, warps, depth, tiled, bpi, tma, f16, extra)
         _KERNELS[key] = gemv_cuda.build(name, src, device, (warps + int(tma)) * 32)
     return _KERNELS[key]
 
@@ -1317,10 +1317,11 @@ class Chain:
             rest = smem_bytes(bits, planes, warps, 0, bpi, kmax, maxt, True, f16) + ascr + 2048 + 16 * MAX_STAGES
             depth = max(2, min(defaults[1], (optin - rest) // stage_bytes(bits, planes, warps, bpi)))
         depth = depth or defaults[1]
-        # the kernel with the parallel block's parts: "ln", GELU_OUT and the balanced runs of a barrier-free group
-        ln_gelu = any(ph.get("xmode") == "ln" or ph.get("gelu_out") or ph.get("nobar") or ph.get("same")
-                      for ph in phases)
-        self.fn = kernel(bits, planes, device, warps, depth, bits == 4, bpi, tma, f16, ln_gelu)
+        # the kernel with a parallel block's parts (EXTRA): "ln", GELU_OUT and the balanced runs of a barrier-free
+        # group (left out of Llama's kernels: their registers)
+        extra = int(any(ph.get("xmode") == "ln" or ph.get("gelu_out") or ph.get("nobar") or ph.get("same")
+                        for ph in phases))
+        self.fn = kernel(bits, planes, device, warps, depth, bits == 4, bpi, tma, f16, extra)
         self.smem = smem_bytes(bits, planes, warps, depth, bpi, kmax, maxt, tma, f16) + ascr
         if self.smem + 2048 + (16 * depth if tma else 0) > optin:
             raise ValueError(f"the chain needs {self.smem} bytes of shared memory; this GPU gives {optin}")
@@ -1370,7 +1371,7 @@ class Chain:
             if x.numel() != (2 * k if mode == 1 else width) or out.numel() != n:
                 raise ValueError(f"phase {i}: x has {x.numel()} values, out {out.numel()}, for a {n}x{k} layer")
             if mode in (2, 4) and norm is None:
-                raise ValueError(f"phase {i}: {'rms' if mode == 2 else 'ln'} needs the norm")
+                raise ValueError(f"phase {i}: {ph['xmode']} needs the norm")
             if mode in (2, 4) and k > 8 * STAGE_WORDS * warps * 32:
                 raise ValueError(f"phase {i}: a norm over {k} columns is more than one staging round")
             if mode == 4 and (width % 8 or width > k or nb is None or nw.numel() != width or nb.numel() != width
