@@ -418,8 +418,8 @@ def test_gpu_answer_check_matches_the_hf_engine_and_leaves_answers_alone(yes_no_
     question = [{"role": "user", "content": "what does the report say about revenue?"}]
     fast = get_generator(settings(model=str(yes_no_dir[family]), device="cuda"))
     hf = get_generator(settings(model=str(yes_no_dir[family]), device="cuda", engine="hf"))
-    # the default mode: a CUDA graph of the fused step for bf16 Llama-style networks, compiled otherwise
-    assert fast.engine.mode == ("graph" if family == "llama2" else "compile") and fast.engine.fused == (family == "llama2")
+    # the default mode: a CUDA graph of the fused step (Llama-style networks, and Mamba's since round 14)
+    assert fast.engine.mode == "graph" and fast.engine.fused
     before = "".join(fast.stream(question))
     p_fast, p_hf = fast.yes_probability(check), hf.yes_probability(check)
     print(f"{family}: P(yes) engine {p_fast:.4f}, transformers {p_hf:.4f}")

@@ -370,10 +370,11 @@ SLOT_STEP = os.environ.get("LOCALGPT_SLOT_STEP_ATTENTION", "1") != "0"
 def slot_attention(q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tensor, positions: torch.Tensor,
                    scratch: int) -> torch.Tensor:
     """The slots' decode attention (``decode_attention``'s contract): ``step_attention`` where SLOT_STEP and the
-    cache is long (fewer runs a head the more slots: max(2, 16 / B)), else ``decode_attention``."""
+    cache is long, else ``decode_attention``. The runs a head do not depend on how many slots step together, so a
+    stream's arithmetic (and greedy answer) is the same alone as in a batch."""
     b, n_heads, _ = q.shape
     if SLOT_STEP and k_slots.shape[2] > STEP_ATTENTION_MIN_CACHE:
-        cfg = (max(2, 16 // b), STEP_ATTENTION["block_n"], STEP_ATTENTION["warps"], STEP_ATTENTION["dot"],
+        cfg = (STEP_ATTENTION["splits"], STEP_ATTENTION["block_n"], STEP_ATTENTION["warps"], STEP_ATTENTION["dot"],
                STEP_ATTENTION["stages"])
         return step_attention(q, k_slots, v_slots, positions, n_heads, config=cfg, scratch=scratch)
     return decode_attention(q, k_slots, v_slots, positions, scratch)
