@@ -1105,6 +1105,30 @@ def test_gpu_chained_step_matches_a_launch_a_gemv_and_generates_the_same_in_a_gr
     assert graph == eager and len(eager) == 12
 
 
+def test_balanced_tile_runs_cover_every_tile_once_and_even_out_the_ctas_blocks():
+    """gemv_chain.balanced_cuts: phases with no grid barrier between them (Falcon's wo and w_out) are cut into one
+    contiguous run of tiles a CTA a phase, covering each phase's tiles exactly once, and no CTA carries more than
+    the mean plus one tile of the largest phase; Falcon-7B's shapes on an H200's 132 CTAs go from 534 blocks for the
+    slowest CTA (equal runs a phase) to at most 426, and a group of equal tiles divides as evenly as whole tiles
+    allow."""
+    from localgpt.generation.fast.gemv_chain import balanced_cuts
+
+    for tiles, blocks, grid in (([284, 284], [36, 142], 132), ([292, 1136], [36, 36], 132), ([5, 3], [7, 2], 4),
+                                ([1, 1], [3, 5], 8)):
+        cuts = balanced_cuts(tiles, blocks, grid)
+        assert len(cuts) == len(tiles) and all(len(runs) == grid for runs in cuts)
+        for runs, n in zip(cuts, tiles):
+            assert runs[0][0] == 0 and runs[-1][1] == n
+            assert all(a[1] == b[0] and a[0] <= a[1] for a, b in zip(runs, runs[1:]))
+        loads = [sum((runs[i][1] - runs[i][0]) * b for runs, b in zip(cuts, blocks)) for i in range(grid)]
+        assert sum(loads) == sum(t * b for t, b in zip(tiles, blocks))
+        assert max(loads) <= sum(loads) / grid + max(blocks)
+    falcon = balanced_cuts([284, 284], [36, 142], 132)
+    assert max(sum((runs[i][1] - runs[i][0]) * b for runs, b in zip(falcon, [36, 142])) for i in range(132)) <= 426
+    even = balanced_cuts([292, 1136], [36, 36], 132)
+    assert max(sum(r[i][1] - r[i][0] for r in even) for i in range(132)) == -(-1428 // 132)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("layers,vocab", [(2, 512), (3, 520)])
 def test_gpu_falcon_chained_step_matches_its_graph_step_and_generates_the_same(tmp_path, monkeypatch, layers, vocab):
