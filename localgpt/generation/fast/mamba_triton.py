@@ -115,33 +115,37 @@ def _ssm_step_kernel(dbl_ptr, xz_ptr, xc_ptr, dtw_ptr, dtb_ptr, a_ptr, d_ptr, h_
     # each normed without weights (NORM: FalconMamba), dt = softplus(dt_proj(dt_low) + dt_b), the state
     # h = h exp(dt A) + dt x B, y = (bf16(h) C) + D x, gated by silu(z)
     # (values rounded to the activations' dtype ACT where the eager step holds them in it)
+    # every load first, in one round trip: the norms' reductions below synchronise the program's threads, and a
+    # load written after them would be issued only then (one dependent trip to memory more for each)
     ACT: tl.constexpr = y_ptr.dtype.element_ty
     ch = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     live = ch < INNER
     r = tl.arange(0, RP)
     rlive = r < RANK
     st = tl.arange(0, STATE)
+    grid = ch[:, None] * STATE + st[None, :]
     low = tl.load(dbl_ptr + r, mask=rlive, other=0.0).to(tl.float32)
     B = tl.load(dbl_ptr + RANK + st).to(tl.float32)
     C = tl.load(dbl_ptr + RANK + STATE + st).to(tl.float32)
+    w = tl.load(dtw_ptr + ch[:, None] * RANK + r[None, :], mask=live[:, None] & rlive[None, :], other=0.0)
+    dtb = tl.load(dtb_ptr + ch, mask=live, other=0.0)
+    x = tl.load(xc_ptr + ch, mask=live, other=0.0).to(tl.float32)
+    z = tl.load(xz_ptr + INNER + ch, mask=live, other=0.0).to(tl.float32)
+    A = tl.load(a_ptr + grid, mask=live[:, None], other=0.0)
+    h = tl.load(h_ptr + grid, mask=live[:, None], other=0.0)
+    Dv = tl.load(d_ptr + ch, mask=live, other=0.0).to(tl.float32)
     if NORM:
         low = _weightless_rms(low, rlive, RANK, eps).to(ACT).to(tl.float32)
         B = _weightless_rms(B, st < STATE, STATE, eps).to(ACT).to(tl.float32)
         C = _weightless_rms(C, st < STATE, STATE, eps).to(ACT).to(tl.float32)
-    w = tl.load(dtw_ptr + ch[:, None] * RANK + r[None, :], mask=live[:, None] & rlive[None, :], other=0.0)
     dt = tl.sum(w.to(tl.float32) * low[None, :], axis=1)
-    dt = dt.to(ACT).to(tl.float32) + tl.load(dtb_ptr + ch, mask=live, other=0.0)  # dt_proj's row, then the bias
+    dt = dt.to(ACT).to(tl.float32) + dtb  # dt_proj's row, then the bias
     dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt)))  # F.softplus (threshold 20)
-    x = tl.load(xc_ptr + ch, mask=live, other=0.0).to(tl.float32)
-    z = tl.load(xz_ptr + INNER + ch, mask=live, other=0.0).to(tl.float32)
-    grid = ch[:, None] * STATE + st[None, :]
-    A = tl.load(a_ptr + grid, mask=live[:, None], other=0.0)
-    h = tl.load(h_ptr + grid, mask=live[:, None], other=0.0)
     h = h * tl.exp(dt[:, None] * A) + (dt * x)[:, None] * B[None, :]
     tl.store(h_ptr + grid, h, mask=live[:, None])
     hb = h.to(ACT).to(tl.float32)
     y = tl.sum(hb * C[None, :], axis=1).to(ACT).to(tl.float32)
-    y = y + x * tl.load(d_ptr + ch, mask=live, other=0.0).to(tl.float32)
+    y = y + x * Dv
     y = y * (z / (1.0 + tl.exp(-z)))
     tl.store(y_ptr + ch, y.to(y_ptr.dtype.element_ty), mask=live)
 
