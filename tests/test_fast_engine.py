@@ -1043,37 +1043,13 @@ def test_fused_batch1_step_matches_the_plain_step_in_the_triton_interpreter(subp
                               "fused batch-1 step check passed")
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("tma,f16", [(True, True), (False, True), (True, False)])
-def test_gpu_chained_step_matches_a_launch_a_gemv_and_generates_the_same_in_a_graph(tmp_path, monkeypatch, tma,
-                                                                                     f16):
-    """Transformer._step_chain (a layer's GEMVs in one gemv_chain launch over fixed buffers) on an int4 Llama whose
-    layers fit it: from the same caches, the logits and the cache rows it writes equal _step_prologues' within bf16
-    rounding, at the first position, inside the cache and at its last; the Engine's CUDA graph of it generates the
-    same greedy tokens as its eager run; LOCALGPT_GEMV_CHAIN=0 (transformer.CHAIN) goes back to a launch a GEMV.
-    tma: the bulk-copy kernel, Hopper's default (here its stages straddle tiles: 4 blocks a tile, 16 a stage), or
-    the ring kernel (LOCALGPT_GEMV_CHAIN_TMA=0); f16: fp16 mma operands (LOCALGPT_GEMV_CHAIN_F16=all; int4's
-    default is bf16)."""
-    _needs_cuda()
-    pytest.importorskip("triton")
-    if tma and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("the bulk-copy chain needs Hopper (compute capability 9.0)")
-    from transformers import AutoModelForCausalLM
+def _chained_step_matches_the_launches(net, monkeypatch, max_seq: int) -> None:
+    """From the same random caches, the chained step (transformer.CHAIN) gives the logits and writes the cache rows
+    of the step with a launch a GEMV, within bf16 rounding, at the first position, inside the cache and at its
+    last; the chain was built (its check at build passed); the Engine's CUDA graph of it generates the same greedy
+    tokens as its eager run."""
+    from localgpt.generation.fast import transformer
 
-    from localgpt.generation.fast import gemv_chain, transformer
-
-    monkeypatch.setattr(gemv_chain, "TMA", tma)
-    monkeypatch.setattr(gemv_chain, "F16_BITS", (4, 8) if f16 else ())
-    monkeypatch.setattr(gemv_chain, "F16", f16)
-    from localgpt.generation.fast.engine import Engine
-    from localgpt.generation.fast.transformer import from_llama
-
-    hf = AutoModelForCausalLM.from_pretrained(
-        build_tiny_model("llama2", tmp_path / "llama", hidden_size=512, intermediate_size=1024, num_attention_heads=8,
-                         num_key_value_heads=2, num_hidden_layers=3, initializer_range=0.05), dtype=torch.bfloat16)
-    net = from_llama(hf.to("cuda").eval())
-    quantize_model(net, "int4", decode="cuda")
-    max_seq = 64
     net.setup_cache(max_seq)
     assert net.use_fused_decode(True)
     torch.manual_seed(0)
@@ -1093,16 +1069,50 @@ def test_gpu_chained_step_matches_a_launch_a_gemv_and_generates_the_same_in_a_gr
                     b.v_cache.copy_(v)
                 results.append((net.step(token, where).float(), [b.k_cache[:, :, pos].float() for b in net.blocks]))
             assert net._chain, net.chain_note
-            assert net.chain_kernel == ("bulk-copy" if tma else "ring") + (", fp16" if f16 else "")
             (want, want_rows), (got, got_rows) = results
             assert float((got - want).norm() / want.norm()) < 2e-2, pos
             for g, w in zip(got_rows, want_rows):
                 assert float((g - w).norm() / w.norm()) < 2e-2, pos
+    from localgpt.generation.fast.engine import Engine
+
     monkeypatch.setattr(transformer, "CHAIN", True)
     prompt = [1, 5, 9, 13, 17]
     eager = list(Engine(net, mode="eager", max_seq=max_seq).generate(prompt, 12))
     graph = list(Engine(net, mode="graph", max_seq=max_seq).generate(prompt, 12))
     assert graph == eager and len(eager) == 12
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tma,f16", [(True, True), (False, True), (True, False)])
+def test_gpu_chained_step_matches_a_launch_a_gemv_and_generates_the_same_in_a_graph(tmp_path, monkeypatch, tma,
+                                                                                     f16):
+    """Transformer._step_chain (a layer's GEMVs in one gemv_chain launch over fixed buffers) on an int4 Llama whose
+    layers fit it: from the same caches, the logits and the cache rows it writes equal _step_prologues' within bf16
+    rounding, at the first position, inside the cache and at its last; the Engine's CUDA graph of it generates the
+    same greedy tokens as its eager run; LOCALGPT_GEMV_CHAIN=0 (transformer.CHAIN) goes back to a launch a GEMV.
+    tma: the bulk-copy kernel, Hopper's default (here its stages straddle tiles: 4 blocks a tile, 16 a stage), or
+    the ring kernel (LOCALGPT_GEMV_CHAIN_TMA=0); f16: fp16 mma operands (LOCALGPT_GEMV_CHAIN_F16=all; int4's
+    default is bf16)."""
+    _needs_cuda()
+    pytest.importorskip("triton")
+    if tma and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the bulk-copy chain needs Hopper (compute capability 9.0)")
+    from transformers import AutoModelForCausalLM
+
+    from localgpt.generation.fast import gemv_chain
+
+    monkeypatch.setattr(gemv_chain, "TMA", tma)
+    monkeypatch.setattr(gemv_chain, "F16_BITS", (4, 8) if f16 else ())
+    monkeypatch.setattr(gemv_chain, "F16", f16)
+    from localgpt.generation.fast.transformer import from_llama
+
+    hf = AutoModelForCausalLM.from_pretrained(
+        build_tiny_model("llama2", tmp_path / "llama", hidden_size=512, intermediate_size=1024, num_attention_heads=8,
+                         num_key_value_heads=2, num_hidden_layers=3, initializer_range=0.05), dtype=torch.bfloat16)
+    net = from_llama(hf.to("cuda").eval())
+    quantize_model(net, "int4", decode="cuda")
+    _chained_step_matches_the_launches(net, monkeypatch, 64)
+    assert net.chain_kernel == ("bulk-copy" if tma else "ring") + (", fp16" if f16 else "")
 
 
 def test_balanced_tile_runs_cover_every_tile_once_and_even_out_the_ctas_blocks():
@@ -1143,7 +1153,6 @@ def test_gpu_falcon_chained_step_matches_its_graph_step_and_generates_the_same(t
     from transformers import AutoModelForCausalLM
 
     from localgpt.generation.fast import transformer
-    from localgpt.generation.fast.engine import Engine
     from localgpt.generation.fast.transformer import from_falcon
 
     monkeypatch.setattr(transformer, "FALCON_GRAPH", True)
@@ -1153,36 +1162,8 @@ def test_gpu_falcon_chained_step_matches_its_graph_step_and_generates_the_same(t
     net = from_falcon(hf.to("cuda").eval())
     quantize_model(net, "int4", decode="cuda")
     assert net.blocks[0].wqkv.x_features == 576 and net.blocks[0].wqkv.in_features == 640
-    max_seq = 64
-    net.setup_cache(max_seq)
-    assert net.use_fused_decode(True) and net.graph_step
-    torch.manual_seed(0)
-    for block in net.blocks:
-        block.k_cache.normal_()
-        block.v_cache.normal_()
-    start = [(b.k_cache.clone(), b.v_cache.clone()) for b in net.blocks]
-    with torch.inference_mode():
-        for pos in (0, 9, max_seq - 1):
-            token = torch.tensor([[11 + pos]], device="cuda")
-            where = torch.tensor([pos], device="cuda")
-            results = []
-            for chain in (False, True):
-                monkeypatch.setattr(transformer, "CHAIN", chain)
-                for b, (k, v) in zip(net.blocks, start):
-                    b.k_cache.copy_(k)
-                    b.v_cache.copy_(v)
-                results.append((net.step(token, where).float(), [b.k_cache[:, :, pos].float() for b in net.blocks]))
-            assert net._chain, net.chain_note
-            assert net._chain.head_in_chain == (vocab % 16 == 0)
-            (want, want_rows), (got, got_rows) = results
-            assert float((got - want).norm() / want.norm()) < 2e-2, pos
-            for g, w in zip(got_rows, want_rows):
-                assert float((g - w).norm() / w.norm()) < 2e-2, pos
-    monkeypatch.setattr(transformer, "CHAIN", True)
-    prompt = [1, 5, 9, 13, 17]
-    eager = list(Engine(net, mode="eager", max_seq=max_seq).generate(prompt, 12))
-    graph = list(Engine(net, mode="graph", max_seq=max_seq).generate(prompt, 12))
-    assert graph == eager and len(eager) == 12
+    _chained_step_matches_the_launches(net, monkeypatch, 64)
+    assert net.graph_step and net._chain.head_in_chain == (vocab % 16 == 0)
 
 
 def test_step_attention_matches_rope_store_and_decode_attention_in_the_triton_interpreter(subprocess_env):

@@ -34,6 +34,7 @@ def _add_norm_kernel(hid_ptr, y_ptr, res_ptr, w_ptr, out_ptr, D, eps, ADD: tl.co
     cols = tl.arange(0, BLOCK)
     live = cols < D
     x = tl.load(hid_ptr + cols, mask=live, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=live, other=0.0).to(tl.float32)  # before the reduction: one trip to memory
     if ADD:
         x = x + tl.load(y_ptr + cols, mask=live, other=0.0).to(tl.float32)
         x = x.to(res_ptr.dtype.element_ty)
@@ -44,7 +45,6 @@ def _add_norm_kernel(hid_ptr, y_ptr, res_ptr, w_ptr, out_ptr, D, eps, ADD: tl.co
     h = x * tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
     if CAST_IN:
         h = h.to(out_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=live, other=0.0).to(tl.float32)
     tl.store(out_ptr + cols, (w * h).to(out_ptr.dtype.element_ty), mask=live)
 
 

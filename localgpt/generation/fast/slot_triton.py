@@ -31,10 +31,10 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, D, eps, BLOCK: tl.constexpr):
     cols = tl.arange(0, BLOCK)
     live = cols < D
     x = tl.load(x_ptr + row * D + cols, mask=live, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=live, other=0.0).to(tl.float32)  # before the reduction: one trip to memory
     h = x * tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
     # As LlamaRMSNorm: statistics in fp32, cast back to the activations' dtype, then scaled by the weight.
     h = h.to(out_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=live, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * D + cols, (w * h).to(out_ptr.dtype.element_ty), mask=live)
 
 
@@ -53,12 +53,12 @@ def _add_rms_norm_kernel(x_ptr, y_ptr, w_ptr, sum_ptr, out_ptr, D, eps, BLOCK: t
     live = cols < D
     x = tl.load(x_ptr + row * D + cols, mask=live, other=0.0).to(tl.float32)
     y = tl.load(y_ptr + row * D + cols, mask=live, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=live, other=0.0).to(tl.float32)  # before the reduction: one trip to memory
     total = (x + y).to(sum_ptr.dtype.element_ty)  # rounded as the eager residual add is
     tl.store(sum_ptr + row * D + cols, total, mask=live)
     h = total.to(tl.float32)
     h = h * tl.rsqrt(tl.sum(h * h, axis=0) / D + eps)
     h = h.to(out_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=live, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * D + cols, (w * h).to(out_ptr.dtype.element_ty), mask=live)
 
 
@@ -81,6 +81,8 @@ def _add3_layer_norm_kernel(x_ptr, a_ptr, m_ptr, sum_ptr, w_ptr, b_ptr, out_ptr,
     cols = tl.arange(0, BLOCK)
     live = cols < D
     x = tl.load(x_ptr + cols, mask=live, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=live, other=0.0).to(tl.float32)  # before the reductions: one trip to memory
+    b = tl.load(b_ptr + cols, mask=live, other=0.0).to(tl.float32)
     if ADD:
         a = tl.load(a_ptr + cols, mask=live, other=0.0).to(tl.float32)
         m = tl.load(m_ptr + cols, mask=live, other=0.0).to(tl.float32)
@@ -91,8 +93,6 @@ def _add3_layer_norm_kernel(x_ptr, a_ptr, m_ptr, sum_ptr, w_ptr, b_ptr, out_ptr,
     mean = tl.sum(x, axis=0) / D
     dev = tl.where(live, x - mean, 0.0)
     h = dev * tl.rsqrt(tl.sum(dev * dev, axis=0) / D + eps)
-    w = tl.load(w_ptr + cols, mask=live, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + cols, mask=live, other=0.0).to(tl.float32)
     tl.store(out_ptr + cols, tl.where(live, h * w + b, 0.0).to(out_ptr.dtype.element_ty), mask=cols < OUT_D)
 
 
