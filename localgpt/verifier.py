@@ -153,10 +153,13 @@ def pair_ids(question: list[int], passage: list[int], bos: int, eos: int, passag
 class Verifier:
     """Scores (question, passage) pairs: the probability that the passage states the answer.
 
-    ``dtype``: 'int8' (dynamic int8 matrix products, per-channel weights as trained, for all but
-    the feed-forward output), 'bf16' or 'fp32'; 'auto' is bf16 on CPUs that multiply it natively
-    (AVX512-BF16 / AMX, the fastest measured there) and int8 elsewhere. ``passage_tokens`` cuts
-    each passage (default ``PASSAGE_TOKENS``)."""
+    ``dtype``: 'bf16' or 'fp32'; 'auto' is bf16 on CPUs that multiply it natively (AVX512-BF16 / AMX, the
+    fastest measured there) and fp32 elsewhere. (An int8 mode, dynamic quantisation of the activations, was
+    the default there until round 14 of issue 17: its activation scale is per batch, so a passage's
+    probability depended on the passages beside it (0.16 in a batch of three, 0.21 alone), it was 0.1-0.18
+    off the float model's whose scores the abstention thresholds were set on, and on an AVX2 machine it was
+    only 10 % faster than fp32: 879 against 972 ms for 30 passages.) ``passage_tokens`` cuts each passage
+    (default ``PASSAGE_TOKENS``)."""
 
     def __init__(self, path: Path | None = None, *, dtype: str = "auto", threads: int | None = None,
                  passage_tokens: int | None = None, e5_path: Path | None = None):
@@ -176,21 +179,11 @@ class Verifier:
         self.passage_tokens = passage_tokens or PASSAGE_TOKENS
         self.threads = threads
         if dtype == "auto":
-            dtype = "bf16" if bf16_is_native() else "int8"
+            dtype = "bf16" if bf16_is_native() else "fp32"
+        if dtype not in ("bf16", "fp32"):
+            raise ValueError(f"the answer verifier runs in bf16 or fp32, not {dtype!r}")
         self.dtype = dtype
         self._float = torch.bfloat16 if dtype == "bf16" else torch.float32
-        if dtype == "int8":
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-                # Not ``fo``: its input, the GELU of the feed-forward layer, has outliers that an
-                # int8 activation scale flattens (the Chinese test example's answer fell from 0.88 to 0.02).
-                spec = {f"layers.{i}.{n}": per_channel_dynamic_qconfig for i in range(len(net.layers))
-                        for n in ("qkv", "ao", "fi")}
-                net = quantize_dynamic(net, spec, dtype=torch.qint8)
         self.net = net.to(self._float) if dtype == "bf16" else net
         self._lock = threading.Lock()
 
@@ -200,20 +193,19 @@ class Verifier:
 
     def logits(self, question: str, passages: Sequence[str], *, batch_tokens: int | None = None) -> np.ndarray:
         """The trained logit, one per passage. Passages run longest first in batches of about
-        ``batch_tokens`` tokens. Unset: 512 for bf16/fp32 runs, where small batches pad less (30 sentences of
-        the manuals: 211-240 ms against 385 ms at 4096, logits within one bf16 step, 0.06), and 4096 for
-        int8 runs, whose activations are quantised per batch (see below)."""
+        ``batch_tokens`` tokens (default 512, where small batches pad less: 30 sentences of the manuals
+        211-240 ms against 385 ms at 4096, logits within one bf16 step, 0.06); any batching gives the same
+        logits within the float type's rounding."""
         if not passages:
             return np.zeros(0, dtype=np.float32)
         if batch_tokens is None:
-            batch_tokens = 4096 if self.dtype == "int8" else 512
+            batch_tokens = 512
         torch, f = self.torch, self._file
         ids = self.tokenizer.ids(["query: " + question] + ["passage: " + p for p in passages])
         seqs = [pair_ids(ids[0], p, f.bos, f.eos, self.passage_tokens) for p in ids[1:]]
         out = np.zeros(len(seqs), dtype=np.float32)
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-        # One batch per batch_tokens, not e5_torch's power-of-two sizes: int8 runs quantise their
-        # activations per batch, and splitting 3 passages 2 + 1 moved a score by 0.29.
+        # One batch per batch_tokens, not e5_torch's power-of-two sizes (few shapes matter less here).
         batches, start = [], 0
         while start < len(order):
             L = -(-len(seqs[order[start]]) // 16) * 16  # few distinct lengths, as e5_torch does

@@ -187,13 +187,14 @@ def test_a_parser_process_killed_mid_run_does_not_stop_the_run(tmp_path, subproc
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None and not killed:
         if manifest_state(data)[0] >= 2:
-            for pid in _descendants(proc.pid):
+            family = _descendants(proc.pid)  # one snapshot: a process may end between two reads of /proc
+            for pid in family:
                 try:
                     cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
                 except OSError:
                     continue
-                # the parser: a forkserver child with no children of its own
-                if b"forkserver" in cmd and not _descendants(pid) and _descendants(proc.pid).index(pid) > 0:
+                # the parser: a forkserver child (not the forkserver, the first of them) with no children
+                if b"forkserver" in cmd and not _descendants(pid) and family.index(pid) > 0:
                     os.kill(pid, signal.SIGKILL)
                     killed += 1
         time.sleep(0.02)
