@@ -578,33 +578,43 @@ class Transformer(nn.Module):
         # the bulk-copy kernel where the GPU has it (Hopper, int4), else or if it fails its check the ring one;
         # fp16 operands (gemv_chain.F16), and if the ring one fails with them, bf16 ones
         tries = [(None, None), (False, None)] + ([(False, False)] if gemv_chain.F16 else [])
+
+        def head(tma, f16):
+            return gemv_chain.Chain([dict(layer=b0.wqkv, x=c.ra, out=c.qkv, xmode="rms", norm=b0.norm1)], dev,
+                                    tma=tma, f16=f16)
+
+        def layer_chain(i, b, tma, f16):
+            phases = [dict(layer=b.wo, x=c.att, out=c.o)]
+            if c.attn:  # the attention first, its output row c.att the input of wo
+                phases.insert(0, dict(xmode="attn", x=c.qkv, out=c.att, k_cache=b.k_cache, v_cache=b.v_cache,
+                                      cos=self.cos, sin=self.sin, pos=c.pos, heads=s.n_heads, kv=s.n_kv_heads,
+                                      hd=s.head_dim, ws=c.ws))
+            phases += [dict(layer=b.w_in, x=c.ra, y=c.o, norm=b.norm2, xsum=c.rb, out=c.gu, xmode="rms"),
+                       dict(layer=b.w_out, x=c.gu, out=c.d, xmode="swiglu")]
+            if i + 1 < len(blocks):
+                nxt = blocks[i + 1]
+                phases.append(dict(layer=nxt.wqkv, x=c.rb, y=c.d, norm=nxt.norm1, xsum=c.ra, out=c.qkv, xmode="rms"))
+            elif c.head_in_chain:
+                phases.append(dict(layer=self.lm_head, x=c.rb, y=c.d, norm=self.norm, out=c.logits, xmode="rms"))
+            return gemv_chain.Chain(phases, dev, tma=tma, f16=f16)
+
+        return self._chain_kernels(c, tries, head, layer_chain, self._chain_check)
+
+    def _chain_kernels(self, c, tries, head, layer_chain, check):
+        """``c`` with ``c.head`` (``head(tma, f16)``) and a chain a layer (``layer_chain(i, block, tma, f16)``)
+        built with the first (bulk-copy, fp16 operands) choice of ``tries`` that builds and passes ``check(c)``
+        ("" or what differs); a choice that builds the kernel of a choice tried before is skipped. Returns ``c``,
+        or None (``chain_note`` says why)."""
         tried = set()
         for n, (tma, f16) in enumerate(tries):
             last = n == len(tries) - 1
             try:
-                c.head = gemv_chain.Chain([dict(layer=b0.wqkv, x=c.ra, out=c.qkv, xmode="rms", norm=b0.norm1)], dev,
-                                          tma=tma, f16=f16)
+                c.head = head(tma, f16)
                 if (c.head.tma, c.head.f16) in tried:  # what the try before built (no bulk-copy kernel here)
                     continue
                 tried.add((c.head.tma, c.head.f16))
-                c.chains = []
-                for i, b in enumerate(blocks):
-                    phases = [dict(layer=b.wo, x=c.att, out=c.o)]
-                    if c.attn:  # the attention first, its output row c.att the input of wo
-                        phases.insert(0, dict(xmode="attn", x=c.qkv, out=c.att, k_cache=b.k_cache, v_cache=b.v_cache,
-                                              cos=self.cos, sin=self.sin, pos=c.pos, heads=s.n_heads,
-                                              kv=s.n_kv_heads, hd=s.head_dim, ws=c.ws))
-                    phases += [dict(layer=b.w_in, x=c.ra, y=c.o, norm=b.norm2, xsum=c.rb, out=c.gu, xmode="rms"),
-                              dict(layer=b.w_out, x=c.gu, out=c.d, xmode="swiglu")]
-                    if i + 1 < len(blocks):
-                        nxt = blocks[i + 1]
-                        phases.append(dict(layer=nxt.wqkv, x=c.rb, y=c.d, norm=nxt.norm1, xsum=c.ra, out=c.qkv,
-                                           xmode="rms"))
-                    elif c.head_in_chain:
-                        phases.append(dict(layer=self.lm_head, x=c.rb, y=c.d, norm=self.norm, out=c.logits,
-                                           xmode="rms"))
-                    c.chains.append(gemv_chain.Chain(phases, dev, tma=tma, f16=f16))
-                self.chain_note = self._chain_check(c)
+                c.chains = [layer_chain(i, b, tma, f16) for i, b in enumerate(self.blocks)]
+                self.chain_note = check(c)
             except Exception as exc:  # noqa: BLE001 - the bulk-copy (or fp16) kernel failing to build: the next
                 if last:
                     raise
@@ -635,36 +645,26 @@ class Transformer(nn.Module):
         c.attn = False
         c.logits = (torch.zeros(self.lm_head.out_features, dtype=torch.bfloat16, device=dev)
                     if c.head_in_chain else None)
-        tries = [(None, None), (False, None)]
-        for n, (tma, f16) in enumerate(tries):
-            last = n == len(tries) - 1
-            try:
-                c.head = gemv_chain.Chain([dict(layer=b0.wqkv, x=c.ra, out=c.qkv, xmode="ln", norm=b0.norm1),
-                                           dict(layer=b0.w_in, out=c.gu, same=True, gelu_out=True)], dev, tma=tma,
-                                          f16=f16)
-                c.chains = []
-                for i, b in enumerate(blocks):
-                    r_in, r_out = (c.ra, c.rb) if i % 2 == 0 else (c.rb, c.ra)
-                    phases = [dict(layer=b.wo, x=c.att, out=c.o), dict(layer=b.w_out, x=c.gu, out=c.d, nobar=True)]
-                    if i + 1 < len(blocks):
-                        nxt = blocks[i + 1]
-                        phases += [dict(layer=nxt.wqkv, x=r_in, y=c.o, y2=c.d, xsum=r_out, norm=nxt.norm1, out=c.qkv,
-                                        xmode="ln"),
-                                   dict(layer=nxt.w_in, out=c.gu, same=True, gelu_out=True)]
-                    elif c.head_in_chain:
-                        phases.append(dict(layer=self.lm_head, x=r_in, y=c.o, y2=c.d, norm=self.norm, out=c.logits,
-                                           xmode="ln"))
-                    c.chains.append(gemv_chain.Chain(phases, dev, tma=tma, f16=f16))
-                c.last_residual = c.ra if len(blocks) % 2 == 1 else c.rb  # the last launch's r_in
-                self.chain_note = self._parallel_chain_check(c)
-            except Exception as exc:  # noqa: BLE001 - the bulk-copy kernel failing to build: the ring one
-                if last:
-                    raise
-                self.chain_note = f"{type(exc).__name__}: {exc}"
-            if not self.chain_note:
-                self.chain_kernel = ("bulk-copy" if c.chains[0].tma else "ring") + (", fp16" if c.chains[0].f16 else "")
-                return c
-        return None
+        c.last_residual = c.ra if len(blocks) % 2 == 1 else c.rb  # the last launch's r_in
+
+        def head(tma, f16):
+            return gemv_chain.Chain([dict(layer=b0.wqkv, x=c.ra, out=c.qkv, xmode="ln", norm=b0.norm1),
+                                     dict(layer=b0.w_in, out=c.gu, same=True, gelu_out=True)], dev, tma=tma, f16=f16)
+
+        def layer_chain(i, b, tma, f16):
+            r_in, r_out = (c.ra, c.rb) if i % 2 == 0 else (c.rb, c.ra)
+            phases = [dict(layer=b.wo, x=c.att, out=c.o), dict(layer=b.w_out, x=c.gu, out=c.d, nobar=True)]
+            if i + 1 < len(blocks):
+                nxt = blocks[i + 1]
+                phases += [dict(layer=nxt.wqkv, x=r_in, y=c.o, y2=c.d, xsum=r_out, norm=nxt.norm1, out=c.qkv,
+                                xmode="ln"),
+                           dict(layer=nxt.w_in, out=c.gu, same=True, gelu_out=True)]
+            elif c.head_in_chain:
+                phases.append(dict(layer=self.lm_head, x=r_in, y=c.o, y2=c.d, norm=self.norm, out=c.logits,
+                                   xmode="ln"))
+            return gemv_chain.Chain(phases, dev, tma=tma, f16=f16)
+
+        return self._chain_kernels(c, [(None, None), (False, None)], head, layer_chain, self._parallel_chain_check)
 
     def _parallel_chain_check(self, c) -> str:
         """The head launch and the first layer's chain against ``_step_parallel``'s kernels (``add3_layer_norm``,
