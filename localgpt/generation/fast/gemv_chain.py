@@ -1251,9 +1251,9 @@ class Chain:
     LayerNorm of D columns, x [D], K >= D: zeros staged past D), ``y`` and ``y2`` (x + (y2 + y) first, or both None)
     and ``xsum``; ``nobar``: no grid barrier before the phase (its input is not written in this launch), ``same``:
     its input is the previous phase's, already staged (``x`` and ``xmode`` not given); ``gelu_out``: GELU of each
-    output row as it is written (kernels with ln / gelu only). Every tensor is fixed: the
-    launch keeps their addresses (a decode step's static buffers), so calling it replays the same GEMVs on
-    whatever they hold."""
+    output row as it is written. A chain with any of these runs the kernel variant that has them (``EXTRA``).
+    Every tensor is fixed: the launch keeps their addresses (a decode step's static buffers), so calling it
+    replays the same GEMVs on whatever they hold."""
 
     def __init__(self, phases: list[dict], device: torch.device, warps: int | None = None,
                  depth: int | None = None, bpi: int | None = None, tma: bool | None = None,
