@@ -977,7 +977,7 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                     gemv_chain.TMA = True
                     transformer.CHAIN_ATTN = False
             entry[name]["kernels"] = kernels + (f"; the step's GEMVs in gemv_chain ({net.chain_kernel}"
-                                                  + (", attention in it)" if getattr(net._chain, "attn", False) else ")")
+                                                  + (", attention in it)" if net._chain.attn else ")")
                                                   if getattr(net, "_chain", None) else "")
             if getattr(net, "chain_note", ""):
                 log(f"  gemv_chain not used: {net.chain_note}")

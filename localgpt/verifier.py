@@ -205,7 +205,7 @@ class Verifier:
         seqs = [pair_ids(ids[0], p, f.bos, f.eos, self.passage_tokens) for p in ids[1:]]
         out = np.zeros(len(seqs), dtype=np.float32)
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-        # One batch per batch_tokens, not e5_torch's power-of-two sizes (few shapes matter less here).
+        # Batches of up to batch_tokens tokens, longest first (the 211-240 ms above were measured with this cut).
         batches, start = [], 0
         while start < len(order):
             L = -(-len(seqs[order[start]]) // 16) * 16  # few distinct lengths, as e5_torch does
