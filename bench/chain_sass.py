@@ -37,10 +37,11 @@ from localgpt.generation.fast import gemv_chain, gemv_cuda  # noqa: E402
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 # (bits, planes, consumer warps, depth, blocks a warp, bulk-copy, fp16 operands): the defaults of each kernel
-KERNELS = [(4, 16, *gemv_chain.TMA_DEFAULTS[4], True, False), (4, 16, *gemv_chain.DEFAULTS[4], False, False),
+KERNELS = [(4, 16, *gemv_chain.TMA_DEFAULTS[4], True, True), (4, 16, *gemv_chain.DEFAULTS[4], False, True),
            (8, 32, *gemv_chain.TMA_DEFAULTS[8], True, True), (8, 32, *gemv_chain.DEFAULTS[8], False, True),
-           (8, 32, *gemv_chain.DEFAULTS[8], False, False), (4, 16, *gemv_chain.TMA_DEFAULTS[4], True, True),
-           (4, 16, *gemv_chain.TMA_DEFAULTS[4], True, False, 1)]  # the last: Falcon's (EXTRA)
+           (8, 32, *gemv_chain.DEFAULTS[8], False, False), (4, 16, *gemv_chain.TMA_DEFAULTS_BF16[4], True, False),
+           (4, 16, *gemv_chain.DEFAULTS[4], False, False),
+           (4, 16, *gemv_chain.TMA_DEFAULTS_BF16[4], True, False, 1)]  # the last: Falcon's (EXTRA)
 
 
 def nvrtc_library(path: str | None) -> ctypes.CDLL:

@@ -895,7 +895,7 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
         # (the norms and silu·up as their own kernels, not in the GEMVs' prologues), "+nochain" (a launch a GEMV,
         # not gemv_chain's one a layer; "+chain": int8 layers chained too; "+ring": the chain's cp.async ring kernel,
         # not the bulk-copy one, on Hopper; "+attn": the attention as the chain's first phase, not its own kernels;
-        # "+f16" / "+bf16": the chain's mma operands fp16 for int4 too / bf16 for int8 too; "+alt": the chain of
+        # "+bf16" / "+int8f16": the chain's mma operands bf16 / fp16 for int8 only (default: fp16); "+alt": the chain of
         # --alt-chain's gemv_chain.py, for a same-call A/B; "+oldattn": the step's attention by rope_store +
         # decode_attention, not step_attention; "+nomambafused": Mamba / FalconMamba's step compiled, not through
         # mamba_triton's kernels (LOCALGPT_MAMBA_FUSED=0, with "@compile"); "+nofalcongraph": Falcon's fused step
@@ -964,8 +964,8 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                 transformer.STEP_ATTN = "oldattn" not in flags  # "+oldattn": rope_store + decode_attention
                 mamba.FUSED = "nomambafused" not in flags  # "+nomambafused": Mamba's step compiled (@compile)
                 transformer.FALCON_GRAPH = "nofalcongraph" not in flags  # "+nofalcongraph": compiled (@compile)
-                # "+f16": the chain's mma operands in fp16 for int4 too; "+bf16": in bf16 for int8 too
-                gemv_chain.F16_BITS = (4, 8) if "f16" in flags else () if "bf16" in flags else (8,)
+                # the chain's mma operands in fp16 (the default); "+bf16": in bf16; "+int8f16": fp16 for int8 only
+                gemv_chain.F16_BITS = (8,) if "int8f16" in flags else () if "bf16" in flags else (4, 8)
                 gemv_chain.F16 = bool(gemv_chain.F16_BITS)
                 try:
                     entry[name] = bench_engine(net, vocab, PROMPTS, mode, log, decode_contexts=contexts,

@@ -1090,9 +1090,9 @@ def test_gpu_chained_step_matches_a_launch_a_gemv_and_generates_the_same_in_a_gr
     layers fit it: from the same caches, the logits and the cache rows it writes equal _step_prologues' within bf16
     rounding, at the first position, inside the cache and at its last; the Engine's CUDA graph of it generates the
     same greedy tokens as its eager run; LOCALGPT_GEMV_CHAIN=0 (transformer.CHAIN) goes back to a launch a GEMV.
-    tma: the bulk-copy kernel, Hopper's default (here its stages straddle tiles: 4 blocks a tile, 16 a stage), or
-    the ring kernel (LOCALGPT_GEMV_CHAIN_TMA=0); f16: fp16 mma operands (LOCALGPT_GEMV_CHAIN_F16=all; int4's
-    default is bf16)."""
+    tma: the bulk-copy kernel, Hopper's default (here its stages straddle tiles: 4 blocks a tile, 15 a stage), or
+    the ring kernel (LOCALGPT_GEMV_CHAIN_TMA=0); f16: fp16 mma operands (the default; bf16 with
+    LOCALGPT_GEMV_CHAIN_F16=int8 or 0)."""
     _needs_cuda()
     pytest.importorskip("triton")
     if tma and torch.cuda.get_device_capability()[0] < 9:
@@ -1137,6 +1137,19 @@ def test_balanced_tile_runs_cover_every_tile_once_and_even_out_the_ctas_blocks()
     assert max(sum((runs[i][1] - runs[i][0]) * b for runs, b in zip(falcon, [36, 142])) for i in range(132)) <= 426
     even = balanced_cuts([292, 1136], [36, 36], 132)
     assert max(sum(r[i][1] - r[i][0] for r in even) for i in range(132)) == -(-1428 // 132)
+
+
+def test_chain_kernel_choices_fall_back_from_fp16_to_bf16_operands_before_leaving_the_bulk_copy_kernel(monkeypatch):
+    """The chain kernels a Transformer tries, in order (bulk-copy, fp16 operands; None: the default for the GPU and
+    format): fp16 operands first (the default for int4 and int8), then the same kernel with bf16 ones, then the ring
+    kernel with each; with fp16 operands off (LOCALGPT_GEMV_CHAIN_F16=0) only the default and the ring kernel."""
+    from localgpt.generation.fast import gemv_chain
+    from localgpt.generation.fast.transformer import Transformer
+
+    assert gemv_chain.F16_BITS == (4, 8) and gemv_chain.F16
+    assert Transformer._chain_tries() == [(None, None), (None, False), (False, None), (False, False)]
+    monkeypatch.setattr(gemv_chain, "F16", False)
+    assert Transformer._chain_tries() == [(None, None), (False, None)]
 
 
 @pytest.mark.gpu

@@ -73,6 +73,21 @@ COMMON_SOURCE = r"""
 #define XITEM uint4
 #define XSB(xs, i) (BITS == 4 ? xs[i] : 0.f)
 #endif
+// Where the staged input's items sit (XSWZ): by sub-step, then thread (XREAD), so the four threads t of a sub-step
+// read four adjacent items. In XIDX's order (by thread, then sub-step) they were 64 bytes apart and t = 0 and 2 (1
+// and 3) hit the same banks: every load of x took two shared-memory wavefronts a quarter warp instead of one.
+// XPHYS(w): where the staging puts item w (XIDX's index) of a block. fp16 operands only (bf16 ones take gemv_cuda's
+// mul_block and the plain order: with two blocks a warp a stage it was no faster, round 15).
+#if XSWZ
+#define XREAD(ch, t, s) ((ch) * 16 + 4 * (s) + (t))
+#ifndef XPHYS  // XIDX = 16 ch + 4 t + s
+#define XPHYS(w) (((w) & ~15) | (((w) & 3) << 2) | (((w) >> 2) & 3))
+#endif
+#else
+#define XREAD(ch, t, s) XIDX(ch, t, s)
+#undef XPHYS
+#define XPHYS(w) (w)
+#endif
 
 struct Phase {
     const uint4* w; const u32* sz; const u16* x; const u16* y; const u16* nw; u16* xsum; u16* out; const u16* rs;
@@ -194,7 +209,7 @@ __device__ __forceinline__ void put_cols(XITEM* xp, float4* xs, int i, bool in, 
 #endif
     if (in) {
 #pragma unroll
-        for (int k = 0; k < 8; ++k) x16[(item0 + k) * (BITS == 4 ? 8 : 4) + pos] = f2h(v[k] * mul);
+        for (int k = 0; k < 8; ++k) x16[XPHYS(item0 + k) * (BITS == 4 ? 8 : 4) + pos] = f2h(v[k] * mul);
     }
     // a block's 128 columns are 16 consecutive threads, two a field: the sums over the threads of the field's
     // parity (bit 1 of the thread) first, then the other parity's in one more shuffle
@@ -223,7 +238,7 @@ __device__ __forceinline__ void put_cols(XITEM* xp, float* xs, int i, bool in, c
         for (int k = 0; k < 8; ++k) {
             part += bf2f(f[k]);
 #if BITS == 4
-            x16[(item0 + k) * 8 + (field < 4 ? 2 * field : 2 * (field - 4) + 1)] = (u16)f[k];
+            x16[XPHYS(item0 + k) * 8 + (field < 4 ? 2 * field : 2 * (field - 4) + 1)] = (u16)f[k];
 #else
             // (f0 | f2 << 16, 16 f0 | 16 f2 << 16, f1 | f3 << 16, 16 f1 | 16 f3 << 16)
             const int pos = (field & 1) * 4 + (field >> 1);
@@ -609,7 +624,7 @@ __device__ __forceinline__ void mul_item(const uint4 (&v)[CHUNKS][2], uint2 sc, 
         const u32 w1v[4] = {v[ch][1].x, v[ch][1].y, v[ch][1].z, v[ch][1].w};
 #pragma unroll
         for (int s = 0; s < 4; ++s) {
-            const XITEM xq = xb[XIDX(ch, t, s)];
+            const XITEM xq = xb[XREAD(ch, t, s)];
             const u32 w0 = w0v[s], w1 = w1v[s], w08 = w0 >> 8, w18 = w1 >> 8;
 #if BITS == 4
             mma16816h(c, LO4(w0), LO4(w1), HI4(w0), HI4(w1), xq.x, xq.y);
@@ -1111,13 +1126,17 @@ DEFAULTS = {4: (16, 2, 2), 8: (16, 2, 1)}
 # threads, so 128 registers a thread (16 + 1 warps get 96, and spilled with 2 blocks); 4 stages of 30 KiB
 # (bench/gemv_cuda.py --chain: 1,537 us a step against 1,587 for (16, 4, 1), 1,596 with 5 stages, 1,693 for the
 # ring kernel). LOCALGPT_GEMV_CHAIN_TMA=0 takes the ring kernel on Hopper too.
-TMA_DEFAULTS = {4: (15, 4, 2), 8: (15, 4, 1)}  # int8: a block is 2 KiB, so one a warp makes the same stage
+# int4 with fp16 operands: one block a warp a stage (15 KiB stages), 1,455-1,466 us a step against 1,524 with two
+# (round 15); bf16 operands keep two. int8: a block is 2 KiB, so one a warp makes the same 30 KiB stage.
+TMA_DEFAULTS = {4: (15, 4, 1), 8: (15, 4, 1)}
+TMA_DEFAULTS_BF16 = {4: (15, 4, 2), 8: (15, 4, 1)}
 MAX_STAGES = 32
 TMA = os.environ.get("LOCALGPT_GEMV_CHAIN_TMA", "1") != "0"
-# fp16 mma operands (F16 in the source, see put_cols) for these weight formats: int8 by default (a block's
-# instructions 412 -> 270, the chain of a step 6 % faster); int4 with them lost 2 % (its loop 272 -> 244
-# instructions, but the staging does more). LOCALGPT_GEMV_CHAIN_F16: "int8" (default), "all" (or "1") or "0".
-F16_BITS = {"0": (), "all": (4, 8), "1": (4, 8)}.get(os.environ.get("LOCALGPT_GEMV_CHAIN_F16", "int8"), (8,))
+# fp16 mma operands (F16 in the source, see put_cols) for these weight formats. int8: a block's instructions 412
+# -> 270, the chain of a step 6 % faster (round 12). int4: with two blocks a warp a stage 2 % slower (round 12), with
+# one and the swizzled input 5-6 % faster than bf16's best (1,455 against 1,539 us, round 15).
+# LOCALGPT_GEMV_CHAIN_F16: "all" (default, or "1"), "int8" or "0".
+F16_BITS = {"0": (), "int8": (8,)}.get(os.environ.get("LOCALGPT_GEMV_CHAIN_F16", "all"), (4, 8))
 F16 = bool(F16_BITS)  # some format takes them (the engine's fallback to bf16 operands tries it)
 
 
@@ -1125,6 +1144,9 @@ F16 = bool(F16_BITS)  # some format takes them (the engine's fallback to bf16 op
 # 8 the adding of a tile's parts, 32 the loads of the words after the first ring (the multiply of whatever is in
 # shared memory: the consumers' own rate) (wrong results: timing only); 16 adds per-CTA timestamps (``trace``)
 DIAG = 0
+# The staged input's items swizzled (SWZ in the source: x loads without bank conflicts); LOCALGPT_GEMV_CHAIN_SWIZZLE=0
+# keeps the plain order
+SWIZZLE = os.environ.get("LOCALGPT_GEMV_CHAIN_SWIZZLE", "1") != "0"
 
 
 def source(bits: int, planes: int, warps: int, depth: int, tiled: bool, bpi: int = 2,
@@ -1133,15 +1155,19 @@ def source(bits: int, planes: int, warps: int, depth: int, tiled: bool, bpi: int
     a warp, or stages of the bulk-copy ring) and blocks an item (a consumer warp's blocks a stage); ``extra``:
     1 for the parts Llama's kernels leave out: the "ln" prologue, GELU_OUT and balanced runs of tiles (Falcon's
     chain)."""
+    swz = SWIZZLE and f16
     name = (f"gemv_chain_int{bits}_p{planes}_w{warps}_d{depth}_b{bpi}" + ("_tl" if tiled else "")
+            + ("_s" if swz else "")
             + ("_tma" if tma else "") + ("_h" if f16 else "") + (f"_x{extra}" if extra else "")
             + (f"_diag{DIAG}" if DIAG else ""))
     head = (f"#define BITS {bits}\n#define P {planes}\n#define FIELDS {32 // bits}\n#define WARPS {warps}\n"
             f"#define DEPTH {depth}\n#define BPI {bpi}\n#define TILES 1\n#define NT 1\n#define OFFSET 1\n#define TILED {int(tiled)}\n#define XMODE 0\n"
             f"#define PREF 0\n#define DIAG {DIAG}\n#define F16 {int(f16)}\n#define EXTRA {int(extra)}\n"
+            f"#define XSWZ {int(swz)}\n"
             f"#define KERNEL_NAME {name}\n")
     if tma and bits == 8:  # thread t's words of a block row: chunks 2t and 2t + 1 (see TMA_SOURCE's loads)
-        head += "#define XIDX(ch, t, s) (8 * (t) + 4 * (ch) + (s))\n"
+        head += ("#define XIDX(ch, t, s) (8 * (t) + 4 * (ch) + (s))\n"  # and where XSWZ puts w = XIDX(ch, t, s)
+                 "#define XPHYS(w) (((w) & ~31) | ((((w) >> 2) & 1) << 4) | (((w) & 3) << 2) | (((w) >> 3) & 3))\n")
     body = TMA_SOURCE if tma else RING_SOURCE
     # a barrier of the CTA's threads that multiply (the bulk-copy kernel's producer warp stays out of it)
     head += ('#define CSYNC() asm volatile("bar.sync 1, %0;" :: "n"(WARPS * 32) : "memory")\n' if tma
@@ -1154,7 +1180,7 @@ _KERNELS: dict = {}
 
 def kernel(bits: int, planes: int, device: torch.device, warps: int, depth: int, tiled: bool, bpi: int,
            tma: bool = False, f16: bool = False, extra: int = 0):
-    key = (bits, planes, warps, depth, tiled, bpi, tma, f16, extra, device.index, DIAG)
+    key = (bits, planes, warps, depth, tiled, bpi, tma, f16, extra, device.index, DIAG, SWIZZLE)
     if key not in _KERNELS:
         if torch.cuda.get_device_capability(device)[0] < (9 if tma else 8):
             raise RuntimeError("the chain kernel needs bf16 mma and cp.async (compute capability 8.0 or newer; "
@@ -1281,7 +1307,7 @@ class Chain:
         elif tma and bits == 8 and not (f16 and planes == 32):
             raise ValueError("the bulk-copy chain takes int8 words with fp16 operands, 32 words a block")
         self.tma = tma
-        defaults = TMA_DEFAULTS[bits] if tma else DEFAULTS[bits]
+        defaults = (TMA_DEFAULTS if f16 else TMA_DEFAULTS_BF16)[bits] if tma else DEFAULTS[bits]
         warps, bpi = warps or defaults[0], bpi or defaults[2]
         if any(layer.in_features // (planes * fields) % bpi for layer in layers) and not tma:
             bpi = 1

@@ -575,9 +575,6 @@ class Transformer(nn.Module):
             c.pos = torch.zeros(1, dtype=torch.long, device=dev)
             c.ws = torch.zeros(s.n_heads * 8 * (s.head_dim + 4), dtype=torch.float32, device=dev)
         c.logits = buf(self.lm_head.out_features) if c.head_in_chain else None
-        # the bulk-copy kernel where the GPU has it (Hopper, int4), else or if it fails its check the ring one;
-        # fp16 operands (gemv_chain.F16), and if the ring one fails with them, bf16 ones
-        tries = [(None, None), (False, None)] + ([(False, False)] if gemv_chain.F16 else [])
 
         def head(tma, f16):
             return gemv_chain.Chain([dict(layer=b0.wqkv, x=c.ra, out=c.qkv, xmode="rms", norm=b0.norm1)], dev,
@@ -598,7 +595,19 @@ class Transformer(nn.Module):
                 phases.append(dict(layer=self.lm_head, x=c.rb, y=c.d, norm=self.norm, out=c.logits, xmode="rms"))
             return gemv_chain.Chain(phases, dev, tma=tma, f16=f16)
 
-        return self._chain_kernels(c, tries, head, layer_chain, self._chain_check)
+        return self._chain_kernels(c, self._chain_tries(), head, layer_chain, self._chain_check)
+
+    @staticmethod
+    def _chain_tries(f16: bool = True) -> list[tuple[bool | None, bool | None]]:
+        """The chain kernels to try, as (bulk-copy, fp16 operands), None for the default: the bulk-copy kernel where
+        the GPU has it (Hopper; int8 with fp16 operands), else or if it fails its check the ring one; fp16 operands
+        (gemv_chain.F16) unless ``f16`` is False, and where a kernel fails with them, bf16 ones."""
+        from localgpt.generation.fast import gemv_chain
+
+        if not f16:
+            return [(None, False), (False, False)]
+        return ([(None, None)] + ([(None, False)] if gemv_chain.F16 else []) + [(False, None)]
+                + ([(False, False)] if gemv_chain.F16 else []))
 
     def _chain_kernels(self, c, tries, head, layer_chain, check):
         """``c`` with ``c.head`` (``head(tma, f16)``) and a chain a layer (``layer_chain(i, block, tma, f16)``)
@@ -664,7 +673,9 @@ class Transformer(nn.Module):
                                    xmode="ln"))
             return gemv_chain.Chain(phases, dev, tma=tma, f16=f16)
 
-        return self._chain_kernels(c, [(None, None), (False, None)], head, layer_chain, self._parallel_chain_check)
+        # bf16 operands: Falcon-7B's chain with fp16 ones was 5.6 % slower (516.6 against 547.4 tok/s, round 15;
+        # its LayerNorm staging spills with them)
+        return self._chain_kernels(c, self._chain_tries(f16=False), head, layer_chain, self._parallel_chain_check)
 
     def _parallel_chain_check(self, c) -> str:
         """The head launch and the first layer's chain against ``_step_parallel``'s kernels (``add3_layer_norm``,
