@@ -19,13 +19,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from localgpt.errors import ConfigError
 
-# The batch-1 step's GEMVs one persistent launch a layer (``gemv_chain``) for int4 layers: 500-532 tok/s (its
-# bulk-copy kernel; 486-490 with the ring one, LOCALGPT_GEMV_CHAIN_TMA=0) against 471 on the H200 (Llama-2-7B).
-# int8 layers only with LOCALGPT_GEMV_CHAIN=all (357.9 against 355.8 with the bulk-copy kernel and fp16 operands,
-# round 12: no faster than Triton's X2 kernel and the separate prologues); LOCALGPT_GEMV_CHAIN=0 keeps a launch a
-# GEMV (``_step_prologues``).
+# The batch-1 step's GEMVs one persistent launch a layer (``gemv_chain``): int4 544.7 tok/s on the H200 (Llama-2-7B;
+# its bulk-copy kernel with fp16 operands, round 15) against 471 for a launch a GEMV; int8 366.8 against 359.8 for
+# Triton's X2 kernel and the separate prologues (round 15; equal before the staged input's swizzle, round 12). A
+# parallel block's int8 layers (Falcon) only with LOCALGPT_GEMV_CHAIN=all (its chain takes bf16 operands, whose int8
+# kernel is the ring one: not measured against its launches); LOCALGPT_GEMV_CHAIN=0 keeps a launch a GEMV
+# (``_step_prologues``).
 CHAIN = os.environ.get("LOCALGPT_GEMV_CHAIN", "1") != "0"
-CHAIN_INT8 = os.environ.get("LOCALGPT_GEMV_CHAIN", "1") == "all"
+CHAIN_INT8 = CHAIN
+CHAIN_INT8_PARALLEL = os.environ.get("LOCALGPT_GEMV_CHAIN", "1") == "all"
 # The decode attention as the first phase of each layer's chain (rotary, cache write, the attention over positions
 # 0..pos): a layer one launch instead of four, with LOCALGPT_GEMV_CHAIN_ATTN=1. Off by default: 2% slower than
 # slot_triton's three kernels on an H200 (bench/gpu_notes.md round 11).
@@ -553,8 +555,9 @@ class Transformer(nn.Module):
         if unfit:
             self.chain_note = f"{len(unfit)} layers do not fit it (e.g. {unfit[0]})"
             return None
-        if type(b0.wo).__name__ == "Int8Linear" and not CHAIN_INT8:
-            self.chain_note = "int8 layers (LOCALGPT_GEMV_CHAIN=all chains them too)"
+        if type(b0.wo).__name__ == "Int8Linear" and not (CHAIN_INT8_PARALLEL if parallel else CHAIN_INT8):
+            self.chain_note = ("int8 layers of a parallel block (LOCALGPT_GEMV_CHAIN=all chains them too)" if parallel
+                               else "int8 layers (chained unless LOCALGPT_GEMV_CHAIN=0)")
             return None
 
         def buf(n):
