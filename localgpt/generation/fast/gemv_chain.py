@@ -22,11 +22,11 @@ Here one launch runs the phases ``wo -> w_in -> w_out -> the next layer's wqkv``
   rotary and cache write, the attention over positions 0..pos in chunks across the CTAs, the last chunk of a head
   merging them (``attention``).
 
-The multiply of a block is ``gemv_cuda``'s (the same ``HELPERS``): nibble pairs made bf16 by one ``lop3`` are the
-A fragments of ``mma.sync.m16n8k16``, x the B fragments; or with fp16 operands (``F16``, int8's default, see
-``put_cols``) a byte pair made fp16 by one ``lop3``, so an int8 block is half the mma and a third of the
-instructions (the nibble split and its fma gone). One token (the batch-1 step; batches take
-``gemv_cuda``). Checked against the separate launches when the step is built (``Transformer._chain_check``) and in
+The multiply of a block: with fp16 operands (``F16``, the default for int4 and int8, see ``put_cols``) a nibble or
+byte pair made fp16 by one ``lop3`` is an A fragment of ``mma.sync.m16n8k16`` (int4: the odd nibbles need no shift;
+int8: half the mma and a third of the instructions of the bf16 way), x the B fragments, staged by sub-step then
+thread (``XREAD``: no bank conflicts); with bf16 operands (Falcon's chain, the fallback) ``gemv_cuda``'s (the same
+``HELPERS``). One token (the batch-1 step; batches take ``gemv_cuda``). Checked against the separate launches when the step is built (``Transformer._chain_check``) and in
 the GPU tests; the step that uses it is ``Transformer._step_chain``.
 
 Measured on an H200 (bench/gemv_cuda.py --chain, Llama-2-7B's 32 layers; bench/gpu_notes.md rounds 10-12): int4
@@ -34,14 +34,17 @@ bulk-copy 1,524-1,636 us a step of GEMVs against the ring's 1,669-1,745 and ``ge
 prologues; engine 500-532 tok/s against 486-490 (ring) and 471 (a launch a GEMV). int8 bulk-copy with fp16 operands
 2,336-2,363 us against 2,713 (ring, fp16), 2,892-2,947 (ring, bf16) and 2,721-2,760 with prologues, its multiplies
 at the copy rate; the engine's int8 step the same either way (357.9 against 355.8 tok/s for Triton's X2 and the
-separate prologues), so int8 is chained only with LOCALGPT_GEMV_CHAIN=all. What bounds int4 (Nsight Compute,
+separate prologues) until round 15's swizzle (366.8 against 359.8: int8 chained by default since). Round 15: int4
+with fp16 operands and one block a warp a stage, 1,446-1,466 us, engine 544.7-546.9 tok/s (0.50). What bounds int4 (Nsight Compute,
 ``DIAG``, ``trace``; round 11): the warps' own work. Without any word loads (DIAG 32) a layer's launch takes as long
 as with them (bulk-copy) or 82 % of it (ring): ~136-176 SASS instructions a 1 KiB block (56 of them the nibbles'
 lop3 / shifts), 16 warps a multiprocessor at 128 registers, issue slots 43-49 % busy; and ~2.5 us a phase of staging
 and ~2 us of barrier, which the warps, not the memory, wait out (round 12: fp16 operands cut int4's loop 272 -> 244
 instructions a two-block stage and were 2 % slower; tiles taken from a counter as the phase goes, 5 % slower). The
 attention as a phase: 2,067 against 2,021 us a step with slot_triton's three kernels (pos 512), its slowest CTA 11
-us.
+us. Round 15 (``bench/chain_ncu_source.sh``, stall samples an instruction): half the warps' time in the multiply
+loop, a fifth in the staging, a tenth each at the grid barrier and the phase's end; the new default's multiply alone
+(no loads, staging or barriers) is 1,036 us against 917 of streaming, its staging 253 and barriers 107.
 """
 
 from __future__ import annotations
