@@ -893,10 +893,10 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
     for i, name in enumerate(variants):
         # A name may end in "+plain" (the batch-1 step without the fused kernels: Engine(fused=False)), "+sep"
         # (the norms and silu·up as their own kernels, not in the GEMVs' prologues), "+nochain" (a launch a GEMV,
-        # not gemv_chain's one a layer; "+nochain8": int8 layers not chained; "+chain": a parallel block's int8 layers
-        # chained too; "+ring": the chain's cp.async ring kernel,
+        # not gemv_chain's one a layer; "+nochain8": int8 layers not chained; "+ring": the chain's cp.async ring kernel,
         # not the bulk-copy one, on Hopper; "+attn": the attention as the chain's first phase, not its own kernels;
-        # "+bf16" / "+int8f16": the chain's mma operands bf16 / fp16 for int8 only (default: fp16); "+alt": the chain of
+        # "+bf16" / "+int8f16": the chain's mma operands bf16 / fp16 for int8 only (default: fp16); "+nopad8": int8 inputs
+        # not padded to whole 128-column blocks (LOCALGPT_INT8_PAD=0); "+alt": the chain of
         # --alt-chain's gemv_chain.py, for a same-call A/B; "+oldattn": the step's attention by rope_store +
         # decode_attention, not step_attention; "+nomambafused": Mamba / FalconMamba's step compiled, not through
         # mamba_triton's kernels (LOCALGPT_MAMBA_FUSED=0, with "@compile"); "+nofalcongraph": Falcon's fused step
@@ -932,6 +932,10 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
             if base in ("int8", "int4"):
                 with torch.inference_mode():
                     decode = variant.split("-")[1] if "-" in variant else "auto"  # int4-legacy, int8-triton, ...
+                    from localgpt.generation.fast import quantize as quantize_module
+
+                    # int8 inputs padded to whole 128-column blocks unless "+nopad8" (LOCALGPT_INT8_PAD=0)
+                    quantize_module.INT8_PAD = "nopad8" not in flags
                     quantize_model(net, base, decode=decode)
                 free_cache()
                 kernels = decode_kernels(net)
@@ -959,9 +963,8 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
 
                 quantize.PROLOGUE = "sep" not in flags
                 transformer.CHAIN = "nochain" not in flags and "sep" not in flags
-                # int8 chained unless "+nochain8" ("+chain": a parallel block's int8 layers too)
-                transformer.CHAIN_INT8 = "nochain8" not in flags
-                transformer.CHAIN_INT8_PARALLEL = "chain" in flags
+                # int8 chained unless "+nochain8"
+                transformer.CHAIN_INT8 = transformer.CHAIN_INT8_PARALLEL = "nochain8" not in flags
                 gemv_chain.TMA = "ring" not in flags  # "+ring": the chain's cp.async ring kernel on Hopper too
                 transformer.CHAIN_ATTN = "attn" in flags  # "+attn": the attention as the chain's first phase
                 transformer.STEP_ATTN = "oldattn" not in flags  # "+oldattn": rope_store + decode_attention
@@ -976,7 +979,7 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                                                profile=args.profile, fused=False if plain else None)
                 finally:
                     quantize.PROLOGUE = True
-                    transformer.CHAIN, transformer.CHAIN_INT8, transformer.CHAIN_INT8_PARALLEL = True, True, False
+                    transformer.CHAIN, transformer.CHAIN_INT8, transformer.CHAIN_INT8_PARALLEL = True, True, True
                     gemv_chain.TMA = True
                     transformer.CHAIN_ATTN = False
             entry[name]["kernels"] = kernels + (f"; the step's GEMVs in gemv_chain ({net.chain_kernel}"

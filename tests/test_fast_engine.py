@@ -191,6 +191,53 @@ def test_int4_padded_to_whole_blocks_multiplies_its_real_columns_and_keeps_its_w
     assert int4_state(layer, 64, 4)["nibbles"].shape == (64, 96)  # no pad_to: as before
 
 
+def test_int8_padded_to_whole_blocks_multiplies_its_real_columns_and_keeps_its_width(tmp_path):
+    """An int8 layer quantised with zero columns up to the next 128-column block (on CUDA by default,
+    LOCALGPT_INT8_PAD=0 turns it off: Falcon-7B's 4,544): its scales are the unpadded layer's, it takes inputs of its real width with the unpadded
+    layer's product (one token and several), and its saved state keeps the real width."""
+    from localgpt.generation.fast.quantize import load_quantized, save_quantized
+
+    torch.manual_seed(0)
+    layer = Linear(torch.randn(64, 192) * 0.02)
+    plain, padded = Int8Linear.quantize(layer), Int8Linear.quantize(layer, pad_to=256)
+    assert (padded.in_features, padded.x_features, plain.x_features) == (256, 192, 192)
+    assert torch.equal(padded.scales, plain.scales) and not padded.weight[:, 192:].any()
+    save_quantized({"0": padded.state()}, tmp_path / "q.pt", mode="int8", source="s")
+    loaded = Int8Linear.from_state(load_quantized(tmp_path / "q.pt", mode="int8", source="s")["0"], "cpu")
+    assert (loaded.in_features, loaded.x_features) == (256, 192)
+    for x in (torch.randn(1, 192), torch.randn(5, 192)):
+        assert torch.allclose(loaded(x), plain(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_gpu_int8_layer_of_4544_columns_padded_takes_32_planes(monkeypatch):
+    """Falcon-7B's input width quantised int8 (quantize.INT8_PAD, the default): padded to 4,608 zero columns, 32 planes
+    (16 without the padding), one token (Triton) and 12 (the tensor-core GEMV) equal to the dequantised weight's
+    product within bf16 rounding, alone and in a CUDA graph."""
+    _needs_cuda()
+    from localgpt.generation.fast import quantize
+
+    monkeypatch.setattr(quantize, "INT8_PAD", True)
+    torch.manual_seed(0)
+    n, k = 4672, 4544
+    layer = Linear(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02)
+    net = torch.nn.Sequential(layer)
+    saved = quantize_model(net, "int8", keep=True, decode="triton")["0"]
+    q = net[0]
+    assert (q.in_features, q.x_features, saved["x_features"], q.planes) == (4608, k, k, 32)
+    ref = (saved["weight"].cuda().float() * saved["scales"].cuda().float()[:, None])[:, :k]
+    for rows in (1, 12):
+        x = torch.randn(1, rows, k, device="cuda", dtype=torch.bfloat16)
+        want = x.reshape(rows, k).float() @ ref.t()
+        got = q(x).reshape(rows, n).float()
+        assert ((got - want).norm() / want.norm()) < 5e-3, rows
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = q(x)
+    graph.replay()
+    assert torch.equal(replayed.reshape(rows, n).float(), got)
+
+
 def _aten_int4_word(nibbles: torch.Tensor, nt: int, kt: int, lane: int, pair: int, tiles: int) -> int:
     """One int32 of aten's CUDA matrix_to_m16n8k16_Bint4_layout, transcribed from its source, as unsigned."""
     n0 = nt * 8 + lane // 4

@@ -1213,9 +1213,9 @@ def smem_bytes(bits: int, planes: int, warps: int, depth: int, bpi: int, kmax: i
 
 def layer_fits(layer, padded: bool = False) -> bool:
     """Whether a layer's words can go through the chain: ``gemv_cuda``'s int4 (tiled) or int8 (planar) words,
-    no bias, blocks of 128 columns, rows in 16s, inputs in 8s. ``padded``: also an int4 layer whose input is
-    padded with zero columns to whole blocks (``int4_state(pad_to=)``; its chain input is as wide as its words:
-    an "ln" phase stages the zeros, a plain one reads a row that holds them)."""
+    no bias, blocks of 128 columns, rows in 16s, inputs in 8s. ``padded``: also a layer whose input is padded with
+    zero columns to whole blocks (``int4_state(pad_to=)``, ``Int8Linear.quantize(pad_to=)``; its chain input is as
+    wide as its words: an "ln" phase stages the zeros, a plain one reads a row that holds them)."""
     from localgpt.generation.fast.quantize import Int4Linear, Int8Linear
 
     words = getattr(layer, "words", None)

@@ -298,7 +298,7 @@ def _dense_weight(layer: nn.Module) -> torch.Tensor | None:
     if isinstance(layer, Int4Linear):
         return layer.dequantize()[:, :layer.x_features]
     if isinstance(layer, Int8Linear):
-        return layer.int8_weight().float() * layer.scales.float()[:, None]
+        return (layer.int8_weight().float() * layer.scales.float()[:, None])[:, :layer.x_features]
     weight = getattr(layer, "weight", None)
     return weight if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.is_floating_point() else None
 

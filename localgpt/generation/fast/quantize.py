@@ -32,6 +32,11 @@ PROMPT_ROWS = 32
 # round 9, with the norms in the GEMVs' prologues (``prologue_gemv``): 464 tok/s. int8 "cuda" (one token on
 # gemv_cuda too, prologues included) ran 304-310 tok/s against Triton X2's 358 with the scales in it.
 DECODE_DEFAULT = {"int4": "cuda", "int8": "triton"}
+# int8 inputs padded to whole 128-column blocks on CUDA (quantize_model; LOCALGPT_INT8_PAD=0 keeps them as they
+# are): Falcon-7B's 4,544-column layers get 32 planes as its 18,176-column w_out (the widest GEMV blocks, and one
+# weight format for gemv_chain). Its int8 step on the H200: 214.1 -> 251.7 tok/s, 351.3 with its layers chained
+# (0.36 -> 0.59, round 15)
+INT8_PAD = os.environ.get("LOCALGPT_INT8_PAD", "1") != "0"
 
 # Tokens up to which a planar layer multiplies through the CUDA tensor-core GEMV (``gemv_cuda``, 16 tokens a
 # launch: a batch of decoding streams) instead of being written out in bf16 for cuBLAS.
@@ -94,9 +99,13 @@ class Int8Linear(nn.Module):
 
     cuda_rows = 0  # tokens up to which a call runs on gemv_cuda (from 2, or from 1 in the "cuda" layout)
 
-    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, layout: str = "plain"):
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, layout: str = "plain",
+                 x_features: int | None = None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
+        # the input's width: fewer where the weight was padded with zero columns (``quantize``'s pad_to); forward
+        # pads x to in_features with zeros
+        self.x_features = x_features or self.in_features
         self.register_buffer("scales", scales)  # [out], activation dtype
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.planes = int8_planes(self.in_features) if layout in ("planar", "cuda") else None
@@ -128,11 +137,17 @@ class Int8Linear(nn.Module):
             self.register_buffer("words", None)
 
     @classmethod
-    def quantize(cls, layer: Linear) -> "Int8Linear":
+    def quantize(cls, layer: Linear, pad_to: int = 0) -> "Int8Linear":
+        """Per-channel int8 of ``layer``; ``pad_to``: the weight's input dimension padded with zero columns to this
+        many (whole 32-word planes: Falcon-7B's 4,544 to 4,608), the layer padding its input the same way."""
         w = layer.weight.data.float()
+        x_features = w.shape[1]
         scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
         q = torch.round(w / scales[:, None]).clamp(-128, 127).to(torch.int8)
-        return cls(q, scales.to(layer.weight.dtype), None if layer.bias is None else layer.bias.data)
+        if pad_to > x_features:
+            q = F.pad(q, (0, pad_to - x_features))
+        return cls(q, scales.to(layer.weight.dtype), None if layer.bias is None else layer.bias.data,
+                   x_features=x_features)
 
     def int8_weight(self) -> torch.Tensor:
         if self.words is None:
@@ -148,9 +163,11 @@ class Int8Linear(nn.Module):
     def prologue_ok(self) -> bool:
         """Whether one token can take ``prologue_gemv``'s fused prologue (the "cuda" layout)."""
         return (self.prologues and self.layout == "cuda" and self.cuda_rows >= 1
-                and _prologue_fits(self.words, self.in_features, self.bias))
+                and self.x_features == self.in_features and _prologue_fits(self.words, self.in_features, self.bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] == self.x_features != self.in_features:  # a padded weight: zeros for its padding
+            x = F.pad(x, (0, self.in_features - self.x_features))
         rows = x.numel() // self.in_features
         if self.words is not None:
             if (2 if self.layout == "planar" else 1) <= rows <= self.cuda_rows and self.cuda_config is not None:
@@ -182,13 +199,16 @@ class Int8Linear(nn.Module):
         return out if self.bias is None else out + self.bias
 
     def state(self) -> dict:
-        return {"weight": self.int8_weight(), "scales": self.scales, "bias": self.bias}
+        state = {"weight": self.int8_weight(), "scales": self.scales, "bias": self.bias}
+        if self.x_features != self.in_features:
+            state["x_features"] = self.x_features
+        return state
 
     @classmethod
     def from_state(cls, state: dict, device, layout: str = "plain") -> "Int8Linear":
         bias = state["bias"]
         return cls(state["weight"].to(device), state["scales"].to(device), None if bias is None else bias.to(device),
-                   layout=layout)
+                   layout=layout, x_features=state.get("x_features"))
 
 
 def int4_layout(in_features: int, out_features: int, groupsize: int = 128) -> tuple[int, int] | None:
@@ -626,7 +646,12 @@ def quantize_model(model: nn.Module, mode: str, *, groupsize: int = 128, saved: 
                 continue
             state = saved[name]
         elif mode == "int8":
-            state = Int8Linear.quantize(layer).state()
+            # Planar int8 words on CUDA: an input that is not whole 128-column blocks (32 words a row of a block)
+            # padded with zero columns (Falcon-7B's 4,544 to 4,608), so every layer has 32 planes: the Triton and
+            # CUDA GEMVs' widest blocks, and one weight format for gemv_chain
+            k = layer.weight.shape[1]
+            pad = -k % 128 if INT8_PAD and decode in ("triton", "cuda") and device.type == "cuda" else 0
+            state = Int8Linear.quantize(layer, pad_to=k + pad).state()
         else:
             k = layer.weight.shape[1]
             # For the tensor-core GEMV (128-column blocks of one group) an input that is not a whole number of

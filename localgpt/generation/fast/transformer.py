@@ -21,13 +21,12 @@ from localgpt.errors import ConfigError
 
 # The batch-1 step's GEMVs one persistent launch a layer (``gemv_chain``): int4 544.7 tok/s on the H200 (Llama-2-7B;
 # its bulk-copy kernel with fp16 operands, round 15) against 471 for a launch a GEMV; int8 366.8 against 359.8 for
-# Triton's X2 kernel and the separate prologues (round 15; equal before the staged input's swizzle, round 12). A
-# parallel block's int8 layers (Falcon) only with LOCALGPT_GEMV_CHAIN=all (its chain takes bf16 operands, whose int8
-# kernel is the ring one: not measured against its launches); LOCALGPT_GEMV_CHAIN=0 keeps a launch a GEMV
-# (``_step_prologues``).
+# Triton's X2 kernel and the separate prologues (round 15; equal before the staged input's swizzle, round 12);
+# Falcon-7B int8 (its inputs padded to whole blocks, quantize.INT8_PAD) 351.3 against 251.7 (round 15).
+# LOCALGPT_GEMV_CHAIN=0 keeps a launch a GEMV (``_step_prologues``).
 CHAIN = os.environ.get("LOCALGPT_GEMV_CHAIN", "1") != "0"
 CHAIN_INT8 = CHAIN
-CHAIN_INT8_PARALLEL = os.environ.get("LOCALGPT_GEMV_CHAIN", "1") == "all"
+CHAIN_INT8_PARALLEL = CHAIN
 # The decode attention as the first phase of each layer's chain (rotary, cache write, the attention over positions
 # 0..pos): a layer one launch instead of four, with LOCALGPT_GEMV_CHAIN_ATTN=1. Off by default: 2% slower than
 # slot_triton's three kernels on an H200 (bench/gpu_notes.md round 11).
@@ -555,10 +554,15 @@ class Transformer(nn.Module):
         if unfit:
             self.chain_note = f"{len(unfit)} layers do not fit it (e.g. {unfit[0]})"
             return None
-        if type(b0.wo).__name__ == "Int8Linear" and not (CHAIN_INT8_PARALLEL if parallel else CHAIN_INT8):
-            self.chain_note = ("int8 layers of a parallel block (LOCALGPT_GEMV_CHAIN=all chains them too)" if parallel
-                               else "int8 layers (chained unless LOCALGPT_GEMV_CHAIN=0)")
-            return None
+        if type(b0.wo).__name__ == "Int8Linear":
+            if not (CHAIN_INT8_PARALLEL if parallel else CHAIN_INT8):
+                self.chain_note = "int8 layers (chained unless LOCALGPT_GEMV_CHAIN=0)"
+                return None
+            # measured faster than the launches with the bulk-copy kernel only (Hopper); the ring one's int8 was
+            # level with them on the H200 (round 12) and is not measured elsewhere
+            if not (gemv_chain.TMA and torch.cuda.get_device_capability(dev)[0] >= 9):
+                self.chain_note = "int8 layers chain with the bulk-copy kernel only (Hopper)"
+                return None
 
         def buf(n):
             return torch.zeros(n, dtype=torch.bfloat16, device=dev)
@@ -676,9 +680,10 @@ class Transformer(nn.Module):
                                    xmode="ln"))
             return gemv_chain.Chain(phases, dev, tma=tma, f16=f16)
 
-        # bf16 operands: Falcon-7B's chain with fp16 ones was 5.6 % slower (516.6 against 547.4 tok/s, round 15;
-        # its LayerNorm staging spills with them)
-        return self._chain_kernels(c, self._chain_tries(f16=False), head, layer_chain, self._parallel_chain_check)
+        # int4: bf16 operands (Falcon-7B's chain with fp16 ones was 5.6 % slower, 516.6 against 547.4 tok/s, round
+        # 15: its LayerNorm staging spills with them); int8: fp16 first, whose kernel is the bulk-copy one
+        int8 = type(b0.wo).__name__ == "Int8Linear"
+        return self._chain_kernels(c, self._chain_tries(f16=int8), head, layer_chain, self._parallel_chain_check)
 
     def _parallel_chain_check(self, c) -> str:
         """The head launch and the first layer's chain against ``_step_parallel``'s kernels (``add3_layer_norm``,
