@@ -218,14 +218,26 @@ def test_gpu_int8_layer_of_4544_columns_padded_takes_32_planes(monkeypatch):
     from localgpt.generation.fast import quantize
 
     monkeypatch.setattr(quantize, "INT8_PAD", True)
-    torch.manual_seed(0)
     n, k = 4672, 4544
-    layer = Linear(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02)
-    net = torch.nn.Sequential(layer)
-    saved = quantize_model(net, "int8", keep=True, decode="triton")["0"]
+    net, saved = _falcon_width_layer("int8", "triton", n, k)
     q = net[0]
     assert (q.in_features, q.x_features, saved["x_features"], q.planes) == (4608, k, k, 32)
     ref = (saved["weight"].cuda().float() * saved["scales"].cuda().float()[:, None])[:, :k]
+    _padded_layer_matches(q, ref, n, k)
+
+
+def _falcon_width_layer(mode: str, decode: str, n: int, k: int):
+    """A random bf16 n x k Linear on the GPU quantised (``mode``, ``decode``) in a one-layer network: (the network,
+    its saved state)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(Linear(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02))
+    return net, quantize_model(net, mode, keep=True, decode=decode)["0"]
+
+
+def _padded_layer_matches(q, ref: torch.Tensor, n: int, k: int) -> None:
+    """A quantised layer whose words are padded past its ``k`` input columns: one token and 12 (inputs of the real
+    width) equal ``ref`` (its dequantised [n, k] weight) times them within bf16 rounding; a CUDA graph replays the
+    same bits."""
     for rows in (1, 12):
         x = torch.randn(1, rows, k, device="cuda", dtype=torch.bfloat16)
         want = x.reshape(rows, k).float() @ ref.t()
@@ -582,25 +594,13 @@ def test_gpu_int4_layer_of_4544_columns_runs_on_the_tensor_core_gemv_padded():
     _needs_cuda()
     from localgpt.generation.fast.quantize import decode_kernels
 
-    torch.manual_seed(0)
     n, k = 4672, 4544
-    layer = Linear(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02)
-    net = torch.nn.Sequential(layer)
-    saved = quantize_model(net, "int4", keep=True, decode="cuda")["0"]
+    net, saved = _falcon_width_layer("int4", "cuda", n, k)
     q = net[0]
     assert (q.in_features, q.x_features, saved["x_features"]) == (4608, k, k)
     assert q.layout == "cuda" and decode_kernels(net) == "int4 cuda"
     ref = dequantize_int4(saved["nibbles"].cuda(), saved["scales_and_zeros"].cuda(), 128)[:, :k]
-    for rows in (1, 12):
-        x = torch.randn(1, rows, k, device="cuda", dtype=torch.bfloat16)
-        want = x.reshape(rows, k).float() @ ref.t()
-        got = q(x).reshape(rows, n).float()
-        assert ((got - want).norm() / want.norm()) < 5e-3, rows
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        replayed = q(x)
-    graph.replay()
-    assert torch.equal(replayed.reshape(rows, n).float(), got)
+    _padded_layer_matches(q, ref, n, k)
 
 
 @pytest.mark.gpu
