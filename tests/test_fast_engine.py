@@ -193,8 +193,9 @@ def test_int4_padded_to_whole_blocks_multiplies_its_real_columns_and_keeps_its_w
 
 def test_int8_padded_to_whole_blocks_multiplies_its_real_columns_and_keeps_its_width(tmp_path):
     """An int8 layer quantised with zero columns up to the next 128-column block (on CUDA by default,
-    LOCALGPT_INT8_PAD=0 turns it off: Falcon-7B's 4,544): its scales are the unpadded layer's, it takes inputs of its real width with the unpadded
-    layer's product (one token and several), and its saved state keeps the real width."""
+    LOCALGPT_INT8_PAD=0 turns it off: Falcon-7B's 4,544): its scales are the unpadded layer's, it takes inputs of
+    its real width with the unpadded layer's product (one token and several), and its saved state keeps the real
+    width."""
     from localgpt.generation.fast.quantize import load_quantized, save_quantized
 
     torch.manual_seed(0)
@@ -870,7 +871,7 @@ def test_gpu_chain_runs_a_layers_gemvs_in_one_launch_as_the_prologue_kernels_do(
     GEMV, at Llama-2-7B's shapes: the residual sum bit-identical, every output within bf16 rounding (the parts
     of a row are added in another order), launches again and CUDA-graph replays bit-identical to the first run
     (the barrier and the row counters reset themselves; the sums' order is fixed). f16: fp16 mma operands
-    (int8's default) or bf16 (int4's); with fp16, inputs past fp16's range (a block scaled by a power of two)
+    (the default but for the ring kernel's int4) or bf16; with fp16, inputs past fp16's range (a block scaled by a power of two)
     and below its normal range as well."""
     _needs_cuda()
     pytest.importorskip("triton")
@@ -1138,8 +1139,8 @@ def test_gpu_chained_step_matches_a_launch_a_gemv_and_generates_the_same_in_a_gr
     rounding, at the first position, inside the cache and at its last; the Engine's CUDA graph of it generates the
     same greedy tokens as its eager run; LOCALGPT_GEMV_CHAIN=0 (transformer.CHAIN) goes back to a launch a GEMV.
     tma: the bulk-copy kernel, Hopper's default (here its stages straddle tiles: 4 blocks a tile, 15 a stage), or
-    the ring kernel (LOCALGPT_GEMV_CHAIN_TMA=0); f16: fp16 mma operands (the default; bf16 with
-    LOCALGPT_GEMV_CHAIN_F16=int8 or 0)."""
+    the ring kernel (LOCALGPT_GEMV_CHAIN_TMA=0); f16: fp16 mma operands (the bulk-copy kernel's default; the ring
+    kernel's with LOCALGPT_GEMV_CHAIN_F16=all; bf16 with =int8 or 0)."""
     _needs_cuda()
     pytest.importorskip("triton")
     if tma and torch.cuda.get_device_capability()[0] < 9:
@@ -1151,6 +1152,7 @@ def test_gpu_chained_step_matches_a_launch_a_gemv_and_generates_the_same_in_a_gr
     monkeypatch.setattr(gemv_chain, "TMA", tma)
     monkeypatch.setattr(gemv_chain, "F16_BITS", (4, 8) if f16 else ())
     monkeypatch.setattr(gemv_chain, "F16", f16)
+    monkeypatch.setattr(gemv_chain, "F16_INT4_RING", f16)  # the ring kernel's int4 takes them only when asked
     from localgpt.generation.fast.transformer import from_llama
 
     hf = AutoModelForCausalLM.from_pretrained(

@@ -25,9 +25,10 @@ Here one launch runs the phases ``wo -> w_in -> w_out -> the next layer's wqkv``
 The multiply of a block: with fp16 operands (``F16``, the default for int4 and int8, see ``put_cols``) a nibble or
 byte pair made fp16 by one ``lop3`` is an A fragment of ``mma.sync.m16n8k16`` (int4: the odd nibbles need no shift;
 int8: half the mma and a third of the instructions of the bf16 way), x the B fragments, staged by sub-step then
-thread (``XREAD``: no bank conflicts); with bf16 operands (Falcon's chain, the fallback) ``gemv_cuda``'s (the same
-``HELPERS``). One token (the batch-1 step; batches take ``gemv_cuda``). Checked against the separate launches when the step is built (``Transformer._chain_check``) and in
-the GPU tests; the step that uses it is ``Transformer._step_chain``.
+thread (``XREAD``: no bank conflicts); with bf16 operands (Falcon's int4 chain, the ring kernel's int4, the
+fallback) ``gemv_cuda``'s (the same ``HELPERS``). One token (the batch-1 step; batches take ``gemv_cuda``). Checked
+against the separate launches when the step is built (``Transformer._chain_check``) and in the GPU tests; the step
+that uses it is ``Transformer._step_chain``.
 
 Measured on an H200 (bench/gemv_cuda.py --chain, Llama-2-7B's 32 layers; bench/gpu_notes.md rounds 10-12): int4
 bulk-copy 1,524-1,636 us a step of GEMVs against the ring's 1,669-1,745 and ``gemv_cuda``'s 1,721-1,736 with
@@ -35,16 +36,17 @@ prologues; engine 500-532 tok/s against 486-490 (ring) and 471 (a launch a GEMV)
 2,336-2,363 us against 2,713 (ring, fp16), 2,892-2,947 (ring, bf16) and 2,721-2,760 with prologues, its multiplies
 at the copy rate; the engine's int8 step the same either way (357.9 against 355.8 tok/s for Triton's X2 and the
 separate prologues) until round 15's swizzle (366.8 against 359.8: int8 chained by default since). Round 15: int4
-with fp16 operands and one block a warp a stage, 1,446-1,466 us, engine 544.7-546.9 tok/s (0.50). What bounds int4 (Nsight Compute,
-``DIAG``, ``trace``; round 11): the warps' own work. Without any word loads (DIAG 32) a layer's launch takes as long
-as with them (bulk-copy) or 82 % of it (ring): ~136-176 SASS instructions a 1 KiB block (56 of them the nibbles'
-lop3 / shifts), 16 warps a multiprocessor at 128 registers, issue slots 43-49 % busy; and ~2.5 us a phase of staging
-and ~2 us of barrier, which the warps, not the memory, wait out (round 12: fp16 operands cut int4's loop 272 -> 244
-instructions a two-block stage and were 2 % slower; tiles taken from a counter as the phase goes, 5 % slower). The
-attention as a phase: 2,067 against 2,021 us a step with slot_triton's three kernels (pos 512), its slowest CTA 11
-us. Round 15 (``bench/chain_ncu_source.sh``, stall samples an instruction): half the warps' time in the multiply
-loop, a fifth in the staging, a tenth each at the grid barrier and the phase's end; the new default's multiply alone
-(no loads, staging or barriers) is 1,036 us against 917 of streaming, its staging 253 and barriers 107.
+with fp16 operands and one block a warp a stage, 1,446-1,466 us, engine 544.7-546.9 tok/s (0.50). What bounds int4
+(Nsight Compute, ``DIAG``, ``trace``; round 11): the warps' own work. Without any word loads (DIAG 32) a layer's
+launch takes as long as with them (bulk-copy) or 82 % of it (ring): ~136-176 SASS instructions a 1 KiB block (56 of
+them the nibbles' lop3 / shifts), 16 warps a multiprocessor at 128 registers, issue slots 43-49 % busy; and ~2.5 us
+a phase of staging and ~2 us of barrier, which the warps, not the memory, wait out (round 12: fp16 operands cut
+int4's loop 272 -> 244 instructions a two-block stage and were 2 % slower; tiles taken from a counter as the phase
+goes, 5 % slower). The attention as a phase: 2,067 against 2,021 us a step with slot_triton's three kernels (pos
+512), its slowest CTA 11 us. Round 15 (``bench/chain_ncu_source.sh``, stall samples an instruction): half the warps'
+time in the multiply loop, a fifth in the staging, a tenth each at the grid barrier and the phase's end; the new
+default's multiply alone (no loads, staging or barriers) is 1,036 us against 917 of streaming, its staging 253 and
+barriers 107.
 """
 
 from __future__ import annotations
@@ -1137,18 +1139,21 @@ MAX_STAGES = 32
 TMA = os.environ.get("LOCALGPT_GEMV_CHAIN_TMA", "1") != "0"
 # fp16 mma operands (F16 in the source, see put_cols) for these weight formats. int8: a block's instructions 412
 # -> 270, the chain of a step 6 % faster (round 12). int4: with two blocks a warp a stage 2 % slower (round 12), with
-# one and the swizzled input 5-6 % faster than bf16's best (1,455 against 1,539 us, round 15).
-# LOCALGPT_GEMV_CHAIN_F16: "all" (default, or "1"), "int8" or "0".
-F16_BITS = {"0": (), "int8": (8,)}.get(os.environ.get("LOCALGPT_GEMV_CHAIN_F16", "all"), (4, 8))
+# one and the swizzled input 5-6 % faster than bf16's best (1,455 against 1,539 us, round 15) in the bulk-copy
+# kernel; the ring kernel's int4 keeps bf16 unless "all" (fp16 there not measured against it).
+# LOCALGPT_GEMV_CHAIN_F16: "auto" (default), "all" (or "1"), "int8" or "0".
+F16_MODE = os.environ.get("LOCALGPT_GEMV_CHAIN_F16", "auto")
+F16_BITS = {"0": (), "int8": (8,)}.get(F16_MODE, (4, 8))
 F16 = bool(F16_BITS)  # some format takes them (the engine's fallback to bf16 operands tries it)
+F16_INT4_RING = F16_MODE in ("all", "1")
 
 
 # bench/gemv_cuda.py --chain-diag: bits leaving out 1 the multiply, 2 the staging of the input, 4 the grid barrier,
 # 8 the adding of a tile's parts, 32 the loads of the words after the first ring (the multiply of whatever is in
 # shared memory: the consumers' own rate) (wrong results: timing only); 16 adds per-CTA timestamps (``trace``)
 DIAG = 0
-# The staged input's items swizzled (SWZ in the source: x loads without bank conflicts); LOCALGPT_GEMV_CHAIN_SWIZZLE=0
-# keeps the plain order
+# The staged input's items by sub-step, then thread, for fp16 operands (XREAD / XPHYS in the source: x loads without
+# bank conflicts); LOCALGPT_GEMV_CHAIN_SWIZZLE=0 keeps the plain order
 SWIZZLE = os.environ.get("LOCALGPT_GEMV_CHAIN_SWIZZLE", "1") != "0"
 
 
@@ -1303,7 +1308,10 @@ class Chain:
             raise ValueError("one weight format a chain")
         self.device = device
         fields = 32 // bits
-        self.f16 = f16 = (F16 and bits in F16_BITS) if f16 is None else f16
+        if f16 is None:  # int4's fp16 operands in the ring kernel only with F16_INT4_RING
+            bulk = tma is not False and TMA and torch.cuda.get_device_capability(device)[0] >= 9
+            f16 = F16 and bits in F16_BITS and (bits == 8 or bulk or F16_INT4_RING)
+        self.f16 = f16
         if tma is None:
             tma = (TMA and torch.cuda.get_device_capability(device)[0] >= 9
                    and (bits == 4 or (f16 and planes == 32)))
