@@ -964,7 +964,7 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                 quantize.PROLOGUE = "sep" not in flags
                 transformer.CHAIN = "nochain" not in flags and "sep" not in flags
                 # int8 chained unless "+nochain8"
-                transformer.CHAIN_INT8 = transformer.CHAIN_INT8_PARALLEL = "nochain8" not in flags
+                transformer.CHAIN_INT8 = "nochain8" not in flags
                 gemv_chain.TMA = "ring" not in flags  # "+ring": the chain's cp.async ring kernel on Hopper too
                 transformer.CHAIN_ATTN = "attn" in flags  # "+attn": the attention as the chain's first phase
                 transformer.STEP_ATTN = "oldattn" not in flags  # "+oldattn": rope_store + decode_attention
@@ -979,7 +979,7 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                                                profile=args.profile, fused=False if plain else None)
                 finally:
                     quantize.PROLOGUE = True
-                    transformer.CHAIN, transformer.CHAIN_INT8, transformer.CHAIN_INT8_PARALLEL = True, True, True
+                    transformer.CHAIN, transformer.CHAIN_INT8 = True, True
                     gemv_chain.TMA = True
                     transformer.CHAIN_ATTN = False
             entry[name]["kernels"] = kernels + (f"; the step's GEMVs in gemv_chain ({net.chain_kernel}"

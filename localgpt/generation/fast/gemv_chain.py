@@ -1157,6 +1157,11 @@ DIAG = 0
 SWIZZLE = os.environ.get("LOCALGPT_GEMV_CHAIN_SWIZZLE", "1") != "0"
 
 
+def bulk_copy(device: torch.device) -> bool:
+    """Whether chains on ``device`` take the bulk-copy kernel (TMA, and Hopper or newer)."""
+    return TMA and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def source(bits: int, planes: int, warps: int, depth: int, tiled: bool, bpi: int = 2,
            tma: bool = False, f16: bool = False, extra: int = 0) -> tuple[str, str]:
     """(name, CUDA source) of the chain kernel for one weight format, CTA size (consumer warps), ring depth (items
@@ -1309,12 +1314,11 @@ class Chain:
         self.device = device
         fields = 32 // bits
         if f16 is None:  # int4's fp16 operands in the ring kernel only with F16_INT4_RING
-            bulk = tma is not False and TMA and torch.cuda.get_device_capability(device)[0] >= 9
-            f16 = F16 and bits in F16_BITS and (bits == 8 or bulk or F16_INT4_RING)
+            f16 = F16 and bits in F16_BITS and (bits == 8 or (tma is not False and bulk_copy(device))
+                                                or F16_INT4_RING)
         self.f16 = f16
         if tma is None:
-            tma = (TMA and torch.cuda.get_device_capability(device)[0] >= 9
-                   and (bits == 4 or (f16 and planes == 32)))
+            tma = bulk_copy(device) and (bits == 4 or (f16 and planes == 32))
         elif tma and bits == 8 and not (f16 and planes == 32):
             raise ValueError("the bulk-copy chain takes int8 words with fp16 operands, 32 words a block")
         self.tma = tma

@@ -91,6 +91,14 @@ def _prologue_fits(words: torch.Tensor, in_features: int, bias) -> bool:
     return bias is None and in_features % 8 == 0 and words.is_cuda
 
 
+def _pad_input(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` as wide as a padded layer's weight (``x_features`` real columns, zero columns up to ``in_features``):
+    zeros for the padding, so its weights multiply nothing; an input already that wide as it is."""
+    if x.shape[-1] == layer.x_features != layer.in_features:
+        return F.pad(x, (0, layer.in_features - layer.x_features))
+    return x
+
+
 class Int8Linear(nn.Module):
     """Per-channel int8. ``layout``: "plain" (int8 [out, in]; one token runs as the compiler's generated
     reduction), "planar" (CUDA: int32 words for the Triton GEMV, ``gemv_triton``; 2-16 tokens on the CUDA
@@ -166,8 +174,7 @@ class Int8Linear(nn.Module):
                 and self.x_features == self.in_features and _prologue_fits(self.words, self.in_features, self.bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] == self.x_features != self.in_features:  # a padded weight: zeros for its padding
-            x = F.pad(x, (0, self.in_features - self.x_features))
+        x = _pad_input(self, x)
         rows = x.numel() // self.in_features
         if self.words is not None:
             if (2 if self.layout == "planar" else 1) <= rows <= self.cuda_rows and self.cuda_config is not None:
@@ -325,8 +332,7 @@ class Int4Linear(nn.Module):
                 and self.x_features == self.in_features and _prologue_fits(self.words, self.in_features, self.bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] == self.x_features != self.in_features:  # a padded weight: zeros for its padding
-            x = F.pad(x, (0, self.in_features - self.x_features))
+        x = _pad_input(self, x)
         if self.words is not None:
             lead = x.shape[:-1]
             rows = x.numel() // self.in_features

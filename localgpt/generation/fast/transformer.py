@@ -26,7 +26,6 @@ from localgpt.errors import ConfigError
 # LOCALGPT_GEMV_CHAIN=0 keeps a launch a GEMV (``_step_prologues``).
 CHAIN = os.environ.get("LOCALGPT_GEMV_CHAIN", "1") != "0"
 CHAIN_INT8 = CHAIN
-CHAIN_INT8_PARALLEL = CHAIN
 # The decode attention as the first phase of each layer's chain (rotary, cache write, the attention over positions
 # 0..pos): a layer one launch instead of four, with LOCALGPT_GEMV_CHAIN_ATTN=1. Off by default: 2% slower than
 # slot_triton's three kernels on an H200 (bench/gpu_notes.md round 11).
@@ -554,15 +553,14 @@ class Transformer(nn.Module):
         if unfit:
             self.chain_note = f"{len(unfit)} layers do not fit it (e.g. {unfit[0]})"
             return None
-        if type(b0.wo).__name__ == "Int8Linear":
-            if not (CHAIN_INT8_PARALLEL if parallel else CHAIN_INT8):
-                self.chain_note = "int8 layers (chained unless LOCALGPT_GEMV_CHAIN=0)"
-                return None
-            # measured faster than the launches with the bulk-copy kernel only (Hopper); the ring one's int8 was
-            # level with them on the H200 (round 12) and is not measured elsewhere
-            if not (gemv_chain.TMA and torch.cuda.get_device_capability(dev)[0] >= 9):
-                self.chain_note = "int8 layers chain with the bulk-copy kernel only (Hopper)"
-                return None
+        if type(b0.wo).__name__ == "Int8Linear" and not CHAIN_INT8:
+            self.chain_note = "int8 layers (chained unless LOCALGPT_GEMV_CHAIN=0)"
+            return None
+        # int8: measured faster than the launches with the bulk-copy kernel only (Hopper); the ring one's int8 was
+        # level with them on the H200 (round 12) and is not measured elsewhere
+        if type(b0.wo).__name__ == "Int8Linear" and not gemv_chain.bulk_copy(dev):
+            self.chain_note = "int8 layers chain with the bulk-copy kernel only (Hopper)"
+            return None
 
         def buf(n):
             return torch.zeros(n, dtype=torch.bfloat16, device=dev)
