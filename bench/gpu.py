@@ -927,15 +927,15 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
             if variant != "nf4":
                 hf.to("cpu")
             free_cache()
+            from localgpt.generation.fast import quantize
+
             base = variant.split("-")[0]
             kernels = ""
             if base in ("int8", "int4"):
                 with torch.inference_mode():
                     decode = variant.split("-")[1] if "-" in variant else "auto"  # int4-legacy, int8-triton, ...
-                    from localgpt.generation.fast import quantize as quantize_module
-
                     # int8 inputs padded to whole 128-column blocks unless "+nopad8" (LOCALGPT_INT8_PAD=0)
-                    quantize_module.INT8_PAD = "nopad8" not in flags
+                    quantize.INT8_PAD = "nopad8" not in flags
                     quantize_model(net, base, decode=decode)
                 free_cache()
                 kernels = decode_kernels(net)
@@ -951,8 +951,6 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                 kernels = f"bf16 Triton GEMV ({count} layers)" if count else "cuBLAS (GEMV check failed)"
                 log(f"  {variant}: {kernels}")
             log(f"{label} {variant}: {torch.cuda.memory_allocated() / 2**30 if CUDA else 0:.2f} GiB on the GPU")
-            from localgpt.generation.fast import quantize
-
             if mode == "default":
                 from localgpt.generation.fast.generator import default_engine_mode
 

@@ -1191,12 +1191,15 @@ def test_balanced_tile_runs_cover_every_tile_once_and_even_out_the_ctas_blocks()
 def test_chain_kernel_choices_fall_back_from_fp16_to_bf16_operands_before_leaving_the_bulk_copy_kernel(monkeypatch):
     """The chain kernels a Transformer tries, in order (bulk-copy, fp16 operands; None: the default for the GPU and
     format): fp16 operands first (the default for int4 and int8), then the same kernel with bf16 ones, then the ring
-    kernel with each; with fp16 operands off (LOCALGPT_GEMV_CHAIN_F16=0) only the default and the ring kernel."""
+    kernel with each; with fp16 operands off (LOCALGPT_GEMV_CHAIN_F16=0) only the default and the ring kernel; int8
+    layers only the bulk-copy kernel with fp16 operands (never the ring kernel); Falcon's int4 bf16 only."""
     from localgpt.generation.fast import gemv_chain
     from localgpt.generation.fast.transformer import Transformer
 
     assert gemv_chain.F16_BITS == (4, 8) and gemv_chain.F16
     assert Transformer._chain_tries() == [(None, None), (None, False), (False, None), (False, False)]
+    assert Transformer._chain_tries(int8=True) == Transformer._chain_tries(f16=True, int8=True) == [(True, True)]
+    assert Transformer._chain_tries(f16=False) == [(None, False), (False, False)]
     monkeypatch.setattr(gemv_chain, "F16", False)
     assert Transformer._chain_tries() == [(None, None), (False, None)]
 

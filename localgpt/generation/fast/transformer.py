@@ -553,12 +553,13 @@ class Transformer(nn.Module):
         if unfit:
             self.chain_note = f"{len(unfit)} layers do not fit it (e.g. {unfit[0]})"
             return None
-        if type(b0.wo).__name__ == "Int8Linear" and not CHAIN_INT8:
+        int8 = type(b0.wo).__name__ == "Int8Linear"
+        if int8 and not CHAIN_INT8:
             self.chain_note = "int8 layers (chained unless LOCALGPT_GEMV_CHAIN=0)"
             return None
         # int8: measured faster than the launches with the bulk-copy kernel only (Hopper); the ring one's int8 was
         # level with them on the H200 (round 12) and is not measured elsewhere
-        if type(b0.wo).__name__ == "Int8Linear" and not gemv_chain.bulk_copy(dev):
+        if int8 and not gemv_chain.bulk_copy(dev):
             self.chain_note = "int8 layers chain with the bulk-copy kernel only (Hopper)"
             return None
 
@@ -600,15 +601,18 @@ class Transformer(nn.Module):
                 phases.append(dict(layer=self.lm_head, x=c.rb, y=c.d, norm=self.norm, out=c.logits, xmode="rms"))
             return gemv_chain.Chain(phases, dev, tma=tma, f16=f16)
 
-        return self._chain_kernels(c, self._chain_tries(), head, layer_chain, self._chain_check)
+        return self._chain_kernels(c, self._chain_tries(int8=int8), head, layer_chain, self._chain_check)
 
     @staticmethod
-    def _chain_tries(f16: bool = True) -> list[tuple[bool | None, bool | None]]:
+    def _chain_tries(f16: bool = True, int8: bool = False) -> list[tuple[bool | None, bool | None]]:
         """The chain kernels to try, as (bulk-copy, fp16 operands), None for the default: the bulk-copy kernel where
         the GPU has it (Hopper; int8 with fp16 operands), else or if it fails its check the ring one; fp16 operands
-        (gemv_chain.F16) unless ``f16`` is False, and where a kernel fails with them, bf16 ones."""
+        (gemv_chain.F16) unless ``f16`` is False, and where a kernel fails with them, bf16 ones. int8: the bulk-copy
+        kernel with fp16 operands only (the ring one's int8 was only level with the launches, round 12)."""
         from localgpt.generation.fast import gemv_chain
 
+        if int8:
+            return [(True, True)]
         if not f16:
             return [(None, False), (False, False)]
         return ([(None, None)] + ([(None, False)] if gemv_chain.F16 else []) + [(False, None)]
@@ -679,9 +683,10 @@ class Transformer(nn.Module):
             return gemv_chain.Chain(phases, dev, tma=tma, f16=f16)
 
         # int4: bf16 operands (Falcon-7B's chain with fp16 ones was 5.6 % slower, 516.6 against 547.4 tok/s, round
-        # 15: its LayerNorm staging spills with them); int8: fp16 first, whose kernel is the bulk-copy one
+        # 15: its LayerNorm staging spills with them); int8: the bulk-copy kernel with fp16 ones
         int8 = type(b0.wo).__name__ == "Int8Linear"
-        return self._chain_kernels(c, self._chain_tries(f16=int8), head, layer_chain, self._parallel_chain_check)
+        return self._chain_kernels(c, self._chain_tries(f16=int8, int8=int8), head, layer_chain,
+                                   self._parallel_chain_check)
 
     def _parallel_chain_check(self, c) -> str:
         """The head launch and the first layer's chain against ``_step_parallel``'s kernels (``add3_layer_norm``,
