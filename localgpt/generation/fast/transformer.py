@@ -514,7 +514,7 @@ class Transformer(nn.Module):
     _att_row = None  # _step_parallel's attention row (made at its first step)
     _chain = None  # None: not tried yet; False: the network cannot take it; else the step's chains and buffers
     chain_note = ""  # why the chained step is not used (logged; bench/gpu.py prints it)
-    chain_kernel = ""  # the chain's kernel when it is: "bulk-copy" (Hopper, int4) or "ring", ", fp16" (operands)
+    chain_kernel = ""  # the chain's kernel when it is: "bulk-copy" (Hopper) or "ring", ", fp16" (operands)
 
     def _chain_ready(self) -> bool:
         """Whether ``_step_chain`` runs this network's step: every GEMV of the blocks (and the LM head, or it runs
