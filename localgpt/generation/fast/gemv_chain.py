@@ -262,6 +262,7 @@ __device__ __forceinline__ void put_cols(XITEM* xp, float* xs, int i, bool in, c
 #endif
 
 
+#if ATTN
 // --- the attention of one decode step as a phase (xmode 3), and its parts' combine as the next one's input (4) ---
 // Work item (head h, chunk c) of heads x chunks, one CTA at a time: query head h (rotated, rounded to bf16, as
 // slot_triton.rope_store) against cache positions [c cs, (c + 1) cs) of 0..pos of its kv head, the position pos
@@ -272,28 +273,29 @@ __device__ __forceinline__ void put_cols(XITEM* xp, float* xs, int i, bool in, c
 #define ADL 4  // most dims a lane
 #define NEG_INF __int_as_float(0xff800000)
 
-__device__ __forceinline__ void rope_lane(const u16* row, const u16* cs, const u16* sn, int lane, int dl, int half,
-                                          float (&out)[ADL]) {
-    float x[ADL];
-#pragma unroll
-    for (int e = 0; e < ADL; ++e) x[e] = e < dl ? bf2f(__ldcg(row + lane * dl + e)) : 0.f;
-#pragma unroll
-    for (int e = 0; e < ADL; ++e) {
-        const int d = lane * dl + e;
-        const float other = __shfl_xor_sync(0xffffffffu, x[e], 16);  // dim d + half (d < half) or d - half
-        float r = 0.f;
-        if (e < dl) r = d < half ? x[e] * bf2f(cs[d]) - other * bf2f(sn[d]) : x[e] * bf2f(cs[d]) + other * bf2f(sn[d]);
-        out[e] = e < dl ? bf2f(f2bf(r)) : 0.f;
-    }
-}
-
-// a lane's dims of a cache row, packed (4 bf16 for hd 128, 2 for 64): unpacked where used
+// a lane's dims of a cache row, packed (4 bf16 for hd 128, 2 for 64): unpacked where used (dims past dl read 0)
 __device__ __forceinline__ uint2 load_row(const u16* p, int dl) {
     if (dl == 4) return __ldcg((const uint2*)p);
     return make_uint2(__ldcg((const u32*)p), 0u);
 }
 __device__ __forceinline__ void unpack_row(uint2 u, float (&v)[ADL]) {
     v[0] = bf2f(u.x & 0xFFFFu); v[1] = bf2f(u.x >> 16); v[2] = bf2f(u.y & 0xFFFFu); v[3] = bf2f(u.y >> 16);
+}
+
+// a lane's dims of a q or k row rotated (slot_triton.rope_store's rotate-half, rounded to bf16); one load each of
+// the row's, the cos and the sin dims
+__device__ __forceinline__ void rope_lane(const u16* row, const u16* cs, const u16* sn, int lane, int dl, int half,
+                                          float (&out)[ADL]) {
+    float x[ADL], c[ADL], s[ADL];
+    unpack_row(load_row(row + lane * dl, dl), x);
+    unpack_row(load_row(cs + lane * dl, dl), c);
+    unpack_row(load_row(sn + lane * dl, dl), s);
+#pragma unroll
+    for (int e = 0; e < ADL; ++e) {
+        const float other = __shfl_xor_sync(0xffffffffu, x[e], 16);  // dim d + half (d < half) or d - half
+        const float r = lane * dl < half ? x[e] * c[e] - other * s[e] : x[e] * c[e] + other * s[e];
+        out[e] = e < dl ? bf2f(f2bf(r)) : 0.f;
+    }
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -312,7 +314,53 @@ __device__ __forceinline__ void online(float sc, const float (&v)[ADL], float& m
     m = mn;
 }
 
-#define AU 8  // positions a warp loads before it uses them (128 a CTA a round)
+#define AU 8  // positions a warp has in flight a round (two rounds: the next one's loads during this one's math)
+
+// a warp's round of cache rows: positions base, base + WARPS, ... (AU of them, those before end)
+__device__ __forceinline__ void load_round(const u16* kb, const u16* vb, int base, int end, int HD, int dl,
+                                           uint2 (&kr)[AU], uint2 (&vr)[AU]) {
+#pragma unroll
+    for (int u = 0; u < AU; ++u) {
+        const int i = base + u * WARPS;
+        kr[u] = vr[u] = make_uint2(0u, 0u);
+        if (i < end) {
+            kr[u] = load_row(kb + (long)i * HD, dl);
+            vr[u] = load_row(vb + (long)i * HD, dl);
+        }
+    }
+}
+
+// a round's rows into the warp's running (m, l, o): every score first (their shuffle reductions independent of each
+// other), then one rescale by the round's new max and the rows' exp-weighted values (base < end: one row at least)
+__device__ __forceinline__ void consume_round(const uint2 (&kr)[AU], const uint2 (&vr)[AU], int base, int end,
+                                              const float (&q)[ADL], float& m, float& l, float (&o)[ADL]) {
+    float sc[AU], mx = m;
+#pragma unroll
+    for (int u = 0; u < AU; ++u) {
+        float kv[ADL], d = 0.f;
+        unpack_row(kr[u], kv);
+#pragma unroll
+        for (int e = 0; e < ADL; ++e) d += q[e] * kv[e];
+        sc[u] = warp_sum(d);
+        if (base + u * WARPS < end) mx = fmaxf(mx, sc[u]);
+    }
+    const float alpha = __expf(m - mx);  // m = -inf at first: 0
+    l *= alpha;
+#pragma unroll
+    for (int e = 0; e < ADL; ++e) o[e] *= alpha;
+#pragma unroll
+    for (int u = 0; u < AU; ++u) {
+        if (base + u * WARPS < end) {
+            float vv[ADL];
+            unpack_row(vr[u], vv);
+            const float p = __expf(sc[u] - mx);
+            l += p;
+#pragma unroll
+            for (int e = 0; e < ADL; ++e) o[e] += p * vv[e];
+        }
+    }
+    m = mx;
+}
 
 __device__ __forceinline__ void attention(const Phase& ph, float* scr) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -321,55 +369,33 @@ __device__ __forceinline__ void attention(const Phase& ph, float* scr) {
     const u16* cosr = ph.cos + (long)pos * HD;
     const u16* sinr = ph.sin + (long)pos * HD;
     __shared__ int last;
+    __shared__ float wf[WARPS + 1];  // the warps' weights exp(m_w - M) in the CTA's merge, then M
     for (int item = blockIdx.x; item < H * C; item += gridDim.x) {
         const int h = item / C, c = item % C, kh = h / rep;
         const int lo = c * cs, hi = min(L, lo + cs);
         const u16* kb = ph.kc + (long)kh * ph.len * HD + lane * dl;
         const u16* vb = ph.vc + (long)kh * ph.len * HD + lane * dl;
         const int end = min(hi, pos);  // the cached positions of the chunk; pos itself below
-        // the first round's cache rows asked for before the query's rotary (their latencies overlap)
-        uint2 kr[AU], vr[AU];
-#pragma unroll
-        for (int u = 0; u < AU; ++u) {
-            const int i = lo + warp + u * WARPS;
-            if (i < end) {
-                kr[u] = load_row(kb + (long)i * HD, dl);
-                vr[u] = load_row(vb + (long)i * HD, dl);
-            }
-        }
+        // the first round's cache rows asked for before the query's rotary (their latencies overlap); each round's
+        // math with the next round's rows in flight
+        uint2 ka[AU], va[AU], kb2[AU], vb2[AU];
+        load_round(kb, vb, lo + warp, end, HD, dl, ka, va);
         float q[ADL];
         rope_lane(ph.x + (long)h * HD, cosr, sinr, lane, dl, half, q);
 #pragma unroll
         for (int e = 0; e < ADL; ++e) q[e] *= ph.scale;
         float m = NEG_INF, l = 0.f, o[ADL] = {0.f, 0.f, 0.f, 0.f};
-        for (int base = lo + warp; base < end; base += WARPS * AU) {
-            if (base != lo + warp) {
-#pragma unroll
-                for (int u = 0; u < AU; ++u) {
-                    const int i = base + u * WARPS;
-                    if (i < end) {
-                        kr[u] = load_row(kb + (long)i * HD, dl);
-                        vr[u] = load_row(vb + (long)i * HD, dl);
-                    }
-                }
-            }
-#pragma unroll
-            for (int u = 0; u < AU; ++u) {
-                if (base + u * WARPS < end) {
-                    float kv[ADL], vv[ADL], d = 0.f;
-                    unpack_row(kr[u], kv);
-                    unpack_row(vr[u], vv);
-#pragma unroll
-                    for (int e = 0; e < ADL; ++e) d += q[e] * kv[e];
-                    online(warp_sum(d), vv, m, l, o);
-                }
-            }
+        for (int base = lo + warp; base < end; base += 2 * WARPS * AU) {
+            load_round(kb, vb, base + WARPS * AU, end, HD, dl, kb2, vb2);
+            consume_round(ka, va, base, end, q, m, l, o);
+            if (base + WARPS * AU >= end) break;
+            load_round(kb, vb, base + 2 * WARPS * AU, end, HD, dl, ka, va);
+            consume_round(kb2, vb2, base + WARPS * AU, end, q, m, l, o);
         }
         if (pos >= lo && pos < hi && warp == 0) {  // the new position, from the qkv row
             float kn[ADL], vn[ADL];
             rope_lane(ph.x + (long)(H + kh) * HD, cosr, sinr, lane, dl, half, kn);
-#pragma unroll
-            for (int e = 0; e < ADL; ++e) vn[e] = e < dl ? bf2f(__ldcg(ph.x + (long)(H + KV + kh) * HD + lane * dl + e)) : 0.f;
+            unpack_row(load_row(ph.x + (long)(H + KV + kh) * HD + lane * dl, dl), vn);
             if (h % rep == 0) {
 #pragma unroll
                 for (int e = 0; e < ADL; ++e) {
@@ -384,26 +410,31 @@ __device__ __forceinline__ void attention(const Phase& ph, float* scr) {
             for (int e = 0; e < ADL; ++e) d += q[e] * kn[e];
             online(warp_sum(d), vn, m, l, o);
         }
-        // the warps' (m, l, o) into the CTA's, then ws[h][c] = (m, l, -, -, o[hd])
+        // the warps' (m, l, o) into the CTA's, then ws[h][c] = (m, l, -, -, o[hd]): each warp's weight exp(m_w - M)
+        // once (warp 0), then every value's weighted sum over the warps
         float* mine = scr + warp * (HD + 2);
         if (lane == 0) { mine[0] = m; mine[1] = l; }
 #pragma unroll
         for (int e = 0; e < ADL; ++e) if (e < dl) mine[2 + lane * dl + e] = o[e];
         CSYNC();
+        if (warp == 0) {
+            const float mw = lane < WARPS ? scr[lane * (HD + 2)] : NEG_INF;
+            float M = mw;
+#pragma unroll
+            for (int s = 16; s > 0; s >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, s));
+            if (lane < WARPS) wf[lane] = mw == NEG_INF ? 0.f : __expf(mw - M);
+            if (lane == 0) wf[WARPS] = M;
+        }
+        CSYNC();
         float* dst = ph.ws + (long)(h * C + c) * WS;
         for (int d = tid; d < HD + 2; d += WARPS * 32) {
-            float M = NEG_INF;
-            for (int w = 0; w < WARPS; ++w) M = fmaxf(M, scr[w * (HD + 2)]);
             float tot = 0.f;
-            for (int w = 0; w < WARPS; ++w) {
-                const float mw = scr[w * (HD + 2)];
-                const float f = mw == NEG_INF ? 0.f : __expf(mw - M);
-                tot += f * scr[w * (HD + 2) + (d == 0 ? 1 : d)];
-            }
-            dst[d < 2 ? d : d + 2] = d == 0 ? M : tot;  // an empty chunk: (-inf, 0, 0)
+            for (int w = 0; w < WARPS; ++w) tot += wf[w] * scr[w * (HD + 2) + d];
+            dst[d < 2 ? d : d + 2] = d == 0 ? wf[WARPS] : tot;  // an empty chunk: (-inf, 0, 0)
         }
         // the last of a head's chunks merges them (slot_triton's combine: each chunk's sums weighted by
-        // exp(m - M), over the weighted l) into the head's bf16 row of ``out``, and resets the head's count
+        // exp(m - M), over the weighted l) into the head's bf16 row of ``out``, and resets the head's count; a
+        // thread's 4 dims of every chunk loaded at once (one L2 round trip)
         CSYNC();
         if (tid == 0) {
             __threadfence();
@@ -411,28 +442,39 @@ __device__ __forceinline__ void attention(const Phase& ph, float* scr) {
             if (last) { __threadfence(); ph.cnt[h] = 0u; }
         }
         CSYNC();
-        if (last && tid < HD / 8) {
+        if (last && tid < HD / 4) {
             const float* hb = ph.ws + (long)h * C * WS;
-            float M = NEG_INF;
-            for (int k = 0; k < C; ++k) M = fmaxf(M, __ldcg(hb + k * WS));
-            float tl = 0.f, acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-            for (int k = 0; k < C; ++k) {
-                const float mk = __ldcg(hb + k * WS), wgt = mk == NEG_INF ? 0.f : __expf(mk - M);
-                tl += wgt * __ldcg(hb + k * WS + 1);
-                const float4 o0 = __ldcg((const float4*)(hb + k * WS + 4) + 2 * tid);
-                const float4 o1 = __ldcg((const float4*)(hb + k * WS + 4) + 2 * tid + 1);
-                acc[0] += wgt * o0.x; acc[1] += wgt * o0.y; acc[2] += wgt * o0.z; acc[3] += wgt * o0.w;
-                acc[4] += wgt * o1.x; acc[5] += wgt * o1.y; acc[6] += wgt * o1.z; acc[7] += wgt * o1.w;
-            }
-            u32 f[8];
+            float mk[8], lk[8];
+            float4 ok[8];
 #pragma unroll
-            for (int k = 0; k < 8; ++k) f[k] = f2bf(acc[k] / tl);
-            ((uint4*)(ph.out + (long)h * HD))[tid] = make_uint4(f[0] | f[1] << 16, f[2] | f[3] << 16,
-                                                                f[4] | f[5] << 16, f[6] | f[7] << 16);
+            for (int k = 0; k < 8; ++k) {  // C <= 8 (attention_chunks)
+                mk[k] = NEG_INF;
+                lk[k] = 0.f;
+                ok[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+                if (k < C) {
+                    mk[k] = __ldcg(hb + k * WS);
+                    lk[k] = __ldcg(hb + k * WS + 1);
+                    ok[k] = __ldcg((const float4*)(hb + k * WS + 4) + tid);
+                }
+            }
+            float M = NEG_INF;
+#pragma unroll
+            for (int k = 0; k < 8; ++k) M = fmaxf(M, mk[k]);
+            float tl = 0.f, acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+            for (int k = 0; k < 8; ++k) {
+                const float wgt = mk[k] == NEG_INF ? 0.f : __expf(mk[k] - M);
+                tl += wgt * lk[k];
+                acc[0] += wgt * ok[k].x; acc[1] += wgt * ok[k].y; acc[2] += wgt * ok[k].z; acc[3] += wgt * ok[k].w;
+            }
+            ((uint2*)(ph.out + (long)h * HD))[tid] = make_uint2(f2bf(acc[0] / tl) | (u32)f2bf(acc[1] / tl) << 16,
+                                                                f2bf(acc[2] / tl) | (u32)f2bf(acc[3] / tl) << 16);
         }
         CSYNC();  // ``last`` and the scratch are the next item's
     }
 }
+
+#endif  // ATTN
 
 __device__ __forceinline__ void stage(const Phase& ph, XITEM* xp, XS_T* xs, float* red, float* parts, int nparts,
                                       bool cta0) {
@@ -772,12 +814,16 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
     }
     int take = 0, put = DEPTH;  // the ring slot multiplied next, and the one loaded next (the one multiplied last)
     // the attention (phase 0 only: out of the loop, whose registers it would crowd) while the ring fills
+#if ATTN
     const int first = sp[0].xmode == 3 ? 1 : 0;
     if (first) {
         if (tid == 0) note(trace, 0, 0);
         attention(sp[0], parts + maxt * WARPS * 16);
         if (tid == 0) { note(trace, 0, 1); note(trace, 0, 2); }
     }
+#else
+    const int first = 0;  // a kernel without the attention phase (ATTN 0)
+#endif
     int nbar = 0;  // grid barriers passed
 #pragma unroll 1
     for (int p = first; p < n_phases; ++p) {
@@ -935,7 +981,9 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
         if (lane == 0) {
             // an attention first: its loads of the caches before the words' (it is on the critical path; streaming
             // the words during it was slower, round 11)
+#if ATTN
             if (sp[0].xmode == 3) mb_wait(saddr(&go), 0);
+#endif
             u64 policy;  // the words are read once a step: first out of the L2 (1-8 % faster than evict-normal)
             asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
             int s = 0;
@@ -976,6 +1024,7 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
     int s = 0;
     u32 r = 0;
     // the attention (phase 0 only: out of the loop, whose registers it would crowd) while the ring fills
+#if ATTN
     const int first = sp[0].xmode == 3 ? 1 : 0;
     if (first) {
         if (tid == 0) note(trace, 0, 0);
@@ -983,6 +1032,9 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
         if (tid == 0) { note(trace, 0, 1); note(trace, 0, 2); }
         if (lane == 0) mb_arrive(saddr(&go));  // the producer may start
     }
+#else
+    const int first = 0;  // a kernel without the attention phase (ATTN 0)
+#endif
     int nbar = 0;  // grid barriers passed
 #pragma unroll 1
     for (int p = first; p < n_phases; ++p) {
@@ -1163,20 +1215,20 @@ def bulk_copy(device: torch.device) -> bool:
 
 
 def source(bits: int, planes: int, warps: int, depth: int, tiled: bool, bpi: int = 2,
-           tma: bool = False, f16: bool = False, extra: int = 0) -> tuple[str, str]:
+           tma: bool = False, f16: bool = False, extra: int = 0, attn: bool = False) -> tuple[str, str]:
     """(name, CUDA source) of the chain kernel for one weight format, CTA size (consumer warps), ring depth (items
     a warp, or stages of the bulk-copy ring) and blocks an item (a consumer warp's blocks a stage); ``extra``:
     1 for the parts Llama's kernels leave out: the "ln" prologue, GELU_OUT and balanced runs of tiles (Falcon's
-    chain)."""
+    chain); ``attn``: the kernel with the attention phase (``ATTN``; the others leave its code out)."""
     swz = SWIZZLE and f16
     name = (f"gemv_chain_int{bits}_p{planes}_w{warps}_d{depth}_b{bpi}" + ("_tl" if tiled else "")
             + ("_s" if swz else "")
-            + ("_tma" if tma else "") + ("_h" if f16 else "") + (f"_x{extra}" if extra else "")
+            + ("_tma" if tma else "") + ("_h" if f16 else "") + (f"_x{extra}" if extra else "") + ("_a" if attn else "")
             + (f"_diag{DIAG}" if DIAG else ""))
     head = (f"#define BITS {bits}\n#define P {planes}\n#define FIELDS {32 // bits}\n#define WARPS {warps}\n"
             f"#define DEPTH {depth}\n#define BPI {bpi}\n#define TILES 1\n#define NT 1\n#define OFFSET 1\n#define TILED {int(tiled)}\n#define XMODE 0\n"
             f"#define PREF 0\n#define DIAG {DIAG}\n#define F16 {int(f16)}\n#define EXTRA {int(extra)}\n"
-            f"#define XSWZ {int(swz)}\n"
+            f"#define XSWZ {int(swz)}\n#define ATTN {int(attn)}\n"
             f"#define KERNEL_NAME {name}\n")
     if tma and bits == 8:  # thread t's words of a block row: chunks 2t and 2t + 1 (see TMA_SOURCE's loads)
         head += ("#define XIDX(ch, t, s) (8 * (t) + 4 * (ch) + (s))\n"  # and where XSWZ puts w = XIDX(ch, t, s)
@@ -1192,13 +1244,13 @@ _KERNELS: dict = {}
 
 
 def kernel(bits: int, planes: int, device: torch.device, warps: int, depth: int, tiled: bool, bpi: int,
-           tma: bool = False, f16: bool = False, extra: int = 0):
-    key = (bits, planes, warps, depth, tiled, bpi, tma, f16, extra, device.index, DIAG, SWIZZLE)
+           tma: bool = False, f16: bool = False, extra: int = 0, attn: bool = False):
+    key = (bits, planes, warps, depth, tiled, bpi, tma, f16, extra, attn, device.index, DIAG, SWIZZLE)
     if key not in _KERNELS:
         if torch.cuda.get_device_capability(device)[0] < (9 if tma else 8):
             raise RuntimeError("the chain kernel needs bf16 mma and cp.async (compute capability 8.0 or newer; "
                                "9.0 for the bulk-copy one)")
-        name, src = source(bits, planes, warps, depth, tiled, bpi, tma, f16, extra)
+        name, src = source(bits, planes, warps, depth, tiled, bpi, tma, f16, extra, attn)
         _KERNELS[key] = gemv_cuda.build(name, src, device, (warps + int(tma)) * 32)
     return _KERNELS[key]
 
@@ -1362,7 +1414,7 @@ class Chain:
         # group (left out of Llama's kernels: their registers)
         extra = int(any(ph.get("xmode") == "ln" or ph.get("gelu_out") or ph.get("nobar") or ph.get("same")
                         for ph in phases))
-        self.fn = kernel(bits, planes, device, warps, depth, bits == 4, bpi, tma, f16, extra)
+        self.fn = kernel(bits, planes, device, warps, depth, bits == 4, bpi, tma, f16, extra, attn is not None)
         self.smem = smem_bytes(bits, planes, warps, depth, bpi, kmax, maxt, tma, f16) + ascr
         if self.smem + 2048 + (16 * depth if tma else 0) > optin:
             raise ValueError(f"the chain needs {self.smem} bytes of shared memory; this GPU gives {optin}")
