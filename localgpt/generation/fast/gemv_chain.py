@@ -99,9 +99,8 @@ struct Phase {
     int N, K, xmode, D;  // D: an "ln" phase's real width (its input padded with zeros to K)
     float eps;
     int flags, pad2, pad3;  // flags: NOBAR (no grid barrier before the phase), SAME (the previous phase's input)
-    // the attention (xmode 3: x the qkv row, out its output row, written by the next phase's staging; ws its
-    // chunks' parts)
-    u16* kc; u16* vc; const u16* cos; const u16* sin; const long long* pos; float* ws; void* pad6;
+    // the attention (xmode 3: x the qkv row, out its output row; ws its chunks' parts, cnt a count a head)
+    u16* kc; u16* vc; const u16* cos; const u16* sin; const long long* pos; float* ws; unsigned* cnt;
     int heads, kv, hd, len, chunks, pad4;
     float scale, pad5;
     const void* tmap;  // the bulk-copy kernel's int8 words: a tensor map of [N, K] bytes, boxes of one block
@@ -264,14 +263,13 @@ __device__ __forceinline__ void put_cols(XITEM* xp, float* xs, int i, bool in, c
 
 
 #if ATTN
-// --- the attention of one decode step as a phase (xmode 3), its chunks merged by the next phase's staging ---
+// --- the attention of one decode step as a phase (xmode 3), and its parts' combine as the next one's input (4) ---
 // Work item (head h, chunk c) of heads x chunks, one CTA at a time: query head h (rotated, rounded to bf16, as
 // slot_triton.rope_store) against cache positions [c cs, (c + 1) cs) of 0..pos of its kv head, the position pos
 // itself from the qkv row (its k rotated and rounded; the item of the kv group's first head and the last chunk
 // writes k and v into the caches). Each warp keeps a running (max, sum, out) over its positions, the CTA merges
-// its warps' into ws[h][c] = (m, l, o[hd]) in fp32; after the grid barrier the next phase's staging merges each
-// head's chunks (slot_triton's combine) into the bf16 row, its GEMV input (``stage_combine``; CTA 0 writes the row
-// to the phase's ``out``). A lane holds hd / 32 consecutive dims (hd 64 or 128).
+// its warps' into ws[h][c] = (m, l, o[hd]) in fp32; the next phase's staging merges the chunks (as
+// _attention_combine_kernel) into bf16 and the GEMV input. A lane holds hd / 32 consecutive dims (hd 64 or 128).
 #define ADL 4  // most dims a lane
 #define NEG_INF __int_as_float(0xff800000)
 
@@ -370,6 +368,7 @@ __device__ __forceinline__ void attention(const Phase& ph, float* scr) {
     const int pos = (int)__ldcg(ph.pos), L = pos + 1, cs = (L + C - 1) / C, WS = HD + 4;
     const u16* cosr = ph.cos + (long)pos * HD;
     const u16* sinr = ph.sin + (long)pos * HD;
+    __shared__ int last;
     __shared__ float wf[WARPS + 1];  // the warps' weights exp(m_w - M) in the CTA's merge, then M
     for (int item = blockIdx.x; item < H * C; item += gridDim.x) {
         const int h = item / C, c = item % C, kh = h / rep;
@@ -433,7 +432,45 @@ __device__ __forceinline__ void attention(const Phase& ph, float* scr) {
             for (int w = 0; w < WARPS; ++w) tot += wf[w] * scr[w * (HD + 2) + d];
             dst[d < 2 ? d : d + 2] = d == 0 ? wf[WARPS] : tot;  // an empty chunk: (-inf, 0, 0)
         }
-        CSYNC();  // the scratch is the next item's
+        // the last of a head's chunks merges them (slot_triton's combine: each chunk's sums weighted by
+        // exp(m - M), over the weighted l) into the head's bf16 row of ``out``, and resets the head's count; a
+        // thread's 4 dims of every chunk loaded at once (one L2 round trip)
+        CSYNC();
+        if (tid == 0) {
+            __threadfence();
+            last = atomicAdd(ph.cnt + h, 1u) == (unsigned)(C - 1);
+            if (last) { __threadfence(); ph.cnt[h] = 0u; }
+        }
+        CSYNC();
+        if (last && tid < HD / 4) {
+            const float* hb = ph.ws + (long)h * C * WS;
+            float mk[8], lk[8];
+            float4 ok[8];
+#pragma unroll
+            for (int k = 0; k < 8; ++k) {  // C <= 8 (attention_chunks)
+                mk[k] = NEG_INF;
+                lk[k] = 0.f;
+                ok[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+                if (k < C) {
+                    mk[k] = __ldcg(hb + k * WS);
+                    lk[k] = __ldcg(hb + k * WS + 1);
+                    ok[k] = __ldcg((const float4*)(hb + k * WS + 4) + tid);
+                }
+            }
+            float M = NEG_INF;
+#pragma unroll
+            for (int k = 0; k < 8; ++k) M = fmaxf(M, mk[k]);
+            float tl = 0.f, acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+            for (int k = 0; k < 8; ++k) {
+                const float wgt = mk[k] == NEG_INF ? 0.f : __expf(mk[k] - M);
+                tl += wgt * lk[k];
+                acc[0] += wgt * ok[k].x; acc[1] += wgt * ok[k].y; acc[2] += wgt * ok[k].z; acc[3] += wgt * ok[k].w;
+            }
+            ((uint2*)(ph.out + (long)h * HD))[tid] = make_uint2(f2bf(acc[0] / tl) | (u32)f2bf(acc[1] / tl) << 16,
+                                                                f2bf(acc[2] / tl) | (u32)f2bf(acc[3] / tl) << 16);
+        }
+        CSYNC();  // ``last`` and the scratch are the next item's
     }
 }
 
@@ -501,66 +538,6 @@ __device__ __forceinline__ void stage(const Phase& ph, XITEM* xp, XS_T* xs, floa
     }
     CSYNC();
 }
-
-#if ATTN
-#ifndef CB
-#define CB 2  // chunks a thread of stage_combine loads at a time
-#endif
-// The input of the phase after the attention (``at``): each head's chunk parts in ws merged as slot_triton's combine
-// (the chunks' sums weighted by exp(m_k - M), over the weighted l, in chunk order; bf16), staged as a plain input;
-// CTA 0 writes the row to the attention's ``out``. A thread takes 8 columns (dims of one head): the chunks' (m, l)
-// and its dims of their o, all loaded at once (one L2 round trip for up to 4 chunks).
-__device__ __forceinline__ void stage_combine(const Phase& ph, const Phase& at, XITEM* xp, XS_T* xs, float* parts,
-                                              int nparts, bool cta0) {
-    const int K = ph.K, HD = at.hd, C = at.chunks, WS = HD + 4, tid = threadIdx.x, warp = tid >> 5;
-    for (int i = tid; i < nparts; i += WARPS * 32) parts[i] = 0.f;
-    for (int base = 0; base < K / 8; base += WARPS * 32) {
-        if (base + warp * 32 >= K / 8) break;  // the warp's columns are all staged
-        const int i = base + tid;
-        const bool in = i < K / 8;
-        const int col = in ? 8 * i : 0, h = col / HD;
-        const float* hb = at.ws + (long)h * C * WS;
-        float M = NEG_INF;
-#pragma unroll
-        for (int k = 0; k < 8; ++k)  // C <= 8 (attention_chunks); loads independent of each other
-            if (k < C) M = fmaxf(M, __ldcg(hb + k * WS));
-        float tl = 0.f, acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-#pragma unroll 1
-        for (int k0 = 0; k0 < C; k0 += CB) {  // CB chunks' values in flight at a time (registers)
-            float mk[CB], lk[CB];
-            float4 ok[CB][2];
-#pragma unroll
-            for (int k = 0; k < CB; ++k) {
-                mk[k] = NEG_INF;
-                lk[k] = 0.f;
-                ok[k][0] = ok[k][1] = make_float4(0.f, 0.f, 0.f, 0.f);
-                if (k0 + k < C) {
-                    const float* ck = hb + (k0 + k) * WS;
-                    mk[k] = __ldcg(ck);
-                    lk[k] = __ldcg(ck + 1);
-                    ok[k][0] = __ldcg((const float4*)(ck + 4 + col % HD));
-                    ok[k][1] = __ldcg((const float4*)(ck + 4 + col % HD) + 1);
-                }
-            }
-#pragma unroll
-            for (int k = 0; k < CB; ++k) {
-                const float wgt = mk[k] == NEG_INF ? 0.f : __expf(mk[k] - M);
-                tl += wgt * lk[k];
-                acc[0] += wgt * ok[k][0].x; acc[1] += wgt * ok[k][0].y; acc[2] += wgt * ok[k][0].z;
-                acc[3] += wgt * ok[k][0].w; acc[4] += wgt * ok[k][1].x; acc[5] += wgt * ok[k][1].y;
-                acc[6] += wgt * ok[k][1].z; acc[7] += wgt * ok[k][1].w;
-            }
-        }
-        u32 f[8];
-#pragma unroll
-        for (int k = 0; k < 8; ++k) f[k] = f2bf(acc[k] / tl);
-        if (cta0 && in)
-            ((uint4*)at.out)[i] = make_uint4(f[0] | f[1] << 16, f[2] | f[3] << 16, f[4] | f[5] << 16, f[6] | f[7] << 16);
-        put_cols(xp, xs, i, in, f);
-    }
-    CSYNC();
-}
-#endif
 
 // the sum of every thread's v, in every thread (the same order everywhere); red: WARPS floats of its own
 __device__ __forceinline__ float cta_sum(float v, float* red) {
@@ -646,8 +623,7 @@ __device__ __forceinline__ void stage_ln(const Phase& ph, XITEM* xp, XS_T* xs, f
 // A phase's start in either kernel: the grid barrier (none before the first, nor before a NOBAR phase, whose
 // input no other CTA of this launch writes), then its input staged (a SAME phase's is the one staged before).
 __device__ __forceinline__ void begin_phase(const Phase& ph, int p, unsigned* bar, int& nbar, long long* trace,
-                                            XITEM* xp, XS_T* xs, float* red, float* parts, int nparts,
-                                            const Phase* at) {
+                                            XITEM* xp, XS_T* xs, float* red, float* parts, int nparts) {
 #if DIAG & 4
     CSYNC();
 #else
@@ -662,10 +638,6 @@ __device__ __forceinline__ void begin_phase(const Phase& ph, int p, unsigned* ba
 #if EXTRA
     } else if (ph.xmode == 4) {
         stage_ln(ph, xp, xs, red, parts, nparts, blockIdx.x == 0);
-#endif
-#if ATTN
-    } else if (at != nullptr) {  // the phase after the attention: its chunks merged as they are staged
-        stage_combine(ph, *at, xp, xs, parts, nparts, blockIdx.x == 0);
 #endif
     } else {
         stage(ph, xp, xs, red, parts, nparts, blockIdx.x == 0);
@@ -856,8 +828,7 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
 #pragma unroll 1
     for (int p = first; p < n_phases; ++p) {
         const Phase& ph = sp[p];
-        begin_phase(ph, p, bar, nbar, trace, xp, xs, red, parts, maxt * WARPS * 16,
-                    first && p == 1 ? &sp[0] : nullptr);
+        begin_phase(ph, p, bar, nbar, trace, xp, xs, red, parts, maxt * WARPS * 16);
         int t0, t1;
         cta_tiles(ph, t0, t1);
         const int per = ph.K / (COLS * BPI), items = (t1 - t0) * per;
@@ -1068,8 +1039,7 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
 #pragma unroll 1
     for (int p = first; p < n_phases; ++p) {
         const Phase& ph = sp[p];
-        begin_phase(ph, p, bar, nbar, trace, xp, xs, red, parts, maxt * WARPS * 16,
-                    first && p == 1 ? &sp[0] : nullptr);
+        begin_phase(ph, p, bar, nbar, trace, xp, xs, red, parts, maxt * WARPS * 16);
         int t0, t1;
         cta_tiles(ph, t0, t1);
         const int per = ph.K / COLS, nb = (t1 - t0) * per;
@@ -1159,7 +1129,7 @@ class _Phase(ctypes.Structure):
     _fields_ = [(n, ctypes.c_void_p) for n in ("w", "sz", "x", "y", "nw", "xsum", "out", "rs")] + [
         ("N", ctypes.c_int), ("K", ctypes.c_int), ("xmode", ctypes.c_int), ("D", ctypes.c_int),
         ("eps", ctypes.c_float), ("flags", ctypes.c_int), ("pad2", ctypes.c_int), ("pad3", ctypes.c_int)] + [
-        (n, ctypes.c_void_p) for n in ("kc", "vc", "cos", "sin", "pos", "ws", "pad6")] + [
+        (n, ctypes.c_void_p) for n in ("kc", "vc", "cos", "sin", "pos", "ws", "cnt")] + [
         (n, ctypes.c_int) for n in ("heads", "kv", "hd", "len", "chunks", "pad4")] + [
         ("scale", ctypes.c_float), ("pad5", ctypes.c_float), ("tmap", ctypes.c_void_p), ("y2", ctypes.c_void_p),
         ("nb", ctypes.c_void_p), ("cut", ctypes.c_void_p)]
@@ -1386,11 +1356,6 @@ class Chain:
         attn = phases[0] if phases[0].get("xmode") == "attn" else None
         if any(ph.get("xmode") == "attn" for ph in phases[1:]):
             raise ValueError("the attention is a chain's first phase or none")
-        if attn is not None and (len(phases) < 2 or phases[1].get("x") is not attn["out"]
-                                 or phases[1].get("xmode", "plain") != "plain" or phases[1].get("nobar")
-                                 or phases[1].get("same")):
-            raise ValueError("the phase after the attention takes its output row as a plain input (its staging "
-                             "merges the attention's chunks)")
         layers = [ph["layer"] for ph in phases if ph.get("xmode") != "attn"]
         if not all(layer_fits(layer, padded=True) for layer in layers):
             raise ValueError("a layer's words do not fit the chain kernel")
@@ -1440,6 +1405,7 @@ class Chain:
         optin = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
         # the attention's scratch after the tiles' parts: one (m, l, out[hd]) a warp
         ascr = warps * (attn["hd"] + 2) * 4 if attn is not None else 0
+        self.cnt = torch.zeros(attn["heads"] if attn is not None else 1, dtype=torch.int32, device=device)
         if tma and depth is None:  # as many stages as the shared memory holds, up to TMA_DEFAULTS' depth
             rest = smem_bytes(bits, planes, warps, 0, bpi, kmax, maxt, True, f16) + ascr + 2048 + 16 * MAX_STAGES
             depth = max(2, min(defaults[1], (optin - rest) // stage_bytes(bits, planes, warps, bpi)))
@@ -1548,8 +1514,8 @@ class Chain:
                              "float32 ws")
         self.keep += [x, out, kc, vc, cos, sin, pos, ws]
         entry = _Phase()
-        entry.x, entry.out, entry.kc, entry.vc, entry.cos, entry.sin, entry.pos, entry.ws = (
-            t.data_ptr() for t in (x, out, kc, vc, cos, sin, pos, ws))
+        entry.x, entry.out, entry.kc, entry.vc, entry.cos, entry.sin, entry.pos, entry.ws, entry.cnt = (
+            t.data_ptr() for t in (x, out, kc, vc, cos, sin, pos, ws, self.cnt))
         entry.xmode, entry.heads, entry.kv, entry.hd, entry.len, entry.chunks = 3, heads, kv, hd, length, chunks
         entry.scale = hd ** -0.5
         return entry
