@@ -982,7 +982,7 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
             // an attention first: its loads of the caches before the words' (it is on the critical path; streaming
             // the words during it was slower, round 11)
 #if ATTN
-            if (sp[0].xmode == 3) mb_wait(saddr(&go), 0);
+            if (ATTN_GO && sp[0].xmode == 3) mb_wait(saddr(&go), 0);
 #endif
             u64 policy;  // the words are read once a step: first out of the L2 (1-8 % faster than evict-normal)
             asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
@@ -1185,7 +1185,10 @@ DEFAULTS = {4: (16, 2, 2), 8: (16, 2, 1)}
 # ring kernel). LOCALGPT_GEMV_CHAIN_TMA=0 takes the ring kernel on Hopper too.
 # int4 with fp16 operands: one block a warp a stage (15 KiB stages), 1,455-1,466 us a step against 1,524 with two
 # (round 15); bf16 operands keep two. int8: a block is 2 KiB, so one a warp makes the same 30 KiB stage.
-TMA_DEFAULTS = {4: (15, 4, 1), 8: (15, 4, 1)}
+# int8: 6 stages (180 KiB; as many as fit): its consumers outrun the copy engine (a step's multiply alone 1,092 us
+# against ~1,540 of streaming), so a deeper ring banks more of each phase's wait: 2,171 against 2,292 us (round 16).
+# int4's do not (1,017 against 917): 6 stages 1,461 against 1,451.
+TMA_DEFAULTS = {4: (15, 4, 1), 8: (15, 6, 1)}
 TMA_DEFAULTS_BF16 = {4: (15, 4, 2), 8: (15, 4, 1)}
 MAX_STAGES = 32
 TMA = os.environ.get("LOCALGPT_GEMV_CHAIN_TMA", "1") != "0"
@@ -1207,6 +1210,9 @@ DIAG = 0
 # The staged input's items by sub-step, then thread, for fp16 operands (XREAD / XPHYS in the source: x loads without
 # bank conflicts); LOCALGPT_GEMV_CHAIN_SWIZZLE=0 keeps the plain order
 SWIZZLE = os.environ.get("LOCALGPT_GEMV_CHAIN_SWIZZLE", "1") != "0"
+# The bulk-copy producer streams the words during an attention phase (ATTN_GO 0) instead of after it (round 11: the
+# attention is on the critical path, and with int4's slow consumers streaming during it was slower)
+ATTN_STREAM = os.environ.get("LOCALGPT_GEMV_CHAIN_ATTN_STREAM", "0") == "1"
 
 
 def bulk_copy(device: torch.device) -> bool:
@@ -1223,12 +1229,13 @@ def source(bits: int, planes: int, warps: int, depth: int, tiled: bool, bpi: int
     swz = SWIZZLE and f16
     name = (f"gemv_chain_int{bits}_p{planes}_w{warps}_d{depth}_b{bpi}" + ("_tl" if tiled else "")
             + ("_s" if swz else "")
-            + ("_tma" if tma else "") + ("_h" if f16 else "") + (f"_x{extra}" if extra else "") + ("_a" if attn else "")
+            + ("_tma" if tma else "") + ("_h" if f16 else "") + (f"_x{extra}" if extra else "")
+            + (("_as" if ATTN_STREAM else "_a") if attn else "")
             + (f"_diag{DIAG}" if DIAG else ""))
     head = (f"#define BITS {bits}\n#define P {planes}\n#define FIELDS {32 // bits}\n#define WARPS {warps}\n"
             f"#define DEPTH {depth}\n#define BPI {bpi}\n#define TILES 1\n#define NT 1\n#define OFFSET 1\n#define TILED {int(tiled)}\n#define XMODE 0\n"
             f"#define PREF 0\n#define DIAG {DIAG}\n#define F16 {int(f16)}\n#define EXTRA {int(extra)}\n"
-            f"#define XSWZ {int(swz)}\n#define ATTN {int(attn)}\n"
+            f"#define XSWZ {int(swz)}\n#define ATTN {int(attn)}\n#define ATTN_GO {int(not ATTN_STREAM)}\n"
             f"#define KERNEL_NAME {name}\n")
     if tma and bits == 8:  # thread t's words of a block row: chunks 2t and 2t + 1 (see TMA_SOURCE's loads)
         head += ("#define XIDX(ch, t, s) (8 * (t) + 4 * (ch) + (s))\n"  # and where XSWZ puts w = XIDX(ch, t, s)
@@ -1245,7 +1252,7 @@ _KERNELS: dict = {}
 
 def kernel(bits: int, planes: int, device: torch.device, warps: int, depth: int, tiled: bool, bpi: int,
            tma: bool = False, f16: bool = False, extra: int = 0, attn: bool = False):
-    key = (bits, planes, warps, depth, tiled, bpi, tma, f16, extra, attn, device.index, DIAG, SWIZZLE)
+    key = (bits, planes, warps, depth, tiled, bpi, tma, f16, extra, attn, device.index, DIAG, SWIZZLE, ATTN_STREAM)
     if key not in _KERNELS:
         if torch.cuda.get_device_capability(device)[0] < (9 if tma else 8):
             raise RuntimeError("the chain kernel needs bf16 mma and cp.async (compute capability 8.0 or newer; "

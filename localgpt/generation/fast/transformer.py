@@ -27,9 +27,11 @@ from localgpt.errors import ConfigError
 CHAIN = os.environ.get("LOCALGPT_GEMV_CHAIN", "1") != "0"
 CHAIN_INT8 = CHAIN
 # The decode attention as the first phase of each layer's chain (rotary, cache write, the attention over positions
-# 0..pos): a layer one launch instead of four, with LOCALGPT_GEMV_CHAIN_ATTN=1. Off by default: 2% slower than
-# slot_triton's three kernels on an H200 (bench/gpu_notes.md round 11).
-CHAIN_ATTN = os.environ.get("LOCALGPT_GEMV_CHAIN_ATTN", "0") == "1"
+# 0..pos): a layer one launch instead of two. LOCALGPT_GEMV_CHAIN_ATTN: "auto" (default) for int8 chains, whose
+# consumers outrun the copy engine so the ring banks the phase's wait (Llama-2-7B int8 374.9 against 367.3 tok/s on
+# an H200, round 16); int4's are level with the attention's own kernels (547.8 against 549.2), so not there; "1" for
+# every chain, "0" for none.
+CHAIN_ATTN = os.environ.get("LOCALGPT_GEMV_CHAIN_ATTN", "auto")
 # The batch-1 step's attention by ``slot_triton.step_attention`` (rotary, cache write and attention in one kernel,
 # runs that follow the position); LOCALGPT_STEP_ATTENTION=0: rope_store + decode_attention, as before.
 STEP_ATTN = os.environ.get("LOCALGPT_STEP_ATTENTION", "1") != "0"
@@ -574,7 +576,7 @@ class Transformer(nn.Module):
         if parallel:
             return self._build_parallel_chain(c)
         s = b0.shape
-        c.attn = (CHAIN_ATTN and s.head_dim in (64, 128) and s.n_heads % s.n_kv_heads == 0
+        c.attn = ((CHAIN_ATTN == "1" or (CHAIN_ATTN == "auto" and int8)) and s.head_dim in (64, 128) and s.n_heads % s.n_kv_heads == 0
                   and getattr(b0, "k_cache", None) is not None and b0.k_cache.dtype == torch.bfloat16
                   and self.cos.dtype == torch.bfloat16)
         if c.attn:  # the step's position, read by the launches, and the attention's chunk parts
