@@ -18,9 +18,9 @@ Here one launch runs the phases ``wo -> w_in -> w_out -> the next layer's wqkv``
 - Between phases a grid barrier, then every CTA stages the whole next input in shared memory with the phase's
   prologue (``XMODES``: RMSNorm(x + y) writing the residual sum, or silu(gate) * up), the arithmetic and rounding
   of ``gemv_cuda``'s prologues.
-- Optionally (``Transformer``'s LOCALGPT_GEMV_CHAIN_ATTN=1) the decode attention is the launch's first phase:
-  rotary and cache write, the attention over positions 0..pos in chunks across the CTAs, the last chunk of a head
-  merging them (``attention``).
+- The decode attention may be the launch's first phase (``Transformer``'s LOCALGPT_GEMV_CHAIN_ATTN: by default in
+  int8 chains): rotary and cache write, the attention over positions 0..pos in chunks across the CTAs, the last
+  chunk of a head merging them (``attention``; compiled only into the kernels that run it, ``ATTN``).
 
 The multiply of a block: with fp16 operands (``F16``, the default for int4 and int8, see ``put_cols``) a nibble or
 byte pair made fp16 by one ``lop3`` is an A fragment of ``mma.sync.m16n8k16`` (int4: the odd nibbles need no shift;
@@ -46,7 +46,9 @@ goes, 5 % slower). The attention as a phase: 2,067 against 2,021 us a step with 
 512), its slowest CTA 11 us. Round 15 (``bench/chain_ncu_source.sh``, stall samples an instruction): half the warps'
 time in the multiply loop, a fifth in the staging, a tenth each at the grid barrier and the phase's end; the new
 default's multiply alone (no loads, staging or barriers) is 1,036 us against 917 of streaming, its staging 253 and
-barriers 107.
+barriers 107. Round 16: int8's multiply alone is 1,092 us against ~1,540 of streaming its words (int4's 1,017 against
+917), so int8's consumers outrun the copy engine and a deeper ring banks more of each phase's wait: 6 stages 2,171
+against 2,292 us, and with the attention as the first phase the engine's int8 step went 367.3 -> 394.4 tok/s (0.68).
 """
 
 from __future__ import annotations
