@@ -1204,6 +1204,27 @@ def test_chain_kernel_choices_fall_back_from_fp16_to_bf16_operands_before_leavin
     assert Transformer._chain_tries() == [(None, None), (False, None)]
 
 
+def test_int8_chains_take_the_attention_and_a_deeper_ring_by_default(monkeypatch):
+    """Round 16's defaults: an int8 chain runs the step's attention as its first phase and streams its words through
+    6 bulk-copy stages (its consumers outrun the copy engine, so a deeper ring banks more of each phase's wait); an
+    int4 chain keeps the attention's own kernels and 4 stages; LOCALGPT_GEMV_CHAIN_ATTN=1 / 0 puts the attention in
+    every chain / none. The kernels without the attention phase carry none of its code."""
+    from localgpt.generation.fast import gemv_chain, transformer
+    from localgpt.generation.fast.transformer import Transformer
+
+    assert transformer.CHAIN_ATTN == "auto"
+    assert Transformer._attention_in_chain(True) and not Transformer._attention_in_chain(False)
+    monkeypatch.setattr(transformer, "CHAIN_ATTN", "1")
+    assert Transformer._attention_in_chain(False)
+    monkeypatch.setattr(transformer, "CHAIN_ATTN", "0")
+    assert not Transformer._attention_in_chain(True)
+    assert gemv_chain.TMA_DEFAULTS == {4: (15, 4, 1), 8: (15, 6, 1)}
+    name, src = gemv_chain.source(8, 32, 15, 6, False, 1, tma=True, f16=True, attn=True)
+    assert name.endswith("_a") and "#define ATTN 1" in src
+    name, src = gemv_chain.source(8, 32, 15, 6, False, 1, tma=True, f16=True)
+    assert not name.endswith("_a") and "#define ATTN 0" in src
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("layers,vocab", [(2, 512), (3, 520)])
 def test_gpu_falcon_chained_step_matches_its_graph_step_and_generates_the_same(tmp_path, monkeypatch, layers, vocab):

@@ -576,7 +576,7 @@ class Transformer(nn.Module):
         if parallel:
             return self._build_parallel_chain(c)
         s = b0.shape
-        c.attn = ((CHAIN_ATTN == "1" or (CHAIN_ATTN == "auto" and int8)) and s.head_dim in (64, 128) and s.n_heads % s.n_kv_heads == 0
+        c.attn = (self._attention_in_chain(int8) and s.head_dim in (64, 128) and s.n_heads % s.n_kv_heads == 0
                   and getattr(b0, "k_cache", None) is not None and b0.k_cache.dtype == torch.bfloat16
                   and self.cos.dtype == torch.bfloat16)
         if c.attn:  # the step's position, read by the launches, and the attention's chunk parts
@@ -604,6 +604,13 @@ class Transformer(nn.Module):
             return gemv_chain.Chain(phases, dev, tma=tma, f16=f16)
 
         return self._chain_kernels(c, self._chain_tries(int8=int8), head, layer_chain, self._chain_check)
+
+    @staticmethod
+    def _attention_in_chain(int8: bool) -> bool:
+        """Whether a Llama-type chain takes the step's attention as its first phase (CHAIN_ATTN): "auto" for int8
+        chains (their consumers outrun the copy engine, so the ring banks the phase's wait; round 16), "1" always,
+        "0" never."""
+        return CHAIN_ATTN == "1" or (CHAIN_ATTN == "auto" and int8)
 
     @staticmethod
     def _chain_tries(f16: bool = True, int8: bool = False) -> list[tuple[bool | None, bool | None]]:
