@@ -364,9 +364,7 @@ __device__ __forceinline__ void consume_round(const uint2 (&kr)[AU], const uint2
     m = mx;
 }
 
-// go: an mbarrier (shared address) each warp's lane 0 arrives on once its first round of cache rows is asked for
-// (ATTN_GO 2: the bulk-copy producer starts then), or 0
-__device__ __forceinline__ void attention(const Phase& ph, float* scr, u32 go) {
+__device__ __forceinline__ void attention(const Phase& ph, float* scr) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int H = ph.heads, KV = ph.kv, HD = ph.hd, C = ph.chunks, dl = HD / 32, half = HD / 2, rep = H / KV;
     const int pos = (int)__ldcg(ph.pos), L = pos + 1, cs = (L + C - 1) / C, WS = HD + 4;
@@ -384,8 +382,6 @@ __device__ __forceinline__ void attention(const Phase& ph, float* scr, u32 go) {
         // math with the next round's rows in flight
         uint2 ka[AU], va[AU], kb2[AU], vb2[AU];
         load_round(kb, vb, lo + warp, end, HD, dl, ka, va);
-        if (go != 0u && item == blockIdx.x && lane == 0)
-            asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(go) : "memory");
         float q[ADL];
         rope_lane(ph.x + (long)h * HD, cosr, sinr, lane, dl, half, q);
 #pragma unroll
@@ -478,8 +474,6 @@ __device__ __forceinline__ void attention(const Phase& ph, float* scr, u32 go) {
         }
         CSYNC();  // ``last`` and the scratch are the next item's
     }
-    if (go != 0u && blockIdx.x >= H * C && lane == 0)  // a CTA without an item
-        asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(go) : "memory");
 }
 
 #endif  // ATTN
@@ -826,7 +820,7 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
     const int first = sp[0].xmode == 3 ? 1 : 0;
     if (first) {
         if (tid == 0) note(trace, 0, 0);
-        attention(sp[0], parts + maxt * WARPS * 16, 0u);
+        attention(sp[0], parts + maxt * WARPS * 16);
         if (tid == 0) { note(trace, 0, 1); note(trace, 0, 2); }
     }
 #else
@@ -990,7 +984,9 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
             // an attention first: its loads of the caches before the words' (it is on the critical path; streaming
             // the words during it was slower, round 11)
 #if ATTN
-            if (ATTN_GO != 0 && sp[0].xmode == 3) mb_wait(saddr(&go), 0);
+            // the attention is on the critical path: the words stream after it (streaming during it, or from each
+            // warp's first round of cache rows on, was slower: rounds 11 and 16)
+            if (sp[0].xmode == 3) mb_wait(saddr(&go), 0);
 #endif
             u64 policy;  // the words are read once a step: first out of the L2 (1-8 % faster than evict-normal)
             asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
@@ -1036,9 +1032,9 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
     const int first = sp[0].xmode == 3 ? 1 : 0;
     if (first) {
         if (tid == 0) note(trace, 0, 0);
-        attention(sp[0], parts + maxt * WARPS * 16, ATTN_GO == 2 ? saddr(&go) : 0u);
+        attention(sp[0], parts + maxt * WARPS * 16);
         if (tid == 0) { note(trace, 0, 1); note(trace, 0, 2); }
-        if (ATTN_GO == 1 && lane == 0) mb_arrive(saddr(&go));  // the producer may start
+        if (lane == 0) mb_arrive(saddr(&go));  // the producer may start
     }
 #else
     const int first = 0;  // a kernel without the attention phase (ATTN 0)
@@ -1218,10 +1214,6 @@ DIAG = 0
 # The staged input's items by sub-step, then thread, for fp16 operands (XREAD / XPHYS in the source: x loads without
 # bank conflicts); LOCALGPT_GEMV_CHAIN_SWIZZLE=0 keeps the plain order
 SWIZZLE = os.environ.get("LOCALGPT_GEMV_CHAIN_SWIZZLE", "1") != "0"
-# When the bulk-copy producer starts streaming the words in a launch with an attention phase (ATTN_GO): 1 after the
-# attention (the default: it is on the critical path; streaming during it was slower, round 11, and for int8 384.1
-# against 394.4 tok/s, round 16), 0 at once, 2 once every warp has asked for its first round of cache rows
-ATTN_GO = int(os.environ.get("LOCALGPT_GEMV_CHAIN_ATTN_GO", "1"))
 
 
 def bulk_copy(device: torch.device) -> bool:
@@ -1239,12 +1231,12 @@ def source(bits: int, planes: int, warps: int, depth: int, tiled: bool, bpi: int
     name = (f"gemv_chain_int{bits}_p{planes}_w{warps}_d{depth}_b{bpi}" + ("_tl" if tiled else "")
             + ("_s" if swz else "")
             + ("_tma" if tma else "") + ("_h" if f16 else "") + (f"_x{extra}" if extra else "")
-            + ((f"_a{ATTN_GO}" if ATTN_GO != 1 else "_a") if attn else "")
+            + ("_a" if attn else "")
             + (f"_diag{DIAG}" if DIAG else ""))
     head = (f"#define BITS {bits}\n#define P {planes}\n#define FIELDS {32 // bits}\n#define WARPS {warps}\n"
             f"#define DEPTH {depth}\n#define BPI {bpi}\n#define TILES 1\n#define NT 1\n#define OFFSET 1\n#define TILED {int(tiled)}\n#define XMODE 0\n"
             f"#define PREF 0\n#define DIAG {DIAG}\n#define F16 {int(f16)}\n#define EXTRA {int(extra)}\n"
-            f"#define XSWZ {int(swz)}\n#define ATTN {int(attn)}\n#define ATTN_GO {ATTN_GO}\n"
+            f"#define XSWZ {int(swz)}\n#define ATTN {int(attn)}\n"
             f"#define KERNEL_NAME {name}\n")
     if tma and bits == 8:  # thread t's words of a block row: chunks 2t and 2t + 1 (see TMA_SOURCE's loads)
         head += ("#define XIDX(ch, t, s) (8 * (t) + 4 * (ch) + (s))\n"  # and where XSWZ puts w = XIDX(ch, t, s)
@@ -1261,7 +1253,7 @@ _KERNELS: dict = {}
 
 def kernel(bits: int, planes: int, device: torch.device, warps: int, depth: int, tiled: bool, bpi: int,
            tma: bool = False, f16: bool = False, extra: int = 0, attn: bool = False):
-    key = (bits, planes, warps, depth, tiled, bpi, tma, f16, extra, attn, device.index, DIAG, SWIZZLE, ATTN_GO)
+    key = (bits, planes, warps, depth, tiled, bpi, tma, f16, extra, attn, device.index, DIAG, SWIZZLE)
     if key not in _KERNELS:
         if torch.cuda.get_device_capability(device)[0] < (9 if tma else 8):
             raise RuntimeError("the chain kernel needs bf16 mma and cp.async (compute capability 8.0 or newer; "
