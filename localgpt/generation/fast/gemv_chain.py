@@ -664,6 +664,14 @@ __device__ __forceinline__ u32 to_half2(u32 w) {
 #define LO4(w) to_half2<0x000F000Fu, 0x64006400u, 0xEA>(w)   // (1024 + q) of fields 0, 4
 #define HI4(w) to_half2<0x00F000F0u, 0x64006400u, 0xEA>(w)   // (1024 + 16 q) of fields 1, 5
 #define BYTE8(w) to_half2<0x00FF00FFu, 0x64806480u, 0x6A>(w)  // (1152 + v) of bytes 0, 2
+// an int4 block's mma sums c into acc: w = s (q - 8) + z, so s (f c - offset) + (z - 8 s) sum(x)
+__device__ __forceinline__ void block_scale(const float (&c)[4], uint2 sc, float4 xsb, float (&acc)[4]) {
+    const float s0 = bf2f(sc.x), s1 = bf2f(sc.y);
+    const float z0 = __uint_as_float(sc.x & 0xFFFF0000u) - 8.f * s0;
+    const float z1 = __uint_as_float(sc.y & 0xFFFF0000u) - 8.f * s1;
+    acc[0] += s0 * (xsb.z * c[0] - xsb.y) + z0 * xsb.x;
+    acc[2] += s1 * (xsb.z * c[2] - xsb.y) + z1 * xsb.x;
+}
 __device__ __forceinline__ void mul_item(const uint4 (&v)[CHUNKS][2], uint2 sc, const XITEM* xb, float4 xsb, int t,
                                          float (&acc)[4]) {
     float c[4] = {0.f, 0.f, 0.f, 0.f};
@@ -684,12 +692,7 @@ __device__ __forceinline__ void mul_item(const uint4 (&v)[CHUNKS][2], uint2 sc, 
         }
     }
 #if BITS == 4
-    // w = s (q - 8) + z: s (f c - offset) + (z - 8 s) sum(x)
-    const float s0 = bf2f(sc.x), s1 = bf2f(sc.y);
-    const float z0 = __uint_as_float(sc.x & 0xFFFF0000u) - 8.f * s0;
-    const float z1 = __uint_as_float(sc.y & 0xFFFF0000u) - 8.f * s1;
-    acc[0] += s0 * (xsb.z * c[0] - xsb.y) + z0 * xsb.x;
-    acc[2] += s1 * (xsb.z * c[2] - xsb.y) + z1 * xsb.x;
+    block_scale(c, sc, xsb, acc);
 #else
     acc[0] += xsb.z * c[0] - xsb.y;  // int8: unscaled (the row's scale comes last)
     acc[2] += xsb.z * c[2] - xsb.y;
@@ -953,6 +956,78 @@ __device__ __forceinline__ void bulk(u32 dst, const void* src, u32 bytes, u32 b,
                  :: "r"(dst), "l"(src), "r"(bytes), "r"(b), "l"(policy) : "memory");
 }
 
+#if PAIR
+// PAIR (int4, fp16 operands, two blocks a warp a stage): a CTA's run of tiles taken two at a time, a warp's two blocks
+// of a stage block b of both tiles of a pair, so they share the staged x (one set of x loads, two independent mma
+// chains: 2 KiB a warp-step as int8's); a CTA's odd last tile in its two halves (blocks b and b + per / 2). Run item
+// j: pair pr = j / (2 per) of np, block (j % (2 per)) / 2 of its tile t0 + 2 pr + j % 2; past the pairs, j' = j - 2
+// per np: block j' / 2 + (j' % 2) per / 2 of tile t0 + 2 np. A stage holds slot 0 of its warps' items, then slot 1
+// (stage block tt WARPS + w), so each tile's consecutive blocks land together: one bulk copy a tile and slot.
+__device__ __forceinline__ void pair_copies(u32 st, const Phase& ph, int t0, int per, int np, int c, int n, u32 bar,
+                                            u64 policy) {
+    const int half = per / 2;
+    for (int tt = 0; tt < 2; ++tt) {
+        const int nw = n / 2;  // n is even (whole tiles of an even number of blocks)
+        int w = 0;
+        while (w < nw) {
+            const int item = c + 2 * w + tt, pr = item / (2 * per);
+            int tile, b, left;
+            if (pr < np) {
+                tile = t0 + 2 * pr + tt;
+                b = item % (2 * per) / 2;
+                left = per - b;
+            } else {
+                tile = t0 + 2 * np;
+                b = (item - 2 * per * np) / 2 + tt * half;
+                left = (tt ? per : half) - b;
+            }
+            const int len = min(left, nw - w);
+            const long blk = (long)tile * per + b;
+            bulk(st + (tt * WARPS + w) * 1024, (const char*)ph.w + blk * 1024, len * 1024, bar, policy);
+            bulk(st + SBLK_U4 * 16 + (tt * WARPS + w) * 64, (const char*)ph.sz + blk * 64, len * 64, bar, policy);
+            w += len;
+        }
+    }
+}
+
+// A warp's part of pair pr into the CTA's slots: the pair's two tiles, or (pr = np) both halves of the odd tile
+__device__ __forceinline__ void flush_pair(float* parts, int pr, int np, const float (&a0)[4], const float (&a1)[4],
+                                           int warp, int g, int t) {
+    if (pr < np) {
+        flush(parts, 2 * pr, a0, warp, g, t);
+        flush(parts, 2 * pr + 1, a1, warp, g, t);
+    } else {
+        const float sum[4] = {a0[0] + a1[0], a0[1] + a1[1], a0[2] + a1[2], a0[3] + a1[3]};
+        flush(parts, 2 * np, sum, warp, g, t);
+    }
+}
+
+// Two blocks of int4 words (their (scale, zero) rows sc0 / sc1) against x0 / x1 (the same x where ``same``: loaded
+// once), into acc0 / acc1: mul_item's arithmetic, the two mma chains interleaved
+__device__ __forceinline__ void mul_pair(const uint4 (&v0)[CHUNKS][2], const uint4 (&v1)[CHUNKS][2], uint2 sc0,
+                                         uint2 sc1, const XITEM* x0, const XITEM* x1, bool same, float4 xs0, float4 xs1,
+                                         int t, float (&acc0)[4], float (&acc1)[4]) {
+    float c0[4] = {0.f, 0.f, 0.f, 0.f}, c1[4] = {0.f, 0.f, 0.f, 0.f};
+    const u32 a0[4] = {v0[0][0].x, v0[0][0].y, v0[0][0].z, v0[0][0].w};
+    const u32 a1[4] = {v0[0][1].x, v0[0][1].y, v0[0][1].z, v0[0][1].w};
+    const u32 b0[4] = {v1[0][0].x, v1[0][0].y, v1[0][0].z, v1[0][0].w};
+    const u32 b1[4] = {v1[0][1].x, v1[0][1].y, v1[0][1].z, v1[0][1].w};
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+        const XITEM xq0 = x0[XREAD(0, t, s)];
+        const XITEM xq1 = same ? xq0 : x1[XREAD(0, t, s)];
+        const u32 w0 = a0[s], w1 = a1[s], w08 = w0 >> 8, w18 = w1 >> 8;
+        const u32 u0 = b0[s], u1 = b1[s], u08 = u0 >> 8, u18 = u1 >> 8;
+        mma16816h(c0, LO4(w0), LO4(w1), HI4(w0), HI4(w1), xq0.x, xq0.y);
+        mma16816h(c1, LO4(u0), LO4(u1), HI4(u0), HI4(u1), xq1.x, xq1.y);
+        mma16816h(c0, LO4(w08), LO4(w18), HI4(w08), HI4(w18), xq0.z, xq0.w);
+        mma16816h(c1, LO4(u08), LO4(u18), HI4(u08), HI4(u18), xq1.z, xq1.w);
+    }
+    block_scale(c0, sc0, xs0, acc0);
+    block_scale(c1, sc1, xs1, acc1);
+}
+#endif
+
 extern "C" __global__ void __launch_bounds__((WARPS + 1) * 32, 1)
 KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int maxt, int kmax,
             long long* trace) {
@@ -981,8 +1056,6 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
         // The producer: each phase's run of tiles is one contiguous span of words (tiled layout) and one of
         // (scale, zero) rows (the chain's tile-major copy), cut into stages of SBLK blocks.
         if (lane == 0) {
-            // an attention first: its loads of the caches before the words' (it is on the critical path; streaming
-            // the words during it was slower, round 11)
 #if ATTN
             // the attention is on the critical path: the words stream after it (streaming during it, or from each
             // warp's first round of cache rows on, was slower: rounds 11 and 16)
@@ -1006,6 +1079,9 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
                     const u32 st = ring0 + s * STAGE_U4 * 16;
 #if DIAG & 32
                     mb_arrive(full0 + 8 * s);  // no words: the consumers' own cost
+#elif PAIR
+                    mb_expect(full0 + 8 * s, n * 1088);
+                    pair_copies(st, ph, t0, per, (t1 - t0) / 2, c, n, full0 + 8 * s, policy);
 #elif BITS == 4
                     mb_expect(full0 + 8 * s, n * 1088);
                     bulk(st, ws + (long)c * 1024, n * 1024, full0 + 8 * s, policy);
@@ -1047,6 +1123,47 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
         int t0, t1;
         cta_tiles(ph, t0, t1);
         const int per = ph.K / COLS, nb = (t1 - t0) * per;
+#if PAIR
+        // this warp's items of each stage, c + 2 warp and c + 2 warp + 1: block b of local pair pr's two tiles (or,
+        // pr = np, blocks b and b + per / 2 of the odd last tile), b advanced WARPS a stage
+        const int np = (t1 - t0) / 2, half = per / 2;
+        int pr = 0, b = warp, cur = -1;
+        while (pr < np && b >= per) { b -= per; ++pr; }
+        float acc[4] = {0.f, 0.f, 0.f, 0.f}, acc1[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 1
+        for (int c = 0; c < nb; c += SBLK) {
+            mb_wait(full0 + 8 * s, r);
+            const uint4* st = ring + s * STAGE_U4;
+            const bool in = c + 2 * warp < nb;  // and so its second item (nb and c are even)
+            uint4 v0[CHUNKS][2], v1[CHUNKS][2];
+            uint2 sc0 = make_uint2(0u, 0u), sc1 = make_uint2(0u, 0u);
+            if (in) {
+                v0[0][0] = st[warp * 64 + lane];
+                v0[0][1] = st[warp * 64 + 32 + lane];
+                v1[0][0] = st[(WARPS + warp) * 64 + lane];
+                v1[0][1] = st[(WARPS + warp) * 64 + 32 + lane];
+                const u32* z = (const u32*)(st + SBLK_U4);
+                sc0 = make_uint2(z[warp * 16 + g], z[warp * 16 + g + 8]);
+                sc1 = make_uint2(z[(WARPS + warp) * 16 + g], z[(WARPS + warp) * 16 + g + 8]);
+            }
+            __syncwarp();
+            if (lane == 0) mb_arrive(empty0 + 8 * s);  // its words are in registers: the producer may refill it
+            if (++s == DEPTH) { s = 0; r ^= 1; }
+            if (in) {
+                if (pr != cur) {
+                    if (cur >= 0) flush_pair(parts, cur, np, acc, acc1, warp, g, t);
+                    cur = pr;
+                    acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
+                    acc1[0] = acc1[1] = acc1[2] = acc1[3] = 0.f;
+                }
+                const int b1 = pr < np ? b : b + half;
+                mul_pair(v0, v1, sc0, sc1, xp + b * P, xp + b1 * P, pr < np, XSB(xs, b), XSB(xs, b1), t, acc, acc1);
+            }
+            b += WARPS;
+            while (pr < np && b >= per) { b -= per; ++pr; }
+        }
+        if (cur >= 0) flush_pair(parts, cur, np, acc, acc1, warp, g, t);
+#else
         // block j = warp BPI + b of each stage: local tile tl[b], block blk[b] of it, advanced SBLK a stage
         int tl[BPI], blk[BPI];
 #pragma unroll
@@ -1101,6 +1218,7 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
             }
         }
         if (tile >= 0) flush(parts, tile, acc, warp, g, t);
+#endif
         CSYNC();
         if (tid == 0) note(trace, p, 2);
 #if !(DIAG & 8)
@@ -1214,6 +1332,10 @@ DIAG = 0
 # The staged input's items by sub-step, then thread, for fp16 operands (XREAD / XPHYS in the source: x loads without
 # bank conflicts); LOCALGPT_GEMV_CHAIN_SWIZZLE=0 keeps the plain order
 SWIZZLE = os.environ.get("LOCALGPT_GEMV_CHAIN_SWIZZLE", "1") != "0"
+# int4's bulk-copy chain with fp16 operands taking a CTA's tiles two at a time (PAIR in the source: a warp's two
+# blocks of a stage share the staged x; 2 KiB a warp-step, as int8's, whose per-block cost is the same: round 16).
+# Built without a GPU, not measured yet: opt-in (LOCALGPT_GEMV_CHAIN_PAIR=1), ``Chain(pair=True)``.
+PAIR = os.environ.get("LOCALGPT_GEMV_CHAIN_PAIR", "0") == "1"
 
 
 def bulk_copy(device: torch.device) -> bool:
@@ -1222,21 +1344,25 @@ def bulk_copy(device: torch.device) -> bool:
 
 
 def source(bits: int, planes: int, warps: int, depth: int, tiled: bool, bpi: int = 2,
-           tma: bool = False, f16: bool = False, extra: int = 0, attn: bool = False) -> tuple[str, str]:
+           tma: bool = False, f16: bool = False, extra: int = 0, attn: bool = False,
+           pair: bool = False) -> tuple[str, str]:
     """(name, CUDA source) of the chain kernel for one weight format, CTA size (consumer warps), ring depth (items
     a warp, or stages of the bulk-copy ring) and blocks an item (a consumer warp's blocks a stage); ``extra``:
     1 for the parts Llama's kernels leave out: the "ln" prologue, GELU_OUT and balanced runs of tiles (Falcon's
-    chain); ``attn``: the kernel with the attention phase (``ATTN``; the others leave its code out)."""
+    chain); ``attn``: the kernel with the attention phase (``ATTN``; the others leave its code out); ``pair``: the
+    bulk-copy int4 kernel with fp16 operands taking its tiles two at a time (``PAIR``; ``bpi`` 2)."""
+    if pair and not (tma and bits == 4 and f16 and bpi == 2):
+        raise ValueError("PAIR is the bulk-copy int4 kernel's, with fp16 operands and two blocks a warp a stage")
     swz = SWIZZLE and f16
     name = (f"gemv_chain_int{bits}_p{planes}_w{warps}_d{depth}_b{bpi}" + ("_tl" if tiled else "")
             + ("_s" if swz else "")
             + ("_tma" if tma else "") + ("_h" if f16 else "") + (f"_x{extra}" if extra else "")
-            + ("_a" if attn else "")
+            + ("_a" if attn else "") + ("_pr" if pair else "")
             + (f"_diag{DIAG}" if DIAG else ""))
     head = (f"#define BITS {bits}\n#define P {planes}\n#define FIELDS {32 // bits}\n#define WARPS {warps}\n"
             f"#define DEPTH {depth}\n#define BPI {bpi}\n#define TILES 1\n#define NT 1\n#define OFFSET 1\n#define TILED {int(tiled)}\n#define XMODE 0\n"
             f"#define PREF 0\n#define DIAG {DIAG}\n#define F16 {int(f16)}\n#define EXTRA {int(extra)}\n"
-            f"#define XSWZ {int(swz)}\n#define ATTN {int(attn)}\n"
+            f"#define XSWZ {int(swz)}\n#define ATTN {int(attn)}\n#define PAIR {int(pair)}\n"
             f"#define KERNEL_NAME {name}\n")
     if tma and bits == 8:  # thread t's words of a block row: chunks 2t and 2t + 1 (see TMA_SOURCE's loads)
         head += ("#define XIDX(ch, t, s) (8 * (t) + 4 * (ch) + (s))\n"  # and where XSWZ puts w = XIDX(ch, t, s)
@@ -1252,13 +1378,13 @@ _KERNELS: dict = {}
 
 
 def kernel(bits: int, planes: int, device: torch.device, warps: int, depth: int, tiled: bool, bpi: int,
-           tma: bool = False, f16: bool = False, extra: int = 0, attn: bool = False):
-    key = (bits, planes, warps, depth, tiled, bpi, tma, f16, extra, attn, device.index, DIAG, SWIZZLE)
+           tma: bool = False, f16: bool = False, extra: int = 0, attn: bool = False, pair: bool = False):
+    key = (bits, planes, warps, depth, tiled, bpi, tma, f16, extra, attn, pair, device.index, DIAG, SWIZZLE)
     if key not in _KERNELS:
         if torch.cuda.get_device_capability(device)[0] < (9 if tma else 8):
             raise RuntimeError("the chain kernel needs bf16 mma and cp.async (compute capability 8.0 or newer; "
                                "9.0 for the bulk-copy one)")
-        name, src = source(bits, planes, warps, depth, tiled, bpi, tma, f16, extra, attn)
+        name, src = source(bits, planes, warps, depth, tiled, bpi, tma, f16, extra, attn, pair)
         _KERNELS[key] = gemv_cuda.build(name, src, device, (warps + int(tma)) * 32)
     return _KERNELS[key]
 
@@ -1356,7 +1482,7 @@ class Chain:
 
     def __init__(self, phases: list[dict], device: torch.device, warps: int | None = None,
                  depth: int | None = None, bpi: int | None = None, tma: bool | None = None,
-                 f16: bool | None = None):
+                 f16: bool | None = None, pair: bool | None = None):
         from localgpt.generation.fast.quantize import Int4Linear
 
         if not 1 <= len(phases) <= MAXPH:
@@ -1383,7 +1509,13 @@ class Chain:
             raise ValueError("the bulk-copy chain takes int8 words with fp16 operands, 32 words a block")
         self.tma = tma
         defaults = (TMA_DEFAULTS if f16 else TMA_DEFAULTS_BF16)[bits] if tma else DEFAULTS[bits]
-        warps, bpi = warps or defaults[0], bpi or defaults[2]
+        # PAIR: int4, bulk copies, fp16 operands, every layer's blocks a row even (a tile's two halves)
+        pair_fits = tma and bits == 4 and f16 and all(layer.in_features // (planes * fields) % 2 == 0
+                                                      for layer in layers)
+        if pair and not pair_fits:
+            raise ValueError("pair: the bulk-copy int4 chain with fp16 operands, an even number of blocks a row")
+        self.pair = pair_fits and (PAIR if pair is None else pair)
+        warps, bpi = warps or defaults[0], 2 if self.pair else (bpi or defaults[2])
         if any(layer.in_features // (planes * fields) % bpi for layer in layers) and not tma:
             bpi = 1
         # every CTA resident at once (the grid barrier waits for all of them): one a multiprocessor this context
@@ -1422,7 +1554,8 @@ class Chain:
         # group (left out of Llama's kernels: their registers)
         extra = int(any(ph.get("xmode") == "ln" or ph.get("gelu_out") or ph.get("nobar") or ph.get("same")
                         for ph in phases))
-        self.fn = kernel(bits, planes, device, warps, depth, bits == 4, bpi, tma, f16, extra, attn is not None)
+        self.fn = kernel(bits, planes, device, warps, depth, bits == 4, bpi, tma, f16, extra, attn is not None,
+                         self.pair)
         self.smem = smem_bytes(bits, planes, warps, depth, bpi, kmax, maxt, tma, f16) + ascr
         if self.smem + 2048 + (16 * depth if tma else 0) > optin:
             raise ValueError(f"the chain needs {self.smem} bytes of shared memory; this GPU gives {optin}")
