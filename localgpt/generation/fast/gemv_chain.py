@@ -1002,10 +1002,11 @@ __device__ __forceinline__ void flush_pair(float* parts, int pr, int np, const f
     }
 }
 
-// Two blocks of int4 words (their (scale, zero) rows sc0 / sc1) against x0 / x1 (the same x where ``same``: loaded
-// once), into acc0 / acc1: mul_item's arithmetic, the two mma chains interleaved
+// Two blocks of int4 words (their (scale, zero) rows sc0 / sc1) against x0 / x1 (ONE_X: one x, loaded once; the
+// pairs' case), into acc0 / acc1: mul_item's arithmetic, the two mma chains interleaved
+template <bool ONE_X>
 __device__ __forceinline__ void mul_pair(const uint4 (&v0)[CHUNKS][2], const uint4 (&v1)[CHUNKS][2], uint2 sc0,
-                                         uint2 sc1, const XITEM* x0, const XITEM* x1, bool same, float4 xs0, float4 xs1,
+                                         uint2 sc1, const XITEM* x0, const XITEM* x1, float4 xs0, float4 xs1,
                                          int t, float (&acc0)[4], float (&acc1)[4]) {
     float c0[4] = {0.f, 0.f, 0.f, 0.f}, c1[4] = {0.f, 0.f, 0.f, 0.f};
     const u32 a0[4] = {v0[0][0].x, v0[0][0].y, v0[0][0].z, v0[0][0].w};
@@ -1015,7 +1016,7 @@ __device__ __forceinline__ void mul_pair(const uint4 (&v0)[CHUNKS][2], const uin
 #pragma unroll
     for (int s = 0; s < 4; ++s) {
         const XITEM xq0 = x0[XREAD(0, t, s)];
-        const XITEM xq1 = same ? xq0 : x1[XREAD(0, t, s)];
+        const XITEM xq1 = ONE_X ? xq0 : x1[XREAD(0, t, s)];
         const u32 w0 = a0[s], w1 = a1[s], w08 = w0 >> 8, w18 = w1 >> 8;
         const u32 u0 = b0[s], u1 = b1[s], u08 = u0 >> 8, u18 = u1 >> 8;
         mma16816h(c0, LO4(w0), LO4(w1), HI4(w0), HI4(w1), xq0.x, xq0.y);
@@ -1136,7 +1137,7 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
             const uint4* st = ring + s * STAGE_U4;
             const bool in = c + 2 * warp < nb;  // and so its second item (nb and c are even)
             uint4 v0[CHUNKS][2], v1[CHUNKS][2];
-            uint2 sc0 = make_uint2(0u, 0u), sc1 = make_uint2(0u, 0u);
+            uint2 sc0, sc1;
             if (in) {
                 v0[0][0] = st[warp * 64 + lane];
                 v0[0][1] = st[warp * 64 + 32 + lane];
@@ -1156,8 +1157,11 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
                     acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
                     acc1[0] = acc1[1] = acc1[2] = acc1[3] = 0.f;
                 }
-                const int b1 = pr < np ? b : b + half;
-                mul_pair(v0, v1, sc0, sc1, xp + b * P, xp + b1 * P, pr < np, XSB(xs, b), XSB(xs, b1), t, acc, acc1);
+                if (pr < np)  // a pair: block b of both tiles
+                    mul_pair<true>(v0, v1, sc0, sc1, xp + b * P, xp + b * P, XSB(xs, b), XSB(xs, b), t, acc, acc1);
+                else          // the odd tile: its blocks b and b + per / 2
+                    mul_pair<false>(v0, v1, sc0, sc1, xp + b * P, xp + (b + half) * P, XSB(xs, b), XSB(xs, b + half),
+                                    t, acc, acc1);
             }
             b += WARPS;
             while (pr < np && b >= per) { b -= per; ++pr; }
