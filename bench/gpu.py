@@ -895,7 +895,7 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
         # (the norms and silu·up as their own kernels, not in the GEMVs' prologues), "+nochain" (a launch a GEMV,
         # not gemv_chain's one a layer; "+nochain8": int8 layers not chained; "+ring": the chain's cp.async ring kernel,
         # not the bulk-copy one, on Hopper; "+attn" / "+noattn": the attention as every / no chain's first phase (default:
-        # int8's, transformer.CHAIN_ATTN);
+        # int8's, transformer.CHAIN_ATTN); "+pair": int4's chain taking its tiles two at a time (gemv_chain.PAIR);
         # "+bf16" / "+int8f16": the chain's mma operands bf16 / fp16 for int8 only (default: fp16); "+nopad8": int8 inputs
         # not padded to whole 128-column blocks (LOCALGPT_INT8_PAD=0); "+alt": the chain of
         # --alt-chain's gemv_chain.py, for a same-call A/B; "+oldattn": the step's attention by rope_store +
@@ -965,6 +965,7 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                 # int8 chained unless "+nochain8"
                 transformer.CHAIN_INT8 = "nochain8" not in flags
                 gemv_chain.TMA = "ring" not in flags  # "+ring": the chain's cp.async ring kernel on Hopper too
+                gemv_chain.PAIR = "pair" in flags  # "+pair": int4's tiles two at a time (gemv_chain.PAIR)
                 # "+attn": the attention as every chain's first phase, "+noattn": in none; else the default
                 transformer.CHAIN_ATTN = "1" if "attn" in flags else "0" if "noattn" in flags else "auto"
                 transformer.STEP_ATTN = "oldattn" not in flags  # "+oldattn": rope_store + decode_attention
@@ -981,6 +982,7 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                     quantize.PROLOGUE = True
                     transformer.CHAIN, transformer.CHAIN_INT8 = True, True
                     gemv_chain.TMA = True
+                    gemv_chain.PAIR = False
                     transformer.CHAIN_ATTN = "auto"
             entry[name]["kernels"] = kernels + (f"; the step's GEMVs in gemv_chain ({net.chain_kernel}"
                                                   + (", attention in it)" if net._chain.attn else ")")
