@@ -265,13 +265,14 @@ __device__ __forceinline__ void put_cols(XITEM* xp, float* xs, int i, bool in, c
 
 
 #if ATTN
-// --- the attention of one decode step as a phase (xmode 3), and its parts' combine as the next one's input (4) ---
+// --- the attention of one decode step as a phase (xmode 3; kernels with ATTN only) ---
 // Work item (head h, chunk c) of heads x chunks, one CTA at a time: query head h (rotated, rounded to bf16, as
 // slot_triton.rope_store) against cache positions [c cs, (c + 1) cs) of 0..pos of its kv head, the position pos
 // itself from the qkv row (its k rotated and rounded; the item of the kv group's first head and the last chunk
 // writes k and v into the caches). Each warp keeps a running (max, sum, out) over its positions, the CTA merges
-// its warps' into ws[h][c] = (m, l, o[hd]) in fp32; the next phase's staging merges the chunks (as
-// _attention_combine_kernel) into bf16 and the GEMV input. A lane holds hd / 32 consecutive dims (hd 64 or 128).
+// its warps' into ws[h][c] = (m, l, o[hd]) in fp32, and the last of a head's chunks to finish merges them (as
+// slot_triton's combine) into the head's bf16 row of the phase's output, the next phase's plain input. A lane
+// holds hd / 32 consecutive dims (hd 64 or 128).
 #define ADL 4  // most dims a lane
 #define NEG_INF __int_as_float(0xff800000)
 
