@@ -1056,7 +1056,8 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
 
     if (warp == WARPS) {
         // The producer: each phase's run of tiles is one contiguous span of words (tiled layout) and one of
-        // (scale, zero) rows (the chain's tile-major copy), cut into stages of SBLK blocks.
+        // (scale, zero) rows (the chain's tile-major copy), cut into stages of SBLK blocks (PAIR: each stage's
+        // blocks in one copy a tile and slot, pair_copies).
         if (lane == 0) {
 #if ATTN
             // the attention is on the critical path: the words stream after it (streaming during it, or from each
