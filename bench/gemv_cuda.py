@@ -98,7 +98,7 @@ CHAIN_SHAPES = {"int4": [(16, 2, 2), (16, None, 1, True), (16, None, 2, True), (
 def shape_label(shape) -> str:
     f16 = "" if len(shape) < 5 or shape[4] is None else (" f16" if shape[4] else " bf16")
     return ("chain tma" if len(shape) > 3 and shape[3] else "chain") + (
-        f" w{shape[0]} d{shape[1] or 'max'} b{shape[2]}") + f16 + (" pair" if len(shape) > 5 and shape[5] else "")
+        f" w{shape[0]} d{shape[1] or 'max'} b{shape[2]}") + f16
 
 
 def trace_summary(label: str, trace: torch.Tensor, n_phases: int = 4) -> str:
@@ -220,7 +220,7 @@ def chain(kinds: list[str], n_layers: int, depths: tuple[int, ...] = (2,), sweep
                 ("qkv", 3 * dim), ("o", dim), ("ra", dim), ("rb", dim), ("gu", 2 * inner), ("d", dim))}
             chains = [Chain([dict(layer=layers[0]["wqkv"], x=bufs["ra"], out=bufs["qkv"], xmode="rms",
                                   norm=layers[0]["n1"])], torch.device("cuda"), *shape[:3], tma=tma_of(shape),
-                            f16=f16_of(shape), **pair_of(shape))]
+                            f16=f16_of(shape))]
             st = attention_state() if attn else {}
             for i, b in enumerate(layers):
                 ph = [dict(layer=b["wo"], x=st["att"] if attn else bufs["qkv"][:dim], out=bufs["o"])]
@@ -235,8 +235,7 @@ def chain(kinds: list[str], n_layers: int, depths: tuple[int, ...] = (2,), sweep
                 if i + 1 < len(layers):
                     ph.append(dict(layer=layers[i + 1]["wqkv"], x=bufs["rb"], y=bufs["d"], norm=layers[i + 1]["n1"],
                                    xsum=bufs["ra"], out=bufs["qkv"], xmode="rms"))
-                chains.append(Chain(ph, torch.device("cuda"), *shape[:3], tma=tma_of(shape), f16=f16_of(shape),
-                                    **pair_of(shape)))
+                chains.append(Chain(ph, torch.device("cuda"), *shape[:3], tma=tma_of(shape), f16=f16_of(shape)))
 
             def run():
                 bufs["ra"].copy_(x0.view(-1))
@@ -260,7 +259,7 @@ def chain(kinds: list[str], n_layers: int, depths: tuple[int, ...] = (2,), sweep
             if shape is None:
                 return lambda: [prologue_gemv(b[name], xin.view(1, -1), "plain") for b in layers]
             chains = [Chain([dict(layer=b[name], x=xin, out=out)], torch.device("cuda"), *shape[:3],
-                            tma=tma_of(shape), f16=f16_of(shape), **pair_of(shape)) for b in layers]
+                            tma=tma_of(shape), f16=f16_of(shape)) for b in layers]
             return lambda: [c() for c in chains]
 
         runs = [("separate", separate, depths[0], True)] + [("prologue", prologue, d, True) for d in depths]
@@ -278,9 +277,6 @@ def chain(kinds: list[str], n_layers: int, depths: tuple[int, ...] = (2,), sweep
 
         def f16_of(shape):  # a fifth value: fp16 operands (1) or bf16 (0); none: gemv_chain.F16
             return None if len(shape) < 5 or shape[4] is None else bool(shape[4])
-
-        def pair_of(shape):  # a sixth value: 1 for int4's tiles two at a time (gemv_chain.PAIR); the module's default
-            return {"pair": bool(shape[5])} if len(shape) > 5 and shape[5] is not None else {}
 
         shapes_run = CHAIN_SHAPES[kind] if not diag else CHAIN_SHAPES[kind][:2]
         if chain_shapes:
@@ -388,8 +384,8 @@ def main() -> None:
     parser.add_argument("--chain-diag", action="store_true",
                         help="--chain: gemv_chain without its multiply / staging, and each shape alone")
     parser.add_argument("--chain-shapes", default="",
-                        help='--chain: "warps,depth,bpi[,tma[,f16[,pair]]];..." instead of CHAIN_SHAPES (depth "max": '
-                             'all that fit; f16 1 / 0: fp16 / bf16 operands; pair 1: int4 tiles two at a time)')
+                        help='--chain: "warps,depth,bpi[,tma[,f16]];..." instead of CHAIN_SHAPES (depth "max": '
+                             'all that fit; f16 1 / 0: fp16 / bf16 operands)')
     parser.add_argument("--chain-attn", type=int, default=0,
                         help="--chain: also with the attention at this position, as a phase and as its own kernels")
     parser.add_argument("--chain-diags", default="", help="--chain: these DIAG values for each shape (e.g. 0,15)")

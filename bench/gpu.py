@@ -35,6 +35,7 @@ from localgpt.generation.fast.quantize import decode_kernels, quantize_model, us
 
 import alt_chain  # noqa: E402  (bench/, this script's folder)
 
+STEP_MIN_CACHE: dict = {}  # slot_triton.STEP_ATTENTION_MIN_CACHE's default, for the rows without "+stepattn"
 ALT_CHAIN = {"mod": None}  # --alt-chain's gemv_chain module, for the "+alt" rows
 
 PROMPTS = (512, 2048, 8192)
@@ -895,7 +896,8 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
         # (the norms and silu·up as their own kernels, not in the GEMVs' prologues), "+nochain" (a launch a GEMV,
         # not gemv_chain's one a layer; "+nochain8": int8 layers not chained; "+ring": the chain's cp.async ring kernel,
         # not the bulk-copy one, on Hopper; "+attn" / "+noattn": the attention as every / no chain's first phase (default:
-        # int8's, transformer.CHAIN_ATTN); "+pair": int4's chain taking its tiles two at a time (gemv_chain.PAIR);
+        # int8's, transformer.CHAIN_ATTN); "+nopdl": plain launches, not programmatic dependent ones (gemv_chain.PDL);
+        # "+stepattn": step_attention at every cache length (slot_triton.STEP_ATTENTION_MIN_CACHE 0);
         # "+bf16" / "+int8f16": the chain's mma operands bf16 / fp16 for int8 only (default: fp16); "+nopad8": int8 inputs
         # not padded to whole 128-column blocks (LOCALGPT_INT8_PAD=0); "+alt": the chain of
         # --alt-chain's gemv_chain.py, for a same-call A/B; "+oldattn": the step's attention by rope_store +
@@ -965,7 +967,14 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                 # int8 chained unless "+nochain8"
                 transformer.CHAIN_INT8 = "nochain8" not in flags
                 gemv_chain.TMA = "ring" not in flags  # "+ring": the chain's cp.async ring kernel on Hopper too
-                gemv_chain.PAIR = "pair" in flags  # "+pair": int4's tiles two at a time (gemv_chain.PAIR)
+                # "+nopdl": the chain and the attention's kernels as plain launches, not programmatic dependent ones
+                gemv_chain.PDL = "nopdl" not in flags
+                from localgpt.generation.fast import slot_triton
+
+                # "+stepattn": step_attention's one kernel (and the merge) at every cache length, not rope_store +
+                # decode_attention up to STEP_ATTENTION_MIN_CACHE positions of a one-kv-head-a-head model
+                min_cache = STEP_MIN_CACHE.setdefault("default", slot_triton.STEP_ATTENTION_MIN_CACHE)
+                slot_triton.STEP_ATTENTION_MIN_CACHE = 0 if "stepattn" in flags else min_cache
                 # "+attn": the attention as every chain's first phase, "+noattn": in none; else the default
                 transformer.CHAIN_ATTN = "1" if "attn" in flags else "0" if "noattn" in flags else "auto"
                 transformer.STEP_ATTN = "oldattn" not in flags  # "+oldattn": rope_store + decode_attention
@@ -982,7 +991,6 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                     quantize.PROLOGUE = True
                     transformer.CHAIN, transformer.CHAIN_INT8 = True, True
                     gemv_chain.TMA = True
-                    gemv_chain.PAIR = False
                     transformer.CHAIN_ATTN = "auto"
             entry[name]["kernels"] = kernels + (f"; the step's GEMVs in gemv_chain ({net.chain_kernel}"
                                                   + (", attention in it)" if net._chain.attn else ")")

@@ -8,6 +8,9 @@ come back identical from the on-disk cache. GPU tests are marked ``gpu`` and ski
 
 from __future__ import annotations
 
+import ctypes
+import importlib.util
+
 import pytest
 import torch
 
@@ -862,11 +865,11 @@ def _llama_layer_gemvs(mode: str, dim: int, inner: int):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode,tma,f16,pair", [("int4", False, True, False), ("int4", True, True, False),
-                                              ("int4", True, False, False), ("int4", True, True, True),
-                                              ("int8", False, True, False), ("int8", False, False, False),
-                                              ("int8", True, True, False)])
-def test_gpu_chain_runs_a_layers_gemvs_in_one_launch_as_the_prologue_kernels_do(mode, tma, f16, pair):
+@pytest.mark.parametrize("mode,tma,f16,pdl", [("int4", False, True, True), ("int4", True, True, True),
+                                             ("int4", True, False, True), ("int4", True, True, False),
+                                             ("int8", False, True, True), ("int8", False, False, True),
+                                             ("int8", True, True, True)])
+def test_gpu_chain_runs_a_layers_gemvs_in_one_launch_as_the_prologue_kernels_do(monkeypatch, mode, tma, f16, pdl):
     """gemv_chain.Chain (the GEMVs from one attention to the next in one persistent launch: the words of all of them
     streamed through shared memory, by every warp's cp.async ring or, tma, by one producer thread's bulk copies
     on Hopper, int8's by a tensor map a phase; a grid barrier between) against quantize.prologue_gemv's launch a
@@ -874,15 +877,17 @@ def test_gpu_chain_runs_a_layers_gemvs_in_one_launch_as_the_prologue_kernels_do(
     of a row are added in another order), launches again and CUDA-graph replays bit-identical to the first run
     (the barrier and the row counters reset themselves; the sums' order is fixed). f16: fp16 mma operands
     (the default but for the ring kernel's int4) or bf16; with fp16, inputs past fp16's range (a block scaled by a power of two)
-    and below its normal range as well. pair: int4's tiles two at a time (gemv_chain.PAIR, opt-in; a CTA's odd last
-    tile in halves: 256 and 1,376 tiles over the GPU's CTAs leave some with one, some with an odd count)."""
+    and below its normal range as well. pdl: the bulk-copy kernel as a programmatic dependent launch (the default)
+    or a plain one; the graph replays it after the kernels that zero its outputs, which it must wait for."""
     _needs_cuda()
     pytest.importorskip("triton")
     if tma and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the bulk-copy chain needs Hopper (compute capability 9.0)")
+    from localgpt.generation.fast import gemv_chain
     from localgpt.generation.fast.gemv_chain import Chain
     from localgpt.generation.fast.quantize import prologue_gemv
 
+    monkeypatch.setattr(gemv_chain, "PDL", pdl)
     dim, inner = 4096, 11008
     layers, n1, n2 = _llama_layer_gemvs(mode, dim, inner)
     x = torch.randn(dim, device="cuda", dtype=torch.bfloat16)
@@ -894,8 +899,8 @@ def test_gpu_chain_runs_a_layers_gemvs_in_one_launch_as_the_prologue_kernels_do(
                         xmode="rms"),
                    dict(layer=layers["down"], x=buf["h"], out=buf["d"], xmode="swiglu"),
                    dict(layer=layers["q"], x=buf["x2"], norm=n1, out=buf["b"], xmode="rms")], torch.device("cuda"),
-                  tma=tma, f16=f16, pair=pair)
-    assert chain.tma == tma and chain.f16 == f16 and chain.pair == pair and (chain.shape[2] == 2 or not pair)
+                  tma=tma, f16=f16)
+    assert chain.tma == tma and chain.f16 == f16 and chain.pdl == (pdl and tma)
     names = ("x1", "a", "x2", "h", "d", "b")
     with torch.inference_mode():
         a, x1 = prologue_gemv(layers["q"], x.view(1, -1), "rms", y.view(1, -1), n1)
@@ -918,10 +923,12 @@ def test_gpu_chain_runs_a_layers_gemvs_in_one_launch_as_the_prologue_kernels_do(
             assert torch.equal(buf[name], first[name]), name
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
+            for v in buf.values():
+                v.zero_()
             chain()
         for _ in range(3):
             for v in buf.values():
-                v.zero_()
+                v.fill_(1.0)
             graph.replay()
             torch.cuda.synchronize()
             for name in names:
@@ -930,7 +937,7 @@ def test_gpu_chain_runs_a_layers_gemvs_in_one_launch_as_the_prologue_kernels_do(
         big = torch.randn(dim, device="cuda", dtype=torch.bfloat16)
         big[3], big[200], big[1000] = 7.0e4, -3.0e5, 4.0e4
         big[2048:2176] *= 1e-6
-        one = Chain([dict(layer=layers["q"], x=big, out=buf["b"])], torch.device("cuda"), tma=tma, f16=f16, pair=pair)
+        one = Chain([dict(layer=layers["q"], x=big, out=buf["b"])], torch.device("cuda"), tma=tma, f16=f16)
         one()
         w = prologue_gemv(layers["q"], big.view(1, -1), "plain")[0].float().view(-1)
         rel = float((buf["b"].float() - w).norm() / w.norm())
@@ -1207,13 +1214,16 @@ def test_chain_kernel_choices_fall_back_from_fp16_to_bf16_operands_before_leavin
     assert Transformer._chain_tries() == [(None, None), (False, None)]
 
 
-def test_int8_chains_take_the_attention_and_a_deeper_ring_by_default(monkeypatch):
-    """Round 16's defaults: an int8 chain runs the step's attention as its first phase and streams its words through
-    6 bulk-copy stages (its consumers outrun the copy engine, so a deeper ring banks more of each phase's wait); an
-    int4 chain keeps the attention's own kernels and 4 stages; LOCALGPT_GEMV_CHAIN_ATTN=1 / 0 puts the attention in
-    every chain / none. The kernels without the attention phase carry none of its code; the unmeasured PAIR kernel
-    is off unless asked for."""
-    from localgpt.generation.fast import gemv_chain, transformer
+def test_chain_defaults_attention_ring_and_dependent_launches(monkeypatch):
+    """Rounds 16-17's defaults: an int8 chain runs the step's attention as its first phase and streams its words
+    through 6 bulk-copy stages (its consumers outrun the copy engine, so a deeper ring banks more of each phase's
+    wait); an int4 chain keeps the attention's own kernels, 4 stages of two blocks a warp; LOCALGPT_GEMV_CHAIN_ATTN=1
+    / 0 puts the attention in every chain / none. The kernels without the attention phase carry none of its code.
+    The bulk-copy kernel is a programmatic dependent launch: it lets the next kernel start (launch_dependents) and
+    its consumers wait for the one before (griddepcontrol.wait) before they read the step's buffers, and the
+    launcher's structs match cuda.h's CUlaunchAttribute (72 bytes) and CUlaunchConfig (56); the step's attention
+    kernels take the same switch, never under the Triton interpreter or off CUDA."""
+    from localgpt.generation.fast import gemv_chain, gemv_cuda, transformer
     from localgpt.generation.fast.transformer import Transformer
 
     assert transformer.CHAIN_ATTN == "auto"
@@ -1222,18 +1232,22 @@ def test_int8_chains_take_the_attention_and_a_deeper_ring_by_default(monkeypatch
     assert Transformer._attention_in_chain(False)
     monkeypatch.setattr(transformer, "CHAIN_ATTN", "0")
     assert not Transformer._attention_in_chain(True)
-    assert gemv_chain.TMA_DEFAULTS == {4: (15, 4, 1), 8: (15, 6, 1)}
+    assert gemv_chain.TMA_DEFAULTS == {4: (15, 4, 2), 8: (15, 6, 1)}
     name, src = gemv_chain.source(8, 32, 15, 6, False, 1, tma=True, f16=True, attn=True)
     assert name.endswith("_a") and "#define ATTN 1" in src
     name, src = gemv_chain.source(8, 32, 15, 6, False, 1, tma=True, f16=True)
     assert not name.endswith("_a") and "#define ATTN 0" in src
-    # int4's tiles two at a time (PAIR): opt-in, and only the bulk-copy int4 kernel with fp16 operands takes it
-    assert not gemv_chain.PAIR
-    name, src = gemv_chain.source(4, 16, 15, 4, True, 2, tma=True, f16=True, pair=True)
-    assert name.endswith("_pr") and "#define PAIR 1" in src
-    for bits, planes, tma, f16 in ((8, 32, True, True), (4, 16, False, True), (4, 16, True, False)):
-        with pytest.raises(ValueError, match="PAIR"):
-            gemv_chain.source(bits, planes, 15, 4, bits == 4, 2, tma=tma, f16=f16, pair=True)
+    assert gemv_chain.PDL
+    body = src[src.index("KERNEL_NAME(const Phase*"):]
+    # the producer (warp WARPS) returns before the consumers' wait; their first phase comes after it
+    assert body.index("griddepcontrol.launch_dependents") < body.index("if (warp == WARPS)") < body.index(
+        "griddepcontrol.wait") < body.index("begin_phase(")
+    assert ctypes.sizeof(gemv_cuda._LaunchAttribute) == 72 and ctypes.sizeof(gemv_cuda._LaunchConfig) == 56
+    assert gemv_cuda._LaunchConfig.hStream.offset == 32 and gemv_cuda._LaunchConfig.numAttrs.offset == 48
+    if importlib.util.find_spec("triton") is not None:
+        from localgpt.generation.fast import slot_triton
+
+        assert not slot_triton.gdc(torch.device("cpu"))
 
 
 @pytest.mark.gpu

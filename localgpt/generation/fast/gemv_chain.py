@@ -21,6 +21,10 @@ Here one launch runs the phases ``wo -> w_in -> w_out -> the next layer's wqkv``
 - The decode attention may be the launch's first phase (``Transformer``'s LOCALGPT_GEMV_CHAIN_ATTN: by default in
   int8 chains): rotary and cache write, the attention over positions 0..pos in chunks across the CTAs, the last
   chunk of a head merging them (``attention``; compiled only into the kernels that run it, ``ATTN``).
+- The bulk-copy kernel is a programmatic dependent launch (``PDL``, as are the step's attention kernels,
+  ``slot_triton.gdc``): it lets the stream's next kernel onto each multiprocessor it leaves, its producer streams
+  the words before the kernel before it has ended, and its consumers ``griddepcontrol.wait`` for that kernel
+  before they touch the step's buffers.
 
 The multiply of a block: with fp16 operands (``F16``, the default for int4 and int8, see ``put_cols``) a nibble or
 byte pair made fp16 by one ``lop3`` is an A fragment of ``mma.sync.m16n8k16`` (int4: the odd nibbles need no shift;
@@ -49,6 +53,8 @@ default's multiply alone (no loads, staging or barriers) is 1,036 us against 917
 barriers 107. Round 16: int8's multiply alone is 1,092 us against ~1,540 of streaming its words (int4's 1,017 against
 917), so int8's consumers outrun the copy engine and a deeper ring banks more of each phase's wait: 6 stages 2,171
 against 2,292 us, and with the attention as the first phase the engine's int8 step went 367.3 -> 394.4 tok/s (0.68).
+Round 17: int4 two blocks a warp a stage, 1,420-1,424 us against 1,452-1,460 (one); the dependent launches, int4's
+engine 549.7 -> 577.3 tok/s (580.8-581.4 with both), int8's 394.8 -> 399.3.
 """
 
 from __future__ import annotations
@@ -957,78 +963,6 @@ __device__ __forceinline__ void bulk(u32 dst, const void* src, u32 bytes, u32 b,
                  :: "r"(dst), "l"(src), "r"(bytes), "r"(b), "l"(policy) : "memory");
 }
 
-#if PAIR
-// PAIR (int4, fp16 operands, two blocks a warp a stage): a CTA's run of tiles taken two at a time, a warp's two blocks
-// of a stage block b of both tiles of a pair, so they share the staged x (one set of x loads, two independent mma
-// chains: 2 KiB a warp-step as int8's); a CTA's odd last tile in its two halves (blocks b and b + per / 2). Run item
-// j: pair pr = j / (2 per) of np, block (j % (2 per)) / 2 of its tile t0 + 2 pr + j % 2; past the pairs, j' = j - 2
-// per np: block j' / 2 + (j' % 2) per / 2 of tile t0 + 2 np. A stage holds slot 0 of its warps' items, then slot 1
-// (stage block tt WARPS + w), so each tile's consecutive blocks land together: one bulk copy a tile and slot.
-__device__ __forceinline__ void pair_copies(u32 st, const Phase& ph, int t0, int per, int np, int c, int n, u32 bar,
-                                            u64 policy) {
-    const int half = per / 2;
-    for (int tt = 0; tt < 2; ++tt) {
-        const int nw = n / 2;  // n is even (whole tiles of an even number of blocks)
-        int w = 0;
-        while (w < nw) {
-            const int item = c + 2 * w + tt, pr = item / (2 * per);
-            int tile, b, left;
-            if (pr < np) {
-                tile = t0 + 2 * pr + tt;
-                b = item % (2 * per) / 2;
-                left = per - b;
-            } else {
-                tile = t0 + 2 * np;
-                b = (item - 2 * per * np) / 2 + tt * half;
-                left = (tt ? per : half) - b;
-            }
-            const int len = min(left, nw - w);
-            const long blk = (long)tile * per + b;
-            bulk(st + (tt * WARPS + w) * 1024, (const char*)ph.w + blk * 1024, len * 1024, bar, policy);
-            bulk(st + SBLK_U4 * 16 + (tt * WARPS + w) * 64, (const char*)ph.sz + blk * 64, len * 64, bar, policy);
-            w += len;
-        }
-    }
-}
-
-// A warp's part of pair pr into the CTA's slots: the pair's two tiles, or (pr = np) both halves of the odd tile
-__device__ __forceinline__ void flush_pair(float* parts, int pr, int np, const float (&a0)[4], const float (&a1)[4],
-                                           int warp, int g, int t) {
-    if (pr < np) {
-        flush(parts, 2 * pr, a0, warp, g, t);
-        flush(parts, 2 * pr + 1, a1, warp, g, t);
-    } else {
-        const float sum[4] = {a0[0] + a1[0], a0[1] + a1[1], a0[2] + a1[2], a0[3] + a1[3]};
-        flush(parts, 2 * np, sum, warp, g, t);
-    }
-}
-
-// Two blocks of int4 words (their (scale, zero) rows sc0 / sc1) against x0 / x1 (ONE_X: one x, loaded once; the
-// pairs' case), into acc0 / acc1: mul_item's arithmetic, the two mma chains interleaved
-template <bool ONE_X>
-__device__ __forceinline__ void mul_pair(const uint4 (&v0)[CHUNKS][2], const uint4 (&v1)[CHUNKS][2], uint2 sc0,
-                                         uint2 sc1, const XITEM* x0, const XITEM* x1, float4 xs0, float4 xs1,
-                                         int t, float (&acc0)[4], float (&acc1)[4]) {
-    float c0[4] = {0.f, 0.f, 0.f, 0.f}, c1[4] = {0.f, 0.f, 0.f, 0.f};
-    const u32 a0[4] = {v0[0][0].x, v0[0][0].y, v0[0][0].z, v0[0][0].w};
-    const u32 a1[4] = {v0[0][1].x, v0[0][1].y, v0[0][1].z, v0[0][1].w};
-    const u32 b0[4] = {v1[0][0].x, v1[0][0].y, v1[0][0].z, v1[0][0].w};
-    const u32 b1[4] = {v1[0][1].x, v1[0][1].y, v1[0][1].z, v1[0][1].w};
-#pragma unroll
-    for (int s = 0; s < 4; ++s) {
-        const XITEM xq0 = x0[XREAD(0, t, s)];
-        const XITEM xq1 = ONE_X ? xq0 : x1[XREAD(0, t, s)];
-        const u32 w0 = a0[s], w1 = a1[s], w08 = w0 >> 8, w18 = w1 >> 8;
-        const u32 u0 = b0[s], u1 = b1[s], u08 = u0 >> 8, u18 = u1 >> 8;
-        mma16816h(c0, LO4(w0), LO4(w1), HI4(w0), HI4(w1), xq0.x, xq0.y);
-        mma16816h(c1, LO4(u0), LO4(u1), HI4(u0), HI4(u1), xq1.x, xq1.y);
-        mma16816h(c0, LO4(w08), LO4(w18), HI4(w08), HI4(w18), xq0.z, xq0.w);
-        mma16816h(c1, LO4(u08), LO4(u18), HI4(u08), HI4(u18), xq1.z, xq1.w);
-    }
-    block_scale(c0, sc0, xs0, acc0);
-    block_scale(c1, sc1, xs1, acc1);
-}
-#endif
 
 extern "C" __global__ void __launch_bounds__((WARPS + 1) * 32, 1)
 KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int maxt, int kmax,
@@ -1046,6 +980,9 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();
+    // Programmatic dependent launch (Chain(pdl=True)): the next kernel of the stream may be scheduled on each
+    // multiprocessor this launch leaves (it waits for this one to finish before it reads what this one writes)
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
     // [DEPTH][STAGE_U4] from a 1 KiB boundary (the swizzle of int8's boxes is of the shared address)
     uint4* ring = smem + ((1024 - (saddr(smem) & 1023)) & 1023) / 16;
     uint4* xp16 = ring + DEPTH * STAGE_U4;
@@ -1056,8 +993,7 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
 
     if (warp == WARPS) {
         // The producer: each phase's run of tiles is one contiguous span of words (tiled layout) and one of
-        // (scale, zero) rows (the chain's tile-major copy), cut into stages of SBLK blocks (PAIR: each stage's
-        // blocks in one copy a tile and slot, pair_copies).
+        // (scale, zero) rows (the chain's tile-major copy), cut into stages of SBLK blocks.
         if (lane == 0) {
 #if ATTN
             // the attention is on the critical path: the words stream after it (streaming during it, or from each
@@ -1082,9 +1018,6 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
                     const u32 st = ring0 + s * STAGE_U4 * 16;
 #if DIAG & 32
                     mb_arrive(full0 + 8 * s);  // no words: the consumers' own cost
-#elif PAIR
-                    mb_expect(full0 + 8 * s, n * 1088);
-                    pair_copies(st, ph, t0, per, (t1 - t0) / 2, c, n, full0 + 8 * s, policy);
 #elif BITS == 4
                     mb_expect(full0 + 8 * s, n * 1088);
                     bulk(st, ws + (long)c * 1024, n * 1024, full0 + 8 * s, policy);
@@ -1104,6 +1037,9 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
         return;
     }
 
+    // the kernels before this one in the stream done and their writes seen (a no-op unless launched with PDL;
+    // the producer's words are the model's, which no kernel of a step writes, so it streams from the start)
+    asm volatile("griddepcontrol.wait;" ::: "memory");
     int s = 0;
     u32 r = 0;
     // the attention (phase 0 only: out of the loop, whose registers it would crowd) while the ring fills
@@ -1126,50 +1062,6 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
         int t0, t1;
         cta_tiles(ph, t0, t1);
         const int per = ph.K / COLS, nb = (t1 - t0) * per;
-#if PAIR
-        // this warp's items of each stage, c + 2 warp and c + 2 warp + 1: block b of local pair pr's two tiles (or,
-        // pr = np, blocks b and b + per / 2 of the odd last tile), b advanced WARPS a stage
-        const int np = (t1 - t0) / 2, half = per / 2;
-        int pr = 0, b = warp, cur = -1;
-        while (pr < np && b >= per) { b -= per; ++pr; }
-        float acc[4] = {0.f, 0.f, 0.f, 0.f}, acc1[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll 1
-        for (int c = 0; c < nb; c += SBLK) {
-            mb_wait(full0 + 8 * s, r);
-            const uint4* st = ring + s * STAGE_U4;
-            const bool in = c + 2 * warp < nb;  // and so its second item (nb and c are even)
-            uint4 v0[CHUNKS][2], v1[CHUNKS][2];
-            uint2 sc0, sc1;
-            if (in) {
-                v0[0][0] = st[warp * 64 + lane];
-                v0[0][1] = st[warp * 64 + 32 + lane];
-                v1[0][0] = st[(WARPS + warp) * 64 + lane];
-                v1[0][1] = st[(WARPS + warp) * 64 + 32 + lane];
-                const u32* z = (const u32*)(st + SBLK_U4);
-                sc0 = make_uint2(z[warp * 16 + g], z[warp * 16 + g + 8]);
-                sc1 = make_uint2(z[(WARPS + warp) * 16 + g], z[(WARPS + warp) * 16 + g + 8]);
-            }
-            __syncwarp();
-            if (lane == 0) mb_arrive(empty0 + 8 * s);  // its words are in registers: the producer may refill it
-            if (++s == DEPTH) { s = 0; r ^= 1; }
-            if (in) {
-                if (pr != cur) {
-                    if (cur >= 0) flush_pair(parts, cur, np, acc, acc1, warp, g, t);
-                    cur = pr;
-                    acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
-                    acc1[0] = acc1[1] = acc1[2] = acc1[3] = 0.f;
-                }
-                if (pr < np)  // a pair: block b of both tiles
-                    mul_pair<true>(v0, v1, sc0, sc1, xp + b * P, xp + b * P, XSB(xs, b), XSB(xs, b), t, acc, acc1);
-                else          // the odd tile: its blocks b and b + per / 2
-                    mul_pair<false>(v0, v1, sc0, sc1, xp + b * P, xp + (b + half) * P, XSB(xs, b), XSB(xs, b + half),
-                                    t, acc, acc1);
-            }
-            b += WARPS;
-            while (pr < np && b >= per) { b -= per; ++pr; }
-        }
-        if (cur >= 0) flush_pair(parts, cur, np, acc, acc1, warp, g, t);
-#else
         // block j = warp BPI + b of each stage: local tile tl[b], block blk[b] of it, advanced SBLK a stage
         int tl[BPI], blk[BPI];
 #pragma unroll
@@ -1224,7 +1116,6 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
             }
         }
         if (tile >= 0) flush(parts, tile, acc, warp, g, t);
-#endif
         CSYNC();
         if (tid == 0) note(trace, p, 2);
 #if !(DIAG & 8)
@@ -1311,12 +1202,14 @@ DEFAULTS = {4: (16, 2, 2), 8: (16, 2, 1)}
 # threads, so 128 registers a thread (16 + 1 warps get 96, and spilled with 2 blocks); 4 stages of 30 KiB
 # (bench/gemv_cuda.py --chain: 1,537 us a step against 1,587 for (16, 4, 1), 1,596 with 5 stages, 1,693 for the
 # ring kernel). LOCALGPT_GEMV_CHAIN_TMA=0 takes the ring kernel on Hopper too.
-# int4 with fp16 operands: one block a warp a stage (15 KiB stages), 1,455-1,466 us a step against 1,524 with two
-# (round 15); bf16 operands keep two. int8: a block is 2 KiB, so one a warp makes the same 30 KiB stage.
+# int4 with fp16 operands: two blocks a warp a stage (30 KiB stages; round 17: 1,420-1,424 us a step against
+# 1,452-1,460 with one, the engine 557.8-569.5 against 549.6-549.7 tok/s). Round 15 had one ahead (1,455-1,466
+# against 1,524), before round 16 left the attention's code out of these kernels and their registers moved. int8:
+# a block is 2 KiB, so one a warp makes the same 30 KiB stage.
 # int8: 6 stages (180 KiB; as many as fit): its consumers outrun the copy engine (a step's multiply alone 1,092 us
 # against ~1,540 of streaming), so a deeper ring banks more of each phase's wait: 2,171 against 2,292 us (round 16).
 # int4's do not (1,017 against 917): 6 stages 1,461 against 1,451.
-TMA_DEFAULTS = {4: (15, 4, 1), 8: (15, 6, 1)}
+TMA_DEFAULTS = {4: (15, 4, 2), 8: (15, 6, 1)}
 TMA_DEFAULTS_BF16 = {4: (15, 4, 2), 8: (15, 4, 1)}
 MAX_STAGES = 32
 TMA = os.environ.get("LOCALGPT_GEMV_CHAIN_TMA", "1") != "0"
@@ -1338,10 +1231,12 @@ DIAG = 0
 # The staged input's items by sub-step, then thread, for fp16 operands (XREAD / XPHYS in the source: x loads without
 # bank conflicts); LOCALGPT_GEMV_CHAIN_SWIZZLE=0 keeps the plain order
 SWIZZLE = os.environ.get("LOCALGPT_GEMV_CHAIN_SWIZZLE", "1") != "0"
-# int4's bulk-copy chain with fp16 operands taking a CTA's tiles two at a time (PAIR in the source: a warp's two
-# blocks of a stage share the staged x; 2 KiB a warp-step, as int8's, whose per-block cost is the same: round 16).
-# Built without a GPU, not measured yet: opt-in (LOCALGPT_GEMV_CHAIN_PAIR=1), ``Chain(pair=True)``.
-PAIR = os.environ.get("LOCALGPT_GEMV_CHAIN_PAIR", "0") == "1"
+# The bulk-copy kernel launched as a programmatic dependent launch (cuLaunchKernelEx, sm_90), and the step's
+# attention kernels too (slot_triton.gdc): each kernel's CTAs start on the multiprocessors the one before it leaves
+# (the chain's producer streams the words meanwhile), and wait (griddepcontrol.wait) before they touch anything a
+# step writes. Llama-2-7B int4 549.7 -> 577.3 tok/s, int8 394.8 -> 399.3; Falcon-7B level (round 17).
+# LOCALGPT_GEMV_CHAIN_PDL=0: plain launches.
+PDL = os.environ.get("LOCALGPT_GEMV_CHAIN_PDL", "1") != "0"
 
 
 def bulk_copy(device: torch.device) -> bool:
@@ -1350,25 +1245,21 @@ def bulk_copy(device: torch.device) -> bool:
 
 
 def source(bits: int, planes: int, warps: int, depth: int, tiled: bool, bpi: int = 2,
-           tma: bool = False, f16: bool = False, extra: int = 0, attn: bool = False,
-           pair: bool = False) -> tuple[str, str]:
+           tma: bool = False, f16: bool = False, extra: int = 0, attn: bool = False) -> tuple[str, str]:
     """(name, CUDA source) of the chain kernel for one weight format, CTA size (consumer warps), ring depth (items
     a warp, or stages of the bulk-copy ring) and blocks an item (a consumer warp's blocks a stage); ``extra``:
     1 for the parts Llama's kernels leave out: the "ln" prologue, GELU_OUT and balanced runs of tiles (Falcon's
-    chain); ``attn``: the kernel with the attention phase (``ATTN``; the others leave its code out); ``pair``: the
-    bulk-copy int4 kernel with fp16 operands taking its tiles two at a time (``PAIR``; ``bpi`` 2)."""
-    if pair and not (tma and bits == 4 and f16 and bpi == 2):
-        raise ValueError("PAIR is the bulk-copy int4 kernel's, with fp16 operands and two blocks a warp a stage")
+    chain); ``attn``: the kernel with the attention phase (``ATTN``; the others leave its code out)."""
     swz = SWIZZLE and f16
     name = (f"gemv_chain_int{bits}_p{planes}_w{warps}_d{depth}_b{bpi}" + ("_tl" if tiled else "")
             + ("_s" if swz else "")
             + ("_tma" if tma else "") + ("_h" if f16 else "") + (f"_x{extra}" if extra else "")
-            + ("_a" if attn else "") + ("_pr" if pair else "")
+            + ("_a" if attn else "")
             + (f"_diag{DIAG}" if DIAG else ""))
     head = (f"#define BITS {bits}\n#define P {planes}\n#define FIELDS {32 // bits}\n#define WARPS {warps}\n"
             f"#define DEPTH {depth}\n#define BPI {bpi}\n#define TILES 1\n#define NT 1\n#define OFFSET 1\n#define TILED {int(tiled)}\n#define XMODE 0\n"
             f"#define PREF 0\n#define DIAG {DIAG}\n#define F16 {int(f16)}\n#define EXTRA {int(extra)}\n"
-            f"#define XSWZ {int(swz)}\n#define ATTN {int(attn)}\n#define PAIR {int(pair)}\n"
+            f"#define XSWZ {int(swz)}\n#define ATTN {int(attn)}\n"
             f"#define KERNEL_NAME {name}\n")
     if tma and bits == 8:  # thread t's words of a block row: chunks 2t and 2t + 1 (see TMA_SOURCE's loads)
         head += ("#define XIDX(ch, t, s) (8 * (t) + 4 * (ch) + (s))\n"  # and where XSWZ puts w = XIDX(ch, t, s)
@@ -1384,13 +1275,13 @@ _KERNELS: dict = {}
 
 
 def kernel(bits: int, planes: int, device: torch.device, warps: int, depth: int, tiled: bool, bpi: int,
-           tma: bool = False, f16: bool = False, extra: int = 0, attn: bool = False, pair: bool = False):
-    key = (bits, planes, warps, depth, tiled, bpi, tma, f16, extra, attn, pair, device.index, DIAG, SWIZZLE)
+           tma: bool = False, f16: bool = False, extra: int = 0, attn: bool = False):
+    key = (bits, planes, warps, depth, tiled, bpi, tma, f16, extra, attn, device.index, DIAG, SWIZZLE)
     if key not in _KERNELS:
         if torch.cuda.get_device_capability(device)[0] < (9 if tma else 8):
             raise RuntimeError("the chain kernel needs bf16 mma and cp.async (compute capability 8.0 or newer; "
                                "9.0 for the bulk-copy one)")
-        name, src = source(bits, planes, warps, depth, tiled, bpi, tma, f16, extra, attn, pair)
+        name, src = source(bits, planes, warps, depth, tiled, bpi, tma, f16, extra, attn)
         _KERNELS[key] = gemv_cuda.build(name, src, device, (warps + int(tma)) * 32)
     return _KERNELS[key]
 
@@ -1488,7 +1379,7 @@ class Chain:
 
     def __init__(self, phases: list[dict], device: torch.device, warps: int | None = None,
                  depth: int | None = None, bpi: int | None = None, tma: bool | None = None,
-                 f16: bool | None = None, pair: bool | None = None):
+                 f16: bool | None = None):
         from localgpt.generation.fast.quantize import Int4Linear
 
         if not 1 <= len(phases) <= MAXPH:
@@ -1514,14 +1405,9 @@ class Chain:
         elif tma and bits == 8 and not (f16 and planes == 32):
             raise ValueError("the bulk-copy chain takes int8 words with fp16 operands, 32 words a block")
         self.tma = tma
+        self.pdl = PDL and tma
         defaults = (TMA_DEFAULTS if f16 else TMA_DEFAULTS_BF16)[bits] if tma else DEFAULTS[bits]
-        # PAIR: int4, bulk copies, fp16 operands, every layer's blocks a row even (a tile's two halves)
-        pair_fits = tma and bits == 4 and f16 and all(layer.in_features // (planes * fields) % 2 == 0
-                                                      for layer in layers)
-        if pair and not pair_fits:
-            raise ValueError("pair: the bulk-copy int4 chain with fp16 operands, an even number of blocks a row")
-        self.pair = pair_fits and (PAIR if pair is None else pair)
-        warps, bpi = warps or defaults[0], 2 if self.pair else (bpi or defaults[2])
+        warps, bpi = warps or defaults[0], bpi or defaults[2]
         if any(layer.in_features // (planes * fields) % bpi for layer in layers) and not tma:
             bpi = 1
         # every CTA resident at once (the grid barrier waits for all of them): one a multiprocessor this context
@@ -1560,8 +1446,7 @@ class Chain:
         # group (left out of Llama's kernels: their registers)
         extra = int(any(ph.get("xmode") == "ln" or ph.get("gelu_out") or ph.get("nobar") or ph.get("same")
                         for ph in phases))
-        self.fn = kernel(bits, planes, device, warps, depth, bits == 4, bpi, tma, f16, extra, attn is not None,
-                         self.pair)
+        self.fn = kernel(bits, planes, device, warps, depth, bits == 4, bpi, tma, f16, extra, attn is not None)
         self.smem = smem_bytes(bits, planes, warps, depth, bpi, kmax, maxt, tma, f16) + ascr
         if self.smem + 2048 + (16 * depth if tma else 0) > optin:
             raise ValueError(f"the chain needs {self.smem} bytes of shared memory; this GPU gives {optin}")
@@ -1675,4 +1560,4 @@ class Chain:
         self.fn((self.grid, 1), self.smem, [p(self.table), ctypes.c_int(self.n_phases), p(self.bar),
                                             ctypes.c_int(self.maxt), ctypes.c_int(self.kmax),
                                             ctypes.c_void_p(self.trace.data_ptr() if self.trace is not None else 0)],
-                self.device)
+                self.device, self.pdl)

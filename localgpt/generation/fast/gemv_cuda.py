@@ -564,15 +564,38 @@ class _Kernel:
         if code != 0:
             raise RuntimeError(f"CUDA driver error {code} ({what})")
 
-    def __call__(self, grid: tuple[int, int], smem: int, vals: list, device) -> None:
-        """Launch on the current stream of ``device``; ``vals``: the kernel's parameters as ctypes values."""
+    def __call__(self, grid: tuple[int, int], smem: int, vals: list, device, pdl: bool = False) -> None:
+        """Launch on the current stream of ``device``; ``vals``: the kernel's parameters as ctypes values.
+        ``pdl``: a programmatic dependent launch (sm_90+; the kernel must ``griddepcontrol.wait`` before it
+        touches what the kernels before it write): it may start while the one before it ends."""
         args = (ctypes.c_void_p * len(vals))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in vals])
         if device.index is not None and device.index != torch.cuda.current_device():
             with torch.cuda.device(device):  # the module lives in that GPU's context: make it current
-                return self(grid, smem, vals, device)
+                return self(grid, smem, vals, device, pdl)
         stream = ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
+        if pdl:
+            attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
+            attr.value[0] = 1  # programmaticStreamSerializationAllowed
+            config = _LaunchConfig(grid[0], grid[1], 1, self.threads, 1, 1, smem, stream, ctypes.pointer(attr), 1)
+            self._check(self.cuda.cuLaunchKernelEx(ctypes.byref(config), self.func, args, None), "launch (PDL)")
+            return None
         self._check(self.cuda.cuLaunchKernel(self.func, grid[0], grid[1], 1, self.threads, 1, 1, smem, stream,
                                              args, None), "launch")
+
+
+# cuLaunchKernelEx's CUlaunchAttribute (id, padding, a 64-byte value union) and CUlaunchConfig (cuda.h)
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+
+class _LaunchAttribute(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
+                ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+                ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(_LaunchAttribute)), ("numAttrs", ctypes.c_uint)]
 
 
 _KERNELS: dict = {}

@@ -26,6 +26,25 @@ ATTENTION = {"split": 64, "block_n": 64, "warps": 4, "dot": True}
 
 
 @triton.jit
+def _gdc_enter(GDC: tl.constexpr):
+    # A programmatic dependent launch (launch_pdl, ``gdc``): wait for the kernels before this one in the stream
+    # (their writes seen), then let the next one be scheduled where this one leaves room
+    if GDC:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+def gdc(device: torch.device) -> bool:
+    """Whether this step's attention kernels launch as programmatic dependent launches (PDL; sm_90+, not under the
+    Triton interpreter): each may start while the kernel before it ends, as ``gemv_chain``'s launch does."""
+    from localgpt.generation.fast import gemv_chain  # its PDL switch is the step's (LOCALGPT_GEMV_CHAIN_PDL)
+
+    if not gemv_chain.PDL or os.environ.get("TRITON_INTERPRET") == "1" or device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+@triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, D, eps, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
@@ -180,7 +199,8 @@ def _rope_store_head(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, r, slot, po
 
 @triton.jit
 def _rope_store_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, H, KV, L,
-                       HD: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr):
+                       HD: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr, GDC: tl.constexpr = False):
+    _gdc_enter(GDC)
     # Program (b, j): head j of slot b's qkv row, at the slot's position.
     b = tl.program_id(0)
     _rope_store_head(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, b, b, tl.load(pos_ptr + b), tl.program_id(1),
@@ -195,15 +215,18 @@ def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position
     kv, length, hd = k_slots.shape[1], k_slots.shape[2], k_slots.shape[3]
     qkv = qkv.reshape(b, -1).contiguous()
     q = torch.empty(b, n_heads, hd, dtype=qkv.dtype, device=qkv.device)
+    pdl = gdc(qkv.device)
     _rope_store_kernel[(b, n_heads + 2 * kv)](qkv, cos, sin, positions, q, k_slots, v_slots, n_heads, kv, length,
-                                              HD=hd, HALF=hd // 2, BLOCK=triton.next_power_of_2(hd), num_warps=1)
+                                              HD=hd, HALF=hd // 2, BLOCK=triton.next_power_of_2(hd), GDC=pdl,
+                                              num_warps=1, launch_pdl=pdl)
     return q
 
 
 @triton.jit
 def _attention_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, acc_ptr, ml_ptr, H, KV, L, SCRATCH, scale,
                             REP: tl.constexpr, HD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                            SPLIT: tl.constexpr):
+                            SPLIT: tl.constexpr, GDC: tl.constexpr = False):
+    _gdc_enter(GDC)
     # Program (b, h, s): query head h of slot b over cache positions [s * SPLIT, (s + 1) * SPLIT) that it may see
     # (0..pos; a slot at the scratch position, idle, sees only that one). Partial softmax sums go to the workspace.
     b = tl.program_id(0)
@@ -245,7 +268,9 @@ def _attention_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, acc_ptr, ml_ptr, H, KV
 @triton.jit
 def _attention_split_dot_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, acc_ptr, ml_ptr, H, KV, L, SCRATCH, scale,
                                 REP: tl.constexpr, REP_P: tl.constexpr, HD: tl.constexpr, BLOCK_D: tl.constexpr,
-                                BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, FP32_DOT: tl.constexpr):
+                                BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, FP32_DOT: tl.constexpr,
+                                GDC: tl.constexpr = False):
+    _gdc_enter(GDC)
     # As _attention_split_kernel, but a program (b, g, s) takes the REP query heads of kv head g together (rows of
     # a tensor-core tile, padded to REP_P >= 16), so each kv position is read once for all of them.
     b = tl.program_id(0)
@@ -293,7 +318,9 @@ def _attention_split_dot_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, acc_ptr, ml_ptr, H
 
 
 @triton.jit
-def _attention_combine_kernel(acc_ptr, ml_ptr, out_ptr, NSPLIT: tl.constexpr, HD: tl.constexpr, BLOCK_D: tl.constexpr):
+def _attention_combine_kernel(acc_ptr, ml_ptr, out_ptr, NSPLIT: tl.constexpr, HD: tl.constexpr, BLOCK_D: tl.constexpr,
+                              GDC: tl.constexpr = False):
+    _gdc_enter(GDC)
     row = tl.program_id(0)  # b * H + h
     d = tl.arange(0, BLOCK_D)
     dlive = d < HD
@@ -325,18 +352,21 @@ def decode_attention(q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tens
     ml = torch.empty(b * n_heads * nsplit, 2, dtype=torch.float32, device=q.device)
     block_d = triton.next_power_of_2(hd)
     rep = n_heads // kv
+    pdl = gdc(q.device)
     if dot:
         _attention_split_dot_kernel[(b, kv, nsplit)](
             q, k_slots, v_slots, positions, acc, ml, n_heads, kv, length, scratch, hd ** -0.5, REP=rep,
             REP_P=max(16, triton.next_power_of_2(rep)), HD=hd, BLOCK_D=max(16, block_d), BLOCK_N=min(block_n, split),
-            SPLIT=split, FP32_DOT=os.environ.get("TRITON_INTERPRET") == "1", num_warps=warps)
+            SPLIT=split, FP32_DOT=os.environ.get("TRITON_INTERPRET") == "1", GDC=pdl, num_warps=warps,
+            launch_pdl=pdl)
     else:
         _attention_split_kernel[(b, n_heads, nsplit)](
             q, k_slots, v_slots, positions, acc, ml, n_heads, kv, length, scratch, hd ** -0.5, REP=rep, HD=hd,
-            BLOCK_D=block_d, BLOCK_N=min(block_n, split), SPLIT=split, num_warps=warps)
+            BLOCK_D=block_d, BLOCK_N=min(block_n, split), SPLIT=split, GDC=pdl, num_warps=warps, launch_pdl=pdl)
     if out is None:
         out = torch.empty(b, n_heads * hd, dtype=q.dtype, device=q.device)
-    _attention_combine_kernel[(b * n_heads,)](acc, ml, out, NSPLIT=nsplit, HD=hd, BLOCK_D=block_d, num_warps=1)
+    _attention_combine_kernel[(b * n_heads,)](acc, ml, out, NSPLIT=nsplit, HD=hd, BLOCK_D=block_d, GDC=pdl,
+                                              num_warps=1, launch_pdl=pdl)
     return out
 
 
@@ -390,7 +420,9 @@ def use_step_attention(k_cache: torch.Tensor, n_heads: int) -> bool:
 def _step_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, acc_ptr, ml_ptr, H, KV, L, SCRATCH,
                            scale, ROPE: tl.constexpr, REP: tl.constexpr, ROWS: tl.constexpr, DOT: tl.constexpr,
                            HD: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                           FP32_DOT: tl.constexpr, STATIC: tl.constexpr, STAGES: tl.constexpr):
+                           FP32_DOT: tl.constexpr, STATIC: tl.constexpr, STAGES: tl.constexpr,
+                           GDC: tl.constexpr = False):
+    _gdc_enter(GDC)
     # Program (j, s, b): query heads j * G .. (G = REP with DOT, else 1) of kv head (j G) / REP of slot b, over the
     # tiles s, s + S, s + 2 S, .. (S programs a head, BLOCK_N positions a tile) of its positions 0..pos (a slot at
     # SCRATCH, idle, sees that position alone). qkv_ptr: with ROPE the step's qkv rows [B, (H + 2 KV) HD], else
@@ -488,6 +520,7 @@ def step_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     rope = cos is not None
     rep = n_heads // kv
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    pdl = gdc(qkv.device)
     acc = torch.empty(b * n_heads * splits, hd, dtype=torch.float32, device=qkv.device)
     ml = torch.empty(b * n_heads * splits, 2, dtype=torch.float32, device=qkv.device)
     block_d = max(16, triton.next_power_of_2(hd))
@@ -496,11 +529,12 @@ def step_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         qkv.contiguous(), cos if rope else qkv, sin if rope else qkv, positions, k_cache, v_cache, acc, ml, n_heads,
         kv, length, scratch, hd ** -0.5, ROPE=rope, REP=rep, ROWS=rows, DOT=dot, HD=hd, HALF=hd // 2,
         BLOCK_D=block_d, BLOCK_N=block_n, FP32_DOT=interpret, STATIC=length if interpret else 0, STAGES=stages,
-        num_warps=warps)
+        GDC=pdl, num_warps=warps, launch_pdl=pdl)
     if out is None:
         out = torch.empty(b, n_heads * hd, dtype=k_cache.dtype, device=qkv.device)
     _attention_combine_kernel[(b * n_heads,)](acc, ml, out, NSPLIT=splits, HD=hd,
-                                              BLOCK_D=triton.next_power_of_2(hd), num_warps=1)
+                                              BLOCK_D=triton.next_power_of_2(hd), GDC=pdl, num_warps=1,
+                                              launch_pdl=pdl)
     return out
 
 
