@@ -20,7 +20,9 @@ Here one launch runs the phases ``wo -> w_in -> w_out -> the next layer's wqkv``
   of ``gemv_cuda``'s prologues.
 - The decode attention may be the launch's first phase (``Transformer``'s LOCALGPT_GEMV_CHAIN_ATTN: by default in
   int8 chains): rotary and cache write, the attention over positions 0..pos in chunks across the CTAs, the last
-  chunk of a head merging them (``attention``; compiled only into the kernels that run it, ``ATTN``).
+  chunk of a head merging them (``attention``; compiled only into the kernels that run it, ``ATTN``). In the
+  bulk-copy kernel the cache rows come through the words' ring, copied by the producer first (``attn_copies``,
+  ``RingRows``); the ring kernel's warps load them themselves (``GlobalRows``).
 - The bulk-copy kernel is a programmatic dependent launch (``PDL``, as are the step's attention kernels,
   ``slot_triton.gdc``): it lets the stream's next kernel onto each multiprocessor it leaves, its producer streams
   the words before the kernel before it has ended, and its consumers ``griddepcontrol.wait`` for that kernel
@@ -54,7 +56,8 @@ barriers 107. Round 16: int8's multiply alone is 1,092 us against ~1,540 of stre
 917), so int8's consumers outrun the copy engine and a deeper ring banks more of each phase's wait: 6 stages 2,171
 against 2,292 us, and with the attention as the first phase the engine's int8 step went 367.3 -> 394.4 tok/s (0.68).
 Round 17: int4 two blocks a warp a stage, 1,420-1,424 us against 1,452-1,460 (one); the dependent launches, int4's
-engine 549.7 -> 577.3 tok/s (580.8-581.4 with both), int8's 394.8 -> 399.3.
+engine 549.7 -> 577.3 tok/s (580.8-581.4 with both), int8's 394.8 -> 399.3; the attention phase's cache rows by
+bulk copy through the ring, int8's engine 398.8 -> 404.8.
 """
 
 from __future__ import annotations
@@ -371,7 +374,30 @@ __device__ __forceinline__ void consume_round(const uint2 (&kr)[AU], const uint2
     m = mx;
 }
 
-__device__ __forceinline__ void attention(const Phase& ph, float* scr) {
+// A warp's cache rows of an item read straight from global memory (the ring kernel's): rounds of AU positions
+// (base, base + WARPS, ...), the first asked for before the query's rotary (their latencies overlap: ``begin``),
+// each round's math with the next round's rows in flight
+struct GlobalRows {
+    uint2 ka[AU], va[AU];
+    __device__ __forceinline__ void begin(const u16* kb, const u16* vb, int lo, int end, int HD, int dl, int warp) {
+        load_round(kb, vb, lo + warp, end, HD, dl, ka, va);
+    }
+    __device__ __forceinline__ void run(const u16* kb, const u16* vb, int lo, int end, int HD, int dl, int warp,
+                                        int lane, const float (&q)[ADL], float& m, float& l, float (&o)[ADL]) {
+        uint2 kb2[AU], vb2[AU];
+        for (int base = lo + warp; base < end; base += 2 * WARPS * AU) {
+            load_round(kb, vb, base + WARPS * AU, end, HD, dl, kb2, vb2);
+            consume_round(ka, va, base, end, q, m, l, o);
+            if (base + WARPS * AU >= end) break;
+            load_round(kb, vb, base + 2 * WARPS * AU, end, HD, dl, ka, va);
+            consume_round(kb2, vb2, base + WARPS * AU, end, q, m, l, o);
+        }
+    }
+};
+
+// Rows: GlobalRows, or the bulk-copy kernel's RingRows (the producer's copies of them through the ring)
+template <class Rows>
+__device__ __forceinline__ void attention(const Phase& ph, float* scr, Rows& rows) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int H = ph.heads, KV = ph.kv, HD = ph.hd, C = ph.chunks, dl = HD / 32, half = HD / 2, rep = H / KV;
     const int pos = (int)__ldcg(ph.pos), L = pos + 1, cs = (L + C - 1) / C, WS = HD + 4;
@@ -385,22 +411,13 @@ __device__ __forceinline__ void attention(const Phase& ph, float* scr) {
         const u16* kb = ph.kc + (long)kh * ph.len * HD + lane * dl;
         const u16* vb = ph.vc + (long)kh * ph.len * HD + lane * dl;
         const int end = min(hi, pos);  // the cached positions of the chunk; pos itself below
-        // the first round's cache rows asked for before the query's rotary (their latencies overlap); each round's
-        // math with the next round's rows in flight
-        uint2 ka[AU], va[AU], kb2[AU], vb2[AU];
-        load_round(kb, vb, lo + warp, end, HD, dl, ka, va);
+        rows.begin(kb, vb, lo, end, HD, dl, warp);
         float q[ADL];
         rope_lane(ph.x + (long)h * HD, cosr, sinr, lane, dl, half, q);
 #pragma unroll
         for (int e = 0; e < ADL; ++e) q[e] *= ph.scale;
         float m = NEG_INF, l = 0.f, o[ADL] = {0.f, 0.f, 0.f, 0.f};
-        for (int base = lo + warp; base < end; base += 2 * WARPS * AU) {
-            load_round(kb, vb, base + WARPS * AU, end, HD, dl, kb2, vb2);
-            consume_round(ka, va, base, end, q, m, l, o);
-            if (base + WARPS * AU >= end) break;
-            load_round(kb, vb, base + 2 * WARPS * AU, end, HD, dl, ka, va);
-            consume_round(kb2, vb2, base + WARPS * AU, end, q, m, l, o);
-        }
+        rows.run(kb, vb, lo, end, HD, dl, warp, lane, q, m, l, o);
         if (pos >= lo && pos < hi && warp == 0) {  // the new position, from the qkv row
             float kn[ADL], vn[ADL];
             rope_lane(ph.x + (long)(H + kh) * HD, cosr, sinr, lane, dl, half, kn);
@@ -830,7 +847,8 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
     const int first = sp[0].xmode == 3 ? 1 : 0;
     if (first) {
         if (tid == 0) note(trace, 0, 0);
-        attention(sp[0], parts + maxt * WARPS * 16);
+        GlobalRows rows;
+        attention(sp[0], parts + maxt * WARPS * 16, rows);
         if (tid == 0) { note(trace, 0, 1); note(trace, 0, 2); }
     }
 #else
@@ -964,6 +982,73 @@ __device__ __forceinline__ void bulk(u32 dst, const void* src, u32 bytes, u32 b,
 }
 
 
+#if ATTN
+// The attention phase's cache rows through the bulk-copy ring (round 17): a stage holds ``attn_rows`` positions of
+// an item's k rows, then as many v rows, copied by the producer before the words (attn_copies: one piece a stage,
+// the item's positions lo..end in order) and taken by the consumer warps as the words are (RingRows: a warp's
+// positions warp, warp + WARPS, ... of the stage, released once in registers). The producer reads the position
+// and the cache before griddepcontrol.wait: neither is written by the kernels of a step that run before a chain
+// (the position's add is a plain launch, so no dependent launch starts before it ends; the rows before pos were
+// written by an earlier step), and the row at pos, which this phase writes, is never copied.
+__device__ __forceinline__ int attn_rows(int HD) { return min(WARPS * AU, STAGE_U4 * 16 / (4 * HD)); }
+
+__device__ __forceinline__ void attn_copies(const Phase& a, u32 ring0, u32 full0, u32 empty0, int& s, u32& r,
+                                            u64 policy) {
+    const int H = a.heads, HD = a.hd, C = a.chunks, rep = H / a.kv, aps = attn_rows(HD);
+    const int pos = (int)__ldcg(a.pos), L = pos + 1, cs = (L + C - 1) / C;
+    for (int item = blockIdx.x; item < H * C; item += gridDim.x) {
+        const int kh = item / C / rep, lo = item % C * cs, end = min(min(L, lo + cs), pos);
+        for (int p0 = lo; p0 < end; p0 += aps) {
+            const int n = min(aps, end - p0);
+            mb_wait(empty0 + 8 * s, r ^ 1);
+            const u32 st = ring0 + s * STAGE_U4 * 16;
+            const long off = ((long)kh * a.len + p0) * HD;
+            mb_expect(full0 + 8 * s, 4 * n * HD);
+            bulk(st, a.kc + off, 2 * n * HD, full0 + 8 * s, policy);
+            bulk(st + 2 * aps * HD, a.vc + off, 2 * n * HD, full0 + 8 * s, policy);
+            if (++s == DEPTH) { s = 0; r ^= 1; }
+        }
+    }
+}
+
+__device__ __forceinline__ uint2 load_row_s(const u16* p, int dl) {
+    if (dl == 4) return *(const uint2*)p;
+    return make_uint2(*(const u32*)p, 0u);
+}
+
+struct RingRows {
+    const uint4* ring;
+    u32 full0, empty0;
+    int& s;
+    u32& r;
+    __device__ __forceinline__ void begin(const u16*, const u16*, int, int, int, int, int) {}
+    __device__ __forceinline__ void run(const u16*, const u16*, int lo, int end, int HD, int dl, int warp, int lane,
+                                        const float (&q)[ADL], float& m, float& l, float (&o)[ADL]) {
+        const int aps = attn_rows(HD);
+        for (int p0 = lo; p0 < end; p0 += aps) {
+            const int n = min(aps, end - p0);
+            mb_wait(full0 + 8 * s, r);
+            const u16* ks = (const u16*)(ring + s * STAGE_U4) + lane * dl;
+            const u16* vs = ks + aps * HD;
+            uint2 kr[AU], vr[AU];
+#pragma unroll
+            for (int u = 0; u < AU; ++u) {
+                const int i = warp + u * WARPS;
+                kr[u] = vr[u] = make_uint2(0u, 0u);
+                if (i < n) {
+                    kr[u] = load_row_s(ks + i * HD, dl);
+                    vr[u] = load_row_s(vs + i * HD, dl);
+                }
+            }
+            __syncwarp();
+            if (lane == 0) mb_arrive(empty0 + 8 * s);  // its rows are in registers: the producer may refill it
+            if (++s == DEPTH) { s = 0; r ^= 1; }
+            if (warp < n) consume_round(kr, vr, warp, n, q, m, l, o);
+        }
+    }
+};
+#endif
+
 extern "C" __global__ void __launch_bounds__((WARPS + 1) * 32, 1)
 KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int maxt, int kmax,
             long long* trace) {
@@ -995,15 +1080,19 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
         // The producer: each phase's run of tiles is one contiguous span of words (tiled layout) and one of
         // (scale, zero) rows (the chain's tile-major copy), cut into stages of SBLK blocks.
         if (lane == 0) {
-#if ATTN
-            // the attention is on the critical path: the words stream after it (streaming during it, or from each
-            // warp's first round of cache rows on, was slower: rounds 11 and 16)
-            if (sp[0].xmode == 3) mb_wait(saddr(&go), 0);
-#endif
             u64 policy;  // the words are read once a step: first out of the L2 (1-8 % faster than evict-normal)
             asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
             int s = 0;
             u32 r = 0;
+#if ATTN
+            if (sp[0].xmode == 3) {
+                // the attention's cache rows first, through the same ring (before the kernel before this one has
+                // ended: attn_copies); it is on the critical path, so the words stream after it (streaming during
+                // it, or from each warp's first round of cache rows on, was slower: rounds 11 and 16)
+                attn_copies(sp[0], ring0, full0, empty0, s, r, policy);
+                mb_wait(saddr(&go), 0);
+            }
+#endif
             for (int p = 0; p < n_phases; ++p) {
                 const Phase& ph = sp[p];
                 int t0, t1;
@@ -1047,7 +1136,8 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
     const int first = sp[0].xmode == 3 ? 1 : 0;
     if (first) {
         if (tid == 0) note(trace, 0, 0);
-        attention(sp[0], parts + maxt * WARPS * 16);
+        RingRows rows{ring, full0, empty0, s, r};
+        attention(sp[0], parts + maxt * WARPS * 16, rows);
         if (tid == 0) { note(trace, 0, 1); note(trace, 0, 2); }
         if (lane == 0) mb_arrive(saddr(&go));  // the producer may start
     }
