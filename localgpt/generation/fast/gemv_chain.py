@@ -285,8 +285,11 @@ __device__ __forceinline__ void put_cols(XITEM* xp, float* xs, int i, bool in, c
 #define ADL 4  // most dims a lane
 #define NEG_INF __int_as_float(0xff800000)
 
-// a lane's dims of a cache row, packed (4 bf16 for hd 128, 2 for 64): unpacked where used (dims past dl read 0)
+// a lane's dims of a cache row, packed (4 bf16 for hd 128, 2 for 64): unpacked where used (dims past dl read 0);
+// SHARED: a row the bulk-copy ring holds (RingRows), else one in global memory (past the L1: other CTAs write rows)
+template <bool SHARED = false>
 __device__ __forceinline__ uint2 load_row(const u16* p, int dl) {
+    if (SHARED) return dl == 4 ? *(const uint2*)p : make_uint2(*(const u32*)p, 0u);
     if (dl == 4) return __ldcg((const uint2*)p);
     return make_uint2(__ldcg((const u32*)p), 0u);
 }
@@ -997,6 +1000,7 @@ __device__ __forceinline__ void attn_copies(const Phase& a, u32 ring0, u32 full0
     const int H = a.heads, HD = a.hd, C = a.chunks, rep = H / a.kv, aps = attn_rows(HD);
     const int pos = (int)__ldcg(a.pos), L = pos + 1, cs = (L + C - 1) / C;
     for (int item = blockIdx.x; item < H * C; item += gridDim.x) {
+        // attention()'s item, span and pieces exactly (the consumers wait for each piece this copies)
         const int kh = item / C / rep, lo = item % C * cs, end = min(min(L, lo + cs), pos);
         for (int p0 = lo; p0 < end; p0 += aps) {
             const int n = min(aps, end - p0);
@@ -1009,11 +1013,6 @@ __device__ __forceinline__ void attn_copies(const Phase& a, u32 ring0, u32 full0
             if (++s == DEPTH) { s = 0; r ^= 1; }
         }
     }
-}
-
-__device__ __forceinline__ uint2 load_row_s(const u16* p, int dl) {
-    if (dl == 4) return *(const uint2*)p;
-    return make_uint2(*(const u32*)p, 0u);
 }
 
 struct RingRows {
@@ -1036,8 +1035,8 @@ struct RingRows {
                 const int i = warp + u * WARPS;
                 kr[u] = vr[u] = make_uint2(0u, 0u);
                 if (i < n) {
-                    kr[u] = load_row_s(ks + i * HD, dl);
-                    vr[u] = load_row_s(vs + i * HD, dl);
+                    kr[u] = load_row<true>(ks + i * HD, dl);
+                    vr[u] = load_row<true>(vs + i * HD, dl);
                 }
             }
             __syncwarp();

@@ -11,6 +11,7 @@ inside a captured step except its outputs, which the CUDA graph's pool owns.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -41,7 +42,12 @@ def gdc(device: torch.device) -> bool:
 
     if not gemv_chain.PDL or os.environ.get("TRITON_INTERPRET") == "1" or device.type != "cuda":
         return False
-    return torch.cuda.get_device_capability(device)[0] >= 9
+    return _hopper(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.cache
+def _hopper(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
 
 
 @triton.jit
