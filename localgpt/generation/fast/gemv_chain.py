@@ -331,7 +331,9 @@ __device__ __forceinline__ void online(float sc, const float (&v)[ADL], float& m
 
 #define AU 8  // positions a warp has in flight a round (two rounds: the next one's loads during this one's math)
 
-// a warp's round of cache rows: positions base, base + WARPS, ... (AU of them, those before end)
+// a warp's round of cache rows: positions base, base + WARPS, ... (AU of them, those before end); SHARED: of a
+// ring stage (RingRows)
+template <bool SHARED = false>
 __device__ __forceinline__ void load_round(const u16* kb, const u16* vb, int base, int end, int HD, int dl,
                                            uint2 (&kr)[AU], uint2 (&vr)[AU]) {
 #pragma unroll
@@ -339,8 +341,9 @@ __device__ __forceinline__ void load_round(const u16* kb, const u16* vb, int bas
         const int i = base + u * WARPS;
         kr[u] = vr[u] = make_uint2(0u, 0u);
         if (i < end) {
-            kr[u] = load_row(kb + (long)i * HD, dl);
-            vr[u] = load_row(vb + (long)i * HD, dl);
+            const long at = SHARED ? i * HD : (long)i * HD;  // a stage's offsets fit an int
+            kr[u] = load_row<SHARED>(kb + at, dl);
+            vr[u] = load_row<SHARED>(vb + at, dl);
         }
     }
 }
@@ -1030,15 +1033,7 @@ struct RingRows {
             const u16* ks = (const u16*)(ring + s * STAGE_U4) + lane * dl;
             const u16* vs = ks + aps * HD;
             uint2 kr[AU], vr[AU];
-#pragma unroll
-            for (int u = 0; u < AU; ++u) {
-                const int i = warp + u * WARPS;
-                kr[u] = vr[u] = make_uint2(0u, 0u);
-                if (i < n) {
-                    kr[u] = load_row<true>(ks + i * HD, dl);
-                    vr[u] = load_row<true>(vs + i * HD, dl);
-                }
-            }
+            load_round<true>(ks, vs, warp, n, HD, dl, kr, vr);
             __syncwarp();
             if (lane == 0) mb_arrive(empty0 + 8 * s);  // its rows are in registers: the producer may refill it
             if (++s == DEPTH) { s = 0; r ^= 1; }
