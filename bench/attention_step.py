@@ -9,7 +9,7 @@ reference first. Prints a table per (network, cache positions, position): the re
 configurations of the sweep (splits, block_n, warps, dot, stages), the default (``slot_triton.STEP_ATTENTION``) and the
 default without the rotary (q rotated already: the compiled step's case).
 
-    python bench/attention_step.py [--models llama,falcon] [--cases 704:512,4096:512,4096:4000] [--quick]
+    python bench/attention_step.py [--models llama,falcon] [--cases 704:512,4096:512,4096:4000] [--quick] [--merge]
 """
 
 from __future__ import annotations
@@ -63,18 +63,24 @@ def run(args) -> dict:
             rows = [("rope_store + decode_attention (before)", graph_us([lambda i=i: reference(i)
                                                                           for i in range(len(layers))]))]
             sweep = []
+            # --merge: the sweep's kernels combine their parts themselves (one launch a layer) and ask for their first
+            # tile's rows before the dependent launch waits, as the batch-1 step runs them (transformer.STEP_MERGE)
+            merge = {"counts": S.step_counts(heads, dev), "early": 1} if args.merge else {}
+            tag = "step_attention merged" if args.merge else "step_attention"
             splits = (8, 16) if args.quick else (8, 16, 32)
             block_ns = (32,) if args.quick else (16, 32, 64)
+            splits = tuple(int(v) for v in args.splits.split(",")) if args.splits else splits
+            block_ns = tuple(int(v) for v in args.block_n.split(",")) if args.block_n else block_ns
             warps = (4,) if args.quick else (2, 4)
             dots = (True,) if args.quick or not args.no_dot else (False, True)
-            stages = (1, 2) if args.quick else (1, 2, 3)
+            stages = (1,) if args.merge else (1, 2) if args.quick else (1, 2, 3)  # merged: its own two stages
             for cfg in itertools.product(splits, block_ns, warps, dots, stages):
                 for kc, vc, _ in layers:  # clear the step's rows: the kernel must write them
                     kc[:, :, pos] = 0
                     vc[:, :, pos] = 0
                 try:
                     for i, (kc, vc, qkv) in enumerate(layers):
-                        S.step_attention(qkv, kc, vc, where, heads, cos, sin, cfg, out=outs[i])
+                        S.step_attention(qkv, kc, vc, where, heads, cos, sin, cfg, out=outs[i], **merge)
                 except Exception as exc:  # noqa: BLE001 - a configuration Triton cannot build (shared memory)
                     sweep.append((cfg, None, f"{type(exc).__name__}"))
                     continue
@@ -86,16 +92,16 @@ def run(args) -> dict:
                     sweep.append((cfg, None, f"wrong: out {err:.1e}, rows {row_err:.1e}"))
                     continue
                 us = graph_us([lambda i=i, c=cfg: S.step_attention(layers[i][2], layers[i][0], layers[i][1], where,
-                                                                   heads, cos, sin, c, out=outs[i])
+                                                                   heads, cos, sin, c, out=outs[i], **merge)
                                for i in range(len(layers))])
                 sweep.append((cfg, us, ""))
             ok = sorted((r for r in sweep if r[1] is not None), key=lambda r: r[1])
             for cfg, us, _ in ok[:args.top]:
-                rows.append((f"step_attention {cfg}", us))
+                rows.append((f"{tag} {cfg}", us))
             default = tuple(S.STEP_ATTENTION[k] for k in ("splits", "block_n", "warps", "dot", "stages"))
             hit = [us for cfg, us, _ in sweep if cfg == default and us is not None]
             if hit:
-                rows.append((f"step_attention default {default}", hit[0]))
+                rows.append((f"{tag} default {default}", hit[0]))
             cfg = ok[0][0] if ok else default
             rows.append((f"best {cfg} without the rotary (q given)",
                          graph_us([lambda i=i: S.step_attention(q_rot[i], layers[i][0], layers[i][1], where, heads,
@@ -123,6 +129,9 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=6)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-dot", action="store_true", help="sweep the kernel without tensor-core dots too")
+    parser.add_argument("--merge", action="store_true", help="sweep the one-launch kernel (its parts merged in it)")
+    parser.add_argument("--splits", help="the sweep's splits a head (default 8,16,32; --quick 8,16)")
+    parser.add_argument("--block-n", help="the sweep's positions a tile (default 16,32,64; --quick 32)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     if not torch.cuda.is_available():

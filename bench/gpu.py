@@ -901,8 +901,10 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
         # "+bf16" / "+int8f16": the chain's mma operands bf16 / fp16 for int8 only (default: fp16); "+nopad8": int8 inputs
         # not padded to whole 128-column blocks (LOCALGPT_INT8_PAD=0); "+alt": the chain of
         # --alt-chain's gemv_chain.py, for a same-call A/B; "+oldattn": the step's attention by rope_store +
-        # decode_attention, not step_attention; "+nomambafused": Mamba / FalconMamba's step compiled, not through
-        # mamba_triton's kernels (LOCALGPT_MAMBA_FUSED=0, with "@compile"); "+nofalcongraph": Falcon's fused step
+        # decode_attention, not step_attention; "+nomerge": step_attention's parts combined by a second launch (or,
+        # for short caches of one kv head a head, rope_store + decode_attention), not in its one launch;
+        # "+noearly" / "+early2" (its rows asked for before the wait: none / two tiles), "+saSxBxW" (its shape);
+        # "+nomambafused": Mamba / FalconMamba's step compiled, not through mamba_triton's kernels (LOCALGPT_MAMBA_FUSED=0, with "@compile"); "+nofalcongraph": Falcon's fused step
         # compiled, not its graph step (LOCALGPT_FALCON_GRAPH=0, with "@compile")),
         # and then "@graph" / "@compile" (that engine mode for this row instead of --mode).
         name_mode = name.partition("@")
@@ -978,6 +980,17 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                 # "+attn": the attention as every chain's first phase, "+noattn": in none; else the default
                 transformer.CHAIN_ATTN = "1" if "attn" in flags else "0" if "noattn" in flags else "auto"
                 transformer.STEP_ATTN = "oldattn" not in flags  # "+oldattn": rope_store + decode_attention
+                # "+nomerge": the step's attention as two launches (or rope_store + decode_attention's three for a
+                # short cache, one kv head a head), not step_attention's one with its parts merged in it
+                transformer.STEP_MERGE = "nomerge" not in flags
+                # "+noearly" / "+early2": the merged kernel asks for no / two tiles' rows before the wait (default one)
+                transformer.STEP_EARLY = 0 if "noearly" in flags else 2 if "early2" in flags else 1
+                # "+saSxBxW": the merged step attention's (splits, block_n, warps), e.g. "+sa8x32x4"
+                held_sa = dict(slot_triton.STEP_MERGE_ATTENTION)
+                for f in flags:
+                    if f.startswith("sa") and f[2:3].isdigit():
+                        sp, bn, wp = (int(v) for v in f[2:].split("x"))
+                        slot_triton.STEP_MERGE_ATTENTION.update(splits=sp, block_n=bn, warps=wp)
                 mamba.FUSED = "nomambafused" not in flags  # "+nomambafused": Mamba's step compiled (@compile)
                 transformer.FALCON_GRAPH = "nofalcongraph" not in flags  # "+nofalcongraph": compiled (@compile)
                 # the chain's mma operands in fp16 (the default); "+bf16": in bf16; "+int8f16": fp16 for int8 only
@@ -992,6 +1005,8 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                     transformer.CHAIN, transformer.CHAIN_INT8 = True, True
                     gemv_chain.TMA = True
                     transformer.CHAIN_ATTN = "auto"
+                    transformer.STEP_MERGE, transformer.STEP_EARLY = True, 1
+                    slot_triton.STEP_MERGE_ATTENTION.update(held_sa)
             entry[name]["kernels"] = kernels + (f"; the step's GEMVs in gemv_chain ({net.chain_kernel}"
                                                   + (", attention in it)" if net._chain.attn else ")")
                                                   if getattr(net, "_chain", None) else "")

@@ -1296,7 +1296,8 @@ def step_attention_check(device: str = "cpu", dtype: torch.dtype = torch.float32
     """One kv head a query head, grouped and multi-query heads; the step's position in the first tile, inside the
     cache (a program with several tiles, and tiles past the position) and at the cache's last; with the tensor-core
     dots and without: the output and the cache rows it writes equal the two-launch path's (fp32 to 1e-4, bf16
-    within its rounding), the rest of the cache untouched; without the rotary (q given, the cache written) too."""
+    within its rounding), the rest of the cache untouched; without the rotary (q given, the cache written) too;
+    with the parts merged in the kernel (``counts``) as with the combine kernel, the counts left at zero."""
     from localgpt.generation.fast import slot_triton as st
 
     tol = 1e-4 if dtype == torch.float32 else 2e-2
@@ -1320,6 +1321,14 @@ def step_attention_check(device: str = "cpu", dtype: torch.dtype = torch.float32
                 got = st.step_attention(qkv, k2, v2, where, heads, cos, sin, cfg).float()
                 assert float((got - want).norm() / want.norm()) < tol, (heads, kv, dot, pos)
                 assert torch.equal(k2, k1) and torch.equal(v2, v1), (heads, kv, dot, pos)  # the row, nothing else
+                # the parts combined by each head group's last program (one launch), the counts put back to zero:
+                # the same sums in the same order as the combine kernel's
+                counts = st.step_counts(heads, device)
+                for early in (1, 2) if (dot, splits) == (True, 4) else (1,):
+                    k3, v3 = kc.clone(), vc.clone()
+                    merged = st.step_attention(qkv, k3, v3, where, heads, cos, sin, cfg, counts=counts, early=early)
+                    assert float((merged.float() - got).norm() / got.norm()) < 1e-6, ("merged", heads, kv, dot, pos)
+                    assert torch.equal(k3, k1) and torch.equal(v3, v1) and not counts.any(), ("merged", heads, pos)
                 got = st.step_attention(q, k1, v1, where, heads, config=cfg).float()
                 assert float((got - want).norm() / want.norm()) < tol, ("q given", heads, kv, dot, pos)
     # streams at their own positions, one idle at the scratch position (the slots' step; slot_attention routes a

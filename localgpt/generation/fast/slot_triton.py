@@ -393,6 +393,11 @@ def decode_attention(q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tens
 # 9.2), so ``use_step_attention`` keeps it for caches up to STEP_ATTENTION_MIN_CACHE positions there.
 STEP_ATTENTION = {"splits": 16, "block_n": 64, "warps": 4, "dot": True, "stages": 1}
 STEP_ATTENTION_MIN_CACHE = 1024
+# step_attention's shape for the batch-1 step with its parts merged in the kernel (transformer.STEP_MERGE). H200,
+# Llama-2-7B int4 after 512 tokens (640-position caches), engine tok/s in one call: (8, 32, 4) 590.8, (8, 64, 4)
+# 578.3, (16, 32, 2) 568.8, (16, 64, 4) 558.4 (STEP_ATTENTION's); alone, 32 layers a graph (bench/attention_step.py
+# --merge): 7.48 µs a layer against 9.83 for rope_store + decode_attention.
+STEP_MERGE_ATTENTION = {"splits": 8, "block_n": 32, "warps": 4, "dot": True, "stages": 1}
 
 
 # The slots' (continuous batching) decode step: step_attention for caches longer than STEP_ATTENTION_MIN_CACHE
@@ -423,16 +428,67 @@ def use_step_attention(k_cache: torch.Tensor, n_heads: int) -> bool:
 
 
 @triton.jit
-def _step_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, acc_ptr, ml_ptr, H, KV, L, SCRATCH,
-                           scale, ROPE: tl.constexpr, REP: tl.constexpr, ROWS: tl.constexpr, DOT: tl.constexpr,
-                           HD: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                           FP32_DOT: tl.constexpr, STATIC: tl.constexpr, STAGES: tl.constexpr,
-                           GDC: tl.constexpr = False):
-    _gdc_enter(GDC)
+def _cached_rows(k_ptr, v_ptr, base, n, first, pos, d, dlive, HD: tl.constexpr, ROPE: tl.constexpr):
+    # the cache rows of positions n a program reads (first..pos; with ROPE not pos itself, the step's own row)
+    cached = (n >= first) & (n < pos) if ROPE else (n >= first) & (n <= pos)
+    mask = cached[:, None] & dlive[None, :]
+    k = tl.load(k_ptr + base + n[:, None] * HD + d[None, :], mask=mask, other=0.0)
+    v = tl.load(v_ptr + base + n[:, None] * HD + d[None, :], mask=mask, other=0.0)
+    return k, v
+
+
+@triton.jit
+def _attend_tile(q, qf, k, v, n, first, pos, k_new, v_new, m, l, acc, ROPE: tl.constexpr, DOT: tl.constexpr,
+                 FP32_DOT: tl.constexpr, scale):
+    # One tile of BLOCK_N positions n (k / v its cache rows, the step's row at pos not among them with ROPE) into
+    # the online softmax (m, l, acc) of the program's query rows.
+    nlive = (n >= first) & (n <= pos)
+    if ROPE:
+        k = tl.where((n == pos)[:, None], k_new[None, :], k)
+        v = tl.where((n == pos)[:, None], v_new[None, :], v)
+    if DOT:
+        if FP32_DOT:
+            scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee") * scale
+        else:
+            scores = tl.dot(q, tl.trans(k)) * scale  # [ROWS, BLOCK_N]
+    else:
+        scores = tl.sum(qf[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
+    scores = tl.where(nlive[None, :], scores, float("-inf"))
+    m_new = tl.maximum(m, tl.max(scores, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: keep exp() away from -inf - -inf
+    alpha = tl.exp(m - m_safe)
+    p = tl.exp(scores - m_safe[:, None])
+    if DOT:
+        if FP32_DOT:
+            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+    else:
+        pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+    return m_new, l * alpha + tl.sum(p, axis=1), acc * alpha[:, None] + pv
+
+
+@triton.jit
+def _step_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, acc_ptr, ml_ptr, out_ptr, count_ptr, H,
+                           KV, L, SCRATCH, scale, ROPE: tl.constexpr, REP: tl.constexpr, ROWS: tl.constexpr,
+                           DOT: tl.constexpr, HD: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr,
+                           BLOCK_N: tl.constexpr, FP32_DOT: tl.constexpr, STATIC: tl.constexpr, STAGES: tl.constexpr,
+                           GDC: tl.constexpr = False, EARLY: tl.constexpr = 0, MERGE: tl.constexpr = False,
+                           SPLITS: tl.constexpr = 1):
     # Program (j, s, b): query heads j * G .. (G = REP with DOT, else 1) of kv head (j G) / REP of slot b, over the
     # tiles s, s + S, s + 2 S, .. (S programs a head, BLOCK_N positions a tile) of its positions 0..pos (a slot at
     # SCRATCH, idle, sees that position alone). qkv_ptr: with ROPE the step's qkv rows [B, (H + 2 KV) HD], else
     # its rotated q [B, H, HD] (the cache written). The step's row written last (no load waits for that store).
+    # EARLY > 0 (a dependent launch whose earlier kernels write neither the positions nor the cache rows before
+    # them): the first EARLY (1 or 2) tiles' cache rows are asked for before griddepcontrol.wait, so their latency
+    # hides under the end of the kernel before; EARLY tiles stay in flight past the one being used.
+    # MERGE: the program that finishes a head's group last (an arrival count a group in count_ptr, put back to 0)
+    # combines the S (= SPLITS) parts into out_ptr [B, H HD], as _attention_combine_kernel does, in the same order.
+    if GDC:
+        if EARLY > 0:
+            tl.extra.cuda.gdc_launch_dependents()
+        else:
+            _gdc_enter(GDC)
     j = tl.program_id(0)
     s = tl.program_id(1)
     b = tl.program_id(2)
@@ -452,6 +508,16 @@ def _step_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, acc
     # this program's first tile: the first of s's residue class at or after the tile of ``first``
     t0 = first // BLOCK_N
     t0 = t0 + (s - t0 % nsplit + nsplit) % nsplit
+    if EARLY > 0:  # the first EARLY tiles' cached rows (before pos: written by earlier steps)
+        n = t0 * BLOCK_N + tl.arange(0, BLOCK_N)
+        k, v = _cached_rows(k_ptr, v_ptr, base, n, first, pos, d, dlive, HD, ROPE)
+        n1 = n + nsplit * BLOCK_N
+        if EARLY > 1:
+            k1, v1 = _cached_rows(k_ptr, v_ptr, base, n1, first, pos, d, dlive, HD, ROPE)
+        else:
+            k1, v1 = k, v  # not used
+        if GDC:
+            tl.extra.cuda.gdc_wait()
     if ROPE:
         partner = tl.where(d < HALF, d + HALF, d - HALF)
         sign = tl.where(d < HALF, -1.0, 1.0)
@@ -463,44 +529,35 @@ def _step_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, acc
         v_new = tl.load(qkv_ptr + (H + KV + g) * HD + d, mask=dlive, other=0.0).to(v_ptr.dtype.element_ty)
     else:
         q = tl.load(qkv_ptr + heads[:, None] * HD + d[None, :], mask=qmask, other=0.0)
+        k_new = q  # unused
+        v_new = q
     m = tl.full((ROWS,), float("-inf"), tl.float32)
     l = tl.zeros((ROWS,), tl.float32)
     acc = tl.zeros((ROWS, BLOCK_D), tl.float32)
     qf = q.to(tl.float32) * scale
     # Triton's interpreter cannot loop to a loaded bound: there, over the whole cache (STATIC), masked past pos
-    for i in tl.range(0, tl.cdiv(STATIC, BLOCK_N) if STATIC > 0 else tl.cdiv(tl.cdiv(pos + 1, BLOCK_N) - t0, nsplit),
-                      num_stages=STAGES):
-        n = (t0 + i * nsplit) * BLOCK_N + tl.arange(0, BLOCK_N)
-        nlive = (n >= first) & (n <= pos)
-        cached = (nlive & (n != pos)) if ROPE else nlive
-        k = tl.load(k_ptr + base + n[:, None] * HD + d[None, :], mask=cached[:, None] & dlive[None, :], other=0.0)
-        v = tl.load(v_ptr + base + n[:, None] * HD + d[None, :], mask=cached[:, None] & dlive[None, :], other=0.0)
-        if ROPE:
-            k = tl.where((n == pos)[:, None], k_new[None, :], k)
-            v = tl.where((n == pos)[:, None], v_new[None, :], v)
-        if DOT:
-            if FP32_DOT:
-                scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee") * scale
-            else:
-                scores = tl.dot(q, tl.trans(k)) * scale  # [ROWS, BLOCK_N]
-        else:
-            scores = tl.sum(qf[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
-        scores = tl.where(nlive[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_safe)
-        p = tl.exp(scores - m_safe[:, None])
-        if DOT:
-            if FP32_DOT:
-                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-        else:
-            pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
-        acc = acc * alpha[:, None] + pv
-        l = l * alpha + tl.sum(p, axis=1)
-        m = m_new
-    slot = (b * H + heads) * nsplit + s
+    if EARLY > 0:
+        for i in range(0, tl.cdiv(STATIC, BLOCK_N) if STATIC > 0 else tl.cdiv(tl.cdiv(pos + 1, BLOCK_N) - t0,
+                                                                               nsplit)):
+            nc, kc, vc = n, k, v
+            if EARLY > 1:  # tiles i + 1 (asked for already) and i + 2 in flight while tile i is used
+                n, k, v = n1, k1, v1
+                n1 = n1 + nsplit * BLOCK_N
+                k1, v1 = _cached_rows(k_ptr, v_ptr, base, n1, first, pos, d, dlive, HD, ROPE)
+            else:  # tile i + 1 in flight
+                n = n1
+                n1 = n1 + nsplit * BLOCK_N
+                k, v = _cached_rows(k_ptr, v_ptr, base, n, first, pos, d, dlive, HD, ROPE)
+            m, l, acc = _attend_tile(q, qf, kc, vc, nc, first, pos, k_new, v_new, m, l, acc, ROPE, DOT, FP32_DOT,
+                                     scale)
+    else:
+        for i in tl.range(0, tl.cdiv(STATIC, BLOCK_N) if STATIC > 0 else tl.cdiv(tl.cdiv(pos + 1, BLOCK_N) - t0,
+                                                                                  nsplit), num_stages=STAGES):
+            n = (t0 + i * nsplit) * BLOCK_N + tl.arange(0, BLOCK_N)
+            k, v = _cached_rows(k_ptr, v_ptr, base, n, first, pos, d, dlive, HD, ROPE)
+            m, l, acc = _attend_tile(q, qf, k, v, n, first, pos, k_new, v_new, m, l, acc, ROPE, DOT, FP32_DOT, scale)
+    rows = b * H + heads
+    slot = rows * nsplit + s
     tl.store(acc_ptr + slot[:, None] * HD + d[None, :], acc, mask=qmask)
     tl.store(ml_ptr + slot * 2, m, mask=rlive)
     tl.store(ml_ptr + slot * 2 + 1, l, mask=rlive)
@@ -508,17 +565,42 @@ def _step_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, k_ptr, v_ptr, acc
         if ((j * G) % REP == 0) & ((pos // BLOCK_N) % nsplit == s):  # the program whose tiles hold pos, once a kv head
             tl.store(k_ptr + base + pos * HD + d, k_new, mask=dlive)
             tl.store(v_ptr + base + pos * HD + d, v_new, mask=dlive)
+    if MERGE:
+        tl.debug_barrier()  # every thread's part stored before the arrival (released by it, gpu scope)
+        arrived = tl.atomic_add(count_ptr + b * tl.num_programs(0) + j, 1, sem="acq_rel", scope="gpu")
+        if arrived == nsplit - 1:  # the group's last program: its parts all seen (acquired), combine them
+            mx = tl.full((ROWS,), float("-inf"), tl.float32)
+            for t in tl.static_range(SPLITS):  # SPLITS = nsplit
+                mx = tl.maximum(mx, tl.load(ml_ptr + (rows * nsplit + t) * 2, mask=rlive, other=0.0,
+                                            cache_modifier=".cg"))
+            total = tl.zeros((ROWS, BLOCK_D), tl.float32)
+            lt = tl.zeros((ROWS,), tl.float32)
+            for t in tl.static_range(SPLITS):
+                ms = tl.load(ml_ptr + (rows * nsplit + t) * 2, mask=rlive, other=0.0, cache_modifier=".cg")
+                w = tl.where(ms == float("-inf"), 0.0, tl.exp(ms - mx))  # a run past the slot's position saw nothing
+                lt += w * tl.load(ml_ptr + (rows * nsplit + t) * 2 + 1, mask=rlive, other=0.0, cache_modifier=".cg")
+                total += w[:, None] * tl.load(acc_ptr + (rows * nsplit + t)[:, None] * HD + d[None, :], mask=qmask,
+                                              other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + rows[:, None] * HD + d[None, :], (total / lt[:, None]).to(out_ptr.dtype.element_ty),
+                     mask=qmask)
+            tl.atomic_xchg(count_ptr + b * tl.num_programs(0) + j, 0, sem="relaxed", scope="gpu")
 
 
 def step_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
                    n_heads: int, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
-                   config: tuple | None = None, out: torch.Tensor | None = None, scratch: int = -1) -> torch.Tensor:
+                   config: tuple | None = None, out: torch.Tensor | None = None, scratch: int = -1,
+                   counts: torch.Tensor | None = None, early: int = 0) -> torch.Tensor:
     """One decode step's attention of B streams at ``positions`` [B] over cache positions 0..pos of each (k_cache /
     v_cache [slots >= B, KV, L, hd]: slot b the stream b's; one at ``scratch``, idle, sees that position alone).
     With ``cos`` / ``sin`` ([L, hd] tables): ``qkv`` is the step's projections [B, (H + 2 KV) hd], rotated here, its
     k / v written into the caches at pos (``rope_store`` + ``decode_attention`` in two launches); without: ``qkv`` is
     the rotated q [B, H, hd] and the caches already hold pos. Returns [B, H hd] (in ``out`` when given). config:
-    (splits, block_n, warps, dot, stages), default ``STEP_ATTENTION``."""
+    (splits, block_n, warps, dot, stages), default ``STEP_ATTENTION``. ``counts``: int32 zeros, at least B x the
+    grid's head groups (``step_counts``), that the kernel leaves as it found them: the parts are combined by each
+    group's last program (one launch), not by a second kernel; the same arithmetic in the same order. ``early``
+    (1 or 2; 0: no): the caller's promise that no kernel of the stream before this one writes ``positions`` or
+    the cache rows before them (the batch-1 step's): with a dependent launch, a program's first ``early`` tiles'
+    rows are asked for before it waits for the kernel before, and that many stay in flight after."""
     kv, length, hd = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     b = positions.shape[0]
     splits, block_n, warps, dot, stages = config or tuple(STEP_ATTENTION[k] for k in ("splits", "block_n", "warps",
@@ -531,17 +613,31 @@ def step_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     ml = torch.empty(b * n_heads * splits, 2, dtype=torch.float32, device=qkv.device)
     block_d = max(16, triton.next_power_of_2(hd))
     rows = max(16, triton.next_power_of_2(rep)) if dot else 1
-    _step_attention_kernel[(kv if dot else n_heads, splits, b)](
-        qkv.contiguous(), cos if rope else qkv, sin if rope else qkv, positions, k_cache, v_cache, acc, ml, n_heads,
-        kv, length, scratch, hd ** -0.5, ROPE=rope, REP=rep, ROWS=rows, DOT=dot, HD=hd, HALF=hd // 2,
-        BLOCK_D=block_d, BLOCK_N=block_n, FP32_DOT=interpret, STATIC=length if interpret else 0, STAGES=stages,
-        GDC=pdl, num_warps=warps, launch_pdl=pdl)
+    groups = kv if dot else n_heads
     if out is None:
         out = torch.empty(b, n_heads * hd, dtype=k_cache.dtype, device=qkv.device)
-    _attention_combine_kernel[(b * n_heads,)](acc, ml, out, NSPLIT=splits, HD=hd,
-                                              BLOCK_D=triton.next_power_of_2(hd), GDC=pdl, num_warps=1,
-                                              launch_pdl=pdl)
+    merge = counts is not None
+    if merge and (counts.dtype != torch.int32 or counts.numel() < b * groups):
+        raise ValueError(f"step_attention: counts needs {b * groups} int32 zeros, got {tuple(counts.shape)} "
+                         f"{counts.dtype}")
+    _step_attention_kernel[(groups, splits, b)](
+        qkv.contiguous(), cos if rope else qkv, sin if rope else qkv, positions, k_cache, v_cache, acc, ml, out,
+        counts if merge else ml, n_heads, kv, length, scratch, hd ** -0.5, ROPE=rope, REP=rep, ROWS=rows, DOT=dot,
+        HD=hd, HALF=hd // 2, BLOCK_D=block_d, BLOCK_N=block_n, FP32_DOT=interpret, STATIC=length if interpret else 0,
+        STAGES=stages, GDC=pdl, EARLY=int(early), MERGE=merge, SPLITS=splits if merge else 1, num_warps=warps,
+        launch_pdl=pdl)
+    if not merge:
+        _attention_combine_kernel[(b * n_heads,)](acc, ml, out, NSPLIT=splits, HD=hd,
+                                                  BLOCK_D=triton.next_power_of_2(hd), GDC=pdl, num_warps=1,
+                                                  launch_pdl=pdl)
     return out
+
+
+def step_counts(n_heads: int, device: torch.device, streams: int = 1) -> torch.Tensor:
+    """The arrival counts ``step_attention(counts=...)`` takes for ``streams`` streams of ``n_heads`` query heads
+    (enough for every configuration: a group is at least a head). The kernels put them back to zero, so one
+    buffer serves every layer of a step and every step, on one stream at a time."""
+    return torch.zeros(streams * n_heads, dtype=torch.int32, device=device)
 
 
 # As a PyTorch operator for the compiled batch-1 step (``Block.attention_step_fused`` under torch.compile): opaque to

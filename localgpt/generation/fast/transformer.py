@@ -35,6 +35,14 @@ CHAIN_ATTN = os.environ.get("LOCALGPT_GEMV_CHAIN_ATTN", "auto")
 # The batch-1 step's attention by ``slot_triton.step_attention`` (rotary, cache write and attention in one kernel,
 # runs that follow the position); LOCALGPT_STEP_ATTENTION=0: rope_store + decode_attention, as before.
 STEP_ATTN = os.environ.get("LOCALGPT_STEP_ATTENTION", "1") != "0"
+# With one kv head a query head (Llama-2-7B), as one launch at every cache length: the step's parts combined by each
+# head's last program (an arrival count a head, ``Block.step_counts``), the first tile's cache rows asked for before
+# the dependent launch waits (``step_attention(counts=, early=STEP_EARLY)``, shape ``STEP_MERGE_ATTENTION``).
+# H200, Llama-2-7B int4 after 512 tokens, same calls: 590.8 / 591.3 / 590.3 against 580.7 / 581.8 / 581.0 tok/s for
+# rope_store + decode_attention's three launches; without the early rows 561.0, with two tiles early 581.5.
+# LOCALGPT_STEP_ATTENTION_MERGE=0: step_attention and its combine (two launches) for long caches, else the three.
+STEP_MERGE = os.environ.get("LOCALGPT_STEP_ATTENTION_MERGE", "1") != "0"
+STEP_EARLY = 1  # tiles a program asks for before the wait (step_attention's early; 2 was no faster)
 # Falcon's batch-1 step as a plain CUDA graph of fused kernels (``Transformer._step_parallel``: the residual adds
 # and LayerNorm in one kernel, the attention's in one, GELU in one; no compiler, so no ~45 s warm-up):
 # on by default since round 14 (H200, Falcon-7B int4 in one call: 462 against 417 tok/s compiled, TTFT at 512 27
@@ -131,12 +139,14 @@ class Block(nn.Module):
         self.norm1, self.norm2 = norm1, norm2
         self.register_buffer("k_cache", torch.empty(0), persistent=False)
         self.register_buffer("v_cache", torch.empty(0), persistent=False)
+        self.register_buffer("step_counts", torch.empty(0, dtype=torch.int32), persistent=False)
 
     def setup_cache(self, max_seq: int, dtype: torch.dtype, device: torch.device) -> None:
         s = self.shape
         size = (1, s.n_kv_heads, max_seq, s.head_dim)
         self.k_cache = torch.zeros(size, dtype=dtype, device=device)
         self.v_cache = torch.zeros(size, dtype=dtype, device=device)
+        self.step_counts = torch.zeros(s.n_heads, dtype=torch.int32, device=device)  # step_attention's merge
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         h = self.w_in(x)
@@ -181,14 +191,20 @@ class Block(nn.Module):
                    out: torch.Tensor | None = None) -> torch.Tensor:
         """The attention of one decode step from its projections qkv [1, (heads + 2 kv heads) head_dim], before
         ``wo``: ``slot_triton.step_attention`` (rotary, cache write and the attention over positions 0..input_pos
-        in one kernel, its parts combined in a second) or, for a short cache of one kv head a query head
-        (``slot_triton.use_step_attention``), rotary + cache write in one kernel and the split attention in two.
+        in one kernel; with one kv head a query head and STEP_MERGE its parts combined in it too, else in a second)
+        or, without STEP_MERGE, for a short cache of one kv head a query head (``slot_triton.use_step_attention``),
+        rotary + cache write in one kernel and the split attention in two.
         ``out``: a fixed [1, heads head_dim] buffer to write it in (the chained step's)."""
         from localgpt.generation.fast import slot_triton
 
-        if STEP_ATTN and slot_triton.use_step_attention(self.k_cache, self.shape.n_heads):
+        # merged: one kv head a query head only (Falcon-7B's 71 heads on one lost: 546.8 against 578.8 tok/s)
+        merge = STEP_MERGE and self.k_cache.shape[1] == self.shape.n_heads and self.step_counts.numel() > 0
+        if STEP_ATTN and (merge or slot_triton.use_step_attention(self.k_cache, self.shape.n_heads)):
+            cfg = tuple(slot_triton.STEP_MERGE_ATTENTION[k] for k in ("splits", "block_n", "warps", "dot", "stages"))
             return slot_triton.step_attention(qkv.view(1, -1), self.k_cache, self.v_cache, input_pos,
-                                              self.shape.n_heads, cos, sin, out=out)
+                                              self.shape.n_heads, cos, sin, out=out, config=cfg if merge else None,
+                                              counts=self.step_counts if merge else None,
+                                              early=STEP_EARLY if merge else 0)
         q = slot_triton.rope_store(qkv.view(1, -1), cos, sin, input_pos, self.k_cache, self.v_cache, self.shape.n_heads)
         if out is not None:
             return slot_triton.decode_attention(q, self.k_cache, self.v_cache, input_pos, -1, out=out)
