@@ -905,7 +905,8 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
         # for short caches of one kv head a head, rope_store + decode_attention), not in its one launch;
         # "+noearly" / "+early2" (its rows asked for before the wait: none / two tiles), "+saSxBxW" (its shape);
         # "+nomambafused": Mamba / FalconMamba's step compiled, not through mamba_triton's kernels
-        # (LOCALGPT_MAMBA_FUSED=0, with "@compile"); "+nofalcongraph": Falcon's fused step compiled, not its graph step (LOCALGPT_FALCON_GRAPH=0, with "@compile")),
+        # (LOCALGPT_MAMBA_FUSED=0, with "@compile"); "+nofalcongraph": Falcon's fused step compiled, not its graph step
+        # (LOCALGPT_FALCON_GRAPH=0, with "@compile")),
         # and then "@graph" / "@compile" (that engine mode for this row instead of --mode).
         name_mode = name.partition("@")
         variant, *flags = name_mode[0].split("+")
