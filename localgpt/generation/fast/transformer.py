@@ -203,8 +203,7 @@ class Block(nn.Module):
             cfg = tuple(slot_triton.STEP_MERGE_ATTENTION[k] for k in ("splits", "block_n", "warps", "dot", "stages"))
             return slot_triton.step_attention(qkv.view(1, -1), self.k_cache, self.v_cache, input_pos,
                                               self.shape.n_heads, cos, sin, out=out, config=cfg if merge else None,
-                                              counts=self.step_counts if merge else None,
-                                              early=STEP_EARLY if merge else 0)
+                                              counts=self.step_counts if merge else None, early=STEP_EARLY)
         q = slot_triton.rope_store(qkv.view(1, -1), cos, sin, input_pos, self.k_cache, self.v_cache, self.shape.n_heads)
         if out is not None:
             return slot_triton.decode_attention(q, self.k_cache, self.v_cache, input_pos, -1, out=out)
