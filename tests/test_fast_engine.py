@@ -1339,11 +1339,11 @@ def step_attention_check(device: str = "cpu", dtype: torch.dtype = torch.float32
                     merged = st.step_attention(qkv, k3, v3, where, heads, cos, sin, cfg, counts=counts, early=early)
                     assert float((merged.float() - got).norm() / got.norm()) < 1e-6, ("merged", heads, kv, dot, pos)
                     assert torch.equal(k3, k1) and torch.equal(v3, v1) and not counts.any(), ("merged", heads, pos)
-                # the first tile's rows asked for early (the batch-1 step's promise), the parts combined by a launch
-                k3, v3 = kc.clone(), vc.clone()
-                early = st.step_attention(qkv, k3, v3, where, heads, cos, sin, cfg, early=1).float()
-                assert float((early - got).norm() / got.norm()) < 1e-6, ("early", heads, kv, dot, pos)
-                assert torch.equal(k3, k1) and torch.equal(v3, v1), ("early", heads, kv, dot, pos)
+                if (dot, splits) == (True, 4):  # the first tile's rows asked for early, the parts combined by a launch
+                    k3, v3 = kc.clone(), vc.clone()
+                    early = st.step_attention(qkv, k3, v3, where, heads, cos, sin, cfg, early=1).float()
+                    assert float((early - got).norm() / got.norm()) < 1e-6, ("early", heads, kv, dot, pos)
+                    assert torch.equal(k3, k1) and torch.equal(v3, v1), ("early", heads, kv, dot, pos)
                 got = st.step_attention(q, k1, v1, where, heads, config=cfg).float()
                 assert float((got - want).norm() / want.norm()) < tol, ("q given", heads, kv, dot, pos)
     # streams at their own positions, one idle at the scratch position (the slots' step; slot_attention routes a
