@@ -904,7 +904,8 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
         # --alt-chain's gemv_chain.py, for a same-call A/B; "+oldattn": the step's attention by rope_store +
         # decode_attention, not step_attention; "+nomerge": step_attention's parts combined by a second launch (or,
         # for short caches of one kv head a head, rope_store + decode_attention), not in its one launch;
-        # "+noearly" / "+early2" (its rows asked for before the wait: none / two tiles), "+saSxBxW" (its shape);
+        # "+noearly" / "+early2" (its rows asked for before the wait: none / two tiles), "+saSxBxW" (its shape),
+        # "+mergeall" (merged at every cache length, not only up to slot_triton.STEP_ATTENTION_MIN_CACHE);
         # "+kvpfN": the chains' producers ask the L2 for the next attention's cache rows N phases before a chain's
         # end (gemv_chain.KV_PREFETCH); "+nomambafused": Mamba / FalconMamba's step compiled, not through
         # mamba_triton's kernels
@@ -983,7 +984,10 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                 # "+stepattn": step_attention's one kernel (and the merge) at every cache length, not rope_store +
                 # decode_attention up to STEP_ATTENTION_MIN_CACHE positions of a one-kv-head-a-head model
                 min_cache = STEP_MIN_CACHE.setdefault("default", slot_triton.STEP_ATTENTION_MIN_CACHE)
-                slot_triton.STEP_ATTENTION_MIN_CACHE = 0 if "stepattn" in flags else min_cache
+                # "+mergeall": the merged step attention and its early rows at every cache length (their gate is
+                # the same bound: transformer's Block.attend_qkv)
+                slot_triton.STEP_ATTENTION_MIN_CACHE = (0 if "stepattn" in flags else 1 << 30 if "mergeall" in flags
+                                                        else min_cache)
                 # "+attn": the attention as every chain's first phase, "+noattn": in none; else the default
                 transformer.CHAIN_ATTN = "1" if "attn" in flags else "0" if "noattn" in flags else "auto"
                 transformer.STEP_ATTN = "oldattn" not in flags  # "+oldattn": rope_store + decode_attention
@@ -1120,6 +1124,8 @@ def main() -> None:
     parser.add_argument("--one-shape", action="store_true", help="--concurrency: decode at one shape (all slots, "
                         "the engine's and localgpt serve's default) instead of buckets of the levels")
     parser.add_argument("--prompts", default="", help="TTFT prompt lengths, e.g. 512,2048 (default 512,2048,8192)")
+    parser.add_argument("--decode-prompt", type=int, default=0, help="prompt tokens before the decode runs (their "
+                        "positions; default 512; with --decode-cache, late positions of a long cache)")
     parser.add_argument("--tiny", action="store_true", help="tiny configs and prompts: check the script, not speed")
     parser.add_argument("--decode-cache", type=int, default=0, help="KV-cache positions of the decode runs (default: "
                         "the positions decoded + 64; the product sizes it to the context window, e.g. 4096)")
@@ -1152,6 +1158,7 @@ def main() -> None:
 
     global PROMPTS, DECODE_PROMPT, DECODE_NEW, DECODE_CACHE, SLOT_CACHE
     DECODE_CACHE, SLOT_CACHE = args.decode_cache, args.slot_cache
+    DECODE_PROMPT = args.decode_prompt or DECODE_PROMPT
     if args.tiny:
         PROMPTS, DECODE_PROMPT, DECODE_NEW = (32, 64, 128), 32, 16
         args.hf_max_prompt = dict.fromkeys(args.hf_max_prompt, 128)
