@@ -206,9 +206,10 @@ class Block(nn.Module):
         merge = (STEP_MERGE and short and self.k_cache.shape[1] == self.shape.n_heads
                  and self.step_counts.numel() > 0)
         if STEP_ATTN and (merge or slot_triton.use_step_attention(self.k_cache, self.shape.n_heads)):
-            cfg = tuple(slot_triton.STEP_MERGE_ATTENTION[k] for k in ("splits", "block_n", "warps", "dot", "stages"))
+            cfg = (tuple(slot_triton.STEP_MERGE_ATTENTION[k] for k in ("splits", "block_n", "warps", "dot", "stages"))
+                   if merge else None)
             return slot_triton.step_attention(qkv.view(1, -1), self.k_cache, self.v_cache, input_pos,
-                                              self.shape.n_heads, cos, sin, out=out, config=cfg if merge else None,
+                                              self.shape.n_heads, cos, sin, out=out, config=cfg,
                                               counts=self.step_counts if merge else None,
                                               early=STEP_EARLY if short else 0)
         q = slot_triton.rope_store(qkv.view(1, -1), cos, sin, input_pos, self.k_cache, self.v_cache, self.shape.n_heads)
@@ -853,9 +854,9 @@ class Transformer(nn.Module):
         or the LM head), over fixed buffers: a Llama layer is four launches (was seven)."""
         c = self._chain
         torch.index_select(self.embed, 0, token.view(-1), out=c.ra.view(1, -1))
+        if c.attn or c.pf:  # the chains read the position from their fixed buffer (the head's prefetch too)
+            c.pos.copy_(input_pos.view(-1))
         c.head()
-        if c.attn or c.pf:
-            c.pos.copy_(input_pos.view(-1))  # the chains read the position from their fixed buffer
         for block, chain in zip(self.blocks, c.chains):
             if not c.attn:
                 block.attend_qkv(c.qkv.view(1, -1), self.cos, self.sin, input_pos, out=c.att.view(1, -1))
