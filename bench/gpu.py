@@ -904,8 +904,7 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
         # --alt-chain's gemv_chain.py, for a same-call A/B; "+oldattn": the step's attention by rope_store +
         # decode_attention, not step_attention; "+nomerge": step_attention's parts combined by a second launch (or,
         # for short caches of one kv head a head, rope_store + decode_attention), not in its one launch;
-        # "+noearly" / "+early2" (its rows asked for before the wait: none / two tiles), "+saSxBxW" (its shape),
-        # "+mergeall" (merged at every cache length, not only up to slot_triton.STEP_ATTENTION_MIN_CACHE);
+        # "+noearly" / "+early2" (its rows asked for before the wait: none / two tiles), "+saSxBxW" (its shape);
         # "+kvpfN": the chains' producers ask the L2 for the next attention's cache rows N phases before a chain's
         # end (gemv_chain.KV_PREFETCH); "+nomambafused": Mamba / FalconMamba's step compiled, not through
         # mamba_triton's kernels
@@ -984,10 +983,7 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                 # "+stepattn": step_attention's one kernel (and the merge) at every cache length, not rope_store +
                 # decode_attention up to STEP_ATTENTION_MIN_CACHE positions of a one-kv-head-a-head model
                 min_cache = STEP_MIN_CACHE.setdefault("default", slot_triton.STEP_ATTENTION_MIN_CACHE)
-                # "+mergeall": the merged step attention and its early rows at every cache length (their gate is
-                # the same bound: transformer's Block.attend_qkv)
-                slot_triton.STEP_ATTENTION_MIN_CACHE = (0 if "stepattn" in flags else 1 << 30 if "mergeall" in flags
-                                                        else min_cache)
+                slot_triton.STEP_ATTENTION_MIN_CACHE = 0 if "stepattn" in flags else min_cache
                 # "+attn": the attention as every chain's first phase, "+noattn": in none; else the default
                 transformer.CHAIN_ATTN = "1" if "attn" in flags else "0" if "noattn" in flags else "auto"
                 transformer.STEP_ATTN = "oldattn" not in flags  # "+oldattn": rope_store + decode_attention

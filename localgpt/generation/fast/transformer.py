@@ -35,15 +35,19 @@ CHAIN_ATTN = os.environ.get("LOCALGPT_GEMV_CHAIN_ATTN", "auto")
 # The batch-1 step's attention by ``slot_triton.step_attention`` (rotary, cache write and attention in one kernel,
 # runs that follow the position); LOCALGPT_STEP_ATTENTION=0: rope_store + decode_attention, as before.
 STEP_ATTN = os.environ.get("LOCALGPT_STEP_ATTENTION", "1") != "0"
-# With one kv head a query head (Llama-2-7B) and caches up to slot_triton.STEP_ATTENTION_MIN_CACHE positions (where
-# it was measured; longer ones keep step_attention's two launches), as one launch: the step's parts combined by each
-# head's last program (an arrival count a head, ``Block.step_counts``), the first tile's cache rows asked for before
-# the dependent launch waits (``step_attention(counts=, early=STEP_EARLY)``, shape ``STEP_MERGE_ATTENTION``).
+# With one kv head a query head (Llama-2-7B), as one launch: the step's parts combined by each head's last program
+# (an arrival count a head, ``Block.step_counts``), the first tile's cache rows asked for before the dependent launch
+# waits (``step_attention(counts=, early=STEP_EARLY)``, shape ``STEP_MERGE_ATTENTION``).
 # H200, Llama-2-7B int4 after 512 tokens, same calls: 590.8 / 591.3 / 590.3 against 580.7 / 581.8 / 581.0 tok/s for
-# rope_store + decode_attention's three launches; without the early rows 561.0, with two tiles early 581.5.
+# rope_store + decode_attention's three launches; without the early rows 561.0, with two tiles early 581.5 (round 18).
+# At every cache length since round 19 (4,096-position caches, one call): after 3,584 tokens 453.0 against 435.5
+# for step_attention's two launches, after 512 590.1 against 580.4.
 # LOCALGPT_STEP_ATTENTION_MERGE=0: step_attention and its combine (two launches) for long caches, else the three.
 STEP_MERGE = os.environ.get("LOCALGPT_STEP_ATTENTION_MERGE", "1") != "0"
-STEP_EARLY = 1  # tiles a program asks for before the wait (step_attention's early; 2 was no faster)
+# Tiles a program asks for before the wait (step_attention's early; 2 was no faster), merged or not: Falcon-7B int4
+# (two launches) 582.6 / 585.4 against 579.3 tok/s at 640-position caches, 496.0 against 489.9 after 3,584 tokens of
+# a 4,096-position cache.
+STEP_EARLY = 1
 # Falcon's batch-1 step as a plain CUDA graph of fused kernels (``Transformer._step_parallel``: the residual adds
 # and LayerNorm in one kernel, the attention's in one, GELU in one; no compiler, so no ~45 s warm-up):
 # on by default since round 14 (H200, Falcon-7B int4 in one call: 462 against 417 tok/s compiled, TTFT at 512 27
@@ -192,26 +196,22 @@ class Block(nn.Module):
                    out: torch.Tensor | None = None) -> torch.Tensor:
         """The attention of one decode step from its projections qkv [1, (heads + 2 kv heads) head_dim], before
         ``wo``: ``slot_triton.step_attention`` (rotary, cache write and the attention over positions 0..input_pos
-        in one kernel; with one kv head a query head, a cache of up to STEP_ATTENTION_MIN_CACHE positions and
-        STEP_MERGE its parts combined in it too, else in a second) or, without STEP_MERGE, for a short cache of one
-        kv head a query head (``slot_triton.use_step_attention``), rotary + cache write in one kernel and the split
-        attention in two. Caches that short also take the early rows (STEP_EARLY).
+        in one kernel; with one kv head a query head and STEP_MERGE its parts combined in it too, else in a second)
+        or, without STEP_MERGE, for a short cache of one kv head a query head (``slot_triton.use_step_attention``),
+        rotary + cache write in one kernel and the split attention in two. step_attention asks for its first tiles'
+        rows before the dependent launch waits (STEP_EARLY).
         ``out``: a fixed [1, heads head_dim] buffer to write it in (the chained step's)."""
         from localgpt.generation.fast import slot_triton
 
-        # merged: one kv head a query head only (Falcon-7B's 71 heads on one lost: 546.8 against 578.8 tok/s); the
-        # merge and the early rows where measured, caches up to STEP_ATTENTION_MIN_CACHE positions (a long cache's
-        # late positions would go through 8 programs a head, not 16: not measured yet)
-        short = self.k_cache.shape[2] <= slot_triton.STEP_ATTENTION_MIN_CACHE
-        merge = (STEP_MERGE and short and self.k_cache.shape[1] == self.shape.n_heads
-                 and self.step_counts.numel() > 0)
+        # merged: one kv head a query head only (Falcon-7B's 71 heads on one lost: 546.8 against 578.8 tok/s)
+        merge = STEP_MERGE and self.k_cache.shape[1] == self.shape.n_heads and self.step_counts.numel() > 0
         if STEP_ATTN and (merge or slot_triton.use_step_attention(self.k_cache, self.shape.n_heads)):
             cfg = (tuple(slot_triton.STEP_MERGE_ATTENTION[k] for k in ("splits", "block_n", "warps", "dot", "stages"))
                    if merge else None)
             return slot_triton.step_attention(qkv.view(1, -1), self.k_cache, self.v_cache, input_pos,
                                               self.shape.n_heads, cos, sin, out=out, config=cfg,
                                               counts=self.step_counts if merge else None,
-                                              early=STEP_EARLY if short else 0)
+                                              early=STEP_EARLY)
         q = slot_triton.rope_store(qkv.view(1, -1), cos, sin, input_pos, self.k_cache, self.v_cache, self.shape.n_heads)
         if out is not None:
             return slot_triton.decode_attention(q, self.k_cache, self.v_cache, input_pos, -1, out=out)
