@@ -43,11 +43,8 @@ KERNELS = [(4, 16, *gemv_chain.TMA_DEFAULTS[4], True, True), (4, 16, *gemv_chain
            (4, 16, *gemv_chain.DEFAULTS[4], False, False),
            (4, 16, *gemv_chain.TMA_DEFAULTS_BF16[4], True, False, 1),  # Falcon's (EXTRA)
            (4, 16, *gemv_chain.TMA_DEFAULTS[4], True, True, 0, 1),
-           (8, 32, *gemv_chain.TMA_DEFAULTS[8], True, True, 0, 1),
-           (4, 16, *gemv_chain.TMA_DEFAULTS[4], True, True, 0, 0, 1),
-           (8, 32, *gemv_chain.TMA_DEFAULTS[8], True, True, 0, 1, 1)]
-# the two before the last two: with the attention phase (ATTN; a revision before ATTN has the attention in every
-# kernel); the last two: with the next attention's cache rows asked into the L2 (PF, gemv_chain.KV_PREFETCH)
+           (8, 32, *gemv_chain.TMA_DEFAULTS[8], True, True, 0, 1)]
+# the last two: with the attention phase (ATTN; a revision before ATTN has the attention in every kernel)
 
 
 def nvrtc_library(path: str | None) -> ctypes.CDLL:
@@ -70,10 +67,6 @@ def sass(chain_mod, cuda_mod, kernel: tuple, diag: int, lib) -> tuple[str, list[
     args = {"tma": tma}
     if len(ln) > 1 and ln[1] and "attn" in chain_mod.source.__code__.co_varnames:
         args["attn"] = True
-    if len(ln) > 2 and ln[2]:
-        if "pf" not in chain_mod.source.__code__.co_varnames:
-            raise ValueError("no such kernel at that revision (the next attention's rows into the L2)")
-        args["pf"] = True
     if ln and ln[0]:
         if "extra" not in chain_mod.source.__code__.co_varnames:
             raise ValueError("no such kernel at that revision (a parallel block's ln / gelu prologues)")

@@ -35,7 +35,6 @@ from localgpt.generation.fast.quantize import decode_kernels, quantize_model, us
 
 import alt_chain  # noqa: E402  (bench/, this script's folder)
 
-KV_PREFETCH_DEFAULT: dict = {}  # gemv_chain.KV_PREFETCH's value at start, for the rows without "+kvpfN"
 STEP_MIN_CACHE: dict = {}  # slot_triton.STEP_ATTENTION_MIN_CACHE's default, for the rows without "+stepattn"
 ALT_CHAIN = {"mod": None}  # --alt-chain's gemv_chain module, for the "+alt" rows
 
@@ -905,9 +904,7 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
         # decode_attention, not step_attention; "+nomerge": step_attention's parts combined by a second launch (or,
         # for short caches of one kv head a head, rope_store + decode_attention), not in its one launch;
         # "+noearly" / "+early2" (its rows asked for before the wait: none / two tiles), "+saSxBxW" (its shape);
-        # "+kvpfN": the chains' producers ask the L2 for the next attention's cache rows N phases before a chain's
-        # end (gemv_chain.KV_PREFETCH); "+nomambafused": Mamba / FalconMamba's step compiled, not through
-        # mamba_triton's kernels
+        # "+nomambafused": Mamba / FalconMamba's step compiled, not through mamba_triton's kernels
         # (LOCALGPT_MAMBA_FUSED=0, with "@compile"); "+nofalcongraph": Falcon's fused step compiled, not its graph step
         # (LOCALGPT_FALCON_GRAPH=0, with "@compile")),
         # and then "@graph" / "@compile" (that engine mode for this row instead of --mode).
@@ -975,9 +972,6 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                 gemv_chain.TMA = "ring" not in flags  # "+ring": the chain's cp.async ring kernel on Hopper too
                 # "+nopdl": the chain and the attention's kernels as plain launches, not programmatic dependent ones
                 gemv_chain.PDL = "nopdl" not in flags
-                # "+kvpfN": each chain asks the L2 for the next attention's cache rows N phases before its end
-                gemv_chain.KV_PREFETCH = next((int(f[4:]) for f in flags if f.startswith("kvpf") and f[4:].isdigit()),
-                                              KV_PREFETCH_DEFAULT.setdefault("v", gemv_chain.KV_PREFETCH))
                 from localgpt.generation.fast import slot_triton
 
                 # "+stepattn": step_attention's one kernel (and the merge) at every cache length, not rope_store +

@@ -1141,18 +1141,16 @@ def _chained_step_matches_the_launches(net, monkeypatch, max_seq: int) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tma,f16,kvpf", [(True, True, 0), (False, True, 0), (True, False, 0), (True, True, 2)])
+@pytest.mark.parametrize("tma,f16", [(True, True), (False, True), (True, False)])
 def test_gpu_chained_step_matches_a_launch_a_gemv_and_generates_the_same_in_a_graph(tmp_path, monkeypatch, tma,
-                                                                                     f16, kvpf):
+                                                                                     f16):
     """Transformer._step_chain (a layer's GEMVs in one gemv_chain launch over fixed buffers) on an int4 Llama whose
     layers fit it: from the same caches, the logits and the cache rows it writes equal _step_prologues' within bf16
     rounding, at the first position, inside the cache and at its last; the Engine's CUDA graph of it generates the
     same greedy tokens as its eager run; LOCALGPT_GEMV_CHAIN=0 (transformer.CHAIN) goes back to a launch a GEMV.
     tma: the bulk-copy kernel, Hopper's default (here its stages straddle tiles: 4 blocks a tile, 15 a stage), or
     the ring kernel (LOCALGPT_GEMV_CHAIN_TMA=0); f16: fp16 mma operands (the bulk-copy kernel's default; the ring
-    kernel's with LOCALGPT_GEMV_CHAIN_F16=all; bf16 with =int8 or 0); kvpf: each chain's producer asks the L2 for
-    the next attention's cache rows two phases before its end (LOCALGPT_GEMV_CHAIN_KVPF=2), which changes no
-    result."""
+    kernel's with LOCALGPT_GEMV_CHAIN_F16=all; bf16 with =int8 or 0)."""
     _needs_cuda()
     pytest.importorskip("triton")
     if tma and torch.cuda.get_device_capability()[0] < 9:
@@ -1165,7 +1163,6 @@ def test_gpu_chained_step_matches_a_launch_a_gemv_and_generates_the_same_in_a_gr
     monkeypatch.setattr(gemv_chain, "F16_BITS", (4, 8) if f16 else ())
     monkeypatch.setattr(gemv_chain, "F16", f16)
     monkeypatch.setattr(gemv_chain, "F16_INT4_RING", f16)  # the ring kernel's int4 takes them only when asked
-    monkeypatch.setattr(gemv_chain, "KV_PREFETCH", kvpf)
     from localgpt.generation.fast.transformer import from_llama
 
     hf = AutoModelForCausalLM.from_pretrained(
@@ -1175,7 +1172,6 @@ def test_gpu_chained_step_matches_a_launch_a_gemv_and_generates_the_same_in_a_gr
     quantize_model(net, "int4", decode="cuda")
     _chained_step_matches_the_launches(net, monkeypatch, 64)
     assert net.chain_kernel == ("bulk-copy" if tma else "ring") + (", fp16" if f16 else "")
-    assert all(chain.pf == bool(kvpf) for chain in net._chain.chains[:-1]) and not net._chain.chains[-1].pf
 
 
 def test_balanced_tile_runs_cover_every_tile_once_and_even_out_the_ctas_blocks():
@@ -1226,8 +1222,7 @@ def test_chain_defaults_attention_ring_and_dependent_launches(monkeypatch):
     The bulk-copy kernel is a programmatic dependent launch: it lets the next kernel start (launch_dependents) and
     its consumers wait for the one before (griddepcontrol.wait) before they read the step's buffers, and the
     launcher's structs match cuda.h's CUlaunchAttribute (72 bytes) and CUlaunchConfig (56); the step's attention
-    kernels take the same switch, never under the Triton interpreter or off CUDA. The next attention's cache rows
-    into the L2 (KV_PREFETCH) are opt-in and only in the bulk-copy kernel."""
+    kernels take the same switch, never under the Triton interpreter or off CUDA."""
     from localgpt.generation.fast import gemv_chain, gemv_cuda, transformer
     from localgpt.generation.fast.transformer import Transformer
 
@@ -1242,11 +1237,6 @@ def test_chain_defaults_attention_ring_and_dependent_launches(monkeypatch):
     assert name.endswith("_a") and "#define ATTN 1" in src
     name, src = gemv_chain.source(8, 32, 15, 6, False, 1, tma=True, f16=True)
     assert not name.endswith("_a") and "#define ATTN 0" in src
-    # the next attention's rows into the L2: opt-in (LOCALGPT_GEMV_CHAIN_KVPF), the bulk-copy kernel's producer only
-    assert gemv_chain.KV_PREFETCH == 0 and "#define PF 0" in src
-    name_pf, src_pf = gemv_chain.source(4, 16, 15, 4, True, 2, tma=True, f16=True, pf=True)
-    assert name_pf.endswith("_pf") and "#define PF 1" in src_pf and "cp.async.bulk.prefetch.L2" in src_pf
-    assert "#define PF 0" in gemv_chain.source(4, 16, 16, 2, True, 2, pf=True)[1]  # the ring kernel: no producer
     assert gemv_chain.PDL
     body = src[src.index("KERNEL_NAME(const Phase*"):]
     # the producer (warp WARPS) returns before the consumers' wait; their first phase comes after it

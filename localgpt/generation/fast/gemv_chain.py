@@ -23,9 +23,6 @@ Here one launch runs the phases ``wo -> w_in -> w_out -> the next layer's wqkv``
   chunk of a head merging them (``attention``; compiled only into the kernels that run it, ``ATTN``). In the
   bulk-copy kernel the cache rows come through the words' ring, copied by the producer first (``attn_copies``,
   ``RingRows``); the ring kernel's warps load them themselves (``GlobalRows``).
-- Opt-in (``KV_PREFETCH``, LOCALGPT_GEMV_CHAIN_KVPF; not yet measured): the bulk-copy kernel's producer asks the
-  L2 for the next attention's cache rows (``kv_prefetch``, ``Chain(prefetch=)``), so that attention reads them
-  from the L2.
 - The bulk-copy kernel is a programmatic dependent launch (``PDL``, as are the step's attention kernels,
   ``slot_triton.gdc``): it lets the stream's next kernel onto each multiprocessor it leaves, its producer streams
   the words before the kernel before it has ended, and its consumers ``griddepcontrol.wait`` for that kernel
@@ -990,22 +987,6 @@ __device__ __forceinline__ void bulk(u32 dst, const void* src, u32 bytes, u32 b,
                  :: "r"(dst), "l"(src), "r"(bytes), "r"(b), "l"(policy) : "memory");
 }
 
-#if PF
-// The next attention's cache rows into the L2 (KV_PREFETCH; opt-in, not yet measured): its positions 0..pos-1 of
-// each kv head's k and v (lp: the chain's last phase, whose attention fields name the next layer's caches), a span a
-// CTA, asked for by the producer at the start of phase lp.chunks. A hint: nothing waits for it and no result
-// depends on it. The position is read before griddepcontrol.wait, as attn_copies does: the step's first plain
-// launch wrote it, and the rows before it were written by earlier steps.
-__device__ __forceinline__ void kv_prefetch(const Phase& lp) {
-    const long span = (long)*lp.pos * lp.hd * 2;  // bytes of one kv head's rows before pos
-    for (int h = blockIdx.x; h < 2 * lp.kv; h += gridDim.x) {
-        const char* row0 = (const char*)(h < lp.kv ? lp.kc : lp.vc) + (long)(h % lp.kv) * lp.len * lp.hd * 2;
-        for (long o = 0; o < span; o += 65536)
-            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;"
-                         :: "l"(row0 + o), "r"((u32)min(65536L, span - o)) : "memory");
-    }
-}
-#endif
 
 #if ATTN
 // The attention phase's cache rows through the bulk-copy ring (round 17): a stage holds ``attn_rows`` positions of
@@ -1108,9 +1089,6 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
 #endif
             for (int p = 0; p < n_phases; ++p) {
                 const Phase& ph = sp[p];
-#if PF
-                if (p == sp[n_phases - 1].chunks) kv_prefetch(sp[n_phases - 1]);
-#endif
                 int t0, t1;
                 cta_tiles(ph, t0, t1);
                 const int per = ph.K / COLS, nb = (t1 - t0) * per;
@@ -1343,11 +1321,6 @@ SWIZZLE = os.environ.get("LOCALGPT_GEMV_CHAIN_SWIZZLE", "1") != "0"
 # step writes. Llama-2-7B int4 549.7 -> 577.3 tok/s, int8 394.8 -> 399.3; Falcon-7B level (round 17).
 # LOCALGPT_GEMV_CHAIN_PDL=0: plain launches.
 PDL = os.environ.get("LOCALGPT_GEMV_CHAIN_PDL", "1") != "0"
-# The next attention's cache rows asked into the L2 by the bulk-copy chain's producer (``kv_prefetch``), at the start of
-# the phase this many before the chain's last (1: the last phase, the next layer's wqkv); 0: no (the default). The
-# attention after the chain would then read them from the L2. Opt-in: built without a GPU (session 21), not yet
-# measured (bench/gpu.py "+kvpfN"). LOCALGPT_GEMV_CHAIN_KVPF=N.
-KV_PREFETCH = int(os.environ.get("LOCALGPT_GEMV_CHAIN_KVPF", "0") or 0)
 
 
 def bulk_copy(device: torch.device) -> bool:
@@ -1356,23 +1329,21 @@ def bulk_copy(device: torch.device) -> bool:
 
 
 def source(bits: int, planes: int, warps: int, depth: int, tiled: bool, bpi: int = 2,
-           tma: bool = False, f16: bool = False, extra: int = 0, attn: bool = False,
-           pf: bool = False) -> tuple[str, str]:
+           tma: bool = False, f16: bool = False, extra: int = 0, attn: bool = False) -> tuple[str, str]:
     """(name, CUDA source) of the chain kernel for one weight format, CTA size (consumer warps), ring depth (items
     a warp, or stages of the bulk-copy ring) and blocks an item (a consumer warp's blocks a stage); ``extra``:
     1 for the parts Llama's kernels leave out: the "ln" prologue, GELU_OUT and balanced runs of tiles (Falcon's
-    chain); ``attn``: the kernel with the attention phase (``ATTN``; the others leave its code out); ``pf``: the
-    bulk-copy kernel whose producer asks the L2 for the next attention's cache rows (``PF``, ``KV_PREFETCH``)."""
+    chain); ``attn``: the kernel with the attention phase (``ATTN``; the others leave its code out)."""
     swz = SWIZZLE and f16
     name = (f"gemv_chain_int{bits}_p{planes}_w{warps}_d{depth}_b{bpi}" + ("_tl" if tiled else "")
             + ("_s" if swz else "")
             + ("_tma" if tma else "") + ("_h" if f16 else "") + (f"_x{extra}" if extra else "")
-            + ("_a" if attn else "") + ("_pf" if pf and tma else "")
+            + ("_a" if attn else "")
             + (f"_diag{DIAG}" if DIAG else ""))
     head = (f"#define BITS {bits}\n#define P {planes}\n#define FIELDS {32 // bits}\n#define WARPS {warps}\n"
             f"#define DEPTH {depth}\n#define BPI {bpi}\n#define TILES 1\n#define NT 1\n#define OFFSET 1\n#define TILED {int(tiled)}\n#define XMODE 0\n"
             f"#define PREF 0\n#define DIAG {DIAG}\n#define F16 {int(f16)}\n#define EXTRA {int(extra)}\n"
-            f"#define XSWZ {int(swz)}\n#define ATTN {int(attn)}\n#define PF {int(pf and tma)}\n"
+            f"#define XSWZ {int(swz)}\n#define ATTN {int(attn)}\n"
             f"#define KERNEL_NAME {name}\n")
     if tma and bits == 8:  # thread t's words of a block row: chunks 2t and 2t + 1 (see TMA_SOURCE's loads)
         head += ("#define XIDX(ch, t, s) (8 * (t) + 4 * (ch) + (s))\n"  # and where XSWZ puts w = XIDX(ch, t, s)
@@ -1388,13 +1359,13 @@ _KERNELS: dict = {}
 
 
 def kernel(bits: int, planes: int, device: torch.device, warps: int, depth: int, tiled: bool, bpi: int,
-           tma: bool = False, f16: bool = False, extra: int = 0, attn: bool = False, pf: bool = False):
-    key = (bits, planes, warps, depth, tiled, bpi, tma, f16, extra, attn, pf, device.index, DIAG, SWIZZLE)
+           tma: bool = False, f16: bool = False, extra: int = 0, attn: bool = False):
+    key = (bits, planes, warps, depth, tiled, bpi, tma, f16, extra, attn, device.index, DIAG, SWIZZLE)
     if key not in _KERNELS:
         if torch.cuda.get_device_capability(device)[0] < (9 if tma else 8):
             raise RuntimeError("the chain kernel needs bf16 mma and cp.async (compute capability 8.0 or newer; "
                                "9.0 for the bulk-copy one)")
-        name, src = source(bits, planes, warps, depth, tiled, bpi, tma, f16, extra, attn, pf)
+        name, src = source(bits, planes, warps, depth, tiled, bpi, tma, f16, extra, attn)
         _KERNELS[key] = gemv_cuda.build(name, src, device, (warps + int(tma)) * 32)
     return _KERNELS[key]
 
@@ -1488,14 +1459,11 @@ class Chain:
     its input is the previous phase's, already staged (``x`` and ``xmode`` not given); ``gelu_out``: GELU of each
     output row as it is written. A chain with any of these runs the kernel variant that has them (``EXTRA``).
     Every tensor is fixed: the launch keeps their addresses (a decode step's static buffers), so calling it
-    replays the same GEMVs on whatever they hold. ``prefetch``: the next attention's ``k_cache`` / ``v_cache``
-    ([1, kv, len, hd] bf16), ``pos`` (int64 [1], the step's position) and ``at`` (a phase index): the bulk-copy
-    kernel's producer asks the L2 for their rows before pos at the start of phase ``at`` (``kv_prefetch``; the
-    ring kernel leaves it out)."""
+    replays the same GEMVs on whatever they hold."""
 
     def __init__(self, phases: list[dict], device: torch.device, warps: int | None = None,
                  depth: int | None = None, bpi: int | None = None, tma: bool | None = None,
-                 f16: bool | None = None, prefetch: dict | None = None):
+                 f16: bool | None = None):
         from localgpt.generation.fast.quantize import Int4Linear
 
         if not 1 <= len(phases) <= MAXPH:
@@ -1562,9 +1530,7 @@ class Chain:
         # group (left out of Llama's kernels: their registers)
         extra = int(any(ph.get("xmode") == "ln" or ph.get("gelu_out") or ph.get("nobar") or ph.get("same")
                         for ph in phases))
-        self.pf = prefetch is not None and tma and phases[-1].get("xmode") != "attn"
-        self.fn = kernel(bits, planes, device, warps, depth, bits == 4, bpi, tma, f16, extra, attn is not None,
-                         self.pf)
+        self.fn = kernel(bits, planes, device, warps, depth, bits == 4, bpi, tma, f16, extra, attn is not None)
         self.smem = smem_bytes(bits, planes, warps, depth, bpi, kmax, maxt, tma, f16) + ascr
         if self.smem + 2048 + (16 * depth if tma else 0) > optin:
             raise ValueError(f"the chain needs {self.smem} bytes of shared memory; this GPU gives {optin}")
@@ -1634,16 +1600,6 @@ class Chain:
             if self.maps is not None:
                 self.maps[i].copy_(torch.frombuffer(bytearray(_tensor_map(layer.words, n, k)), dtype=torch.uint8))
                 table[i].tmap = self.maps[i].data_ptr()
-        if self.pf:  # the last phase's attention fields (unused by a GEMV phase) name the caches
-            kc, vc, pos, at = (prefetch[k] for k in ("k_cache", "v_cache", "pos", "at"))
-            if (kc.dim() != 4 or kc.shape[0] != 1 or vc.shape != kc.shape or kc.dtype != torch.bfloat16
-                    or not kc.is_contiguous() or not vc.is_contiguous() or kc.data_ptr() % 16 or vc.data_ptr() % 16
-                    or pos.dtype != torch.int64 or not 0 <= at < len(phases)):
-                raise ValueError("prefetch: contiguous bf16 caches [1, kv, len, hd], an int64 position, a phase index")
-            self.keep += [kc, vc, pos]
-            last = table[len(phases) - 1]
-            last.kc, last.vc, last.pos = kc.data_ptr(), vc.data_ptr(), pos.data_ptr()
-            last.kv, last.len, last.hd, last.chunks = kc.shape[1], kc.shape[2], kc.shape[3], at
         self.n_phases, self.maxt, self.kmax = len(phases), maxt, kmax
         self.table = torch.frombuffer(bytearray(bytes(table)), dtype=torch.uint8).to(device)
         self.bar = torch.zeros(2, dtype=torch.int32, device=device)

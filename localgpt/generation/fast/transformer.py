@@ -602,24 +602,14 @@ class Transformer(nn.Module):
         c.attn = (self._attention_in_chain(int8) and s.head_dim in (64, 128) and s.n_heads % s.n_kv_heads == 0
                   and getattr(b0, "k_cache", None) is not None and b0.k_cache.dtype == torch.bfloat16
                   and self.cos.dtype == torch.bfloat16)
-        # the next attention's cache rows into the L2 by each chain (gemv_chain.KV_PREFETCH; opt-in)
-        c.pf = bool(gemv_chain.KV_PREFETCH) and all(getattr(b, "k_cache", None) is not None
-                                                    and b.k_cache.dtype == torch.bfloat16 for b in blocks)
-        if c.attn or c.pf:  # the step's position, read by the launches
+        if c.attn:  # the step's position, read by the launches, and the attention's chunk parts
             c.pos = torch.zeros(1, dtype=torch.long, device=dev)
-        if c.attn:  # and the attention's chunk parts
             c.ws = torch.zeros(s.n_heads * 8 * (s.head_dim + 4), dtype=torch.float32, device=dev)
         c.logits = buf(self.lm_head.out_features) if c.head_in_chain else None
 
-        def prefetch(b, n_phases):
-            if not c.pf:
-                return None
-            return dict(k_cache=b.k_cache, v_cache=b.v_cache, pos=c.pos,
-                        at=max(0, n_phases - gemv_chain.KV_PREFETCH))
-
         def head(tma, f16):
             return gemv_chain.Chain([dict(layer=b0.wqkv, x=c.ra, out=c.qkv, xmode="rms", norm=b0.norm1)], dev,
-                                    tma=tma, f16=f16, prefetch=prefetch(b0, 1))
+                                    tma=tma, f16=f16)
 
         def layer_chain(i, b, tma, f16):
             phases = [dict(layer=b.wo, x=c.att, out=c.o)]
@@ -632,8 +622,7 @@ class Transformer(nn.Module):
             if i + 1 < len(blocks):
                 nxt = blocks[i + 1]
                 phases.append(dict(layer=nxt.wqkv, x=c.rb, y=c.d, norm=nxt.norm1, xsum=c.ra, out=c.qkv, xmode="rms"))
-                return gemv_chain.Chain(phases, dev, tma=tma, f16=f16, prefetch=prefetch(nxt, len(phases)))
-            if c.head_in_chain:
+            elif c.head_in_chain:
                 phases.append(dict(layer=self.lm_head, x=c.rb, y=c.d, norm=self.norm, out=c.logits, xmode="rms"))
             return gemv_chain.Chain(phases, dev, tma=tma, f16=f16)
 
@@ -703,7 +692,7 @@ class Transformer(nn.Module):
 
         blocks, dev = list(self.blocks), self.device
         b0 = blocks[0]
-        c.attn = c.pf = False
+        c.attn = False
         c.logits = (torch.zeros(self.lm_head.out_features, dtype=torch.bfloat16, device=dev)
                     if c.head_in_chain else None)
         c.last_residual = c.ra if len(blocks) % 2 == 1 else c.rb  # the last launch's r_in
@@ -854,7 +843,7 @@ class Transformer(nn.Module):
         or the LM head), over fixed buffers: a Llama layer is four launches (was seven)."""
         c = self._chain
         torch.index_select(self.embed, 0, token.view(-1), out=c.ra.view(1, -1))
-        if c.attn or c.pf:  # the chains read the position from their fixed buffer (the head's prefetch too)
+        if c.attn:  # the chains read the position from their fixed buffer
             c.pos.copy_(input_pos.view(-1))
         c.head()
         for block, chain in zip(self.blocks, c.chains):
