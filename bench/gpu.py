@@ -905,7 +905,8 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
         # for short caches of one kv head a head, rope_store + decode_attention), not in its one launch;
         # "+noearly" / "+early2" (its rows asked for before the wait: none / two tiles), "+saSxBxW" (its shape);
         # "+nomambafused": Mamba / FalconMamba's step compiled, not through mamba_triton's kernels
-        # (LOCALGPT_MAMBA_FUSED=0, with "@compile"); "+nofalcongraph": Falcon's fused step compiled, not its graph step
+        # (LOCALGPT_MAMBA_FUSED=0, with "@compile"); "+nomambachain": its fused step's in_proj / out_proj as their own
+        # GEMV launches, not one-phase gemv_chain ones (LOCALGPT_MAMBA_CHAIN=0); "+nofalcongraph": Falcon's fused step compiled, not its graph step
         # (LOCALGPT_FALCON_GRAPH=0, with "@compile")),
         # and then "@graph" / "@compile" (that engine mode for this row instead of --mode).
         name_mode = name.partition("@")
@@ -993,6 +994,8 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                         sp, bn, wp = (int(v) for v in f[2:].split("x"))
                         slot_triton.STEP_MERGE_ATTENTION.update(splits=sp, block_n=bn, warps=wp)
                 mamba.FUSED = "nomambafused" not in flags  # "+nomambafused": Mamba's step compiled (@compile)
+                # "+nomambachain": the fused Mamba step's in_proj / out_proj as the layers' own GEMV launches
+                mamba.CHAIN = "nomambachain" not in flags
                 transformer.FALCON_GRAPH = "nofalcongraph" not in flags  # "+nofalcongraph": compiled (@compile)
                 # the chain's mma operands in fp16 (the default); "+bf16": in bf16; "+int8f16": fp16 for int8 only
                 gemv_chain.F16_BITS = (8,) if "int8f16" in flags else () if "bf16" in flags else (4, 8)
@@ -1007,9 +1010,10 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                     gemv_chain.TMA = True
                     transformer.CHAIN_ATTN = "auto"
                     transformer.STEP_MERGE, transformer.STEP_EARLY = True, 1
+                    mamba.CHAIN = True
                     slot_triton.STEP_MERGE_ATTENTION.update(held_sa)
             entry[name]["kernels"] = kernels + (f"; the step's GEMVs in gemv_chain ({net.chain_kernel}"
-                                                  + (", attention in it)" if net._chain.attn else ")")
+                                                  + (", attention in it)" if getattr(net._chain, "attn", False) else ")")
                                                   if getattr(net, "_chain", None) else "")
             if getattr(net, "chain_note", ""):
                 log(f"  gemv_chain not used: {net.chain_note}")

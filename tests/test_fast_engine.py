@@ -1461,6 +1461,61 @@ def test_gpu_fused_mamba_step_matches_the_plain_step():
     fused_mamba_step_check("cuda", torch.bfloat16)
 
 
+@pytest.mark.gpu
+def test_gpu_mamba_chained_step_matches_the_plain_step_and_generates_the_same_in_a_graph(tmp_path):
+    """Mamba._step_fused with in_proj and out_proj as one-phase gemv_chain launches (mamba.CHAIN, int4 layers that
+    fit the chain, the kernels then programmatic dependent launches on Hopper): built at the first step and checked
+    against the layers' own GEMVs; from the same states five steps give the plain step's logits and states within
+    bf16 rounding; the Engine's CUDA graph of it generates the same greedy tokens as its eager run;
+    LOCALGPT_MAMBA_CHAIN=0 (mamba.CHAIN) keeps the layers' own GEMVs."""
+    _needs_cuda()
+    from transformers import AutoModelForCausalLM
+
+    from localgpt.generation.fast import mamba
+    from localgpt.generation.fast.engine import Engine
+
+    hf = AutoModelForCausalLM.from_pretrained(
+        build_tiny_model("falcon-mamba", tmp_path / "fm", hidden_size=256, num_hidden_layers=3, time_step_rank=16),
+        dtype=torch.bfloat16).to("cuda").eval()
+    held = mamba.CHAIN
+    try:
+        tokens = {}
+        for chain in (True, False):
+            mamba.CHAIN = chain
+            net = mamba.from_mamba(hf)
+            quantize_model(net, "int4", decode="cuda")
+            net.setup_cache(64)
+            assert net.use_fused_decode(True)
+            torch.manual_seed(0)
+            for layer in net.layers:
+                layer.conv_state.normal_()
+                layer.ssm_state.normal_()
+            start = [(la.conv_state.clone(), la.ssm_state.clone()) for la in net.layers]
+            runs = []
+            with torch.inference_mode():
+                for fused in (False, True):
+                    net.fused_decode = fused
+                    for layer, (c, h) in zip(net.layers, start):
+                        layer.conv_state.copy_(c)
+                        layer.ssm_state.copy_(h)
+                    logits = [net.step(torch.tensor([[5 + 7 * i]], device="cuda"), torch.tensor([i], device="cuda"))
+                              for i in range(5)]
+                    runs.append((torch.cat(logits).float(), [(la.conv_state.float().clone(), la.ssm_state.clone())
+                                                             for la in net.layers]))
+            assert bool(net._chain) == chain, net.chain_note
+            (want, want_states), (got, got_states) = runs
+            assert float((got - want).norm() / want.norm()) < 3e-2, chain
+            for (wc, wh), (gc, gh) in zip(want_states, got_states):
+                for w, g in ((wc, gc), (wh, gh)):
+                    assert float((g - w).norm() / w.norm()) < 3e-2, chain
+            net.fused_decode = True
+            tokens[chain] = [list(Engine(net, mode=mode, max_seq=64).generate([3, 9, 4], 12))
+                             for mode in ("eager", "graph")]
+            assert tokens[chain][0] == tokens[chain][1], (chain, tokens[chain])
+    finally:
+        mamba.CHAIN = held
+
+
 def fused_mamba_step_check(device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
     """Tiny FalconMamba and Mamba (fp32 on the CPU; bf16 and int4 on a GPU): from the same states, five steps of the
     fused and the plain step give the same logits and leave the same conv / SSM states (fp32 to 1e-4, bf16 within

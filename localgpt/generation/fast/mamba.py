@@ -23,6 +23,12 @@ from localgpt.generation.fast.transformer import Linear, RMSNorm, _has_triton, _
 # against 298 tok/s compiled, TTFT at 512 66 against 92 ms, warm-up 2.1 against 113 s); LOCALGPT_MAMBA_FUSED=0
 # compiles the plain step instead.
 FUSED = os.environ.get("LOCALGPT_MAMBA_FUSED", "1") != "0"
+# The fused step's in_proj and out_proj each as a one-phase ``gemv_chain`` launch over fixed buffers (int4, or int8
+# on Hopper), where they build and pass their check against the layers' own GEMVs (``Mamba._chain_ready``): on
+# Hopper the chain's producer streams the words by bulk copy, from before the kernel before it has ended (a
+# programmatic dependent launch, as mamba_triton's kernels then are too). LOCALGPT_MAMBA_CHAIN=0: the layers' own
+# GEMV launches.
+CHAIN = os.environ.get("LOCALGPT_MAMBA_CHAIN", "1") != "0"
 
 
 @dataclass
@@ -241,22 +247,116 @@ class Mamba(nn.Module):
     def _step_fused(self, token: torch.Tensor) -> torch.Tensor:
         """``step``: per layer the residual add + norm, in_proj, the conv step, x_proj, the SSM step (dt / B / C
         norms, dt_proj, softplus, state update, gate) and out_proj; the same arithmetic as ``MambaLayer.forward`` at
-        t = 1 (mamba_triton's note)."""
+        t = 1 (mamba_triton's note). in_proj and out_proj as chain launches where ``_chain_ready``; then the
+        kernels are programmatic dependent launches too (``slot_triton.gdc``)."""
         from localgpt.generation.fast import mamba_triton as K
 
         s = self.shape
         x = F.embedding(token.view(1), self.embed)  # [1, dim]
         res = x.float() if s.residual_fp32 else x
-        pending = None
-        for layer in self.layers:
-            res, h = K.add_norm(res, pending, layer.norm.weight, layer.norm.eps, cast_in=True)
-            xz = layer.in_proj(h)
-            xc = K.conv_step(xz, layer.conv_state, layer.conv_w, layer.conv_b)
-            y = K.ssm_step(layer.x_proj(xc), xz, xc, layer.dt_w, layer.dt_b, layer.A, layer.D, layer.ssm_state,
-                           s.bcdt_norm_eps)
-            pending = layer.out_proj(y)
+        c = self._chain if self._chain_ready() else None
+        if c is None:
+            pending = None
+            for layer in self.layers:
+                res, h = K.add_norm(res, pending, layer.norm.weight, layer.norm.eps, cast_in=True)
+                xz = layer.in_proj(h)
+                xc = K.conv_step(xz, layer.conv_state, layer.conv_w, layer.conv_b)
+                y = K.ssm_step(layer.x_proj(xc), xz, xc, layer.dt_w, layer.dt_b, layer.A, layer.D, layer.ssm_state,
+                               s.bcdt_norm_eps)
+                pending = layer.out_proj(y)
+        else:
+            from localgpt.generation.fast import slot_triton
+
+            pdl = slot_triton.gdc(self.device)
+            xz = c.xz.view(1, -1)
+            pending = None
+            for layer, in_proj, out_proj in zip(self.layers, c.ins, c.outs):
+                res, _ = K.add_norm(res, pending, layer.norm.weight, layer.norm.eps, cast_in=True, out=c.h, pdl=pdl)
+                in_proj()
+                xc = K.conv_step(xz, layer.conv_state, layer.conv_w, layer.conv_b, pdl=pdl)
+                K.ssm_step(layer.x_proj(xc), xz, xc, layer.dt_w, layer.dt_b, layer.A, layer.D, layer.ssm_state,
+                           s.bcdt_norm_eps, out=c.y, pdl=pdl)
+                out_proj()
+                pending = c.o.view(1, -1)
         _, h = K.add_norm(res, pending, self.norm.weight, self.norm.eps, cast_in=res.dtype != torch.float32)
         return self.lm_head(h.to(self.dtype)).float()
+
+    _chain = None  # None: not tried yet; False: the network cannot take it; else the buffers and chains
+    chain_note = ""  # why the chains are not used (logged; bench/gpu.py prints it)
+    chain_kernel = ""  # the chains' kernel when they are: "bulk-copy" (Hopper) or "ring", ", fp16" (operands)
+
+    def _chain_ready(self) -> bool:
+        """Whether ``_step_fused`` runs in_proj and out_proj as ``gemv_chain`` launches (CHAIN): every layer's two
+        on the chain's words, bf16 activations, and the first layer's chains equal to its own GEMVs on random
+        inputs. Built at the first fused step outside a CUDA graph capture (the engine's warm-up)."""
+        if self._chain is None:
+            if not CHAIN or self.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+                return False
+            try:
+                self._chain = self._build_chain() or False
+            except Exception as exc:  # noqa: BLE001 - a kernel that does not build or fit: the layers' own GEMVs
+                self.chain_note = f"{type(exc).__name__}: {exc}"
+                self._chain = False
+            if not self._chain:
+                import logging
+
+                logging.getLogger(__name__).info("gemv_chain not used for Mamba: %s", self.chain_note)
+        return bool(self._chain)
+
+    def _build_chain(self):
+        from types import SimpleNamespace
+
+        from localgpt.generation.fast import gemv_chain
+        from localgpt.generation.fast.transformer import Transformer, _chain_mismatch
+
+        if self.dtype != torch.bfloat16:
+            self.chain_note = f"activations in {self.dtype}"
+            return None
+        unfit = [type(m).__name__ for layer in self.layers for m in (layer.in_proj, layer.out_proj)
+                 if not gemv_chain.layer_fits(m)]
+        if unfit:
+            self.chain_note = f"{len(unfit)} layers do not fit it (e.g. {unfit[0]})"
+            return None
+        dev, l0 = self.device, self.layers[0]
+        int8 = type(l0.in_proj).__name__ == "Int8Linear"
+        if int8 and not gemv_chain.bulk_copy(dev):
+            self.chain_note = "int8 layers chain with the bulk-copy kernel only (Hopper)"
+            return None
+
+        def buf(n):
+            return torch.zeros(n, dtype=torch.bfloat16, device=dev)
+
+        c = SimpleNamespace(h=buf(l0.in_proj.in_features), xz=buf(l0.in_proj.out_features),
+                            y=buf(l0.out_proj.in_features), o=buf(l0.out_proj.out_features))
+        tries = Transformer._chain_tries(int8=int8)
+        tried = set()
+        for n, (tma, f16) in enumerate(tries):
+            try:
+                c.ins = [gemv_chain.Chain([dict(layer=layer.in_proj, x=c.h, out=c.xz)], dev, tma=tma, f16=f16)
+                         for layer in self.layers]
+                if (c.ins[0].tma, c.ins[0].f16) in tried:  # what the try before built (no bulk-copy kernel here)
+                    continue
+                tried.add((c.ins[0].tma, c.ins[0].f16))
+                c.outs = [gemv_chain.Chain([dict(layer=layer.out_proj, x=c.y, out=c.o)], dev, tma=tma, f16=f16)
+                          for layer in self.layers]
+                gen = torch.Generator(device=dev).manual_seed(0)
+                with torch.inference_mode():
+                    h = torch.randn(c.h.numel(), generator=gen, device=dev).to(torch.bfloat16)
+                    y = torch.randn(c.y.numel(), generator=gen, device=dev).to(torch.bfloat16)
+                    c.h.copy_(h)
+                    c.y.copy_(y)
+                    c.ins[0]()
+                    c.outs[0]()
+                    self.chain_note = _chain_mismatch([("in_proj", c.xz, l0.in_proj(h.view(1, -1))),
+                                                       ("out_proj", c.o, l0.out_proj(y.view(1, -1)))])
+            except Exception as exc:  # noqa: BLE001 - the bulk-copy (or fp16) kernel failing to build: the next
+                if n == len(tries) - 1:
+                    raise
+                self.chain_note = f"{type(exc).__name__}: {exc}"
+            if not self.chain_note:
+                self.chain_kernel = ("bulk-copy" if c.ins[0].tma else "ring") + (", fp16" if c.ins[0].f16 else "")
+                return c
+        return None
 
     # --- slots (continuous batching): see batch.BatchEngine ---------------------------------------------------
 

@@ -17,6 +17,11 @@ layer; bench/RESULTS.md round 13), after 81 s of compiling. Here a layer is:
 
 so a plain CUDA graph of the step needs no compiler. The arithmetic and roundings are the eager step's (products
 rounded to bf16 where eager PyTorch rounds them). Imported on CUDA (or under ``TRITON_INTERPRET=1``, for tests).
+
+``pdl``: the kernel is a programmatic dependent launch (``slot_triton.gdc``: sm_90+, as the chain's GEMVs are): it
+may start while the kernel before it ends. It loads what no kernel of a step writes before it waits for that
+kernel (``_gdc_enter``): the weights, and the conv / SSM state rows, which only this layer's own kernel writes,
+a step earlier, long finished (a dependent starts only once every kernel but the one before it has ended).
 """
 
 from __future__ import annotations
@@ -25,16 +30,19 @@ import torch
 import triton
 import triton.language as tl
 
+from localgpt.generation.fast.slot_triton import _gdc_enter
+
 
 @triton.jit
 def _add_norm_kernel(hid_ptr, y_ptr, res_ptr, w_ptr, out_ptr, D, eps, ADD: tl.constexpr, CAST_IN: tl.constexpr,
-                     BLOCK: tl.constexpr):
+                     BLOCK: tl.constexpr, GDC: tl.constexpr = False):
     # res = hid + y (rounded to res's dtype), out = RMSNorm(res) as transformer.RMSNorm computes it on res cast
     # to bf16 first (CAST_IN: a layer's norm) or on res itself (the final norm, fp32 statistics and product)
     cols = tl.arange(0, BLOCK)
     live = cols < D
-    x = tl.load(hid_ptr + cols, mask=live, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=live, other=0.0).to(tl.float32)  # before the reduction: one trip to memory
+    _gdc_enter(GDC)
+    x = tl.load(hid_ptr + cols, mask=live, other=0.0).to(tl.float32)
     if ADD:
         x = x + tl.load(y_ptr + cols, mask=live, other=0.0).to(tl.float32)
         x = x.to(res_ptr.dtype.element_ty)
@@ -49,56 +57,59 @@ def _add_norm_kernel(hid_ptr, y_ptr, res_ptr, w_ptr, out_ptr, D, eps, ADD: tl.co
 
 
 def add_norm(hidden: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, eps: float, *, cast_in: bool,
-             res: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             res: torch.Tensor | None = None, out: torch.Tensor | None = None,
+             pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(residual, normed): residual = hidden + y in ``res``'s dtype (written into ``res``; without y, hidden
     itself), normed = RMSNorm(residual) [1, D] in the weight's dtype (``cast_in``: of the residual cast to it, as a
-    layer's norm of ``hidden.to(bf16)``; else of the residual, the final norm)."""
+    layer's norm of ``hidden.to(bf16)``; else of the residual, the final norm), written into ``out`` if given."""
     d = hidden.shape[-1]
-    out = torch.empty(1, d, dtype=weight.dtype, device=hidden.device)
+    out = torch.empty(1, d, dtype=weight.dtype, device=hidden.device) if out is None else out.view(1, d)
     if y is None:
         res = hidden
     elif res is None:
         res = torch.empty_like(hidden)
     _add_norm_kernel[(1,)](hidden, y if y is not None else hidden, res, weight, out, d, eps, ADD=y is not None,
-                           CAST_IN=cast_in, BLOCK=triton.next_power_of_2(d), num_warps=8)
+                           CAST_IN=cast_in, BLOCK=triton.next_power_of_2(d), GDC=pdl, num_warps=8, launch_pdl=pdl)
     return res, out
 
 
 @triton.jit
 def _conv_step_kernel(xz_ptr, state_ptr, w_ptr, b_ptr, out_ptr, INNER, CONV: tl.constexpr, CP: tl.constexpr,
-                      BLOCK: tl.constexpr):
+                      BLOCK: tl.constexpr, GDC: tl.constexpr = False):
     # channels [pid BLOCK, +BLOCK): window = (state[:, 0..CONV-2], x) with x the first half of in_proj's row;
     # out = silu(sum(window * w) + b) with eager bf16's roundings (each product, the sum, the bias add); the
     # state becomes window[:, 1..]
     ch = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     live = ch < INNER
     k = tl.arange(0, CP)
-    x = tl.load(xz_ptr + ch, mask=live, other=0.0)
     old = tl.load(state_ptr + ch[:, None] * (CONV - 1) + k[None, :], mask=live[:, None] & (k[None, :] < CONV - 1),
                   other=0.0)
-    window = tl.where(k[None, :] == CONV - 1, x[:, None], old)
     w = tl.load(w_ptr + ch[:, None] * CONV + k[None, :], mask=live[:, None] & (k[None, :] < CONV), other=0.0)
+    b = tl.load(b_ptr + ch, mask=live, other=0.0).to(tl.float32)
+    nxt = tl.load(state_ptr + ch[:, None] * (CONV - 1) + k[None, :] + 1,
+                  mask=live[:, None] & (k[None, :] + 1 < CONV - 1), other=0.0)
+    _gdc_enter(GDC)  # in_proj's row: the kernel before
+    x = tl.load(xz_ptr + ch, mask=live, other=0.0)
+    window = tl.where(k[None, :] == CONV - 1, x[:, None], old)
     prod = (window.to(tl.float32) * w.to(tl.float32)).to(out_ptr.dtype.element_ty).to(tl.float32)
     acc = tl.sum(tl.where(k[None, :] < CONV, prod, 0.0), axis=1).to(out_ptr.dtype.element_ty).to(tl.float32)
-    b = tl.load(b_ptr + ch, mask=live, other=0.0).to(tl.float32)
     v = (acc + b).to(out_ptr.dtype.element_ty).to(tl.float32)
     tl.store(out_ptr + ch, (v / (1.0 + tl.exp(-v))).to(out_ptr.dtype.element_ty), mask=live)
     # the state shifted by one: new[:, j] = window[:, j + 1]
-    nxt = tl.load(state_ptr + ch[:, None] * (CONV - 1) + k[None, :] + 1,
-                  mask=live[:, None] & (k[None, :] + 1 < CONV - 1), other=0.0)
     new = tl.where(k[None, :] + 1 == CONV - 1, x[:, None], nxt)
     tl.debug_barrier()  # every thread has read the old state before any writes the new one
     tl.store(state_ptr + ch[:, None] * (CONV - 1) + k[None, :], new, mask=live[:, None] & (k[None, :] < CONV - 1))
 
 
 def conv_step(xz: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-              block: int = 256) -> torch.Tensor:
+              block: int = 256, pdl: bool = False) -> torch.Tensor:
     """One position of the depthwise causal conv: xz [1, 2 inner] (in_proj's row, x its first half), state
     [inner, conv - 1] (updated), weight [inner, conv], bias [inner]. Returns silu(conv) [1, inner]."""
     inner, conv = weight.shape
     out = torch.empty(1, inner, dtype=xz.dtype, device=xz.device)
     _conv_step_kernel[(triton.cdiv(inner, block),)](xz, state, weight, bias, out, inner, CONV=conv,
-                                                    CP=triton.next_power_of_2(conv), BLOCK=block, num_warps=4)
+                                                    CP=triton.next_power_of_2(conv), BLOCK=block, GDC=pdl,
+                                                    num_warps=4, launch_pdl=pdl)
     return out
 
 
@@ -110,7 +121,7 @@ def _weightless_rms(v, live, n, eps):
 @triton.jit
 def _ssm_step_kernel(dbl_ptr, xz_ptr, xc_ptr, dtw_ptr, dtb_ptr, a_ptr, d_ptr, h_ptr, y_ptr, INNER, eps,
                      RANK: tl.constexpr, RP: tl.constexpr, STATE: tl.constexpr, NORM: tl.constexpr,
-                     BLOCK: tl.constexpr):
+                     BLOCK: tl.constexpr, GDC: tl.constexpr = False):
     # channels [pid BLOCK, +BLOCK) of one decode step (MambaLayer.forward at t = 1): x_proj's row (dt_low | B | C),
     # each normed without weights (NORM: FalconMamba), dt = softplus(dt_proj(dt_low) + dt_b), the state
     # h = h exp(dt A) + dt x B, y = (bf16(h) C) + D x, gated by silu(z)
@@ -124,16 +135,17 @@ def _ssm_step_kernel(dbl_ptr, xz_ptr, xc_ptr, dtw_ptr, dtb_ptr, a_ptr, d_ptr, h_
     rlive = r < RANK
     st = tl.arange(0, STATE)
     grid = ch[:, None] * STATE + st[None, :]
-    low = tl.load(dbl_ptr + r, mask=rlive, other=0.0).to(tl.float32)
-    B = tl.load(dbl_ptr + RANK + st).to(tl.float32)
-    C = tl.load(dbl_ptr + RANK + STATE + st).to(tl.float32)
     w = tl.load(dtw_ptr + ch[:, None] * RANK + r[None, :], mask=live[:, None] & rlive[None, :], other=0.0)
     dtb = tl.load(dtb_ptr + ch, mask=live, other=0.0)
-    x = tl.load(xc_ptr + ch, mask=live, other=0.0).to(tl.float32)
-    z = tl.load(xz_ptr + INNER + ch, mask=live, other=0.0).to(tl.float32)
     A = tl.load(a_ptr + grid, mask=live[:, None], other=0.0)
     h = tl.load(h_ptr + grid, mask=live[:, None], other=0.0)
     Dv = tl.load(d_ptr + ch, mask=live, other=0.0).to(tl.float32)
+    _gdc_enter(GDC)  # x_proj's row, the conv's output and in_proj's z: written by the kernels before
+    low = tl.load(dbl_ptr + r, mask=rlive, other=0.0).to(tl.float32)
+    B = tl.load(dbl_ptr + RANK + st).to(tl.float32)
+    C = tl.load(dbl_ptr + RANK + STATE + st).to(tl.float32)
+    x = tl.load(xc_ptr + ch, mask=live, other=0.0).to(tl.float32)
+    z = tl.load(xz_ptr + INNER + ch, mask=live, other=0.0).to(tl.float32)
     if NORM:
         low = _weightless_rms(low, rlive, RANK, eps).to(ACT).to(tl.float32)
         B = _weightless_rms(B, st < STATE, STATE, eps).to(ACT).to(tl.float32)
@@ -152,14 +164,16 @@ def _ssm_step_kernel(dbl_ptr, xz_ptr, xc_ptr, dtw_ptr, dtb_ptr, a_ptr, d_ptr, h_
 
 def ssm_step(dbl: torch.Tensor, xz: torch.Tensor, xc: torch.Tensor, dt_w: torch.Tensor, dt_b: torch.Tensor,
              A: torch.Tensor, D: torch.Tensor, h: torch.Tensor, norm_eps: float | None,
-             block: int = 64) -> torch.Tensor:
+             block: int = 64, out: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
     """dbl [1, rank + 2 state] (x_proj's row), xz [1, 2 inner] (z its second half), xc [1, inner] (the conv's
     output), dt_w [inner, rank] bf16, dt_b [inner] fp32, A [inner, state] fp32, D [inner], h [inner, state] fp32
-    (updated); ``norm_eps``: FalconMamba's weightless norms of dt / B / C (None: Mamba). Returns y [1, inner]."""
+    (updated); ``norm_eps``: FalconMamba's weightless norms of dt / B / C (None: Mamba). Returns y [1, inner]
+    (written into ``out`` if given)."""
     inner, rank = dt_w.shape
     state = A.shape[1]
-    y = torch.empty(1, inner, dtype=xc.dtype, device=xc.device)
+    y = torch.empty(1, inner, dtype=xc.dtype, device=xc.device) if out is None else out.view(1, inner)
     _ssm_step_kernel[(triton.cdiv(inner, block),)](
         dbl, xz, xc, dt_w, dt_b, A, D, h, y, inner, norm_eps if norm_eps is not None else 0.0, RANK=rank,
-        RP=triton.next_power_of_2(rank), STATE=state, NORM=norm_eps is not None, BLOCK=block, num_warps=4)
+        RP=triton.next_power_of_2(rank), STATE=state, NORM=norm_eps is not None, BLOCK=block, GDC=pdl, num_warps=4,
+        launch_pdl=pdl)
     return y
