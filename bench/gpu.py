@@ -35,6 +35,7 @@ from localgpt.generation.fast.quantize import decode_kernels, quantize_model, us
 
 import alt_chain  # noqa: E402  (bench/, this script's folder)
 
+XPROJ_FOLD_DEFAULT: dict = {}  # mamba.XPROJ_FOLD's value at start, for the rows without "+xfold" / "+noxfold"
 STEP_MIN_CACHE: dict = {}  # slot_triton.STEP_ATTENTION_MIN_CACHE's default, for the rows without "+stepattn"
 ALT_CHAIN = {"mod": None}  # --alt-chain's gemv_chain module, for the "+alt" rows
 
@@ -906,7 +907,8 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
         # "+noearly" / "+early2" (its rows asked for before the wait: none / two tiles), "+saSxBxW" (its shape);
         # "+nomambafused": Mamba / FalconMamba's step compiled, not through mamba_triton's kernels
         # (LOCALGPT_MAMBA_FUSED=0, with "@compile"); "+nomambachain": its fused step's in_proj / out_proj as their own
-        # GEMV launches, not one-phase gemv_chain ones (LOCALGPT_MAMBA_CHAIN=0); "+nofalcongraph": Falcon's fused step compiled, not its graph step
+        # GEMV launches, not one-phase gemv_chain ones (LOCALGPT_MAMBA_CHAIN=0); "+xfold" / "+noxfold": x_proj
+        # folded into its conv kernel or not (mamba.XPROJ_FOLD); "+nofalcongraph": Falcon's fused step compiled, not its graph step
         # (LOCALGPT_FALCON_GRAPH=0, with "@compile")),
         # and then "@graph" / "@compile" (that engine mode for this row instead of --mode).
         name_mode = name.partition("@")
@@ -996,6 +998,9 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                 mamba.FUSED = "nomambafused" not in flags  # "+nomambafused": Mamba's step compiled (@compile)
                 # "+nomambachain": the fused Mamba step's in_proj / out_proj as the layers' own GEMV launches
                 mamba.CHAIN = "nomambachain" not in flags
+                # "+xfold": x_proj folded into the fused Mamba step's conv kernel (mamba.XPROJ_FOLD; "+noxfold": not)
+                mamba.XPROJ_FOLD = ("xfold" in flags or XPROJ_FOLD_DEFAULT.setdefault("v", mamba.XPROJ_FOLD)) \
+                    and "noxfold" not in flags
                 transformer.FALCON_GRAPH = "nofalcongraph" not in flags  # "+nofalcongraph": compiled (@compile)
                 # the chain's mma operands in fp16 (the default); "+bf16": in bf16; "+int8f16": fp16 for int8 only
                 gemv_chain.F16_BITS = (8,) if "int8f16" in flags else () if "bf16" in flags else (4, 8)

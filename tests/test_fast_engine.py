@@ -1466,8 +1466,9 @@ def test_gpu_mamba_chained_step_matches_the_plain_step_and_generates_the_same_in
     """Mamba._step_fused with in_proj and out_proj as one-phase gemv_chain launches (mamba.CHAIN, int4 layers that
     fit the chain, the kernels then programmatic dependent launches on Hopper): built at the first step and checked
     against the layers' own GEMVs; from the same states five steps give the plain step's logits and states within
-    bf16 rounding; the Engine's CUDA graph of it generates the same greedy tokens as its eager run;
-    LOCALGPT_MAMBA_CHAIN=0 (mamba.CHAIN) keeps the layers' own GEMVs."""
+    bf16 rounding, with x_proj folded into the conv's kernel too (mamba.XPROJ_FOLD); the Engine's CUDA graph of it
+    generates the same greedy tokens as its eager run; LOCALGPT_MAMBA_CHAIN=0 (mamba.CHAIN) keeps the layers' own
+    GEMVs."""
     _needs_cuda()
     from transformers import AutoModelForCausalLM
 
@@ -1477,15 +1478,15 @@ def test_gpu_mamba_chained_step_matches_the_plain_step_and_generates_the_same_in
     hf = AutoModelForCausalLM.from_pretrained(
         build_tiny_model("falcon-mamba", tmp_path / "fm", hidden_size=256, num_hidden_layers=3, time_step_rank=16),
         dtype=torch.bfloat16).to("cuda").eval()
-    held = mamba.CHAIN
+    held = mamba.CHAIN, mamba.XPROJ_FOLD
     try:
-        tokens = {}
-        for chain in (True, False):
-            mamba.CHAIN = chain
+        for chain, fold in ((True, False), (True, True), (False, False)):  # fold: mamba.XPROJ_FOLD
+            mamba.CHAIN, mamba.XPROJ_FOLD = chain, fold
             net = mamba.from_mamba(hf)
             quantize_model(net, "int4", decode="cuda")
             net.setup_cache(64)
             assert net.use_fused_decode(True)
+            assert all(hasattr(la, "xw") for la in net.layers) == fold
             torch.manual_seed(0)
             for layer in net.layers:
                 layer.conv_state.normal_()
@@ -1504,22 +1505,22 @@ def test_gpu_mamba_chained_step_matches_the_plain_step_and_generates_the_same_in
                                                              for la in net.layers]))
             assert bool(net._chain) == chain, net.chain_note
             (want, want_states), (got, got_states) = runs
-            assert float((got - want).norm() / want.norm()) < 3e-2, chain
+            assert float((got - want).norm() / want.norm()) < 3e-2, (chain, fold)
             for (wc, wh), (gc, gh) in zip(want_states, got_states):
                 for w, g in ((wc, gc), (wh, gh)):
-                    assert float((g - w).norm() / w.norm()) < 3e-2, chain
+                    assert float((g - w).norm() / w.norm()) < 3e-2, (chain, fold)
             net.fused_decode = True
-            tokens[chain] = [list(Engine(net, mode=mode, max_seq=64).generate([3, 9, 4], 12))
-                             for mode in ("eager", "graph")]
-            assert tokens[chain][0] == tokens[chain][1], (chain, tokens[chain])
+            tokens = [list(Engine(net, mode=mode, max_seq=64).generate([3, 9, 4], 12)) for mode in ("eager", "graph")]
+            assert tokens[0] == tokens[1], (chain, fold, tokens)
     finally:
-        mamba.CHAIN = held
+        mamba.CHAIN, mamba.XPROJ_FOLD = held
 
 
 def fused_mamba_step_check(device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
     """Tiny FalconMamba and Mamba (fp32 on the CPU; bf16 and int4 on a GPU): from the same states, five steps of the
-    fused and the plain step give the same logits and leave the same conv / SSM states (fp32 to 1e-4, bf16 within
-    its rounding), the fused step only with LOCALGPT_MAMBA_FUSED (mamba.FUSED); the engine's greedy tokens agree."""
+    fused step (with x_proj its own launch, and folded into the conv's kernel: mamba.XPROJ_FOLD) and the plain step
+    give the same logits and leave the same conv / SSM states (fp32 to 1e-4, bf16 within its rounding), the fused
+    step only with LOCALGPT_MAMBA_FUSED (mamba.FUSED); the engine's greedy tokens agree."""
     import tempfile
     from pathlib import Path
 
@@ -1529,7 +1530,7 @@ def fused_mamba_step_check(device: str = "cpu", dtype: torch.dtype = torch.float
     from localgpt.generation.fast.engine import Engine
 
     root = Path(tempfile.mkdtemp())
-    held = mamba.FUSED
+    held = mamba.FUSED, mamba.XPROJ_FOLD
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     try:
         for family in ("falcon-mamba", "mamba"):
@@ -1550,8 +1551,11 @@ def fused_mamba_step_check(device: str = "cpu", dtype: torch.dtype = torch.float
                 start = [(la.conv_state.clone(), la.ssm_state.clone()) for la in net.layers]
                 runs = []
                 with torch.inference_mode():
-                    for fused in (False, True):
-                        net.fused_decode = fused
+                    for fused in (False, True, "fold"):  # "fold": x_proj in the conv's kernel (XPROJ_FOLD)
+                        mamba.XPROJ_FOLD = fused == "fold"
+                        assert net.use_fused_decode(True) if fused else True
+                        assert all(hasattr(la, "xw") for la in net.layers) or fused != "fold"
+                        net.fused_decode = bool(fused)
                         for layer, (c, h) in zip(net.layers, start):
                             layer.conv_state.copy_(c)
                             layer.ssm_state.copy_(h)
@@ -1559,18 +1563,22 @@ def fused_mamba_step_check(device: str = "cpu", dtype: torch.dtype = torch.float
                                   for i in range(5)]
                         runs.append((torch.cat(logits).float(),
                                      [(la.conv_state.float().clone(), la.ssm_state.clone()) for la in net.layers]))
-                (want, want_states), (got, got_states) = runs
-                rel = float((got - want).norm() / want.norm())
-                assert rel < tol, (family, quant, rel)
-                for (wc, wh), (gc, gh) in zip(want_states, got_states):
-                    for w, g in ((wc, gc), (wh, gh)):
-                        assert float((g - w).norm() / w.norm()) < tol, (family, quant)
+                (want, want_states), *fused_runs = runs
+                for n, (got, got_states) in enumerate(fused_runs):
+                    rel = float((got - want).norm() / want.norm())
+                    assert rel < tol, (family, quant, n, rel)
+                    for (wc, wh), (gc, gh) in zip(want_states, got_states):
+                        for w, g in ((wc, gc), (wh, gh)):
+                            assert float((g - w).norm() / w.norm()) < tol, (family, quant, n)
                 if dtype == torch.float32:
-                    tokens = [list(Engine(net, mode="eager", max_seq=64, fused=f).generate([3, 9, 4], 12))
-                              for f in (False, True)]
-                    assert tokens[0] == tokens[1], tokens
+                    tokens = []
+                    for f in (False, True, "fold"):
+                        mamba.XPROJ_FOLD = f == "fold"
+                        tokens.append(list(Engine(net, mode="eager", max_seq=64, fused=bool(f)).generate([3, 9, 4],
+                                                                                                         12)))
+                    assert tokens[0] == tokens[1] == tokens[2], tokens
     finally:
-        mamba.FUSED = held
+        mamba.FUSED, mamba.XPROJ_FOLD = held
     print("fused mamba step check passed")
 
 

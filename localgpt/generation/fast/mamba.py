@@ -29,6 +29,11 @@ FUSED = os.environ.get("LOCALGPT_MAMBA_FUSED", "1") != "0"
 # programmatic dependent launch, as mamba_triton's kernels then are too). LOCALGPT_MAMBA_CHAIN=0: the layers' own
 # GEMV launches.
 CHAIN = os.environ.get("LOCALGPT_MAMBA_CHAIN", "1") != "0"
+# x_proj folded into the fused step's conv kernel (``mamba_triton.conv_xproj_step``: each of its programs multiplies
+# its channels of the conv's output by a bf16 copy of x_proj's weight, the SSM step adds the parts up), so x_proj
+# has no launch of its own. Costs a bf16 copy of x_proj's weight (~4.7 MB a FalconMamba-7B layer, ~300 MB in all).
+# LOCALGPT_MAMBA_XPROJ_FOLD=1 (opt-in: not yet measured on a GPU).
+XPROJ_FOLD = os.environ.get("LOCALGPT_MAMBA_XPROJ_FOLD", "0") == "1"
 
 
 @dataclass
@@ -229,7 +234,8 @@ class Mamba(nn.Module):
         """Run ``step`` through ``mamba_triton``'s kernels (``_step_fused``) where they apply: with FUSED
         (LOCALGPT_MAMBA_FUSED=1), on CUDA with Triton (or under ``TRITON_INTERPRET=1``, for tests), a state size
         that is a power of two and dt_proj weights it can read (bf16, int8 or int4; a bf16 copy of them is made
-        for the kernel, ~4 MB a FalconMamba-7B layer). Returns whether the fused step is now on."""
+        for the kernel, ~4 MB a FalconMamba-7B layer; with XPROJ_FOLD x_proj's too, transposed). Returns whether
+        the fused step is now on."""
         where = self.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
         s = self.shape
         ok = bool(on and FUSED and where and _has_triton() and s.state & (s.state - 1) == 0)
@@ -241,6 +247,10 @@ class Mamba(nn.Module):
                         ok = False
                         break
                     layer.register_buffer("dt_w", w.to(self.dtype).contiguous(), persistent=False)
+                if XPROJ_FOLD and getattr(layer, "xw", None) is None:
+                    w = _dense_weight(layer.x_proj)
+                    if w is not None:  # else x_proj keeps its launch
+                        layer.register_buffer("xw", w.t().to(self.dtype).contiguous(), persistent=False)
         self.fused_decode = ok
         return ok
 
@@ -260,9 +270,7 @@ class Mamba(nn.Module):
             for layer in self.layers:
                 res, h = K.add_norm(res, pending, layer.norm.weight, layer.norm.eps, cast_in=True)
                 xz = layer.in_proj(h)
-                xc = K.conv_step(xz, layer.conv_state, layer.conv_w, layer.conv_b)
-                y = K.ssm_step(layer.x_proj(xc), xz, xc, layer.dt_w, layer.dt_b, layer.A, layer.D, layer.ssm_state,
-                               s.bcdt_norm_eps)
+                y = self._conv_ssm(K, layer, xz)
                 pending = layer.out_proj(y)
         else:
             from localgpt.generation.fast import slot_triton
@@ -273,13 +281,25 @@ class Mamba(nn.Module):
             for layer, in_proj, out_proj in zip(self.layers, c.ins, c.outs):
                 res, _ = K.add_norm(res, pending, layer.norm.weight, layer.norm.eps, cast_in=True, out=c.h, pdl=pdl)
                 in_proj()
-                xc = K.conv_step(xz, layer.conv_state, layer.conv_w, layer.conv_b, pdl=pdl)
-                K.ssm_step(layer.x_proj(xc), xz, xc, layer.dt_w, layer.dt_b, layer.A, layer.D, layer.ssm_state,
-                           s.bcdt_norm_eps, out=c.y, pdl=pdl)
+                self._conv_ssm(K, layer, xz, out=c.y, pdl=pdl)
                 out_proj()
                 pending = c.o.view(1, -1)
         _, h = K.add_norm(res, pending, self.norm.weight, self.norm.eps, cast_in=res.dtype != torch.float32)
         return self.lm_head(h.to(self.dtype)).float()
+
+    def _conv_ssm(self, K, layer: MambaLayer, xz: torch.Tensor, out: torch.Tensor | None = None,
+                  pdl: bool = False) -> torch.Tensor:
+        """The fused step's conv step, x_proj and SSM step of a layer from in_proj's row ``xz``: x_proj folded into
+        the conv's kernel where the layer has its bf16 copy (``xw``, XPROJ_FOLD), else its own launch."""
+        s = self.shape
+        xw = getattr(layer, "xw", None)
+        if XPROJ_FOLD and xw is not None:
+            xc, parts = K.conv_xproj_step(xz, layer.conv_state, layer.conv_w, layer.conv_b, xw, pdl=pdl)
+            return K.ssm_step(None, xz, xc, layer.dt_w, layer.dt_b, layer.A, layer.D, layer.ssm_state,
+                              s.bcdt_norm_eps, out=out, pdl=pdl, parts=parts, conv_state=layer.conv_state)
+        xc = K.conv_step(xz, layer.conv_state, layer.conv_w, layer.conv_b, pdl=pdl)
+        return K.ssm_step(layer.x_proj(xc), xz, xc, layer.dt_w, layer.dt_b, layer.A, layer.D, layer.ssm_state,
+                          s.bcdt_norm_eps, out=out, pdl=pdl)
 
     _chain = None  # None: not tried yet; False: the network cannot take it; else the buffers and chains
     chain_note = ""  # why the chains are not used (logged; bench/gpu.py prints it)

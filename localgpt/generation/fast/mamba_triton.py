@@ -74,11 +74,16 @@ def add_norm(hidden: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor,
 
 
 @triton.jit
-def _conv_step_kernel(xz_ptr, state_ptr, w_ptr, b_ptr, out_ptr, INNER, CONV: tl.constexpr, CP: tl.constexpr,
-                      BLOCK: tl.constexpr, GDC: tl.constexpr = False):
+def _conv_step_kernel(xz_ptr, state_ptr, w_ptr, b_ptr, out_ptr, xw_ptr, part_ptr, INNER, CONV: tl.constexpr,
+                      CP: tl.constexpr, BLOCK: tl.constexpr, GDC: tl.constexpr = False, FOLD: tl.constexpr = False,
+                      R: tl.constexpr = 0, RB: tl.constexpr = 32):
     # channels [pid BLOCK, +BLOCK): window = (state[:, 0..CONV-2], x) with x the first half of in_proj's row;
     # out = silu(sum(window * w) + b) with eager bf16's roundings (each product, the sum, the bias add); the
-    # state becomes window[:, 1..]
+    # state becomes window[:, 1..]. FOLD: x_proj folded in, this program's part of it over its channels,
+    # part[pid, r] = sum_ch out[ch] xw[ch, r] (xw: x_proj's weight [INNER, R], bf16) for the RB values r of its
+    # second grid axis, summed by the SSM step; every program of the axis makes the channels' outputs (only the
+    # first stores them), and none writes the state (the SSM step shifts it: another program of the axis could
+    # still be reading it)
     ch = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     live = ch < INNER
     k = tl.arange(0, CP)
@@ -86,19 +91,30 @@ def _conv_step_kernel(xz_ptr, state_ptr, w_ptr, b_ptr, out_ptr, INNER, CONV: tl.
                   other=0.0)
     w = tl.load(w_ptr + ch[:, None] * CONV + k[None, :], mask=live[:, None] & (k[None, :] < CONV), other=0.0)
     b = tl.load(b_ptr + ch, mask=live, other=0.0).to(tl.float32)
-    nxt = tl.load(state_ptr + ch[:, None] * (CONV - 1) + k[None, :] + 1,
-                  mask=live[:, None] & (k[None, :] + 1 < CONV - 1), other=0.0)
+    if FOLD:
+        rr = tl.program_id(1) * RB + tl.arange(0, RB)
+        wv = tl.load(xw_ptr + ch[:, None] * R + rr[None, :], mask=live[:, None] & (rr[None, :] < R), other=0.0)
+    else:
+        nxt = tl.load(state_ptr + ch[:, None] * (CONV - 1) + k[None, :] + 1,
+                      mask=live[:, None] & (k[None, :] + 1 < CONV - 1), other=0.0)
     _gdc_enter(GDC)  # in_proj's row: the kernel before
     x = tl.load(xz_ptr + ch, mask=live, other=0.0)
     window = tl.where(k[None, :] == CONV - 1, x[:, None], old)
     prod = (window.to(tl.float32) * w.to(tl.float32)).to(out_ptr.dtype.element_ty).to(tl.float32)
     acc = tl.sum(tl.where(k[None, :] < CONV, prod, 0.0), axis=1).to(out_ptr.dtype.element_ty).to(tl.float32)
     v = (acc + b).to(out_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(out_ptr + ch, (v / (1.0 + tl.exp(-v))).to(out_ptr.dtype.element_ty), mask=live)
-    # the state shifted by one: new[:, j] = window[:, j + 1]
-    new = tl.where(k[None, :] + 1 == CONV - 1, x[:, None], nxt)
-    tl.debug_barrier()  # every thread has read the old state before any writes the new one
-    tl.store(state_ptr + ch[:, None] * (CONV - 1) + k[None, :], new, mask=live[:, None] & (k[None, :] < CONV - 1))
+    xo = (v / (1.0 + tl.exp(-v))).to(out_ptr.dtype.element_ty)
+    if FOLD:
+        tl.store(out_ptr + ch, xo, mask=live & (tl.program_id(1) == 0))
+        xf = tl.where(live, xo.to(tl.float32), 0.0)
+        tl.store(part_ptr + tl.program_id(0) * R + rr, tl.sum(wv.to(tl.float32) * xf[:, None], axis=0), mask=rr < R)
+    else:
+        tl.store(out_ptr + ch, xo, mask=live)
+        # the state shifted by one: new[:, j] = window[:, j + 1]
+        new = tl.where(k[None, :] + 1 == CONV - 1, x[:, None], nxt)
+        tl.debug_barrier()  # every thread has read the old state before any writes the new one
+        tl.store(state_ptr + ch[:, None] * (CONV - 1) + k[None, :], new,
+                 mask=live[:, None] & (k[None, :] < CONV - 1))
 
 
 def conv_step(xz: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -107,10 +123,29 @@ def conv_step(xz: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias:
     [inner, conv - 1] (updated), weight [inner, conv], bias [inner]. Returns silu(conv) [1, inner]."""
     inner, conv = weight.shape
     out = torch.empty(1, inner, dtype=xz.dtype, device=xz.device)
-    _conv_step_kernel[(triton.cdiv(inner, block),)](xz, state, weight, bias, out, inner, CONV=conv,
+    _conv_step_kernel[(triton.cdiv(inner, block),)](xz, state, weight, bias, out, out, out, inner, CONV=conv,
                                                     CP=triton.next_power_of_2(conv), BLOCK=block, GDC=pdl,
                                                     num_warps=4, launch_pdl=pdl)
     return out
+
+
+def conv_xproj_step(xz: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                    xw: torch.Tensor, block: int = 256, r_block: int = 32,
+                    pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``conv_step`` with x_proj folded in: (silu(conv) [1, inner], parts [channel blocks, R] fp32), each channel
+    block's part of x_proj's row (xw: x_proj's weight transposed, [inner, R] bf16; a program per ``block``
+    channels and ``r_block`` outputs, one trip to memory), for ``ssm_step(parts=)`` to add up. The conv state is
+    not shifted here: ``ssm_step(parts=, conv_state=)`` does it. Saves x_proj's own launch (a GEMV of 1.2 MB at
+    FalconMamba-7B's shape, ~6 us of latency a layer) for ~4.7 MB of bf16 weight read by the conv's programs."""
+    inner, conv = weight.shape
+    r = xw.shape[1]
+    n = triton.cdiv(inner, block)
+    out = torch.empty(1, inner, dtype=xz.dtype, device=xz.device)
+    parts = torch.empty(n, r, dtype=torch.float32, device=xz.device)
+    _conv_step_kernel[(n, triton.cdiv(r, r_block))](xz, state, weight, bias, out, xw, parts, inner, CONV=conv,
+                                                    CP=triton.next_power_of_2(conv), BLOCK=block, GDC=pdl,
+                                                    FOLD=True, R=r, RB=r_block, num_warps=4, launch_pdl=pdl)
+    return out, parts
 
 
 @triton.jit
@@ -119,12 +154,15 @@ def _weightless_rms(v, live, n, eps):
 
 
 @triton.jit
-def _ssm_step_kernel(dbl_ptr, xz_ptr, xc_ptr, dtw_ptr, dtb_ptr, a_ptr, d_ptr, h_ptr, y_ptr, INNER, eps,
+def _ssm_step_kernel(dbl_ptr, xz_ptr, xc_ptr, dtw_ptr, dtb_ptr, a_ptr, d_ptr, h_ptr, y_ptr, cs_ptr, INNER, eps,
                      RANK: tl.constexpr, RP: tl.constexpr, STATE: tl.constexpr, NORM: tl.constexpr,
-                     BLOCK: tl.constexpr, GDC: tl.constexpr = False):
+                     BLOCK: tl.constexpr, GDC: tl.constexpr = False, NPARTS: tl.constexpr = 0,
+                     NP: tl.constexpr = 1, CONV: tl.constexpr = 4, CP: tl.constexpr = 4):
     # channels [pid BLOCK, +BLOCK) of one decode step (MambaLayer.forward at t = 1): x_proj's row (dt_low | B | C),
     # each normed without weights (NORM: FalconMamba), dt = softplus(dt_proj(dt_low) + dt_b), the state
-    # h = h exp(dt A) + dt x B, y = (bf16(h) C) + D x, gated by silu(z)
+    # h = h exp(dt A) + dt x B, y = (bf16(h) C) + D x, gated by silu(z). NPARTS: x_proj's row is the sum of
+    # conv_xproj_step's NPARTS parts (dbl_ptr [NPARTS, RANK + 2 STATE] fp32, NP its power of two), rounded as
+    # x_proj's output is, and the conv state (cs_ptr [INNER, CONV - 1]) shifted here, as conv_step does
     # (values rounded to the activations' dtype ACT where the eager step holds them in it)
     # every load first, in one round trip: the norms' reductions below synchronise the program's threads, and a
     # load written after them would be issued only then (one dependent trip to memory more for each)
@@ -140,10 +178,28 @@ def _ssm_step_kernel(dbl_ptr, xz_ptr, xc_ptr, dtw_ptr, dtb_ptr, a_ptr, d_ptr, h_
     A = tl.load(a_ptr + grid, mask=live[:, None], other=0.0)
     h = tl.load(h_ptr + grid, mask=live[:, None], other=0.0)
     Dv = tl.load(d_ptr + ch, mask=live, other=0.0).to(tl.float32)
+    if NPARTS:
+        k = tl.arange(0, CP)
+        nxt = tl.load(cs_ptr + ch[:, None] * (CONV - 1) + k[None, :] + 1,
+                      mask=live[:, None] & (k[None, :] + 1 < CONV - 1), other=0.0)
     _gdc_enter(GDC)  # x_proj's row, the conv's output and in_proj's z: written by the kernels before
-    low = tl.load(dbl_ptr + r, mask=rlive, other=0.0).to(tl.float32)
-    B = tl.load(dbl_ptr + RANK + st).to(tl.float32)
-    C = tl.load(dbl_ptr + RANK + STATE + st).to(tl.float32)
+    if NPARTS:
+        R = RANK + 2 * STATE
+        p = tl.arange(0, NP)
+        pl = p < NPARTS
+        low = tl.sum(tl.load(dbl_ptr + p[:, None] * R + r[None, :], mask=pl[:, None] & rlive[None, :], other=0.0),
+                     axis=0).to(ACT).to(tl.float32)
+        B = tl.sum(tl.load(dbl_ptr + p[:, None] * R + RANK + st[None, :], mask=pl[:, None], other=0.0),
+                   axis=0).to(ACT).to(tl.float32)
+        C = tl.sum(tl.load(dbl_ptr + p[:, None] * R + RANK + STATE + st[None, :], mask=pl[:, None], other=0.0),
+                   axis=0).to(ACT).to(tl.float32)
+        xin = tl.load(xz_ptr + ch, mask=live, other=0.0)  # the conv's window: the state shifted, x last
+        tl.store(cs_ptr + ch[:, None] * (CONV - 1) + k[None, :],
+                 tl.where(k[None, :] + 1 == CONV - 1, xin[:, None], nxt), mask=live[:, None] & (k[None, :] < CONV - 1))
+    else:
+        low = tl.load(dbl_ptr + r, mask=rlive, other=0.0).to(tl.float32)
+        B = tl.load(dbl_ptr + RANK + st).to(tl.float32)
+        C = tl.load(dbl_ptr + RANK + STATE + st).to(tl.float32)
     x = tl.load(xc_ptr + ch, mask=live, other=0.0).to(tl.float32)
     z = tl.load(xz_ptr + INNER + ch, mask=live, other=0.0).to(tl.float32)
     if NORM:
@@ -164,16 +220,23 @@ def _ssm_step_kernel(dbl_ptr, xz_ptr, xc_ptr, dtw_ptr, dtb_ptr, a_ptr, d_ptr, h_
 
 def ssm_step(dbl: torch.Tensor, xz: torch.Tensor, xc: torch.Tensor, dt_w: torch.Tensor, dt_b: torch.Tensor,
              A: torch.Tensor, D: torch.Tensor, h: torch.Tensor, norm_eps: float | None,
-             block: int = 64, out: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
+             block: int = 64, out: torch.Tensor | None = None, pdl: bool = False,
+             parts: torch.Tensor | None = None, conv_state: torch.Tensor | None = None) -> torch.Tensor:
     """dbl [1, rank + 2 state] (x_proj's row), xz [1, 2 inner] (z its second half), xc [1, inner] (the conv's
     output), dt_w [inner, rank] bf16, dt_b [inner] fp32, A [inner, state] fp32, D [inner], h [inner, state] fp32
     (updated); ``norm_eps``: FalconMamba's weightless norms of dt / B / C (None: Mamba). Returns y [1, inner]
-    (written into ``out`` if given)."""
+    (written into ``out`` if given). ``parts``: x_proj's row as ``conv_xproj_step``'s parts (dbl not used), and
+    ``conv_state`` [inner, conv - 1] shifted by one with this step's x (which conv_xproj_step leaves to it)."""
     inner, rank = dt_w.shape
     state = A.shape[1]
     y = torch.empty(1, inner, dtype=xc.dtype, device=xc.device) if out is None else out.view(1, inner)
+    nparts = parts.shape[0] if parts is not None else 0
+    if nparts and conv_state is None:
+        raise ValueError("ssm_step(parts=) shifts the conv state: give conv_state")
+    conv = conv_state.shape[1] + 1 if nparts else 4
     _ssm_step_kernel[(triton.cdiv(inner, block),)](
-        dbl, xz, xc, dt_w, dt_b, A, D, h, y, inner, norm_eps if norm_eps is not None else 0.0, RANK=rank,
-        RP=triton.next_power_of_2(rank), STATE=state, NORM=norm_eps is not None, BLOCK=block, GDC=pdl, num_warps=4,
-        launch_pdl=pdl)
+        parts if nparts else dbl, xz, xc, dt_w, dt_b, A, D, h, y, conv_state if nparts else y, inner,
+        norm_eps if norm_eps is not None else 0.0, RANK=rank, RP=triton.next_power_of_2(rank), STATE=state,
+        NORM=norm_eps is not None, BLOCK=block, GDC=pdl, NPARTS=nparts, NP=triton.next_power_of_2(max(nparts, 1)),
+        CONV=conv, CP=triton.next_power_of_2(conv), num_warps=8 if nparts else 4, launch_pdl=pdl)
     return y
