@@ -908,8 +908,8 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
         # "+nomambafused": Mamba / FalconMamba's step compiled, not through mamba_triton's kernels
         # (LOCALGPT_MAMBA_FUSED=0, with "@compile"); "+nomambachain": its fused step's in_proj / out_proj as their own
         # GEMV launches, not one-phase gemv_chain ones (LOCALGPT_MAMBA_CHAIN=0); "+xfold" / "+noxfold": x_proj
-        # folded into its conv kernel or not (mamba.XPROJ_FOLD); "+nofalcongraph": Falcon's fused step compiled, not its graph step
-        # (LOCALGPT_FALCON_GRAPH=0, with "@compile")),
+        # folded into its conv kernel or not (mamba.XPROJ_FOLD); "+nofalcongraph": Falcon's fused step compiled,
+        # not its graph step (LOCALGPT_FALCON_GRAPH=0, with "@compile")),
         # and then "@graph" / "@compile" (that engine mode for this row instead of --mode).
         name_mode = name.partition("@")
         variant, *flags = name_mode[0].split("+")
@@ -999,8 +999,8 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                 # "+nomambachain": the fused Mamba step's in_proj / out_proj as the layers' own GEMV launches
                 mamba.CHAIN = "nomambachain" not in flags
                 # "+xfold": x_proj folded into the fused Mamba step's conv kernel (mamba.XPROJ_FOLD; "+noxfold": not)
-                mamba.XPROJ_FOLD = ("xfold" in flags or XPROJ_FOLD_DEFAULT.setdefault("v", mamba.XPROJ_FOLD)) \
-                    and "noxfold" not in flags
+                fold = XPROJ_FOLD_DEFAULT.setdefault("v", mamba.XPROJ_FOLD)
+                mamba.XPROJ_FOLD = ("xfold" in flags or fold) and "noxfold" not in flags
                 transformer.FALCON_GRAPH = "nofalcongraph" not in flags  # "+nofalcongraph": compiled (@compile)
                 # the chain's mma operands in fp16 (the default); "+bf16": in bf16; "+int8f16": fp16 for int8 only
                 gemv_chain.F16_BITS = (8,) if "int8f16" in flags else () if "bf16" in flags else (4, 8)
