@@ -1461,6 +1461,39 @@ def test_gpu_fused_mamba_step_matches_the_plain_step():
     fused_mamba_step_check("cuda", torch.bfloat16)
 
 
+def mamba_step_runs(net, device: str, paths: list) -> list:
+    """From the same random conv / SSM states, five steps of a Mamba ``net`` after each of ``paths`` (callables that
+    set up the step's path): [(logits of the five steps, [(conv state, SSM state) of each layer after them])]."""
+    torch.manual_seed(0)
+    for layer in net.layers:
+        layer.conv_state.normal_()
+        layer.ssm_state.normal_()
+    start = [(la.conv_state.clone(), la.ssm_state.clone()) for la in net.layers]
+    runs = []
+    with torch.inference_mode():
+        for setup in paths:
+            setup()
+            for layer, (c, h) in zip(net.layers, start):
+                layer.conv_state.copy_(c)
+                layer.ssm_state.copy_(h)
+            logits = [net.step(torch.tensor([[5 + 7 * i]], device=device), torch.tensor([i], device=device))
+                      for i in range(5)]
+            runs.append((torch.cat(logits).float(),
+                         [(la.conv_state.float().clone(), la.ssm_state.clone()) for la in net.layers]))
+    return runs
+
+
+def assert_same_steps(runs: list, tol: float, label) -> None:
+    """Every run of ``mamba_step_runs`` after the first gives the first's logits and states, relative error < tol."""
+    (want, want_states), *others = runs
+    for n, (got, got_states) in enumerate(others):
+        rel = float((got - want).norm() / want.norm())
+        assert rel < tol, (label, n, rel)
+        for (wc, wh), (gc, gh) in zip(want_states, got_states):
+            for w, g in ((wc, gc), (wh, gh)):
+                assert float((g - w).norm() / w.norm()) < tol, (label, n)
+
+
 @pytest.mark.gpu
 def test_gpu_mamba_chained_step_matches_the_plain_step_and_generates_the_same_in_a_graph(tmp_path):
     """Mamba._step_fused with in_proj and out_proj as one-phase gemv_chain launches (mamba.CHAIN, int4 layers that
@@ -1487,28 +1520,10 @@ def test_gpu_mamba_chained_step_matches_the_plain_step_and_generates_the_same_in
             net.setup_cache(64)
             assert net.use_fused_decode(True)
             assert all(hasattr(la, "xw") for la in net.layers) == fold
-            torch.manual_seed(0)
-            for layer in net.layers:
-                layer.conv_state.normal_()
-                layer.ssm_state.normal_()
-            start = [(la.conv_state.clone(), la.ssm_state.clone()) for la in net.layers]
-            runs = []
-            with torch.inference_mode():
-                for fused in (False, True):
-                    net.fused_decode = fused
-                    for layer, (c, h) in zip(net.layers, start):
-                        layer.conv_state.copy_(c)
-                        layer.ssm_state.copy_(h)
-                    logits = [net.step(torch.tensor([[5 + 7 * i]], device="cuda"), torch.tensor([i], device="cuda"))
-                              for i in range(5)]
-                    runs.append((torch.cat(logits).float(), [(la.conv_state.float().clone(), la.ssm_state.clone())
-                                                             for la in net.layers]))
+            paths = [lambda f=f, n=net: setattr(n, "fused_decode", f) for f in (False, True)]  # plain, fused
+            runs = mamba_step_runs(net, "cuda", paths)
             assert bool(net._chain) == chain, net.chain_note
-            (want, want_states), (got, got_states) = runs
-            assert float((got - want).norm() / want.norm()) < 3e-2, (chain, fold)
-            for (wc, wh), (gc, gh) in zip(want_states, got_states):
-                for w, g in ((wc, gc), (wh, gh)):
-                    assert float((g - w).norm() / w.norm()) < 3e-2, (chain, fold)
+            assert_same_steps(runs, 3e-2, (chain, fold))
             net.fused_decode = True
             tokens = [list(Engine(net, mode=mode, max_seq=64).generate([3, 9, 4], 12)) for mode in ("eager", "graph")]
             assert tokens[0] == tokens[1], (chain, fold, tokens)
@@ -1544,32 +1559,15 @@ def fused_mamba_step_check(device: str = "cpu", dtype: torch.dtype = torch.float
                 assert not net.use_fused_decode(True)
                 mamba.FUSED = True
                 assert net.use_fused_decode(True) and net.graph_step
-                torch.manual_seed(0)
-                for layer in net.layers:
-                    layer.conv_state.normal_()
-                    layer.ssm_state.normal_()
-                start = [(la.conv_state.clone(), la.ssm_state.clone()) for la in net.layers]
-                runs = []
-                with torch.inference_mode():
-                    for fused in (False, True, "fold"):  # "fold": x_proj in the conv's kernel (XPROJ_FOLD)
-                        mamba.XPROJ_FOLD = fused == "fold"
-                        assert net.use_fused_decode(True) if fused else True
-                        assert all(hasattr(la, "xw") for la in net.layers) or fused != "fold"
-                        net.fused_decode = bool(fused)
-                        for layer, (c, h) in zip(net.layers, start):
-                            layer.conv_state.copy_(c)
-                            layer.ssm_state.copy_(h)
-                        logits = [net.step(torch.tensor([[5 + 7 * i]], device=device), torch.tensor([i], device=device))
-                                  for i in range(5)]
-                        runs.append((torch.cat(logits).float(),
-                                     [(la.conv_state.float().clone(), la.ssm_state.clone()) for la in net.layers]))
-                (want, want_states), *fused_runs = runs
-                for n, (got, got_states) in enumerate(fused_runs):
-                    rel = float((got - want).norm() / want.norm())
-                    assert rel < tol, (family, quant, n, rel)
-                    for (wc, wh), (gc, gh) in zip(want_states, got_states):
-                        for w, g in ((wc, gc), (wh, gh)):
-                            assert float((g - w).norm() / w.norm()) < tol, (family, quant, n)
+
+                def path(fused):  # the plain step; fused, x_proj its own launch; fused, x_proj folded (XPROJ_FOLD)
+                    mamba.XPROJ_FOLD = fused == "fold"
+                    assert net.use_fused_decode(True) if fused else True
+                    assert all(hasattr(la, "xw") for la in net.layers) or fused != "fold"
+                    net.fused_decode = bool(fused)
+
+                runs = mamba_step_runs(net, device, [lambda f=f: path(f) for f in (False, True, "fold")])
+                assert_same_steps(runs, tol, (family, quant))
                 if dtype == torch.float32:
                     tokens = []
                     for f in (False, True, "fold"):

@@ -311,19 +311,9 @@ class Mamba(nn.Module):
         """Whether ``_step_fused`` runs in_proj and out_proj as ``gemv_chain`` launches (CHAIN): every layer's two
         on the chain's words, bf16 activations, and the first layer's chains equal to its own GEMVs on random
         inputs. Built at the first fused step outside a CUDA graph capture (the engine's warm-up)."""
-        if self._chain is None:
-            if not CHAIN or self.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-                return False
-            try:
-                self._chain = self._build_chain() or False
-            except Exception as exc:  # noqa: BLE001 - a kernel that does not build or fit: the layers' own GEMVs
-                self.chain_note = f"{type(exc).__name__}: {exc}"
-                self._chain = False
-            if not self._chain:
-                import logging
+        from localgpt.generation.fast.transformer import chain_ready
 
-                logging.getLogger(__name__).info("gemv_chain not used for Mamba: %s", self.chain_note)
-        return bool(self._chain)
+        return chain_ready(self, CHAIN)
 
     def _build_chain(self):
         from types import SimpleNamespace

@@ -545,19 +545,7 @@ class Transformer(nn.Module):
         """Whether ``_step_chain`` runs this network's step: every GEMV of the blocks (and the LM head, or it runs
         on its own) on ``gemv_chain``'s words, bf16, and the first layer's chain equal to the separate GEMVs
         (``_chain_check``). Built at the first step outside a CUDA graph capture (the engine's warm-up)."""
-        if self._chain is None:
-            if self.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-                return False
-            try:
-                self._chain = self._build_chain() or False
-            except Exception as exc:  # noqa: BLE001 - a kernel that does not build or fit: the step as before
-                self.chain_note = f"{type(exc).__name__}: {exc}"
-                self._chain = False
-            if not self._chain:
-                import logging
-
-                logging.getLogger(__name__).info("gemv_chain not used: %s", self.chain_note)
-        return bool(self._chain)
+        return chain_ready(self)
 
     def _build_chain(self):
         from types import SimpleNamespace
@@ -952,6 +940,26 @@ class Transformer(nn.Module):
                                                                                 positions, meta, fused), fused=fused)
         last = x[0].index_select(0, meta[2:3] - 1)  # the last valid row [1, dim]
         return self.lm_head(self.norm(last[None]))[0].float()
+
+
+def chain_ready(net: nn.Module, enabled: bool = True) -> bool:
+    """Whether ``net`` (a Transformer or a Mamba) has its gemv_chain launches: built by ``net._build_chain()`` (its
+    buffers and chains, or None with ``net.chain_note`` saying why) once, at the first call outside a CUDA graph
+    capture (the engine's warm-up) on CUDA while ``enabled``; a kernel that does not build or fit leaves the step as
+    it was."""
+    if net._chain is None:
+        if not enabled or net.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+            return False
+        try:
+            net._chain = net._build_chain() or False
+        except Exception as exc:  # noqa: BLE001 - a kernel that does not build or fit: the step as before
+            net.chain_note = f"{type(exc).__name__}: {exc}"
+            net._chain = False
+        if not net._chain:
+            import logging
+
+            logging.getLogger(__name__).info("gemv_chain not used (%s): %s", type(net).__name__, net.chain_note)
+    return bool(net._chain)
 
 
 def _chain_mismatch(want: list) -> str:
