@@ -908,7 +908,8 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
         # "+nomambafused": Mamba / FalconMamba's step compiled, not through mamba_triton's kernels
         # (LOCALGPT_MAMBA_FUSED=0, with "@compile"); "+nomambachain": its fused step's in_proj / out_proj as their own
         # GEMV launches, not one-phase gemv_chain ones (LOCALGPT_MAMBA_CHAIN=0); "+xfold" / "+noxfold": x_proj
-        # folded into its conv kernel or not (mamba.XPROJ_FOLD); "+nofalcongraph": Falcon's fused step compiled,
+        # folded into its conv kernel or not (mamba.XPROJ_FOLD); "+mambares": the residual's add and the norm in
+        # its chains (mamba.RES_CHAIN); "+nofalcongraph": Falcon's fused step compiled,
         # not its graph step (LOCALGPT_FALCON_GRAPH=0, with "@compile")),
         # and then "@graph" / "@compile" (that engine mode for this row instead of --mode).
         name_mode = name.partition("@")
@@ -999,6 +1000,8 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                 # "+nomambachain": the fused Mamba step's in_proj / out_proj as the layers' own GEMV launches
                 mamba.CHAIN = "nomambachain" not in flags
                 # "+xfold": x_proj folded into the fused Mamba step's conv kernel (mamba.XPROJ_FOLD; "+noxfold": not)
+                # "+mambares": the residual's add and the norm in the Mamba chains (mamba.RES_CHAIN)
+                mamba.RES_CHAIN = "mambares" in flags
                 fold = XPROJ_FOLD_DEFAULT.setdefault("v", mamba.XPROJ_FOLD)
                 mamba.XPROJ_FOLD = ("xfold" in flags or fold) and "noxfold" not in flags
                 transformer.FALCON_GRAPH = "nofalcongraph" not in flags  # "+nofalcongraph": compiled (@compile)

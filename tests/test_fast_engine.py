@@ -1499,9 +1499,9 @@ def test_gpu_mamba_chained_step_matches_the_plain_step_and_generates_the_same_in
     """Mamba._step_fused with in_proj and out_proj as one-phase gemv_chain launches (mamba.CHAIN, int4 layers that
     fit the chain, the kernels then programmatic dependent launches on Hopper): built at the first step and checked
     against the layers' own GEMVs; from the same states five steps give the plain step's logits and states within
-    bf16 rounding, with x_proj folded into the conv's kernel too (mamba.XPROJ_FOLD); the Engine's CUDA graph of it
-    generates the same greedy tokens as its eager run; LOCALGPT_MAMBA_CHAIN=0 (mamba.CHAIN) keeps the layers' own
-    GEMVs."""
+    bf16 rounding, with x_proj folded into the conv's kernel too (mamba.XPROJ_FOLD), and with the residual's add and
+    the norm in the chains too (mamba.RES_CHAIN); the Engine's CUDA graph of it generates the same greedy tokens as
+    its eager run; LOCALGPT_MAMBA_CHAIN=0 (mamba.CHAIN) keeps the layers' own GEMVs."""
     _needs_cuda()
     from transformers import AutoModelForCausalLM
 
@@ -1511,10 +1511,11 @@ def test_gpu_mamba_chained_step_matches_the_plain_step_and_generates_the_same_in
     hf = AutoModelForCausalLM.from_pretrained(
         build_tiny_model("falcon-mamba", tmp_path / "fm", hidden_size=256, num_hidden_layers=3, time_step_rank=16),
         dtype=torch.bfloat16).to("cuda").eval()
-    held = mamba.CHAIN, mamba.XPROJ_FOLD
+    held = mamba.CHAIN, mamba.XPROJ_FOLD, mamba.RES_CHAIN
     try:
-        for chain, fold in ((True, False), (True, True), (False, False)):  # fold: mamba.XPROJ_FOLD
-            mamba.CHAIN, mamba.XPROJ_FOLD = chain, fold
+        # fold: mamba.XPROJ_FOLD; res: the residual's add and the norm in the chains (mamba.RES_CHAIN)
+        for chain, fold, res in ((True, False, False), (True, True, False), (True, True, True), (False, False, False)):
+            mamba.CHAIN, mamba.XPROJ_FOLD, mamba.RES_CHAIN = chain, fold, res
             net = mamba.from_mamba(hf)
             quantize_model(net, "int4", decode="cuda")
             net.setup_cache(64)
@@ -1523,12 +1524,13 @@ def test_gpu_mamba_chained_step_matches_the_plain_step_and_generates_the_same_in
             paths = [lambda f=f, n=net: setattr(n, "fused_decode", f) for f in (False, True)]  # plain, fused
             runs = mamba_step_runs(net, "cuda", paths)
             assert bool(net._chain) == chain, net.chain_note
-            assert_same_steps(runs, 3e-2, (chain, fold))
+            assert not chain or net._chain.res == res
+            assert_same_steps(runs, 3e-2, (chain, fold, res))
             net.fused_decode = True
             tokens = [list(Engine(net, mode=mode, max_seq=64).generate([3, 9, 4], 12)) for mode in ("eager", "graph")]
-            assert tokens[0] == tokens[1], (chain, fold, tokens)
+            assert tokens[0] == tokens[1], (chain, fold, res, tokens)
     finally:
-        mamba.CHAIN, mamba.XPROJ_FOLD = held
+        mamba.CHAIN, mamba.XPROJ_FOLD, mamba.RES_CHAIN = held
 
 
 def fused_mamba_step_check(device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:

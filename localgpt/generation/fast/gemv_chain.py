@@ -121,12 +121,13 @@ struct Phase {
 #define NOBAR 1     // no grid barrier before the phase (its input is not written in this launch)
 #define SAME 2      // the previous phase's staged input
 #define GELU_OUT 4  // the output rows through GELU (exact) as they are written (a parallel block's w_in)
+#define RES32 8     // each output row added to an fp32 residual (ws) as it is written, its bf16 copy to xsum (Mamba)
 
 __device__ __forceinline__ u32 saddr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
 // A phase's tiles are cut into equal contiguous runs, one a CTA (whole tiles: a tile's parts meet in its shared
 // memory, not in global memory), and a CTA's items (tile, BPI blocks) into equal contiguous runs, one a warp.
 __device__ __forceinline__ void cta_tiles(const Phase& ph, int& t0, int& t1) {
-#if EXTRA
+#if EXTRA & 1
     if (ph.cut != nullptr) {  // phases without a barrier between them share out their blocks together (Chain)
         t0 = __ldg(ph.cut + 2 * blockIdx.x);
         t1 = __ldg(ph.cut + 2 * blockIdx.x + 1);
@@ -667,7 +668,7 @@ __device__ __forceinline__ void begin_phase(const Phase& ph, int p, unsigned* ba
     if (ph.flags & SAME) {
         for (int i = threadIdx.x; i < nparts; i += WARPS * 32) parts[i] = 0.f;
         CSYNC();
-#if EXTRA
+#if EXTRA & 1
     } else if (ph.xmode == 4) {
         stage_ln(ph, xp, xs, red, parts, nparts, blockIdx.x == 0);
 #endif
@@ -928,10 +929,17 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
             for (int w = 0; w < WARPS; ++w) total += pr[w * 16];
             const int row = t0 * 16 + r;
             u16 v = out_val(total, ph.rs, row);
-#if EXTRA
+#if EXTRA & 1
             if (ph.flags & GELU_OUT) v = f2bf(gelu1(bf2f(v)));
 #endif
             ph.out[row] = v;
+#if EXTRA & 2
+            if (ph.flags & RES32) {  // the residual's add (fp32, as Mamba's add_norm) and its bf16 copy
+                const float res = ph.ws[row] + bf2f(v);
+                ph.ws[row] = res;
+                ph.xsum[row] = f2bf(res);
+            }
+#endif
         }
 #endif
     }
@@ -1210,10 +1218,17 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
             for (int w = 0; w < WARPS; ++w) total += pr[w * 16];
             const int row = t0 * 16 + q;
             u16 v = out_val(total, ph.rs, row);
-#if EXTRA
+#if EXTRA & 1
             if (ph.flags & GELU_OUT) v = f2bf(gelu1(bf2f(v)));
 #endif
             ph.out[row] = v;
+#if EXTRA & 2
+            if (ph.flags & RES32) {  // the residual's add (fp32, as Mamba's add_norm) and its bf16 copy
+                const float res = ph.ws[row] + bf2f(v);
+                ph.ws[row] = res;
+                ph.xsum[row] = f2bf(res);
+            }
+#endif
         }
 #endif
     }
@@ -1243,7 +1258,7 @@ class _Phase(ctypes.Structure):
 # staged as wide as the layer's padded input)
 CHAIN_XMODES = {**gemv_cuda.XMODES, "attn": 3, "ln": 4}
 # a phase's flags (the kernel's): no grid barrier before it; the previous phase's staged input; GELU on its output
-NOBAR, SAME, GELU_OUT = 1, 2, 4
+NOBAR, SAME, GELU_OUT, RES32 = 1, 2, 4, 8
 
 
 def balanced_cuts(tiles: list[int], blocks: list[int], grid: int) -> list[list[tuple[int, int]]]:
@@ -1333,7 +1348,7 @@ def source(bits: int, planes: int, warps: int, depth: int, tiled: bool, bpi: int
     """(name, CUDA source) of the chain kernel for one weight format, CTA size (consumer warps), ring depth (items
     a warp, or stages of the bulk-copy ring) and blocks an item (a consumer warp's blocks a stage); ``extra``:
     1 for the parts Llama's kernels leave out: the "ln" prologue, GELU_OUT and balanced runs of tiles (Falcon's
-    chain); ``attn``: the kernel with the attention phase (``ATTN``; the others leave its code out)."""
+    chain), 2 for RES32's epilogue (Mamba's fp32 residual); ``attn``: the kernel with the attention phase (``ATTN``; the others leave its code out)."""
     swz = SWIZZLE and f16
     name = (f"gemv_chain_int{bits}_p{planes}_w{warps}_d{depth}_b{bpi}" + ("_tl" if tiled else "")
             + ("_s" if swz else "")
@@ -1458,6 +1473,9 @@ class Chain:
     and ``xsum``; ``nobar``: no grid barrier before the phase (its input is not written in this launch), ``same``:
     its input is the previous phase's, already staged (``x`` and ``xmode`` not given); ``gelu_out``: GELU of each
     output row as it is written. A chain with any of these runs the kernel variant that has them (``EXTRA``).
+    ``res32`` (a plain phase's, float32 [N]): each output row is also added to it, in fp32, as it is written, and
+    the sum's bf16 rounding written to ``xsum`` ([N] bf16): Mamba's fp32 residual and the next norm's input (the
+    kernel variant with that epilogue, ``EXTRA`` & 2).
     Every tensor is fixed: the launch keeps their addresses (a decode step's static buffers), so calling it
     replays the same GEMVs on whatever they hold."""
 
@@ -1528,8 +1546,9 @@ class Chain:
         depth = depth or defaults[1]
         # the kernel with a parallel block's parts (EXTRA): "ln", GELU_OUT and the balanced runs of a barrier-free
         # group (left out of Llama's kernels: their registers)
-        extra = int(any(ph.get("xmode") == "ln" or ph.get("gelu_out") or ph.get("nobar") or ph.get("same")
-                        for ph in phases))
+        extra = (int(any(ph.get("xmode") == "ln" or ph.get("gelu_out") or ph.get("nobar") or ph.get("same")
+                         for ph in phases))
+                 | (2 if any(ph.get("res32") is not None for ph in phases) else 0))  # RES32's epilogue
         self.fn = kernel(bits, planes, device, warps, depth, bits == 4, bpi, tma, f16, extra, attn is not None)
         self.smem = smem_bytes(bits, planes, warps, depth, bpi, kmax, maxt, tma, f16) + ascr
         if self.smem + 2048 + (16 * depth if tma else 0) > optin:
@@ -1558,8 +1577,9 @@ class Chain:
             layer = ph["layer"]
             n, k = layer.out_features, layer.in_features
             same = bool(ph.get("same"))
+            res32 = ph.get("res32")
             flags = ((NOBAR if ph.get("nobar") or same else 0) | (SAME if same else 0)
-                     | (GELU_OUT if ph.get("gelu_out") else 0))
+                     | (GELU_OUT if ph.get("gelu_out") else 0) | (RES32 if res32 is not None else 0))
             if flags & (NOBAR | SAME) and i == 0:
                 raise ValueError("a chain's first phase stages its input after no barrier: no nobar / same")
             if same:  # the previous phase's staged input: as wide, nothing to read
@@ -1588,6 +1608,11 @@ class Chain:
                                                                     for t in (y, y2, xsum))):
                 raise ValueError(f"phase {i}: ln takes x, y, y2, xsum and the norm's weight and bias of one width "
                                  f"(a multiple of 8, at most the layer's {k}; y and y2 both or neither)")
+            if res32 is not None and (res32.dtype != torch.float32 or not res32.is_contiguous()
+                                      or res32.numel() != n or xsum is None or xsum.numel() != n
+                                      or mode != 0 or ph.get("gelu_out")):
+                raise ValueError(f"phase {i}: res32 is a plain phase's fp32 residual of its {n} rows, with xsum "
+                                 "(its bf16 copy) as wide")
             sz = layer.pairs() if bits == 4 else None
             if tma and bits == 4:  # (scale, zero) rows tile-major, [N / 16, blocks, 16]: a CTA's tiles one span
                 sz = sz.view(k // (planes * fields), n // 16, 16).transpose(0, 1).contiguous()
@@ -1596,6 +1621,9 @@ class Chain:
             table[i] = _Phase(ptr(layer.words), ptr(sz), ptr(x), ptr(y), ptr(nw), ptr(xsum), ptr(out), ptr(rs),
                               n, k, mode, width, float(norm.eps) if mode in (2, 4) else 0.0, flags, 0, 0)
             table[i].y2, table[i].nb = ptr(y2), ptr(nb)
+            if res32 is not None:  # the residual in the attention's ws field (unused by a GEMV phase)
+                self.keep.append(res32)
+                table[i].ws = res32.data_ptr()
             table[i].cut = self.cut[i].data_ptr() if i in cuts else 0
             if self.maps is not None:
                 self.maps[i].copy_(torch.frombuffer(bytearray(_tensor_map(layer.words, n, k)), dtype=torch.uint8))

@@ -36,6 +36,11 @@ CHAIN = os.environ.get("LOCALGPT_MAMBA_CHAIN", "1") != "0"
 # layer, ~300 MB in all). H200, FalconMamba-7B int4, one call (round 19): 427.7 against 383.8 tok/s.
 # LOCALGPT_MAMBA_XPROJ_FOLD=0: x_proj's own launch.
 XPROJ_FOLD = os.environ.get("LOCALGPT_MAMBA_XPROJ_FOLD", "1") != "0"
+# With CHAIN and an fp32 residual (FalconMamba): the residual's add in out_proj's chain launch, as it writes its rows
+# (``gemv_chain``'s res32: the fp32 sum and its bf16 copy), and the block's RMSNorm in in_proj's (its "rms"
+# staging), so the step has no add_norm launch between layers. LOCALGPT_MAMBA_RES_CHAIN=1 (opt-in: built and compiled
+# for sm_90 without a GPU, not yet run on one).
+RES_CHAIN = os.environ.get("LOCALGPT_MAMBA_RES_CHAIN", "0") == "1"
 
 
 @dataclass
@@ -260,7 +265,8 @@ class Mamba(nn.Module):
         """``step``: per layer the residual add + norm, in_proj, the conv step, x_proj, the SSM step (dt / B / C
         norms, dt_proj, softplus, state update, gate) and out_proj; the same arithmetic as ``MambaLayer.forward`` at
         t = 1 (mamba_triton's note). in_proj and out_proj as chain launches where ``_chain_ready``; then the
-        kernels are programmatic dependent launches too (``slot_triton.gdc``)."""
+        kernels are programmatic dependent launches too (``slot_triton.gdc``), and with RES_CHAIN the residual's
+        add and the norm are in the chains (no add_norm launch but the final norm's)."""
         from localgpt.generation.fast import mamba_triton as K
 
         s = self.shape
@@ -279,6 +285,15 @@ class Mamba(nn.Module):
 
             pdl = slot_triton.gdc(self.device)
             xz = c.xz.view(1, -1)
+            if c.res:  # the residual (c.r32) and the norms' input (c.xb) kept by the chains
+                torch.index_select(self.embed, 0, token.view(-1), out=c.xb.view(1, -1))
+                c.r32.copy_(c.xb)
+                for layer, in_proj, out_proj in zip(self.layers, c.ins, c.outs):
+                    in_proj()
+                    self._conv_ssm(K, layer, xz, out=c.y, pdl=pdl)
+                    out_proj()
+                _, h = K.add_norm(c.r32.view(1, -1), None, self.norm.weight, self.norm.eps, cast_in=False)
+                return self.lm_head(h.to(self.dtype)).float()
             pending = None
             for layer, in_proj, out_proj in zip(self.layers, c.ins, c.outs):
                 res, _ = K.add_norm(res, pending, layer.norm.weight, layer.norm.eps, cast_in=True, out=c.h, pdl=pdl)
@@ -315,11 +330,41 @@ class Mamba(nn.Module):
 
         return chain_ready(self, CHAIN)
 
+    def _chain_check(self, c) -> str:
+        """The first layer's chains against the fused step's own kernels (its GEMVs, and with ``c.res``
+        ``mamba_triton.add_norm``) on random inputs: every output within bf16 rounding. Returns "" or what
+        differs."""
+        from localgpt.generation.fast import mamba_triton as K
+        from localgpt.generation.fast.transformer import _chain_mismatch
+
+        l0, dev = self.layers[0], self.device
+        gen = torch.Generator(device=dev).manual_seed(0)
+        with torch.inference_mode():
+            x = torch.randn(self.shape.dim, generator=gen, device=dev).to(torch.bfloat16)
+            y = torch.randn(c.y.numel(), generator=gen, device=dev).to(torch.bfloat16)
+            c.y.copy_(y)
+            if not c.res:
+                c.h.copy_(x)
+                c.ins[0]()
+                c.outs[0]()
+                return _chain_mismatch([("in_proj", c.xz, l0.in_proj(x.view(1, -1))),
+                                        ("out_proj", c.o, l0.out_proj(y.view(1, -1)))])
+            res = 4 * torch.randn(self.shape.dim, generator=gen, device=dev)
+            c.xb.copy_(x)
+            c.r32.copy_(res)
+            c.ins[0]()
+            c.outs[0]()
+            _, h = K.add_norm(x.view(1, -1), None, l0.norm.weight, l0.norm.eps, cast_in=True)
+            o = l0.out_proj(y.view(1, -1))
+            total = res + o.float().view(-1)
+            return _chain_mismatch([("in_proj (rms)", c.xz, l0.in_proj(h)), ("out_proj", c.o, o),
+                                    ("residual", c.r32, total), ("residual bf16", c.xb, total.to(torch.bfloat16))])
+
     def _build_chain(self):
         from types import SimpleNamespace
 
         from localgpt.generation.fast import gemv_chain
-        from localgpt.generation.fast.transformer import Transformer, _chain_mismatch
+        from localgpt.generation.fast.transformer import Transformer
 
         if self.dtype != torch.bfloat16:
             self.chain_note = f"activations in {self.dtype}"
@@ -340,27 +385,36 @@ class Mamba(nn.Module):
 
         c = SimpleNamespace(h=buf(l0.in_proj.in_features), xz=buf(l0.in_proj.out_features),
                             y=buf(l0.out_proj.in_features), o=buf(l0.out_proj.out_features))
+        # RES_CHAIN: the residual's add and the norm in the chains (FalconMamba's fp32 residual, norm as wide as
+        # in_proj's input)
+        c.res = bool(RES_CHAIN and self.shape.residual_fp32 and l0.in_proj.in_features == self.shape.dim
+                     and l0.out_proj.out_features == self.shape.dim)
+        if c.res:
+            c.r32 = torch.zeros(self.shape.dim, dtype=torch.float32, device=dev)
+            c.xb = buf(self.shape.dim)
+
+        def in_chain(layer, tma, f16):
+            if c.res:
+                return gemv_chain.Chain([dict(layer=layer.in_proj, x=c.xb, out=c.xz, xmode="rms", norm=layer.norm)],
+                                        dev, tma=tma, f16=f16)
+            return gemv_chain.Chain([dict(layer=layer.in_proj, x=c.h, out=c.xz)], dev, tma=tma, f16=f16)
+
+        def out_chain(layer, tma, f16):
+            if c.res:
+                return gemv_chain.Chain([dict(layer=layer.out_proj, x=c.y, out=c.o, res32=c.r32, xsum=c.xb)], dev,
+                                        tma=tma, f16=f16)
+            return gemv_chain.Chain([dict(layer=layer.out_proj, x=c.y, out=c.o)], dev, tma=tma, f16=f16)
+
         tries = Transformer._chain_tries(int8=int8)
         tried = set()
         for n, (tma, f16) in enumerate(tries):
             try:
-                c.ins = [gemv_chain.Chain([dict(layer=layer.in_proj, x=c.h, out=c.xz)], dev, tma=tma, f16=f16)
-                         for layer in self.layers]
+                c.ins = [in_chain(layer, tma, f16) for layer in self.layers]
                 if (c.ins[0].tma, c.ins[0].f16) in tried:  # what the try before built (no bulk-copy kernel here)
                     continue
                 tried.add((c.ins[0].tma, c.ins[0].f16))
-                c.outs = [gemv_chain.Chain([dict(layer=layer.out_proj, x=c.y, out=c.o)], dev, tma=tma, f16=f16)
-                          for layer in self.layers]
-                gen = torch.Generator(device=dev).manual_seed(0)
-                with torch.inference_mode():
-                    h = torch.randn(c.h.numel(), generator=gen, device=dev).to(torch.bfloat16)
-                    y = torch.randn(c.y.numel(), generator=gen, device=dev).to(torch.bfloat16)
-                    c.h.copy_(h)
-                    c.y.copy_(y)
-                    c.ins[0]()
-                    c.outs[0]()
-                    self.chain_note = _chain_mismatch([("in_proj", c.xz, l0.in_proj(h.view(1, -1))),
-                                                       ("out_proj", c.o, l0.out_proj(y.view(1, -1)))])
+                c.outs = [out_chain(layer, tma, f16) for layer in self.layers]
+                self.chain_note = self._chain_check(c)
             except Exception as exc:  # noqa: BLE001 - the bulk-copy (or fp16) kernel failing to build: the next
                 if n == len(tries) - 1:
                     raise
