@@ -35,6 +35,7 @@ from localgpt.generation.fast.quantize import decode_kernels, quantize_model, us
 
 import alt_chain  # noqa: E402  (bench/, this script's folder)
 
+RES_CHAIN_DEFAULT: dict = {}  # mamba.RES_CHAIN's value at start, for the rows without "+mambares"
 XPROJ_FOLD_DEFAULT: dict = {}  # mamba.XPROJ_FOLD's value at start, for the rows without "+xfold" / "+noxfold"
 STEP_MIN_CACHE: dict = {}  # slot_triton.STEP_ATTENTION_MIN_CACHE's default, for the rows without "+stepattn"
 ALT_CHAIN = {"mod": None}  # --alt-chain's gemv_chain module, for the "+alt" rows
@@ -1000,8 +1001,9 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                 # "+nomambachain": the fused Mamba step's in_proj / out_proj as the layers' own GEMV launches
                 mamba.CHAIN = "nomambachain" not in flags
                 # "+xfold": x_proj folded into the fused Mamba step's conv kernel (mamba.XPROJ_FOLD; "+noxfold": not)
-                # "+mambares": the residual's add and the norm in the Mamba chains (mamba.RES_CHAIN)
-                mamba.RES_CHAIN = "mambares" in flags
+                # "+mambares": the residual's add and the norm in the Mamba chains (mamba.RES_CHAIN; else its value
+                # at start)
+                mamba.RES_CHAIN = "mambares" in flags or RES_CHAIN_DEFAULT.setdefault("v", mamba.RES_CHAIN)
                 fold = XPROJ_FOLD_DEFAULT.setdefault("v", mamba.XPROJ_FOLD)
                 mamba.XPROJ_FOLD = ("xfold" in flags or fold) and "noxfold" not in flags
                 transformer.FALCON_GRAPH = "nofalcongraph" not in flags  # "+nofalcongraph": compiled (@compile)
