@@ -1214,6 +1214,40 @@ def test_chain_kernel_choices_fall_back_from_fp16_to_bf16_operands_before_leavin
     assert Transformer._chain_tries() == [(None, None), (False, None)]
 
 
+def test_chain_kernels_take_the_first_choice_that_builds_and_passes_its_check():
+    """transformer.chain_kernels (a Transformer's and a Mamba's chains): a choice whose kernel fails to build is
+    passed over, one that builds a kernel already tried is skipped without building the rest, one that fails its
+    check is passed over; the first that builds and passes names the kernel; none passing returns False with
+    the last reason; the last choice's build error is raised."""
+    from types import SimpleNamespace
+
+    from localgpt.generation.fast.transformer import chain_kernels
+
+    def run(tries, fails, wrong):
+        net, built = SimpleNamespace(chain_note="", chain_kernel=""), []
+
+        def first(tma, f16):
+            if (tma, f16) in fails:
+                raise RuntimeError(f"no kernel {tma} {f16}")
+            return SimpleNamespace(tma=tma is not False, f16=f16 is not False)  # None: the default, on
+
+        def rest(tma, f16):
+            built.append((tma, f16))
+
+        def check():
+            return "differs" if built[-1] in wrong else ""
+
+        return chain_kernels(net, tries, first, rest, check), net, built
+
+    tries = [(None, None), (None, False), (False, None), (False, False)]
+    ok, net, built = run(tries, fails={(None, None)}, wrong={(None, False)})
+    assert ok and net.chain_kernel == "ring, fp16" and built == [(None, False), (False, None)]
+    ok, net, built = run([(None, None), (True, True)], fails=set(), wrong={(None, None)})
+    assert not ok and net.chain_note == "differs" and built == [(None, None)]  # (True, True): the same kernel
+    with pytest.raises(RuntimeError, match="no kernel False False"):
+        run(tries, fails={(False, False)}, wrong={(None, None), (None, False), (False, None)})
+
+
 def test_chain_defaults_attention_ring_and_dependent_launches(monkeypatch):
     """Rounds 16-17's defaults: an int8 chain runs the step's attention as its first phase and streams its words
     through 6 bulk-copy stages (its consumers outrun the copy engine, so a deeper ring banks more of each phase's

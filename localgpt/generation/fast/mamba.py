@@ -364,7 +364,7 @@ class Mamba(nn.Module):
         from types import SimpleNamespace
 
         from localgpt.generation.fast import gemv_chain
-        from localgpt.generation.fast.transformer import Transformer
+        from localgpt.generation.fast.transformer import Transformer, chain_kernels
 
         if self.dtype != torch.bfloat16:
             self.chain_note = f"activations in {self.dtype}"
@@ -405,24 +405,16 @@ class Mamba(nn.Module):
                                         tma=tma, f16=f16)
             return gemv_chain.Chain([dict(layer=layer.out_proj, x=c.y, out=c.o)], dev, tma=tma, f16=f16)
 
-        tries = Transformer._chain_tries(int8=int8)
-        tried = set()
-        for n, (tma, f16) in enumerate(tries):
-            try:
-                c.ins = [in_chain(layer, tma, f16) for layer in self.layers]
-                if (c.ins[0].tma, c.ins[0].f16) in tried:  # what the try before built (no bulk-copy kernel here)
-                    continue
-                tried.add((c.ins[0].tma, c.ins[0].f16))
-                c.outs = [out_chain(layer, tma, f16) for layer in self.layers]
-                self.chain_note = self._chain_check(c)
-            except Exception as exc:  # noqa: BLE001 - the bulk-copy (or fp16) kernel failing to build: the next
-                if n == len(tries) - 1:
-                    raise
-                self.chain_note = f"{type(exc).__name__}: {exc}"
-            if not self.chain_note:
-                self.chain_kernel = ("bulk-copy" if c.ins[0].tma else "ring") + (", fp16" if c.ins[0].f16 else "")
-                return c
-        return None
+        def first(tma, f16):
+            c.ins = [in_chain(l0, tma, f16)]
+            return c.ins[0]
+
+        def rest(tma, f16):
+            c.ins += [in_chain(layer, tma, f16) for layer in self.layers[1:]]
+            c.outs = [out_chain(layer, tma, f16) for layer in self.layers]
+
+        ok = chain_kernels(self, Transformer._chain_tries(int8=int8), first, rest, lambda: self._chain_check(c))
+        return c if ok else None
 
     # --- slots (continuous batching): see batch.BatchEngine ---------------------------------------------------
 

@@ -641,33 +641,16 @@ class Transformer(nn.Module):
     def _chain_kernels(self, c, tries, head, layer_chain, check):
         """``c`` with ``c.head`` (``head(tma, f16)``) and a chain a layer (``layer_chain(i, block, tma, f16)``)
         built with the first (bulk-copy, fp16 operands) choice of ``tries`` that builds and passes ``check(c)``
-        ("" or what differs); a choice that builds the kernel of a choice tried before is skipped. Returns ``c``,
-        or None (``chain_note`` says why)."""
-        tried = set()
-        for n, (tma, f16) in enumerate(tries):
-            last = n == len(tries) - 1
-            try:
-                c.head = head(tma, f16)
-                if (c.head.tma, c.head.f16) in tried:  # what the try before built (no bulk-copy kernel here)
-                    continue
-                tried.add((c.head.tma, c.head.f16))
-                c.chains = [layer_chain(i, b, tma, f16) for i, b in enumerate(self.blocks)]
-                self.chain_note = check(c)
-            except Exception as exc:  # noqa: BLE001 - the bulk-copy (or fp16) kernel failing to build: the next
-                if last:
-                    raise
-                self.chain_note = f"{type(exc).__name__}: {exc}"
-            if not self.chain_note:
-                self.chain_kernel = ("bulk-copy" if c.chains[0].tma else "ring") + (", fp16" if c.chains[0].f16 else "")
-                return c
-            if last:
-                break
-            import logging
+        (``chain_kernels``). Returns ``c``, or None (``chain_note`` says why)."""
 
-            logging.getLogger(__name__).warning("gemv_chain kernel (bulk-copy %s, fp16 %s) not used: %s",
-                                                getattr(getattr(c, "head", None), "tma", tma),
-                                                getattr(getattr(c, "head", None), "f16", f16), self.chain_note)
-        return None
+        def first(tma, f16):
+            c.head = head(tma, f16)
+            return c.head
+
+        def rest(tma, f16):
+            c.chains = [layer_chain(i, b, tma, f16) for i, b in enumerate(self.blocks)]
+
+        return c if chain_kernels(self, tries, first, rest, lambda: check(c)) else None
 
     def _build_parallel_chain(self, c):
         """``_build_chain`` for a parallel block with one LayerNorm and a GELU MLP (Falcon-7B): a launch is wo and
@@ -960,6 +943,39 @@ def chain_ready(net: nn.Module, enabled: bool = True) -> bool:
 
             logging.getLogger(__name__).info("gemv_chain not used (%s): %s", type(net).__name__, net.chain_note)
     return bool(net._chain)
+
+
+def chain_kernels(net: nn.Module, tries: list, first, rest, check) -> bool:
+    """Build a network's chains with the first (bulk-copy, fp16 operands) choice of ``tries`` that builds and
+    passes ``check()`` ("" or what differs, into ``net.chain_note``): ``first(tma, f16)`` builds one chain and
+    returns it (a choice whose kernel is one tried before is skipped: no bulk-copy kernel here, say), ``rest(tma,
+    f16)`` the others. A choice that fails to build is logged and the next tried; the last one's error is raised.
+    Sets ``net.chain_kernel`` and returns True, or False."""
+    tried = set()
+    for n, (tma, f16) in enumerate(tries):
+        last = n == len(tries) - 1
+        chain = None
+        try:
+            chain = first(tma, f16)
+            if (chain.tma, chain.f16) in tried:  # what the try before built
+                continue
+            tried.add((chain.tma, chain.f16))
+            rest(tma, f16)
+            net.chain_note = check()
+        except Exception as exc:  # noqa: BLE001 - the bulk-copy (or fp16) kernel failing to build: the next
+            if last:
+                raise
+            net.chain_note = f"{type(exc).__name__}: {exc}"
+        if not net.chain_note:
+            net.chain_kernel = ("bulk-copy" if chain.tma else "ring") + (", fp16" if chain.f16 else "")
+            return True
+        if last:
+            break
+        import logging
+
+        logging.getLogger(__name__).warning("gemv_chain kernel (bulk-copy %s, fp16 %s) not used: %s",
+                                            getattr(chain, "tma", tma), getattr(chain, "f16", f16), net.chain_note)
+    return False
 
 
 def _chain_mismatch(want: list) -> str:
