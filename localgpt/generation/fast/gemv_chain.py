@@ -186,6 +186,23 @@ __device__ __forceinline__ u32 norm_pair(u32 v, u32 w, float inv) {  // add_rms_
 // slot_triton.gelu's (exact, erf)
 __device__ __forceinline__ float gelu1(float x) { return 0.5f * x * (1.f + erff(x * 0.7071067811865476f)); }
 
+// An output row of a GEMV phase, as either kernel writes it: through GELU (GELU_OUT), and added to the fp32 residual
+// with its bf16 copy (RES32: as Mamba's add_norm) where the phase asks
+__device__ __forceinline__ void put_row(const Phase& ph, int row, u16 v) {
+#if EXTRA & 1
+    if (ph.flags & GELU_OUT) v = f2bf(gelu1(bf2f(v)));
+#endif
+    ph.out[row] = v;
+#if EXTRA & 2
+    if (ph.flags & RES32) {
+        const float res = ph.ws[row] + bf2f(v);
+        ph.ws[row] = res;
+        ph.xsum[row] = f2bf(res);
+    }
+#endif
+}
+
+
 // The phase's input after its prologue, staged whole in every CTA straight into xp (each word's x pairs in
 // gemv_cuda's order) and, int4, its block sums xs. A thread takes 8 consecutive columns (one 16-byte load of x,
 // of y or up, of the norm weight), SV of them a round, every load of a round issued before any is used: one L2
@@ -928,18 +945,7 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
 #pragma unroll
             for (int w = 0; w < WARPS; ++w) total += pr[w * 16];
             const int row = t0 * 16 + r;
-            u16 v = out_val(total, ph.rs, row);
-#if EXTRA & 1
-            if (ph.flags & GELU_OUT) v = f2bf(gelu1(bf2f(v)));
-#endif
-            ph.out[row] = v;
-#if EXTRA & 2
-            if (ph.flags & RES32) {  // the residual's add (fp32, as Mamba's add_norm) and its bf16 copy
-                const float res = ph.ws[row] + bf2f(v);
-                ph.ws[row] = res;
-                ph.xsum[row] = f2bf(res);
-            }
-#endif
+            put_row(ph, row, out_val(total, ph.rs, row));
         }
 #endif
     }
@@ -1217,18 +1223,7 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
 #pragma unroll
             for (int w = 0; w < WARPS; ++w) total += pr[w * 16];
             const int row = t0 * 16 + q;
-            u16 v = out_val(total, ph.rs, row);
-#if EXTRA & 1
-            if (ph.flags & GELU_OUT) v = f2bf(gelu1(bf2f(v)));
-#endif
-            ph.out[row] = v;
-#if EXTRA & 2
-            if (ph.flags & RES32) {  // the residual's add (fp32, as Mamba's add_norm) and its bf16 copy
-                const float res = ph.ws[row] + bf2f(v);
-                ph.ws[row] = res;
-                ph.xsum[row] = f2bf(res);
-            }
-#endif
+            put_row(ph, row, out_val(total, ph.rs, row));
         }
 #endif
     }
@@ -1348,7 +1343,8 @@ def source(bits: int, planes: int, warps: int, depth: int, tiled: bool, bpi: int
     """(name, CUDA source) of the chain kernel for one weight format, CTA size (consumer warps), ring depth (items
     a warp, or stages of the bulk-copy ring) and blocks an item (a consumer warp's blocks a stage); ``extra``:
     1 for the parts Llama's kernels leave out: the "ln" prologue, GELU_OUT and balanced runs of tiles (Falcon's
-    chain), 2 for RES32's epilogue (Mamba's fp32 residual); ``attn``: the kernel with the attention phase (``ATTN``; the others leave its code out)."""
+    chain), 2 for RES32's epilogue (Mamba's fp32 residual); ``attn``: the kernel with the attention phase
+    (``ATTN``; the others leave its code out)."""
     swz = SWIZZLE and f16
     name = (f"gemv_chain_int{bits}_p{planes}_w{warps}_d{depth}_b{bpi}" + ("_tl" if tiled else "")
             + ("_s" if swz else "")
