@@ -35,7 +35,8 @@ from localgpt.generation.fast.quantize import decode_kernels, quantize_model, us
 
 import alt_chain  # noqa: E402  (bench/, this script's folder)
 
-RES_CHAIN_DEFAULT: dict = {}  # mamba.RES_CHAIN's value at start, for the rows without "+mambares"
+RES_CHAIN_DEFAULT: dict = {}  # mamba.RES_CHAIN's value at start, for the rows without "+mambares" / "+nomambares"
+JOIN_DEFAULT: dict = {}  # mamba.JOIN's value at start, for the rows without "+mambajoin" / "+nomambajoin"
 XPROJ_FOLD_DEFAULT: dict = {}  # mamba.XPROJ_FOLD's value at start, for the rows without "+xfold" / "+noxfold"
 STEP_MIN_CACHE: dict = {}  # slot_triton.STEP_ATTENTION_MIN_CACHE's default, for the rows without "+stepattn"
 ALT_CHAIN = {"mod": None}  # --alt-chain's gemv_chain module, for the "+alt" rows
@@ -909,8 +910,9 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
         # "+nomambafused": Mamba / FalconMamba's step compiled, not through mamba_triton's kernels
         # (LOCALGPT_MAMBA_FUSED=0, with "@compile"); "+nomambachain": its fused step's in_proj / out_proj as their own
         # GEMV launches, not one-phase gemv_chain ones (LOCALGPT_MAMBA_CHAIN=0); "+xfold" / "+noxfold": x_proj
-        # folded into its conv kernel or not (mamba.XPROJ_FOLD); "+mambares": the residual's add and the norm in
-        # its chains (mamba.RES_CHAIN); "+nofalcongraph": Falcon's fused step compiled,
+        # folded into its conv kernel or not (mamba.XPROJ_FOLD); "+mambares" / "+nomambares": the residual's add
+        # and the norm in its chains or not (mamba.RES_CHAIN); "+mambajoin" / "+nomambajoin": a layer's out_proj
+        # and the next in_proj in one chain launch or not (mamba.JOIN); "+nofalcongraph": Falcon's fused step compiled,
         # not its graph step (LOCALGPT_FALCON_GRAPH=0, with "@compile")),
         # and then "@graph" / "@compile" (that engine mode for this row instead of --mode).
         name_mode = name.partition("@")
@@ -1001,9 +1003,13 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                 # "+nomambachain": the fused Mamba step's in_proj / out_proj as the layers' own GEMV launches
                 mamba.CHAIN = "nomambachain" not in flags
                 # "+xfold": x_proj folded into the fused Mamba step's conv kernel (mamba.XPROJ_FOLD; "+noxfold": not)
-                # "+mambares": the residual's add and the norm in the Mamba chains (mamba.RES_CHAIN; else its value
-                # at start)
-                mamba.RES_CHAIN = "mambares" in flags or RES_CHAIN_DEFAULT.setdefault("v", mamba.RES_CHAIN)
+                # "+mambares" / "+nomambares": the residual's add and the norm in the Mamba chains or not
+                # (mamba.RES_CHAIN; else its value at start)
+                res = RES_CHAIN_DEFAULT.setdefault("v", mamba.RES_CHAIN)
+                mamba.RES_CHAIN = ("mambares" in flags or res) and "nomambares" not in flags
+                # "+mambajoin" / "+nomambajoin": out_proj's chain runs the next in_proj too (mamba.JOIN) or not
+                join = JOIN_DEFAULT.setdefault("v", mamba.JOIN)
+                mamba.JOIN = ("mambajoin" in flags or join) and "nomambajoin" not in flags
                 fold = XPROJ_FOLD_DEFAULT.setdefault("v", mamba.XPROJ_FOLD)
                 mamba.XPROJ_FOLD = ("xfold" in flags or fold) and "noxfold" not in flags
                 transformer.FALCON_GRAPH = "nofalcongraph" not in flags  # "+nofalcongraph": compiled (@compile)

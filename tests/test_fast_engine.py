@@ -1533,8 +1533,9 @@ def test_gpu_mamba_chained_step_matches_the_plain_step_and_generates_the_same_in
     """Mamba._step_fused with in_proj and out_proj as one-phase gemv_chain launches (mamba.CHAIN, int4 layers that
     fit the chain, the kernels then programmatic dependent launches on Hopper): built at the first step and checked
     against the layers' own GEMVs; from the same states five steps give the plain step's logits and states within
-    bf16 rounding, with x_proj folded into the conv's kernel too (mamba.XPROJ_FOLD), and with the residual's add and
-    the norm in the chains too (mamba.RES_CHAIN); the Engine's CUDA graph of it generates the same greedy tokens as
+    bf16 rounding, with x_proj folded into the conv's kernel too (mamba.XPROJ_FOLD), with the residual's add and
+    the norm in the chains too (mamba.RES_CHAIN), and with out_proj's chain running the next in_proj or the head too
+    (mamba.JOIN); the Engine's CUDA graph of it generates the same greedy tokens as
     its eager run; LOCALGPT_MAMBA_CHAIN=0 (mamba.CHAIN) keeps the layers' own GEMVs."""
     _needs_cuda()
     from transformers import AutoModelForCausalLM
@@ -1543,13 +1544,16 @@ def test_gpu_mamba_chained_step_matches_the_plain_step_and_generates_the_same_in
     from localgpt.generation.fast.engine import Engine
 
     hf = AutoModelForCausalLM.from_pretrained(
-        build_tiny_model("falcon-mamba", tmp_path / "fm", hidden_size=256, num_hidden_layers=3, time_step_rank=16),
-        dtype=torch.bfloat16).to("cuda").eval()
-    held = mamba.CHAIN, mamba.XPROJ_FOLD, mamba.RES_CHAIN
+        build_tiny_model("falcon-mamba", tmp_path / "fm", hidden_size=256, num_hidden_layers=3, time_step_rank=16,
+                         vocab_size=512), dtype=torch.bfloat16).to("cuda").eval()  # a head of whole 16-row tiles
+    held = mamba.CHAIN, mamba.XPROJ_FOLD, mamba.RES_CHAIN, mamba.JOIN
     try:
-        # fold: mamba.XPROJ_FOLD; res: the residual's add and the norm in the chains (mamba.RES_CHAIN)
-        for chain, fold, res in ((True, False, False), (True, True, False), (True, True, True), (False, False, False)):
-            mamba.CHAIN, mamba.XPROJ_FOLD, mamba.RES_CHAIN = chain, fold, res
+        # fold: mamba.XPROJ_FOLD; res: the residual's add and the norm in the chains (mamba.RES_CHAIN); join: a
+        # layer's out_proj and the next one's in_proj (the last one's: the head) in one launch (mamba.JOIN)
+        for case in ((True, False, False, False), (True, True, False, False), (True, True, True, False),
+                     (True, True, True, True), (False, False, False, False)):
+            chain, fold, res, join = case
+            mamba.CHAIN, mamba.XPROJ_FOLD, mamba.RES_CHAIN, mamba.JOIN = case
             net = mamba.from_mamba(hf)
             quantize_model(net, "int4", decode="cuda")
             net.setup_cache(64)
@@ -1558,13 +1562,14 @@ def test_gpu_mamba_chained_step_matches_the_plain_step_and_generates_the_same_in
             paths = [lambda f=f, n=net: setattr(n, "fused_decode", f) for f in (False, True)]  # plain, fused
             runs = mamba_step_runs(net, "cuda", paths)
             assert bool(net._chain) == chain, net.chain_note
-            assert not chain or net._chain.res == res
-            assert_same_steps(runs, 3e-2, (chain, fold, res))
+            assert not chain or (net._chain.res, net._chain.join) == (res, join)
+            assert (chain and net._chain.logits is not None) == join  # the head on the last chain's words
+            assert_same_steps(runs, 3e-2, case)
             net.fused_decode = True
             tokens = [list(Engine(net, mode=mode, max_seq=64).generate([3, 9, 4], 12)) for mode in ("eager", "graph")]
-            assert tokens[0] == tokens[1], (chain, fold, res, tokens)
+            assert tokens[0] == tokens[1], (case, tokens)
     finally:
-        mamba.CHAIN, mamba.XPROJ_FOLD, mamba.RES_CHAIN = held
+        mamba.CHAIN, mamba.XPROJ_FOLD, mamba.RES_CHAIN, mamba.JOIN = held
 
 
 def fused_mamba_step_check(device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:

@@ -38,9 +38,13 @@ CHAIN = os.environ.get("LOCALGPT_MAMBA_CHAIN", "1") != "0"
 XPROJ_FOLD = os.environ.get("LOCALGPT_MAMBA_XPROJ_FOLD", "1") != "0"
 # With CHAIN and an fp32 residual (FalconMamba): the residual's add in out_proj's chain launch, as it writes its rows
 # (``gemv_chain``'s res32: the fp32 sum and its bf16 copy), and the block's RMSNorm in in_proj's (its "rms"
-# staging), so the step has no add_norm launch between layers. LOCALGPT_MAMBA_RES_CHAIN=1 (opt-in: built and compiled
-# for sm_90 without a GPU, not yet run on one).
-RES_CHAIN = os.environ.get("LOCALGPT_MAMBA_RES_CHAIN", "0") == "1"
+# staging), so the step has no add_norm launch between layers. H200, FalconMamba-7B, one call (round 20): int8 311.1
+# against 294.2 tok/s, int4 level (417 against 419). LOCALGPT_MAMBA_RES_CHAIN=0: add_norm's launches.
+RES_CHAIN = os.environ.get("LOCALGPT_MAMBA_RES_CHAIN", "1") != "0"
+# With RES_CHAIN: a layer's out_proj and the next layer's in_proj (after the last layer, the final norm and the LM
+# head, where it is on the chain's words) as one two-phase chain launch, the grid barrier between them, so a layer
+# is three launches (the conv + x_proj, the SSM step, the chain). LOCALGPT_MAMBA_JOIN=1 (opt-in until measured).
+JOIN = os.environ.get("LOCALGPT_MAMBA_JOIN", "0") == "1"
 
 
 @dataclass
@@ -289,9 +293,12 @@ class Mamba(nn.Module):
                 torch.index_select(self.embed, 0, token.view(-1), out=c.xb.view(1, -1))
                 c.r32.copy_(c.xb)
                 for layer, in_proj, out_proj in zip(self.layers, c.ins, c.outs):
-                    in_proj()
+                    if in_proj is not None:  # None: the out_proj chain before ran it (JOIN)
+                        in_proj()
                     self._conv_ssm(K, layer, xz, out=c.y, pdl=pdl)
                     out_proj()
+                if c.logits is not None:  # the last chain's LM head
+                    return c.logits.view(1, -1).float()
                 _, h = K.add_norm(c.r32.view(1, -1), None, self.norm.weight, self.norm.eps, cast_in=False)
                 return self.lm_head(h.to(self.dtype)).float()
             pending = None
@@ -353,12 +360,19 @@ class Mamba(nn.Module):
             c.xb.copy_(x)
             c.r32.copy_(res)
             c.ins[0]()
+            xz = c.xz.clone()  # JOIN: out_proj's chain writes the next in_proj's row there
             c.outs[0]()
             _, h = K.add_norm(x.view(1, -1), None, l0.norm.weight, l0.norm.eps, cast_in=True)
             o = l0.out_proj(y.view(1, -1))
             total = res + o.float().view(-1)
-            return _chain_mismatch([("in_proj (rms)", c.xz, l0.in_proj(h)), ("out_proj", c.o, o),
-                                    ("residual", c.r32, total), ("residual bf16", c.xb, total.to(torch.bfloat16))])
+            want = [("in_proj (rms)", xz, l0.in_proj(h)), ("out_proj", c.o, o),
+                    ("residual", c.r32, total), ("residual bf16", c.xb, total.to(torch.bfloat16))]
+            if c.join:  # the second phase: the next layer's in_proj, or the final norm and the head
+                nxt, norm, got = ((self.layers[1].in_proj, self.layers[1].norm, c.xz) if len(self.layers) > 1
+                                  else (self.lm_head, self.norm, c.logits))
+                _, h = K.add_norm(total.to(torch.bfloat16).view(1, -1), None, norm.weight, norm.eps, cast_in=True)
+                want.append(("the joined phase (rms)", got, nxt(h)))
+            return _chain_mismatch(want)
 
     def _build_chain(self):
         from types import SimpleNamespace
@@ -392,6 +406,12 @@ class Mamba(nn.Module):
         if c.res:
             c.r32 = torch.zeros(self.shape.dim, dtype=torch.float32, device=dev)
             c.xb = buf(self.shape.dim)
+        # JOIN: out_proj's chain runs the next layer's in_proj too, the last layer's the head where it is on the
+        # chain's words (one weight format a chain)
+        c.join = bool(c.res and JOIN)
+        head = self.lm_head
+        c.logits = (buf(head.out_features) if c.join and gemv_chain.layer_fits(head)
+                    and type(head) is type(l0.in_proj) and head.planes == l0.in_proj.planes else None)
 
         def in_chain(layer, tma, f16):
             if c.res:
@@ -399,19 +419,25 @@ class Mamba(nn.Module):
                                         dev, tma=tma, f16=f16)
             return gemv_chain.Chain([dict(layer=layer.in_proj, x=c.h, out=c.xz)], dev, tma=tma, f16=f16)
 
-        def out_chain(layer, tma, f16):
-            if c.res:
-                return gemv_chain.Chain([dict(layer=layer.out_proj, x=c.y, out=c.o, res32=c.r32, xsum=c.xb)], dev,
-                                        tma=tma, f16=f16)
-            return gemv_chain.Chain([dict(layer=layer.out_proj, x=c.y, out=c.o)], dev, tma=tma, f16=f16)
+        def out_chain(i, tma, f16):
+            layer = self.layers[i]
+            if not c.res:
+                return gemv_chain.Chain([dict(layer=layer.out_proj, x=c.y, out=c.o)], dev, tma=tma, f16=f16)
+            phases = [dict(layer=layer.out_proj, x=c.y, out=c.o, res32=c.r32, xsum=c.xb)]
+            if c.join and i + 1 < len(self.layers):
+                nxt = self.layers[i + 1]
+                phases.append(dict(layer=nxt.in_proj, x=c.xb, out=c.xz, xmode="rms", norm=nxt.norm))
+            elif c.logits is not None:
+                phases.append(dict(layer=head, x=c.xb, out=c.logits, xmode="rms", norm=self.norm))
+            return gemv_chain.Chain(phases, dev, tma=tma, f16=f16)
 
         def first(tma, f16):
             c.ins = [in_chain(l0, tma, f16)]
             return c.ins[0]
 
         def rest(tma, f16):
-            c.ins += [in_chain(layer, tma, f16) for layer in self.layers[1:]]
-            c.outs = [out_chain(layer, tma, f16) for layer in self.layers]
+            c.ins += [None if c.join else in_chain(layer, tma, f16) for layer in self.layers[1:]]
+            c.outs = [out_chain(i, tma, f16) for i in range(len(self.layers))]
 
         ok = chain_kernels(self, Transformer._chain_tries(int8=int8), first, rest, lambda: self._chain_check(c))
         return c if ok else None
