@@ -37,6 +37,7 @@ import alt_chain  # noqa: E402  (bench/, this script's folder)
 
 RES_CHAIN_DEFAULT: dict = {}  # mamba.RES_CHAIN's value at start, for the rows without "+mambares" / "+nomambares"
 JOIN_DEFAULT: dict = {}  # mamba.JOIN's value at start, for the rows without "+mambajoin" / "+nomambajoin"
+CONV_CHAIN_DEFAULT: dict = {}  # mamba.CONV_CHAIN's value at start, for the rows without "+mambaconv" / "+nomambaconv"
 XPROJ_FOLD_DEFAULT: dict = {}  # mamba.XPROJ_FOLD's value at start, for the rows without "+xfold" / "+noxfold"
 STEP_MIN_CACHE: dict = {}  # slot_triton.STEP_ATTENTION_MIN_CACHE's default, for the rows without "+stepattn"
 ALT_CHAIN = {"mod": None}  # --alt-chain's gemv_chain module, for the "+alt" rows
@@ -912,7 +913,8 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
         # GEMV launches, not one-phase gemv_chain ones (LOCALGPT_MAMBA_CHAIN=0); "+xfold" / "+noxfold": x_proj
         # folded into its conv kernel or not (mamba.XPROJ_FOLD); "+mambares" / "+nomambares": the residual's add
         # and the norm in its chains or not (mamba.RES_CHAIN); "+mambajoin" / "+nomambajoin": a layer's out_proj
-        # and the next in_proj in one chain launch or not (mamba.JOIN); "+nofalcongraph": Falcon's fused step compiled,
+        # and the next in_proj in one chain launch or not (mamba.JOIN); "+mambaconv" / "+nomambaconv": the conv
+        # step and x_proj in in_proj's chain or not (mamba.CONV_CHAIN); "+nofalcongraph": Falcon's fused step compiled,
         # not its graph step (LOCALGPT_FALCON_GRAPH=0, with "@compile")),
         # and then "@graph" / "@compile" (that engine mode for this row instead of --mode).
         name_mode = name.partition("@")
@@ -1010,6 +1012,9 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                 # "+mambajoin" / "+nomambajoin": out_proj's chain runs the next in_proj too (mamba.JOIN) or not
                 join = JOIN_DEFAULT.setdefault("v", mamba.JOIN)
                 mamba.JOIN = ("mambajoin" in flags or join) and "nomambajoin" not in flags
+                # "+mambaconv" / "+nomambaconv": the conv step and x_proj in in_proj's chain (mamba.CONV_CHAIN)
+                conv = CONV_CHAIN_DEFAULT.setdefault("v", mamba.CONV_CHAIN)
+                mamba.CONV_CHAIN = ("mambaconv" in flags or conv) and "nomambaconv" not in flags
                 fold = XPROJ_FOLD_DEFAULT.setdefault("v", mamba.XPROJ_FOLD)
                 mamba.XPROJ_FOLD = ("xfold" in flags or fold) and "noxfold" not in flags
                 transformer.FALCON_GRAPH = "nofalcongraph" not in flags  # "+nofalcongraph": compiled (@compile)

@@ -1534,8 +1534,8 @@ def test_gpu_mamba_chained_step_matches_the_plain_step_and_generates_the_same_in
     fit the chain, the kernels then programmatic dependent launches on Hopper): built at the first step and checked
     against the layers' own GEMVs; from the same states five steps give the plain step's logits and states within
     bf16 rounding, with x_proj folded into the conv's kernel too (mamba.XPROJ_FOLD), with the residual's add and
-    the norm in the chains too (mamba.RES_CHAIN), and with out_proj's chain running the next in_proj or the head too
-    (mamba.JOIN); the Engine's CUDA graph of it generates the same greedy tokens as
+    the norm in the chains too (mamba.RES_CHAIN), with out_proj's chain running the next in_proj or the head too
+    (mamba.JOIN), and with the conv step and x_proj in in_proj's chain (mamba.CONV_CHAIN); the Engine's CUDA graph of it generates the same greedy tokens as
     its eager run; LOCALGPT_MAMBA_CHAIN=0 (mamba.CHAIN) keeps the layers' own GEMVs."""
     _needs_cuda()
     from transformers import AutoModelForCausalLM
@@ -1546,14 +1546,17 @@ def test_gpu_mamba_chained_step_matches_the_plain_step_and_generates_the_same_in
     hf = AutoModelForCausalLM.from_pretrained(
         build_tiny_model("falcon-mamba", tmp_path / "fm", hidden_size=256, num_hidden_layers=3, time_step_rank=16,
                          vocab_size=512), dtype=torch.bfloat16).to("cuda").eval()  # a head of whole 16-row tiles
-    held = mamba.CHAIN, mamba.XPROJ_FOLD, mamba.RES_CHAIN, mamba.JOIN
+    held = mamba.CHAIN, mamba.XPROJ_FOLD, mamba.RES_CHAIN, mamba.JOIN, mamba.CONV_CHAIN
     try:
         # fold: mamba.XPROJ_FOLD; res: the residual's add and the norm in the chains (mamba.RES_CHAIN); join: a
-        # layer's out_proj and the next one's in_proj (the last one's: the head) in one launch (mamba.JOIN)
-        for case in ((True, False, False, False), (True, True, False, False), (True, True, True, False),
-                     (True, True, True, True), (False, False, False, False)):
-            chain, fold, res, join = case
-            mamba.CHAIN, mamba.XPROJ_FOLD, mamba.RES_CHAIN, mamba.JOIN = case
+        # layer's out_proj and the next one's in_proj (the last one's: the head) in one launch (mamba.JOIN); conv:
+        # the conv step in in_proj's chain, x_proj its next phase (mamba.CONV_CHAIN)
+        for case in ((True, False, False, False, False), (True, True, False, False, False),
+                     (True, True, True, False, False), (True, True, True, True, False),
+                     (True, False, False, False, True), (True, True, True, True, True),
+                     (False, False, False, False, False)):
+            chain, fold, res, join, conv = case
+            mamba.CHAIN, mamba.XPROJ_FOLD, mamba.RES_CHAIN, mamba.JOIN, mamba.CONV_CHAIN = case
             net = mamba.from_mamba(hf)
             quantize_model(net, "int4", decode="cuda")
             net.setup_cache(64)
@@ -1562,14 +1565,15 @@ def test_gpu_mamba_chained_step_matches_the_plain_step_and_generates_the_same_in
             paths = [lambda f=f, n=net: setattr(n, "fused_decode", f) for f in (False, True)]  # plain, fused
             runs = mamba_step_runs(net, "cuda", paths)
             assert bool(net._chain) == chain, net.chain_note
-            assert not chain or (net._chain.res, net._chain.join) == (res, join)
+            assert not chain or (net._chain.res, net._chain.join, net._chain.conv) == (res, join, conv)
+            assert not conv or all(la.xw is None for la in net.layers)  # the fold's copy freed
             assert (chain and net._chain.logits is not None) == join  # the head on the last chain's words
             assert_same_steps(runs, 3e-2, case)
             net.fused_decode = True
             tokens = [list(Engine(net, mode=mode, max_seq=64).generate([3, 9, 4], 12)) for mode in ("eager", "graph")]
             assert tokens[0] == tokens[1], (case, tokens)
     finally:
-        mamba.CHAIN, mamba.XPROJ_FOLD, mamba.RES_CHAIN, mamba.JOIN = held
+        mamba.CHAIN, mamba.XPROJ_FOLD, mamba.RES_CHAIN, mamba.JOIN, mamba.CONV_CHAIN = held
 
 
 def fused_mamba_step_check(device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:

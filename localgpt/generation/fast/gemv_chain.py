@@ -122,6 +122,10 @@ struct Phase {
 #define SAME 2      // the previous phase's staged input
 #define GELU_OUT 4  // the output rows through GELU (exact) as they are written (a parallel block's w_in)
 #define RES32 8     // each output row added to an fp32 residual (ws) as it is written, its bf16 copy to xsum (Mamba)
+// (Mamba's in_proj) each output row below `heads` (the conv's channels) also through the depthwise causal conv
+// of the decode step as it is written: the attention's unused fields hold the conv's state (kc, [heads, kv - 1]
+// bf16, shifted by the row), its output (vc, [heads]), weight (cos, [heads, kv]) and bias (sin, [heads] or null)
+#define CONV 16
 
 __device__ __forceinline__ u32 saddr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
 // A phase's tiles are cut into equal contiguous runs, one a CTA (whole tiles: a tile's parts meet in its shared
@@ -198,6 +202,22 @@ __device__ __forceinline__ void put_row(const Phase& ph, int row, u16 v) {
         const float res = ph.ws[row] + bf2f(v);
         ph.ws[row] = res;
         ph.xsum[row] = f2bf(res);
+    }
+#endif
+#if EXTRA & 4
+    // mamba_triton.conv_step's arithmetic: each product of the window (the state's kv - 1 inputs, this row's
+    // value last) and the weight rounded to bf16, their sum rounded, the bias added and rounded, silu rounded;
+    // then the state shifted by one (the row is this thread's alone)
+    if ((ph.flags & CONV) && row < ph.heads) {
+        const int nc = ph.kv;
+        u16* st = ph.kc + (long)row * (nc - 1);
+        const u16* cw = ph.cos + (long)row * nc;
+        float acc = 0.f;
+        for (int j = 0; j < nc; ++j) acc += bf2f(f2bf(bf2f(j < nc - 1 ? st[j] : v) * bf2f(cw[j])));
+        const float c = bf2f(f2bf(bf2f(f2bf(acc)) + (ph.sin != nullptr ? bf2f(ph.sin[row]) : 0.f)));
+        ph.vc[row] = f2bf(c / (1.f + __expf(-c)));
+        for (int j = 0; j + 2 < nc; ++j) st[j] = st[j + 1];
+        st[nc - 2] = v;
     }
 #endif
 }
@@ -1253,7 +1273,7 @@ class _Phase(ctypes.Structure):
 # staged as wide as the layer's padded input)
 CHAIN_XMODES = {**gemv_cuda.XMODES, "attn": 3, "ln": 4}
 # a phase's flags (the kernel's): no grid barrier before it; the previous phase's staged input; GELU on its output
-NOBAR, SAME, GELU_OUT, RES32 = 1, 2, 4, 8
+NOBAR, SAME, GELU_OUT, RES32, CONV = 1, 2, 4, 8, 16
 
 
 def balanced_cuts(tiles: list[int], blocks: list[int], grid: int) -> list[list[tuple[int, int]]]:
@@ -1343,7 +1363,7 @@ def source(bits: int, planes: int, warps: int, depth: int, tiled: bool, bpi: int
     """(name, CUDA source) of the chain kernel for one weight format, CTA size (consumer warps), ring depth (items
     a warp, or stages of the bulk-copy ring) and blocks an item (a consumer warp's blocks a stage); ``extra``:
     1 for the parts Llama's kernels leave out: the "ln" prologue, GELU_OUT and balanced runs of tiles (Falcon's
-    chain), 2 for RES32's epilogue (Mamba's fp32 residual); ``attn``: the kernel with the attention phase
+    chain), 2 for RES32's epilogue (Mamba's fp32 residual), 4 for CONV's (Mamba's conv step); ``attn``: the kernel with the attention phase
     (``ATTN``; the others leave its code out)."""
     swz = SWIZZLE and f16
     name = (f"gemv_chain_int{bits}_p{planes}_w{warps}_d{depth}_b{bpi}" + ("_tl" if tiled else "")
@@ -1471,7 +1491,10 @@ class Chain:
     output row as it is written. A chain with any of these runs the kernel variant that has them (``EXTRA``).
     ``res32`` (a plain phase's, float32 [N]): each output row is also added to it, in fp32, as it is written, and
     the sum's bf16 rounding written to ``xsum`` ([N] bf16): Mamba's fp32 residual and the next norm's input (the
-    kernel variant with that epilogue, ``EXTRA`` & 2).
+    kernel variant with that epilogue, ``EXTRA`` & 2). ``conv_state`` (bf16 [C, W - 1]) with ``conv_w`` ([C, W]),
+    ``conv_b`` ([C] or None) and ``xc`` ([C], C <= N): output rows below C also go through the depthwise causal
+    conv of one decode step as they are written (``mamba_triton.conv_step``'s arithmetic: silu(conv) into xc, the
+    state shifted by the row): Mamba's in_proj, whose next phase can be x_proj on xc (``EXTRA`` & 4).
     Every tensor is fixed: the launch keeps their addresses (a decode step's static buffers), so calling it
     replays the same GEMVs on whatever they hold."""
 
@@ -1544,7 +1567,8 @@ class Chain:
         # group (left out of Llama's kernels: their registers)
         extra = (int(any(ph.get("xmode") == "ln" or ph.get("gelu_out") or ph.get("nobar") or ph.get("same")
                          for ph in phases))
-                 | (2 if any(ph.get("res32") is not None for ph in phases) else 0))  # RES32's epilogue
+                 | (2 if any(ph.get("res32") is not None for ph in phases) else 0)  # RES32's epilogue
+                 | (4 if any(ph.get("conv_state") is not None for ph in phases) else 0))  # CONV's
         self.fn = kernel(bits, planes, device, warps, depth, bits == 4, bpi, tma, f16, extra, attn is not None)
         self.smem = smem_bytes(bits, planes, warps, depth, bpi, kmax, maxt, tma, f16) + ascr
         if self.smem + 2048 + (16 * depth if tma else 0) > optin:
@@ -1573,9 +1597,10 @@ class Chain:
             layer = ph["layer"]
             n, k = layer.out_features, layer.in_features
             same = bool(ph.get("same"))
-            res32 = ph.get("res32")
+            res32, conv = ph.get("res32"), ph.get("conv_state")
             flags = ((NOBAR if ph.get("nobar") or same else 0) | (SAME if same else 0)
-                     | (GELU_OUT if ph.get("gelu_out") else 0) | (RES32 if res32 is not None else 0))
+                     | (GELU_OUT if ph.get("gelu_out") else 0) | (RES32 if res32 is not None else 0)
+                     | (CONV if conv is not None else 0))
             if flags & (NOBAR | SAME) and i == 0:
                 raise ValueError("a chain's first phase stages its input after no barrier: no nobar / same")
             if same:  # the previous phase's staged input: as wide, nothing to read
@@ -1620,6 +1645,8 @@ class Chain:
             if res32 is not None:  # the residual in the attention's ws field (unused by a GEMV phase)
                 self.keep.append(res32)
                 table[i].ws = res32.data_ptr()
+            if conv is not None:  # the conv's tensors in the attention's fields (CONV)
+                self._conv_fields(table[i], i, n, conv, ph["conv_w"], ph.get("conv_b"), ph["xc"])
             table[i].cut = self.cut[i].data_ptr() if i in cuts else 0
             if self.maps is not None:
                 self.maps[i].copy_(torch.frombuffer(bytearray(_tensor_map(layer.words, n, k)), dtype=torch.uint8))
@@ -1629,6 +1656,21 @@ class Chain:
         self.bar = torch.zeros(2, dtype=torch.int32, device=device)
         # DIAG & 16 (bench/gemv_cuda.py --chain-trace): ns stamps [CTA, phase, point] of the last launch
         self.trace = torch.zeros(self.grid, MAXPH, 4, dtype=torch.int64, device=device) if DIAG & 16 else None
+
+    def _conv_fields(self, entry: _Phase, i: int, n: int, state: torch.Tensor, weight: torch.Tensor,
+                     bias: torch.Tensor | None, xc: torch.Tensor) -> None:
+        """A CONV phase's conv state, weight, bias and output in its table entry's attention fields."""
+        c, w = weight.shape if weight.dim() == 2 else (0, 0)
+        if (not 0 < c <= n or w < 2 or state.shape != (c, w - 1) or xc.numel() != c
+                or (bias is not None and bias.numel() != c)
+                or any(t.dtype != torch.bfloat16 or not t.is_contiguous()
+                       for t in (state, weight, xc) + ((bias,) if bias is not None else ()))):
+            raise ValueError(f"phase {i}: the conv takes a bf16 state [C, W - 1], weight [C, W], bias [C] and "
+                             f"output [C], C at most the layer's {n} rows")
+        self.keep += [state, weight, bias, xc]
+        entry.kc, entry.vc, entry.cos = state.data_ptr(), xc.data_ptr(), weight.data_ptr()
+        entry.sin = bias.data_ptr() if bias is not None else 0
+        entry.heads, entry.kv = c, w
 
     def _attention_phase(self, ph: dict) -> _Phase:
         """The table entry of an attention phase: ``x`` the qkv row ([(heads + 2 kv) hd] bf16), ``out`` the

@@ -43,8 +43,14 @@ XPROJ_FOLD = os.environ.get("LOCALGPT_MAMBA_XPROJ_FOLD", "1") != "0"
 RES_CHAIN = os.environ.get("LOCALGPT_MAMBA_RES_CHAIN", "1") != "0"
 # With RES_CHAIN: a layer's out_proj and the next layer's in_proj (after the last layer, the final norm and the LM
 # head, where it is on the chain's words) as one two-phase chain launch, the grid barrier between them, so a layer
-# is three launches (the conv + x_proj, the SSM step, the chain). LOCALGPT_MAMBA_JOIN=1 (opt-in until measured).
-JOIN = os.environ.get("LOCALGPT_MAMBA_JOIN", "0") == "1"
+# is three launches (the conv + x_proj, the SSM step, the chain). H200, FalconMamba-7B, one call (round 20): int4
+# 445.6 against 417.4 tok/s, int8 315.7 against 310.6. LOCALGPT_MAMBA_JOIN=0: a launch each.
+JOIN = os.environ.get("LOCALGPT_MAMBA_JOIN", "1") != "0"
+# With CHAIN: the conv step in in_proj's chain launch, as it writes its rows (``gemv_chain``'s CONV epilogue: silu of
+# the conv into a fixed row, the conv state shifted), and x_proj as the launch's next phase, on the chain's words
+# (no bf16 copy of its weight, no x_proj fold), so a layer's conv and x_proj have no launch of their own.
+# LOCALGPT_MAMBA_CONV_CHAIN=1 (opt-in until measured).
+CONV_CHAIN = os.environ.get("LOCALGPT_MAMBA_CONV_CHAIN", "0") == "1"
 
 
 @dataclass
@@ -288,14 +294,13 @@ class Mamba(nn.Module):
             from localgpt.generation.fast import slot_triton
 
             pdl = slot_triton.gdc(self.device)
-            xz = c.xz.view(1, -1)
             if c.res:  # the residual (c.r32) and the norms' input (c.xb) kept by the chains
                 torch.index_select(self.embed, 0, token.view(-1), out=c.xb.view(1, -1))
                 c.r32.copy_(c.xb)
                 for layer, in_proj, out_proj in zip(self.layers, c.ins, c.outs):
                     if in_proj is not None:  # None: the out_proj chain before ran it (JOIN)
                         in_proj()
-                    self._conv_ssm(K, layer, xz, out=c.y, pdl=pdl)
+                    self._chain_ssm(K, c, layer, pdl)
                     out_proj()
                 if c.logits is not None:  # the last chain's LM head
                     return c.logits.view(1, -1).float()
@@ -305,7 +310,7 @@ class Mamba(nn.Module):
             for layer, in_proj, out_proj in zip(self.layers, c.ins, c.outs):
                 res, _ = K.add_norm(res, pending, layer.norm.weight, layer.norm.eps, cast_in=True, out=c.h, pdl=pdl)
                 in_proj()
-                self._conv_ssm(K, layer, xz, out=c.y, pdl=pdl)
+                self._chain_ssm(K, c, layer, pdl)
                 out_proj()
                 pending = c.o.view(1, -1)
         _, h = K.add_norm(res, pending, self.norm.weight, self.norm.eps, cast_in=res.dtype != torch.float32)
@@ -324,6 +329,14 @@ class Mamba(nn.Module):
         xc = K.conv_step(xz, layer.conv_state, layer.conv_w, layer.conv_b, pdl=pdl)
         return K.ssm_step(layer.x_proj(xc), xz, xc, layer.dt_w, layer.dt_b, layer.A, layer.D, layer.ssm_state,
                           s.bcdt_norm_eps, out=out, pdl=pdl)
+
+    def _chain_ssm(self, K, c, layer: MambaLayer, pdl: bool) -> torch.Tensor:
+        """The chained step's SSM step of a layer into ``c.y``, after in_proj's chain: with ``c.conv`` the chain ran
+        the conv step and x_proj too (their rows ``c.xc`` and ``c.dbl``), else ``_conv_ssm``."""
+        if c.conv:
+            return K.ssm_step(c.dbl.view(1, -1), c.xz.view(1, -1), c.xc.view(1, -1), layer.dt_w, layer.dt_b, layer.A,
+                              layer.D, layer.ssm_state, self.shape.bcdt_norm_eps, out=c.y, pdl=pdl)
+        return self._conv_ssm(K, layer, c.xz.view(1, -1), out=c.y, pdl=pdl)
 
     _chain = None  # None: not tried yet; False: the network cannot take it; else the buffers and chains
     chain_note = ""  # why the chains are not used (logged; bench/gpu.py prints it)
@@ -346,33 +359,58 @@ class Mamba(nn.Module):
 
         l0, dev = self.layers[0], self.device
         gen = torch.Generator(device=dev).manual_seed(0)
+        held = [(la.conv_state.clone(), la.ssm_state.clone()) for la in self.layers[:2]]  # CONV shifts the state
         with torch.inference_mode():
             x = torch.randn(self.shape.dim, generator=gen, device=dev).to(torch.bfloat16)
             y = torch.randn(c.y.numel(), generator=gen, device=dev).to(torch.bfloat16)
             c.y.copy_(y)
-            if not c.res:
-                c.h.copy_(x)
+            for la in self.layers[:2]:
+                la.conv_state.copy_(torch.randn(la.conv_state.shape, generator=gen, device=dev))
+            states = [la.conv_state.clone() for la in self.layers[:2]]
+
+            def conv_rows(layer, xz, state, label):  # CONV: the conv's row, x_proj's, the state shifted
+                if not c.conv:
+                    return []
+                state = state.clone()
+                xc = K.conv_step(xz.view(1, -1), state, layer.conv_w, layer.conv_b)
+                return [(f"{label} conv", c.xc, xc), (f"{label} conv state", layer.conv_state, state),
+                        (f"{label} x_proj", c.dbl, layer.x_proj(xc))]
+
+            try:
+                if not c.res:
+                    c.h.copy_(x)
+                    c.ins[0]()
+                    want = [("in_proj", c.xz, l0.in_proj(x.view(1, -1)))] + conv_rows(l0, c.xz, states[0], "in_proj")
+                    bad = _chain_mismatch(want)
+                    c.outs[0]()
+                    return bad or _chain_mismatch([("out_proj", c.o, l0.out_proj(y.view(1, -1)))])
+                res = 4 * torch.randn(self.shape.dim, generator=gen, device=dev)
+                c.xb.copy_(x)
+                c.r32.copy_(res)
                 c.ins[0]()
-                c.outs[0]()
-                return _chain_mismatch([("in_proj", c.xz, l0.in_proj(x.view(1, -1))),
-                                        ("out_proj", c.o, l0.out_proj(y.view(1, -1)))])
-            res = 4 * torch.randn(self.shape.dim, generator=gen, device=dev)
-            c.xb.copy_(x)
-            c.r32.copy_(res)
-            c.ins[0]()
-            xz = c.xz.clone()  # JOIN: out_proj's chain writes the next in_proj's row there
-            c.outs[0]()
-            _, h = K.add_norm(x.view(1, -1), None, l0.norm.weight, l0.norm.eps, cast_in=True)
-            o = l0.out_proj(y.view(1, -1))
-            total = res + o.float().view(-1)
-            want = [("in_proj (rms)", xz, l0.in_proj(h)), ("out_proj", c.o, o),
-                    ("residual", c.r32, total), ("residual bf16", c.xb, total.to(torch.bfloat16))]
-            if c.join:  # the second phase: the next layer's in_proj, or the final norm and the head
-                nxt, norm, got = ((self.layers[1].in_proj, self.layers[1].norm, c.xz) if len(self.layers) > 1
-                                  else (self.lm_head, self.norm, c.logits))
-                _, h = K.add_norm(total.to(torch.bfloat16).view(1, -1), None, norm.weight, norm.eps, cast_in=True)
-                want.append(("the joined phase (rms)", got, nxt(h)))
-            return _chain_mismatch(want)
+                _, h = K.add_norm(x.view(1, -1), None, l0.norm.weight, l0.norm.eps, cast_in=True)
+                bad = _chain_mismatch([("in_proj (rms)", c.xz, l0.in_proj(h))]
+                                      + conv_rows(l0, c.xz, states[0], "in_proj"))
+                if bad:
+                    return bad
+                c.outs[0]()  # JOIN: also the next in_proj (its conv, x_proj) or the head
+                o = l0.out_proj(y.view(1, -1))
+                total = res + o.float().view(-1)
+                want = [("out_proj", c.o, o), ("residual", c.r32, total),
+                        ("residual bf16", c.xb, total.to(torch.bfloat16))]
+                if c.join:  # the second phase: the next layer's in_proj, or the final norm and the head
+                    nxt, norm, got = ((self.layers[1].in_proj, self.layers[1].norm, c.xz) if len(self.layers) > 1
+                                      else (self.lm_head, self.norm, c.logits))
+                    _, h = K.add_norm(total.to(torch.bfloat16).view(1, -1), None, norm.weight, norm.eps,
+                                      cast_in=True)
+                    want.append(("the joined phase (rms)", got, nxt(h)))
+                    if len(self.layers) > 1:
+                        want += conv_rows(self.layers[1], c.xz, states[1], "the joined phase")
+                return _chain_mismatch(want)
+            finally:
+                for la, (cs, hs) in zip(self.layers, held):
+                    la.conv_state.copy_(cs)
+                    la.ssm_state.copy_(hs)
 
     def _build_chain(self):
         from types import SimpleNamespace
@@ -409,15 +447,26 @@ class Mamba(nn.Module):
         # JOIN: out_proj's chain runs the next layer's in_proj too, the last layer's the head where it is on the
         # chain's words (one weight format a chain)
         c.join = bool(c.res and JOIN)
+        # CONV_CHAIN: the conv step in in_proj's chain and x_proj as its next phase (x_proj on the chain's words)
+        c.conv = bool(CONV_CHAIN and all(gemv_chain.layer_fits(la.x_proj) and type(la.x_proj) is type(l0.in_proj)
+                                         and la.x_proj.planes == l0.in_proj.planes and la.conv_state.numel()
+                                         and la.conv_w.dtype == torch.bfloat16 for la in self.layers))
+        if c.conv:
+            c.xc, c.dbl = buf(l0.conv_w.shape[0]), buf(l0.x_proj.out_features)
         head = self.lm_head
         c.logits = (buf(head.out_features) if c.join and gemv_chain.layer_fits(head)
                     and type(head) is type(l0.in_proj) and head.planes == l0.in_proj.planes else None)
 
+        def in_phases(layer):  # in_proj (after the norm: RES_CHAIN), and with CONV_CHAIN its conv and x_proj
+            ph = (dict(layer=layer.in_proj, x=c.xb, out=c.xz, xmode="rms", norm=layer.norm) if c.res
+                  else dict(layer=layer.in_proj, x=c.h, out=c.xz))
+            if not c.conv:
+                return [ph]
+            ph.update(conv_state=layer.conv_state, conv_w=layer.conv_w.data, conv_b=layer.conv_b.data, xc=c.xc)
+            return [ph, dict(layer=layer.x_proj, x=c.xc, out=c.dbl)]
+
         def in_chain(layer, tma, f16):
-            if c.res:
-                return gemv_chain.Chain([dict(layer=layer.in_proj, x=c.xb, out=c.xz, xmode="rms", norm=layer.norm)],
-                                        dev, tma=tma, f16=f16)
-            return gemv_chain.Chain([dict(layer=layer.in_proj, x=c.h, out=c.xz)], dev, tma=tma, f16=f16)
+            return gemv_chain.Chain(in_phases(layer), dev, tma=tma, f16=f16)
 
         def out_chain(i, tma, f16):
             layer = self.layers[i]
@@ -425,8 +474,7 @@ class Mamba(nn.Module):
                 return gemv_chain.Chain([dict(layer=layer.out_proj, x=c.y, out=c.o)], dev, tma=tma, f16=f16)
             phases = [dict(layer=layer.out_proj, x=c.y, out=c.o, res32=c.r32, xsum=c.xb)]
             if c.join and i + 1 < len(self.layers):
-                nxt = self.layers[i + 1]
-                phases.append(dict(layer=nxt.in_proj, x=c.xb, out=c.xz, xmode="rms", norm=nxt.norm))
+                phases += in_phases(self.layers[i + 1])
             elif c.logits is not None:
                 phases.append(dict(layer=head, x=c.xb, out=c.logits, xmode="rms", norm=self.norm))
             return gemv_chain.Chain(phases, dev, tma=tma, f16=f16)
@@ -440,6 +488,9 @@ class Mamba(nn.Module):
             c.outs = [out_chain(i, tma, f16) for i in range(len(self.layers))]
 
         ok = chain_kernels(self, Transformer._chain_tries(int8=int8), first, rest, lambda: self._chain_check(c))
+        if ok and c.conv:  # x_proj runs on the chain's words: the fold's bf16 copy of its weight is not read
+            for layer in self.layers:
+                layer.xw = None
         return c if ok else None
 
     # --- slots (continuous batching): see batch.BatchEngine ---------------------------------------------------
