@@ -982,8 +982,8 @@ def _chain_mismatch(want: list) -> str:
     """"" if every (name, got, reference) agrees within bf16 rounding (relative error 1e-2, finite), else which
     one does not: a chain's check at build against the separate kernels."""
     for name, got, ref in want:
-        ref = ref.float().view(-1)
-        rel = float((got.float() - ref).norm() / ref.norm().clamp(min=1e-12))
+        ref, got = ref.float().reshape(-1), got.float().reshape(-1)
+        rel = float((got - ref).norm() / ref.norm().clamp(min=1e-12))
         if not bool(torch.isfinite(got.float()).all()) or rel > 1e-2:
             return f"the check failed at {name} (relative error {rel:.2e})"
     return ""
