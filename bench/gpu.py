@@ -1014,7 +1014,7 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                 mamba.JOIN = ("mambajoin" in flags or join) and "nomambajoin" not in flags
                 # "+mambaconv" / "+nomambaconv": the conv step and x_proj in in_proj's chain (mamba.CONV_CHAIN)
                 conv = CONV_CHAIN_DEFAULT.setdefault("v", mamba.CONV_CHAIN)
-                mamba.CONV_CHAIN = ("mambaconv" in flags or conv) and "nomambaconv" not in flags
+                mamba.CONV_CHAIN = "1" if "mambaconv" in flags else "0" if "nomambaconv" in flags else conv
                 fold = XPROJ_FOLD_DEFAULT.setdefault("v", mamba.XPROJ_FOLD)
                 mamba.XPROJ_FOLD = ("xfold" in flags or fold) and "noxfold" not in flags
                 transformer.FALCON_GRAPH = "nofalcongraph" not in flags  # "+nofalcongraph": compiled (@compile)

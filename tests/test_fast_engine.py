@@ -1535,12 +1535,13 @@ def test_gpu_mamba_chained_step_matches_the_plain_step_and_generates_the_same_in
     against the layers' own GEMVs; from the same states five steps give the plain step's logits and states within
     bf16 rounding, with x_proj folded into the conv's kernel too (mamba.XPROJ_FOLD), with the residual's add and
     the norm in the chains too (mamba.RES_CHAIN), with out_proj's chain running the next in_proj or the head too
-    (mamba.JOIN), and with the conv step and x_proj in in_proj's chain (mamba.CONV_CHAIN); the Engine's CUDA graph of it generates the same greedy tokens as
-    its eager run; LOCALGPT_MAMBA_CHAIN=0 (mamba.CHAIN) keeps the layers' own GEMVs."""
+    (mamba.JOIN), and with the conv step and x_proj in in_proj's chain (mamba.CONV_CHAIN), int8 layers too on
+    Hopper; the Engine's CUDA graph of it generates the same greedy tokens as its eager run;
+    LOCALGPT_MAMBA_CHAIN=0 (mamba.CHAIN) keeps the layers' own GEMVs."""
     _needs_cuda()
     from transformers import AutoModelForCausalLM
 
-    from localgpt.generation.fast import mamba
+    from localgpt.generation.fast import gemv_chain, mamba
     from localgpt.generation.fast.engine import Engine
 
     hf = AutoModelForCausalLM.from_pretrained(
@@ -1550,15 +1551,19 @@ def test_gpu_mamba_chained_step_matches_the_plain_step_and_generates_the_same_in
     try:
         # fold: mamba.XPROJ_FOLD; res: the residual's add and the norm in the chains (mamba.RES_CHAIN); join: a
         # layer's out_proj and the next one's in_proj (the last one's: the head) in one launch (mamba.JOIN); conv:
-        # the conv step in in_proj's chain, x_proj its next phase (mamba.CONV_CHAIN)
-        for case in ((True, False, False, False, False), (True, True, False, False, False),
-                     (True, True, True, False, False), (True, True, True, True, False),
-                     (True, False, False, False, True), (True, True, True, True, True),
-                     (False, False, False, False, False)):
-            chain, fold, res, join, conv = case
-            mamba.CHAIN, mamba.XPROJ_FOLD, mamba.RES_CHAIN, mamba.JOIN, mamba.CONV_CHAIN = case
+        # the conv step in in_proj's chain, x_proj its next phase (mamba.CONV_CHAIN: "auto" takes it for int8)
+        cases = [("int4", True, False, False, False, "0"), ("int4", True, True, False, False, "0"),
+                 ("int4", True, True, True, False, "0"), ("int4", True, True, True, True, "0"),
+                 ("int4", True, False, False, False, "1"), ("int4", True, True, True, True, "1"),
+                 ("int4", False, False, False, False, "0")]
+        if gemv_chain.bulk_copy(torch.device("cuda")):  # int8 chains: the bulk-copy kernel only (Hopper)
+            cases += [("int8", True, True, True, True, "auto")]
+        for case in cases:
+            quant, chain, fold, res, join, conv_mode = case
+            conv = chain and (conv_mode == "1" or (conv_mode == "auto" and quant == "int8"))
+            mamba.CHAIN, mamba.XPROJ_FOLD, mamba.RES_CHAIN, mamba.JOIN, mamba.CONV_CHAIN = case[1:]
             net = mamba.from_mamba(hf)
-            quantize_model(net, "int4", decode="cuda")
+            quantize_model(net, quant, decode="cuda")
             net.setup_cache(64)
             assert net.use_fused_decode(True)
             assert all(hasattr(la, "xw") for la in net.layers) == fold

@@ -1363,8 +1363,8 @@ def source(bits: int, planes: int, warps: int, depth: int, tiled: bool, bpi: int
     """(name, CUDA source) of the chain kernel for one weight format, CTA size (consumer warps), ring depth (items
     a warp, or stages of the bulk-copy ring) and blocks an item (a consumer warp's blocks a stage); ``extra``:
     1 for the parts Llama's kernels leave out: the "ln" prologue, GELU_OUT and balanced runs of tiles (Falcon's
-    chain), 2 for RES32's epilogue (Mamba's fp32 residual), 4 for CONV's (Mamba's conv step); ``attn``: the kernel with the attention phase
-    (``ATTN``; the others leave its code out)."""
+    chain), 2 for RES32's epilogue (Mamba's fp32 residual), 4 for CONV's (Mamba's conv step), a bit set;
+    ``attn``: the kernel with the attention phase (``ATTN``; the others leave its code out)."""
     swz = SWIZZLE and f16
     name = (f"gemv_chain_int{bits}_p{planes}_w{warps}_d{depth}_b{bpi}" + ("_tl" if tiled else "")
             + ("_s" if swz else "")
