@@ -267,9 +267,26 @@ def bench_engine(network, vocab: int, prompts, mode: str, log, *, decode_context
     return out
 
 
+def exposed_times(spans: list, steps: int) -> dict:
+    """The kernels' (name, start, end) spans (us) on one stream, as a timeline: by name, the time a step by which
+    each kernel ends later than every kernel that started before it (with dependent launches the durations
+    overlap; these do not), and "(idle)": no kernel running. They add up to the spans' first start to last end, so
+    a kernel's share is its cost on the critical path: a kernel that ends while the one before it runs costs 0."""
+    out: dict = {"(idle)": 0.0}
+    last = None
+    for name, start, end in sorted(spans, key=lambda s: (s[1], s[2])):
+        last = start if last is None else last
+        out["(idle)"] += max(0.0, start - last)
+        out[name] = out.get(name, 0.0) + max(0.0, end - max(last, start))
+        last = max(last, end)
+    return {name: t / steps for name, t in out.items()}
+
+
 def time_and_profile(step, steps: int) -> tuple[float, dict]:
     """``step()`` (warmed up already) called ``steps`` times: its wall time a call in us, then under
-    torch.profiler each CUDA kernel's self time (us) and calls a call, by kernel name."""
+    torch.profiler each CUDA kernel's self time (us) and calls a call, by kernel name, and its exposed time
+    (``exposed_times``: its share of the timeline, "exposed_us_per_step")."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     t0 = sync_time()
@@ -287,6 +304,10 @@ def time_and_profile(step, steps: int) -> tuple[float, dict]:
             t = getattr(ev, "self_cuda_time_total", 0)
         if t > 0:
             kernels[ev.key] = {"us_per_step": t / steps, "calls_per_step": ev.count / steps}
+    spans = [(ev.name, ev.time_range.start, ev.time_range.end) for ev in prof.events()
+             if ev.device_type == DeviceType.CUDA and ev.time_range.end > ev.time_range.start]
+    for name, us in exposed_times(spans, steps).items():
+        kernels.setdefault(name, {"us_per_step": 0.0, "calls_per_step": 0.0})["exposed_us_per_step"] = us
     return wall_us, kernels
 
 
@@ -299,13 +320,17 @@ def profile_step(eng, vocab: int, log, steps: int = 16) -> dict:
     for _ in range(4):
         eng._advance(step)
     wall_us, kernels = time_and_profile(lambda: eng._advance(step), steps)
+    idle = kernels.pop("(idle)", {}).get("exposed_us_per_step", 0.0)
     total = sum(k["us_per_step"] for k in kernels.values())
     top = sorted(kernels.items(), key=lambda kv: -kv[1]["us_per_step"])
     log(f"  profile: step {wall_us:.0f} us wall, kernels {total:.0f} us ({len(kernels)} kinds), "
-        f"gaps/host {wall_us - total:.0f} us")
-    for name, k in top[:14]:
-        log(f"    {k['us_per_step']:8.1f} us  x{k['calls_per_step']:5.1f}  {name[:110]}")
-    return {"wall_us": wall_us, "kernel_us": total, "kernels": dict(top[:40])}
+        f"gaps/host {wall_us - total:.0f} us, no kernel running {idle:.0f} us")
+    log("    duration us  exposed us  calls  kernel (exposed: its share of the step's timeline, durations "
+        "overlap)")
+    for name, k in top[:16]:
+        log(f"    {k['us_per_step']:11.1f}  {k.get('exposed_us_per_step', 0.0):10.1f}  x{k['calls_per_step']:5.1f}  "
+            f"{name[:100]}")
+    return {"wall_us": wall_us, "kernel_us": total, "idle_us": idle, "kernels": dict(top[:40])}
 
 
 def graph_us(calls, repeats: int = 7) -> float:
@@ -553,14 +578,15 @@ def profile_slots(batch, bucket: int, log, context: int = 384, steps: int = 16) 
         step()
     wall_us, kernels = time_and_profile(step, steps)
     batch.positions.fill_(batch.max_seq)
+    idle = kernels.pop("(idle)", {}).get("exposed_us_per_step", 0.0)
     total = sum(k["us_per_step"] for k in kernels.values())
     calls = sum(k["calls_per_step"] for k in kernels.values())
     top = sorted(kernels.items(), key=lambda kv: -kv[1]["us_per_step"])
     log(f"  profile x{bucket} at {context} positions: step {wall_us:.0f} us wall, kernels {total:.0f} us, "
-        f"{calls:.0f} launches ({len(kernels)} kinds)")
+        f"{calls:.0f} launches ({len(kernels)} kinds), no kernel running {idle:.0f} us")
     for name, k in top[:16]:
         log(f"    {k['us_per_step']:8.1f} us  x{k['calls_per_step']:5.1f}  {name[:110]}")
-    return {"wall_us": wall_us, "kernel_us": total, "launches": calls, "kernels": dict(top[:30])}
+    return {"wall_us": wall_us, "kernel_us": total, "idle_us": idle, "launches": calls, "kernels": dict(top[:30])}
 
 
 @torch.inference_mode()
