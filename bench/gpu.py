@@ -38,6 +38,7 @@ import alt_chain  # noqa: E402  (bench/, this script's folder)
 RES_CHAIN_DEFAULT: dict = {}  # mamba.RES_CHAIN's value at start, for the rows without "+mambares" / "+nomambares"
 JOIN_DEFAULT: dict = {}  # mamba.JOIN's value at start, for the rows without "+mambajoin" / "+nomambajoin"
 CONV_CHAIN_DEFAULT: dict = {}  # mamba.CONV_CHAIN's value at start, for the rows without "+mambaconv" / "+nomambaconv"
+SSM_CHAIN_DEFAULT: dict = {}  # mamba.SSM_CHAIN's value at start, for the rows without "+mambassm" / "+nomambassm"
 XPROJ_FOLD_DEFAULT: dict = {}  # mamba.XPROJ_FOLD's value at start, for the rows without "+xfold" / "+noxfold"
 STEP_MIN_CACHE: dict = {}  # slot_triton.STEP_ATTENTION_MIN_CACHE's default, for the rows without "+stepattn"
 ALT_CHAIN = {"mod": None}  # --alt-chain's gemv_chain module, for the "+alt" rows
@@ -940,7 +941,8 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
         # folded into its conv kernel or not (mamba.XPROJ_FOLD); "+mambares" / "+nomambares": the residual's add
         # and the norm in its chains or not (mamba.RES_CHAIN); "+mambajoin" / "+nomambajoin": a layer's out_proj
         # and the next in_proj in one chain launch or not (mamba.JOIN); "+mambaconv" / "+nomambaconv": the conv
-        # step and x_proj in in_proj's chain or not (mamba.CONV_CHAIN); "+nofalcongraph": Falcon's fused step compiled,
+        # step and x_proj in in_proj's chain or not (mamba.CONV_CHAIN); "+mambassm" / "+nomambassm": the SSM step
+        # a chain phase too (mamba.SSM_CHAIN); "+nofalcongraph": Falcon's fused step compiled,
         # not its graph step (LOCALGPT_FALCON_GRAPH=0, with "@compile")),
         # and then "@graph" / "@compile" (that engine mode for this row instead of --mode).
         name_mode = name.partition("@")
@@ -1041,6 +1043,9 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                 # "+mambaconv" / "+nomambaconv": the conv step and x_proj in in_proj's chain (mamba.CONV_CHAIN)
                 conv = CONV_CHAIN_DEFAULT.setdefault("v", mamba.CONV_CHAIN)
                 mamba.CONV_CHAIN = "1" if "mambaconv" in flags else "0" if "nomambaconv" in flags else conv
+                # "+mambassm" / "+nomambassm": the SSM step a chain phase too (mamba.SSM_CHAIN)
+                ssm = SSM_CHAIN_DEFAULT.setdefault("v", mamba.SSM_CHAIN)
+                mamba.SSM_CHAIN = ("mambassm" in flags or ssm) and "nomambassm" not in flags
                 fold = XPROJ_FOLD_DEFAULT.setdefault("v", mamba.XPROJ_FOLD)
                 mamba.XPROJ_FOLD = ("xfold" in flags or fold) and "noxfold" not in flags
                 transformer.FALCON_GRAPH = "nofalcongraph" not in flags  # "+nofalcongraph": compiled (@compile)
