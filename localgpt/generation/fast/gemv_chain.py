@@ -552,7 +552,7 @@ __device__ __forceinline__ void attention(const Phase& ph, float* scr, Rows& row
 // y2 the conv's row, nw dt_proj's weight [heads, kv] bf16, ws its bias (fp32), cos A [heads, hd] (fp32), vc the state
 // h [heads, hd] (fp32, updated), rs D (bf16), out the gated row; heads = inner, kv = rank, hd = state (<= 32), D 1:
 // FalconMamba's weightless norms of dt_low / B / C (eps). A warp a channel: its lanes split the rank's dot product
-// and take one state each. lw: rank + 2 hd floats of shared memory (the staged input's, free in this phase).
+// (8 columns a lane: rank a multiple of 8, at most 256) and take one state each. lw: rank + 2 hd floats of shared memory (the staged input's, free in this phase).
 __device__ __noinline__ void ssm_phase(const Phase& ph, float* lw, float* red) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int inner = ph.heads, rank = ph.kv, ns = ph.hd, R = rank + 2 * ns;
@@ -581,7 +581,13 @@ __device__ __noinline__ void ssm_phase(const Phase& ph, float* lw, float* red) {
         const float x = bf2f(__ldcg(ph.y2 + c)), z = bf2f(__ldcg(ph.y + inner + c));
         const float dtb = __ldg(ph.ws + c), dv = bf2f(__ldg(ph.rs + c));
         float dot = 0.f;
-        for (int r = lane; r < rank; r += 32) dot += bf2f(__ldg(ph.nw + (long)c * rank + r)) * lw[r];
+        if (lane * 8 < rank) {  // dt_proj's row: 8 columns a lane, one 16-byte load (rank a multiple of 8, <= 256)
+            const uint4 w = __ldg((const uint4*)(ph.nw + (long)c * rank) + lane);
+            const u32 wv[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+                dot += bf2f(wv[j] & 0xFFFFu) * lw[8 * lane + 2 * j] + bf2f(wv[j] >> 16) * lw[8 * lane + 2 * j + 1];
+        }
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
         float dt = bf2f(f2bf(dot)) + dtb;  // dt_proj's row rounded, then the bias
@@ -1766,14 +1772,15 @@ class Chain:
         inner, rank = dt_w.shape if dt_w.dim() == 2 else (0, 0)
         state = A.shape[1] if A.dim() == 2 else 0
         bf16 = (dbl, xz, xc, dt_w, D, out)
-        if (not inner or not 0 < state <= 32 or dbl.numel() != rank + 2 * state or xz.numel() != 2 * inner
+        if (not inner or not 0 < state <= 32 or rank % 8 or rank > 256 or dbl.numel() != rank + 2 * state or xz.numel() != 2 * inner
                 or xc.numel() != inner or out.numel() != inner or D.numel() != inner or dt_b.numel() != inner
                 or A.shape != (inner, state) or h.shape != (inner, state) or (rank + 2 * state) * 4 > staged
                 or any(t.dtype != torch.bfloat16 for t in bf16) or dt_b.dtype != torch.float32
                 or A.dtype != torch.float32 or h.dtype != torch.float32
                 or not all(t.is_contiguous() for t in bf16 + (dt_b, A, h))):
             raise ValueError("the chain's SSM step: bf16 rows dbl [rank + 2 state], xz [2 inner], xc, D and out "
-                             "[inner], dt_w [inner, rank]; fp32 dt_b [inner], A and h [inner, state], state <= 32")
+                             "[inner], dt_w [inner, rank]; fp32 dt_b [inner], A and h [inner, state]; state <= 32, "
+                             "rank a multiple of 8 up to 256")
         self.keep += [dbl, xz, xc, dt_w, dt_b, A, D, h, out]
         entry = _Phase()
         entry.x, entry.y, entry.y2, entry.nw, entry.ws, entry.cos, entry.vc, entry.rs, entry.out = (

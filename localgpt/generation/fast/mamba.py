@@ -509,6 +509,7 @@ class Mamba(nn.Module):
             c.xc, c.dbl = buf(l0.conv_w.shape[0]), buf(l0.x_proj.out_features)
         # SSM_CHAIN: every layer's kernels in chain launches (the SSM step a phase: the bulk-copy kernel's)
         c.ssm = bool(SSM_CHAIN and c.res and c.conv and gemv_chain.bulk_copy(dev) and self.shape.state <= 32
+                     and self.shape.dt_rank % 8 == 0 and self.shape.dt_rank <= 256
                      and all(getattr(la, "dt_w", None) is not None and la.dt_w.dtype == torch.bfloat16
                              and la.D.dtype == torch.bfloat16 for la in self.layers))
         head = self.lm_head
