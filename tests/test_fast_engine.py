@@ -1536,8 +1536,9 @@ def test_gpu_mamba_chained_step_matches_the_plain_step_and_generates_the_same_in
     bf16 rounding, with x_proj folded into the conv's kernel too (mamba.XPROJ_FOLD), with the residual's add and
     the norm in the chains too (mamba.RES_CHAIN), with out_proj's chain running the next in_proj or the head too
     (mamba.JOIN), with the conv step and x_proj in in_proj's chain (mamba.CONV_CHAIN), int8 layers too on
-    Hopper, and there with the SSM step a chain phase as well (mamba.SSM_CHAIN); the Engine's CUDA graph of it generates the same greedy tokens as its eager run;
-    LOCALGPT_MAMBA_CHAIN=0 (mamba.CHAIN) keeps the layers' own GEMVs."""
+    Hopper, and there with the SSM step a chain phase as well (mamba.SSM_CHAIN); the Engine's CUDA graph of it
+    generates the same greedy tokens as its eager run; LOCALGPT_MAMBA_CHAIN=0 (mamba.CHAIN) keeps the layers' own
+    GEMVs."""
     _needs_cuda()
     from transformers import AutoModelForCausalLM
 

@@ -552,7 +552,8 @@ __device__ __forceinline__ void attention(const Phase& ph, float* scr, Rows& row
 // y2 the conv's row, nw dt_proj's weight [heads, kv] bf16, ws its bias (fp32), cos A [heads, hd] (fp32), vc the state
 // h [heads, hd] (fp32, updated), rs D (bf16), out the gated row; heads = inner, kv = rank, hd = state (<= 32), D 1:
 // FalconMamba's weightless norms of dt_low / B / C (eps). A warp a channel: its lanes split the rank's dot product
-// (8 columns a lane: rank a multiple of 8, at most 256) and take one state each. lw: rank + 2 hd floats of shared memory (the staged input's, free in this phase).
+// (8 columns a lane: rank a multiple of 8, at most 256) and take one state each. lw: rank + 2 hd floats of shared
+// memory (the staged input's, free in this phase).
 __device__ __noinline__ void ssm_phase(const Phase& ph, float* lw, float* red) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int inner = ph.heads, rank = ph.kv, ns = ph.hd, R = rank + 2 * ns;
@@ -568,12 +569,14 @@ __device__ __noinline__ void ssm_phase(const Phase& ph, float* lw, float* red) {
             if (lane == 0) red[warp] = rsqrtf(ss / n + ph.eps);
         }
         CSYNC();
-        for (int i = tid; i < R; i += WARPS * 32) lw[i] = bf2f(f2bf(lw[i] * red[i < rank ? 0 : i < rank + ns ? 1 : 2]));
+        for (int i = tid; i < R; i += WARPS * 32)
+            lw[i] = bf2f(f2bf(lw[i] * red[i < rank ? 0 : i < rank + ns ? 1 : 2]));
         CSYNC();
     }
     const float* A = (const float*)ph.cos;
     float* H = (float*)ph.vc;
-    const int c0 = (int)((long)blockIdx.x * inner / gridDim.x), c1 = (int)((long)(blockIdx.x + 1) * inner / gridDim.x);
+    const int c0 = (int)((long)blockIdx.x * inner / gridDim.x);
+    const int c1 = (int)((long)(blockIdx.x + 1) * inner / gridDim.x);
     for (int c = c0 + warp; c < c1; c += WARPS) {
         // every load of the channel first (one round trip), then dt_proj's row, softplus, the state, y
         const long k = (long)c * ns + lane;
@@ -1772,8 +1775,9 @@ class Chain:
         inner, rank = dt_w.shape if dt_w.dim() == 2 else (0, 0)
         state = A.shape[1] if A.dim() == 2 else 0
         bf16 = (dbl, xz, xc, dt_w, D, out)
-        if (not inner or not 0 < state <= 32 or rank % 8 or rank > 256 or dbl.numel() != rank + 2 * state or xz.numel() != 2 * inner
-                or xc.numel() != inner or out.numel() != inner or D.numel() != inner or dt_b.numel() != inner
+        if (not inner or not 0 < state <= 32 or rank % 8 or rank > 256 or dbl.numel() != rank + 2 * state
+                or xz.numel() != 2 * inner or xc.numel() != inner or out.numel() != inner or D.numel() != inner
+                or dt_b.numel() != inner
                 or A.shape != (inner, state) or h.shape != (inner, state) or (rank + 2 * state) * 4 > staged
                 or any(t.dtype != torch.bfloat16 for t in bf16) or dt_b.dtype != torch.float32
                 or A.dtype != torch.float32 or h.dtype != torch.float32

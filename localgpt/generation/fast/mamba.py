@@ -38,8 +38,8 @@ CHAIN = os.environ.get("LOCALGPT_MAMBA_CHAIN", "1") != "0"
 XPROJ_FOLD = os.environ.get("LOCALGPT_MAMBA_XPROJ_FOLD", "1") != "0"
 # With CHAIN and an fp32 residual (FalconMamba): the residual's add in out_proj's chain launch, as it writes its rows
 # (``gemv_chain``'s res32: the fp32 sum and its bf16 copy), and the block's RMSNorm in in_proj's (its "rms"
-# staging), so the step has no add_norm launch between layers. H200, FalconMamba-7B, one call (round 20): int8 311.1
-# against 294.2 tok/s, int4 level (417 against 419). LOCALGPT_MAMBA_RES_CHAIN=0: add_norm's launches.
+# staging), so the step has no add_norm launch between layers. H200, FalconMamba-7B (round 20): int8 311.1 against
+# 294.2 tok/s; int4 417.4 against 428.0 alone, but JOIN needs it. LOCALGPT_MAMBA_RES_CHAIN=0: add_norm's launches.
 RES_CHAIN = os.environ.get("LOCALGPT_MAMBA_RES_CHAIN", "1") != "0"
 # With RES_CHAIN: a layer's out_proj and the next layer's in_proj (after the last layer, the final norm and the LM
 # head, where it is on the chain's words) as one two-phase chain launch, the grid barrier between them, so a layer
@@ -304,13 +304,15 @@ class Mamba(nn.Module):
             if c.res:  # the residual (c.r32) and the norms' input (c.xb) kept by the chains
                 torch.index_select(self.embed, 0, token.view(-1), out=c.xb.view(1, -1))
                 c.r32.copy_(c.xb)
-                for chain in c.chains if c.ssm else ():  # SSM_CHAIN: every layer in the chains
-                    chain()
-                for layer, in_proj, out_proj in () if c.ssm else zip(self.layers, c.ins, c.outs):
-                    if in_proj is not None:  # None: the out_proj chain before ran it (JOIN)
-                        in_proj()
-                    self._chain_ssm(K, c, layer, pdl)
-                    out_proj()
+                if c.ssm:  # every layer in the chains
+                    for chain in c.chains:
+                        chain()
+                else:
+                    for layer, in_proj, out_proj in zip(self.layers, c.ins, c.outs):
+                        if in_proj is not None:  # None: the out_proj chain before ran it (JOIN)
+                            in_proj()
+                        self._chain_ssm(K, c, layer, pdl)
+                        out_proj()
                 if c.logits is not None:  # the last chain's LM head
                     return c.logits.view(1, -1).float()
                 _, h = K.add_norm(c.r32.view(1, -1), None, self.norm.weight, self.norm.eps, cast_in=False)
