@@ -444,9 +444,7 @@ class Mamba(nn.Module):
         c.xb.copy_(x)
         c.r32.copy_(res)
         c.chains[0]()
-        got = [("residual", c.r32.clone(), None)] + [
-            (f"layer {i} {name}", t.clone(), None) for i, la in enumerate(self.layers[:n])
-            for name, t in (("conv state", la.conv_state), ("SSM state", la.ssm_state))]
+        got = [c.r32.clone()] + [t.clone() for la in self.layers[:n] for t in (la.conv_state, la.ssm_state)]
         logits = c.logits.clone() if head else None
         for la, (cs, hs) in zip(self.layers, start):  # the same step again through the separate kernels
             la.conv_state.copy_(cs)
@@ -454,14 +452,11 @@ class Mamba(nn.Module):
         r, xb = res.clone(), x
         for la in self.layers[:n]:
             _, h = K.add_norm(xb.view(1, -1), None, la.norm.weight, la.norm.eps, cast_in=True)
-            xz = la.in_proj(h)
-            xc = K.conv_step(xz, la.conv_state, la.conv_w, la.conv_b)
-            y = K.ssm_step(la.x_proj(xc), xz, xc, la.dt_w, la.dt_b, la.A, la.D, la.ssm_state, s.bcdt_norm_eps)
-            r = r + la.out_proj(y).float().view(-1)
+            r = r + la.out_proj(self._conv_ssm(K, la, la.in_proj(h))).float().view(-1)
             xb = r.to(torch.bfloat16)
-        want = [("residual", got[0][1], r)] + [
-            (name, t, ref) for (name, t, _), ref in zip(got[1:], [u for la in self.layers[:n]
-                                                                  for u in (la.conv_state, la.ssm_state)])]
+        names = ["residual"] + [f"layer {i} {name}" for i in range(n) for name in ("conv state", "SSM state")]
+        refs = [r] + [t for la in self.layers[:n] for t in (la.conv_state, la.ssm_state)]
+        want = list(zip(names, got, refs))
         if head:
             _, h = K.add_norm(xb.view(1, -1), None, self.norm.weight, self.norm.eps, cast_in=True)
             want.append(("head", logits, self.lm_head(h)))
@@ -502,10 +497,13 @@ class Mamba(nn.Module):
         # JOIN: out_proj's chain runs the next layer's in_proj too, the last layer's the head where it is on the
         # chain's words (one weight format a chain)
         c.join = bool(c.res and JOIN)
+
+        def on_words(m):  # a layer that can share a chain with in_proj: its words, one weight format a chain
+            return gemv_chain.layer_fits(m) and type(m) is type(l0.in_proj) and m.planes == l0.in_proj.planes
+
         # CONV_CHAIN: the conv step in in_proj's chain and x_proj as its next phase (x_proj on the chain's words)
         wanted = CONV_CHAIN == "1" or (CONV_CHAIN == "auto" and int8)
-        c.conv = bool(wanted and all(gemv_chain.layer_fits(la.x_proj) and type(la.x_proj) is type(l0.in_proj)
-                                     and la.x_proj.planes == l0.in_proj.planes and la.conv_state.numel()
+        c.conv = bool(wanted and all(on_words(la.x_proj) and la.conv_state.numel()
                                      and la.conv_w.dtype == torch.bfloat16 for la in self.layers))
         if c.conv:
             c.xc, c.dbl = buf(l0.conv_w.shape[0]), buf(l0.x_proj.out_features)
@@ -515,8 +513,11 @@ class Mamba(nn.Module):
                      and all(getattr(la, "dt_w", None) is not None and la.dt_w.dtype == torch.bfloat16
                              and la.D.dtype == torch.bfloat16 for la in self.layers))
         head = self.lm_head
-        c.logits = (buf(head.out_features) if (c.join or c.ssm) and gemv_chain.layer_fits(head)
-                    and type(head) is type(l0.in_proj) and head.planes == l0.in_proj.planes else None)
+        c.logits = buf(head.out_features) if (c.join or c.ssm) and on_words(head) else None
+        head_phase = dict(layer=head, x=c.xb, out=c.logits, xmode="rms", norm=self.norm)  # the final norm, the head
+
+        def out_phase(layer):  # out_proj with the residual's add (RES_CHAIN)
+            return dict(layer=layer.out_proj, x=c.y, out=c.o, res32=c.r32, xsum=c.xb)
 
         def in_phases(layer):  # in_proj (after the norm: RES_CHAIN), and with CONV_CHAIN its conv and x_proj
             ph = (dict(layer=layer.in_proj, x=c.xb, out=c.xz, xmode="rms", norm=layer.norm) if c.res
@@ -533,11 +534,11 @@ class Mamba(nn.Module):
             layer = self.layers[i]
             if not c.res:
                 return gemv_chain.Chain([dict(layer=layer.out_proj, x=c.y, out=c.o)], dev, tma=tma, f16=f16)
-            phases = [dict(layer=layer.out_proj, x=c.y, out=c.o, res32=c.r32, xsum=c.xb)]
+            phases = [out_phase(layer)]
             if c.join and i + 1 < len(self.layers):
                 phases += in_phases(self.layers[i + 1])
             elif c.logits is not None:
-                phases.append(dict(layer=head, x=c.xb, out=c.logits, xmode="rms", norm=self.norm))
+                phases.append(head_phase)
             return gemv_chain.Chain(phases, dev, tma=tma, f16=f16)
 
         def ssm_phases():  # SSM_CHAIN: the whole step's phases, two layers a launch, then the head
@@ -547,9 +548,9 @@ class Mamba(nn.Module):
                 seq += [dict(xmode="ssm", dbl=c.dbl, xz=c.xz, xc=c.xc, dt_w=layer.dt_w, dt_b=layer.dt_b.data,
                              A=layer.A.data, D=layer.D.data, h=layer.ssm_state, out=c.y,
                              norm_eps=self.shape.bcdt_norm_eps),
-                        dict(layer=layer.out_proj, x=c.y, out=c.o, res32=c.r32, xsum=c.xb)]
+                        out_phase(layer)]
             if c.logits is not None:
-                seq.append(dict(layer=head, x=c.xb, out=c.logits, xmode="rms", norm=self.norm))
+                seq.append(head_phase)
             return [seq[i:i + gemv_chain.MAXPH] for i in range(0, len(seq), gemv_chain.MAXPH)]
 
         def first(tma, f16):
