@@ -35,11 +35,10 @@ from localgpt.generation.fast.quantize import decode_kernels, quantize_model, us
 
 import alt_chain  # noqa: E402  (bench/, this script's folder)
 
-RES_CHAIN_DEFAULT: dict = {}  # mamba.RES_CHAIN's value at start, for the rows without "+mambares" / "+nomambares"
-JOIN_DEFAULT: dict = {}  # mamba.JOIN's value at start, for the rows without "+mambajoin" / "+nomambajoin"
-CONV_CHAIN_DEFAULT: dict = {}  # mamba.CONV_CHAIN's value at start, for the rows without "+mambaconv" / "+nomambaconv"
-SSM_CHAIN_DEFAULT: dict = {}  # mamba.SSM_CHAIN's value at start, for the rows without "+mambassm" / "+nomambassm"
-XPROJ_FOLD_DEFAULT: dict = {}  # mamba.XPROJ_FOLD's value at start, for the rows without "+xfold" / "+noxfold"
+MAMBA_DEFAULTS: dict = {}  # mamba's switches at start (by name), for the rows whose flags do not set them
+# the boolean ones and their row flags (on, off)
+MAMBA_SWITCHES = (("RES_CHAIN", "mambares", "nomambares"), ("JOIN", "mambajoin", "nomambajoin"),
+                  ("SSM_CHAIN", "mambassm", "nomambassm"), ("XPROJ_FOLD", "xfold", "noxfold"))
 STEP_MIN_CACHE: dict = {}  # slot_triton.STEP_ATTENTION_MIN_CACHE's default, for the rows without "+stepattn"
 ALT_CHAIN = {"mod": None}  # --alt-chain's gemv_chain module, for the "+alt" rows
 
@@ -1032,22 +1031,14 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                 mamba.FUSED = "nomambafused" not in flags  # "+nomambafused": Mamba's step compiled (@compile)
                 # "+nomambachain": the fused Mamba step's in_proj / out_proj as the layers' own GEMV launches
                 mamba.CHAIN = "nomambachain" not in flags
-                # "+xfold": x_proj folded into the fused Mamba step's conv kernel (mamba.XPROJ_FOLD; "+noxfold": not)
-                # "+mambares" / "+nomambares": the residual's add and the norm in the Mamba chains or not
-                # (mamba.RES_CHAIN; else its value at start)
-                res = RES_CHAIN_DEFAULT.setdefault("v", mamba.RES_CHAIN)
-                mamba.RES_CHAIN = ("mambares" in flags or res) and "nomambares" not in flags
-                # "+mambajoin" / "+nomambajoin": out_proj's chain runs the next in_proj too (mamba.JOIN) or not
-                join = JOIN_DEFAULT.setdefault("v", mamba.JOIN)
-                mamba.JOIN = ("mambajoin" in flags or join) and "nomambajoin" not in flags
-                # "+mambaconv" / "+nomambaconv": the conv step and x_proj in in_proj's chain (mamba.CONV_CHAIN)
-                conv = CONV_CHAIN_DEFAULT.setdefault("v", mamba.CONV_CHAIN)
+                # "+xfold" / "+noxfold" (mamba.XPROJ_FOLD), "+mambares" / "+nomambares" (RES_CHAIN), "+mambajoin" /
+                # "+nomambajoin" (JOIN), "+mambassm" / "+nomambassm" (SSM_CHAIN): that switch on or off, else its
+                # value at start; "+mambaconv" / "+nomambaconv": CONV_CHAIN "1" or "0", else its value at start
+                for attr, on, off in MAMBA_SWITCHES:
+                    start = MAMBA_DEFAULTS.setdefault(attr, getattr(mamba, attr))
+                    setattr(mamba, attr, (on in flags or start) and off not in flags)
+                conv = MAMBA_DEFAULTS.setdefault("CONV_CHAIN", mamba.CONV_CHAIN)
                 mamba.CONV_CHAIN = "1" if "mambaconv" in flags else "0" if "nomambaconv" in flags else conv
-                # "+mambassm" / "+nomambassm": the SSM step a chain phase too (mamba.SSM_CHAIN)
-                ssm = SSM_CHAIN_DEFAULT.setdefault("v", mamba.SSM_CHAIN)
-                mamba.SSM_CHAIN = ("mambassm" in flags or ssm) and "nomambassm" not in flags
-                fold = XPROJ_FOLD_DEFAULT.setdefault("v", mamba.XPROJ_FOLD)
-                mamba.XPROJ_FOLD = ("xfold" in flags or fold) and "noxfold" not in flags
                 transformer.FALCON_GRAPH = "nofalcongraph" not in flags  # "+nofalcongraph": compiled (@compile)
                 # the chain's mma operands in fp16 (the default); "+bf16": in bf16; "+int8f16": fp16 for int8 only
                 gemv_chain.F16_BITS = (8,) if "int8f16" in flags else () if "bf16" in flags else (4, 8)
