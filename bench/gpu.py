@@ -38,7 +38,7 @@ import alt_chain  # noqa: E402  (bench/, this script's folder)
 MAMBA_DEFAULTS: dict = {}  # mamba's switches at start (by name), for the rows whose flags do not set them
 # the boolean ones and their row flags (on, off)
 MAMBA_SWITCHES = (("RES_CHAIN", "mambares", "nomambares"), ("JOIN", "mambajoin", "nomambajoin"),
-                  ("SSM_CHAIN", "mambassm", "nomambassm"), ("XPROJ_FOLD", "xfold", "noxfold"))
+                  ("XPROJ_FOLD", "xfold", "noxfold"))
 STEP_MIN_CACHE: dict = {}  # slot_triton.STEP_ATTENTION_MIN_CACHE's default, for the rows without "+stepattn"
 ALT_CHAIN = {"mod": None}  # --alt-chain's gemv_chain module, for the "+alt" rows
 
@@ -940,8 +940,7 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
         # folded into its conv kernel or not (mamba.XPROJ_FOLD); "+mambares" / "+nomambares": the residual's add
         # and the norm in its chains or not (mamba.RES_CHAIN); "+mambajoin" / "+nomambajoin": a layer's out_proj
         # and the next in_proj in one chain launch or not (mamba.JOIN); "+mambaconv" / "+nomambaconv": the conv
-        # step and x_proj in in_proj's chain or not (mamba.CONV_CHAIN); "+mambassm" / "+nomambassm": the SSM step
-        # a chain phase too (mamba.SSM_CHAIN); "+nofalcongraph": Falcon's fused step compiled,
+        # step and x_proj in in_proj's chain or not (mamba.CONV_CHAIN); "+nofalcongraph": Falcon's fused step compiled,
         # not its graph step (LOCALGPT_FALCON_GRAPH=0, with "@compile")),
         # and then "@graph" / "@compile" (that engine mode for this row instead of --mode).
         name_mode = name.partition("@")
@@ -1032,8 +1031,8 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                 # "+nomambachain": the fused Mamba step's in_proj / out_proj as the layers' own GEMV launches
                 mamba.CHAIN = "nomambachain" not in flags
                 # "+xfold" / "+noxfold" (mamba.XPROJ_FOLD), "+mambares" / "+nomambares" (RES_CHAIN), "+mambajoin" /
-                # "+nomambajoin" (JOIN), "+mambassm" / "+nomambassm" (SSM_CHAIN): that switch on or off, else its
-                # value at start; "+mambaconv" / "+nomambaconv": CONV_CHAIN "1" or "0", else its value at start
+                # "+nomambajoin" (JOIN): that switch on or off, else its value at start; "+mambaconv" /
+                # "+nomambaconv": CONV_CHAIN "1" or "0", else its value at start
                 for attr, on, off in MAMBA_SWITCHES:
                     start = MAMBA_DEFAULTS.setdefault(attr, getattr(mamba, attr))
                     setattr(mamba, attr, (on in flags or start) and off not in flags)

@@ -1535,10 +1535,9 @@ def test_gpu_mamba_chained_step_matches_the_plain_step_and_generates_the_same_in
     against the layers' own GEMVs; from the same states five steps give the plain step's logits and states within
     bf16 rounding, with x_proj folded into the conv's kernel too (mamba.XPROJ_FOLD), with the residual's add and
     the norm in the chains too (mamba.RES_CHAIN), with out_proj's chain running the next in_proj or the head too
-    (mamba.JOIN), with the conv step and x_proj in in_proj's chain (mamba.CONV_CHAIN), int8 layers too on
-    Hopper, and there with the SSM step a chain phase as well (mamba.SSM_CHAIN); the Engine's CUDA graph of it
-    generates the same greedy tokens as its eager run; LOCALGPT_MAMBA_CHAIN=0 (mamba.CHAIN) keeps the layers' own
-    GEMVs."""
+    (mamba.JOIN), and with the conv step and x_proj in in_proj's chain (mamba.CONV_CHAIN), int8 layers too on
+    Hopper; the Engine's CUDA graph of it generates the same greedy tokens as its eager run;
+    LOCALGPT_MAMBA_CHAIN=0 (mamba.CHAIN) keeps the layers' own GEMVs."""
     _needs_cuda()
     from transformers import AutoModelForCausalLM
 
@@ -1548,24 +1547,21 @@ def test_gpu_mamba_chained_step_matches_the_plain_step_and_generates_the_same_in
     hf = AutoModelForCausalLM.from_pretrained(
         build_tiny_model("falcon-mamba", tmp_path / "fm", hidden_size=256, num_hidden_layers=3, time_step_rank=16,
                          vocab_size=512), dtype=torch.bfloat16).to("cuda").eval()  # a head of whole 16-row tiles
-    held = mamba.CHAIN, mamba.XPROJ_FOLD, mamba.RES_CHAIN, mamba.JOIN, mamba.CONV_CHAIN, mamba.SSM_CHAIN
+    held = mamba.CHAIN, mamba.XPROJ_FOLD, mamba.RES_CHAIN, mamba.JOIN, mamba.CONV_CHAIN
     try:
         # fold: mamba.XPROJ_FOLD; res: the residual's add and the norm in the chains (mamba.RES_CHAIN); join: a
         # layer's out_proj and the next one's in_proj (the last one's: the head) in one launch (mamba.JOIN); conv:
-        # the conv step in in_proj's chain, x_proj its next phase (mamba.CONV_CHAIN: "auto" takes it for int8);
-        # ssm: the SSM step a chain phase too, every layer in chain launches (mamba.SSM_CHAIN; Hopper)
-        cases = [("int4", True, False, False, False, "0", False), ("int4", True, True, False, False, "0", False),
-                 ("int4", True, True, True, False, "0", False), ("int4", True, True, True, True, "0", False),
-                 ("int4", True, False, False, False, "1", False), ("int4", True, True, True, True, "1", False),
-                 ("int4", False, False, False, False, "0", False)]
-        hopper = gemv_chain.bulk_copy(torch.device("cuda"))
-        if hopper:  # int8 chains: the bulk-copy kernel only
-            cases += [("int8", True, True, True, True, "auto", False), ("int8", True, True, True, True, "auto", True),
-                      ("int4", True, True, True, True, "1", True)]
+        # the conv step in in_proj's chain, x_proj its next phase (mamba.CONV_CHAIN: "auto" takes it for int8)
+        cases = [("int4", True, False, False, False, "0"), ("int4", True, True, False, False, "0"),
+                 ("int4", True, True, True, False, "0"), ("int4", True, True, True, True, "0"),
+                 ("int4", True, False, False, False, "1"), ("int4", True, True, True, True, "1"),
+                 ("int4", False, False, False, False, "0")]
+        if gemv_chain.bulk_copy(torch.device("cuda")):  # int8 chains: the bulk-copy kernel only (Hopper)
+            cases += [("int8", True, True, True, True, "auto")]
         for case in cases:
-            quant, chain, fold, res, join, conv_mode, ssm = case
+            quant, chain, fold, res, join, conv_mode = case
             conv = chain and (conv_mode == "1" or (conv_mode == "auto" and quant == "int8"))
-            mamba.CHAIN, mamba.XPROJ_FOLD, mamba.RES_CHAIN, mamba.JOIN, mamba.CONV_CHAIN, mamba.SSM_CHAIN = case[1:]
+            mamba.CHAIN, mamba.XPROJ_FOLD, mamba.RES_CHAIN, mamba.JOIN, mamba.CONV_CHAIN = case[1:]
             net = mamba.from_mamba(hf)
             quantize_model(net, quant, decode="cuda")
             net.setup_cache(64)
@@ -1574,17 +1570,15 @@ def test_gpu_mamba_chained_step_matches_the_plain_step_and_generates_the_same_in
             paths = [lambda f=f, n=net: setattr(n, "fused_decode", f) for f in (False, True)]  # plain, fused
             runs = mamba_step_runs(net, "cuda", paths)
             assert bool(net._chain) == chain, net.chain_note
-            assert not chain or (net._chain.res, net._chain.join, net._chain.conv, net._chain.ssm) == (
-                res, join, conv, ssm)
+            assert not chain or (net._chain.res, net._chain.join, net._chain.conv) == (res, join, conv)
             assert not conv or all(la.xw is None for la in net.layers)  # the fold's copy freed
             assert (chain and net._chain.logits is not None) == join  # the head on the last chain's words
-            assert not ssm or len(net._chain.chains) == 2  # 3 layers and the head: 8 phases, then 5
             assert_same_steps(runs, 3e-2, case)
             net.fused_decode = True
             tokens = [list(Engine(net, mode=mode, max_seq=64).generate([3, 9, 4], 12)) for mode in ("eager", "graph")]
             assert tokens[0] == tokens[1], (case, tokens)
     finally:
-        mamba.CHAIN, mamba.XPROJ_FOLD, mamba.RES_CHAIN, mamba.JOIN, mamba.CONV_CHAIN, mamba.SSM_CHAIN = held
+        mamba.CHAIN, mamba.XPROJ_FOLD, mamba.RES_CHAIN, mamba.JOIN, mamba.CONV_CHAIN = held
 
 
 def fused_mamba_step_check(device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:

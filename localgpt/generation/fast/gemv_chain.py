@@ -546,72 +546,6 @@ __device__ __forceinline__ void attention(const Phase& ph, float* scr, Rows& row
 
 #endif  // ATTN
 
-#if EXTRA & 8
-// (Mamba) xmode 5: the SSM step of one decode step for the CTA's run of channels, mamba_triton._ssm_step_kernel's
-// arithmetic and roundings. Fields: x the x_proj row (dt_low | B | C, bf16), y in_proj's row (z its second half),
-// y2 the conv's row, nw dt_proj's weight [heads, kv] bf16, ws its bias (fp32), cos A [heads, hd] (fp32), vc the state
-// h [heads, hd] (fp32, updated), rs D (bf16), out the gated row; heads = inner, kv = rank, hd = state (<= 32), D 1:
-// FalconMamba's weightless norms of dt_low / B / C (eps). A warp a channel: its lanes split the rank's dot product
-// (8 columns a lane: rank a multiple of 8, at most 256) and take one state each. lw: rank + 2 hd floats of shared
-// memory (the staged input's, free in this phase).
-__device__ __noinline__ void ssm_phase(const Phase& ph, float* lw, float* red) {
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int inner = ph.heads, rank = ph.kv, ns = ph.hd, R = rank + 2 * ns;
-    for (int i = tid; i < R; i += WARPS * 32) lw[i] = bf2f(__ldcg(ph.x + i));  // written by this launch
-    CSYNC();
-    if (ph.D) {  // the three norms: warp 0 dt_low's sum of squares, warps 1 and 2 B's and C's
-        if (warp < 3) {
-            const int a = warp == 0 ? 0 : warp == 1 ? rank : rank + ns, n = warp == 0 ? rank : ns;
-            float ss = 0.f;
-            for (int i = lane; i < n; i += 32) ss += lw[a + i] * lw[a + i];
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-            if (lane == 0) red[warp] = rsqrtf(ss / n + ph.eps);
-        }
-        CSYNC();
-        for (int i = tid; i < R; i += WARPS * 32)
-            lw[i] = bf2f(f2bf(lw[i] * red[i < rank ? 0 : i < rank + ns ? 1 : 2]));
-        CSYNC();
-    }
-    const float* A = (const float*)ph.cos;
-    float* H = (float*)ph.vc;
-    const int c0 = (int)((long)blockIdx.x * inner / gridDim.x);
-    const int c1 = (int)((long)(blockIdx.x + 1) * inner / gridDim.x);
-    for (int c = c0 + warp; c < c1; c += WARPS) {
-        // every load of the channel first (one round trip), then dt_proj's row, softplus, the state, y
-        const long k = (long)c * ns + lane;
-        const float a = lane < ns ? __ldg(A + k) : 0.f, h0 = lane < ns ? H[k] : 0.f;
-        const float x = bf2f(__ldcg(ph.y2 + c)), z = bf2f(__ldcg(ph.y + inner + c));
-        const float dtb = __ldg(ph.ws + c), dv = bf2f(__ldg(ph.rs + c));
-        float dot = 0.f;
-        if (lane * 8 < rank) {  // dt_proj's row: 8 columns a lane, one 16-byte load (rank a multiple of 8, <= 256)
-            const uint4 w = __ldg((const uint4*)(ph.nw + (long)c * rank) + lane);
-            const u32 wv[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-            for (int j = 0; j < 4; ++j)
-                dot += bf2f(wv[j] & 0xFFFFu) * lw[8 * lane + 2 * j] + bf2f(wv[j] >> 16) * lw[8 * lane + 2 * j + 1];
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-        float dt = bf2f(f2bf(dot)) + dtb;  // dt_proj's row rounded, then the bias
-        dt = dt > 20.f ? dt : logf(1.f + __expf(dt));  // F.softplus (threshold 20)
-        float yv = 0.f;
-        if (lane < ns) {
-            const float h = h0 * __expf(dt * a) + (dt * x) * lw[rank + lane];
-            H[k] = h;
-            yv = bf2f(f2bf(h)) * lw[rank + ns + lane];
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) yv += __shfl_xor_sync(0xffffffffu, yv, o);
-        if (lane == 0) {
-            const float y = bf2f(f2bf(yv)) + x * dv;
-            ph.out[c] = f2bf(y * (z / (1.f + __expf(-z))));
-        }
-    }
-    CSYNC();  // the staged input's memory is the next phase's
-}
-#endif
-
 __device__ __forceinline__ void stage(const Phase& ph, XITEM* xp, XS_T* xs, float* red, float* parts, int nparts,
                                       bool cta0) {
     const int K = ph.K, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -1242,15 +1176,6 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
 #pragma unroll 1
     for (int p = first; p < n_phases; ++p) {
         const Phase& ph = sp[p];
-#if EXTRA & 8
-        if (ph.xmode == 5) {  // Mamba's SSM step: no words (the producer streams the next phase's meanwhile)
-            if (p > 0) grid_sync(bar, (unsigned)++nbar * gridDim.x);
-            if (tid == 0) note(trace, p, 0);
-            ssm_phase(ph, (float*)xp, red);
-            if (tid == 0) { note(trace, p, 1); note(trace, p, 2); }
-            continue;
-        }
-#endif
         begin_phase(ph, p, bar, nbar, trace, xp, xs, red, parts, maxt * WARPS * 16);
         int t0, t1;
         cta_tiles(ph, t0, t1);
@@ -1346,14 +1271,9 @@ class _Phase(ctypes.Structure):
 # the chain's phases past gemv_cuda's XMODES (plain 0, swiglu 1, rms 2): the attention of a decode step (phase 0
 # only; its output row the next GEMV's plain input) and a parallel block's residual adds + LayerNorm (Falcon;
 # staged as wide as the layer's padded input)
-CHAIN_XMODES = {**gemv_cuda.XMODES, "attn": 3, "ln": 4, "ssm": 5}
+CHAIN_XMODES = {**gemv_cuda.XMODES, "attn": 3, "ln": 4}
 # a phase's flags (the kernel's): no grid barrier before it; the previous phase's staged input; GELU on its output
 NOBAR, SAME, GELU_OUT, RES32, CONV = 1, 2, 4, 8, 16
-
-
-def _gemv_phase(ph: dict) -> bool:
-    """Whether a chain phase is a GEMV (has a layer): not the attention, not Mamba's SSM step."""
-    return ph.get("xmode") not in ("attn", "ssm")
 
 
 def balanced_cuts(tiles: list[int], blocks: list[int], grid: int) -> list[list[tuple[int, int]]]:
@@ -1443,8 +1363,7 @@ def source(bits: int, planes: int, warps: int, depth: int, tiled: bool, bpi: int
     """(name, CUDA source) of the chain kernel for one weight format, CTA size (consumer warps), ring depth (items
     a warp, or stages of the bulk-copy ring) and blocks an item (a consumer warp's blocks a stage); ``extra``:
     1 for the parts Llama's kernels leave out: the "ln" prologue, GELU_OUT and balanced runs of tiles (Falcon's
-    chain), 2 for RES32's epilogue (Mamba's fp32 residual), 4 for CONV's (Mamba's conv step), 8 for the SSM
-    phase (Mamba's), a bit set;
+    chain), 2 for RES32's epilogue (Mamba's fp32 residual), 4 for CONV's (Mamba's conv step), a bit set;
     ``attn``: the kernel with the attention phase (``ATTN``; the others leave its code out)."""
     swz = SWIZZLE and f16
     name = (f"gemv_chain_int{bits}_p{planes}_w{warps}_d{depth}_b{bpi}" + ("_tl" if tiled else "")
@@ -1575,8 +1494,7 @@ class Chain:
     kernel variant with that epilogue, ``EXTRA`` & 2). ``conv_state`` (bf16 [C, W - 1]) with ``conv_w`` ([C, W]),
     ``conv_b`` ([C] or None) and ``xc`` ([C], C <= N): output rows below C also go through the depthwise causal
     conv of one decode step as they are written (``mamba_triton.conv_step``'s arithmetic: silu(conv) into xc, the
-    state shifted by the row): Mamba's in_proj, whose next phase can be x_proj on xc (``EXTRA`` & 4). A phase of
-    ``xmode`` "ssm" (``_ssm_phase``, the bulk-copy kernel only, ``EXTRA`` & 8) is Mamba's SSM step, not a GEMV.
+    state shifted by the row): Mamba's in_proj, whose next phase can be x_proj on xc (``EXTRA`` & 4).
     Every tensor is fixed: the launch keeps their addresses (a decode step's static buffers), so calling it
     replays the same GEMVs on whatever they hold."""
 
@@ -1590,9 +1508,7 @@ class Chain:
         attn = phases[0] if phases[0].get("xmode") == "attn" else None
         if any(ph.get("xmode") == "attn" for ph in phases[1:]):
             raise ValueError("the attention is a chain's first phase or none")
-        layers = [ph["layer"] for ph in phases if _gemv_phase(ph)]
-        if not layers:
-            raise ValueError("a chain has a GEMV phase")
+        layers = [ph["layer"] for ph in phases if ph.get("xmode") != "attn"]
         if not all(layer_fits(layer, padded=True) for layer in layers):
             raise ValueError("a layer's words do not fit the chain kernel")
         bits = 4 if isinstance(layers[0], Int4Linear) else 8
@@ -1623,7 +1539,7 @@ class Chain:
         # (and every phase of a Llama chain) in equal runs of tiles
         groups: list[list[int]] = []
         for i, ph in enumerate(phases):
-            if not _gemv_phase(ph):
+            if ph.get("xmode") == "attn":
                 continue
             if (ph.get("nobar") or ph.get("same")) and groups:
                 groups[-1].append(i)
@@ -1638,7 +1554,7 @@ class Chain:
                                  device=device) if cuts else None)
         maxt = max(max(t1 - t0 for t0, t1 in cuts[i]) if i in cuts else
                    -(-ph["layer"].out_features // 16 // self.grid)
-                   for i, ph in enumerate(phases) if _gemv_phase(ph))
+                   for i, ph in enumerate(phases) if ph.get("xmode") != "attn")
         optin = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
         # the attention's scratch after the tiles' parts: one (m, l, out[hd]) a warp
         ascr = warps * (attn["hd"] + 2) * 4 if attn is not None else 0
@@ -1652,10 +1568,7 @@ class Chain:
         extra = (int(any(ph.get("xmode") == "ln" or ph.get("gelu_out") or ph.get("nobar") or ph.get("same")
                          for ph in phases))
                  | (2 if any(ph.get("res32") is not None for ph in phases) else 0)  # RES32's epilogue
-                 | (4 if any(ph.get("conv_state") is not None for ph in phases) else 0)  # CONV's
-                 | (8 if any(ph.get("xmode") == "ssm" for ph in phases) else 0))  # Mamba's SSM step (xmode 5)
-        if extra & 8 and not tma:
-            raise ValueError("the SSM step is a phase of the bulk-copy kernel only")
+                 | (4 if any(ph.get("conv_state") is not None for ph in phases) else 0))  # CONV's
         self.fn = kernel(bits, planes, device, warps, depth, bits == 4, bpi, tma, f16, extra, attn is not None)
         self.smem = smem_bytes(bits, planes, warps, depth, bpi, kmax, maxt, tma, f16) + ascr
         if self.smem + 2048 + (16 * depth if tma else 0) > optin:
@@ -1681,10 +1594,6 @@ class Chain:
                 table[i] = self._attention_phase(ph)
                 resolved.append(ph)
                 continue
-            if ph.get("xmode") == "ssm":
-                table[i] = self._ssm_phase(ph, kmax // fields * (8 if f16 and bits == 8 else 16))
-                resolved.append(ph)
-                continue
             layer = ph["layer"]
             n, k = layer.out_features, layer.in_features
             same = bool(ph.get("same"))
@@ -1695,7 +1604,7 @@ class Chain:
             if flags & (NOBAR | SAME) and i == 0:
                 raise ValueError("a chain's first phase stages its input after no barrier: no nobar / same")
             if same:  # the previous phase's staged input: as wide, nothing to read
-                if not _gemv_phase(phases[i - 1]) or phases[i - 1]["layer"].in_features != k:
+                if phases[i - 1].get("xmode") == "attn" or phases[i - 1]["layer"].in_features != k:
                     raise ValueError(f"phase {i}: same input as a GEMV phase of {k} columns before it")
                 ph = {**resolved[i - 1], "layer": layer, "out": ph["out"], "xsum": None}
             resolved.append(ph)
@@ -1762,37 +1671,6 @@ class Chain:
         entry.kc, entry.vc, entry.cos = state.data_ptr(), xc.data_ptr(), weight.data_ptr()
         entry.sin = bias.data_ptr() if bias is not None else 0
         entry.heads, entry.kv = c, w
-
-    def _ssm_phase(self, ph: dict, staged: int) -> _Phase:
-        """The table entry of an SSM phase (Mamba's selective-state step, ``mamba_triton.ssm_step``'s arithmetic):
-        ``dbl`` x_proj's row ([rank + 2 state] bf16), ``xz`` in_proj's row ([2 inner] bf16, z its second half),
-        ``xc`` the conv's row ([inner] bf16), ``dt_w`` ([inner, rank] bf16), ``dt_b`` ([inner] fp32), ``A``
-        ([inner, state] fp32), ``D`` ([inner] bf16), ``h`` (the state, [inner, state] fp32, updated), ``out`` ([inner]
-        bf16, the gated y) and ``norm_eps`` (FalconMamba's weightless norms of dt / B / C, or None). ``staged``: the
-        bytes of the staged input's shared memory, where the phase keeps the row."""
-        dbl, xz, xc, dt_w, dt_b, A, D, h, out = (ph[k] for k in ("dbl", "xz", "xc", "dt_w", "dt_b", "A", "D", "h",
-                                                                  "out"))
-        inner, rank = dt_w.shape if dt_w.dim() == 2 else (0, 0)
-        state = A.shape[1] if A.dim() == 2 else 0
-        bf16 = (dbl, xz, xc, dt_w, D, out)
-        if (not inner or not 0 < state <= 32 or rank % 8 or rank > 256 or dbl.numel() != rank + 2 * state
-                or xz.numel() != 2 * inner or xc.numel() != inner or out.numel() != inner or D.numel() != inner
-                or dt_b.numel() != inner
-                or A.shape != (inner, state) or h.shape != (inner, state) or (rank + 2 * state) * 4 > staged
-                or any(t.dtype != torch.bfloat16 for t in bf16) or dt_b.dtype != torch.float32
-                or A.dtype != torch.float32 or h.dtype != torch.float32
-                or not all(t.is_contiguous() for t in bf16 + (dt_b, A, h))):
-            raise ValueError("the chain's SSM step: bf16 rows dbl [rank + 2 state], xz [2 inner], xc, D and out "
-                             "[inner], dt_w [inner, rank]; fp32 dt_b [inner], A and h [inner, state]; state <= 32, "
-                             "rank a multiple of 8 up to 256")
-        self.keep += [dbl, xz, xc, dt_w, dt_b, A, D, h, out]
-        entry = _Phase()
-        entry.x, entry.y, entry.y2, entry.nw, entry.ws, entry.cos, entry.vc, entry.rs, entry.out = (
-            t.data_ptr() for t in (dbl, xz, xc, dt_w, dt_b, A, h, D, out))
-        entry.xmode, entry.heads, entry.kv, entry.hd = 5, inner, rank, state
-        eps = ph.get("norm_eps")
-        entry.D, entry.eps = int(eps is not None), float(eps or 0.0)
-        return entry
 
     def _attention_phase(self, ph: dict) -> _Phase:
         """The table entry of an attention phase: ``x`` the qkv row ([(heads + 2 kv) hd] bf16), ``out`` the

@@ -53,11 +53,6 @@ JOIN = os.environ.get("LOCALGPT_MAMBA_JOIN", "1") != "0"
 # chain is bound by its consumers, which the x_proj phase and its barrier add to; int8's outrun the copy engine, as
 # gemv_chain's attention phase pays for int8 only). LOCALGPT_MAMBA_CONV_CHAIN: "auto" (int8 layers), "1" or "0".
 CONV_CHAIN = os.environ.get("LOCALGPT_MAMBA_CONV_CHAIN", "auto")
-# With RES_CHAIN and the conv in the chain, on Hopper: the SSM step a phase of the chain too (``gemv_chain``'s "ssm"
-# phase: the CTAs split the channels, no words), so the step is chain launches of eight phases, two layers each (in_proj
-# with the norm and the conv, x_proj, the SSM step, out_proj with the residual), and the head's; no Triton kernel.
-# LOCALGPT_MAMBA_SSM_CHAIN=1 (opt-in: built and compiled for sm_90 without a GPU, not yet run on one).
-SSM_CHAIN = os.environ.get("LOCALGPT_MAMBA_SSM_CHAIN", "0") == "1"
 
 
 @dataclass
@@ -304,15 +299,11 @@ class Mamba(nn.Module):
             if c.res:  # the residual (c.r32) and the norms' input (c.xb) kept by the chains
                 torch.index_select(self.embed, 0, token.view(-1), out=c.xb.view(1, -1))
                 c.r32.copy_(c.xb)
-                if c.ssm:  # every layer in the chains
-                    for chain in c.chains:
-                        chain()
-                else:
-                    for layer, in_proj, out_proj in zip(self.layers, c.ins, c.outs):
-                        if in_proj is not None:  # None: the out_proj chain before ran it (JOIN)
-                            in_proj()
-                        self._chain_ssm(K, c, layer, pdl)
-                        out_proj()
+                for layer, in_proj, out_proj in zip(self.layers, c.ins, c.outs):
+                    if in_proj is not None:  # None: the out_proj chain before ran it (JOIN)
+                        in_proj()
+                    self._chain_ssm(K, c, layer, pdl)
+                    out_proj()
                 if c.logits is not None:  # the last chain's LM head
                     return c.logits.view(1, -1).float()
                 _, h = K.add_norm(c.r32.view(1, -1), None, self.norm.weight, self.norm.eps, cast_in=False)
@@ -388,8 +379,6 @@ class Mamba(nn.Module):
                         (f"{label} x_proj", c.dbl, layer.x_proj(xc))]
 
             try:
-                if c.ssm:
-                    return self._ssm_chain_check(c, x, gen)
                 if not c.res:
                     c.h.copy_(x)
                     c.ins[0]()
@@ -424,43 +413,6 @@ class Mamba(nn.Module):
                 for la, (cs, hs) in zip(self.layers, held):
                     la.conv_state.copy_(cs)
                     la.ssm_state.copy_(hs)
-
-    def _ssm_chain_check(self, c, x: torch.Tensor, gen: torch.Generator) -> str:
-        """SSM_CHAIN's check: the first chain launch (its layers, and the head where it has it) from the norms'
-        input ``x`` and a random residual and SSM states, against the fused step's own kernels (``mamba_triton``
-        and the layers' GEMVs): the residual, every conv and SSM state, the logits. ``_chain_check`` restores the
-        states."""
-        from localgpt.generation.fast import gemv_chain
-        from localgpt.generation.fast import mamba_triton as K
-        from localgpt.generation.fast.transformer import _chain_mismatch
-
-        dev, s = self.device, self.shape
-        n = min(len(self.layers), gemv_chain.MAXPH // 4)  # the first launch's layers (four phases a layer)
-        head = c.logits is not None and len(self.layers) <= n
-        res = 4 * torch.randn(s.dim, generator=gen, device=dev)
-        for la in self.layers[:n]:
-            la.ssm_state.copy_(torch.randn(la.ssm_state.shape, generator=gen, device=dev))
-        start = [(la.conv_state.clone(), la.ssm_state.clone()) for la in self.layers[:n]]
-        c.xb.copy_(x)
-        c.r32.copy_(res)
-        c.chains[0]()
-        got = [c.r32.clone()] + [t.clone() for la in self.layers[:n] for t in (la.conv_state, la.ssm_state)]
-        logits = c.logits.clone() if head else None
-        for la, (cs, hs) in zip(self.layers, start):  # the same step again through the separate kernels
-            la.conv_state.copy_(cs)
-            la.ssm_state.copy_(hs)
-        r, xb = res.clone(), x
-        for la in self.layers[:n]:
-            _, h = K.add_norm(xb.view(1, -1), None, la.norm.weight, la.norm.eps, cast_in=True)
-            r = r + la.out_proj(self._conv_ssm(K, la, la.in_proj(h))).float().view(-1)
-            xb = r.to(torch.bfloat16)
-        names = ["residual"] + [f"layer {i} {name}" for i in range(n) for name in ("conv state", "SSM state")]
-        refs = [r] + [t for la in self.layers[:n] for t in (la.conv_state, la.ssm_state)]
-        want = list(zip(names, got, refs))
-        if head:
-            _, h = K.add_norm(xb.view(1, -1), None, self.norm.weight, self.norm.eps, cast_in=True)
-            want.append(("head", logits, self.lm_head(h)))
-        return _chain_mismatch(want)
 
     def _build_chain(self):
         from types import SimpleNamespace
@@ -507,17 +459,8 @@ class Mamba(nn.Module):
                                      and la.conv_w.dtype == torch.bfloat16 for la in self.layers))
         if c.conv:
             c.xc, c.dbl = buf(l0.conv_w.shape[0]), buf(l0.x_proj.out_features)
-        # SSM_CHAIN: every layer's kernels in chain launches (the SSM step a phase: the bulk-copy kernel's)
-        c.ssm = bool(SSM_CHAIN and c.res and c.conv and gemv_chain.bulk_copy(dev) and self.shape.state <= 32
-                     and self.shape.dt_rank % 8 == 0 and self.shape.dt_rank <= 256
-                     and all(getattr(la, "dt_w", None) is not None and la.dt_w.dtype == torch.bfloat16
-                             and la.D.dtype == torch.bfloat16 for la in self.layers))
         head = self.lm_head
-        c.logits = buf(head.out_features) if (c.join or c.ssm) and on_words(head) else None
-        head_phase = dict(layer=head, x=c.xb, out=c.logits, xmode="rms", norm=self.norm)  # the final norm, the head
-
-        def out_phase(layer):  # out_proj with the residual's add (RES_CHAIN)
-            return dict(layer=layer.out_proj, x=c.y, out=c.o, res32=c.r32, xsum=c.xb)
+        c.logits = buf(head.out_features) if c.join and on_words(head) else None
 
         def in_phases(layer):  # in_proj (after the norm: RES_CHAIN), and with CONV_CHAIN its conv and x_proj
             ph = (dict(layer=layer.in_proj, x=c.xb, out=c.xz, xmode="rms", norm=layer.norm) if c.res
@@ -534,36 +477,18 @@ class Mamba(nn.Module):
             layer = self.layers[i]
             if not c.res:
                 return gemv_chain.Chain([dict(layer=layer.out_proj, x=c.y, out=c.o)], dev, tma=tma, f16=f16)
-            phases = [out_phase(layer)]
+            phases = [dict(layer=layer.out_proj, x=c.y, out=c.o, res32=c.r32, xsum=c.xb)]
             if c.join and i + 1 < len(self.layers):
                 phases += in_phases(self.layers[i + 1])
             elif c.logits is not None:
-                phases.append(head_phase)
+                phases.append(dict(layer=head, x=c.xb, out=c.logits, xmode="rms", norm=self.norm))
             return gemv_chain.Chain(phases, dev, tma=tma, f16=f16)
 
-        def ssm_phases():  # SSM_CHAIN: the whole step's phases, two layers a launch, then the head
-            seq = []
-            for layer in self.layers:
-                seq += in_phases(layer)
-                seq += [dict(xmode="ssm", dbl=c.dbl, xz=c.xz, xc=c.xc, dt_w=layer.dt_w, dt_b=layer.dt_b.data,
-                             A=layer.A.data, D=layer.D.data, h=layer.ssm_state, out=c.y,
-                             norm_eps=self.shape.bcdt_norm_eps),
-                        out_phase(layer)]
-            if c.logits is not None:
-                seq.append(head_phase)
-            return [seq[i:i + gemv_chain.MAXPH] for i in range(0, len(seq), gemv_chain.MAXPH)]
-
         def first(tma, f16):
-            if c.ssm:
-                c.chains = [gemv_chain.Chain(ssm_phases()[0], dev, tma=tma, f16=f16)]
-                return c.chains[0]
             c.ins = [in_chain(l0, tma, f16)]
             return c.ins[0]
 
         def rest(tma, f16):
-            if c.ssm:
-                c.chains += [gemv_chain.Chain(phases, dev, tma=tma, f16=f16) for phases in ssm_phases()[1:]]
-                return
             c.ins += [None if c.join else in_chain(layer, tma, f16) for layer in self.layers[1:]]
             c.outs = [out_chain(i, tma, f16) for i in range(len(self.layers))]
 
