@@ -940,8 +940,9 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
         # folded into its conv kernel or not (mamba.XPROJ_FOLD); "+mambares" / "+nomambares": the residual's add
         # and the norm in its chains or not (mamba.RES_CHAIN); "+mambajoin" / "+nomambajoin": a layer's out_proj
         # and the next in_proj in one chain launch or not (mamba.JOIN); "+mambaconv" / "+nomambaconv": the conv
-        # step and x_proj in in_proj's chain or not (mamba.CONV_CHAIN); "+nofalcongraph": Falcon's fused step compiled,
-        # not its graph step (LOCALGPT_FALCON_GRAPH=0, with "@compile")),
+        # step and x_proj in in_proj's chain or not (mamba.CONV_CHAIN), "+mambafold": x_proj folded into it
+        # (CONV_CHAIN "fold"); "+nofalcongraph": Falcon's fused step compiled, not its graph step
+        # (LOCALGPT_FALCON_GRAPH=0, with "@compile")),
         # and then "@graph" / "@compile" (that engine mode for this row instead of --mode).
         name_mode = name.partition("@")
         variant, *flags = name_mode[0].split("+")
@@ -1032,12 +1033,13 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                 mamba.CHAIN = "nomambachain" not in flags
                 # "+xfold" / "+noxfold" (mamba.XPROJ_FOLD), "+mambares" / "+nomambares" (RES_CHAIN), "+mambajoin" /
                 # "+nomambajoin" (JOIN): that switch on or off, else its value at start; "+mambaconv" /
-                # "+nomambaconv": CONV_CHAIN "1" or "0", else its value at start
+                # "+nomambaconv": CONV_CHAIN "1" or "0", "+mambafold": "fold", else its value at start
                 for attr, on, off in MAMBA_SWITCHES:
                     start = MAMBA_DEFAULTS.setdefault(attr, getattr(mamba, attr))
                     setattr(mamba, attr, (on in flags or start) and off not in flags)
                 conv = MAMBA_DEFAULTS.setdefault("CONV_CHAIN", mamba.CONV_CHAIN)
-                mamba.CONV_CHAIN = "1" if "mambaconv" in flags else "0" if "nomambaconv" in flags else conv
+                mamba.CONV_CHAIN = ("1" if "mambaconv" in flags else "fold" if "mambafold" in flags
+                                    else "0" if "nomambaconv" in flags else conv)
                 transformer.FALCON_GRAPH = "nofalcongraph" not in flags  # "+nofalcongraph": compiled (@compile)
                 # the chain's mma operands in fp16 (the default); "+bf16": in bf16; "+int8f16": fp16 for int8 only
                 gemv_chain.F16_BITS = (8,) if "int8f16" in flags else () if "bf16" in flags else (4, 8)

@@ -1536,8 +1536,9 @@ def test_gpu_mamba_chained_step_matches_the_plain_step_and_generates_the_same_in
     bf16 rounding, with x_proj folded into the conv's kernel too (mamba.XPROJ_FOLD), with the residual's add and
     the norm in the chains too (mamba.RES_CHAIN), with out_proj's chain running the next in_proj or the head too
     (mamba.JOIN), and with the conv step and x_proj in in_proj's chain (mamba.CONV_CHAIN), int8 layers too on
-    Hopper; the Engine's CUDA graph of it generates the same greedy tokens as its eager run;
-    LOCALGPT_MAMBA_CHAIN=0 (mamba.CHAIN) keeps the layers' own GEMVs."""
+    Hopper, and there with x_proj folded into in_proj's phase (CONV_CHAIN "fold", int4 and int8); the Engine's CUDA
+    graph of it generates the same greedy tokens as its eager run; LOCALGPT_MAMBA_CHAIN=0 (mamba.CHAIN) keeps the
+    layers' own GEMVs."""
     _needs_cuda()
     from transformers import AutoModelForCausalLM
 
@@ -1556,11 +1557,12 @@ def test_gpu_mamba_chained_step_matches_the_plain_step_and_generates_the_same_in
                  ("int4", True, True, True, False, "0"), ("int4", True, True, True, True, "0"),
                  ("int4", True, False, False, False, "1"), ("int4", True, True, True, True, "1"),
                  ("int4", False, False, False, False, "0")]
-        if gemv_chain.bulk_copy(torch.device("cuda")):  # int8 chains: the bulk-copy kernel only (Hopper)
-            cases += [("int8", True, True, True, True, "auto")]
+        if gemv_chain.bulk_copy(torch.device("cuda")):  # int8 chains and the fold: the bulk-copy kernel only (Hopper)
+            cases += [("int8", True, True, True, True, "auto"), ("int4", True, True, True, True, "fold"),
+                      ("int4", True, True, True, False, "fold"), ("int8", True, True, True, True, "fold")]
         for case in cases:
             quant, chain, fold, res, join, conv_mode = case
-            conv = chain and (conv_mode == "1" or (conv_mode == "auto" and quant == "int8"))
+            conv = chain and (conv_mode in ("1", "fold") or (conv_mode == "auto" and quant == "int8"))
             mamba.CHAIN, mamba.XPROJ_FOLD, mamba.RES_CHAIN, mamba.JOIN, mamba.CONV_CHAIN = case[1:]
             net = mamba.from_mamba(hf)
             quantize_model(net, quant, decode="cuda")
@@ -1570,8 +1572,10 @@ def test_gpu_mamba_chained_step_matches_the_plain_step_and_generates_the_same_in
             paths = [lambda f=f, n=net: setattr(n, "fused_decode", f) for f in (False, True)]  # plain, fused
             runs = mamba_step_runs(net, "cuda", paths)
             assert bool(net._chain) == chain, net.chain_note
-            assert not chain or (net._chain.res, net._chain.join, net._chain.conv) == (res, join, conv)
-            assert not conv or all(la.xw is None for la in net.layers)  # the fold's copy freed
+            assert not chain or (net._chain.res, net._chain.join, net._chain.conv, net._chain.xfold) == (
+                res, join, conv, conv_mode == "fold")
+            # the fold's copy freed where x_proj runs on the chain's words, kept where the chain folds it
+            assert not conv or all((la.xw is None) == (conv_mode != "fold") for la in net.layers)
             assert (chain and net._chain.logits is not None) == join  # the head on the last chain's words
             assert_same_steps(runs, 3e-2, case)
             net.fused_decode = True

@@ -126,6 +126,10 @@ struct Phase {
 // of the decode step as it is written: the attention's unused fields hold the conv's state (kc, [heads, kv - 1]
 // bf16, shifted by the row), its output (vc, [heads]), weight (cos, [heads, kv]) and bias (sin, [heads] or null)
 #define CONV 16
+// (Mamba's in_proj, a CONV phase that is the chain's last) x_proj folded in: each CTA's part of x_proj's row over its
+// conv channels (xfold_part), the launch's last CTA adding them up (xfold_sum); y2 x_proj's bf16 weight transposed
+// [heads, hd], hd its outputs R (a multiple of 8), ws the CTAs' parts [grid, hd] fp32, nb x_proj's row (bf16 [hd])
+#define XFOLD 32
 
 __device__ __forceinline__ u32 saddr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
 // A phase's tiles are cut into equal contiguous runs, one a CTA (whole tiles: a tile's parts meet in its shared
@@ -545,6 +549,57 @@ __device__ __forceinline__ void attention(const Phase& ph, float* scr, Rows& row
 }
 
 #endif  // ATTN
+
+#if EXTRA & 16
+// XFOLD: the CTA's part of x_proj's row over its conv channels [16 t0, min(16 t1, heads)): part[r] = sum over them
+// of xc[ch] xw[ch, r] in fp32 (mamba_triton.conv_xproj_step's products), into ws[blockIdx.x]; a CTA whose run
+// starts at or past heads writes none (xfold_sum leaves it out), an empty run zeros. Thread (k, j) takes columns
+// 8j..8j+7 (one 16-byte load a channel) of channels k, k + G, ...; the G parts meet in scr (G R <= 8 WARPS 32
+// floats: the ring, idle after the chain's last phase) and are added in order.
+__device__ __noinline__ void xfold_part(const Phase& ph, int t0, int t1, float* scr) {
+    const int tid = threadIdx.x, R = ph.hd, R8 = R >> 3, G = WARPS * 32 / R8;
+    if (t0 * 16 >= ph.heads) return;
+    const int a = t0 * 16, b = min(t1 * 16, ph.heads), j = tid % R8, k = tid / R8;
+    if (k < G) {
+        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+#pragma unroll 4
+        for (int ch = a + k; ch < b; ch += G) {
+            const float x = bf2f(__ldcg(ph.vc + ch));  // written by this CTA's rows (put_row), before the barrier
+            const uint4 w = __ldg((const uint4*)(ph.y2 + (long)ch * R) + j);
+            const u32 wv[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+            for (int h = 0; h < 4; ++h) {
+                acc[2 * h] += bf2f(wv[h] & 0xFFFFu) * x;
+                acc[2 * h + 1] += bf2f(wv[h] >> 16) * x;
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < 8; ++i) scr[k * R + 8 * j + i] = acc[i];
+    }
+    CSYNC();
+    float* part = ph.ws + (long)blockIdx.x * R;
+    for (int r = tid; r < R; r += WARPS * 32) {
+        float v = 0.f;
+        for (int q = 0; q < G; ++q) v += scr[q * R + r];
+        part[r] = v;
+    }
+}
+
+// XFOLD, the launch's last CTA (every other CTA's part written and fenced): x_proj's row, the parts of the CTAs
+// whose runs start below heads (equal runs: a first n of them) added in CTA order, rounded to bf16 into nb
+__device__ __noinline__ void xfold_sum(const Phase& ph) {
+    const int R = ph.hd;
+    const long T = ph.N / 16;
+    int n = 0;
+    while (n < (int)gridDim.x && n * T / gridDim.x * 16 < ph.heads) ++n;
+    for (int r = threadIdx.x; r < R; r += WARPS * 32) {
+        float v = 0.f;
+#pragma unroll 8
+        for (int c = 0; c < n; ++c) v += __ldcg(ph.ws + (long)c * R + r);
+        ((u16*)ph.nb)[r] = f2bf(v);
+    }
+}
+#endif
 
 __device__ __forceinline__ void stage(const Phase& ph, XITEM* xp, XS_T* xs, float* red, float* parts, int nparts,
                                       bool cta0) {
@@ -1149,6 +1204,14 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
                     if (++s == DEPTH) { s = 0; r ^= 1; }
                 }
                 note(trace, p, 3);
+#if EXTRA & 16
+                if (ph.flags & XFOLD) {  // the CTA's rows of x_proj's copy into the L2 for xfold_part, after its words
+                    const int a = t0 * 16, b = min(t1 * 16, ph.heads);
+                    if (a < b)
+                        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;"
+                                     :: "l"(ph.y2 + (long)a * ph.hd), "r"((u32)((b - a) * ph.hd * 2)) : "memory");
+                }
+#endif
             }
         }
         return;
@@ -1246,12 +1309,31 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
             put_row(ph, row, out_val(total, ph.rs, row));
         }
 #endif
+#if EXTRA & 16
+        if (ph.flags & XFOLD) {  // the chain's last phase (Chain checks): its conv rows written, the ring idle
+            CSYNC();
+            xfold_part(ph, t0, t1, (float*)ring);
+        }
+#endif
     }
     CSYNC();
+#if EXTRA & 16
+    __shared__ int last;  // this CTA the launch's last to finish
+    if (tid == 0) {
+        __threadfence();
+        last = atomicAdd(bar + 1, 1u) == gridDim.x - 1;
+        if (last) { atomicExch(bar, 0u); atomicExch(bar + 1, 0u); __threadfence(); }
+    }
+    if (sp[n_phases - 1].flags & XFOLD) {
+        CSYNC();
+        if (last) xfold_sum(sp[n_phases - 1]);
+    }
+#else
     if (tid == 0) {
         __threadfence();
         if (atomicAdd(bar + 1, 1u) == gridDim.x - 1) { atomicExch(bar, 0u); atomicExch(bar + 1, 0u); }
     }
+#endif
 }
 """
 
@@ -1273,7 +1355,7 @@ class _Phase(ctypes.Structure):
 # staged as wide as the layer's padded input)
 CHAIN_XMODES = {**gemv_cuda.XMODES, "attn": 3, "ln": 4}
 # a phase's flags (the kernel's): no grid barrier before it; the previous phase's staged input; GELU on its output
-NOBAR, SAME, GELU_OUT, RES32, CONV = 1, 2, 4, 8, 16
+NOBAR, SAME, GELU_OUT, RES32, CONV, XFOLD = 1, 2, 4, 8, 16, 32
 
 
 def balanced_cuts(tiles: list[int], blocks: list[int], grid: int) -> list[list[tuple[int, int]]]:
@@ -1363,7 +1445,8 @@ def source(bits: int, planes: int, warps: int, depth: int, tiled: bool, bpi: int
     """(name, CUDA source) of the chain kernel for one weight format, CTA size (consumer warps), ring depth (items
     a warp, or stages of the bulk-copy ring) and blocks an item (a consumer warp's blocks a stage); ``extra``:
     1 for the parts Llama's kernels leave out: the "ln" prologue, GELU_OUT and balanced runs of tiles (Falcon's
-    chain), 2 for RES32's epilogue (Mamba's fp32 residual), 4 for CONV's (Mamba's conv step), a bit set;
+    chain), 2 for RES32's epilogue (Mamba's fp32 residual), 4 for CONV's (Mamba's conv step), 16 for XFOLD's (x_proj
+    folded into it; the bulk-copy kernel's), a bit set;
     ``attn``: the kernel with the attention phase (``ATTN``; the others leave its code out)."""
     swz = SWIZZLE and f16
     name = (f"gemv_chain_int{bits}_p{planes}_w{warps}_d{depth}_b{bpi}" + ("_tl" if tiled else "")
@@ -1494,7 +1577,10 @@ class Chain:
     kernel variant with that epilogue, ``EXTRA`` & 2). ``conv_state`` (bf16 [C, W - 1]) with ``conv_w`` ([C, W]),
     ``conv_b`` ([C] or None) and ``xc`` ([C], C <= N): output rows below C also go through the depthwise causal
     conv of one decode step as they are written (``mamba_triton.conv_step``'s arithmetic: silu(conv) into xc, the
-    state shifted by the row): Mamba's in_proj, whose next phase can be x_proj on xc (``EXTRA`` & 4).
+    state shifted by the row): Mamba's in_proj, whose next phase can be x_proj on xc (``EXTRA`` & 4). Or, in the
+    bulk-copy kernel and as the chain's last phase, x_proj folded in: ``xw`` (x_proj's weight transposed, bf16 [C, R],
+    R a multiple of 8) and ``dbl`` ([R] bf16, x_proj's row): each CTA adds up its conv rows times their rows of xw,
+    and the launch's last CTA adds the CTAs' parts in order (``EXTRA`` & 16: no x_proj phase, no barrier).
     Every tensor is fixed: the launch keeps their addresses (a decode step's static buffers), so calling it
     replays the same GEMVs on whatever they hold."""
 
@@ -1568,7 +1654,8 @@ class Chain:
         extra = (int(any(ph.get("xmode") == "ln" or ph.get("gelu_out") or ph.get("nobar") or ph.get("same")
                          for ph in phases))
                  | (2 if any(ph.get("res32") is not None for ph in phases) else 0)  # RES32's epilogue
-                 | (4 if any(ph.get("conv_state") is not None for ph in phases) else 0))  # CONV's
+                 | (4 if any(ph.get("conv_state") is not None for ph in phases) else 0)  # CONV's
+                 | (16 if any(ph.get("xw") is not None for ph in phases) else 0))  # XFOLD's
         self.fn = kernel(bits, planes, device, warps, depth, bits == 4, bpi, tma, f16, extra, attn is not None)
         self.smem = smem_bytes(bits, planes, warps, depth, bpi, kmax, maxt, tma, f16) + ascr
         if self.smem + 2048 + (16 * depth if tma else 0) > optin:
@@ -1597,10 +1684,10 @@ class Chain:
             layer = ph["layer"]
             n, k = layer.out_features, layer.in_features
             same = bool(ph.get("same"))
-            res32, conv = ph.get("res32"), ph.get("conv_state")
+            res32, conv, xw = ph.get("res32"), ph.get("conv_state"), ph.get("xw")
             flags = ((NOBAR if ph.get("nobar") or same else 0) | (SAME if same else 0)
                      | (GELU_OUT if ph.get("gelu_out") else 0) | (RES32 if res32 is not None else 0)
-                     | (CONV if conv is not None else 0))
+                     | (CONV if conv is not None else 0) | (XFOLD if xw is not None else 0))
             if flags & (NOBAR | SAME) and i == 0:
                 raise ValueError("a chain's first phase stages its input after no barrier: no nobar / same")
             if same:  # the previous phase's staged input: as wide, nothing to read
@@ -1647,6 +1734,12 @@ class Chain:
                 table[i].ws = res32.data_ptr()
             if conv is not None:  # the conv's tensors in the attention's fields (CONV)
                 self._conv_fields(table[i], i, n, conv, ph["conv_w"], ph.get("conv_b"), ph["xc"])
+            if xw is not None:
+                if conv is None or res32 is not None or i != len(phases) - 1 or not tma or i in cuts:
+                    raise ValueError(f"phase {i}: x_proj folds into a CONV phase that is the chain's last, in "
+                                     "equal runs of tiles, in the bulk-copy kernel")
+                self._xfold_fields(table[i], i, xw, ph["dbl"], ph["xc"].numel(), depth * stage_bytes(
+                    bits, planes, warps, bpi))
             table[i].cut = self.cut[i].data_ptr() if i in cuts else 0
             if self.maps is not None:
                 self.maps[i].copy_(torch.frombuffer(bytearray(_tensor_map(layer.words, n, k)), dtype=torch.uint8))
@@ -1671,6 +1764,20 @@ class Chain:
         entry.kc, entry.vc, entry.cos = state.data_ptr(), xc.data_ptr(), weight.data_ptr()
         entry.sin = bias.data_ptr() if bias is not None else 0
         entry.heads, entry.kv = c, w
+
+    def _xfold_fields(self, entry: _Phase, i: int, xw: torch.Tensor, dbl: torch.Tensor, c: int, ring: int) -> None:
+        """An XFOLD phase's x_proj copy ``xw`` [C, R], its row ``dbl`` [R] and the CTAs' parts (``self.xparts``, fp32
+        [grid, R]) in its table entry's unused fields (y2, nb, ws; R in hd)."""
+        r, warps = dbl.numel(), self.shape[0]
+        if (xw.shape != (c, r) or not 0 < r <= 8 * 32 * warps or r % 8 or any(
+                t.dtype != torch.bfloat16 or not t.is_contiguous() or t.data_ptr() % 16 for t in (xw, dbl))):
+            raise ValueError(f"phase {i}: the fold takes x_proj's weight transposed, bf16 [C, R], and its row, bf16 "
+                             f"[R], R a multiple of 8 up to {8 * 32 * warps}")
+        if (warps * 32 // (r // 8)) * r * 4 > ring:
+            raise ValueError(f"phase {i}: the fold's sums do not fit the ring")
+        self.xparts = torch.zeros(self.grid, r, dtype=torch.float32, device=xw.device)
+        self.keep += [xw, dbl, self.xparts]
+        entry.y2, entry.nb, entry.ws, entry.hd = xw.data_ptr(), dbl.data_ptr(), self.xparts.data_ptr(), r
 
     def _attention_phase(self, ph: dict) -> _Phase:
         """The table entry of an attention phase: ``x`` the qkv row ([(heads + 2 kv) hd] bf16), ``out`` the

@@ -51,7 +51,10 @@ JOIN = os.environ.get("LOCALGPT_MAMBA_JOIN", "1") != "0"
 # (no bf16 copy of its weight, no x_proj fold), so a layer's conv and x_proj have no launch of their own. H200,
 # FalconMamba-7B with JOIN, one call (round 20): int8 328.2 against 314.1 tok/s, int4 437.2 against 446.9 (int4's
 # chain is bound by its consumers, which the x_proj phase and its barrier add to; int8's outrun the copy engine, as
-# gemv_chain's attention phase pays for int8 only). LOCALGPT_MAMBA_CONV_CHAIN: "auto" (int8 layers), "1" or "0".
+# gemv_chain's attention phase pays for int8 only). "fold" (the bulk-copy kernel, with XPROJ_FOLD's copy): the conv
+# step in in_proj's chain and x_proj folded into it instead of a phase: each CTA multiplies its conv rows by their rows
+# of the bf16 copy and the launch's last CTA adds the CTAs' parts (``gemv_chain``'s XFOLD), so a layer is the chain
+# and the SSM step. LOCALGPT_MAMBA_CONV_CHAIN: "auto" (int8 layers: "1"), "1", "fold" or "0".
 CONV_CHAIN = os.environ.get("LOCALGPT_MAMBA_CONV_CHAIN", "auto")
 
 
@@ -375,8 +378,9 @@ class Mamba(nn.Module):
                     return []
                 state = state.clone()
                 xc = K.conv_step(xz.view(1, -1), state, layer.conv_w, layer.conv_b)
+                xp = (xc.float() @ layer.xw.float()).to(xc.dtype) if c.xfold else layer.x_proj(xc)  # fold: its copy
                 return [(f"{label} conv", c.xc, xc), (f"{label} conv state", layer.conv_state, state),
-                        (f"{label} x_proj", c.dbl, layer.x_proj(xc))]
+                        (f"{label} x_proj", c.dbl, xp)]
 
             try:
                 if not c.res:
@@ -453,10 +457,14 @@ class Mamba(nn.Module):
         def on_words(m):  # a layer that can share a chain with in_proj: its words, one weight format a chain
             return gemv_chain.layer_fits(m) and type(m) is type(l0.in_proj) and m.planes == l0.in_proj.planes
 
-        # CONV_CHAIN: the conv step in in_proj's chain and x_proj as its next phase (x_proj on the chain's words)
-        wanted = CONV_CHAIN == "1" or (CONV_CHAIN == "auto" and int8)
-        c.conv = bool(wanted and all(on_words(la.x_proj) and la.conv_state.numel()
+        # CONV_CHAIN: the conv step in in_proj's chain and x_proj as its next phase (x_proj on the chain's words),
+        # or ("fold") x_proj folded into in_proj's phase from XPROJ_FOLD's bf16 copy (the bulk-copy kernel)
+        wanted = CONV_CHAIN in ("1", "fold") or (CONV_CHAIN == "auto" and int8)
+        c.xfold = bool(wanted and CONV_CHAIN == "fold" and gemv_chain.bulk_copy(dev)
+                       and all(getattr(la, "xw", None) is not None for la in self.layers))
+        c.conv = bool(wanted and all((c.xfold or on_words(la.x_proj)) and la.conv_state.numel()
                                      and la.conv_w.dtype == torch.bfloat16 for la in self.layers))
+        c.xfold = c.xfold and c.conv
         if c.conv:
             c.xc, c.dbl = buf(l0.conv_w.shape[0]), buf(l0.x_proj.out_features)
         head = self.lm_head
@@ -468,6 +476,8 @@ class Mamba(nn.Module):
             if not c.conv:
                 return [ph]
             ph.update(conv_state=layer.conv_state, conv_w=layer.conv_w.data, conv_b=layer.conv_b.data, xc=c.xc)
+            if c.xfold:  # x_proj in in_proj's phase (the chain's last)
+                return [{**ph, "xw": layer.xw, "dbl": c.dbl}]
             return [ph, dict(layer=layer.x_proj, x=c.xc, out=c.dbl)]
 
         def in_chain(layer, tma, f16):
@@ -493,7 +503,7 @@ class Mamba(nn.Module):
             c.outs = [out_chain(i, tma, f16) for i in range(len(self.layers))]
 
         ok = chain_kernels(self, Transformer._chain_tries(int8=int8), first, rest, lambda: self._chain_check(c))
-        if ok and c.conv:  # x_proj runs on the chain's words: the fold's bf16 copy of its weight is not read
+        if ok and c.conv and not c.xfold:  # x_proj on the chain's words: the fold's bf16 copy is not read
             for layer in self.layers:
                 layer.xw = None
         return c if ok else None
