@@ -551,26 +551,36 @@ __device__ __forceinline__ void attention(const Phase& ph, float* scr, Rows& row
 #endif  // ATTN
 
 #if EXTRA & 16
+#define XF_LOADS 12  // the loads a thread issues before it uses any (one trip to the L2 for up to 12 of each)
 // XFOLD: the CTA's part of x_proj's row over its conv channels [16 t0, min(16 t1, heads)): part[r] = sum over them
 // of xc[ch] xw[ch, r] in fp32 (mamba_triton.conv_xproj_step's products), into ws[blockIdx.x]; a CTA whose run
 // starts at or past heads writes none (xfold_sum leaves it out), an empty run zeros. Thread (k, j) takes columns
-// 8j..8j+7 (one 16-byte load a channel) of channels k, k + G, ...; the G parts meet in scr (G R <= 8 WARPS 32
-// floats: the ring, idle after the chain's last phase) and are added in order.
+// 8j..8j+7 (one 16-byte load a channel) of channels k, k + G, ..., XF_LOADS of them loaded at once; the G parts
+// meet in scr (G R <= 8 WARPS 32 floats: the ring, idle after the chain's last phase) and are added in order.
 __device__ __noinline__ void xfold_part(const Phase& ph, int t0, int t1, float* scr) {
     const int tid = threadIdx.x, R = ph.hd, R8 = R >> 3, G = WARPS * 32 / R8;
     if (t0 * 16 >= ph.heads) return;
     const int a = t0 * 16, b = min(t1 * 16, ph.heads), j = tid % R8, k = tid / R8;
     if (k < G) {
         float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-#pragma unroll 4
-        for (int ch = a + k; ch < b; ch += G) {
-            const float x = bf2f(__ldcg(ph.vc + ch));  // written by this CTA's rows (put_row), before the barrier
-            const uint4 w = __ldg((const uint4*)(ph.y2 + (long)ch * R) + j);
-            const u32 wv[4] = {w.x, w.y, w.z, w.w};
+        for (int c0 = a + k; c0 < b; c0 += XF_LOADS * G) {
+            uint4 w[XF_LOADS];
+            float x[XF_LOADS];
 #pragma unroll
-            for (int h = 0; h < 4; ++h) {
-                acc[2 * h] += bf2f(wv[h] & 0xFFFFu) * x;
-                acc[2 * h + 1] += bf2f(wv[h] >> 16) * x;
+            for (int i = 0; i < XF_LOADS; ++i) {
+                const int ch = c0 + i * G;
+                // xc: written by this CTA's rows (put_row) before the barrier
+                x[i] = ch < b ? bf2f(__ldcg(ph.vc + ch)) : 0.f;
+                w[i] = ch < b ? __ldg((const uint4*)(ph.y2 + (long)ch * R) + j) : make_uint4(0u, 0u, 0u, 0u);
+            }
+#pragma unroll
+            for (int i = 0; i < XF_LOADS; ++i) {
+                const u32 wv[4] = {w[i].x, w[i].y, w[i].z, w[i].w};
+#pragma unroll
+                for (int h = 0; h < 4; ++h) {
+                    acc[2 * h] += bf2f(wv[h] & 0xFFFFu) * x[i];
+                    acc[2 * h + 1] += bf2f(wv[h] >> 16) * x[i];
+                }
             }
         }
 #pragma unroll
@@ -586,16 +596,33 @@ __device__ __noinline__ void xfold_part(const Phase& ph, int t0, int t1, float* 
 }
 
 // XFOLD, the launch's last CTA (every other CTA's part written and fenced): x_proj's row, the parts of the CTAs
-// whose runs start below heads (equal runs: a first n of them) added in CTA order, rounded to bf16 into nb
-__device__ __noinline__ void xfold_sum(const Phase& ph) {
-    const int R = ph.hd;
-    const long T = ph.N / 16;
-    int n = 0;
-    while (n < (int)gridDim.x && n * T / gridDim.x * 16 < ph.heads) ++n;
-    for (int r = threadIdx.x; r < R; r += WARPS * 32) {
+// whose runs start below heads (equal runs: the first n, n the least c with (c T / grid) 16 >= heads, heads a
+// multiple of 16) added in CTA order, rounded to bf16 into nb. Thread (g, q) adds four columns 4q.. of parts g,
+// g + G, ... (XF_LOADS 16-byte loads at once); the G sums meet in scr and are added in order.
+__device__ __noinline__ void xfold_sum(const Phase& ph, float* scr) {
+    const int tid = threadIdx.x, R = ph.hd, R4 = R >> 2, G = WARPS * 32 / R4, q = tid % R4, g = tid / R4;
+    const long T = ph.N / 16, tc = ph.heads / 16;
+    const int n = (int)min((long)gridDim.x, (tc * gridDim.x + T - 1) / T);
+    if (g < G) {
+        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int c0 = g; c0 < n; c0 += XF_LOADS * G) {
+            float4 v[XF_LOADS];
+#pragma unroll
+            for (int i = 0; i < XF_LOADS; ++i) {
+                const int c = c0 + i * G;
+                v[i] = c < n ? __ldcg((const float4*)(ph.ws + (long)c * R) + q) : make_float4(0.f, 0.f, 0.f, 0.f);
+            }
+#pragma unroll
+            for (int i = 0; i < XF_LOADS; ++i) {
+                acc.x += v[i].x; acc.y += v[i].y; acc.z += v[i].z; acc.w += v[i].w;
+            }
+        }
+        ((float4*)(scr + g * R))[q] = acc;
+    }
+    CSYNC();
+    for (int r = tid; r < R; r += WARPS * 32) {
         float v = 0.f;
-#pragma unroll 8
-        for (int c = 0; c < n; ++c) v += __ldcg(ph.ws + (long)c * R + r);
+        for (int i = 0; i < G; ++i) v += scr[i * R + r];
         ((u16*)ph.nb)[r] = f2bf(v);
     }
 }
@@ -1326,7 +1353,7 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
     }
     if (sp[n_phases - 1].flags & XFOLD) {
         CSYNC();
-        if (last) xfold_sum(sp[n_phases - 1]);
+        if (last) xfold_sum(sp[n_phases - 1], (float*)ring);
     }
 #else
     if (tid == 0) {
@@ -1769,10 +1796,10 @@ class Chain:
         """An XFOLD phase's x_proj copy ``xw`` [C, R], its row ``dbl`` [R] and the CTAs' parts (``self.xparts``, fp32
         [grid, R]) in its table entry's unused fields (y2, nb, ws; R in hd)."""
         r, warps = dbl.numel(), self.shape[0]
-        if (xw.shape != (c, r) or not 0 < r <= 8 * 32 * warps or r % 8 or any(
+        if (xw.shape != (c, r) or c % 16 or not 0 < r <= 8 * 32 * warps or r % 8 or any(
                 t.dtype != torch.bfloat16 or not t.is_contiguous() or t.data_ptr() % 16 for t in (xw, dbl))):
-            raise ValueError(f"phase {i}: the fold takes x_proj's weight transposed, bf16 [C, R], and its row, bf16 "
-                             f"[R], R a multiple of 8 up to {8 * 32 * warps}")
+            raise ValueError(f"phase {i}: the fold takes x_proj's weight transposed, bf16 [C, R], C a multiple of 16, "
+                             f"and its row, bf16 [R], R a multiple of 8 up to {8 * 32 * warps}")
         if (warps * 32 // (r // 8)) * r * 4 > ring:
             raise ValueError(f"phase {i}: the fold's sums do not fit the ring")
         self.xparts = torch.zeros(self.grid, r, dtype=torch.float32, device=xw.device)
