@@ -49,7 +49,9 @@ KERNELS = [(4, 16, *gemv_chain.TMA_DEFAULTS[4], True, True), (4, 16, *gemv_chain
            (4, 16, *gemv_chain.TMA_DEFAULTS[4], True, True, 6),  # and its in_proj's conv step (CONV)
            (8, 32, *gemv_chain.TMA_DEFAULTS[8], True, True, 6),
            (4, 16, *gemv_chain.TMA_DEFAULTS[4], True, True, 22),  # and x_proj folded into it (XFOLD)
-           (8, 32, *gemv_chain.TMA_DEFAULTS[8], True, True, 22)]
+           (8, 32, *gemv_chain.TMA_DEFAULTS[8], True, True, 22),
+           (4, 16, *gemv_chain.TMA_DEFAULTS[4], True, True, 54),  # and its conv rows prefetched (CONV_PREFETCH)
+           (8, 32, *gemv_chain.TMA_DEFAULTS[8], True, True, 54)]
 # the two before those: with the attention phase (ATTN; a revision before ATTN has the attention in every kernel)
 
 

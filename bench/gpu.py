@@ -1008,6 +1008,8 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                 gemv_chain.TMA = "ring" not in flags  # "+ring": the chain's cp.async ring kernel on Hopper too
                 # "+nopdl": the chain and the attention's kernels as plain launches, not programmatic dependent ones
                 gemv_chain.PDL = "nopdl" not in flags
+                # "+convpf": a CONV phase's conv rows asked into the L2 by the chain's producer (CONV_PREFETCH)
+                gemv_chain.CONV_PREFETCH = "convpf" in flags
                 from localgpt.generation.fast import slot_triton
 
                 # "+stepattn": step_attention's one kernel (and the merge) at every cache length, not rope_store +
@@ -1052,6 +1054,7 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                     quantize.PROLOGUE = True
                     transformer.CHAIN, transformer.CHAIN_INT8 = True, True
                     gemv_chain.TMA = True
+                    gemv_chain.CONV_PREFETCH = False
                     transformer.CHAIN_ATTN = "auto"
                     transformer.STEP_MERGE, transformer.STEP_EARLY = True, 1
                     mamba.CHAIN = True

@@ -1536,9 +1536,9 @@ def test_gpu_mamba_chained_step_matches_the_plain_step_and_generates_the_same_in
     bf16 rounding, with x_proj folded into the conv's kernel too (mamba.XPROJ_FOLD), with the residual's add and
     the norm in the chains too (mamba.RES_CHAIN), with out_proj's chain running the next in_proj or the head too
     (mamba.JOIN), and with the conv step and x_proj in in_proj's chain (mamba.CONV_CHAIN), int8 layers too on
-    Hopper, and there with x_proj folded into in_proj's phase (CONV_CHAIN "fold", int4 and int8); the Engine's CUDA
-    graph of it generates the same greedy tokens as its eager run; LOCALGPT_MAMBA_CHAIN=0 (mamba.CHAIN) keeps the
-    layers' own GEMVs."""
+    Hopper, and there with x_proj folded into in_proj's phase (CONV_CHAIN "fold", int4 and int8; int8's "auto"),
+    its conv rows asked into the L2 first too (gemv_chain.CONV_PREFETCH); the Engine's CUDA graph of it generates the
+    same greedy tokens as its eager run; LOCALGPT_MAMBA_CHAIN=0 (mamba.CHAIN) keeps the layers' own GEMVs."""
     _needs_cuda()
     from transformers import AutoModelForCausalLM
 
@@ -1548,7 +1548,7 @@ def test_gpu_mamba_chained_step_matches_the_plain_step_and_generates_the_same_in
     hf = AutoModelForCausalLM.from_pretrained(
         build_tiny_model("falcon-mamba", tmp_path / "fm", hidden_size=256, num_hidden_layers=3, time_step_rank=16,
                          vocab_size=512), dtype=torch.bfloat16).to("cuda").eval()  # a head of whole 16-row tiles
-    held = mamba.CHAIN, mamba.XPROJ_FOLD, mamba.RES_CHAIN, mamba.JOIN, mamba.CONV_CHAIN
+    held = mamba.CHAIN, mamba.XPROJ_FOLD, mamba.RES_CHAIN, mamba.JOIN, mamba.CONV_CHAIN, gemv_chain.CONV_PREFETCH
     try:
         # fold: mamba.XPROJ_FOLD; res: the residual's add and the norm in the chains (mamba.RES_CHAIN); join: a
         # layer's out_proj and the next one's in_proj (the last one's: the head) in one launch (mamba.JOIN); conv:
@@ -1558,12 +1558,16 @@ def test_gpu_mamba_chained_step_matches_the_plain_step_and_generates_the_same_in
                  ("int4", True, False, False, False, "1"), ("int4", True, True, True, True, "1"),
                  ("int4", False, False, False, False, "0")]
         if gemv_chain.bulk_copy(torch.device("cuda")):  # int8 chains and the fold: the bulk-copy kernel only (Hopper)
-            cases += [("int8", True, True, True, True, "auto"), ("int4", True, True, True, True, "fold"),
-                      ("int4", True, True, True, False, "fold"), ("int8", True, True, True, True, "fold")]
+            cases += [("int8", True, True, True, True, "auto"), ("int8", True, True, True, True, "1"),
+                      ("int4", True, True, True, True, "fold"), ("int4", True, True, True, False, "fold"),
+                      ("int8", True, True, True, True, "fold+pf"), ("int4", True, True, True, True, "fold+pf")]
         for case in cases:
             quant, chain, fold, res, join, conv_mode = case
-            conv = chain and (conv_mode in ("1", "fold") or (conv_mode == "auto" and quant == "int8"))
+            conv = chain and (conv_mode.startswith(("1", "fold")) or (conv_mode == "auto" and quant == "int8"))
             mamba.CHAIN, mamba.XPROJ_FOLD, mamba.RES_CHAIN, mamba.JOIN, mamba.CONV_CHAIN = case[1:]
+            conv_mode, gemv_chain.CONV_PREFETCH = conv_mode.partition("+")[0], conv_mode.endswith("+pf")
+            mamba.CONV_CHAIN = conv_mode
+            xfold = conv and fold and (conv_mode == "fold" or (conv_mode == "auto" and quant == "int8"))
             net = mamba.from_mamba(hf)
             quantize_model(net, quant, decode="cuda")
             net.setup_cache(64)
@@ -1573,16 +1577,16 @@ def test_gpu_mamba_chained_step_matches_the_plain_step_and_generates_the_same_in
             runs = mamba_step_runs(net, "cuda", paths)
             assert bool(net._chain) == chain, net.chain_note
             assert not chain or (net._chain.res, net._chain.join, net._chain.conv, net._chain.xfold) == (
-                res, join, conv, conv_mode == "fold")
+                res, join, conv, xfold)
             # the fold's copy freed where x_proj runs on the chain's words, kept where the chain folds it
-            assert not conv or all((la.xw is None) == (conv_mode != "fold") for la in net.layers)
+            assert not conv or all((la.xw is None) != xfold for la in net.layers)
             assert (chain and net._chain.logits is not None) == join  # the head on the last chain's words
             assert_same_steps(runs, 3e-2, case)
             net.fused_decode = True
             tokens = [list(Engine(net, mode=mode, max_seq=64).generate([3, 9, 4], 12)) for mode in ("eager", "graph")]
             assert tokens[0] == tokens[1], (case, tokens)
     finally:
-        mamba.CHAIN, mamba.XPROJ_FOLD, mamba.RES_CHAIN, mamba.JOIN, mamba.CONV_CHAIN = held
+        mamba.CHAIN, mamba.XPROJ_FOLD, mamba.RES_CHAIN, mamba.JOIN, mamba.CONV_CHAIN, gemv_chain.CONV_PREFETCH = held
 
 
 def fused_mamba_step_check(device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:

@@ -1098,6 +1098,10 @@ __device__ __forceinline__ void box(u32 dst, const void* map, int x, int y, u32 
                  " [%0], [%1, {%2, %3}], [%4], %5;"
                  :: "r"(dst), "l"(map), "r"(x), "r"(y), "r"(b), "l"(policy) : "memory");
 }
+// src and bytes multiples of 16 (XFOLD's rows: R a multiple of 8; CONV's: runs of 16 channels)
+__device__ __forceinline__ void prefetch_l2(const void* src, int bytes) {
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(src), "r"((u32)bytes) : "memory");
+}
 __device__ __forceinline__ void bulk(u32 dst, const void* src, u32 bytes, u32 b, u64 policy) {
     asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;"
                  :: "r"(dst), "l"(src), "r"(bytes), "r"(b), "l"(policy) : "memory");
@@ -1234,9 +1238,17 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
 #if EXTRA & 16
                 if (ph.flags & XFOLD) {  // the CTA's rows of x_proj's copy into the L2 for xfold_part, after its words
                     const int a = t0 * 16, b = min(t1 * 16, ph.heads);
-                    if (a < b)
-                        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;"
-                                     :: "l"(ph.y2 + (long)a * ph.hd), "r"((u32)((b - a) * ph.hd * 2)) : "memory");
+                    if (a < b) prefetch_l2(ph.y2 + (long)a * ph.hd, (b - a) * ph.hd * 2);
+                }
+#endif
+#if EXTRA & 32
+                if (ph.flags & CONV) {  // the CTA's conv state, weight and bias rows into the L2 for put_row
+                    const int a = t0 * 16, b = min(t1 * 16, ph.heads), w = ph.kv;
+                    if (a < b) {
+                        prefetch_l2(ph.kc + (long)a * (w - 1), (b - a) * (w - 1) * 2);
+                        prefetch_l2(ph.cos + (long)a * w, (b - a) * w * 2);
+                        if (ph.sin != nullptr) prefetch_l2(ph.sin + a, (b - a) * 2);
+                    }
                 }
 #endif
             }
@@ -1445,6 +1457,10 @@ F16_MODE = os.environ.get("LOCALGPT_GEMV_CHAIN_F16", "auto")
 F16_BITS = {"0": (), "int8": (8,)}.get(F16_MODE, (4, 8))
 F16 = bool(F16_BITS)  # some format takes them (the engine's fallback to bf16 operands tries it)
 F16_INT4_RING = F16_MODE in ("all", "1")
+# A CONV phase's conv state, weight and bias rows (Mamba's in_proj) asked into the L2 by the bulk-copy kernel's
+# producer after the CTA's words, so put_row's conv reads them from there at the phase's end (``EXTRA`` & 32).
+# Opt-in (LOCALGPT_GEMV_CHAIN_CONVPF=1): not yet measured.
+CONV_PREFETCH = os.environ.get("LOCALGPT_GEMV_CHAIN_CONVPF", "0") == "1"
 
 
 # bench/gemv_cuda.py --chain-diag: bits leaving out 1 the multiply, 2 the staging of the input, 4 the grid barrier,
@@ -1473,7 +1489,7 @@ def source(bits: int, planes: int, warps: int, depth: int, tiled: bool, bpi: int
     a warp, or stages of the bulk-copy ring) and blocks an item (a consumer warp's blocks a stage); ``extra``:
     1 for the parts Llama's kernels leave out: the "ln" prologue, GELU_OUT and balanced runs of tiles (Falcon's
     chain), 2 for RES32's epilogue (Mamba's fp32 residual), 4 for CONV's (Mamba's conv step), 16 for XFOLD's (x_proj
-    folded into it; the bulk-copy kernel's), a bit set;
+    folded into it; the bulk-copy kernel's), 32 for CONV_PREFETCH (the bulk-copy kernel's), a bit set;
     ``attn``: the kernel with the attention phase (``ATTN``; the others leave its code out)."""
     swz = SWIZZLE and f16
     name = (f"gemv_chain_int{bits}_p{planes}_w{warps}_d{depth}_b{bpi}" + ("_tl" if tiled else "")
@@ -1678,11 +1694,17 @@ class Chain:
         depth = depth or defaults[1]
         # the kernel with a parallel block's parts (EXTRA): "ln", GELU_OUT and the balanced runs of a barrier-free
         # group (left out of Llama's kernels: their registers)
+        convs = [(ph["conv_state"], ph["conv_w"], ph.get("conv_b")) for ph in phases
+                 if ph.get("conv_state") is not None]
         extra = (int(any(ph.get("xmode") == "ln" or ph.get("gelu_out") or ph.get("nobar") or ph.get("same")
                          for ph in phases))
                  | (2 if any(ph.get("res32") is not None for ph in phases) else 0)  # RES32's epilogue
-                 | (4 if any(ph.get("conv_state") is not None for ph in phases) else 0)  # CONV's
-                 | (16 if any(ph.get("xw") is not None for ph in phases) else 0))  # XFOLD's
+                 | (4 if convs else 0)  # CONV's
+                 | (16 if any(ph.get("xw") is not None for ph in phases) else 0)  # XFOLD's
+                 # CONV_PREFETCH: whole tiles of channels, 16-byte aligned rows
+                 | (32 if tma and CONV_PREFETCH and convs and all(
+                     t[0].shape[0] % 16 == 0 and all(u.data_ptr() % 16 == 0 for u in t if u is not None)
+                     for t in convs) else 0))
         self.fn = kernel(bits, planes, device, warps, depth, bits == 4, bpi, tma, f16, extra, attn is not None)
         self.smem = smem_bytes(bits, planes, warps, depth, bpi, kmax, maxt, tma, f16) + ascr
         if self.smem + 2048 + (16 * depth if tma else 0) > optin:
