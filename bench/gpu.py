@@ -1008,8 +1008,16 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                 gemv_chain.TMA = "ring" not in flags  # "+ring": the chain's cp.async ring kernel on Hopper too
                 # "+nopdl": the chain and the attention's kernels as plain launches, not programmatic dependent ones
                 gemv_chain.PDL = "nopdl" not in flags
-                # "+convpf": a CONV phase's conv rows asked into the L2 by the chain's producer (CONV_PREFETCH)
-                gemv_chain.CONV_PREFETCH = "convpf" in flags
+                # "+convpf" / "+noconvpf": a CONV phase's conv rows asked into the L2 by the chain's producer or not
+                # (gemv_chain.CONV_PREFETCH; else its value at start)
+                convpf = MAMBA_DEFAULTS.setdefault("CONV_PREFETCH", gemv_chain.CONV_PREFETCH)
+                gemv_chain.CONV_PREFETCH = ("convpf" in flags or convpf) and "noconvpf" not in flags
+                if torch.cuda.is_available():  # "+fsBxRxW": the Mamba fold's conv_xproj_step programs
+                    from localgpt.generation.fast import mamba_triton  # (mamba_triton.FOLD_SHAPE)
+
+                    fold_shape = MAMBA_DEFAULTS.setdefault("FOLD_SHAPE", mamba_triton.FOLD_SHAPE)
+                    mamba_triton.FOLD_SHAPE = next((tuple(int(v) for v in f[2:].split("x")) for f in flags
+                                                    if f.startswith("fs") and f[2:3].isdigit()), fold_shape)
                 from localgpt.generation.fast import slot_triton
 
                 # "+stepattn": step_attention's one kernel (and the merge) at every cache length, not rope_store +
@@ -1054,7 +1062,6 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                     quantize.PROLOGUE = True
                     transformer.CHAIN, transformer.CHAIN_INT8 = True, True
                     gemv_chain.TMA = True
-                    gemv_chain.CONV_PREFETCH = False
                     transformer.CHAIN_ATTN = "auto"
                     transformer.STEP_MERGE, transformer.STEP_EARLY = True, 1
                     mamba.CHAIN = True
