@@ -1012,6 +1012,9 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                 # (gemv_chain.CONV_PREFETCH; else its value at start)
                 convpf = MAMBA_DEFAULTS.setdefault("CONV_PREFETCH", gemv_chain.CONV_PREFETCH)
                 gemv_chain.CONV_PREFETCH = ("convpf" in flags or convpf) and "noconvpf" not in flags
+                # "+xfwN": an XFOLD phase's tiles of conv channels weigh 1 + N / 100 (gemv_chain.XFOLD_WEIGHT)
+                xfw = MAMBA_DEFAULTS.setdefault("XFOLD_WEIGHT", gemv_chain.XFOLD_WEIGHT)
+                gemv_chain.XFOLD_WEIGHT = next((int(f[3:]) / 100 for f in flags if f.startswith("xfw")), xfw)
                 if torch.cuda.is_available():  # "+fsBxRxW": the Mamba fold's conv_xproj_step programs
                     from localgpt.generation.fast import mamba_triton  # (mamba_triton.FOLD_SHAPE)
 

@@ -1537,8 +1537,9 @@ def test_gpu_mamba_chained_step_matches_the_plain_step_and_generates_the_same_in
     the norm in the chains too (mamba.RES_CHAIN), with out_proj's chain running the next in_proj or the head too
     (mamba.JOIN), and with the conv step and x_proj in in_proj's chain (mamba.CONV_CHAIN), int8 layers too on
     Hopper, and there with x_proj folded into in_proj's phase (CONV_CHAIN "fold", int4 and int8; int8's "auto"),
-    its conv rows asked into the L2 first too (gemv_chain.CONV_PREFETCH); the Engine's CUDA graph of it generates the
-    same greedy tokens as its eager run; LOCALGPT_MAMBA_CHAIN=0 (mamba.CHAIN) keeps the layers' own GEMVs."""
+    its conv rows asked into the L2 first or not (gemv_chain.CONV_PREFETCH), its runs of tiles weighted
+    (gemv_chain.XFOLD_WEIGHT); the Engine's CUDA graph of it generates the same greedy tokens as its eager run;
+    LOCALGPT_MAMBA_CHAIN=0 (mamba.CHAIN) keeps the layers' own GEMVs."""
     _needs_cuda()
     from transformers import AutoModelForCausalLM
 
@@ -1548,7 +1549,8 @@ def test_gpu_mamba_chained_step_matches_the_plain_step_and_generates_the_same_in
     hf = AutoModelForCausalLM.from_pretrained(
         build_tiny_model("falcon-mamba", tmp_path / "fm", hidden_size=256, num_hidden_layers=3, time_step_rank=16,
                          vocab_size=512), dtype=torch.bfloat16).to("cuda").eval()  # a head of whole 16-row tiles
-    held = mamba.CHAIN, mamba.XPROJ_FOLD, mamba.RES_CHAIN, mamba.JOIN, mamba.CONV_CHAIN, gemv_chain.CONV_PREFETCH
+    held = (mamba.CHAIN, mamba.XPROJ_FOLD, mamba.RES_CHAIN, mamba.JOIN, mamba.CONV_CHAIN, gemv_chain.CONV_PREFETCH,
+            gemv_chain.XFOLD_WEIGHT)
     try:
         # fold: mamba.XPROJ_FOLD; res: the residual's add and the norm in the chains (mamba.RES_CHAIN); join: a
         # layer's out_proj and the next one's in_proj (the last one's: the head) in one launch (mamba.JOIN); conv:
@@ -1560,12 +1562,14 @@ def test_gpu_mamba_chained_step_matches_the_plain_step_and_generates_the_same_in
         if gemv_chain.bulk_copy(torch.device("cuda")):  # int8 chains and the fold: the bulk-copy kernel only (Hopper)
             cases += [("int8", True, True, True, True, "auto"), ("int8", True, True, True, True, "1"),
                       ("int4", True, True, True, True, "fold"), ("int4", True, True, True, False, "fold"),
-                      ("int8", True, True, True, True, "fold+pf"), ("int4", True, True, True, True, "fold+pf")]
+                      ("int8", True, True, True, True, "fold+nopf"), ("int4", True, True, True, True, "fold+w")]
         for case in cases:
             quant, chain, fold, res, join, conv_mode = case
             conv = chain and (conv_mode.startswith(("1", "fold")) or (conv_mode == "auto" and quant == "int8"))
             mamba.CHAIN, mamba.XPROJ_FOLD, mamba.RES_CHAIN, mamba.JOIN, mamba.CONV_CHAIN = case[1:]
-            conv_mode, gemv_chain.CONV_PREFETCH = conv_mode.partition("+")[0], conv_mode.endswith("+pf")
+            # "+nopf": the conv rows not prefetched (gemv_chain.CONV_PREFETCH); "+w": the fold's tiles weighted
+            conv_mode, *extras = conv_mode.split("+")
+            gemv_chain.CONV_PREFETCH, gemv_chain.XFOLD_WEIGHT = "nopf" not in extras, 0.3 if "w" in extras else 0.0
             mamba.CONV_CHAIN = conv_mode
             xfold = conv and fold and (conv_mode == "fold" or (conv_mode == "auto" and quant == "int8"))
             net = mamba.from_mamba(hf)
@@ -1586,7 +1590,8 @@ def test_gpu_mamba_chained_step_matches_the_plain_step_and_generates_the_same_in
             tokens = [list(Engine(net, mode=mode, max_seq=64).generate([3, 9, 4], 12)) for mode in ("eager", "graph")]
             assert tokens[0] == tokens[1], (case, tokens)
     finally:
-        mamba.CHAIN, mamba.XPROJ_FOLD, mamba.RES_CHAIN, mamba.JOIN, mamba.CONV_CHAIN, gemv_chain.CONV_PREFETCH = held
+        (mamba.CHAIN, mamba.XPROJ_FOLD, mamba.RES_CHAIN, mamba.JOIN, mamba.CONV_CHAIN, gemv_chain.CONV_PREFETCH,
+         gemv_chain.XFOLD_WEIGHT) = held
 
 
 def fused_mamba_step_check(device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:

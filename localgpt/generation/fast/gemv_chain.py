@@ -135,8 +135,10 @@ __device__ __forceinline__ u32 saddr(const void* p) { return (u32)__cvta_generic
 // A phase's tiles are cut into equal contiguous runs, one a CTA (whole tiles: a tile's parts meet in its shared
 // memory, not in global memory), and a CTA's items (tile, BPI blocks) into equal contiguous runs, one a warp.
 __device__ __forceinline__ void cta_tiles(const Phase& ph, int& t0, int& t1) {
-#if EXTRA & 1
-    if (ph.cut != nullptr) {  // phases without a barrier between them share out their blocks together (Chain)
+#if (EXTRA & 1) || (EXTRA & 16)
+    // phases without a barrier between them share out their blocks together, an XFOLD phase its tiles weighted
+    // (Chain)
+    if (ph.cut != nullptr) {
         t0 = __ldg(ph.cut + 2 * blockIdx.x);
         t1 = __ldg(ph.cut + 2 * blockIdx.x + 1);
         return;
@@ -596,13 +598,12 @@ __device__ __noinline__ void xfold_part(const Phase& ph, int t0, int t1, float* 
 }
 
 // XFOLD, the launch's last CTA (every other CTA's part written and fenced): x_proj's row, the parts of the CTAs
-// whose runs start below heads (equal runs: the first n, n the least c with (c T / grid) 16 >= heads, heads a
-// multiple of 16) added in CTA order, rounded to bf16 into nb. Thread (g, q) adds four columns 4q.. of parts g,
-// g + G, ... (XF_LOADS 16-byte loads at once); the G sums meet in scr and are added in order.
+// whose runs start below heads (runs in CTA order: the first n, n = chunks, counted by Chain) added in CTA order,
+// rounded to bf16 into nb. Thread (g, q) adds four columns 4q.. of parts g, g + G, ... (XF_LOADS 16-byte loads at
+// once); the G sums meet in scr and are added in order.
 __device__ __noinline__ void xfold_sum(const Phase& ph, float* scr) {
     const int tid = threadIdx.x, R = ph.hd, R4 = R >> 2, G = WARPS * 32 / R4, q = tid % R4, g = tid / R4;
-    const long T = ph.N / 16, tc = ph.heads / 16;
-    const int n = (int)min((long)gridDim.x, (tc * gridDim.x + T - 1) / T);
+    const int n = ph.chunks;
     if (g < G) {
         float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
         for (int c0 = g; c0 < n; c0 += XF_LOADS * G) {
@@ -1422,6 +1423,20 @@ def balanced_cuts(tiles: list[int], blocks: list[int], grid: int) -> list[list[t
     return cuts
 
 
+def weighted_runs(weights: list[float], grid: int) -> list[tuple[int, int]]:
+    """Each CTA's run of tiles (t0, t1), contiguous and in CTA order, so that the runs' weights are even: CTA c's
+    run ends at the first tile whose midpoint passes (c + 1) / grid of the total weight (the last CTA's at the
+    end)."""
+    total, runs, t, acc = sum(weights), [], 0, 0.0
+    for c in range(grid):
+        start = t
+        while t < len(weights) and (c == grid - 1 or acc + weights[t] / 2 <= total * (c + 1) / grid):
+            acc += weights[t]
+            t += 1
+        runs.append((start, t))
+    return runs
+
+
 def attention_chunks(heads: int, grid: int) -> int:
     """Chunks of positions a head's attention is cut into: about one work item a CTA (1 to 8)."""
     return max(1, min(8, grid // heads))
@@ -1462,6 +1477,10 @@ F16_INT4_RING = F16_MODE in ("all", "1")
 # H200, FalconMamba-7B, one call (round 21): int8 (x_proj folded in) 340.7 against 335.8 tok/s.
 # LOCALGPT_GEMV_CHAIN_CONVPF=0: not.
 CONV_PREFETCH = os.environ.get("LOCALGPT_GEMV_CHAIN_CONVPF", "1") != "0"
+# An XFOLD phase's runs of tiles weighted: a tile of conv channels 1 + this, the others 1 (its CTAs do the conv and
+# their part of x_proj after the multiply). LOCALGPT_GEMV_CHAIN_XFOLD_WEIGHT, default 0: equal runs. Not yet
+# measured.
+XFOLD_WEIGHT = float(os.environ.get("LOCALGPT_GEMV_CHAIN_XFOLD_WEIGHT", "0"))
 
 
 # bench/gemv_cuda.py --chain-diag: bits leaving out 1 the multiply, 2 the staging of the input, 4 the grid barrier,
@@ -1680,6 +1699,11 @@ class Chain:
             runs = balanced_cuts([phases[i]["layer"].out_features // 16 for i in group],
                                  [phases[i]["layer"].in_features // (planes * fields) for i in group], self.grid)
             cuts.update(zip(group, runs))
+        if XFOLD_WEIGHT and phases[-1].get("xw") is not None and len(phases) - 1 not in cuts:
+            # XFOLD: a tile of conv channels weighs 1 + XFOLD_WEIGHT (its conv and its part of x_proj), others 1
+            c = phases[-1]["xc"].numel()
+            cuts[len(phases) - 1] = weighted_runs([1.0 + XFOLD_WEIGHT * (16 * t < c) for t in range(
+                phases[-1]["layer"].out_features // 16)], self.grid)
         self.cut = (torch.tensor([cuts.get(i, [(0, 0)] * self.grid) for i in range(len(phases))], dtype=torch.int32,
                                  device=device) if cuts else None)
         maxt = max(max(t1 - t0 for t0, t1 in cuts[i]) if i in cuts else
@@ -1785,11 +1809,14 @@ class Chain:
             if conv is not None:  # the conv's tensors in the attention's fields (CONV)
                 self._conv_fields(table[i], i, n, conv, ph["conv_w"], ph.get("conv_b"), ph["xc"])
             if xw is not None:
-                if conv is None or res32 is not None or i != len(phases) - 1 or not tma or i in cuts:
-                    raise ValueError(f"phase {i}: x_proj folds into a CONV phase that is the chain's last, in "
-                                     "equal runs of tiles, in the bulk-copy kernel")
+                if conv is None or res32 is not None or i != len(phases) - 1 or not tma:
+                    raise ValueError(f"phase {i}: x_proj folds into a CONV phase that is the chain's last, in the "
+                                     "bulk-copy kernel")
                 self._xfold_fields(table[i], i, xw, ph["dbl"], ph["xc"].numel(), depth * stage_bytes(
                     bits, planes, warps, bpi))
+                # the CTAs with conv channels, the first ones (runs in CTA order): xfold_sum adds their parts
+                runs = cuts[i] if i in cuts else [(c * (n // 16) // self.grid, 0) for c in range(self.grid)]
+                table[i].chunks = sum(16 * t0 < ph["xc"].numel() for t0, _ in runs)
             table[i].cut = self.cut[i].data_ptr() if i in cuts else 0
             if self.maps is not None:
                 self.maps[i].copy_(torch.frombuffer(bytearray(_tensor_map(layer.words, n, k)), dtype=torch.uint8))
