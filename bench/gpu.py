@@ -35,7 +35,8 @@ from localgpt.generation.fast.quantize import decode_kernels, quantize_model, us
 
 import alt_chain  # noqa: E402  (bench/, this script's folder)
 
-MAMBA_DEFAULTS: dict = {}  # mamba's switches at start (by name), for the rows whose flags do not set them
+# switches at start (by name: mamba's, gemv_chain's, mamba_triton's), for the rows whose flags do not set them
+SWITCH_DEFAULTS: dict = {}
 # the boolean ones and their row flags (on, off)
 MAMBA_SWITCHES = (("RES_CHAIN", "mambares", "nomambares"), ("JOIN", "mambajoin", "nomambajoin"),
                   ("XPROJ_FOLD", "xfold", "noxfold"))
@@ -1010,15 +1011,19 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                 gemv_chain.PDL = "nopdl" not in flags
                 # "+convpf" / "+noconvpf": a CONV phase's conv rows asked into the L2 by the chain's producer or not
                 # (gemv_chain.CONV_PREFETCH; else its value at start)
-                convpf = MAMBA_DEFAULTS.setdefault("CONV_PREFETCH", gemv_chain.CONV_PREFETCH)
+                convpf = SWITCH_DEFAULTS.setdefault("CONV_PREFETCH", gemv_chain.CONV_PREFETCH)
                 gemv_chain.CONV_PREFETCH = ("convpf" in flags or convpf) and "noconvpf" not in flags
+                # "+laN": the chains' words asked into the L2 N stages ahead (gemv_chain.LOOKAHEAD, both formats)
+                lookahead = SWITCH_DEFAULTS.setdefault("LOOKAHEAD", dict(gemv_chain.LOOKAHEAD))
+                gemv_chain.LOOKAHEAD = next(({4: int(f[2:]), 8: int(f[2:])} for f in flags
+                                             if f.startswith("la") and f[2:].isdigit()), lookahead)
                 # "+xfwN": an XFOLD phase's tiles of conv channels weigh 1 + N / 100 (gemv_chain.XFOLD_WEIGHT)
-                xfw = MAMBA_DEFAULTS.setdefault("XFOLD_WEIGHT", gemv_chain.XFOLD_WEIGHT)
+                xfw = SWITCH_DEFAULTS.setdefault("XFOLD_WEIGHT", gemv_chain.XFOLD_WEIGHT)
                 gemv_chain.XFOLD_WEIGHT = next((int(f[3:]) / 100 for f in flags if f.startswith("xfw")), xfw)
                 if torch.cuda.is_available():  # "+fsBxRxW": the Mamba fold's conv_xproj_step programs
                     from localgpt.generation.fast import mamba_triton  # (mamba_triton.FOLD_SHAPE)
 
-                    fold_shape = MAMBA_DEFAULTS.setdefault("FOLD_SHAPE", mamba_triton.FOLD_SHAPE)
+                    fold_shape = SWITCH_DEFAULTS.setdefault("FOLD_SHAPE", mamba_triton.FOLD_SHAPE)
                     mamba_triton.FOLD_SHAPE = next((tuple(int(v) for v in f[2:].split("x")) for f in flags
                                                     if f.startswith("fs") and f[2:3].isdigit()), fold_shape)
                 from localgpt.generation.fast import slot_triton
@@ -1048,9 +1053,9 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                 # "+nomambajoin" (JOIN): that switch on or off, else its value at start; "+mambaconv" /
                 # "+nomambaconv": CONV_CHAIN "1" or "0", "+mambafold": "fold", else its value at start
                 for attr, on, off in MAMBA_SWITCHES:
-                    start = MAMBA_DEFAULTS.setdefault(attr, getattr(mamba, attr))
+                    start = SWITCH_DEFAULTS.setdefault(attr, getattr(mamba, attr))
                     setattr(mamba, attr, (on in flags or start) and off not in flags)
-                conv = MAMBA_DEFAULTS.setdefault("CONV_CHAIN", mamba.CONV_CHAIN)
+                conv = SWITCH_DEFAULTS.setdefault("CONV_CHAIN", mamba.CONV_CHAIN)
                 mamba.CONV_CHAIN = ("1" if "mambaconv" in flags else "fold" if "mambafold" in flags
                                     else "0" if "nomambaconv" in flags else conv)
                 transformer.FALCON_GRAPH = "nofalcongraph" not in flags  # "+nofalcongraph": compiled (@compile)
