@@ -1105,19 +1105,20 @@ __device__ __forceinline__ void prefetch_l2(const void* src, int bytes) {
 }
 #if LA
 // LOOKAHEAD: the words of blocks [c, c + n) of the CTA's run (nb blocks, per a tile, from tile t0) asked into the
-// L2: int4 its span of words and of (scale, zero) rows; int8 each whole tile they touch once (16 rows of K bytes of
-// the planar words; pt: the last tile asked)
+// L2: int4 its span of words and of (scale, zero) rows; int8 each block's box of the tensor map (the copies'
+// boxes), (pt, pb) the next block's tile and block, advanced here (the calls ask for consecutive blocks)
 __device__ __forceinline__ void prefetch_blocks(const Phase& ph, const char* ws, const char* ss, int c, int n, int nb,
-                                                int t0, int per, int& pt) {
+                                                int per, int& pt, int& pb) {
     if (c >= nb) return;
     n = min(n, nb - c);
 #if BITS == 4
     prefetch_l2(ws + (long)c * 1024, n * 1024);
     prefetch_l2(ss + (long)c * 64, n * 64);
 #else
-    for (const int last = t0 + (c + n - 1) / per; pt < last;) {
-        ++pt;
-        prefetch_l2((const char*)ph.w + (long)pt * 16 * ph.K, 16 * ph.K);
+    for (int k = 0; k < n; ++k) {
+        asm volatile("cp.async.bulk.prefetch.tensor.2d.L2.global.tile [%0, {%1, %2}];"
+                     :: "l"(ph.tmap), "r"(pb * 128), "r"(pt * 16) : "memory");
+        if (++pb == per) { pb = 0; ++pt; }
     }
 #endif
 }
@@ -1238,13 +1239,13 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
 #if LA
                 // LOOKAHEAD: the L2 holds the LA stages past the one being copied, so while the ring is full (the
                 // consumers at a barrier, staging, the attention) the memory still streams this CTA's words
-                int pt = t0 - 1;
-                prefetch_blocks(ph, ws, ss, 0, LA * SBLK, nb, t0, per, pt);
+                int pt = t0, pb = 0;
+                prefetch_blocks(ph, ws, ss, 0, LA * SBLK, nb, per, pt, pb);
 #endif
                 for (int c = 0; c < nb; c += SBLK) {
                     const int n = min(SBLK, nb - c);
 #if LA
-                    prefetch_blocks(ph, ws, ss, c + LA * SBLK, SBLK, nb, t0, per, pt);
+                    prefetch_blocks(ph, ws, ss, c + LA * SBLK, SBLK, nb, per, pt, pb);
 #endif
                     mb_wait(empty0 + 8 * s, r ^ 1);  // the consumers are done with its last fill (a new one: at once)
                     const u32 st = ring0 + s * STAGE_U4 * 16;
@@ -1506,7 +1507,7 @@ F16_INT4_RING = F16_MODE in ("all", "1")
 # LOCALGPT_GEMV_CHAIN_CONVPF=0: not.
 CONV_PREFETCH = os.environ.get("LOCALGPT_GEMV_CHAIN_CONVPF", "1") != "0"
 # The bulk-copy kernel's producer asks the L2 for this many stages of the CTA's words past the one it copies
-# (``LA``), by weight format: while the ring is full (the consumers at a grid barrier, staging the next input, in the
+# (``LA``; int4 a span of words, int8 the copies' boxes), by weight format: while the ring is full (the consumers at a grid barrier, staging the next input, in the
 # attention) the memory keeps streaming the phase's words, as a deeper ring would (int8's 4 -> 6 stages: 2,292 ->
 # 2,171 us a step, round 16; the shared memory holds no more). LOCALGPT_GEMV_CHAIN_LOOKAHEAD "N" (int8 chains) or
 # "int4:N,int8:M"; default none. Not yet measured.
