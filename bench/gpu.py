@@ -35,7 +35,7 @@ from localgpt.generation.fast.quantize import decode_kernels, quantize_model, us
 
 import alt_chain  # noqa: E402  (bench/, this script's folder)
 
-# switches at start (by name: mamba's, gemv_chain's, mamba_triton's), for the rows whose flags do not set them
+# switches at start (by name: mamba's, gemv_chain's), for the rows whose flags do not set them
 SWITCH_DEFAULTS: dict = {}
 # the boolean ones and their row flags (on, off)
 MAMBA_SWITCHES = (("RES_CHAIN", "mambares", "nomambares"), ("JOIN", "mambajoin", "nomambajoin"),
@@ -1020,12 +1020,6 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                 # "+xfwN": an XFOLD phase's tiles of conv channels weigh 1 + N / 100 (gemv_chain.XFOLD_WEIGHT)
                 xfw = SWITCH_DEFAULTS.setdefault("XFOLD_WEIGHT", gemv_chain.XFOLD_WEIGHT)
                 gemv_chain.XFOLD_WEIGHT = next((int(f[3:]) / 100 for f in flags if f.startswith("xfw")), xfw)
-                if torch.cuda.is_available():  # "+fsBxRxW": the Mamba fold's conv_xproj_step programs
-                    from localgpt.generation.fast import mamba_triton  # (mamba_triton.FOLD_SHAPE)
-
-                    fold_shape = SWITCH_DEFAULTS.setdefault("FOLD_SHAPE", mamba_triton.FOLD_SHAPE)
-                    mamba_triton.FOLD_SHAPE = next((tuple(int(v) for v in f[2:].split("x")) for f in flags
-                                                    if f.startswith("fs") and f[2:3].isdigit()), fold_shape)
                 from localgpt.generation.fast import slot_triton
 
                 # "+stepattn": step_attention's one kernel (and the merge) at every cache length, not rope_store +

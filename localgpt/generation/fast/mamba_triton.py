@@ -26,8 +26,6 @@ a step earlier, long finished (a dependent starts only once every kernel but the
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -131,14 +129,8 @@ def conv_step(xz: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias:
     return out
 
 
-# conv_xproj_step's programs: channels a program, x_proj outputs a program, warps (fewer channel blocks: fewer parts
-# for the SSM step to add). LOCALGPT_MAMBA_FOLD_SHAPE "BLOCKxR_BLOCKxWARPS" (default 256x32x4). H200,
-# FalconMamba-7B int4 (round 21): 1024x16x8 (8 parts) 434.5 against 448.2 tok/s.
-FOLD_SHAPE = tuple(int(v) for v in os.environ.get("LOCALGPT_MAMBA_FOLD_SHAPE", "256x32x4").split("x"))
-
-
 def conv_xproj_step(xz: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                    xw: torch.Tensor, block: int | None = None, r_block: int | None = None,
+                    xw: torch.Tensor, block: int = 256, r_block: int = 32,
                     pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``conv_step`` with x_proj folded in: (silu(conv) [1, inner], parts [channel blocks, R] fp32), each channel
     block's part of x_proj's row (xw: x_proj's weight transposed, [inner, R] bf16; a program per ``block``
@@ -147,14 +139,12 @@ def conv_xproj_step(xz: torch.Tensor, state: torch.Tensor, weight: torch.Tensor,
     FalconMamba-7B's shape, ~6 us of latency a layer) for ~4.7 MB of bf16 weight read by the conv's programs."""
     inner, conv = weight.shape
     r = xw.shape[1]
-    block, r_block = block or FOLD_SHAPE[0], r_block or FOLD_SHAPE[1]
     n = triton.cdiv(inner, block)
     out = torch.empty(1, inner, dtype=xz.dtype, device=xz.device)
     parts = torch.empty(n, r, dtype=torch.float32, device=xz.device)
     _conv_step_kernel[(n, triton.cdiv(r, r_block))](xz, state, weight, bias, out, xw, parts, inner, CONV=conv,
                                                     CP=triton.next_power_of_2(conv), BLOCK=block, GDC=pdl,
-                                                    FOLD=True, R=r, RB=r_block, num_warps=FOLD_SHAPE[2],
-                                                    launch_pdl=pdl)
+                                                    FOLD=True, R=r, RB=r_block, num_warps=4, launch_pdl=pdl)
     return out, parts
 
 
