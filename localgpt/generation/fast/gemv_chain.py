@@ -1507,10 +1507,10 @@ F16_INT4_RING = F16_MODE in ("all", "1")
 # LOCALGPT_GEMV_CHAIN_CONVPF=0: not.
 CONV_PREFETCH = os.environ.get("LOCALGPT_GEMV_CHAIN_CONVPF", "1") != "0"
 # The bulk-copy kernel's producer asks the L2 for this many stages of the CTA's words past the one it copies
-# (``LA``; int4 a span of words, int8 the copies' boxes), by weight format: while the ring is full (the consumers at a grid barrier, staging the next input, in the
-# attention) the memory keeps streaming the phase's words, as a deeper ring would (int8's 4 -> 6 stages: 2,292 ->
-# 2,171 us a step, round 16; the shared memory holds no more). LOCALGPT_GEMV_CHAIN_LOOKAHEAD "N" (int8 chains) or
-# "int4:N,int8:M"; default none. Not yet measured.
+# (``LA``; int4 a span of words, int8 the copies' boxes), by weight format: while the ring is full (the consumers at
+# a grid barrier, staging the next input, in the attention) the memory keeps streaming the phase's words, as a
+# deeper ring would (int8's 4 -> 6 stages: 2,292 -> 2,171 us a step, round 16; the shared memory holds no more).
+# LOCALGPT_GEMV_CHAIN_LOOKAHEAD "N" (int8 chains) or "int4:N,int8:M"; default none. Not yet measured.
 LOOKAHEAD = {int(k.removeprefix("int")): int(v) for k, _, v in (
     (p.rpartition(":") if ":" in p else ("int8", ":", p))
     for p in os.environ.get("LOCALGPT_GEMV_CHAIN_LOOKAHEAD", "").split(",") if p)}
