@@ -963,9 +963,9 @@ def test_gpu_chain_attention_phase_matches_the_attention_kernels(monkeypatch, tm
         pytest.skip("the bulk-copy chain needs Hopper (compute capability 9.0)")
     from localgpt.generation.fast import gemv_chain
     from localgpt.generation.fast.gemv_chain import Chain, attention_chunks, _usable_sms
+    from localgpt.generation.fast.transformer import Block, TransformerShape
 
     monkeypatch.setattr(gemv_chain, "LOOKAHEAD", {4: la, 8: la})
-    from localgpt.generation.fast.transformer import Block, TransformerShape
 
     heads, kv, hd, length = 32, 32, 128, 600
     dim = heads * hd
