@@ -37,9 +37,9 @@ import alt_chain  # noqa: E402  (bench/, this script's folder)
 
 # switches at start (by name: mamba's, gemv_chain's), for the rows whose flags do not set them
 SWITCH_DEFAULTS: dict = {}
-# the boolean ones and their row flags (on, off)
-MAMBA_SWITCHES = (("RES_CHAIN", "mambares", "nomambares"), ("JOIN", "mambajoin", "nomambajoin"),
-                  ("XPROJ_FOLD", "xfold", "noxfold"))
+# the boolean ones (module, name) and their row flags (on, off)
+BOOL_SWITCHES = (("mamba", "RES_CHAIN", "mambares", "nomambares"), ("mamba", "JOIN", "mambajoin", "nomambajoin"),
+                 ("mamba", "XPROJ_FOLD", "xfold", "noxfold"), ("gemv_chain", "CONV_PREFETCH", "convpf", "noconvpf"))
 STEP_MIN_CACHE: dict = {}  # slot_triton.STEP_ATTENTION_MIN_CACHE's default, for the rows without "+stepattn"
 ALT_CHAIN = {"mod": None}  # --alt-chain's gemv_chain module, for the "+alt" rows
 
@@ -1009,10 +1009,6 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                 gemv_chain.TMA = "ring" not in flags  # "+ring": the chain's cp.async ring kernel on Hopper too
                 # "+nopdl": the chain and the attention's kernels as plain launches, not programmatic dependent ones
                 gemv_chain.PDL = "nopdl" not in flags
-                # "+convpf" / "+noconvpf": a CONV phase's conv rows asked into the L2 by the chain's producer or not
-                # (gemv_chain.CONV_PREFETCH; else its value at start)
-                convpf = SWITCH_DEFAULTS.setdefault("CONV_PREFETCH", gemv_chain.CONV_PREFETCH)
-                gemv_chain.CONV_PREFETCH = ("convpf" in flags or convpf) and "noconvpf" not in flags
                 # "+laN": the chains' words asked into the L2 N stages ahead (gemv_chain.LOOKAHEAD, both formats)
                 lookahead = SWITCH_DEFAULTS.setdefault("LOOKAHEAD", dict(gemv_chain.LOOKAHEAD))
                 gemv_chain.LOOKAHEAD = next(({4: int(f[2:]), 8: int(f[2:])} for f in flags
@@ -1044,11 +1040,13 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                 # "+nomambachain": the fused Mamba step's in_proj / out_proj as the layers' own GEMV launches
                 mamba.CHAIN = "nomambachain" not in flags
                 # "+xfold" / "+noxfold" (mamba.XPROJ_FOLD), "+mambares" / "+nomambares" (RES_CHAIN), "+mambajoin" /
-                # "+nomambajoin" (JOIN): that switch on or off, else its value at start; "+mambaconv" /
-                # "+nomambaconv": CONV_CHAIN "1" or "0", "+mambafold": "fold", else its value at start
-                for attr, on, off in MAMBA_SWITCHES:
-                    start = SWITCH_DEFAULTS.setdefault(attr, getattr(mamba, attr))
-                    setattr(mamba, attr, (on in flags or start) and off not in flags)
+                # "+nomambajoin" (JOIN), "+convpf" / "+noconvpf" (gemv_chain.CONV_PREFETCH: a CONV phase's conv
+                # rows asked into the L2 by the chain's producer): that switch on or off, else its value at start;
+                # "+mambaconv" / "+nomambaconv": CONV_CHAIN "1" or "0", "+mambafold": "fold", else its value at start
+                for mod, attr, on, off in BOOL_SWITCHES:
+                    mod = {"mamba": mamba, "gemv_chain": gemv_chain}[mod]
+                    start = SWITCH_DEFAULTS.setdefault(attr, getattr(mod, attr))
+                    setattr(mod, attr, (on in flags or start) and off not in flags)
                 conv = SWITCH_DEFAULTS.setdefault("CONV_CHAIN", mamba.CONV_CHAIN)
                 mamba.CONV_CHAIN = ("1" if "mambaconv" in flags else "fold" if "mambafold" in flags
                                     else "0" if "nomambaconv" in flags else conv)

@@ -462,11 +462,11 @@ class Mamba(nn.Module):
         # CONV_CHAIN: the conv step in in_proj's chain and x_proj as its next phase (x_proj on the chain's words),
         # or ("fold") x_proj folded into in_proj's phase from XPROJ_FOLD's bf16 copy (the bulk-copy kernel)
         wanted = CONV_CHAIN in ("1", "fold") or (CONV_CHAIN == "auto" and int8)
-        c.xfold = bool(wanted and CONV_CHAIN in ("fold", "auto") and gemv_chain.bulk_copy(dev)
-                       and all(getattr(la, "xw", None) is not None for la in self.layers))
-        c.conv = bool(wanted and all((c.xfold or on_words(la.x_proj)) and la.conv_state.numel()
+        can_fold = (CONV_CHAIN in ("fold", "auto") and gemv_chain.bulk_copy(dev)
+                    and all(getattr(la, "xw", None) is not None for la in self.layers))
+        c.conv = bool(wanted and all((can_fold or on_words(la.x_proj)) and la.conv_state.numel()
                                      and la.conv_w.dtype == torch.bfloat16 for la in self.layers))
-        c.xfold = c.xfold and c.conv
+        c.xfold = c.conv and can_fold
         if c.conv:
             c.xc, c.dbl = buf(l0.conv_w.shape[0]), buf(l0.x_proj.out_features)
         head = self.lm_head
