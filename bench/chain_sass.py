@@ -51,10 +51,7 @@ KERNELS = [(4, 16, *gemv_chain.TMA_DEFAULTS[4], True, True), (4, 16, *gemv_chain
            (4, 16, *gemv_chain.TMA_DEFAULTS[4], True, True, 22),  # and x_proj folded into it (XFOLD)
            (8, 32, *gemv_chain.TMA_DEFAULTS[8], True, True, 22),
            (4, 16, *gemv_chain.TMA_DEFAULTS[4], True, True, 54),  # and its conv rows prefetched (CONV_PREFETCH)
-           (8, 32, *gemv_chain.TMA_DEFAULTS[8], True, True, 54),
-           # the words asked into the L2 four stages ahead (LOOKAHEAD): Llama's int8 chain (its attention) and int4's
-           (8, 32, *gemv_chain.TMA_DEFAULTS[8], True, True, 0, True, 4),
-           (4, 16, *gemv_chain.TMA_DEFAULTS[4], True, True, 0, False, 4)]
+           (8, 32, *gemv_chain.TMA_DEFAULTS[8], True, True, 54)]
 # the two before those: with the attention phase (ATTN; a revision before ATTN has the attention in every kernel)
 
 
@@ -78,10 +75,6 @@ def sass(chain_mod, cuda_mod, kernel: tuple, diag: int, lib) -> tuple[str, list[
     args = {"tma": tma}
     if len(ln) > 1 and ln[1] and "attn" in chain_mod.source.__code__.co_varnames:
         args["attn"] = True
-    if len(ln) > 2 and ln[2]:
-        if "lookahead" not in chain_mod.source.__code__.co_varnames:
-            raise ValueError("no such kernel at that revision (words asked into the L2 ahead)")
-        args["lookahead"] = ln[2]
     if ln and ln[0]:
         if "extra" not in chain_mod.source.__code__.co_varnames:
             raise ValueError("no such kernel at that revision (a parallel block's ln / gelu prologues)")

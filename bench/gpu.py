@@ -1009,10 +1009,6 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                 gemv_chain.TMA = "ring" not in flags  # "+ring": the chain's cp.async ring kernel on Hopper too
                 # "+nopdl": the chain and the attention's kernels as plain launches, not programmatic dependent ones
                 gemv_chain.PDL = "nopdl" not in flags
-                # "+laN": the chains' words asked into the L2 N stages ahead (gemv_chain.LOOKAHEAD, both formats)
-                lookahead = SWITCH_DEFAULTS.setdefault("LOOKAHEAD", dict(gemv_chain.LOOKAHEAD))
-                gemv_chain.LOOKAHEAD = next(({4: int(f[2:]), 8: int(f[2:])} for f in flags
-                                             if f.startswith("la") and f[2:].isdigit()), lookahead)
                 # "+xfwN": an XFOLD phase's tiles of conv channels weigh 1 + N / 100 (gemv_chain.XFOLD_WEIGHT)
                 xfw = SWITCH_DEFAULTS.setdefault("XFOLD_WEIGHT", gemv_chain.XFOLD_WEIGHT)
                 gemv_chain.XFOLD_WEIGHT = next((int(f[3:]) / 100 for f in flags if f.startswith("xfw")), xfw)

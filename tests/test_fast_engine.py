@@ -865,13 +865,11 @@ def _llama_layer_gemvs(mode: str, dim: int, inner: int):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode,tma,f16,pdl,la", [("int4", False, True, True, 0), ("int4", True, True, True, 0),
-                                                ("int4", True, False, True, 0), ("int4", True, True, False, 0),
-                                                ("int8", False, True, True, 0), ("int8", False, False, True, 0),
-                                                ("int8", True, True, True, 0), ("int4", True, True, True, 3),
-                                                ("int8", True, True, True, 3)])
-def test_gpu_chain_runs_a_layers_gemvs_in_one_launch_as_the_prologue_kernels_do(monkeypatch, mode, tma, f16, pdl,
-                                                                                la):
+@pytest.mark.parametrize("mode,tma,f16,pdl", [("int4", False, True, True), ("int4", True, True, True),
+                                             ("int4", True, False, True), ("int4", True, True, False),
+                                             ("int8", False, True, True), ("int8", False, False, True),
+                                             ("int8", True, True, True)])
+def test_gpu_chain_runs_a_layers_gemvs_in_one_launch_as_the_prologue_kernels_do(monkeypatch, mode, tma, f16, pdl):
     """gemv_chain.Chain (the GEMVs from one attention to the next in one persistent launch: the words of all of them
     streamed through shared memory, by every warp's cp.async ring or, tma, by one producer thread's bulk copies
     on Hopper, int8's by a tensor map a phase; a grid barrier between) against quantize.prologue_gemv's launch a
@@ -880,8 +878,7 @@ def test_gpu_chain_runs_a_layers_gemvs_in_one_launch_as_the_prologue_kernels_do(
     (the barrier and the row counters reset themselves; the sums' order is fixed). f16: fp16 mma operands
     (the default but for the ring kernel's int4) or bf16; with fp16, inputs past fp16's range (a block scaled by a power of two)
     and below its normal range as well. pdl: the bulk-copy kernel as a programmatic dependent launch (the default)
-    or a plain one; the graph replays it after the kernels that zero its outputs, which it must wait for. la: the
-    bulk-copy kernel's producer asking the L2 for its words three stages ahead (gemv_chain.LOOKAHEAD)."""
+    or a plain one; the graph replays it after the kernels that zero its outputs, which it must wait for."""
     _needs_cuda()
     pytest.importorskip("triton")
     if tma and torch.cuda.get_device_capability()[0] < 9:
@@ -891,7 +888,6 @@ def test_gpu_chain_runs_a_layers_gemvs_in_one_launch_as_the_prologue_kernels_do(
     from localgpt.generation.fast.quantize import prologue_gemv
 
     monkeypatch.setattr(gemv_chain, "PDL", pdl)
-    monkeypatch.setattr(gemv_chain, "LOOKAHEAD", {4: la, 8: la})
     dim, inner = 4096, 11008
     layers, n1, n2 = _llama_layer_gemvs(mode, dim, inner)
     x = torch.randn(dim, device="cuda", dtype=torch.bfloat16)
@@ -949,23 +945,19 @@ def test_gpu_chain_runs_a_layers_gemvs_in_one_launch_as_the_prologue_kernels_do(
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tma,la", [(False, 0), (True, 0), (True, 3)])
-def test_gpu_chain_attention_phase_matches_the_attention_kernels(monkeypatch, tma, la):
+@pytest.mark.parametrize("tma", [False, True])
+def test_gpu_chain_attention_phase_matches_the_attention_kernels(tma):
     """gemv_chain's attention phase (rotary, cache write, attention over positions 0..pos split in chunks across the
     CTAs, the last chunk of a head merging them) at Llama-2-7B's shapes (32 heads of 128, a 600-position cache) against
     Block.attend_qkv (slot_triton's three kernels), at the first position, one inside and the last: the attention
     within bf16 rounding, the k / v rows it writes equal to theirs within rounding and no other row touched, wo
-    of it as the separate GEMV gives; a CUDA-graph replay bit-identical (the position read from its buffer). la:
-    the words asked into the L2 three stages ahead (gemv_chain.LOOKAHEAD; after the cache rows)."""
+    of it as the separate GEMV gives; a CUDA-graph replay bit-identical (the position read from its buffer)."""
     _needs_cuda()
     pytest.importorskip("triton")
     if tma and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the bulk-copy chain needs Hopper (compute capability 9.0)")
-    from localgpt.generation.fast import gemv_chain
     from localgpt.generation.fast.gemv_chain import Chain, attention_chunks, _usable_sms
     from localgpt.generation.fast.transformer import Block, TransformerShape
-
-    monkeypatch.setattr(gemv_chain, "LOOKAHEAD", {4: la, 8: la})
 
     heads, kv, hd, length = 32, 32, 128, 600
     dim = heads * hd

@@ -1103,26 +1103,6 @@ __device__ __forceinline__ void box(u32 dst, const void* map, int x, int y, u32 
 __device__ __forceinline__ void prefetch_l2(const void* src, int bytes) {
     asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(src), "r"((u32)bytes) : "memory");
 }
-#if LA
-// LOOKAHEAD: the words of blocks [c, c + n) of the CTA's run (nb blocks, per a tile, from tile t0) asked into the
-// L2: int4 its span of words and of (scale, zero) rows; int8 each block's box of the tensor map (the copies'
-// boxes), (pt, pb) the next block's tile and block, advanced here (the calls ask for consecutive blocks)
-__device__ __forceinline__ void prefetch_blocks(const Phase& ph, const char* ws, const char* ss, int c, int n, int nb,
-                                                int per, int& pt, int& pb) {
-    if (c >= nb) return;
-    n = min(n, nb - c);
-#if BITS == 4
-    prefetch_l2(ws + (long)c * 1024, n * 1024);
-    prefetch_l2(ss + (long)c * 64, n * 64);
-#else
-    for (int k = 0; k < n; ++k) {
-        asm volatile("cp.async.bulk.prefetch.tensor.2d.L2.global.tile [%0, {%1, %2}];"
-                     :: "l"(ph.tmap), "r"(pb * 128), "r"(pt * 16) : "memory");
-        if (++pb == per) { pb = 0; ++pt; }
-    }
-#endif
-}
-#endif
 __device__ __forceinline__ void bulk(u32 dst, const void* src, u32 bytes, u32 b, u64 policy) {
     asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;"
                  :: "r"(dst), "l"(src), "r"(bytes), "r"(b), "l"(policy) : "memory");
@@ -1236,17 +1216,8 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
                 const char* ws = (const char*)ph.w + (long)t0 * per * 1024;
                 const char* ss = (const char*)ph.sz + (long)t0 * per * 64;
                 int tt = t0, bb = 0;
-#if LA
-                // LOOKAHEAD: the L2 holds the LA stages past the one being copied, so while the ring is full (the
-                // consumers at a barrier, staging, the attention) the memory still streams this CTA's words
-                int pt = t0, pb = 0;
-                prefetch_blocks(ph, ws, ss, 0, LA * SBLK, nb, per, pt, pb);
-#endif
                 for (int c = 0; c < nb; c += SBLK) {
                     const int n = min(SBLK, nb - c);
-#if LA
-                    prefetch_blocks(ph, ws, ss, c + LA * SBLK, SBLK, nb, per, pt, pb);
-#endif
                     mb_wait(empty0 + 8 * s, r ^ 1);  // the consumers are done with its last fill (a new one: at once)
                     const u32 st = ring0 + s * STAGE_U4 * 16;
 #if DIAG & 32
@@ -1506,14 +1477,6 @@ F16_INT4_RING = F16_MODE in ("all", "1")
 # H200, FalconMamba-7B, one call (round 21): int8 (x_proj folded in) 340.7 against 335.8 tok/s.
 # LOCALGPT_GEMV_CHAIN_CONVPF=0: not.
 CONV_PREFETCH = os.environ.get("LOCALGPT_GEMV_CHAIN_CONVPF", "1") != "0"
-# The bulk-copy kernel's producer asks the L2 for this many stages of the CTA's words past the one it copies
-# (``LA``; int4 a span of words, int8 the copies' boxes), by weight format: while the ring is full (the consumers at
-# a grid barrier, staging the next input, in the attention) the memory keeps streaming the phase's words, as a
-# deeper ring would (int8's 4 -> 6 stages: 2,292 -> 2,171 us a step, round 16; the shared memory holds no more).
-# LOCALGPT_GEMV_CHAIN_LOOKAHEAD "N" (int8 chains) or "int4:N,int8:M"; default none. Not yet measured.
-LOOKAHEAD = {int(k.removeprefix("int")): int(v) for k, _, v in (
-    (p.rpartition(":") if ":" in p else ("int8", ":", p))
-    for p in os.environ.get("LOCALGPT_GEMV_CHAIN_LOOKAHEAD", "").split(",") if p)}
 # An XFOLD phase's runs of tiles weighted: a tile of conv channels 1 + this, the others 1 (its CTAs do the conv and
 # their part of x_proj after the multiply). LOCALGPT_GEMV_CHAIN_XFOLD_WEIGHT, default 0: equal runs. H200,
 # FalconMamba-7B int4 with CONV_CHAIN "fold", one call (round 21): 0.3 gave 448.8 tok/s against 448.2 for the
@@ -1542,26 +1505,23 @@ def bulk_copy(device: torch.device) -> bool:
 
 
 def source(bits: int, planes: int, warps: int, depth: int, tiled: bool, bpi: int = 2,
-           tma: bool = False, f16: bool = False, extra: int = 0, attn: bool = False,
-           lookahead: int = 0) -> tuple[str, str]:
+           tma: bool = False, f16: bool = False, extra: int = 0, attn: bool = False) -> tuple[str, str]:
     """(name, CUDA source) of the chain kernel for one weight format, CTA size (consumer warps), ring depth (items
     a warp, or stages of the bulk-copy ring) and blocks an item (a consumer warp's blocks a stage); ``extra``:
     1 for the parts Llama's kernels leave out: the "ln" prologue, GELU_OUT and balanced runs of tiles (Falcon's
     chain), 2 for RES32's epilogue (Mamba's fp32 residual), 4 for CONV's (Mamba's conv step), 16 for XFOLD's (x_proj
     folded into it; the bulk-copy kernel's), 32 for CONV_PREFETCH (the bulk-copy kernel's), a bit set;
-    ``attn``: the kernel with the attention phase (``ATTN``; the others leave its code out); ``lookahead``: the
-    bulk-copy kernel's stages of words asked into the L2 ahead of its copies (``LOOKAHEAD``)."""
+    ``attn``: the kernel with the attention phase (``ATTN``; the others leave its code out)."""
     swz = SWIZZLE and f16
-    lookahead = lookahead if tma else 0
     name = (f"gemv_chain_int{bits}_p{planes}_w{warps}_d{depth}_b{bpi}" + ("_tl" if tiled else "")
             + ("_s" if swz else "")
             + ("_tma" if tma else "") + ("_h" if f16 else "") + (f"_x{extra}" if extra else "")
-            + ("_a" if attn else "") + (f"_la{lookahead}" if lookahead else "")
+            + ("_a" if attn else "")
             + (f"_diag{DIAG}" if DIAG else ""))
     head = (f"#define BITS {bits}\n#define P {planes}\n#define FIELDS {32 // bits}\n#define WARPS {warps}\n"
             f"#define DEPTH {depth}\n#define BPI {bpi}\n#define TILES 1\n#define NT 1\n#define OFFSET 1\n#define TILED {int(tiled)}\n#define XMODE 0\n"
             f"#define PREF 0\n#define DIAG {DIAG}\n#define F16 {int(f16)}\n#define EXTRA {int(extra)}\n"
-            f"#define XSWZ {int(swz)}\n#define ATTN {int(attn)}\n#define LA {int(lookahead)}\n"
+            f"#define XSWZ {int(swz)}\n#define ATTN {int(attn)}\n"
             f"#define KERNEL_NAME {name}\n")
     if tma and bits == 8:  # thread t's words of a block row: chunks 2t and 2t + 1 (see TMA_SOURCE's loads)
         head += ("#define XIDX(ch, t, s) (8 * (t) + 4 * (ch) + (s))\n"  # and where XSWZ puts w = XIDX(ch, t, s)
@@ -1577,13 +1537,13 @@ _KERNELS: dict = {}
 
 
 def kernel(bits: int, planes: int, device: torch.device, warps: int, depth: int, tiled: bool, bpi: int,
-           tma: bool = False, f16: bool = False, extra: int = 0, attn: bool = False, lookahead: int = 0):
-    key = (bits, planes, warps, depth, tiled, bpi, tma, f16, extra, attn, lookahead, device.index, DIAG, SWIZZLE)
+           tma: bool = False, f16: bool = False, extra: int = 0, attn: bool = False):
+    key = (bits, planes, warps, depth, tiled, bpi, tma, f16, extra, attn, device.index, DIAG, SWIZZLE)
     if key not in _KERNELS:
         if torch.cuda.get_device_capability(device)[0] < (9 if tma else 8):
             raise RuntimeError("the chain kernel needs bf16 mma and cp.async (compute capability 8.0 or newer; "
                                "9.0 for the bulk-copy one)")
-        name, src = source(bits, planes, warps, depth, tiled, bpi, tma, f16, extra, attn, lookahead)
+        name, src = source(bits, planes, warps, depth, tiled, bpi, tma, f16, extra, attn)
         _KERNELS[key] = gemv_cuda.build(name, src, device, (warps + int(tma)) * 32)
     return _KERNELS[key]
 
@@ -1771,8 +1731,7 @@ class Chain:
                  | (32 if tma and CONV_PREFETCH and convs and all(
                      t[0].shape[0] % 16 == 0 and all(u.data_ptr() % 16 == 0 for u in t if u is not None)
                      for t in convs) else 0))
-        self.fn = kernel(bits, planes, device, warps, depth, bits == 4, bpi, tma, f16, extra, attn is not None,
-                         LOOKAHEAD.get(bits, 0) if tma else 0)
+        self.fn = kernel(bits, planes, device, warps, depth, bits == 4, bpi, tma, f16, extra, attn is not None)
         self.smem = smem_bytes(bits, planes, warps, depth, bpi, kmax, maxt, tma, f16) + ascr
         if self.smem + 2048 + (16 * depth if tma else 0) > optin:
             raise ValueError(f"the chain needs {self.smem} bytes of shared memory; this GPU gives {optin}")
