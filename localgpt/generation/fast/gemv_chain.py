@@ -1205,9 +1205,7 @@ KERNEL_NAME(const Phase* __restrict__ phases, int n_phases, unsigned* bar, int m
                 // ended: attn_copies); it is on the critical path, so the words stream after it (streaming during
                 // it, or from each warp's first round of cache rows on, was slower: rounds 11 and 16)
                 attn_copies(sp[0], ring0, full0, empty0, s, r, policy);
-#if !ASTREAM
                 mb_wait(saddr(&go), 0);
-#endif
             }
 #endif
             for (int p = 0; p < n_phases; ++p) {
@@ -1499,12 +1497,6 @@ SWIZZLE = os.environ.get("LOCALGPT_GEMV_CHAIN_SWIZZLE", "1") != "0"
 # step writes. Llama-2-7B int4 549.7 -> 577.3 tok/s, int8 394.8 -> 399.3; Falcon-7B level (round 17).
 # LOCALGPT_GEMV_CHAIN_PDL=0: plain launches.
 PDL = os.environ.get("LOCALGPT_GEMV_CHAIN_PDL", "1") != "0"
-# The bulk-copy kernel's producer, after the attention phase's cache rows, waits for the CTA's attention to end
-# before it streams the words (rounds 11 and 16: the words streaming during the attention slowed it, with the
-# warps loading their rows themselves then). False (LOCALGPT_GEMV_CHAIN_ATTN_WAIT=0, opt-in, kernels "_as"): the
-# words follow the rows into the ring at once (the rows are asked for first, and come through the same ring since
-# round 17). Not yet measured.
-ATTN_WAIT = os.environ.get("LOCALGPT_GEMV_CHAIN_ATTN_WAIT", "1") != "0"
 
 
 def bulk_copy(device: torch.device) -> bool:
@@ -1519,19 +1511,17 @@ def source(bits: int, planes: int, warps: int, depth: int, tiled: bool, bpi: int
     1 for the parts Llama's kernels leave out: the "ln" prologue, GELU_OUT and balanced runs of tiles (Falcon's
     chain), 2 for RES32's epilogue (Mamba's fp32 residual), 4 for CONV's (Mamba's conv step), 16 for XFOLD's (x_proj
     folded into it; the bulk-copy kernel's), 32 for CONV_PREFETCH (the bulk-copy kernel's), a bit set;
-    ``attn``: the kernel with the attention phase (``ATTN``; the others leave its code out), in the bulk-copy
-    kernel with its producer streaming the words right after the cache rows unless ``ATTN_WAIT``."""
+    ``attn``: the kernel with the attention phase (``ATTN``; the others leave its code out)."""
     swz = SWIZZLE and f16
-    astream = attn and tma and not ATTN_WAIT
     name = (f"gemv_chain_int{bits}_p{planes}_w{warps}_d{depth}_b{bpi}" + ("_tl" if tiled else "")
             + ("_s" if swz else "")
             + ("_tma" if tma else "") + ("_h" if f16 else "") + (f"_x{extra}" if extra else "")
-            + ("_a" if attn else "") + ("s" if astream else "")
+            + ("_a" if attn else "")
             + (f"_diag{DIAG}" if DIAG else ""))
     head = (f"#define BITS {bits}\n#define P {planes}\n#define FIELDS {32 // bits}\n#define WARPS {warps}\n"
             f"#define DEPTH {depth}\n#define BPI {bpi}\n#define TILES 1\n#define NT 1\n#define OFFSET 1\n#define TILED {int(tiled)}\n#define XMODE 0\n"
             f"#define PREF 0\n#define DIAG {DIAG}\n#define F16 {int(f16)}\n#define EXTRA {int(extra)}\n"
-            f"#define XSWZ {int(swz)}\n#define ATTN {int(attn)}\n#define ASTREAM {int(astream)}\n"
+            f"#define XSWZ {int(swz)}\n#define ATTN {int(attn)}\n"
             f"#define KERNEL_NAME {name}\n")
     if tma and bits == 8:  # thread t's words of a block row: chunks 2t and 2t + 1 (see TMA_SOURCE's loads)
         head += ("#define XIDX(ch, t, s) (8 * (t) + 4 * (ch) + (s))\n"  # and where XSWZ puts w = XIDX(ch, t, s)
@@ -1548,7 +1538,7 @@ _KERNELS: dict = {}
 
 def kernel(bits: int, planes: int, device: torch.device, warps: int, depth: int, tiled: bool, bpi: int,
            tma: bool = False, f16: bool = False, extra: int = 0, attn: bool = False):
-    key = (bits, planes, warps, depth, tiled, bpi, tma, f16, extra, attn, device.index, DIAG, SWIZZLE, ATTN_WAIT)
+    key = (bits, planes, warps, depth, tiled, bpi, tma, f16, extra, attn, device.index, DIAG, SWIZZLE)
     if key not in _KERNELS:
         if torch.cuda.get_device_capability(device)[0] < (9 if tma else 8):
             raise RuntimeError("the chain kernel needs bf16 mma and cp.async (compute capability 8.0 or newer; "
