@@ -1596,8 +1596,8 @@ def test_gpu_mamba_chained_step_matches_the_plain_step_and_generates_the_same_in
 
 def fused_mamba_step_check(device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
     """Tiny FalconMamba and Mamba (fp32 on the CPU; bf16 and int4 on a GPU): from the same states, five steps of the
-    fused step (with x_proj its own launch, and folded into the conv's kernel: mamba.XPROJ_FOLD) and the plain step
-    give the same logits and leave the same conv / SSM states (fp32 to 1e-4, bf16 within its rounding), the fused
+    fused step (with x_proj its own launch, folded into the conv's kernel: mamba.XPROJ_FOLD, and there its parts
+    added up by the conv kernel's last programs: mamba.FOLD_SUM) and the plain step give the same logits and leave the same conv / SSM states (fp32 to 1e-4, bf16 within its rounding), the fused
     step only with LOCALGPT_MAMBA_FUSED (mamba.FUSED); the engine's greedy tokens agree."""
     import tempfile
     from pathlib import Path
@@ -1608,7 +1608,7 @@ def fused_mamba_step_check(device: str = "cpu", dtype: torch.dtype = torch.float
     from localgpt.generation.fast.engine import Engine
 
     root = Path(tempfile.mkdtemp())
-    held = mamba.FUSED, mamba.XPROJ_FOLD
+    held = mamba.FUSED, mamba.XPROJ_FOLD, mamba.FOLD_SUM
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     try:
         for family in ("falcon-mamba", "mamba"):
@@ -1623,23 +1623,24 @@ def fused_mamba_step_check(device: str = "cpu", dtype: torch.dtype = torch.float
                 mamba.FUSED = True
                 assert net.use_fused_decode(True) and net.graph_step
 
-                def path(fused):  # the plain step; fused, x_proj its own launch; fused, x_proj folded (XPROJ_FOLD)
-                    mamba.XPROJ_FOLD = fused == "fold"
+                def path(fused):  # the plain step; fused, x_proj its own launch; fused, x_proj folded (XPROJ_FOLD),
+                    # its parts added by the conv kernel ("sum": FOLD_SUM)
+                    mamba.XPROJ_FOLD, mamba.FOLD_SUM = fused in ("fold", "sum"), fused == "sum"
                     assert net.use_fused_decode(True) if fused else True
-                    assert all(hasattr(la, "xw") for la in net.layers) or fused != "fold"
+                    assert all(hasattr(la, "xw") for la in net.layers) or fused not in ("fold", "sum")
                     net.fused_decode = bool(fused)
 
-                runs = mamba_step_runs(net, device, [lambda f=f: path(f) for f in (False, True, "fold")])
+                runs = mamba_step_runs(net, device, [lambda f=f: path(f) for f in (False, True, "fold", "sum")])
                 assert_same_steps(runs, tol, (family, quant))
                 if dtype == torch.float32:
                     tokens = []
-                    for f in (False, True, "fold"):
-                        mamba.XPROJ_FOLD = f == "fold"
+                    for f in (False, True, "fold", "sum"):
+                        mamba.XPROJ_FOLD, mamba.FOLD_SUM = f in ("fold", "sum"), f == "sum"
                         tokens.append(list(Engine(net, mode="eager", max_seq=64, fused=bool(f)).generate([3, 9, 4],
                                                                                                          12)))
-                    assert tokens[0] == tokens[1] == tokens[2], tokens
+                    assert tokens[0] == tokens[1] == tokens[2] == tokens[3], tokens
     finally:
-        mamba.FUSED, mamba.XPROJ_FOLD = held
+        mamba.FUSED, mamba.XPROJ_FOLD, mamba.FOLD_SUM = held
     print("fused mamba step check passed")
 
 

@@ -36,6 +36,11 @@ CHAIN = os.environ.get("LOCALGPT_MAMBA_CHAIN", "1") != "0"
 # layer, ~300 MB in all). H200, FalconMamba-7B int4, one call (round 19): 427.7 against 383.8 tok/s.
 # LOCALGPT_MAMBA_XPROJ_FOLD=0: x_proj's own launch.
 XPROJ_FOLD = os.environ.get("LOCALGPT_MAMBA_XPROJ_FOLD", "1") != "0"
+# With XPROJ_FOLD: the conv kernel's parts of x_proj's row added up by its own last program of each block of outputs
+# (``conv_xproj_step(counts=)``: an acq_rel count a block, one trip for the parts), so the SSM step reads the row,
+# not 32 parts (round 21's profile: the SSM kernel 7.9 us a layer exposed with the parts, 3.0 with a row).
+# LOCALGPT_MAMBA_FOLD_SUM=1 (opt-in); not yet measured.
+FOLD_SUM = os.environ.get("LOCALGPT_MAMBA_FOLD_SUM", "0") != "0"
 # With CHAIN and an fp32 residual (FalconMamba): the residual's add in out_proj's chain launch, as it writes its rows
 # (``gemv_chain``'s res32: the fp32 sum and its bf16 copy), and the block's RMSNorm in in_proj's (its "rms"
 # staging), so the step has no add_norm launch between layers. H200, FalconMamba-7B (round 20): int8 311.1 against
@@ -275,6 +280,9 @@ class Mamba(nn.Module):
                     w = _dense_weight(layer.x_proj)
                     if w is not None:  # else x_proj keeps its launch
                         layer.register_buffer("xw", w.t().to(self.dtype).contiguous(), persistent=False)
+                        # FOLD_SUM's counts: one a block of 32 of x_proj's outputs (the kernel leaves them at 0)
+                        layer.register_buffer("fold_counts", torch.zeros(-(-w.shape[0] // 32), dtype=torch.int32,
+                                                                         device=w.device), persistent=False)
         self.fused_decode = ok
         return ok
 
@@ -330,6 +338,11 @@ class Mamba(nn.Module):
         s = self.shape
         xw = getattr(layer, "xw", None)
         if XPROJ_FOLD and xw is not None:
+            if FOLD_SUM:  # the conv kernel adds the parts up into x_proj's row
+                xc, dbl = K.conv_xproj_step(xz, layer.conv_state, layer.conv_w, layer.conv_b, xw, pdl=pdl,
+                                            counts=layer.fold_counts)
+                return K.ssm_step(dbl, xz, xc, layer.dt_w, layer.dt_b, layer.A, layer.D, layer.ssm_state,
+                                  s.bcdt_norm_eps, out=out, pdl=pdl, conv_state=layer.conv_state)
             xc, parts = K.conv_xproj_step(xz, layer.conv_state, layer.conv_w, layer.conv_b, xw, pdl=pdl)
             return K.ssm_step(None, xz, xc, layer.dt_w, layer.dt_b, layer.A, layer.D, layer.ssm_state,
                               s.bcdt_norm_eps, out=out, pdl=pdl, parts=parts, conv_state=layer.conv_state)
