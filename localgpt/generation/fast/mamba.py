@@ -31,16 +31,17 @@ FUSED = os.environ.get("LOCALGPT_MAMBA_FUSED", "1") != "0"
 # LOCALGPT_MAMBA_CHAIN=0: the layers' own GEMV launches.
 CHAIN = os.environ.get("LOCALGPT_MAMBA_CHAIN", "1") != "0"
 # x_proj folded into the fused step's conv kernel (``mamba_triton.conv_xproj_step``: each of its programs multiplies
-# its channels of the conv's output by a bf16 copy of x_proj's weight, the SSM step adds the parts up and shifts the
-# conv state), so x_proj has no launch of its own. Costs a bf16 copy of x_proj's weight (~4.7 MB a FalconMamba-7B
-# layer, ~300 MB in all). H200, FalconMamba-7B int4, one call (round 19): 427.7 against 383.8 tok/s.
+# its channels of the conv's output by a bf16 copy of x_proj's weight, its last programs (FOLD_SUM) or the SSM step
+# add the parts up, the SSM step shifts the conv state), so x_proj has no launch of its own. Costs a bf16 copy of
+# x_proj's weight (~4.7 MB a FalconMamba-7B layer, ~300 MB in all). H200, FalconMamba-7B int4, one call (round 19): 427.7 against 383.8 tok/s.
 # LOCALGPT_MAMBA_XPROJ_FOLD=0: x_proj's own launch.
 XPROJ_FOLD = os.environ.get("LOCALGPT_MAMBA_XPROJ_FOLD", "1") != "0"
 # With XPROJ_FOLD: the conv kernel's parts of x_proj's row added up by its own last program of each block of outputs
 # (``conv_xproj_step(counts=)``: an acq_rel count a block, one trip for the parts), so the SSM step reads the row,
-# not 32 parts (round 21's profile: the SSM kernel 7.9 us a layer exposed with the parts, 3.0 with a row).
-# LOCALGPT_MAMBA_FOLD_SUM=1 (opt-in); not yet measured.
-FOLD_SUM = os.environ.get("LOCALGPT_MAMBA_FOLD_SUM", "0") != "0"
+# not 32 parts. H200, FalconMamba-7B int4, one call (round 22): 471.8 / 471.4 against 447.1 / 445.1 tok/s (the
+# SSM kernel 7.9 -> 3.4 us a layer exposed, the conv kernel 3.8 -> 5.6). LOCALGPT_MAMBA_FOLD_SUM=0: the SSM step
+# adds the parts.
+FOLD_SUM = os.environ.get("LOCALGPT_MAMBA_FOLD_SUM", "1") != "0"
 # With CHAIN and an fp32 residual (FalconMamba): the residual's add in out_proj's chain launch, as it writes its rows
 # (``gemv_chain``'s res32: the fp32 sum and its bf16 copy), and the block's RMSNorm in in_proj's (its "rms"
 # staging), so the step has no add_norm launch between layers. H200, FalconMamba-7B (round 20): int8 311.1 against
