@@ -642,9 +642,23 @@ __device__ __forceinline__ void stage(const Phase& ph, XITEM* xp, XS_T* xs, floa
         for (int j = 0; j < SV; ++j) {
             const int i = base + j * WARPS * 32 + tid;
             if (i < K / 8) {
+#if DIAG & 64
+                // timing only: the phase's new rows loaded alone (an rms phase's y, not its residual or norm
+                // weight; a swiglu phase's gate, not its up), the others as if in shared memory already
+                if (ph.xmode == 2 && two) {
+                    a[j] = make_uint4(0u, 0u, 0u, 0u);
+                    b[j] = __ldcg(y4 + i);
+                    w[j] = make_uint4(0x3F803F80u, 0x3F803F80u, 0x3F803F80u, 0x3F803F80u);
+                } else {
+                    a[j] = __ldcg(x4 + i);
+                    if (two) b[j] = a[j];
+                    if (ph.xmode == 2) w[j] = make_uint4(0x3F803F80u, 0x3F803F80u, 0x3F803F80u, 0x3F803F80u);
+                }
+#else
                 a[j] = __ldcg(x4 + i);
                 if (two) b[j] = __ldcg(y4 + i);
                 if (ph.xmode == 2) w[j] = __ldg((const uint4*)ph.nw + i);
+#endif
             }
         }
         float inv = 0.f;
@@ -1486,7 +1500,9 @@ XFOLD_WEIGHT = float(os.environ.get("LOCALGPT_GEMV_CHAIN_XFOLD_WEIGHT", "0"))
 
 # bench/gemv_cuda.py --chain-diag: bits leaving out 1 the multiply, 2 the staging of the input, 4 the grid barrier,
 # 8 the adding of a tile's parts, 32 the loads of the words after the first ring (the multiply of whatever is in
-# shared memory: the consumers' own rate) (wrong results: timing only); 16 adds per-CTA timestamps (``trace``)
+# shared memory: the consumers' own rate), 64 the staging's loads but the phase's new rows (an rms phase's y, a
+# swiglu phase's gate: the residual, the norm weight and up as if in shared memory) (wrong results: timing only);
+# 16 adds per-CTA timestamps (``trace``)
 DIAG = 0
 # The staged input's items by sub-step, then thread, for fp16 operands (XREAD / XPHYS in the source: x loads without
 # bank conflicts); LOCALGPT_GEMV_CHAIN_SWIZZLE=0 keeps the plain order
