@@ -33,8 +33,8 @@ CHAIN = os.environ.get("LOCALGPT_MAMBA_CHAIN", "1") != "0"
 # x_proj folded into the fused step's conv kernel (``mamba_triton.conv_xproj_step``: each of its programs multiplies
 # its channels of the conv's output by a bf16 copy of x_proj's weight, its last programs (FOLD_SUM) or the SSM step
 # add the parts up, the SSM step shifts the conv state), so x_proj has no launch of its own. Costs a bf16 copy of
-# x_proj's weight (~4.7 MB a FalconMamba-7B layer, ~300 MB in all). H200, FalconMamba-7B int4, one call (round 19): 427.7 against 383.8 tok/s.
-# LOCALGPT_MAMBA_XPROJ_FOLD=0: x_proj's own launch.
+# x_proj's weight (~4.7 MB a FalconMamba-7B layer, ~300 MB in all). H200, FalconMamba-7B int4, one call (round 19):
+# 427.7 against 383.8 tok/s. LOCALGPT_MAMBA_XPROJ_FOLD=0: x_proj's own launch.
 XPROJ_FOLD = os.environ.get("LOCALGPT_MAMBA_XPROJ_FOLD", "1") != "0"
 # With XPROJ_FOLD: the conv kernel's parts of x_proj's row added up by its own last program of each block of outputs
 # (``conv_xproj_step(counts=)``: an acq_rel count a block, one trip for the parts), so the SSM step reads the row,
@@ -338,15 +338,12 @@ class Mamba(nn.Module):
         the conv's kernel where the layer has its bf16 copy (``xw``, XPROJ_FOLD), else its own launch."""
         s = self.shape
         xw = getattr(layer, "xw", None)
-        if XPROJ_FOLD and xw is not None:
-            if FOLD_SUM:  # the conv kernel adds the parts up into x_proj's row
-                xc, dbl = K.conv_xproj_step(xz, layer.conv_state, layer.conv_w, layer.conv_b, xw, pdl=pdl,
-                                            counts=layer.fold_counts)
-                return K.ssm_step(dbl, xz, xc, layer.dt_w, layer.dt_b, layer.A, layer.D, layer.ssm_state,
-                                  s.bcdt_norm_eps, out=out, pdl=pdl, conv_state=layer.conv_state)
-            xc, parts = K.conv_xproj_step(xz, layer.conv_state, layer.conv_w, layer.conv_b, xw, pdl=pdl)
-            return K.ssm_step(None, xz, xc, layer.dt_w, layer.dt_b, layer.A, layer.D, layer.ssm_state,
-                              s.bcdt_norm_eps, out=out, pdl=pdl, parts=parts, conv_state=layer.conv_state)
+        if XPROJ_FOLD and xw is not None:  # with FOLD_SUM the conv kernel adds the parts up into x_proj's row
+            xc, got = K.conv_xproj_step(xz, layer.conv_state, layer.conv_w, layer.conv_b, xw, pdl=pdl,
+                                        counts=layer.fold_counts if FOLD_SUM else None)
+            return K.ssm_step(got if FOLD_SUM else None, xz, xc, layer.dt_w, layer.dt_b, layer.A, layer.D,
+                              layer.ssm_state, s.bcdt_norm_eps, out=out, pdl=pdl,
+                              parts=None if FOLD_SUM else got, conv_state=layer.conv_state)
         xc = K.conv_step(xz, layer.conv_state, layer.conv_w, layer.conv_b, pdl=pdl)
         return K.ssm_step(layer.x_proj(xc), xz, xc, layer.dt_w, layer.dt_b, layer.A, layer.D, layer.ssm_state,
                           s.bcdt_norm_eps, out=out, pdl=pdl)
