@@ -110,16 +110,21 @@ def trace_summary(label: str, trace: torch.Tensor, n_phases: int = 4) -> str:
     base = t[:, 0, 0].min()
     t = (t - base) / 1000.0  # µs from the first CTA past its start
     lines = [f"{label}: trace (µs; mean / max over {t.shape[0]} CTAs)"]
+    totals = [0.0, 0.0, 0.0]  # a launch's means: waits, stagings, multiplies
     for p in range(n_phases):
         wait = (t[:, p, 0] - t[:, p - 1, 2]) if p else t[:, p, 0]
         stage, mult = t[:, p, 1] - t[:, p, 0], t[:, p, 2] - t[:, p, 1]
         ends = t[:, p, 2]
         lead = t[:, p, 2] - t[:, p, 3] if bool((trace[:, p, 3] != 0).any()) else None
         slow = torch.topk(ends, 3).indices.tolist()
+        for k, v in enumerate((wait, stage, mult)):
+            totals[k] += float(v.mean())
         lines.append(f"  phase {p}: wait {wait.mean():.2f}/{wait.max():.2f}  stage {stage.mean():.2f}/{stage.max():.2f}"
                      f"  multiply {mult.mean():.2f}/{mult.max():.2f} (min {mult.min():.2f})"
                      f"  ends {ends.min():.2f}..{ends.max():.2f} (slowest CTAs {slow})"
                      + (f"  producer lead {lead.mean():.2f} (min {lead.min():.2f})" if lead is not None else ""))
+    lines.append(f"  the launch: waits {totals[0]:.2f}, stagings {totals[1]:.2f}, multiplies {totals[2]:.2f} "
+                 f"(means, summed over its phases); its slowest CTA ends at {t[:, n_phases - 1, 2].max():.2f}")
     return "\n".join(lines)
 
 
