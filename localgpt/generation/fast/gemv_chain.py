@@ -1469,6 +1469,11 @@ def balanced_cuts(tiles: list[int], blocks: list[int], grid: int) -> list[list[t
     return cuts
 
 
+def equal_runs(tiles: int, grid: int) -> list[tuple[int, int]]:
+    """Each CTA's run of tiles (t0, t1) where a phase has no cut: the kernel's own equal runs (``cta_tiles``)."""
+    return [(c * tiles // grid, (c + 1) * tiles // grid) for c in range(grid)]
+
+
 def weighted_runs(weights: list[float], grid: int) -> list[tuple[int, int]]:
     """Each CTA's run of tiles (t0, t1), contiguous and in CTA order, so that the runs' weights are even: CTA c's
     run ends at the first tile whose midpoint passes (c + 1) / grid of the total weight (the last CTA's at the
@@ -1869,7 +1874,7 @@ class Chain:
                 self._xfold_fields(table[i], i, xw, ph["dbl"], ph["xc"].numel(), depth * stage_bytes(
                     bits, planes, warps, bpi))
                 # the CTAs with conv channels, the first ones (runs in CTA order): xfold_sum adds their parts
-                runs = cuts[i] if i in cuts else [(c * (n // 16) // self.grid, 0) for c in range(self.grid)]
+                runs = cuts[i] if i in cuts else equal_runs(n // 16, self.grid)
                 table[i].chunks = sum(16 * t0 < ph["xc"].numel() for t0, _ in runs)
             table[i].cut = self.cut[i].data_ptr() if i in cuts else 0
             if self.maps is not None:
