@@ -358,10 +358,18 @@ def graph_us(calls, repeats: int = 7) -> float:
     return statistics.median(times)
 
 
-def bench_gemv(log, kinds_wanted=("int4", "int8", "bf16"), kernels_wanted=("x2", "fma")) -> dict:
-    """Triton GEMV kernels (int4 / int8 / bf16) at Llama-2-7B's shapes against tinygemm and cuBLAS, over a
-    sweep of (rows a program, split-K, warps); each timed as a CUDA graph of calls over enough weight copies
-    that they stream from HBM (not L2). Sets gemv_triton.TUNED to the fastest config per shape."""
+# --gemv-shapes: the networks' bf16 layer shapes (N, K); int4 / int8 sweep only shapes of whole 128-column groups
+GEMV_SHAPES = {"llama": [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (32000, 4096)],
+               "falcon": [(4672, 4544), (4544, 4544), (18176, 4544), (4544, 18176), (65024, 4544)],
+               "falcon-mamba": [(16384, 4096), (288, 8192), (8192, 256), (4096, 8192), (65024, 4096)]}
+
+
+def bench_gemv(log, kinds_wanted=("int4", "int8", "bf16"), kernels_wanted=("x2", "fma"),
+               shape_sets=("llama",)) -> dict:
+    """Triton GEMV kernels (int4 / int8 / bf16) at the networks' shapes (Llama-2-7B's unless told) against
+    tinygemm and cuBLAS, over a sweep of (rows a program, split-K, warps; bf16 also columns a block); each timed as
+    a CUDA graph of calls over enough weight copies that they stream from HBM (not L2). Sets gemv_triton.TUNED
+    (and BF16_BK) to the fastest config per shape."""
     import math
 
     from localgpt.generation.fast import gemv_triton as G
@@ -371,8 +379,10 @@ def bench_gemv(log, kinds_wanted=("int4", "int8", "bf16"), kernels_wanted=("x2",
     )
     from localgpt.generation.fast.transformer import Linear
 
-    shapes = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (32000, 4096)]
-    configs = [(bn, split, warps) for bn in (8, 16, 32) for split in (1, 2, 4) for warps in (1, 2, 4)]
+    shapes = list(dict.fromkeys(s for name in shape_sets for s in GEMV_SHAPES[name]))
+    # bf16: (rows a program, split-K, warps, columns a block)
+    configs = [(bn, split, warps, bk) for bk in (64, 128, 256) for bn in (8, 16, 32) for split in (1, 2, 4)
+               for warps in (2, 4)]
     # Quantised: (rows, split, warps, kernel code: G.FMA / G.DOT / G.X2). The FMA kernel at the config tuned in
     # round 2 (the tensor-core variant never won: only with "dot"); the bf16x2 kernel over a sweep.
     quant_configs = {"fma": None, "dot": [(bn, split, warps, G.DOT) for bn in (32, 64) for split in (1, 4)
@@ -386,25 +396,23 @@ def bench_gemv(log, kinds_wanted=("int4", "int8", "bf16"), kernels_wanted=("x2",
             torch.manual_seed(n + k)
             layer = Linear(torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) * 0.02)
             x = torch.randn(k, device=DEVICE, dtype=torch.bfloat16)
-            st = int4_state(layer, 128, 8)
-            planes = int4_planes(k, 128)
-            words4 = pack_int4_planar(st["nibbles"], planes)
-            sz = st["scales_and_zeros"].view(torch.int32).reshape(k // 128, n)
-            packed = torch.ops.aten._convert_weight_to_int4pack(st["nibbles"], 8)
             w = layer.weight.data.float()
-            scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-            q8 = torch.round(w / scales[:, None]).clamp(-128, 127).to(torch.int8)
-            p8 = int8_planes(k)
-            words8 = pack_int8_planar(q8, p8)
-            ref4 = dequantize_int4(st["nibbles"], st["scales_and_zeros"], 128) @ x.float()
-            ref8 = q8.float() @ x.float()
-            refb = w @ x.float()
+            kinds = {"bf16": (2 * n * k, layer.weight.data, w @ x.float())}
+            st = words4 = sz = packed = q8 = words8 = None
+            if k % 128 == 0 and ({"int4", "int8"} & set(kinds_wanted)):
+                st = int4_state(layer, 128, 8)
+                planes = int4_planes(k, 128)
+                words4 = pack_int4_planar(st["nibbles"], planes)
+                sz = st["scales_and_zeros"].view(torch.int32).reshape(k // 128, n)
+                packed = torch.ops.aten._convert_weight_to_int4pack(st["nibbles"], 8)
+                scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+                q8 = torch.round(w / scales[:, None]).clamp(-128, 127).to(torch.int8)
+                p8 = int8_planes(k)
+                words8 = pack_int8_planar(q8, p8)
+                kinds["int4"] = (n * k // 2 + sz.numel() * 4, words4,
+                                 dequantize_int4(st["nibbles"], st["scales_and_zeros"], 128) @ x.float())
+                kinds["int8"] = (n * k, words8, q8.float() @ x.float())
             del w
-            kinds = {
-                "int4": (n * k // 2 + sz.numel() * 4, words4, ref4),
-                "int8": (n * k, words8, ref8),
-                "bf16": (2 * n * k, layer.weight.data, refb),
-            }
             for kind, (nbytes, weight, ref) in kinds.items():
                 if kind not in kinds_wanted:
                     continue
@@ -426,6 +434,10 @@ def bench_gemv(log, kinds_wanted=("int4", "int8", "bf16"), kernels_wanted=("x2",
                                                    for i in range(copies)])
                 if kind == "bf16":
                     sweep = configs
+                    # the engine's config before this sweep (TUNED or the shape rule, BF16_BK or the K rule)
+                    default_cfg = str(tuple(G._config("bf16", n, k, G._sms(x.device))[:3]) + (G.bf16_block(n, k),))
+                    if default_cfg not in map(str, sweep):
+                        sweep = sweep + [eval(default_cfg)]  # noqa: S307 - our own tuple's repr
                 else:
                     tuned = G.FMA_TUNED.get((kind, n, k))
                     sweep = [c for name in kernels_wanted for c in (quant_configs[name] or (
@@ -438,7 +450,7 @@ def bench_gemv(log, kinds_wanted=("int4", "int8", "bf16"), kernels_wanted=("x2",
                         elif kind == "int8":
                             call = lambda i, c=cfg: G.int8_gemv(x, ws_[i], p8, out, scratch_, c[:3] + (1,), dot=c[3])  # noqa: E731
                         else:
-                            call = lambda i, c=cfg: G.bf16_gemv(x, ws_[i], out, scratch_, c + (1,))  # noqa: E731
+                            call = lambda i, c=cfg: G.bf16_gemv(x, ws_[i], out, scratch_, c[:3] + (1,), bk=c[3])  # noqa: E731
                         out.fill_(float("nan"))
                         call(0)
                         err = ((out.float() - ref).norm() / ref.norm()).item()
@@ -453,7 +465,11 @@ def bench_gemv(log, kinds_wanted=("int4", "int8", "bf16"), kernels_wanted=("x2",
                     best = min(good, key=lambda c: good[c]["us"])
                     entry["best"] = best
                     tuned = tuple(eval(best))  # noqa: S307 - our own tuple's repr
-                    G.TUNED[(kind, n, k)] = tuned[:3] + (1,) + tuned[3:]
+                    if kind == "bf16":
+                        G.TUNED[(kind, n, k)] = tuned[:3] + (1,)
+                        G.BF16_BK[(n, k)] = tuned[3]
+                    else:
+                        G.TUNED[(kind, n, k)] = tuned[:3] + (1,) + tuned[3:]
                     b = good[best]
                     for codes, label in (((G.FMA,), "fma"), ((G.X2, G.X2_AHEAD), "x2")):
                         mine = {c: v for c, v in good.items() if kind != "bf16" and eval(c)[3] in codes}  # noqa: S307
@@ -461,6 +477,10 @@ def bench_gemv(log, kinds_wanted=("int4", "int8", "bf16"), kernels_wanted=("x2",
                             c = min(mine, key=lambda c: mine[c]["us"])
                             entry[f"best_{label}"] = c
                             log(f"  gemv {kind} {n}x{k} {label}: {c} {mine[c]['us']:.1f} us = {mine[c]['tb_s']:.2f} TB/s")
+                    if kind == "bf16" and default_cfg in good:
+                        entry["default"] = default_cfg
+                        d = good[default_cfg]
+                        log(f"  gemv bf16 {n}x{k} default {default_cfg}: {d['us']:.1f} us = {d['tb_s']:.2f} TB/s")
                     base = entry.get("tinygemm_us") or entry.get("cublas_us")
                     log(f"  gemv {kind} {n}x{k}: best {best} {b['us']:.1f} us = {b['tb_s']:.2f} TB/s "
                         f"(err {b['rel_err']:.1e})" + (f"; baseline {base:.1f} us = {nbytes / base / 1e6:.2f} TB/s"
@@ -473,6 +493,7 @@ def bench_gemv(log, kinds_wanted=("int4", "int8", "bf16"), kernels_wanted=("x2",
             del layer, st, words4, words8, packed, q8
             free_cache()
     log("  TUNED = " + repr(G.TUNED))
+    log("  BF16_BK = " + repr(G.BF16_BK))
     return res
 
 
@@ -1145,6 +1166,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="profile one decode step of each variant")
     parser.add_argument("--gemv-sweep", action="store_true", help="tune the Triton GEMV kernels first (llama shapes)")
     parser.add_argument("--gemv-kinds", default="int4,int8,bf16")
+    parser.add_argument("--gemv-shapes", default="llama", help="--gemv-sweep: the layer shapes of these networks "
+                        "(llama, falcon, falcon-mamba; bf16 only where K is not a multiple of 128)")
     parser.add_argument("--gemv-kernels", default="x2,fma", help="quantised GEMV kernels to sweep: x2, fma, dot")
     parser.add_argument("--skip-int4-rows", action="store_true")
     parser.add_argument("--concurrency", default="", help="e.g. 1,4,16: continuous batching (llama) at these "
@@ -1235,7 +1258,8 @@ def main() -> None:
         return
     if CUDA and args.gemv_sweep:
         try:
-            results["gemv"] = bench_gemv(log, args.gemv_kinds.split(","), args.gemv_kernels.split(","))
+            results["gemv"] = bench_gemv(log, args.gemv_kinds.split(","), args.gemv_kernels.split(","),
+                                         args.gemv_shapes.split(","))
         except Exception as exc:  # noqa: BLE001
             results["gemv"] = {"error": repr(exc)}
             log(traceback.format_exc())

@@ -405,6 +405,16 @@ def gemv_interpreter_check():
             out = torch.full((n, k), float("nan"), dtype=torch.bfloat16)
             gemv.int4_planar_dequant(tile_words(words, planes), pairs, group, planes, out, tiled=True)
             assert ((out.float() - ref).abs() <= ref.abs() * 2**-7 + 1e-6).all()
+    # bf16 with blocks that do not divide K (Falcon-7B's 4,544 columns): the last block's columns past K masked
+    for kt, bk, config in [(200, 64, (16, 1, 1, 1)), (200, 128, (8, 2, 1, 1)), (328, 256, (16, 3, 1, 1))]:
+        wb = torch.randn(24, kt).to(torch.bfloat16)
+        x = torch.randn(kt).to(torch.bfloat16)
+        expect = wb.float() @ x.float()
+        ws = gemv.Workspace()
+        out = torch.full((24,), float("nan"), dtype=torch.bfloat16)
+        gemv.bf16_gemv(x, wb, out, ws, config, bk=bk)
+        assert ((out.float() - expect).abs() <= expect.abs() * 2**-7 + 1e-4 * expect.abs().max()).all(), (kt, bk)
+        assert int(ws.lock.sum()) == 0
     print("gemv interpreter check passed")
 
 

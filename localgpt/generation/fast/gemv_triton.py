@@ -390,19 +390,25 @@ def _int8_dot_kernel(x_ptr, w_ptr, out_ptr, ws_ptr, lock_ptr, N, K, stride,
 
 @triton.jit
 def _bf16_gemv_kernel(x_ptr, w_ptr, out_ptr, ws_ptr, lock_ptr, N, K, stride,
-                      BK: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr):
+                      BK: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr = True):
+    # EVEN: BK divides K; else the last block's columns past K are masked (Falcon-7B's 4,544 = 17.75 x 256)
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     live = rows < N
     cols = tl.arange(0, BK)
-    n_blocks = K // BK
+    n_blocks = tl.cdiv(K, BK)
     per_split = (n_blocks + SPLIT - 1) // SPLIT
     first = tl.program_id(1) * per_split
     last = tl.minimum(first + per_split, n_blocks)
     w_row = w_ptr + rows[:, None] * stride + cols[None, :]
     acc = tl.zeros((BN, BK), dtype=tl.float32)
     for blk in range(first, last):
-        w = tl.load(w_row + blk * BK, mask=live[:, None], other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + blk * BK + cols).to(tl.float32)[None, :]
+        if EVEN:
+            w = tl.load(w_row + blk * BK, mask=live[:, None], other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + blk * BK + cols).to(tl.float32)[None, :]
+        else:
+            inside = blk * BK + cols < K
+            w = tl.load(w_row + blk * BK, mask=live[:, None] & inside[None, :], other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + blk * BK + cols, mask=inside, other=0.0).to(tl.float32)[None, :]
         acc += w * x
     _finish(acc, rows, live, out_ptr, ws_ptr, lock_ptr, N, SPLIT)
 
@@ -564,15 +570,24 @@ def int8_gemv(x: torch.Tensor, words: torch.Tensor, planes: int, out: torch.Tens
 
 
 def bf16_gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, ws: Workspace,
-              config: tuple | None = None, bk: int = 256) -> torch.Tensor:
+              config: tuple | None = None, bk: int | None = None) -> torch.Tensor:
     n, k = w.shape
-    assert k % bk == 0
+    bk = bk or bf16_block(n, k)
     bn, split, warps, stages = (config or _config("bf16", n, k, _sms(x.device)))[:4]
     blocks = triton.cdiv(n, bn)
     buf, lock = ws.get(n, split, blocks, x.device)
     _bf16_gemv_kernel[(blocks, split)](x, w, out, buf, lock, n, k, w.stride(0), BK=bk, BN=bn, SPLIT=split,
-                                       num_warps=warps, num_stages=stages)
+                                       EVEN=k % bk == 0, num_warps=warps, num_stages=stages)
     return out
+
+
+# The bf16 kernel's columns a block (BK) by layer shape, tuned with TUNED's bf16 configs (bench/gpu.py --gemv-sweep
+# --gemv-shapes); other shapes take the largest of 256 / 128 / 64 that divides K, else 128 with the tail masked.
+BF16_BK: dict[tuple[int, int], int] = {}
+
+
+def bf16_block(n: int, k: int) -> int:
+    return BF16_BK.get((n, k)) or next((b for b in (256, 128, 64) if k % b == 0), 128)
 
 
 def int4_planar_dequant(words: torch.Tensor, sz: torch.Tensor, group: int, planes: int,
@@ -620,7 +635,7 @@ def _bf16_gemv_eager(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, lock: t
     n, k = w.shape
     out = torch.empty(n, dtype=torch.bfloat16, device=x.device)
     _bf16_gemv_kernel[(triton.cdiv(n, bn), split)](x, w, out, ws, lock, n, k, w.stride(0), BK=bk, BN=bn,
-                                                   SPLIT=split, num_warps=warps)
+                                                   SPLIT=split, EVEN=k % bk == 0, num_warps=warps)
     return out
 
 
