@@ -875,12 +875,10 @@ def _llama_layer_gemvs(mode: str, dim: int, inner: int):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode,tma,f16,pdl,hoist", [
-    ("int4", False, True, True, False), ("int4", True, True, True, False), ("int4", True, False, True, False),
-    ("int4", True, True, False, False), ("int8", False, True, True, False), ("int8", False, False, True, False),
-    ("int8", True, True, True, False), ("int4", True, True, True, True), ("int8", True, True, True, True)])
-def test_gpu_chain_runs_a_layers_gemvs_in_one_launch_as_the_prologue_kernels_do(monkeypatch, mode, tma, f16, pdl,
-                                                                                hoist):
+@pytest.mark.parametrize("mode,tma,f16,pdl", [
+    ("int4", False, True, True), ("int4", True, True, True), ("int4", True, False, True), ("int4", True, True, False),
+    ("int8", False, True, True), ("int8", False, False, True), ("int8", True, True, True)])
+def test_gpu_chain_runs_a_layers_gemvs_in_one_launch_as_the_prologue_kernels_do(monkeypatch, mode, tma, f16, pdl):
     """gemv_chain.Chain (the GEMVs from one attention to the next in one persistent launch: the words of all of them
     streamed through shared memory, by every warp's cp.async ring or, tma, by one producer thread's bulk copies
     on Hopper, int8's by a tensor map a phase; a grid barrier between) against quantize.prologue_gemv's launch a
@@ -889,8 +887,7 @@ def test_gpu_chain_runs_a_layers_gemvs_in_one_launch_as_the_prologue_kernels_do(
     (the barrier and the row counters reset themselves; the sums' order is fixed). f16: fp16 mma operands
     (the default but for the ring kernel's int4) or bf16; with fp16, inputs past fp16's range (a block scaled by a power of two)
     and below its normal range as well. pdl: the bulk-copy kernel as a programmatic dependent launch (the default)
-    or a plain one; the graph replays it after the kernels that zero its outputs, which it must wait for. hoist: the
-    rms phases' residual and norm weight loaded before their grid barrier (gemv_chain.HOIST)."""
+    or a plain one; the graph replays it after the kernels that zero its outputs, which it must wait for."""
     _needs_cuda()
     pytest.importorskip("triton")
     if tma and torch.cuda.get_device_capability()[0] < 9:
@@ -900,7 +897,6 @@ def test_gpu_chain_runs_a_layers_gemvs_in_one_launch_as_the_prologue_kernels_do(
     from localgpt.generation.fast.quantize import prologue_gemv
 
     monkeypatch.setattr(gemv_chain, "PDL", pdl)
-    monkeypatch.setattr(gemv_chain, "HOIST", hoist)
     dim, inner = 4096, 11008
     layers, n1, n2 = _llama_layer_gemvs(mode, dim, inner)
     x = torch.randn(dim, device="cuda", dtype=torch.bfloat16)

@@ -629,27 +629,8 @@ __device__ __noinline__ void xfold_sum(const Phase& ph, float* scr) {
 }
 #endif
 
-// HOIST: an rms phase's residual x and norm weight, which no CTA writes in the phase before it (x is the sum an
-// earlier staging wrote, behind an earlier barrier; x + y with y null is not hoisted), loaded before the phase's
-// grid barrier (``hoist_loads``), so only y's rows are read after it; ``pre`` says they were
-// (HSV of a thread's items at most: K <= 8 HSV threads, Llama-2-7B's 4,096 and 13B's 5,120 columns)
-#define HSV 2
-__device__ __forceinline__ bool hoisted(const Phase& ph) {
-    return ph.xmode == 2 && ph.y != nullptr && !(ph.flags & SAME) && ph.K <= 8 * HSV * WARPS * 32;
-}
-__device__ __forceinline__ void hoist_loads(const Phase& ph, uint4 (&pa)[HSV], uint4 (&pw)[HSV]) {
-#pragma unroll
-    for (int j = 0; j < HSV; ++j) {
-        const int i = j * WARPS * 32 + threadIdx.x;
-        if (i < ph.K / 8) {
-            pa[j] = __ldcg((const uint4*)ph.x + i);
-            pw[j] = __ldg((const uint4*)ph.nw + i);
-        }
-    }
-}
-
 __device__ __forceinline__ void stage(const Phase& ph, XITEM* xp, XS_T* xs, float* red, float* parts, int nparts,
-                                      bool cta0, bool pre, const uint4 (&pa)[HSV], const uint4 (&pw)[HSV]) {
+                                      bool cta0) {
     const int K = ph.K, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const uint4* x4 = (const uint4*)ph.x;
     const uint4* y4 = (const uint4*)(ph.xmode == 1 ? ph.x + K : ph.y);
@@ -674,15 +655,9 @@ __device__ __forceinline__ void stage(const Phase& ph, XITEM* xp, XS_T* xs, floa
                     if (ph.xmode == 2) w[j] = make_uint4(0x3F803F80u, 0x3F803F80u, 0x3F803F80u, 0x3F803F80u);
                 }
 #else
-                if (pre) {  // an rms phase's only round (base 0): x and the weight loaded before the barrier
-                    a[j] = pa[j < HSV ? j : 0];
-                    b[j] = __ldcg(y4 + i);
-                    w[j] = pw[j < HSV ? j : 0];
-                } else {
-                    a[j] = __ldcg(x4 + i);
-                    if (two) b[j] = __ldcg(y4 + i);
-                    if (ph.xmode == 2) w[j] = __ldg((const uint4*)ph.nw + i);
-                }
+                a[j] = __ldcg(x4 + i);
+                if (two) b[j] = __ldcg(y4 + i);
+                if (ph.xmode == 2) w[j] = __ldg((const uint4*)ph.nw + i);
 #endif
             }
         }
@@ -816,13 +791,6 @@ __device__ __forceinline__ void stage_ln(const Phase& ph, XITEM* xp, XS_T* xs, f
 // input no other CTA of this launch writes), then its input staged (a SAME phase's is the one staged before).
 __device__ __forceinline__ void begin_phase(const Phase& ph, int p, unsigned* bar, int& nbar, long long* trace,
                                             XITEM* xp, XS_T* xs, float* red, float* parts, int nparts) {
-    uint4 pa[HSV], pw[HSV];
-#if HOIST && !(DIAG & 2)
-    const bool pre = hoisted(ph);
-    if (pre) hoist_loads(ph, pa, pw);
-#else
-    const bool pre = false;
-#endif
 #if DIAG & 4
     CSYNC();
 #else
@@ -839,7 +807,7 @@ __device__ __forceinline__ void begin_phase(const Phase& ph, int p, unsigned* ba
         stage_ln(ph, xp, xs, red, parts, nparts, blockIdx.x == 0);
 #endif
     } else {
-        stage(ph, xp, xs, red, parts, nparts, blockIdx.x == 0, pre, pa, pw);
+        stage(ph, xp, xs, red, parts, nparts, blockIdx.x == 0);
     }
 #endif
     if (threadIdx.x == 0) note(trace, p, 1);
@@ -1550,11 +1518,6 @@ SWIZZLE = os.environ.get("LOCALGPT_GEMV_CHAIN_SWIZZLE", "1") != "0"
 # step writes. Llama-2-7B int4 549.7 -> 577.3 tok/s, int8 394.8 -> 399.3; Falcon-7B level (round 17).
 # LOCALGPT_GEMV_CHAIN_PDL=0: plain launches.
 PDL = os.environ.get("LOCALGPT_GEMV_CHAIN_PDL", "1") != "0"
-# An rms phase's residual and norm weight loaded before its grid barrier (``hoist_loads``; kernels "_ho"), so the
-# staging after the barrier reads only the new rows y from the L2 (8 KB a CTA at Llama-2-7B's width, not 24): round
-# 22's traces put int4's staging at 2.3 µs an rms phase with every CTA reading the whole input while the words
-# stream through the same L2. LOCALGPT_GEMV_CHAIN_HOIST=1 (opt-in); not yet measured.
-HOIST = os.environ.get("LOCALGPT_GEMV_CHAIN_HOIST", "0") != "0"
 
 
 def bulk_copy(device: torch.device) -> bool:
@@ -1574,12 +1537,12 @@ def source(bits: int, planes: int, warps: int, depth: int, tiled: bool, bpi: int
     name = (f"gemv_chain_int{bits}_p{planes}_w{warps}_d{depth}_b{bpi}" + ("_tl" if tiled else "")
             + ("_s" if swz else "")
             + ("_tma" if tma else "") + ("_h" if f16 else "") + (f"_x{extra}" if extra else "")
-            + ("_a" if attn else "") + ("_ho" if HOIST else "")
+            + ("_a" if attn else "")
             + (f"_diag{DIAG}" if DIAG else ""))
     head = (f"#define BITS {bits}\n#define P {planes}\n#define FIELDS {32 // bits}\n#define WARPS {warps}\n"
             f"#define DEPTH {depth}\n#define BPI {bpi}\n#define TILES 1\n#define NT 1\n#define OFFSET 1\n#define TILED {int(tiled)}\n#define XMODE 0\n"
             f"#define PREF 0\n#define DIAG {DIAG}\n#define F16 {int(f16)}\n#define EXTRA {int(extra)}\n"
-            f"#define XSWZ {int(swz)}\n#define ATTN {int(attn)}\n#define HOIST {int(HOIST)}\n"
+            f"#define XSWZ {int(swz)}\n#define ATTN {int(attn)}\n"
             f"#define KERNEL_NAME {name}\n")
     if tma and bits == 8:  # thread t's words of a block row: chunks 2t and 2t + 1 (see TMA_SOURCE's loads)
         head += ("#define XIDX(ch, t, s) (8 * (t) + 4 * (ch) + (s))\n"  # and where XSWZ puts w = XIDX(ch, t, s)
@@ -1596,7 +1559,7 @@ _KERNELS: dict = {}
 
 def kernel(bits: int, planes: int, device: torch.device, warps: int, depth: int, tiled: bool, bpi: int,
            tma: bool = False, f16: bool = False, extra: int = 0, attn: bool = False):
-    key = (bits, planes, warps, depth, tiled, bpi, tma, f16, extra, attn, device.index, DIAG, SWIZZLE, HOIST)
+    key = (bits, planes, warps, depth, tiled, bpi, tma, f16, extra, attn, device.index, DIAG, SWIZZLE)
     if key not in _KERNELS:
         if torch.cuda.get_device_capability(device)[0] < (9 if tma else 8):
             raise RuntimeError("the chain kernel needs bf16 mma and cp.async (compute capability 8.0 or newer; "

@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from localgpt.generation.fast.slot_triton import step_gdc
+
 MAGIC = tl.constexpr(8388608.0)  # 2^23: an fp32 whose mantissa bits are the integer OR-ed into them
 
 
@@ -390,8 +392,11 @@ def _int8_dot_kernel(x_ptr, w_ptr, out_ptr, ws_ptr, lock_ptr, N, K, stride,
 
 @triton.jit
 def _bf16_gemv_kernel(x_ptr, w_ptr, out_ptr, ws_ptr, lock_ptr, N, K, stride,
-                      BK: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr = True):
-    # EVEN: BK divides K; else the last block's columns past K are masked (Falcon-7B's 4,544 = 17.75 x 256)
+                      BK: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr = True,
+                      GDC: tl.constexpr = False):
+    # EVEN: BK divides K; else the last block's columns past K are masked (Falcon-7B's 4,544 = 17.75 x 256).
+    # GDC (a programmatic dependent launch, slot_triton.step_gdc): the next kernel may be scheduled at once, and the
+    # program's first block of weights is asked for before it waits for the kernels before it (x is theirs).
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     live = rows < N
     cols = tl.arange(0, BK)
@@ -401,7 +406,16 @@ def _bf16_gemv_kernel(x_ptr, w_ptr, out_ptr, ws_ptr, lock_ptr, N, K, stride,
     last = tl.minimum(first + per_split, n_blocks)
     w_row = w_ptr + rows[:, None] * stride + cols[None, :]
     acc = tl.zeros((BN, BK), dtype=tl.float32)
-    for blk in range(first, last):
+    start = first
+    if GDC:
+        tl.extra.cuda.gdc_launch_dependents()
+        inside0 = (first * BK + cols < K) & (first < last)
+        w0 = tl.load(w_row + first * BK, mask=live[:, None] & inside0[None, :], other=0.0).to(tl.float32)
+        tl.extra.cuda.gdc_wait()
+        x0 = tl.load(x_ptr + first * BK + cols, mask=inside0, other=0.0).to(tl.float32)[None, :]
+        acc += w0 * x0
+        start = first + 1
+    for blk in range(start, last):
         if EVEN:
             w = tl.load(w_row + blk * BK, mask=live[:, None], other=0.0).to(tl.float32)
             x = tl.load(x_ptr + blk * BK + cols).to(tl.float32)[None, :]
@@ -452,6 +466,14 @@ TUNED: dict[tuple[str, int, int], tuple] = {
     # H200, 2026-11-30 (bench/gpu.py --gemv-sweep): 3.8-4.1 TB/s on the large shapes, cuBLAS 3.5-3.8.
     ("bf16", 12288, 4096): (16, 1, 4, 1), ("bf16", 4096, 4096): (32, 4, 4, 1), ("bf16", 22016, 4096): (16, 1, 4, 1),
     ("bf16", 4096, 11008): (16, 4, 2, 1), ("bf16", 32000, 4096): (32, 1, 4, 1),
+    # Falcon-7B and FalconMamba-7B, H200 2026-12-02 (--gemv-shapes falcon,falcon-mamba at f06ec94; BF16_BK below),
+    # us against the shape rule's config and cuBLAS: 14.7 / 17.1 / 15.8, 14.5 / 16.8 / 15.6, 44.1 / 55.0 / 46.5,
+    # 45.1 / 48.9 / 48.4, 141.0 / 165.4 / 154.5; 35.8 / 39.8 / 35.8, 7.5 / 7.9 / 6.7, 3.1 / 3.1 / 3.8,
+    # 20.5 / 23.4 / 21.0, 127.4 / 130.0 / 145.0
+    ("bf16", 4672, 4544): (8, 2, 4, 1), ("bf16", 4544, 4544): (8, 2, 4, 1), ("bf16", 18176, 4544): (8, 1, 4, 1),
+    ("bf16", 4544, 18176): (16, 4, 4, 1), ("bf16", 65024, 4544): (8, 1, 2, 1),
+    ("bf16", 16384, 4096): (32, 1, 4, 1), ("bf16", 288, 8192): (8, 4, 4, 1), ("bf16", 8192, 256): (8, 1, 4, 1),
+    ("bf16", 4096, 8192): (16, 4, 2, 1), ("bf16", 65024, 4096): (16, 1, 2, 1),
     # int8 / int4 planar: the bf16x2 kernels (X2; 3 = X2_AHEAD), H200 2026-11-30, bench/gpu.py --gemv-sweep at
     # b5bc763 (us: X2 / FMA kernel / tinygemm). int8: 17.4 / 19.1, 8.2 / 9.9, 28.5 / 33.5, 16.0 / 20.5, 38.4 / 42.0.
     # int4: 16.0 / 21.8 / 15.9, 7.4 / 10.7 / 6.8, 26.6 / 34.8 / 26.4, 14.1 / 21.9 / 15.2, 33.6 / 46.8 / 38.0.
@@ -576,14 +598,17 @@ def bf16_gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, ws: Workspace
     bn, split, warps, stages = (config or _config("bf16", n, k, _sms(x.device)))[:4]
     blocks = triton.cdiv(n, bn)
     buf, lock = ws.get(n, split, blocks, x.device)
+    pdl = step_gdc(x.device)
     _bf16_gemv_kernel[(blocks, split)](x, w, out, buf, lock, n, k, w.stride(0), BK=bk, BN=bn, SPLIT=split,
-                                       EVEN=k % bk == 0, num_warps=warps, num_stages=stages)
+                                       EVEN=k % bk == 0, GDC=pdl, num_warps=warps, num_stages=stages,
+                                       launch_pdl=pdl)
     return out
 
 
 # The bf16 kernel's columns a block (BK) by layer shape, tuned with TUNED's bf16 configs (bench/gpu.py --gemv-sweep
 # --gemv-shapes); other shapes take the largest of 256 / 128 / 64 that divides K, else 128 with the tail masked.
-BF16_BK: dict[tuple[int, int], int] = {}
+BF16_BK: dict[tuple[int, int], int] = {(4672, 4544): 256, (4544, 4544): 256, (18176, 4544): 256, (4544, 18176): 128,
+                                       (65024, 4544): 256}
 
 
 def bf16_block(n: int, k: int) -> int:
@@ -634,8 +659,10 @@ def _bf16_gemv_eager(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, lock: t
                      bk: int, bn: int, split: int, warps: int) -> torch.Tensor:
     n, k = w.shape
     out = torch.empty(n, dtype=torch.bfloat16, device=x.device)
+    pdl = step_gdc(x.device)
     _bf16_gemv_kernel[(triton.cdiv(n, bn), split)](x, w, out, ws, lock, n, k, w.stride(0), BK=bk, BN=bn,
-                                                   SPLIT=split, EVEN=k % bk == 0, num_warps=warps)
+                                                   SPLIT=split, EVEN=k % bk == 0, GDC=pdl, num_warps=warps,
+                                                   launch_pdl=pdl)
     return out
 
 

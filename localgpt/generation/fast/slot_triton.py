@@ -35,6 +35,17 @@ def _gdc_enter(GDC: tl.constexpr):
         tl.extra.cuda.gdc_launch_dependents()
 
 
+# The one-token step's other kernels (the norms, gelu, silu·up and the bf16 GEMV, ``step_gdc``) as dependent launches
+# too: each asks for its constants (weights, norm weights) before it waits, and the graph's launch gaps close.
+# LOCALGPT_STEP_PDL=0: plain launches.
+STEP_PDL = os.environ.get("LOCALGPT_STEP_PDL", "1") != "0"
+
+
+def step_gdc(device: torch.device) -> bool:
+    """Whether the step's norm, activation and bf16 GEMV kernels launch as programmatic dependent launches."""
+    return STEP_PDL and gdc(device)
+
+
 def gdc(device: torch.device) -> bool:
     """Whether this step's attention kernels launch as programmatic dependent launches (PDL; sm_90+, not under the
     Triton interpreter): each may start while the kernel before it ends, as ``gemv_chain``'s launch does."""
@@ -51,12 +62,13 @@ def _hopper(index: int) -> bool:
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, D, eps, BLOCK: tl.constexpr):
+def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, D, eps, BLOCK: tl.constexpr, GDC: tl.constexpr = False):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     live = cols < D
-    x = tl.load(x_ptr + row * D + cols, mask=live, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=live, other=0.0).to(tl.float32)  # before the reduction: one trip to memory
+    _gdc_enter(GDC)  # the weight asked for before the wait
+    x = tl.load(x_ptr + row * D + cols, mask=live, other=0.0).to(tl.float32)
     h = x * tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
     # As LlamaRMSNorm: statistics in fp32, cast back to the activations' dtype, then scaled by the weight.
     h = h.to(out_ptr.dtype.element_ty).to(tl.float32)
@@ -67,18 +79,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     d = x.shape[-1]
     flat = x.reshape(-1, d).contiguous()
     out = torch.empty_like(flat)
-    _rms_norm_kernel[(flat.shape[0],)](flat, weight, out, d, eps, BLOCK=triton.next_power_of_2(d), num_warps=4)
+    pdl = step_gdc(x.device)
+    _rms_norm_kernel[(flat.shape[0],)](flat, weight, out, d, eps, BLOCK=triton.next_power_of_2(d), GDC=pdl,
+                                       num_warps=4, launch_pdl=pdl)
     return out.view(x.shape)
 
 
 @triton.jit
-def _add_rms_norm_kernel(x_ptr, y_ptr, w_ptr, sum_ptr, out_ptr, D, eps, BLOCK: tl.constexpr):
+def _add_rms_norm_kernel(x_ptr, y_ptr, w_ptr, sum_ptr, out_ptr, D, eps, BLOCK: tl.constexpr,
+                         GDC: tl.constexpr = False):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     live = cols < D
+    w = tl.load(w_ptr + cols, mask=live, other=0.0).to(tl.float32)  # before the reduction: one trip to memory
+    _gdc_enter(GDC)
     x = tl.load(x_ptr + row * D + cols, mask=live, other=0.0).to(tl.float32)
     y = tl.load(y_ptr + row * D + cols, mask=live, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=live, other=0.0).to(tl.float32)  # before the reduction: one trip to memory
     total = (x + y).to(sum_ptr.dtype.element_ty)  # rounded as the eager residual add is
     tl.store(sum_ptr + row * D + cols, total, mask=live)
     h = total.to(tl.float32)
@@ -93,21 +109,23 @@ def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: fl
     d = x.shape[-1]
     xf, yf = x.reshape(-1, d).contiguous(), y.reshape(-1, d).contiguous()
     total, out = torch.empty_like(xf), torch.empty_like(xf)
+    pdl = step_gdc(x.device)
     _add_rms_norm_kernel[(xf.shape[0],)](xf, yf, weight, total, out, d, eps, BLOCK=triton.next_power_of_2(d),
-                                         num_warps=4)
+                                         GDC=pdl, num_warps=4, launch_pdl=pdl)
     return total.view(x.shape), out.view(x.shape)
 
 
 @triton.jit
 def _add3_layer_norm_kernel(x_ptr, a_ptr, m_ptr, sum_ptr, w_ptr, b_ptr, out_ptr, D, OUT_D, eps, ADD: tl.constexpr,
-                            BLOCK: tl.constexpr):
+                            BLOCK: tl.constexpr, GDC: tl.constexpr = False):
     # A parallel block's residual (x + (m + a), rounded as the eager step rounds each add) and the next LayerNorm of
     # it, written OUT_D wide (zeros past D: the input of int4 layers padded to whole blocks)
     cols = tl.arange(0, BLOCK)
     live = cols < D
-    x = tl.load(x_ptr + cols, mask=live, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=live, other=0.0).to(tl.float32)  # before the reductions: one trip to memory
     b = tl.load(b_ptr + cols, mask=live, other=0.0).to(tl.float32)
+    _gdc_enter(GDC)
+    x = tl.load(x_ptr + cols, mask=live, other=0.0).to(tl.float32)
     if ADD:
         a = tl.load(a_ptr + cols, mask=live, other=0.0).to(tl.float32)
         m = tl.load(m_ptr + cols, mask=live, other=0.0).to(tl.float32)
@@ -129,14 +147,16 @@ def add3_layer_norm(x: torch.Tensor, a: torch.Tensor | None, m: torch.Tensor | N
     width = out_width or d
     out = torch.empty(1, width, dtype=x.dtype, device=x.device)
     total = torch.empty_like(x) if a is not None else x
+    pdl = step_gdc(x.device)
     _add3_layer_norm_kernel[(1,)](x, a if a is not None else x, m if m is not None else x, total, norm.weight,
                                   norm.bias, out, d, width, norm.eps, ADD=a is not None,
-                                  BLOCK=triton.next_power_of_2(width), num_warps=8)
+                                  BLOCK=triton.next_power_of_2(width), GDC=pdl, num_warps=8, launch_pdl=pdl)
     return total, out
 
 
 @triton.jit
-def _gelu_kernel(x_ptr, out_ptr, N, BLOCK: tl.constexpr):
+def _gelu_kernel(x_ptr, out_ptr, N, BLOCK: tl.constexpr, GDC: tl.constexpr = False):
+    _gdc_enter(GDC)
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     live = i < N
     x = tl.load(x_ptr + i, mask=live, other=0.0).to(tl.float32)
@@ -147,12 +167,15 @@ def _gelu_kernel(x_ptr, out_ptr, N, BLOCK: tl.constexpr):
 def gelu(x: torch.Tensor, block: int = 1024) -> torch.Tensor:
     """F.gelu (exact, erf) of a contiguous tensor, one kernel."""
     out = torch.empty_like(x)
-    _gelu_kernel[(triton.cdiv(x.numel(), block),)](x, out, x.numel(), BLOCK=block, num_warps=4)
+    pdl = step_gdc(x.device)
+    _gelu_kernel[(triton.cdiv(x.numel(), block),)](x, out, x.numel(), BLOCK=block, GDC=pdl, num_warps=4,
+                                                   launch_pdl=pdl)
     return out
 
 
 @triton.jit
-def _silu_mul_kernel(h_ptr, out_ptr, INNER, BLOCK: tl.constexpr):
+def _silu_mul_kernel(h_ptr, out_ptr, INNER, BLOCK: tl.constexpr, GDC: tl.constexpr = False):
+    _gdc_enter(GDC)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     live = cols < INNER
@@ -168,7 +191,9 @@ def silu_mul(h: torch.Tensor) -> torch.Tensor:
     flat = h.reshape(-1, 2 * inner).contiguous()
     out = torch.empty(flat.shape[0], inner, dtype=h.dtype, device=h.device)
     block = 1024
-    _silu_mul_kernel[(flat.shape[0], triton.cdiv(inner, block))](flat, out, inner, BLOCK=block, num_warps=4)
+    pdl = step_gdc(h.device)
+    _silu_mul_kernel[(flat.shape[0], triton.cdiv(inner, block))](flat, out, inner, BLOCK=block, GDC=pdl,
+                                                                 num_warps=4, launch_pdl=pdl)
     return out.view(*h.shape[:-1], inner)
 
 
