@@ -468,9 +468,13 @@ DEFAULT_KERNEL = {"int4": FMA, "int8": FMA}
 # best configs differ by shape, and their rule was not measured).
 TUNED: dict[tuple[str, int, int], tuple] = {
     # H200, 2026-11-30 (bench/gpu.py --gemv-sweep): 3.8-4.1 TB/s on the large shapes, cuBLAS 3.5-3.8.
-    ("bf16", 12288, 4096): (16, 1, 4, 1), ("bf16", 4096, 4096): (32, 4, 4, 1), ("bf16", 22016, 4096): (16, 1, 4, 1),
-    ("bf16", 4096, 11008): (16, 4, 2, 1), ("bf16", 32000, 4096): (32, 1, 4, 1),
-    # Falcon-7B and FalconMamba-7B, H200 2026-12-02 (--gemv-shapes falcon,falcon-mamba at f06ec94; BF16_BK below),
+    # Llama-2-7B re-swept as dependent launches (slot_triton.STEP_PDL), H200 2026-12-02 at 1abcaf6, us against the
+    # configs before and cuBLAS: 26.2 / 26.2 / 27.7, 10.9 / 10.9 / 12.9, 43.4 / 44.3 / 46.1, 24.4 / 24.4 / 26.9,
+    # 63.2 / 63.8 / 66.0 (BF16_BK below)
+    ("bf16", 12288, 4096): (16, 1, 4, 1), ("bf16", 4096, 4096): (8, 4, 4, 1), ("bf16", 22016, 4096): (32, 1, 4, 1),
+    ("bf16", 4096, 11008): (16, 4, 2, 1), ("bf16", 32000, 4096): (16, 1, 2, 1),
+    # Falcon-7B and FalconMamba-7B, H200 2026-12-02 (--gemv-shapes falcon,falcon-mamba at f06ec94, plain launches;
+    # BF16_BK below),
     # us against the shape rule's config and cuBLAS: 14.7 / 17.1 / 15.8, 14.5 / 16.8 / 15.6, 44.1 / 55.0 / 46.5,
     # 45.1 / 48.9 / 48.4, 141.0 / 165.4 / 154.5; 35.8 / 39.8 / 35.8, 7.5 / 7.9 / 6.7, 3.1 / 3.1 / 3.8,
     # 20.5 / 23.4 / 21.0, 127.4 / 130.0 / 145.0
@@ -619,7 +623,7 @@ def _pre_block(bn: int, bk: int, warps: int) -> bool:
 # The bf16 kernel's columns a block (BK) by layer shape, tuned with TUNED's bf16 configs (bench/gpu.py --gemv-sweep
 # --gemv-shapes); other shapes take the largest of 256 / 128 / 64 that divides K, else 128 with the tail masked.
 BF16_BK: dict[tuple[int, int], int] = {(4672, 4544): 256, (4544, 4544): 256, (18176, 4544): 256, (4544, 18176): 128,
-                                       (65024, 4544): 256}
+                                       (65024, 4544): 256, (4096, 4096): 128, (22016, 4096): 128}
 
 
 def bf16_block(n: int, k: int) -> int:
@@ -667,10 +671,11 @@ def _int8_gemv_eager(x: torch.Tensor, words: torch.Tensor, ws: torch.Tensor, loc
 
 
 def _bf16_gemv_eager(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, lock: torch.Tensor,
-                     bk: int, bn: int, split: int, warps: int) -> torch.Tensor:
+                     bk: int, bn: int, split: int, warps: int, pdl: int = 1) -> torch.Tensor:
+    # pdl: 0 keeps a plain launch where step_gdc would make it dependent (quantize.use_bf16_gemv: Mamba's step)
     n, k = w.shape
     out = torch.empty(n, dtype=torch.bfloat16, device=x.device)
-    pdl = step_gdc(x.device)
+    pdl = bool(pdl) and step_gdc(x.device)
     _bf16_gemv_kernel[(triton.cdiv(n, bn), split)](x, w, out, ws, lock, n, k, w.stride(0), BK=bk, BN=bn,
                                                    SPLIT=split, EVEN=k % bk == 0, GDC=pdl,
                                                    PRE=_pre_block(bn, bk, warps), num_warps=warps, launch_pdl=pdl)
@@ -725,12 +730,12 @@ def _(x, words, ws, lock, planes, bn, split, warps, dot):
 
 @torch.library.custom_op("localgpt::bf16_gemv", mutates_args=())
 def bf16_gemv_op(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, lock: torch.Tensor,
-                 bk: int, bn: int, split: int, warps: int) -> torch.Tensor:
-    return _bf16_gemv_eager(x, w, ws, lock, bk, bn, split, warps)
+                 bk: int, bn: int, split: int, warps: int, pdl: int = 1) -> torch.Tensor:
+    return _bf16_gemv_eager(x, w, ws, lock, bk, bn, split, warps, pdl)
 
 
 @bf16_gemv_op.register_fake
-def _(x, w, ws, lock, bk, bn, split, warps):
+def _(x, w, ws, lock, bk, bn, split, warps, pdl=1):
     return x.new_empty(w.shape[0], dtype=torch.bfloat16)
 
 

@@ -316,9 +316,10 @@ def load_fast_generator(settings: Any, *, mode: str | None = None, max_seq: int 
                 quant_note = quantize_network(network, weight_mode, source=_fingerprint(path),
                                               cache_dir=cache_dir or default_cache_dir())
     decode_note = "torch"
-    if device == "cuda" and kernels == "torch" and getattr(network, "kind", "") == "transformer":
-        # One token through the Triton bf16 GEMV (checked on the first layer; cuBLAS/inductor if that fails):
-        # Llama-2-7B on an H200 went from 0.65 to 0.77 of the bandwidth limit (bench/RESULTS.md).
+    if device == "cuda" and kernels == "torch" and getattr(network, "kind", "") in ("transformer", "mamba"):
+        # One token through the Triton bf16 GEMV (checked on the first layer; cuBLAS/inductor if that fails): on an
+        # H200, Llama-2-7B 0.65 -> 0.88 of the bandwidth limit with the dependent launches, Falcon-7B 0.76 -> 0.85,
+        # FalconMamba-7B 0.75 -> 0.79 (bench/RESULTS.md, round 23).
         from localgpt.generation.fast.quantize import decode_kernels, use_bf16_gemv
 
         with torch.inference_mode():

@@ -721,7 +721,12 @@ def quantize_model(model: nn.Module, mode: str, *, groupsize: int = 128, saved: 
 
 
 def use_bf16_gemv(model: nn.Module) -> int:
-    """One token through the Triton bf16 GEMV for every bf16 ``Linear`` on CUDA whose check passes; the count."""
+    """One token through the Triton bf16 GEMV for every bf16 ``Linear`` on CUDA whose check passes; the count.
+
+    A transformer's GEMVs launch as dependent launches where the step's other kernels do (slot_triton.step_gdc):
+    Llama-2-7B 255.1 -> 271.9 tok/s, Falcon-7B 245.6 -> 257.0 on an H200. Mamba's stay plain launches (its conv
+    and SSM kernels are dependent launches already; FalconMamba-7B 228-229 plain against 225-226 dependent)."""
+    pdl = int(getattr(model, "kind", "transformer") != "mamba")
     done = 0
     for module in model.modules():
         if not isinstance(module, Linear) or not module.weight.is_cuda or module.weight.dtype != torch.bfloat16:
@@ -736,7 +741,7 @@ def use_bf16_gemv(model: nn.Module) -> int:
         (bn, split, warps, _), ws, lock = scratch("bf16", n, k, module.weight.device)
         module.register_buffer("gemv_ws", ws, persistent=False)
         module.register_buffer("gemv_lock", lock, persistent=False)
-        module.gemv = (bk, bn, split, warps)
+        module.gemv = (bk, bn, split, warps, pdl)
         if done == 0 and not check_decode_kernel(module, module.weight.float()):
             module.gemv = None
             return 0

@@ -76,8 +76,8 @@ class TransformerShape:
 class Linear(nn.Module):
     """``x @ weight.T (+ bias)``; quantize.py swaps these for int8 / int4 / bitsandbytes versions.
 
-    ``gemv``: None (cuBLAS) or the (block, rows, split, warps) of the Triton bf16 GEMV that one token takes
-    instead, set with its scratch buffers by ``quantize.use_bf16_gemv``.
+    ``gemv``: None (cuBLAS) or the (block, rows, split, warps, dependent launch) of the Triton bf16 GEMV that one
+    token takes instead, set with its scratch buffers by ``quantize.use_bf16_gemv``.
     """
 
     gemv: tuple | None = None
@@ -89,11 +89,11 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gemv is not None and x.numel() == x.shape[-1]:
-            bk, bn, split, warps = self.gemv
+            bk, bn, split, warps, pdl = self.gemv
             from localgpt.generation.fast.gemv_triton import bf16_gemv_call  # CUDA only: Triton is there
 
             out = bf16_gemv_call(x.reshape(-1).contiguous(), self.weight, self.gemv_ws, self.gemv_lock,
-                                 bk, bn, split, warps)
+                                 bk, bn, split, warps, pdl)
             out = out.view(*x.shape[:-1], self.weight.shape[0])
             return out if self.bias is None else out + self.bias
         return F.linear(x, self.weight, self.bias)
