@@ -652,6 +652,48 @@ def test_gpu_gemv_layers_pass_their_load_check_and_match_the_reference(mode):
 
 
 @pytest.mark.gpu
+def test_gpu_bf16_step_as_dependent_launches_computes_the_bits_of_plain_launches(monkeypatch):
+    """The bf16 step's kernels as programmatic dependent launches (slot_triton.STEP_PDL: each bf16 GEMV lets the
+    next kernel start at once and asks for its first block of weights before it waits for the one before it) give
+    the bits of plain launches, run eagerly and replayed in a CUDA graph, at Falcon-7B's 4,544-column MLP (blocks
+    that do not divide K: the masked tail) and Llama-2-7B's widths, within bf16 rounding of fp32; a Mamba network's
+    GEMVs are left plain launches."""
+    _needs_cuda()
+    pytest.importorskip("triton")
+    from localgpt.generation.fast import slot_triton
+    from localgpt.generation.fast.quantize import use_bf16_gemv
+
+    torch.manual_seed(0)
+    for dim, inner in [(4544, 18176), (4096, 11008)]:
+        up = Linear(torch.randn(inner, dim, device="cuda", dtype=torch.bfloat16) * 0.02)
+        down = Linear(torch.randn(dim, inner, device="cuda", dtype=torch.bfloat16) * 0.02)
+        assert use_bf16_gemv(torch.nn.Sequential(up, down)) == 2 and up.gemv[4] == 1
+        x = torch.randn(1, dim, device="cuda", dtype=torch.bfloat16)
+        h = (x.float() @ up.weight.float().t()).to(torch.bfloat16)
+        want = torch.nn.functional.gelu(h.float()).to(torch.bfloat16).float() @ down.weight.float().t()
+        runs = {}
+        for pdl in (False, True):
+            monkeypatch.setattr(slot_triton, "STEP_PDL", pdl)
+            eager = down(slot_triton.gelu(up(x)))
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                replayed = down(slot_triton.gelu(up(x)))
+            for _ in range(3):
+                graph.replay()
+                torch.cuda.synchronize()
+                assert torch.equal(replayed, eager), (dim, pdl)
+            runs[pdl] = eager
+        assert torch.equal(runs[True], runs[False]), dim
+        assert ((runs[True].float().reshape(-1) - want.reshape(-1)).norm() / want.norm()) < 1e-2, dim
+
+    class MambaLike(torch.nn.Sequential):
+        kind = "mamba"
+
+    mamba_like = MambaLike(Linear(torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) * 0.02))
+    assert use_bf16_gemv(mamba_like) == 1 and mamba_like[0].gemv[4] == 0
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["int4", "int8"])
 def test_gpu_tensor_core_gemv_matches_the_reference_for_1_to_16_tokens(mode, monkeypatch):
     """gemv_cuda (CUDA C by NVRTC, bf16 mma on dequantised registers): quantize_model's default puts int4 layers
