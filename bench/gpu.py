@@ -40,7 +40,8 @@ SWITCH_DEFAULTS: dict = {}
 # the boolean ones (module, name) and their row flags (on, off)
 BOOL_SWITCHES = (("mamba", "RES_CHAIN", "mambares", "nomambares"), ("mamba", "JOIN", "mambajoin", "nomambajoin"),
                  ("mamba", "XPROJ_FOLD", "xfold", "noxfold"), ("gemv_chain", "CONV_PREFETCH", "convpf", "noconvpf"),
-                 ("mamba", "FOLD_SUM", "foldsum", "nofoldsum"), ("slot_triton", "STEP_PDL", "steppdl", "nosteppdl"))
+                 ("mamba", "FOLD_SUM", "foldsum", "nofoldsum"), ("slot_triton", "STEP_PDL", "steppdl", "nosteppdl"),
+                 ("slot_triton", "STEP_PDL_MAMBA", "mambapdl", "nomambapdl"))
 STEP_MIN_CACHE: dict = {}  # slot_triton.STEP_ATTENTION_MIN_CACHE's default, for the rows without "+stepattn"
 ALT_CHAIN = {"mod": None}  # --alt-chain's gemv_chain module, for the "+alt" rows
 
@@ -1061,8 +1062,9 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                 # "+nomambajoin" (JOIN), "+convpf" / "+noconvpf" (gemv_chain.CONV_PREFETCH: a CONV phase's conv
                 # rows asked into the L2 by the chain's producer), "+foldsum" / "+nofoldsum" (mamba.FOLD_SUM: the
                 # fold's parts added by the conv kernel's last programs), "+steppdl" / "+nosteppdl" (slot_triton.STEP_PDL:
-                # the step's norms, activations and bf16 GEMVs as dependent launches): that switch on or off, else
-                # its value at start;
+                # the step's norms, activations and bf16 GEMVs as dependent launches), "+mambapdl" / "+nomambapdl"
+                # (slot_triton.STEP_PDL_MAMBA: Mamba's fused bf16 step all dependent launches): that switch on or
+                # off, else its value at start;
                 # "+mambaconv" / "+nomambaconv": CONV_CHAIN "1" or "0", "+mambafold": "fold", else its value at start
                 for mod, attr, on, off in BOOL_SWITCHES:
                     mod = {"mamba": mamba, "gemv_chain": gemv_chain, "slot_triton": slot_triton}[mod]

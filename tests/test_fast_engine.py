@@ -657,7 +657,7 @@ def test_gpu_bf16_step_as_dependent_launches_computes_the_bits_of_plain_launches
     next kernel start at once and asks for its first block of weights before it waits for the one before it) give
     the bits of plain launches, run eagerly and replayed in a CUDA graph, at Falcon-7B's 4,544-column MLP (blocks
     that do not divide K: the masked tail) and Llama-2-7B's widths, within bf16 rounding of fp32; a Mamba network's
-    GEMVs are left plain launches."""
+    GEMVs are dependent launches only where its whole step is (slot_triton.STEP_PDL_MAMBA, off by default)."""
     _needs_cuda()
     pytest.importorskip("triton")
     from localgpt.generation.fast import slot_triton
@@ -690,7 +690,7 @@ def test_gpu_bf16_step_as_dependent_launches_computes_the_bits_of_plain_launches
         kind = "mamba"
 
     mamba_like = MambaLike(Linear(torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) * 0.02))
-    assert use_bf16_gemv(mamba_like) == 1 and mamba_like[0].gemv[4] == 0
+    assert use_bf16_gemv(mamba_like) == 1 and mamba_like[0].gemv[4] == 2  # slot_triton.STEP_PDL_MAMBA decides
 
 
 @pytest.mark.gpu
@@ -1649,17 +1649,20 @@ def fused_mamba_step_check(device: str = "cpu", dtype: torch.dtype = torch.float
     """Tiny FalconMamba and Mamba (fp32 on the CPU; bf16 and int4 on a GPU): from the same states, five steps of the
     fused step (with x_proj its own launch, folded into the conv's kernel: mamba.XPROJ_FOLD, and there its parts
     added up by the conv kernel's last programs: mamba.FOLD_SUM) and the plain step give the same logits and leave the same conv / SSM states (fp32 to 1e-4, bf16 within its rounding), the fused
-    step only with LOCALGPT_MAMBA_FUSED (mamba.FUSED); the engine's greedy tokens agree."""
+    step only with LOCALGPT_MAMBA_FUSED (mamba.FUSED); the engine's greedy tokens agree. In bf16 on a GPU the
+    layers take the Triton bf16 GEMV, and the fused step as dependent launches (slot_triton.STEP_PDL_MAMBA, its
+    GEMVs too) gives the same as well."""
     import tempfile
     from pathlib import Path
 
     from transformers import AutoModelForCausalLM
 
-    from localgpt.generation.fast import mamba
+    from localgpt.generation.fast import mamba, slot_triton
     from localgpt.generation.fast.engine import Engine
+    from localgpt.generation.fast.quantize import use_bf16_gemv
 
     root = Path(tempfile.mkdtemp())
-    held = mamba.FUSED, mamba.XPROJ_FOLD, mamba.FOLD_SUM
+    held = mamba.FUSED, mamba.XPROJ_FOLD, mamba.FOLD_SUM, slot_triton.STEP_PDL_MAMBA
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     try:
         for family in ("falcon-mamba", "mamba"):
@@ -1668,6 +1671,8 @@ def fused_mamba_step_check(device: str = "cpu", dtype: torch.dtype = torch.float
                 net = mamba.from_mamba(hf.to(device).eval())
                 if quant:
                     quantize_model(net, quant, decode="cuda")
+                elif device == "cuda":
+                    assert use_bf16_gemv(net) > 0
                 net.setup_cache(64)
                 mamba.FUSED = False
                 assert not net.use_fused_decode(True)
@@ -1675,13 +1680,15 @@ def fused_mamba_step_check(device: str = "cpu", dtype: torch.dtype = torch.float
                 assert net.use_fused_decode(True) and net.graph_step
 
                 def path(fused):  # the plain step; fused, x_proj its own launch; fused, x_proj folded (XPROJ_FOLD),
-                    # its parts added by the conv kernel ("sum": FOLD_SUM)
-                    mamba.XPROJ_FOLD, mamba.FOLD_SUM = fused in ("fold", "sum"), fused == "sum"
+                    # its parts added by the conv kernel ("sum": FOLD_SUM); "pdl": "sum" as dependent launches
+                    mamba.XPROJ_FOLD, mamba.FOLD_SUM = fused in ("fold", "sum", "pdl"), fused in ("sum", "pdl")
+                    slot_triton.STEP_PDL_MAMBA = fused == "pdl"
                     assert net.use_fused_decode(True) if fused else True
-                    assert all(hasattr(la, "xw") for la in net.layers) or fused not in ("fold", "sum")
+                    assert all(hasattr(la, "xw") for la in net.layers) or fused not in ("fold", "sum", "pdl")
                     net.fused_decode = bool(fused)
 
-                runs = mamba_step_runs(net, device, [lambda f=f: path(f) for f in (False, True, "fold", "sum")])
+                kinds = (False, True, "fold", "sum") + (("pdl",) if device == "cuda" and not quant else ())
+                runs = mamba_step_runs(net, device, [lambda f=f: path(f) for f in kinds])
                 assert_same_steps(runs, tol, (family, quant))
                 if dtype == torch.float32:
                     tokens = []
@@ -1691,7 +1698,7 @@ def fused_mamba_step_check(device: str = "cpu", dtype: torch.dtype = torch.float
                                                                                                          12)))
                     assert tokens[0] == tokens[1] == tokens[2] == tokens[3], tokens
     finally:
-        mamba.FUSED, mamba.XPROJ_FOLD, mamba.FOLD_SUM = held
+        mamba.FUSED, mamba.XPROJ_FOLD, mamba.FOLD_SUM, slot_triton.STEP_PDL_MAMBA = held
     print("fused mamba step check passed")
 
 

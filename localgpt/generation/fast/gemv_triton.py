@@ -672,10 +672,11 @@ def _int8_gemv_eager(x: torch.Tensor, words: torch.Tensor, ws: torch.Tensor, loc
 
 def _bf16_gemv_eager(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, lock: torch.Tensor,
                      bk: int, bn: int, split: int, warps: int, pdl: int = 1) -> torch.Tensor:
-    # pdl: 0 keeps a plain launch where step_gdc would make it dependent (quantize.use_bf16_gemv: Mamba's step)
+    # pdl: 1 a transformer's step, 2 a Mamba network's (slot_triton.step_gdc says whether either launch is a
+    # dependent one), 0 plain
     n, k = w.shape
     out = torch.empty(n, dtype=torch.bfloat16, device=x.device)
-    pdl = bool(pdl) and step_gdc(x.device)
+    pdl = bool(pdl) and step_gdc(x.device, mamba=pdl == 2)
     _bf16_gemv_kernel[(triton.cdiv(n, bn), split)](x, w, out, ws, lock, n, k, w.stride(0), BK=bk, BN=bn,
                                                    SPLIT=split, EVEN=k % bk == 0, GDC=pdl,
                                                    PRE=_pre_block(bn, bk, warps), num_warps=warps, launch_pdl=pdl)

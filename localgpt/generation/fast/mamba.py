@@ -294,41 +294,44 @@ class Mamba(nn.Module):
         kernels are programmatic dependent launches too (``slot_triton.gdc``), and with RES_CHAIN the residual's
         add and the norm are in the chains (no add_norm launch but the final norm's)."""
         from localgpt.generation.fast import mamba_triton as K
+        from localgpt.generation.fast import slot_triton
 
         s = self.shape
         x = F.embedding(token.view(1), self.embed)  # [1, dim]
         res = x.float() if s.residual_fp32 else x
         c = self._chain if self._chain_ready() else None
         if c is None:
+            # dependent launches only with slot_triton.STEP_PDL_MAMBA (the bf16 GEMVs then dependent ones too)
+            pdl = slot_triton.step_gdc(self.device, mamba=True)
             pending = None
             for layer in self.layers:
-                res, h = K.add_norm(res, pending, layer.norm.weight, layer.norm.eps, cast_in=True)
+                res, h = K.add_norm(res, pending, layer.norm.weight, layer.norm.eps, cast_in=True, pdl=pdl)
                 xz = layer.in_proj(h)
-                y = self._conv_ssm(K, layer, xz)
+                y = self._conv_ssm(K, layer, xz, pdl=pdl)
                 pending = layer.out_proj(y)
-        else:
-            from localgpt.generation.fast import slot_triton
-
-            pdl = slot_triton.gdc(self.device)
-            if c.res:  # the residual (c.r32) and the norms' input (c.xb) kept by the chains
-                torch.index_select(self.embed, 0, token.view(-1), out=c.xb.view(1, -1))
-                c.r32.copy_(c.xb)
-                for layer, in_proj, out_proj in zip(self.layers, c.ins, c.outs):
-                    if in_proj is not None:  # None: the out_proj chain before ran it (JOIN)
-                        in_proj()
-                    self._chain_ssm(K, c, layer, pdl)
-                    out_proj()
-                if c.logits is not None:  # the last chain's LM head
-                    return c.logits.view(1, -1).float()
-                _, h = K.add_norm(c.r32.view(1, -1), None, self.norm.weight, self.norm.eps, cast_in=False)
-                return self.lm_head(h.to(self.dtype)).float()
-            pending = None
+            _, h = K.add_norm(res, pending, self.norm.weight, self.norm.eps, cast_in=res.dtype != torch.float32,
+                              pdl=pdl)
+            return self.lm_head(h.to(self.dtype)).float()
+        pdl = slot_triton.gdc(self.device)
+        if c.res:  # the residual (c.r32) and the norms' input (c.xb) kept by the chains
+            torch.index_select(self.embed, 0, token.view(-1), out=c.xb.view(1, -1))
+            c.r32.copy_(c.xb)
             for layer, in_proj, out_proj in zip(self.layers, c.ins, c.outs):
-                res, _ = K.add_norm(res, pending, layer.norm.weight, layer.norm.eps, cast_in=True, out=c.h, pdl=pdl)
-                in_proj()
+                if in_proj is not None:  # None: the out_proj chain before ran it (JOIN)
+                    in_proj()
                 self._chain_ssm(K, c, layer, pdl)
                 out_proj()
-                pending = c.o.view(1, -1)
+            if c.logits is not None:  # the last chain's LM head
+                return c.logits.view(1, -1).float()
+            _, h = K.add_norm(c.r32.view(1, -1), None, self.norm.weight, self.norm.eps, cast_in=False)
+            return self.lm_head(h.to(self.dtype)).float()
+        pending = None
+        for layer, in_proj, out_proj in zip(self.layers, c.ins, c.outs):
+            res, _ = K.add_norm(res, pending, layer.norm.weight, layer.norm.eps, cast_in=True, out=c.h, pdl=pdl)
+            in_proj()
+            self._chain_ssm(K, c, layer, pdl)
+            out_proj()
+            pending = c.o.view(1, -1)
         _, h = K.add_norm(res, pending, self.norm.weight, self.norm.eps, cast_in=res.dtype != torch.float32)
         return self.lm_head(h.to(self.dtype)).float()
 

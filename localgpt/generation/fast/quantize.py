@@ -724,9 +724,10 @@ def use_bf16_gemv(model: nn.Module) -> int:
     """One token through the Triton bf16 GEMV for every bf16 ``Linear`` on CUDA whose check passes; the count.
 
     A transformer's GEMVs launch as dependent launches where the step's other kernels do (slot_triton.step_gdc):
-    Llama-2-7B 255.1 -> 271.9 tok/s, Falcon-7B 245.6 -> 257.0 on an H200. Mamba's stay plain launches (its conv
-    and SSM kernels are dependent launches already; FalconMamba-7B 228-229 plain against 225-226 dependent)."""
-    pdl = int(getattr(model, "kind", "transformer") != "mamba")
+    Llama-2-7B 255.1 -> 271.9 tok/s, Falcon-7B 245.6 -> 257.0 on an H200. A Mamba network's stay plain launches
+    unless its whole fused step is dependent launches (slot_triton.STEP_PDL_MAMBA; FalconMamba-7B 228-229 plain
+    against 225-226 with only the GEMVs dependent)."""
+    pdl = 2 if getattr(model, "kind", "transformer") == "mamba" else 1
     done = 0
     for module in model.modules():
         if not isinstance(module, Linear) or not module.weight.is_cuda or module.weight.dtype != torch.bfloat16:

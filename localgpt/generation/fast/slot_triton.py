@@ -37,13 +37,17 @@ def _gdc_enter(GDC: tl.constexpr):
 
 # The one-token step's other kernels (the norms, gelu, silu·up and the bf16 GEMV, ``step_gdc``) as dependent launches
 # too: each asks for its constants (weights, norm weights) before it waits, and the graph's launch gaps close.
-# LOCALGPT_STEP_PDL=0: plain launches.
+# LOCALGPT_STEP_PDL=0: plain launches. Mamba's fused bf16 step (no chains) only with LOCALGPT_MAMBA_STEP_PDL=1
+# (STEP_PDL_MAMBA, opt-in, not yet measured): its norms, conv and SSM kernels and its bf16 GEMVs all dependent
+# launches (with the GEMVs alone dependent and the rest plain, FalconMamba-7B lost 228-229 -> 225-226 tok/s).
 STEP_PDL = os.environ.get("LOCALGPT_STEP_PDL", "1") != "0"
+STEP_PDL_MAMBA = os.environ.get("LOCALGPT_MAMBA_STEP_PDL", "0") != "0"
 
 
-def step_gdc(device: torch.device) -> bool:
-    """Whether the step's norm, activation and bf16 GEMV kernels launch as programmatic dependent launches."""
-    return STEP_PDL and gdc(device)
+def step_gdc(device: torch.device, mamba: bool = False) -> bool:
+    """Whether the step's norm, activation and bf16 GEMV kernels launch as programmatic dependent launches
+    (``mamba``: in a Mamba network's fused step)."""
+    return STEP_PDL and (STEP_PDL_MAMBA or not mamba) and gdc(device)
 
 
 def gdc(device: torch.device) -> bool:
