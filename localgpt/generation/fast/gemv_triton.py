@@ -614,9 +614,12 @@ def bf16_gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, ws: Workspace
 
 
 def _pre_block(bn: int, bk: int, warps: int) -> bool:
-    """Whether a dependent bf16 GEMV asks for its first block before its wait: at most 32 weights a thread. With
-    FalconMamba-7B's (32 rows, 256 columns, 4 warps), 64 a thread in fp32, its GEMVs took 3,999 against 3,509 us a
-    step (H200, round 23); Falcon-7B's 16 a thread gained (242.1 -> 253.3 tok/s with the dependent launches)."""
+    """Whether a dependent bf16 GEMV asks for its first block before its wait: at most 32 weights a thread. H200,
+    round 23: Falcon-7B's configs (16 a thread) gained as dependent launches (242.1 -> 253.3 tok/s); FalconMamba-7B's
+    in_proj (32 rows, 256 columns, 4 warps: 64 a thread, then converted to fp32 before the wait) lost (227 -> 202,
+    its GEMVs 3,999 against 3,509 us a step), 225 without the early block there. Not registers: ptxas gives that
+    config 237 registers plain and 198 with the early block in bf16, no spills. Its neighbours were plain launches
+    then (slot_triton.STEP_PDL_MAMBA), so the rule is a measured guard, not a derived one."""
     return bn * bk <= 32 * 32 * warps
 
 
