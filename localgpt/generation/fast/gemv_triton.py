@@ -397,7 +397,7 @@ def _bf16_gemv_kernel(x_ptr, w_ptr, out_ptr, ws_ptr, lock_ptr, N, K, stride,
     # EVEN: BK divides K; else the last block's columns past K are masked (Falcon-7B's 4,544 = 17.75 x 256).
     # GDC (a programmatic dependent launch, slot_triton.step_gdc): the next kernel may be scheduled at once; PRE:
     # the program's first block of weights asked for before it waits for the kernels before it (x is theirs), held
-    # in bf16 meanwhile (``_pre_block``: only where that is a few registers a thread).
+    # in bf16 meanwhile (``_pre_block``: only at a few weights a thread, as measured).
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     live = rows < N
     cols = tl.arange(0, BK)
