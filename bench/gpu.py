@@ -46,8 +46,11 @@ STEP_MIN_CACHE: dict = {}  # slot_triton.STEP_ATTENTION_MIN_CACHE's default, for
 ALT_CHAIN = {"mod": None}  # --alt-chain's gemv_chain module, for the "+alt" rows
 
 PROMPTS = (512, 2048, 8192)
-VARIANTS = ("bf16", "bf16-gemv", "int8-legacy", "int8-triton", "int8-cuda", "int8", "int4-legacy", "int4-triton",
-            "int4", "nf4", "bnb-int8")
+# "bf16": the generator's bf16 path (the Triton GEMV for one token where its load check passes, quantize.use_bf16_gemv;
+# "bf16-gemv" the same, its name before round 23); "bf16-cublas": one token through cuBLAS (the bench's "bf16" until
+# round 23, 0.74-0.76 where the generator's path gives 0.79-0.88)
+VARIANTS = ("bf16", "bf16-gemv", "bf16-cublas", "int8-legacy", "int8-triton", "int8-cuda", "int8", "int4-legacy",
+            "int4-triton", "int4", "nf4", "bnb-int8")
 DECODE_PROMPT, DECODE_NEW = 512, 128
 DECODE_CACHE = 0  # --decode-cache
 SLOT_CACHE = 0  # --slot-cache
@@ -1011,7 +1014,7 @@ def run_model(key: str, variants: list[str], args, log, results: dict) -> None:
                     entry["int4_prompt_path"] = ", ".join(sorted(f"dequant ({k}) + cuBLAS" if k else "tinygemm"
                                                                  for k in kinds)) or "cpu"
                     log(f"  int4 prompts run as: {entry['int4_prompt_path']}")
-            elif variant == "bf16-gemv":
+            elif variant in ("bf16", "bf16-gemv") and CUDA:
                 with torch.inference_mode():
                     count = use_bf16_gemv(net)
                 kernels = f"bf16 Triton GEMV ({count} layers)" if count else "cuBLAS (GEMV check failed)"
