@@ -814,7 +814,7 @@ def run_concurrency(args, log, results: dict, key: str = "llama") -> None:
                 base, _, decode = variant.partition("-")  # int4, int4-legacy (tinygemm), int8-triton, ...
                 if base in ("int4", "int8"):
                     quantize_model(net, base, decode=decode or "auto")
-                if CUDA and getattr(net, "kind", "") == "transformer":
+                if CUDA and getattr(net, "kind", "") in ("transformer", "mamba"):
                     use_bf16_gemv(net)  # the bf16 layers' one-row path, as the generator sets it up
             free_cache()
             log(f"{label} {variant} batched: {torch.cuda.memory_allocated() / 2**30 if CUDA else 0:.2f} GiB on the GPU"
