@@ -651,6 +651,40 @@ def test_gpu_gemv_layers_pass_their_load_check_and_match_the_reference(mode):
     assert ((dense(x).float() - before).norm() / before.norm()) < 5e-3
 
 
+def test_bf16_gemv_as_a_dependent_launch_reads_its_input_only_after_its_wait():
+    """The bf16 GEMV as a programmatic dependent launch (slot_triton.STEP_PDL), compiled for sm_90 here (Triton's
+    PTX; no GPU needed): it lets the next kernel start first thing (griddepcontrol.launch_dependents), and before
+    griddepcontrol.wait it reads nothing but its first block of weights (PRE, the early block: 16-byte loads,
+    BN x BK bf16 over the threads; none without PRE). x, which the kernel before writes, and the split-K
+    workspace and counter are touched only after the wait, or the step would read a half-written input."""
+    pytest.importorskip("triton")
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from localgpt.generation.fast.gemv_triton import _bf16_gemv_kernel as kern
+
+    names = ("x_ptr", "w_ptr", "out_ptr", "ws_ptr", "lock_ptr", "N", "K", "stride")
+    sig = dict(zip(names, ("*bf16", "*bf16", "*bf16", "*fp32", "*i32", "i32", "i32", "i32")))
+    sig.update({n: "constexpr" for n in ("BK", "BN", "SPLIT", "EVEN", "GDC", "PRE")})
+    # (rows, columns a block, warps, split-K, BK divides K, early block): Falcon-7B's masked tail, a Llama shape,
+    # FalconMamba's in_proj (no early block)
+    for bn, bk, warps, split, even, pre in [(8, 256, 4, 2, False, True), (8, 128, 4, 4, True, True),
+                                             (32, 256, 4, 1, True, False)]:
+        consts = {"BK": bk, "BN": bn, "SPLIT": split, "EVEN": even, "GDC": True, "PRE": pre}
+        src = ASTSource(fn=kern, signature=sig,
+                        constexprs={(kern.arg_names.index(n),): v for n, v in consts.items()},
+                        attrs={(kern.arg_names.index(n),): [["tt.divisibility", 16]] for n in names})
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
+        ops = re.findall(r"griddepcontrol\.\w+|(?:ld|st|atom|red)\.global[\w.]*", ptx)
+        assert ops.count("griddepcontrol.wait") == 1 and ops[0] == "griddepcontrol.launch_dependents", ops[:4]
+        before = ops[1:ops.index("griddepcontrol.wait")]
+        early = bn * bk * 2 // 16 // (32 * warps) if pre else 0
+        assert before == ["ld.global.v4.b32"] * early, (bn, bk, pre, before)
+
+
 @pytest.mark.gpu
 def test_gpu_bf16_step_as_dependent_launches_computes_the_bits_of_plain_launches(monkeypatch):
     """The bf16 step's kernels as programmatic dependent launches (slot_triton.STEP_PDL: each bf16 GEMV lets the
