@@ -40,14 +40,11 @@ from localgpt.generation.fast.quantize import (  # noqa: E402
 from localgpt.generation.fast.transformer import Linear  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from gpu import graph_us  # noqa: E402
+from gpu import GEMV_SHAPES, graph_us  # noqa: E402
 
-SHAPES = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (32000, 4096)]
-# --shapes: the networks' layer shapes (N, K; Falcon-7B's inputs padded to whole 128-column blocks, as
-# quantize_model does for the CUDA GEMV)
-SHAPE_SETS = {"llama": SHAPES,
-              "falcon": [(4672, 4608), (4544, 4608), (18176, 4608), (4544, 18176), (65024, 4608)],
-              "falcon-mamba": [(16384, 4096), (288, 8192), (8192, 256), (4096, 8192), (65024, 4096)]}
+# --shapes: the networks' layer shapes (N, K: bench/gpu.py's, Falcon-7B's inputs padded to whole 128-column blocks,
+# as quantize_model does for the CUDA GEMV)
+SHAPE_SETS = {name: [(n, -(-k // 128) * 128) for n, k in shapes] for name, shapes in GEMV_SHAPES.items()}
 
 
 def configs(kind: str, quick: bool, depths: tuple[int, ...] | None = None):

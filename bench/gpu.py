@@ -439,9 +439,9 @@ def bench_gemv(log, kinds_wanted=("int4", "int8", "bf16"), kernels_wanted=("x2",
                 if kind == "bf16":
                     sweep = configs
                     # the engine's config before this sweep (TUNED or the shape rule, BF16_BK or the K rule)
-                    default_cfg = str(tuple(G._config("bf16", n, k, G._sms(x.device))[:3]) + (G.bf16_block(n, k),))
-                    if default_cfg not in map(str, sweep):
-                        sweep = sweep + [eval(default_cfg)]  # noqa: S307 - our own tuple's repr
+                    default = tuple(G._config("bf16", n, k, G._sms(x.device))[:3]) + (G.bf16_block(n, k),)
+                    sweep = sweep + [default] * (default not in sweep)
+                    default_cfg = str(default)
                 else:
                     tuned = G.FMA_TUNED.get((kind, n, k))
                     sweep = [c for name in kernels_wanted for c in (quant_configs[name] or (

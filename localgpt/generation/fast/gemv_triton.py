@@ -606,10 +606,18 @@ def bf16_gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, ws: Workspace
     bn, split, warps, stages = (config or _config("bf16", n, k, _sms(x.device)))[:4]
     blocks = triton.cdiv(n, bn)
     buf, lock = ws.get(n, split, blocks, x.device)
-    pdl = step_gdc(x.device)
-    _bf16_gemv_kernel[(blocks, split)](x, w, out, buf, lock, n, k, w.stride(0), BK=bk, BN=bn, SPLIT=split,
-                                       EVEN=k % bk == 0, GDC=pdl, PRE=_pre_block(bn, bk, warps), num_warps=warps,
-                                       num_stages=stages, launch_pdl=pdl)
+    return _bf16_launch(x, w, out, buf, lock, bk, bn, split, warps, step_gdc(x.device), stages)
+
+
+def _bf16_launch(x, w, out, ws, lock, bk: int, bn: int, split: int, warps: int, pdl: bool,
+                 stages: int = 1) -> torch.Tensor:
+    """One launch of the bf16 GEMV into ``out``: the masked tail where ``bk`` does not divide K, and as a dependent
+    launch (``pdl``) with the early block where ``_pre_block`` allows it."""
+    n, k = w.shape
+    _bf16_gemv_kernel[(triton.cdiv(n, bn), split)](x, w, out, ws, lock, n, k, w.stride(0), BK=bk, BN=bn,
+                                                   SPLIT=split, EVEN=k % bk == 0, GDC=pdl,
+                                                   PRE=_pre_block(bn, bk, warps), num_warps=warps,
+                                                   num_stages=stages, launch_pdl=pdl)
     return out
 
 
@@ -677,13 +685,8 @@ def _bf16_gemv_eager(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, lock: t
                      bk: int, bn: int, split: int, warps: int, pdl: int = 1) -> torch.Tensor:
     # pdl: 1 a transformer's step, 2 a Mamba network's (slot_triton.step_gdc says whether either launch is a
     # dependent one), 0 plain
-    n, k = w.shape
-    out = torch.empty(n, dtype=torch.bfloat16, device=x.device)
-    pdl = bool(pdl) and step_gdc(x.device, mamba=pdl == 2)
-    _bf16_gemv_kernel[(triton.cdiv(n, bn), split)](x, w, out, ws, lock, n, k, w.stride(0), BK=bk, BN=bn,
-                                                   SPLIT=split, EVEN=k % bk == 0, GDC=pdl,
-                                                   PRE=_pre_block(bn, bk, warps), num_warps=warps, launch_pdl=pdl)
-    return out
+    out = torch.empty(w.shape[0], dtype=torch.bfloat16, device=x.device)
+    return _bf16_launch(x, w, out, ws, lock, bk, bn, split, warps, bool(pdl) and step_gdc(x.device, mamba=pdl == 2))
 
 
 def int4_gemv_call(*args) -> torch.Tensor:
